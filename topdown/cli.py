@@ -1,0 +1,128 @@
+"""``topdown``: run the four procedures on the built-in tasks, re-render reports, list tasks."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import report
+from .config import parse_overrides
+from .errors import TopdownError
+from .procedures import run_procedure
+from .tasks import PRESET_NAMES, TASKS, resolve_config, task_module
+
+EPILOG = """examples:
+  topdown cascade asr-rnn                       # the default job: demo preset, bundled AN4
+  topdown baseline digits --preset tiny --seed 3
+  topdown cascade digits --set cascade.splits=[3,1] --set cascade.candidates=2
+  topdown retrain-classifier asr-rnn --split 2 --preset tiny
+  topdown transfer-classifier digits --split 2 --subset 0.25
+  topdown cascade asr-rnn --out runs/x --resume  # continue an interrupted run
+  topdown report runs/x                          # re-render runs/x/report.md
+Config keys: see `topdown list --config TASK`. Run directory contract: docs/run-directory.md."""
+
+HELP = {
+    "baseline": "train all blocks jointly (stage 0 only)",
+    "cascade": "top-down cascade: baseline, then re-train the feature extractor under a frozen classifier, split by split",
+    "retrain-classifier": "from the baseline, freeze blocks 1..K and train a fresh classifier above them",
+    "transfer-classifier": "freeze the classifier of a full-data model, train a fresh feature extractor on a subset",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="topdown",
+        description="Top-down (classifier-first) cascade training (Zhang et al., ICASSP 2021).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("task", choices=list(TASKS), help="the task (model family and data)")
+    common.add_argument("--preset", default="demo", choices=PRESET_NAMES, help="size preset (default: demo)")
+    common.add_argument("--out", help="run directory (default: runs/TASK-PROCEDURE-PRESET-seedN)")
+    common.add_argument("--seed", type=int, default=0, help="run seed: initialisation, shuffling, dropout (default: 0)")
+    common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.lr=0.01 (repeatable)")
+    common.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed epoch")
+    common.add_argument("--data-dir", help="read the corpus from this directory instead of the bundled copy")
+    common.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    for name, text in HELP.items():
+        p = sub.add_parser(name, parents=[common], help=text, description=text)
+        if name in ("cascade", "retrain-classifier"):
+            p.add_argument("--from", dest="from_checkpoint", metavar="CKPT", help="start from this checkpoint instead of training a baseline")
+        if name in ("retrain-classifier", "transfer-classifier"):
+            p.add_argument("--split", type=int, required=True, help="K: blocks 1..K are the feature extractor")
+        if name == "transfer-classifier":
+            p.add_argument("--subset", type=float, required=True, help="fraction of the training data, in (0, 1)")
+    p = sub.add_parser("report", help="re-render report.md and curves.png of a run directory")
+    p.add_argument("dir", help="run directory")
+    p = sub.add_parser("list", help="tasks, presets and the blocks of each task's model")
+    p.add_argument("--config", metavar="TASK", choices=list(TASKS), help="print this task's resolved config for --preset")
+    p.add_argument("--preset", default="demo", choices=PRESET_NAMES)
+    return parser
+
+
+def _list(args: argparse.Namespace) -> None:
+    import yaml
+
+    if args.config:
+        print(yaml.safe_dump(resolve_config(args.config, args.preset, {}), sort_keys=False), end="")
+        return
+    for name in TASKS:
+        module = task_module(name)
+        cfg = resolve_config(name, args.preset, {})
+        model = module.build_model(cfg["model"])
+        print(f"{name}: {module.__doc__.strip().splitlines()[0]}")
+        print(f"  presets: {', '.join(module.PRESETS)}")
+        print(f"  blocks ({args.preset} preset, input to output):")
+        for block, modules in module.block_names(cfg["model"]):
+            count = sum(p.numel() for m in modules for p in model.get_submodule(m).parameters())
+            print(f"    {block:<12} {count:>10,} parameters  ({', '.join(modules)})")
+
+
+def _run(args: argparse.Namespace) -> None:
+    overrides = parse_overrides(args.set)
+    if getattr(args, "split", None) is not None or getattr(args, "subset", None) is not None:
+        overrides.setdefault("procedure", {}).update(
+            {k: v for k, v in (("split", args.split), ("subset", getattr(args, "subset", None))) if v is not None}
+        )
+    cfg = resolve_config(args.task, args.preset, overrides)
+    out = Path(args.out or f"runs/{args.task}-{args.command}-{args.preset}-seed{args.seed}")
+    task = task_module(args.task).make(cfg, args.data_dir)
+    summary = run_procedure(
+        args.command,
+        task,
+        out,
+        config=cfg,
+        seed=args.seed,
+        preset=args.preset,
+        resume=args.resume,
+        from_checkpoint=getattr(args, "from_checkpoint", None),
+        device=args.device,
+    )
+    print(report.stage_table(summary))
+    print(f"\nchosen stage {summary['chosen_stage']}; test {summary['test']}")
+    print(f"report: {out / 'report.md'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "report":
+            print(report.write(args.dir))
+        elif args.command == "list":
+            _list(args)
+        else:
+            _run(args)
+    except TopdownError as e:
+        print(f"topdown: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("topdown: interrupted; finished epochs are saved, continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

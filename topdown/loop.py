@@ -1,0 +1,204 @@
+"""The one training loop: epochs, validation, plateau lr decay, early stopping, clipping, resume.
+
+The loop trains exactly the parameters that require gradients (the procedures freeze the
+rest). Randomness is a pure function of ``(seed, epoch)``: each epoch reseeds the global
+RNG (dropout) and the shuffling generator, so resuming from the last completed epoch
+needs no RNG state and reproduces an uninterrupted run bit for bit (on CPU).
+After every epoch the loop writes a resume point (weights, optimizer, best weights and
+loop state) atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .errors import ConfigError, TrainingError
+from .runs import load_tensors, prefixed, save_tensors, unprefixed
+from .task import Task
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from a tuple of integers (run seed, stage, candidate, epoch, ...)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    """Move the tensors of a (nested) batch to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """A fresh optimizer over exactly the trainable parameters (frozen ones are never in it)."""
+    if not params:
+        raise ConfigError("nothing to train: every parameter is frozen")
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    raise ConfigError(f"unknown optimizer {cfg.optimizer!r} (adam, adamw, sgd)")
+
+
+@dataclass
+class LoopState:
+    """Everything the loop needs to continue after its last completed epoch."""
+
+    epoch: int = 0
+    lr: float = 0.0
+    best: float | None = None
+    best_epoch: int = 0
+    best_val: dict[str, float] = field(default_factory=dict)
+    last_val: dict[str, float] = field(default_factory=dict)
+    bad_epochs: int = 0  # since the last improvement (early stopping)
+    plateau: int = 0  # since the last improvement or lr decay
+    done: bool = False
+    seconds: float = 0.0
+
+
+@dataclass
+class FitResult:
+    epochs: int
+    val: dict[str, float]
+    seconds: float
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state dict into tensors (for safetensors) and JSON metadata."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{pid}.{key}"] = value
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in [*tensors.items(), *meta["scalars"].items()]:
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def fit(
+    model: nn.Module,
+    task: Task,
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    subset: float = 1.0,
+    resume_path: Path | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] = lambda record: None,
+    desc: str = "train",
+    device: torch.device | None = None,
+) -> FitResult:
+    """Train ``model``'s trainable parameters with ``cfg``; returns the validation metrics of
+    the epoch whose weights the model ends with. Resumes from ``resume_path`` if it exists."""
+    if cfg.epochs < 1:
+        raise ConfigError(f"{desc}: train.epochs must be at least 1, got {cfg.epochs}")
+    device = device or next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, cfg)
+    state = LoopState(lr=cfg.lr)
+    best_weights: dict[str, torch.Tensor] | None = None
+    if resume_path is not None and resume_path.is_file():
+        tensors, meta = load_tensors(resume_path)
+        model.load_state_dict(unprefixed("model.", tensors))
+        best_weights = unprefixed("best.", tensors) or None
+        _load_optimizer(opt, unprefixed("optim.", tensors), meta["optimizer"])
+        state = LoopState(**meta["loop"])
+
+    while not state.done:
+        started = time.perf_counter()
+        torch.manual_seed(derive_seed(seed, state.epoch, 1))
+        generator = torch.Generator().manual_seed(derive_seed(seed, state.epoch, 2))
+        for group in opt.param_groups:
+            group["lr"] = state.lr
+        model.train()
+        total, count = 0.0, 0
+        bar = tqdm(task.train_batches(generator, subset), desc=f"{desc} epoch {state.epoch + 1}", leave=False, unit="batch", disable=None)
+        for batch in bar:
+            loss = task.loss(model, move_to(batch, device))
+            if not torch.isfinite(loss):
+                raise TrainingError(f"{desc}: loss is {loss.item()} at epoch {state.epoch + 1} (lr {state.lr:g}); the stage failed")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            opt.step()
+            total, count = total + loss.item(), count + 1
+            bar.set_postfix(loss=f"{total / count:.3f}")
+        if count == 0:
+            raise TrainingError(f"{desc}: the training set yielded no batches")
+        model.eval()
+        with torch.no_grad():
+            val = {k: float(v) for k, v in task.evaluate(model, "val").items()}
+        if task.metric not in val or not math.isfinite(val[task.metric]):
+            raise TrainingError(f"{desc}: validation {task.metric} is {val.get(task.metric)} at epoch {state.epoch + 1}")
+        record = {"epoch": state.epoch + 1, "lr": state.lr, "train_loss": total / count, "val": val}
+        _advance(state, cfg, val, task)
+        if state.best_epoch == state.epoch and cfg.restore_best:
+            best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state.seconds += time.perf_counter() - started
+        record["seconds"] = state.seconds
+        on_epoch(record)
+        tqdm.write(
+            f"{desc} epoch {state.epoch}/{cfg.epochs}: train loss {record['train_loss']:.4f}, "
+            f"val {task.metric} {val[task.metric]:.4g}{' *' if state.best_epoch == state.epoch else ''}, "
+            f"lr {record['lr']:.3g}, {state.seconds:.1f}s",
+            file=sys.stderr,
+        )
+        if resume_path is not None:
+            opt_tensors, opt_meta = _optimizer_tensors(opt)
+            save_tensors(
+                resume_path,
+                {**prefixed("model.", model.state_dict()), **prefixed("best.", best_weights or {}), **prefixed("optim.", opt_tensors)},
+                {"loop": asdict(state), "optimizer": opt_meta},
+            )
+
+    if cfg.restore_best:
+        model.load_state_dict(best_weights)
+        return FitResult(epochs=state.epoch, val=state.best_val, seconds=state.seconds)
+    return FitResult(epochs=state.epoch, val=state.last_val, seconds=state.seconds)
+
+
+def _advance(state: LoopState, cfg: TrainConfig, val: dict[str, float], task: Task) -> None:
+    """One epoch's bookkeeping: best so far, plateau lr decay, early stopping, end of stage."""
+    state.epoch += 1
+    state.last_val = val
+    if task.better(val[task.metric], state.best):
+        state.best, state.best_epoch, state.best_val = val[task.metric], state.epoch, val
+        state.bad_epochs = state.plateau = 0
+    else:
+        state.bad_epochs += 1
+        state.plateau += 1
+        if state.plateau >= cfg.lr_patience and cfg.lr_decay < 1:
+            state.lr *= cfg.lr_decay
+            state.plateau = 0
+    state.done = (
+        state.epoch >= cfg.epochs
+        or (cfg.early_stop > 0 and state.bad_epochs >= cfg.early_stop)
+        or state.lr < cfg.min_lr
+    )

@@ -1,0 +1,95 @@
+"""Render a run directory's record as ``report.md`` (the stage table) and ``curves.png``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .errors import TopdownError
+from .runs import RunDir, atomic_write
+
+
+def _fmt(value: float | None, metric: str) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.2f} %" if metric in ("wer", "cer", "error") else f"{value:.4g}"
+
+
+def stage_table(summary: dict[str, Any]) -> str:
+    """The stage table as markdown: one row per stage, the chosen one marked."""
+    metric = summary["metric"]
+    extra = [m for m in ("wer", "cer", "error", "ppl", "loss") if m != metric and m in summary["stages"][0]["val"]][:1] if summary["stages"] else []
+    cols = [metric, *extra]
+    head = ["stage", "role", "split", "trained blocks", "epochs", *[f"val {m}" for m in cols], *[f"test {m}" for m in cols], "accepted", "seconds"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summary["stages"]:
+        mark = " (chosen)" if s["index"] == summary["chosen_stage"] else ""
+        accepted = "-" if s["accepted"] is None else ("yes" if s["accepted"] else "no")
+        cells = [
+            f"{s['index']}{mark}", s["role"], "-" if s["split"] is None else str(s["split"]),
+            ", ".join(s["trained_blocks"]) or "-", str(s["epochs"]),
+            *[_fmt(s["val"].get(m), m) for m in cols], *[_fmt(s["test"].get(m), m) for m in cols],
+            accepted, f"{s['seconds']:.1f}",
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def plot_curves(summary: dict[str, Any], metrics: list[dict[str, Any]], path: Path) -> None:
+    """Validation metric and training loss per epoch, stages laid end to end."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = summary["metric"]
+    fig, (ax_val, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    offset = 0
+    for stage in summary["stages"]:
+        for c in range(max(1, len(stage["candidates"]))):
+            rows = [r for r in metrics if r["stage"] == stage["index"] and r["candidate"] == c]
+            if not rows:
+                continue
+            x = [offset + r["epoch"] for r in rows]
+            label = f"stage {stage['index']} ({stage['role']})" if c == 0 else None
+            color = f"C{stage['index'] % 10}"
+            ax_val.plot(x, [r["val"][metric] for r in rows], marker=".", color=color, label=label)
+            ax_loss.plot(x, [r["train_loss"] for r in rows], marker=".", color=color, label=label)
+        offset += max([r["epoch"] for r in metrics if r["stage"] == stage["index"]], default=0)
+    ax_val.set(xlabel="epoch (stages end to end)", ylabel=f"validation {metric}", title=f"{summary['task']}: {summary['procedure']}")
+    ax_loss.set(xlabel="epoch (stages end to end)", ylabel="training loss", yscale="log")
+    ax_val.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
+    plt.close(fig)
+
+
+def render(summary: dict[str, Any]) -> str:
+    metric = summary["metric"]
+    chosen = summary["chosen_stage"]
+    lines = [
+        f"# {summary['procedure']} on {summary['task']} (preset {summary['preset']}, seed {summary['seed']})",
+        "",
+        f"Status: {summary['status']}. Primary metric: {metric} ({'lower' if summary['lower_is_better'] else 'higher'} is better).",
+        "Stages are accepted or rejected on validation; the test column is reported, never used to choose.",
+        "",
+        stage_table(summary),
+        "",
+    ]
+    if chosen is not None and summary["test"]:
+        tests = ", ".join(f"{k} {_fmt(v, k)}" for k, v in summary["test"].items())
+        lines += [f"Chosen model: stage {chosen}. Test: {tests}.", ""]
+    lines += ["![learning curves](curves.png)", ""]
+    return "\n".join(lines)
+
+
+def write(path: str | Path) -> Path:
+    """(Re-)render ``report.md`` and ``curves.png`` of the run directory ``path``."""
+    run = RunDir(path)
+    summary = run.read_summary()
+    if summary is None:
+        raise TopdownError(f"{path} holds no run (no summary.json)")
+    plot_curves(summary, run.read_metrics(), run.path / "curves.png")
+    out = run.path / "report.md"
+    atomic_write(out, lambda p: p.write_text(render(summary)))
+    return out

@@ -1,0 +1,142 @@
+"""The run directory: summary, per-epoch metrics, checkpoints. Every write is atomic.
+
+Layout (a contract other tools rely on; see docs/run-directory.md):
+``summary.json``, ``metrics.jsonl``, ``checkpoints/stage-<i>.safetensors``,
+``checkpoints/best.safetensors``, ``report.md``, ``curves.png``, and ``state/`` (resume
+points of unfinished stages, removed once a stage is recorded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+
+from .errors import TopdownError
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write via a temporary file in the same directory, then rename: readers (and a
+    process killed mid-write) see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n"))
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
+    """Save tensors (copied to contiguous CPU memory, so tied weights save fine) as safetensors;
+    ``metadata`` is stored as JSON strings in the file header."""
+    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    atomic_write(path, lambda p: save_file(flat, str(p), metadata=meta))
+
+
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a safetensors file (no pickle, so an untrusted file runs no code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TopdownError(f"checkpoint {path} does not exist")
+    meta = read_metadata(path)
+    try:
+        return load_file(str(path)), meta
+    except (SafetensorError, OSError, ValueError) as e:
+        raise TopdownError(f"checkpoint {path} is not a readable safetensors file ({e})") from None
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The JSON metadata of a safetensors file, without loading its tensors."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise TopdownError(f"checkpoint {path} is not a readable safetensors file ({e})") from None
+
+
+def prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}{k}": v for k, v in tensors.items()}
+
+
+def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+class RunDir:
+    """One run's directory. Only rank 0 writes (``writer=False`` elsewhere)."""
+
+    def __init__(self, path: str | os.PathLike, writer: bool = True):
+        self.path = Path(path)
+        self.writer = writer
+        self.checkpoints = self.path / "checkpoints"
+        self.state = self.path / "state"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def read_summary(self) -> dict[str, Any] | None:
+        if not self.summary_path.is_file():
+            return None
+        try:
+            return json.loads(self.summary_path.read_text())
+        except json.JSONDecodeError as e:
+            raise TopdownError(f"{self.summary_path} is not valid JSON ({e})") from None
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        if self.writer:
+            write_json(self.summary_path, summary)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        if self.writer:
+            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def keep_metrics(self, keep: Callable[[dict[str, Any]], bool]) -> None:
+        """Drop metric lines a resumed run will write again (epochs after its resume point)."""
+        if self.writer and self.metrics_path.is_file():
+            kept = [r for r in self.read_metrics() if keep(r)]
+            atomic_write(self.metrics_path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
+
+    def save_model(self, name: str, state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+        if self.writer:
+            save_tensors(self.checkpoints / f"{name}.safetensors", state, metadata)
+
+    def load_model(self, name: str) -> dict[str, torch.Tensor]:
+        return load_tensors(self.checkpoints / f"{name}.safetensors")[0]
+
+    def state_file(self, stage: int, candidate: int) -> Path:
+        return self.state / f"stage-{stage}-candidate-{candidate}.safetensors"
+
+    def clear_state(self, stage: int) -> None:
+        if self.writer:
+            for f in self.state.glob(f"stage-{stage}-candidate-*.safetensors"):
+                f.unlink()

@@ -1,0 +1,43 @@
+"""What the method needs from a task: a handful of plain callables, nothing speech- or text-specific."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .blocks import BlockSpec
+
+
+@dataclass
+class Task:
+    """A model family plus its data, as the procedures see it.
+
+    - ``build_model()`` returns a freshly initialised model; the procedures seed the
+      global RNG before calling it, so it must draw its initial values from ``torch``'s RNG.
+      Re-initialising a block copies that block from a newly built model.
+    - ``blocks``: the ordered block spec (see ``Blocks``), input to output.
+    - ``train_batches(generator, subset)`` yields one epoch of training batches, shuffled
+      with ``generator``; ``subset`` in (0, 1] selects a fixed fraction of the training
+      set (the same one whatever the seed).
+    - ``loss(model, batch)`` returns the scalar training loss of one batch.
+    - ``evaluate(model, split)`` returns metrics for ``"val"`` or ``"test"``; it must
+      contain ``metric``.
+    """
+
+    name: str
+    build_model: Callable[[], nn.Module]
+    blocks: BlockSpec
+    train_batches: Callable[[torch.Generator, float], Iterable[Any]]
+    loss: Callable[[nn.Module, Any], torch.Tensor]
+    evaluate: Callable[[nn.Module, str], Mapping[str, float]]
+    metric: str = "loss"
+    lower_is_better: bool = True
+    shared: Mapping[str, str] = field(default_factory=dict)
+
+    def better(self, a: float, b: float | None) -> bool:
+        """Is metric value ``a`` strictly better than ``b`` (``None`` = nothing yet)?"""
+        return b is None or (a < b if self.lower_is_better else a > b)

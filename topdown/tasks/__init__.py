@@ -1,0 +1,34 @@
+"""Built-in tasks. Each module defines ``DEFAULTS`` (its config sections), ``PRESETS``
+(overrides of those defaults), ``block_names(model_cfg)``, ``build_model(model_cfg)`` and
+``make(cfg, data_dir) -> Task``. Modules are imported only when their task is used."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any
+
+from ..config import merge, method_defaults
+from ..errors import ConfigError
+
+TASKS = {
+    "asr-rnn": "topdown.tasks.asr.rnn",
+    "digits": "topdown.tasks.digits",
+}
+PRESET_NAMES = ("tiny", "demo", "bench")
+
+
+def task_module(name: str) -> ModuleType:
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; tasks are: {', '.join(TASKS)}")
+    return importlib.import_module(TASKS[name])
+
+
+def resolve_config(name: str, preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Method defaults, then the task's defaults, then the preset, then ``--set`` overrides."""
+    module = task_module(name)
+    if preset not in module.PRESETS:
+        raise ConfigError(f"task {name!r} has no preset {preset!r}; presets: {', '.join(module.PRESETS)}")
+    base = {**method_defaults(), **{k: v for k, v in module.DEFAULTS.items() if k not in ("train", "cascade")}}
+    base = merge(base, {k: v for k, v in module.DEFAULTS.items() if k in ("train", "cascade")})
+    return merge(merge(base, module.PRESETS[preset]), overrides)

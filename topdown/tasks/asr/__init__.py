@@ -1,0 +1,1 @@
+"""Speech recognition task: the AN4 corpus, its features and its loaders."""

@@ -1,0 +1,106 @@
+"""``digits``: 8x8 handwritten digits (the bundled copy of scikit-learn's set), a small MLP.
+
+The fast task: a stage trains in a second, so it carries the tests and the many-seed
+statistics. Each hidden layer (Linear, BatchNorm, ReLU, dropout) is one block and the
+output layer is the last, so the frozen-BatchNorm invariants are exercised by a real task.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import DataError
+from ..task import Task
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "digits" / "digits.npz"
+
+DEFAULTS: dict[str, Any] = {
+    "data": {"val_fraction": 0.2, "test_fraction": 0.2, "batch_size": 64},
+    "model": {"hidden": 64, "layers": 3, "dropout": 0.1},
+    "train": {"epochs": 30, "lr": 0.003, "lr_patience": 2, "early_stop": 6},
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"model": {"hidden": 32}, "train": {"epochs": 3}},
+    "demo": {},
+    "bench": {"model": {"hidden": 128, "dropout": 0.2}, "train": {"epochs": 60, "early_stop": 8}},
+}
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, layers: int, dropout: float):
+        super().__init__()
+        sizes = [64] + [hidden] * layers
+        self.hidden = nn.ModuleList(
+            nn.Sequential(nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU(), nn.Dropout(dropout)) for a, b in zip(sizes, sizes[1:])
+        )
+        self.output = nn.Linear(hidden, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.hidden:
+            x = layer(x)
+        return self.output(x)
+
+
+def block_names(model_cfg: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    return [(f"layer{i + 1}", [f"hidden.{i}"]) for i in range(model_cfg["layers"])] + [("output", ["output"])]
+
+
+def build_model(model_cfg: dict[str, Any]) -> nn.Module:
+    return MLP(model_cfg["hidden"], model_cfg["layers"], model_cfg["dropout"])
+
+
+def load_splits(data_cfg: dict[str, Any], path: Path = DATA) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Fixed train/val/test split (independent of the run's seed), pixels scaled to [0, 1]."""
+    if not path.is_file():
+        raise DataError(f"digits data file {path} is missing")
+    with np.load(path, allow_pickle=False) as z:
+        x, y = z["images"].astype(np.float32) / 16.0, z["labels"].astype(np.int64)
+    order = np.random.default_rng(12345).permutation(len(y))
+    n_test, n_val = int(len(y) * data_cfg["test_fraction"]), int(len(y) * data_cfg["val_fraction"])
+    parts = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
+    if any(len(idx) == 0 for idx in parts.values()):
+        raise DataError(f"digits: fractions {data_cfg['val_fraction']}/{data_cfg['test_fraction']} leave an empty split")
+    return {k: (torch.from_numpy(x[idx]), torch.from_numpy(y[idx])) for k, idx in parts.items()}
+
+
+def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
+    if data_dir is not None:
+        raise DataError("digits uses its bundled data; --data-dir is not supported")
+    splits = load_splits(cfg["data"])
+    x_train, y_train = splits["train"]
+    batch_size = cfg["data"]["batch_size"]
+
+    def train_batches(generator: torch.Generator, subset: float):
+        n = max(1, round(len(y_train) * subset))  # the first n of a fixed order: the same subset for every seed
+        order = torch.randperm(n, generator=generator)
+        for i in range(0, n, batch_size):
+            idx = order[i : i + batch_size]
+            if len(idx) > 1:  # BatchNorm needs two examples
+                yield x_train[idx], y_train[idx]
+
+    def loss(model: nn.Module, batch) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(model(x), y)
+
+    def evaluate(model: nn.Module, split: str) -> dict[str, float]:
+        x, y = splits[split]
+        device = next(model.parameters()).device
+        logits = model(x.to(device)).cpu()
+        return {"error": (logits.argmax(1) != y).float().mean().item(), "loss": F.cross_entropy(logits, y).item()}
+
+    return Task(
+        name="digits",
+        build_model=lambda: build_model(cfg["model"]),
+        blocks=block_names(cfg["model"]),
+        train_batches=train_batches,
+        loss=loss,
+        evaluate=evaluate,
+        metric="error",
+        lower_is_better=True,
+    )
