@@ -154,7 +154,10 @@ class Blocks:
             raise BlockError(f"unknown block(s) {sorted(unknown)}; blocks are {self.names}")
         self.unfreeze()
         for qname, p in self.model.named_parameters():
-            p.requires_grad_(self.owner[qname] not in frozen)
+            trainable = self.owner[qname] not in frozen
+            p.requires_grad_(trainable)
+            if not trainable:
+                p.grad = None
         for block in frozen:
             for m in self.modules[block]:
                 module = self.model.get_submodule(m)

@@ -72,8 +72,8 @@ def _list(args: argparse.Namespace) -> None:
     for name in TASKS:
         module = task_module(name)
         cfg = resolve_config(name, args.preset, {})
-        model = module.build_model(cfg["model"])
-        print(f"{name}: {module.__doc__.strip().splitlines()[0]}")
+        model = module.build_model(cfg)
+        print(module.__doc__.strip().splitlines()[0].replace("``", ""))
         print(f"  presets: {', '.join(module.PRESETS)}")
         print(f"  blocks ({args.preset} preset, input to output):")
         for block, modules in module.block_names(cfg["model"]):

@@ -9,6 +9,9 @@ an error rather than a silently ignored option.
 from __future__ import annotations
 
 import copy
+import re
+import types
+import typing
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -21,6 +24,7 @@ from .errors import ConfigError
 class TrainConfig:
     """One stage's training recipe. The learning rate decays on validation plateaus and
     training stops early, so every stage (and the baseline) ends at a low learning rate."""
+    SECTION: typing.ClassVar[str] = "train"
 
     epochs: int = 10  # at most this many epochs
     optimizer: str = "adam"  # adam | adamw | sgd
@@ -33,12 +37,14 @@ class TrainConfig:
     min_lr: float = 0.0  # stop once the lr falls below this
     early_stop: int = 0  # stop after this many epochs without improvement; 0 = never
     restore_best: bool = True  # end the stage with its best-on-validation epoch's weights
+    monitor: str = ""  # validation metric for the best epoch, lr decay and early stopping; "" = the task's metric
 
 
 @dataclass
 class CascadeConfig:
     """Options of the top-down cascade. Defaults are ours, not the paper's: its abstract
     gives none of them. See docs/method.md."""
+    SECTION: typing.ClassVar[str] = "cascade"
 
     splits: list[int] | None = None  # descending splits; default L-1, L-2, ..., 1
     epochs: int | None = None  # per stage; default train.epochs
@@ -53,6 +59,7 @@ class CascadeConfig:
 
 @dataclass
 class ProcedureConfig:
+    SECTION: typing.ClassVar[str] = "procedure"
     split: int | None = None  # retrain-classifier and transfer-classifier
     subset: float | None = None  # transfer-classifier: fraction of the training data
 
@@ -93,6 +100,9 @@ def _checked(path: str, default: Any, value: Any) -> Any:
     return value
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """``["train.lr=0.01", "cascade.splits=[3,1]"]`` -> nested dict (values parsed as YAML)."""
     out: dict[str, Any] = {}
@@ -104,6 +114,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             raise ConfigError(f"--set {key}: cannot parse value {raw!r}") from None
+        if isinstance(value, str) and _NUMBER.fullmatch(value):
+            value = float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
         node = out
         *parents, leaf = key.split(".")
         for part in parents:
@@ -112,6 +124,27 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def _matches(value: Any, hint: Any) -> bool:
+    """Does ``value`` fit the type annotation ``hint`` (``int`` counts as ``float``)?"""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
 def from_dict(cls, section: dict[str, Any]):
-    """Build a config dataclass from its (already validated) section."""
+    """Build a config dataclass from its section, checking each value against the field's type."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if not _matches(section[f.name], hints[f.name]):
+            raise ConfigError(f"config key {cls.SECTION}.{f.name} expects {hints[f.name]}, got {section[f.name]!r}".replace("typing.", ""))
     return cls(**{f.name: section[f.name] for f in fields(cls)})

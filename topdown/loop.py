@@ -119,6 +119,12 @@ def fit(
     if cfg.epochs < 1:
         raise ConfigError(f"{desc}: train.epochs must be at least 1, got {cfg.epochs}")
     device = device or next(model.parameters()).device
+    monitor = cfg.monitor or task.metric
+    lower = task.lower_is_better if monitor == task.metric else True  # other metrics are losses or error rates
+
+    def better(a: float, b: float | None) -> bool:
+        return b is None or (a < b if lower else a > b)
+
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
     state = LoopState(lr=cfg.lr)
@@ -155,10 +161,15 @@ def fit(
         model.eval()
         with torch.no_grad():
             val = {k: float(v) for k, v in task.evaluate(model, "val").items()}
-        if task.metric not in val or not math.isfinite(val[task.metric]):
-            raise TrainingError(f"{desc}: validation {task.metric} is {val.get(task.metric)} at epoch {state.epoch + 1}")
+        if monitor not in val:
+            raise ConfigError(f"train.monitor {monitor!r} is not a validation metric of {task.name} ({', '.join(val)})")
+        if not math.isfinite(val[monitor]):
+            raise TrainingError(f"{desc}: validation {monitor} is {val.get(monitor)} at epoch {state.epoch + 1}")
         record = {"epoch": state.epoch + 1, "lr": state.lr, "train_loss": total / count, "val": val}
-        _advance(state, cfg, val, task)
+        state.last_val = val
+        _advance(state, cfg, val[monitor], better)
+        if state.best_epoch == state.epoch:
+            state.best_val = val
         if state.best_epoch == state.epoch and cfg.restore_best:
             best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         state.seconds += time.perf_counter() - started
@@ -166,7 +177,7 @@ def fit(
         on_epoch(record)
         tqdm.write(
             f"{desc} epoch {state.epoch}/{cfg.epochs}: train loss {record['train_loss']:.4f}, "
-            f"val {task.metric} {val[task.metric]:.4g}{' *' if state.best_epoch == state.epoch else ''}, "
+            f"val {monitor} {val[monitor]:.4g}{' *' if state.best_epoch == state.epoch else ''}, "
             f"lr {record['lr']:.3g}, {state.seconds:.1f}s",
             file=sys.stderr,
         )
@@ -184,12 +195,11 @@ def fit(
     return FitResult(epochs=state.epoch, val=state.last_val, seconds=state.seconds)
 
 
-def _advance(state: LoopState, cfg: TrainConfig, val: dict[str, float], task: Task) -> None:
+def _advance(state: LoopState, cfg: TrainConfig, value: float, better: Callable[[float, float | None], bool]) -> None:
     """One epoch's bookkeeping: best so far, plateau lr decay, early stopping, end of stage."""
     state.epoch += 1
-    state.last_val = val
-    if task.better(val[task.metric], state.best):
-        state.best, state.best_epoch, state.best_val = val[task.metric], state.epoch, val
+    if better(value, state.best):
+        state.best, state.best_epoch = value, state.epoch
         state.bad_epochs = state.plateau = 0
     else:
         state.bad_epochs += 1

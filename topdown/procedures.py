@@ -32,19 +32,20 @@ PROCEDURES = ("baseline", "cascade", "retrain-classifier", "transfer-classifier"
 class Runner:
     """Shared machinery of the procedures: the model, its blocks, the run record."""
 
-    def __init__(self, task: Task, config: dict[str, Any], run: RunDir, header: dict[str, Any], resume: bool, device: torch.device):
-        self.task, self.config, self.run, self.device = task, config, run, device
-        self.seed = header["seed"]
+    def __init__(self, task: Task, config: dict[str, Any], run: RunDir, seed: int, device: torch.device):
+        self.task, self.config, self.run, self.device, self.seed = task, config, run, device, seed
         self.train_cfg = from_dict(TrainConfig, config["train"])
         self.cascade_cfg = from_dict(CascadeConfig, config["cascade"])
         torch.manual_seed(derive_seed(self.seed, 0, 0))
         self.model = task.build_model().to(device)
         self.blocks = Blocks(self.model, task.blocks, task.shared)
-        self.summary = self._open(header, resume)
         self.next_index = 0  # stages are numbered in the order the procedure asks for them
 
-    def _open(self, header: dict[str, Any], resume: bool) -> dict[str, Any]:
+    def open(self, header: dict[str, Any], resume: bool) -> None:
         """Start a new run record, or continue the one in the directory (``--resume``)."""
+        self.summary = self._open(header, resume)
+
+    def _open(self, header: dict[str, Any], resume: bool) -> dict[str, Any]:
         existing = self.run.read_summary()
         header = {
             **header,
@@ -63,6 +64,8 @@ class Runner:
         for key, value in header.items():
             if existing.get(key) != value:
                 raise TopdownError(f"cannot resume {self.run.path}: its {key!r} differs from this command's")
+        for index in range(len(existing["stages"])):
+            self.run.clear_state(index)  # left behind if a kill came right after the stage was recorded
         self._drop_unsaved_metrics(len(existing["stages"]))
         existing["status"] = "running"
         return existing
@@ -333,9 +336,10 @@ def run_procedure(
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     header = {"procedure": procedure, "task": task.name, "preset": preset, "seed": seed, "config": config}
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    runner = Runner(task, config, RunDir(out, writer=rank0), header, resume, device)
+    runner = Runner(task, config, RunDir(out, writer=rank0), seed, device)
     proc = from_dict(ProcedureConfig, config["procedure"])
     _check(procedure, proc, runner.cascade_cfg, len(runner.blocks))
+    runner.open(header, resume)
     try:
         _RUNNERS[procedure](runner, proc, from_checkpoint)
     except TopdownError:

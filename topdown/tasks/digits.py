@@ -51,8 +51,9 @@ def block_names(model_cfg: dict[str, Any]) -> list[tuple[str, list[str]]]:
     return [(f"layer{i + 1}", [f"hidden.{i}"]) for i in range(model_cfg["layers"])] + [("output", ["output"])]
 
 
-def build_model(model_cfg: dict[str, Any]) -> nn.Module:
-    return MLP(model_cfg["hidden"], model_cfg["layers"], model_cfg["dropout"])
+def build_model(cfg: dict[str, Any]) -> nn.Module:
+    m = cfg["model"]
+    return MLP(m["hidden"], m["layers"], m["dropout"])
 
 
 def load_splits(data_cfg: dict[str, Any], path: Path = DATA) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -96,7 +97,7 @@ def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
 
     return Task(
         name="digits",
-        build_model=lambda: build_model(cfg["model"]),
+        build_model=lambda: build_model(cfg),
         blocks=block_names(cfg["model"]),
         train_batches=train_batches,
         loss=loss,

@@ -1,0 +1,103 @@
+"""Shared fixtures: a toy task whose blocks include BatchNorm and dropout, and a scripted task."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from topdown import Task
+
+ROOT = Path(__file__).resolve().parents[1]
+# One thread per process: the tiny test models are faster so, and two test processes on a
+# 2-core machine do not oversubscribe it (OpenMP spin-waiting makes that very slow).
+torch.set_num_threads(1)
+
+
+class ToyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU())
+        self.mid = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3))
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.out(self.mid(self.inp(x)))
+
+
+def toy_data(n: int = 192, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return x, y
+
+
+def toy_task(metric_script: list[float] | None = None) -> Task:
+    """A small classification task; with ``metric_script`` the validation metric of the
+    k-th evaluation is scripted (to force acceptances and rejections)."""
+    x, y = toy_data()
+    splits = {"train": (x[:128], y[:128]), "val": (x[128:160], y[128:160]), "test": (x[160:], y[160:])}
+    calls = {"val": 0}
+
+    def train_batches(generator, subset):
+        n = int(128 * subset)
+        order = torch.randperm(n, generator=generator)
+        for i in range(0, n, 32):
+            idx = order[i : i + 32]
+            yield splits["train"][0][idx], splits["train"][1][idx]
+
+    def loss(model, batch):
+        xb, yb = batch
+        return F.cross_entropy(model(xb), yb)
+
+    def evaluate(model, split):
+        xs, ys = splits[split]
+        error = (model(xs).argmax(1) != ys).float().mean().item()
+        if metric_script is not None and split == "val":
+            error = metric_script[min(calls["val"], len(metric_script) - 1)]
+            calls["val"] += 1
+        return {"error": error, "loss": F.cross_entropy(model(xs), ys).item()}
+
+    return Task(
+        name="toy",
+        build_model=ToyNet,
+        blocks=[("inp", ["inp"]), ("mid", ["mid"]), ("out", ["out"])],
+        train_batches=train_batches,
+        loss=loss,
+        evaluate=evaluate,
+        metric="error",
+    )
+
+
+@pytest.fixture
+def task():
+    return toy_task()
+
+
+def without_seconds(obj):
+    """A run record with its wall-clock fields removed (the only fields that may differ between runs)."""
+    if isinstance(obj, dict):
+        return {k: without_seconds(v) for k, v in obj.items() if k != "seconds"}
+    if isinstance(obj, list):
+        return [without_seconds(v) for v in obj]
+    return obj
+
+
+def read_summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def cli(*args: str, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    """Run the command-line tool in a subprocess, as a user would."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "topdown.cli", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr)
+    return proc

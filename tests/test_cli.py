@@ -1,0 +1,198 @@
+"""The command line as a user meets it: help, list, report, bad input, kill-and-resume."""
+
+import json
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import ROOT, cli, read_summary, without_seconds
+
+TINY_DIGITS = ["digits", "--preset", "tiny"]
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("topdown: error:"), proc.stderr[-2000:]
+    assert re.search(pattern, lines[-1]), lines[-1]
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_and_list():
+    out = cli("--help", check=True).stdout
+    for command in ("baseline", "cascade", "retrain-classifier", "transfer-classifier", "report", "list"):
+        assert command in out
+    assert "--split" in cli("transfer-classifier", "--help", check=True).stdout
+    listing = cli("list", check=True).stdout
+    assert "asr-rnn" in listing and "lstm1" in listing and "digits" in listing and "layer3" in listing
+    assert "lr_patience" in cli("list", "--config", "asr-rnn", check=True).stdout
+
+
+def test_unknown_set_key_is_an_error(tmp_path):
+    proc = cli("baseline", *TINY_DIGITS, "--out", str(tmp_path / "r"), "--set", "train.lrr=0.1")
+    assert_one_line_error(proc, "unknown config key 'train.lrr'")
+    proc = cli("baseline", *TINY_DIGITS, "--out", str(tmp_path / "r"), "--set", "train.epochs=many")
+    assert_one_line_error(proc, "expects a int")
+    assert not (tmp_path / "r").exists()
+
+
+def test_nan_loss_fails_the_stage_and_keeps_earlier_results(tmp_path):
+    run = tmp_path / "r"
+    proc = cli("cascade", *TINY_DIGITS, "--out", str(run), "--set", "cascade.lr=1e30", "--set", "train.optimizer=sgd")
+    assert_one_line_error(proc, r"stage 1 .*loss is nan")
+    summary = read_summary(run)
+    assert summary["status"] == "failed" and len(summary["stages"]) == 1 and summary["chosen_stage"] == 0
+    assert load_file(str(run / "checkpoints" / "best.safetensors"))
+
+
+def test_report_rerenders(tmp_path):
+    run = tmp_path / "r"
+    cli("baseline", *TINY_DIGITS, "--out", str(run), check=True)
+    (run / "report.md").unlink()
+    cli("report", str(run), check=True)
+    assert "| 0 (chosen) | baseline |" in (run / "report.md").read_text()
+    assert_one_line_error(cli("report", str(tmp_path / "nothing")), "holds no run")
+
+
+def write_mfc(path: Path, frames: int, corrupt: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    values = [0.1 * (i % 13) for i in range(frames * 13)]
+    count = len(values) + (5 if corrupt else 0)
+    path.write_bytes(struct.pack(">i", count) + struct.pack(f">{len(values)}f", *values))
+
+
+def sphinx_layout(root: Path, texts: dict[str, list[str]]) -> Path:
+    """A miniature AN4-style corpus: 4 speakers in train, 1 in test."""
+    (root / "etc").mkdir(parents=True)
+    for split, lines in texts.items():
+        folder = "an4_clstk" if split == "train" else "an4test_clstk"
+        ids, trans = [], []
+        for i, text in enumerate(lines):
+            spk = f"spk{i % 4}" if split == "train" else "tst0"
+            uid = f"u{i}-{spk}-{split}"
+            ids.append(f"{folder}/{spk}/{uid}")
+            trans.append(f"{text} ({uid})")
+            write_mfc(root / "feat" / folder / spk / f"{uid}.mfc", 120)
+        (root / "etc" / f"an4_{split}.fileids").write_text("\n".join(ids) + "\n")
+        (root / "etc" / f"an4_{split}.transcription").write_text("\n".join(trans) + "\n")
+    return root
+
+
+ASR_TINY = ["asr-rnn", "--preset", "tiny", "--set", "data.val_speakers=1"]
+
+
+def test_asr_reads_a_sphinx_layout(tmp_path):
+    data = sphinx_layout(tmp_path / "an4", {"train": ["YES", "NO", "GO", "STOP"] * 2, "test": ["YES", "NO"]})
+    run = tmp_path / "r"
+    cli("baseline", *ASR_TINY, "--data-dir", str(data), "--out", str(run), check=True)
+    assert set(read_summary(run)["test"]) == {"wer", "cer", "loss"}
+
+
+@pytest.mark.parametrize(
+    "damage, pattern",
+    [
+        ("missing", r"u1-spk1-train\.mfc.*(missing|not found|does not exist)"),
+        ("corrupt", r"u1-spk1-train\.mfc"),
+        ("character", r"character '7'"),
+        ("empty", r"empty"),
+    ],
+)
+def test_bad_asr_data_is_a_one_line_error(tmp_path, damage, pattern):
+    texts = {"train": ["YES", "NO", "GO", "STOP"] * 2, "test": ["YES", "NO"]}
+    if damage == "character":
+        texts["train"][2] = "GO 7"
+    if damage == "empty":
+        texts["test"] = []
+    data = sphinx_layout(tmp_path / "an4", texts)
+    mfc = data / "feat" / "an4_clstk" / "spk1" / "u1-spk1-train.mfc"
+    if damage == "missing":
+        mfc.unlink()
+    if damage == "corrupt":
+        write_mfc(mfc, 120, corrupt=True)
+    run = tmp_path / "r"
+    assert_one_line_error(cli("baseline", *ASR_TINY, "--data-dir", str(data), "--out", str(run)), pattern)
+    assert not run.exists()
+
+
+def test_bad_from_checkpoint(tmp_path):
+    bogus = tmp_path / "x.safetensors"
+    bogus.write_bytes(b"not a checkpoint")
+    assert_one_line_error(cli("cascade", *TINY_DIGITS, "--out", str(tmp_path / "r"), "--from", str(bogus)), "not a readable safetensors")
+    run = tmp_path / "asr"
+    data = sphinx_layout(tmp_path / "an4", {"train": ["YES", "NO", "GO", "STOP"] * 2, "test": ["YES", "NO"]})
+    cli("baseline", *ASR_TINY, "--data-dir", str(data), "--out", str(run), check=True)
+    proc = cli("cascade", *TINY_DIGITS, "--out", str(tmp_path / "r2"), "--from", str(run / "checkpoints" / "best.safetensors"))
+    assert_one_line_error(proc, "does not fit this task's model")
+
+
+def test_cascade_from_checkpoint(tmp_path):
+    base = tmp_path / "base"
+    cli("baseline", *TINY_DIGITS, "--out", str(base), check=True)
+    run = tmp_path / "cascade"
+    cli("cascade", *TINY_DIGITS, "--out", str(run), "--from", str(base / "checkpoints" / "best.safetensors"), check=True)
+    stages = read_summary(run)["stages"]
+    assert stages[0]["role"] == "loaded" and stages[0]["epochs"] == 0
+    assert stages[0]["val"] == read_summary(base)["stages"][0]["val"]
+
+
+# A digits cascade slow enough to be killed mid-way: small batches, several epochs per stage.
+KILLABLE = [*TINY_DIGITS, "--set", "data.batch_size=4", "--set", "train.epochs=3"]
+
+
+def run_until(args: list[str], lines: int) -> None:
+    """Start the CLI and SIGKILL it once metrics.jsonl has ``lines`` lines."""
+    out = Path(args[args.index("--out") + 1])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "topdown.cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = out / "metrics.jsonl"
+    while proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= lines:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
+    reference = tmp_path / "reference"
+    cli("cascade", *KILLABLE, "--out", str(reference), check=True)
+    for kill_after in (2, 7):
+        run = tmp_path / f"killed-{kill_after}"
+        run_until(["cascade", *KILLABLE, "--out", str(run)], kill_after)
+        summary = read_summary(run)
+        assert summary["status"] == "running"
+        for f in run.rglob("*.safetensors"):
+            load_file(str(f))  # every checkpoint on disk is whole
+        cli("cascade", *KILLABLE, "--out", str(run), "--resume", check=True)
+        assert without_seconds(read_summary(run)) == without_seconds(read_summary(reference))
+        ours = [without_seconds(json.loads(x)) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        theirs = [without_seconds(json.loads(x)) for x in (reference / "metrics.jsonl").read_text().splitlines()]
+        assert ours == theirs
+        for f in (reference / "checkpoints").glob("*.safetensors"):
+            a, b = load_file(str(f)), load_file(str(run / "checkpoints" / f.name))
+            assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_readme_example_runs(tmp_path):
+    """The README's bring-your-own-model example is real code that runs."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert blocks, "README has no python example"
+    subprocess.run([sys.executable, "-c", blocks[0]], cwd=tmp_path, check=True, capture_output=True, env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert (tmp_path / "runs" / "toy" / "summary.json").is_file()
+
+
+def test_nothing_unpickles():
+    """Checkpoints are safetensors; no project code loads pickles."""
+    sources = "\n".join(p.read_text() for p in (ROOT / "topdown").rglob("*.py"))
+    for forbidden in ("torch.load(", "pickle", "allow_pickle=True"):
+        assert forbidden not in sources, forbidden

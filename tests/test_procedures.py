@@ -1,0 +1,162 @@
+"""The four procedures through the Python API: stage records, acceptance, checkpoints, determinism."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import topdown
+from topdown import Blocks, CascadeConfig, ConfigError, TrainConfig
+
+from conftest import read_summary, toy_task, without_seconds
+
+FAST = TrainConfig(epochs=2, lr=0.01)
+
+
+def ckpt(run, name):
+    return load_file(str(run / "checkpoints" / f"{name}.safetensors"))
+
+
+def test_cascade_record_and_checkpoints(tmp_path, task):
+    run = tmp_path / "run"
+    summary = topdown.cascade(task, run, train=FAST, seed=3)
+    assert summary == read_summary(run)
+    assert summary["status"] == "complete" and summary["procedure"] == "cascade" and summary["seed"] == 3
+    assert summary["metric"] == "error" and summary["lower_is_better"] is True
+    assert summary["blocks"]["mid"] == ["mid.0.weight", "mid.0.bias", "mid.1.weight", "mid.1.bias"]
+    stages = summary["stages"]
+    assert [s["split"] for s in stages] == [None, 2, 1]
+    assert [s["trained_blocks"] for s in stages] == [["inp", "mid", "out"], ["inp", "mid"], ["inp"]]
+    assert [s["frozen_blocks"] for s in stages] == [[], ["out"], ["mid", "out"]]
+    for s in stages:
+        assert set(s) >= {"index", "split", "trained_blocks", "frozen_blocks", "epochs", "val", "accepted", "seconds"}
+        assert s["epochs"] == 2 and 0 <= s["val"]["error"] <= 1
+        assert (run / "checkpoints" / f"stage-{s['index']}.safetensors").is_file()
+    # acceptance follows validation, and the chosen stage is the best accepted one
+    best = stages[0]["val"]["error"]
+    for s in stages[1:]:
+        assert s["accepted"] == (s["val"]["error"] < best)
+        best = min(best, s["val"]["error"]) if s["accepted"] else best
+    chosen = summary["chosen_stage"]
+    assert stages[chosen]["val"]["error"] == best and summary["test"] == stages[chosen]["test"]
+    assert all(torch.equal(a, b) for a, b in zip(ckpt(run, "best").values(), ckpt(run, f"stage-{chosen}").values()))
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 6
+    assert (run / "report.md").is_file() and (run / "curves.png").stat().st_size > 1000
+    assert not list((run / "state").glob("*"))  # resume points are removed once stages are recorded
+
+
+def test_upper_blocks_come_from_the_best_model_and_lower_blocks_are_fresh(tmp_path, task):
+    run = tmp_path / "run"
+    topdown.cascade(task, run, train=FAST, cascade=CascadeConfig(splits=[2]), seed=0)
+    s0, s1 = ckpt(run, "stage-0"), ckpt(run, "stage-1")
+    blocks = Blocks(task.build_model(), task.blocks)
+    for key in blocks.state_keys(["out"]):
+        assert torch.equal(s0[key], s1[key]), key
+    for key in blocks.state_keys(["inp", "mid"]):
+        if key.endswith("weight"):
+            assert not torch.equal(s0[key], s1[key]), key
+
+
+def test_reinit_draws_from_the_models_own_initialisation(tmp_path):
+    """With zero epochs of change (lr 0), the re-initialised block equals a fresh model's block."""
+    task = toy_task()
+    run = tmp_path / "run"
+    topdown.cascade(task, run, train=TrainConfig(epochs=1, lr=0.0), cascade=CascadeConfig(splits=[1]), seed=0)
+    s0, s1 = ckpt(run, "stage-0"), ckpt(run, "stage-1")
+    fresh_weight = s1["inp.0.weight"]
+    assert not torch.equal(fresh_weight, s0["inp.0.weight"])
+    bound = 1 / 8**0.5  # nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert fresh_weight.abs().max() <= bound and fresh_weight.std() > bound / 3
+
+
+def test_worse_stage_is_rejected_and_best_is_kept(tmp_path):
+    # validation error per evaluation: stage 0 ends at 0.2, stage 1 at 0.5 (worse), stage 2 at 0.1
+    task = toy_task(metric_script=[0.3, 0.2, 0.6, 0.5, 0.4, 0.1])
+    run = tmp_path / "run"
+    summary = topdown.cascade(task, run, train=FAST, seed=0)
+    assert [s["accepted"] for s in summary["stages"]] == [True, False, True]
+    assert [s["val"]["error"] for s in summary["stages"]] == [0.2, 0.5, 0.1]
+    assert summary["chosen_stage"] == 2
+    # stage 2 started from stage 0 (the best when it began), not from the rejected stage 1
+    s0, s2 = ckpt(run, "stage-0"), ckpt(run, "stage-2")
+    assert all(torch.equal(s0[k], s2[k]) for k in s0 if k.startswith(("mid.", "out.")))
+
+
+def test_patience_stops_after_rejections(tmp_path):
+    task = toy_task(metric_script=[0.2, 0.1, 0.5, 0.5, 0.5, 0.5])
+    summary = topdown.cascade(task, tmp_path / "run", train=FAST, cascade=CascadeConfig(patience=1), seed=0)
+    assert len(summary["stages"]) == 2 and summary["chosen_stage"] == 0
+
+
+def test_candidates_and_finetune(tmp_path, task):
+    cc = CascadeConfig(splits=[2], candidates=2, finetune_epochs=1)
+    summary = topdown.cascade(task, tmp_path / "run", train=FAST, cascade=cc, seed=0)
+    stage1, finetune = summary["stages"][1], summary["stages"][2]
+    assert len(stage1["candidates"]) == 2 and stage1["epochs"] == 4
+    assert stage1["candidates"][0]["seed"] != stage1["candidates"][1]["seed"]
+    assert stage1["val"]["error"] == min(c["val"]["error"] for c in stage1["candidates"])
+    assert finetune["role"] == "finetune" and finetune["epochs"] == 1 and finetune["frozen_blocks"] == []
+
+
+def test_warm_start_ablation_keeps_lower_blocks(tmp_path, task):
+    run = tmp_path / "run"
+    topdown.cascade(task, run, train=TrainConfig(epochs=1, lr=0.0), cascade=CascadeConfig(splits=[1], reinit=False), seed=0)
+    s0, s1 = ckpt(run, "stage-0"), ckpt(run, "stage-1")
+    assert torch.equal(s0["inp.0.weight"], s1["inp.0.weight"])
+
+
+def test_retrain_classifier_freezes_the_feature_extractor(tmp_path, task):
+    run = tmp_path / "run"
+    summary = topdown.retrain_classifier(task, run, split=1, train=FAST, seed=0)
+    s1 = summary["stages"][1]
+    assert s1["role"] == "retrain-classifier" and s1["trained_blocks"] == ["mid", "out"] and s1["frozen_blocks"] == ["inp"]
+    a, b = ckpt(run, "stage-0"), ckpt(run, "stage-1")
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("inp."))
+    assert not torch.equal(a["out.weight"], b["out.weight"])
+
+
+def test_transfer_classifier(tmp_path, task):
+    run = tmp_path / "run"
+    summary = topdown.transfer_classifier(task, run, split=2, subset=0.5, train=FAST, seed=0)
+    roles = [s["role"] for s in summary["stages"]]
+    assert roles == ["full-data baseline", "subset baseline", "transfer"]
+    assert [s["subset"] for s in summary["stages"]] == [1.0, 0.5, 0.5]
+    assert summary["stages"][0]["accepted"] is False and summary["chosen_stage"] in (1, 2)
+    full, transfer = ckpt(run, "stage-0"), ckpt(run, "stage-2")
+    assert torch.equal(full["out.weight"], transfer["out.weight"])
+
+
+def test_same_seed_same_summary(tmp_path, task):
+    a = topdown.cascade(task, tmp_path / "a", train=FAST, seed=7)
+    b = topdown.cascade(toy_task(), tmp_path / "b", train=FAST, seed=7)
+    c = topdown.cascade(toy_task(), tmp_path / "c", train=FAST, seed=8)
+    assert without_seconds(a) == without_seconds(b)
+    assert without_seconds(a)["stages"] != without_seconds(c)["stages"]
+
+
+def test_option_errors_come_before_training(tmp_path, task):
+    for kw, match in [
+        (dict(cascade=CascadeConfig(splits=[1, 2])), "strictly descending"),
+        (dict(cascade=CascadeConfig(splits=[3])), "strictly descending"),
+        (dict(cascade=CascadeConfig(candidates=0)), "candidates"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            topdown.cascade(task, tmp_path / match.replace(" ", "_"), train=FAST, **kw)
+    with pytest.raises(ConfigError, match="out of range"):
+        topdown.retrain_classifier(task, tmp_path / "r", split=3)
+    with pytest.raises(ConfigError, match="subset"):
+        topdown.transfer_classifier(task, tmp_path / "t", split=1, subset=1.5)
+    assert not (tmp_path / "strictly_descending" / "metrics.jsonl").exists()
+
+
+def test_existing_run_is_not_overwritten(tmp_path, task):
+    run = tmp_path / "run"
+    topdown.baseline(task, run, train=FAST)
+    before = (run / "summary.json").read_text()
+    with pytest.raises(topdown.TopdownError, match="already holds a run"):
+        topdown.baseline(task, run, train=FAST)
+    with pytest.raises(topdown.TopdownError, match="differs"):
+        topdown.baseline(task, run, train=TrainConfig(epochs=3), resume=True)
+    assert (run / "summary.json").read_text() == before
+    assert json.loads(before)["stages"][0]["epochs"] == 2

@@ -1,0 +1,73 @@
+"""``asr-rnn``: character CTC ASR on AN4 with a BLSTM encoder (the paper's WSJ BLSTM, at CPU scale).
+
+Blocks, input to output: ``lstm1`` .. ``lstmN`` (one bidirectional LSTM layer each) and
+``output`` (the linear CTC layer over blank, space and A-Z).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...task import Task
+from . import common
+
+DEFAULTS: dict[str, Any] = {
+    "data": dict(common.DATA_DEFAULTS),
+    "model": {"hidden": 128, "layers": 3, "dropout": 0.1},
+    # CTC spends its first epochs emitting only blanks (WER stuck at 100 %), so the lr
+    # schedule and early stopping watch the validation CTC loss, which moves from the start.
+    "train": {"epochs": 8, "lr": 0.002, "lr_patience": 1, "early_stop": 3, "monitor": "loss"},
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"data": {"limit": 48}, "model": {"hidden": 16, "layers": 2}, "train": {"epochs": 2}},
+    "demo": {},
+    "bench": {"model": {"hidden": 192, "dropout": 0.2}, "train": {"epochs": 30, "early_stop": 5, "min_lr": 1e-5}},
+}
+
+
+class BLSTMLayer(nn.Module):
+    """One bidirectional LSTM layer over padded sequences, followed by dropout."""
+
+    def __init__(self, inputs: int, hidden: int, dropout: float):
+        super().__init__()
+        self.lstm = nn.LSTM(inputs, hidden, batch_first=True, bidirectional=True)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        # cuDNN cannot backpropagate through an RNN in eval mode, which is what a frozen
+        # layer below a trained one needs; its native kernel can.
+        with torch.backends.cudnn.flags(enabled=self.training or not torch.is_grad_enabled()):
+            out, _ = self.lstm(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        return self.dropout(out)
+
+
+class BLSTMCTC(nn.Module):
+    def __init__(self, inputs: int, hidden: int, layers: int, dropout: float, vocab: int = common.VOCAB):
+        super().__init__()
+        sizes = [inputs] + [2 * hidden] * layers
+        self.encoder = nn.ModuleList(BLSTMLayer(a, hidden, dropout) for a in sizes[:-1])
+        self.output = nn.Linear(2 * hidden, vocab)
+
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = feats
+        for layer in self.encoder:
+            x = layer(x, lengths)
+        return self.output(x), lengths
+
+
+def block_names(model_cfg: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    return [(f"lstm{i + 1}", [f"encoder.{i}"]) for i in range(model_cfg["layers"])] + [("output", ["output"])]
+
+
+def build_model(cfg: dict[str, Any]) -> nn.Module:
+    m = cfg["model"]
+    return BLSTMCTC(common.feature_dim(cfg["data"]), m["hidden"], m["layers"], m["dropout"])
+
+
+def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
+    return common.make_task("asr-rnn", cfg, data_dir, build_model, block_names)
