@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from . import report
+from .compare import run_compare
 from .config import parse_overrides
 from .errors import TopdownError
 from .procedures import run_procedure
@@ -20,6 +21,7 @@ EPILOG = """examples:
   topdown transfer-classifier digits --split 2 --subset 0.25
   topdown cascade asr-rnn --out runs/x --resume  # continue an interrupted run
   topdown report runs/x                          # re-render runs/x/report.md
+  topdown compare digits --seeds 20              # cascade vs fair baselines over 20 seeds
 Config keys: see `topdown list --config TASK`. Run directory contract: docs/run-directory.md."""
 
 HELP = {
@@ -41,20 +43,29 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("task", choices=list(TASKS), help="the task (model family and data)")
     common.add_argument("--preset", default="demo", choices=PRESET_NAMES, help="size preset (default: demo)")
-    common.add_argument("--out", help="run directory (default: runs/TASK-PROCEDURE-PRESET-seedN)")
-    common.add_argument("--seed", type=int, default=0, help="run seed: initialisation, shuffling, dropout (default: 0)")
+    common.add_argument("--out", help="output directory (default: runs/TASK-COMMAND-PRESET[-seedN])")
     common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.lr=0.01 (repeatable)")
-    common.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed epoch")
     common.add_argument("--data-dir", help="read the corpus from this directory instead of the bundled copy")
     common.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    single = argparse.ArgumentParser(add_help=False)
+    single.add_argument("--seed", type=int, default=0, help="run seed: initialisation, shuffling, dropout (default: 0)")
+    single.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed epoch")
     for name, text in HELP.items():
-        p = sub.add_parser(name, parents=[common], help=text, description=text)
+        p = sub.add_parser(name, parents=[common, single], help=text, description=text)
         if name in ("cascade", "retrain-classifier"):
             p.add_argument("--from", dest="from_checkpoint", metavar="CKPT", help="start from this checkpoint instead of training a baseline")
         if name in ("retrain-classifier", "transfer-classifier"):
             p.add_argument("--split", type=int, required=True, help="K: blocks 1..K are the feature extractor")
         if name == "transfer-classifier":
             p.add_argument("--subset", type=float, required=True, help="fraction of the training data, in (0, 1)")
+    p = sub.add_parser(
+        "compare",
+        parents=[common],
+        help="fair comparison over seeds: baseline, cascade, baseline with equal epochs, best-of-k baselines",
+        description="Runs (or resumes) the arms of DESIGN.md section 3 for seeds 0..N-1 and writes "
+        "DIR/compare.json, DIR/compare.md and DIR/compare.png. Finished runs are never trained again.",
+    )
+    p.add_argument("--seeds", type=int, required=True, help="number of seeds (0..N-1)")
     p = sub.add_parser("report", help="re-render report.md and curves.png of a run directory")
     p.add_argument("dir", help="run directory")
     p = sub.add_parser("list", help="tasks, presets and the blocks of each task's model")
@@ -79,6 +90,14 @@ def _list(args: argparse.Namespace) -> None:
         for block, modules in module.block_names(cfg["model"]):
             count = sum(p.numel() for m in modules for p in model.get_submodule(m).parameters())
             print(f"    {block:<12} {count:>10,} parameters  ({', '.join(modules)})")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    cfg = resolve_config(args.task, args.preset, parse_overrides(args.set))
+    out = Path(args.out or f"runs/{args.task}-compare-{args.preset}")
+    task = task_module(args.task).make(cfg, args.data_dir)
+    run_compare(task, out, seeds=args.seeds, config=cfg, preset=args.preset, device=args.device)
+    print((out / "compare.md").read_text())
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -113,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             print(report.write(args.dir))
         elif args.command == "list":
             _list(args)
+        elif args.command == "compare":
+            _compare(args)
         else:
             _run(args)
     except TopdownError as e:

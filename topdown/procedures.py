@@ -52,6 +52,7 @@ class Runner:
             "blocks": self.blocks.parameter_names(),
             "metric": self.task.metric,
             "lower_is_better": self.task.lower_is_better,
+            "task_info": dict(self.task.info),
         }
         if existing is None:
             if self.run.path.is_dir() and any(self.run.path.iterdir()):
@@ -202,7 +203,7 @@ class Runner:
         else:
             best_val = self.summary["stages"][current]["val"][metric] if current is not None else None
             record["accepted"] = self.task.better(record["val"][metric], best_val)
-        meta = {"task": self.task.name, "stage": record["index"], "config": self.config}
+        meta = {"task": self.task.name, "stage": record["index"], "config": self.config, "task_info": dict(self.task.info)}
         self.run.save_model(f"stage-{record['index']}", weights, meta)
         if record["accepted"]:
             self.run.save_model("best", weights, meta)

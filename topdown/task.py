@@ -26,6 +26,9 @@ class Task:
     - ``loss(model, batch)`` returns the scalar training loss of one batch.
     - ``evaluate(model, split)`` returns metrics for ``"val"`` or ``"test"``; it must
       contain ``metric``.
+    - ``info``: JSON-serialisable facts the trained model depends on (a vocabulary,
+      feature statistics); recorded in ``summary.json`` as ``task_info`` and in every
+      checkpoint's metadata, so a model can be used without the training data.
     """
 
     name: str
@@ -37,6 +40,7 @@ class Task:
     metric: str = "loss"
     lower_is_better: bool = True
     shared: Mapping[str, str] = field(default_factory=dict)
+    info: Mapping[str, Any] = field(default_factory=dict)
 
     def better(self, a: float, b: float | None) -> bool:
         """Is metric value ``a`` strictly better than ``b`` (``None`` = nothing yet)?"""

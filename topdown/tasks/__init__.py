@@ -15,7 +15,7 @@ TASKS = {
     "asr-rnn": "topdown.tasks.asr.rnn",
     "digits": "topdown.tasks.digits",
 }
-PRESET_NAMES = ("tiny", "demo", "bench")
+PRESET_NAMES = ("tiny", "demo", "bench", "paper")
 
 
 def task_module(name: str) -> ModuleType:

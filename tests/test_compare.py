@@ -1,0 +1,91 @@
+"""`compare`: arm budgets, selection on validation only, reuse of runs, statistics, resuming."""
+
+import json
+import math
+
+import pytest
+
+import topdown.compare as compare
+from topdown.compare import paired_stats, run_compare, sign_flip_p, t975
+from topdown.config import merge, method_defaults
+
+from conftest import toy_task
+
+CONFIG = merge(method_defaults(), {"train": {"epochs": 2, "lr": 0.01}})
+
+
+def test_statistics_match_a_hand_computation():
+    values, reference = [0.10, 0.12, 0.08, 0.11], [0.12, 0.13, 0.11, 0.10]
+    s = paired_stats(values, reference)
+    diffs = [-0.02, -0.01, -0.03, 0.01]
+    mean = sum(diffs) / 4  # -0.0125
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 3)  # 0.017078
+    half = 3.182 * sd / 2
+    assert s["mean"] == pytest.approx(-0.0125) and s["std"] == pytest.approx(sd)
+    assert s["ci95"] == pytest.approx([mean - half, mean + half])
+    assert (s["lower"], s["higher"]) == (3, 1)
+    # sign flips of magnitudes (.02, .01, .03, .01): |sum| >= .05 for all-same-sign (.07, 2
+    # patterns) and for exactly one .01 flipped (.05, 2 x 2 patterns): p = 6/16
+    assert s["p_sign_flip"] == pytest.approx(6 / 16)
+    assert sign_flip_p([0.1] * 5) == pytest.approx(2 / 32)
+    assert t975(1) == 12.706 and t975(120) == pytest.approx(1.980, abs=2e-3)
+
+
+def test_arms_budgets_reuse_and_selection(tmp_path, monkeypatch):
+    calls = []
+    real = compare.run_procedure
+    monkeypatch.setattr(compare, "run_procedure", lambda proc, task, out, **kw: calls.append((proc, out.name)) or real(proc, task, out, **kw))
+    record = run_compare(toy_task(), tmp_path, seeds=2, config=CONFIG)
+    # per seed: one cascade (3 stages, 6 epochs), one equal-epochs baseline, k-1 = 2 extra baselines
+    assert sorted(calls) == sorted(
+        [("cascade", f"cascade-seed{s}") for s in (0, 1)]
+        + [("baseline", f"equal-epochs-seed{s}") for s in (0, 1)]
+        + [("baseline", f"baseline-seed{s}-extra{j}") for s in (0, 1) for j in (1, 2)]
+    )
+    for s in (0, 1):
+        cascade = json.loads((tmp_path / "runs" / f"cascade-seed{s}" / "summary.json").read_text())
+        equal = json.loads((tmp_path / "runs" / f"equal-epochs-seed{s}" / "summary.json").read_text())
+        budget = sum(st["epochs"] for st in cascade["stages"])
+        assert budget == 6 and equal["config"]["train"]["epochs"] == 6 and equal["stages"][0]["epochs"] <= 6
+        arms = {arm: record["arms"][arm]["per_seed"][s] for arm in compare.ARMS}
+        assert arms["baseline"]["test"] == cascade["stages"][0]["test"]["error"]  # reused, not retrained
+        assert arms["cascade"]["test"] == cascade["test"]["error"] and arms["cascade"]["epochs"] == 6
+        assert arms["baseline-equal-epochs"]["epochs"] == equal["stages"][0]["epochs"]
+        best = arms["best-of-k"]
+        assert best["k"] == 3 and len(best["runs"]) == 3 and best["epochs"] == 6
+        vals = {}
+        for run in best["runs"]:
+            name, _, _ = run.partition("#")
+            vals[run] = json.loads((tmp_path / "runs" / name / "summary.json").read_text())["stages"][0]["val"]["error"]
+        assert vals[best["chosen_run"]] == min(vals.values())
+    assert (tmp_path / "compare.md").is_file() and (tmp_path / "compare.png").is_file()
+    assert json.loads((tmp_path / "compare.json").read_text())["arms"]["cascade"]["vs_baseline"]["n"] == 2
+
+
+def test_best_of_k_never_looks_at_test(tmp_path, monkeypatch):
+    """Make test error the opposite of validation error: best-of-k must still follow validation."""
+    task = toy_task()
+    evaluate = task.evaluate
+
+    def inverted(model, split):
+        metrics = evaluate(model, "val")
+        return metrics if split == "val" else {**metrics, "error": 1 - metrics["error"]}
+
+    task.evaluate = inverted
+    record = run_compare(task, tmp_path, seeds=1, config=merge(CONFIG, {"cascade": {"splits": [2]}}))
+    best = record["arms"]["best-of-k"]["per_seed"][0]
+    assert best["test"] == pytest.approx(1 - best["val"])
+    pool_val = [json.loads((tmp_path / "runs" / r.partition("#")[0] / "summary.json").read_text())["stages"][0]["val"]["error"] for r in best["runs"]]
+    assert best["val"] == min(pool_val)
+
+
+def test_interrupted_compare_resumes_without_redoing_runs(tmp_path, monkeypatch):
+    run_compare(toy_task(), tmp_path, seeds=1, config=CONFIG)
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("summary.json")}
+    calls = []
+    real = compare.run_procedure
+    monkeypatch.setattr(compare, "run_procedure", lambda proc, task, out, **kw: calls.append(out.name) or real(proc, task, out, **kw))
+    record = run_compare(toy_task(), tmp_path, seeds=2, config=CONFIG)
+    assert all(name.endswith(("seed1", "seed1-extra1", "seed1-extra2")) for name in calls) and len(calls) == 4
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    assert record["seeds"] == 2

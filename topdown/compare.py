@@ -1,0 +1,207 @@
+"""Fair comparison of the cascade against baselines (DESIGN.md section 3), over seeds.
+
+Per seed s, four arms, each measured on the test set of the model validation chose:
+
+- ``baseline``: stage 0 of the cascade run with seed s (a baseline run with seed s would be
+  bit-identical, so it is reused, not trained twice);
+- ``cascade``: the cascade run with seed s;
+- ``baseline-equal-epochs``: one baseline run with seed s whose epoch limit is the cascade's
+  total number of epochs (same recipe, early stopping allowed);
+- ``best-of-k``: k = the number of models the cascade trained; the seed-s baseline plus
+  k-1 baselines with fresh seeds, the one with the best validation metric.
+
+Every run is an ordinary run directory under ``DIR/runs/``; finished runs are read back and
+unfinished ones resumed, so an interrupted comparison continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import merge
+from .errors import ConfigError
+from .loop import derive_seed
+from .procedures import run_procedure
+from .runs import RunDir, atomic_write, write_json
+from .task import Task
+
+ARMS = ("baseline", "cascade", "baseline-equal-epochs", "best-of-k")
+
+# Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom.
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t975(df: int) -> float:
+    """Student's t 97.5 % quantile (table up to 30 df, Cornish-Fisher expansion beyond)."""
+    if df <= 30:
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def sign_flip_p(diffs: list[float]) -> float:
+    """Two-sided p-value of the paired sign-flip (permutation) test of mean difference 0.
+
+    Exact for up to 20 pairs (all 2^n sign patterns); it assumes only that, under the null
+    hypothesis, each difference is as likely positive as negative, which suits small N.
+    """
+    d = np.asarray(diffs, dtype=float)
+    n = len(d)
+    if n == 0:
+        return float("nan")
+    if n <= 20:
+        signs = 1 - 2 * ((np.arange(2**n)[:, None] >> np.arange(n)) & 1)
+    else:
+        signs = np.random.default_rng(0).choice([-1, 1], size=(200_000, n))
+    observed = abs(d.mean())
+    return float(np.mean(np.abs((signs * d).mean(1)) >= observed - 1e-12))
+
+
+def paired_stats(values: list[float], reference: list[float]) -> dict[str, Any]:
+    """Mean, std and 95 % t-interval of ``values - reference`` (paired by seed), plus the sign-flip p."""
+    diffs = [v - r for v, r in zip(values, reference)]
+    n = len(diffs)
+    mean = float(np.mean(diffs))
+    sd = float(np.std(diffs, ddof=1)) if n > 1 else float("nan")
+    half = t975(n - 1) * sd / math.sqrt(n) if n > 1 else float("nan")
+    return {"n": n, "mean": mean, "std": sd, "ci95": [mean - half, mean + half], "p_sign_flip": sign_flip_p(diffs),
+            "lower": sum(d < 0 for d in diffs), "higher": sum(d > 0 for d in diffs)}
+
+
+def summarise(values: list[float]) -> dict[str, float]:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")}
+
+
+def _run(task: Task, out: Path, procedure: str, config: dict[str, Any], seed: int, preset: str | None, device) -> dict[str, Any]:
+    """A run of the comparison: read back if finished, resumed if not."""
+    existing = RunDir(out).read_summary()
+    if existing is not None and existing.get("status") == "complete":
+        return existing
+    return run_procedure(procedure, task, out, config=config, seed=seed, preset=preset, resume=True, device=device)
+
+
+def _entry(chosen: dict[str, Any], trained: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+    """One arm's result for one seed: the chosen model's metrics and the cost of the stages it trained."""
+    return {
+        "test": chosen["test"][metric],
+        "val": chosen["val"][metric],
+        "epochs": sum(st["epochs"] for st in trained),
+        "seconds": sum(st["seconds"] for st in trained),
+    }
+
+
+def run_compare(task: Task, out: str | Path, *, seeds: int, config: dict[str, Any], preset: str | None = None, device=None) -> dict[str, Any]:
+    """Run (or resume) every arm for seeds 0..seeds-1; write ``compare.json``, ``compare.md``, ``compare.png``."""
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+    out = Path(out)
+    metric, lower = task.metric, task.lower_is_better
+    results: dict[str, dict[int, dict[str, Any]]] = {arm: {} for arm in ARMS}
+    for seed in range(seeds):
+        cascade = _run(task, out / "runs" / f"cascade-seed{seed}", "cascade", config, seed, preset, device)
+        stage0 = cascade["stages"][0]
+        results["baseline"][seed] = {**_entry(stage0, [stage0], metric), "runs": [f"cascade-seed{seed}#stage0"]}
+        chosen = cascade["stages"][cascade["chosen_stage"]]
+        results["cascade"][seed] = {**_entry(chosen, cascade["stages"], metric), "runs": [f"cascade-seed{seed}"]}
+
+        budget = sum(st["epochs"] for st in cascade["stages"])
+        equal_cfg = merge(config, {"train": {"epochs": budget}})
+        equal = _run(task, out / "runs" / f"equal-epochs-seed{seed}", "baseline", equal_cfg, seed, preset, device)
+        results["baseline-equal-epochs"][seed] = {**_entry(equal["stages"][0], equal["stages"], metric), "runs": [f"equal-epochs-seed{seed}"]}
+
+        k = sum(max(1, len(st["candidates"])) for st in cascade["stages"])
+        pool = [(stage0, f"cascade-seed{seed}#stage0")]
+        for j in range(1, k):
+            name = f"baseline-seed{seed}-extra{j}"
+            s = _run(task, out / "runs" / name, "baseline", config, derive_seed(seed, 10_000 + j) % 2**31, preset, device)
+            pool.append((s["stages"][0], name))
+        best = min(pool, key=lambda p: p[0]["val"][metric] if lower else -p[0]["val"][metric])  # validation only
+        results["best-of-k"][seed] = {
+            **_entry(best[0], [p[0] for p in pool], metric),
+            "k": k, "chosen_run": best[1], "runs": [p[1] for p in pool],
+        }
+
+    base_tests = [results["baseline"][s]["test"] for s in range(seeds)]
+    arms = {}
+    for arm in ARMS:
+        tests = [results[arm][s]["test"] for s in range(seeds)]
+        arms[arm] = {
+            "test": summarise(tests),
+            "epochs": summarise([results[arm][s]["epochs"] for s in range(seeds)]),
+            "seconds": summarise([results[arm][s]["seconds"] for s in range(seeds)]),
+            "vs_baseline": paired_stats(tests, base_tests) if arm != "baseline" else None,
+            "per_seed": [results[arm][s] for s in range(seeds)],
+        }
+    record = {"task": task.name, "preset": preset, "seeds": seeds, "metric": metric, "lower_is_better": lower,
+              "config": config, "arms": arms}
+    write_json(out / "compare.json", record)
+    atomic_write(out / "compare.md", lambda p: p.write_text(render(record)))
+    plot(record, out / "compare.png")
+    return record
+
+
+def _pct(x: float, metric: str) -> str:
+    return f"{100 * x:.2f}" if metric in ("wer", "cer", "error") else f"{x:.4g}"
+
+
+def render(record: dict[str, Any]) -> str:
+    m = record["metric"]
+    unit = " (%)" if m in ("wer", "cer", "error") else ""
+    lines = [
+        f"# Fair comparison on {record['task']} (preset {record['preset']}, {record['seeds']} seeds)",
+        "",
+        f"Test {m}{unit} of the model each arm's validation chose; differences are arm minus baseline, paired by seed",
+        f"({'lower' if record['lower_is_better'] else 'higher'} is better). CI: 95 % Student-t interval of the mean paired",
+        "difference; p: exact two-sided sign-flip test. Epochs and seconds: the cost of all the arm's training runs.",
+        "",
+        f"| arm | test {m} mean ± std | diff vs baseline [95 % CI] | p | better/worse seeds | epochs | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    better_sign = -1 if record["lower_is_better"] else 1
+    for arm, a in record["arms"].items():
+        t = a["test"]
+        v = a["vs_baseline"]
+        if v is None:
+            diff, p, wins = "-", "-", "-"
+        else:
+            lo, hi = v["ci95"]
+            diff = f"{_pct(v['mean'], m)} [{_pct(lo, m)}, {_pct(hi, m)}]" if v["n"] > 1 else _pct(v["mean"], m)
+            p = f"{v['p_sign_flip']:.3f}"
+            better, worse = (v["lower"], v["higher"]) if better_sign < 0 else (v["higher"], v["lower"])
+            wins = f"{better}/{worse}"
+        lines.append(f"| {arm} | {_pct(t['mean'], m)} ± {_pct(t['std'], m)} | {diff} | {p} | {wins} | "
+                     f"{a['epochs']['mean']:.1f} | {a['seconds']['mean']:.1f} |")
+    lines += ["", "Per seed (test):", "", "| seed | " + " | ".join(record["arms"]) + " |", "|---|" + "---|" * len(record["arms"])]
+    for s in range(record["seeds"]):
+        lines.append(f"| {s} | " + " | ".join(_pct(a["per_seed"][s]["test"], m) for a in record["arms"].values()) + " |")
+    return "\n".join(lines) + "\n\n![test metric per arm](compare.png)\n"
+
+
+def plot(record: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = record["metric"]
+    scale = 100 if m in ("wer", "cer", "error") else 1
+    fig, ax = plt.subplots(figsize=(7, 4))
+    arms = list(record["arms"])
+    for i, arm in enumerate(arms):
+        ys = [scale * e["test"] for e in record["arms"][arm]["per_seed"]]
+        xs = i + np.linspace(-0.15, 0.15, len(ys)) if len(ys) > 1 else [i]
+        ax.scatter(xs, ys, s=14, alpha=0.6, color=f"C{i}")
+        ax.errorbar(i + 0.3, np.mean(ys), yerr=np.std(ys, ddof=1) if len(ys) > 1 else 0, fmt="o", color="black", capsize=4)
+    for seed in range(record["seeds"]):  # thin lines pair each seed across arms
+        ax.plot(range(len(arms)), [scale * record["arms"][a]["per_seed"][seed]["test"] for a in arms], color="grey", lw=0.3, alpha=0.5)
+    ax.set_xticks(range(len(arms)), arms)
+    ax.set_ylabel(f"test {m}" + (" (%)" if scale == 100 else ""))
+    ax.set_title(f"{record['task']} ({record['preset']}): {record['seeds']} seeds; black = mean ± std")
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
+    plt.close(fig)
