@@ -6,6 +6,7 @@ import math
 import pytest
 
 import topdown.compare as compare
+import topdown.procedures as procedures
 from topdown.compare import paired_stats, run_compare, sign_flip_p, t975
 from topdown.config import merge, method_defaults
 
@@ -33,8 +34,8 @@ def test_statistics_match_a_hand_computation():
 
 def test_arms_budgets_reuse_and_selection(tmp_path, monkeypatch):
     calls = []
-    real = compare.run_procedure
-    monkeypatch.setattr(compare, "run_procedure", lambda proc, task, out, **kw: calls.append((proc, out.name)) or real(proc, task, out, **kw))
+    real = procedures.run_procedure
+    monkeypatch.setattr(procedures, "run_procedure", lambda proc, task, out, **kw: calls.append((proc, out.name)) or real(proc, task, out, **kw))
     record = run_compare(toy_task(), tmp_path, seeds=2, config=CONFIG)
     # per seed: one cascade (3 stages, 6 epochs), one equal-epochs baseline, k-1 = 2 extra baselines
     assert sorted(calls) == sorted(
@@ -83,9 +84,29 @@ def test_interrupted_compare_resumes_without_redoing_runs(tmp_path, monkeypatch)
     run_compare(toy_task(), tmp_path, seeds=1, config=CONFIG)
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("summary.json")}
     calls = []
-    real = compare.run_procedure
-    monkeypatch.setattr(compare, "run_procedure", lambda proc, task, out, **kw: calls.append(out.name) or real(proc, task, out, **kw))
+    real = procedures.run_procedure
+    monkeypatch.setattr(procedures, "run_procedure", lambda proc, task, out, **kw: calls.append(out.name) or real(proc, task, out, **kw))
     record = run_compare(toy_task(), tmp_path, seeds=2, config=CONFIG)
     assert all(name.endswith(("seed1", "seed1-extra1", "seed1-extra2")) for name in calls) and len(calls) == 4
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     assert record["seeds"] == 2
+
+
+def test_analyse_every_split_from_one_baseline(tmp_path, monkeypatch):
+    from topdown.analyse import run_analyse
+
+    record = run_analyse(toy_task(), tmp_path, config=CONFIG, subsets=(0.5,))
+    assert [r["split"] for r in record["rows"]] == [1, 2]
+    base = json.loads((tmp_path / "runs" / "baseline" / "summary.json").read_text())["stages"][0]
+    for row in record["rows"]:
+        k = row["split"]
+        for name in (f"retrain-classifier-k{k}", f"retrain-feature-extractor-k{k}", f"transfer-k{k}-subset0.5"):
+            first = json.loads((tmp_path / "runs" / name / "summary.json").read_text())["stages"][0]
+            assert first["epochs"] == 0 and first["val"] == base["val"], name  # loaded from the baseline, not retrained
+        rfe = json.loads((tmp_path / "runs" / f"retrain-feature-extractor-k{k}" / "summary.json").read_text())["stages"][1]
+        assert rfe["frozen_blocks"] == ["inp", "mid", "out"][k:]
+        assert row["subsets"]["0.5"]["transfer_classifier"]["test"] is not None
+    assert (tmp_path / "analyse.md").is_file() and (tmp_path / "analyse.png").is_file()
+    calls = []
+    monkeypatch.setattr(procedures, "run_procedure", lambda *a, **kw: calls.append(a))
+    assert run_analyse(toy_task(), tmp_path, config=CONFIG, subsets=(0.5,)) == record and not calls

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from . import report
+from .analyse import run_analyse
 from .compare import run_compare
 from .config import parse_overrides
 from .errors import TopdownError
@@ -22,6 +23,7 @@ EPILOG = """examples:
   topdown cascade asr-rnn --out runs/x --resume  # continue an interrupted run
   topdown report runs/x                          # re-render runs/x/report.md
   topdown compare digits --seeds 20              # cascade vs fair baselines over 20 seeds
+  topdown analyse digits                         # the paper's two observations, every split
 Config keys: see `topdown list --config TASK`. Run directory contract: docs/run-directory.md."""
 
 HELP = {
@@ -66,6 +68,16 @@ def _parser() -> argparse.ArgumentParser:
         "DIR/compare.json, DIR/compare.md and DIR/compare.png. Finished runs are never trained again.",
     )
     p.add_argument("--seeds", type=int, required=True, help="number of seeds (0..N-1)")
+    p = sub.add_parser(
+        "analyse",
+        parents=[common],
+        help="the paper's two observations for every split: retrain classifier vs feature extractor; classifier transfer from more data",
+        description="From one trained baseline, for every split k: retrain-classifier, retrain-feature-extractor, and "
+        "transfer-classifier on each --subsets fraction against a baseline on the same subset. Writes DIR/analyse.json, "
+        "DIR/analyse.md and DIR/analyse.png; finished runs are never trained again.",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the baseline and of every run (default: 0)")
+    p.add_argument("--subsets", type=float, nargs="+", default=[0.25, 0.5], help="training-data fractions (default: 0.25 0.5)")
     p = sub.add_parser("report", help="re-render report.md and curves.png of a run directory")
     p.add_argument("dir", help="run directory")
     p = sub.add_parser("list", help="tasks, presets and the blocks of each task's model")
@@ -98,6 +110,14 @@ def _compare(args: argparse.Namespace) -> None:
     task = task_module(args.task).make(cfg, args.data_dir)
     run_compare(task, out, seeds=args.seeds, config=cfg, preset=args.preset, device=args.device)
     print((out / "compare.md").read_text())
+
+
+def _analyse(args: argparse.Namespace) -> None:
+    cfg = resolve_config(args.task, args.preset, parse_overrides(args.set))
+    out = Path(args.out or f"runs/{args.task}-analyse-{args.preset}-seed{args.seed}")
+    task = task_module(args.task).make(cfg, args.data_dir)
+    run_analyse(task, out, config=cfg, seed=args.seed, subsets=tuple(args.subsets), preset=args.preset, device=args.device)
+    print((out / "analyse.md").read_text())
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -134,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             _list(args)
         elif args.command == "compare":
             _compare(args)
+        elif args.command == "analyse":
+            _analyse(args)
         else:
             _run(args)
     except TopdownError as e:

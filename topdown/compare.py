@@ -25,8 +25,8 @@ import numpy as np
 from .config import merge
 from .errors import ConfigError
 from .loop import derive_seed
-from .procedures import run_procedure
-from .runs import RunDir, atomic_write, write_json
+from .procedures import run_or_resume
+from .runs import atomic_write, write_json
 from .task import Task
 
 ARMS = ("baseline", "cascade", "baseline-equal-epochs", "best-of-k")
@@ -77,14 +77,6 @@ def summarise(values: list[float]) -> dict[str, float]:
     return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")}
 
 
-def _run(task: Task, out: Path, procedure: str, config: dict[str, Any], seed: int, preset: str | None, device) -> dict[str, Any]:
-    """A run of the comparison: read back if finished, resumed if not."""
-    existing = RunDir(out).read_summary()
-    if existing is not None and existing.get("status") == "complete":
-        return existing
-    return run_procedure(procedure, task, out, config=config, seed=seed, preset=preset, resume=True, device=device)
-
-
 def _entry(chosen: dict[str, Any], trained: list[dict[str, Any]], metric: str) -> dict[str, Any]:
     """One arm's result for one seed: the chosen model's metrics and the cost of the stages it trained."""
     return {
@@ -103,7 +95,7 @@ def run_compare(task: Task, out: str | Path, *, seeds: int, config: dict[str, An
     metric, lower = task.metric, task.lower_is_better
     results: dict[str, dict[int, dict[str, Any]]] = {arm: {} for arm in ARMS}
     for seed in range(seeds):
-        cascade = _run(task, out / "runs" / f"cascade-seed{seed}", "cascade", config, seed, preset, device)
+        cascade = run_or_resume("cascade", task, out / "runs" / f"cascade-seed{seed}", config=config, seed=seed, preset=preset, device=device)
         stage0 = cascade["stages"][0]
         results["baseline"][seed] = {**_entry(stage0, [stage0], metric), "runs": [f"cascade-seed{seed}#stage0"]}
         chosen = cascade["stages"][cascade["chosen_stage"]]
@@ -111,14 +103,14 @@ def run_compare(task: Task, out: str | Path, *, seeds: int, config: dict[str, An
 
         budget = sum(st["epochs"] for st in cascade["stages"])
         equal_cfg = merge(config, {"train": {"epochs": budget}})
-        equal = _run(task, out / "runs" / f"equal-epochs-seed{seed}", "baseline", equal_cfg, seed, preset, device)
+        equal = run_or_resume("baseline", task, out / "runs" / f"equal-epochs-seed{seed}", config=equal_cfg, seed=seed, preset=preset, device=device)
         results["baseline-equal-epochs"][seed] = {**_entry(equal["stages"][0], equal["stages"], metric), "runs": [f"equal-epochs-seed{seed}"]}
 
         k = sum(max(1, len(st["candidates"])) for st in cascade["stages"])
         pool = [(stage0, f"cascade-seed{seed}#stage0")]
         for j in range(1, k):
             name = f"baseline-seed{seed}-extra{j}"
-            s = _run(task, out / "runs" / name, "baseline", config, derive_seed(seed, 10_000 + j) % 2**31, preset, device)
+            s = run_or_resume("baseline", task, out / "runs" / name, config=config, seed=derive_seed(seed, 10_000 + j) % 2**31, preset=preset, device=device)
             pool.append((s["stages"][0], name))
         best = min(pool, key=lambda p: p[0]["val"][metric] if lower else -p[0]["val"][metric])  # validation only
         results["best-of-k"][seed] = {

@@ -168,8 +168,8 @@ class Runner:
         }
         return self._record(record, weights, accept)
 
-    def loaded_stage(self, path: str | Path) -> dict[str, Any]:
-        """Stage 0 from an existing checkpoint (``cascade --from``): evaluated, not trained."""
+    def loaded_stage(self, path: str | Path, role: str = "loaded", accept: str = "always") -> dict[str, Any]:
+        """Stage 0 from an existing checkpoint (``--from``): evaluated, not trained."""
         done = self._finished()
         if done is not None:
             return done
@@ -181,12 +181,12 @@ class Runner:
             raise ConfigError(f"checkpoint {path} does not fit this task's model: {' '.join(first[:3])[:300]}") from None
         started = time.perf_counter()
         record = {
-            "index": 0, "role": "loaded", "split": None, "trained_blocks": [], "frozen_blocks": self.blocks.names,
+            "index": 0, "role": role, "split": None, "trained_blocks": [], "frozen_blocks": self.blocks.names,
             "reinit": False, "subset": 1.0, "epochs": 0, "candidates": [], "val": self._evaluate("val"),
             "test": self._evaluate("test"), "accepted": None, "seconds": 0.0, "source": str(path),
         }
         record["seconds"] = time.perf_counter() - started
-        return self._record(record, self.model.state_dict(), "always")
+        return self._record(record, self.model.state_dict(), accept)
 
     def _evaluate(self, split: str) -> dict[str, float]:
         self.model.eval()
@@ -277,10 +277,11 @@ def _run_retrain_classifier(r: Runner, proc: ProcedureConfig, from_checkpoint: s
 
 
 def _run_transfer_classifier(r: Runner, proc: ProcedureConfig, from_checkpoint: str | None) -> None:
-    if from_checkpoint is not None:
-        raise ConfigError("transfer-classifier trains its own full-data model; --from is not supported")
     lower, _ = r.blocks.split(proc.split)
-    r.stage("full-data baseline", r.blocks.names, start=None, accept="never")
+    if from_checkpoint is not None:
+        r.loaded_stage(from_checkpoint, role="full-data baseline", accept="never")
+    else:
+        r.stage("full-data baseline", r.blocks.names, start=None, accept="never")
     r.stage("subset baseline", r.blocks.names, start=None, subset=proc.subset, accept="always")
     r.stage("transfer", lower, start=0, split=proc.split, subset=proc.subset, train=_stage_train(r))
 
@@ -348,6 +349,17 @@ def run_procedure(
         runner.run.write_summary(runner.summary)
         raise
     return runner.finish()
+
+
+def run_or_resume(procedure: str, task: Task, out: Path, **kw) -> dict[str, Any]:
+    """The summary of the run in ``out``: read back if complete, otherwise run or resume it.
+
+    Used by commands that are made of many runs (compare, analyse), so that an interrupted
+    one continues without training any finished run again."""
+    existing = RunDir(out).read_summary()
+    if existing is not None and existing.get("status") == "complete":
+        return existing
+    return run_procedure(procedure, task, out, resume=True, **kw)
 
 
 def baseline(task: Task, out: str | Path, *, train: TrainConfig | None = None, **kw) -> dict[str, Any]:

@@ -1,0 +1,122 @@
+"""The paper's two motivating observations, for every split k of a task's model.
+
+(a) Within-dataset transfer, from one trained baseline: *retrain-classifier* (frozen feature
+    extractor, fresh classifier) against *retrain-feature-extractor* (frozen classifier,
+    fresh feature extractor: one cascade stage), each against the baseline.
+(b) A classifier trained on more data: *transfer-classifier* (the full-data baseline's
+    classifier, frozen; a fresh feature extractor trained on a subset) against a baseline
+    trained on the same subset, for each subset fraction.
+
+All runs start from the same baseline checkpoint and live under ``DIR/runs/``; finished
+runs are read back, so an interrupted analysis continues where it stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .config import merge
+from .procedures import run_or_resume
+from .runs import atomic_write, write_json
+from .task import Task
+
+
+def _metrics(stage: dict[str, Any], metric: str) -> dict[str, float]:
+    return {"val": stage["val"][metric], "test": stage["test"][metric]}
+
+
+def run_analyse(
+    task: Task, out: str | Path, *, config: dict[str, Any], seed: int = 0, subsets: tuple[float, ...] = (0.25, 0.5),
+    preset: str | None = None, device=None,
+) -> dict[str, Any]:
+    out = Path(out)
+    metric = task.metric
+    common = dict(seed=seed, preset=preset, device=device)
+    base = run_or_resume("baseline", task, out / "runs" / "baseline", config=config, **common)
+    ckpt = str(out / "runs" / "baseline" / "checkpoints" / "best.safetensors")
+    rows = []
+    for k in range(1, len(base["blocks"])):
+        rc = run_or_resume("retrain-classifier", task, out / "runs" / f"retrain-classifier-k{k}",
+                           config=merge(config, {"procedure": {"split": k}}), from_checkpoint=ckpt, **common)
+        rfe = run_or_resume("cascade", task, out / "runs" / f"retrain-feature-extractor-k{k}",
+                            config=merge(config, {"cascade": {"splits": [k]}}), from_checkpoint=ckpt, **common)
+        row = {
+            "split": k,
+            "baseline": _metrics(base["stages"][0], metric),
+            "retrain_classifier": _metrics(rc["stages"][1], metric),
+            "retrain_feature_extractor": _metrics(rfe["stages"][1], metric),
+            "subsets": {},
+        }
+        for fraction in subsets:
+            tr = run_or_resume("transfer-classifier", task, out / "runs" / f"transfer-k{k}-subset{fraction:g}",
+                               config=merge(config, {"procedure": {"split": k, "subset": fraction}}), from_checkpoint=ckpt, **common)
+            row["subsets"][f"{fraction:g}"] = {
+                "subset_baseline": _metrics(tr["stages"][1], metric),
+                "transfer_classifier": _metrics(tr["stages"][2], metric),
+            }
+        rows.append(row)
+    record = {"task": task.name, "preset": preset, "seed": seed, "metric": metric, "lower_is_better": task.lower_is_better,
+              "blocks": list(base["blocks"]), "subsets": [f"{f:g}" for f in subsets], "rows": rows}
+    write_json(out / "analyse.json", record)
+    atomic_write(out / "analyse.md", lambda p: p.write_text(render(record)))
+    plot(record, out / "analyse.png")
+    return record
+
+
+def _fmt(x: float, metric: str) -> str:
+    return f"{100 * x:.2f}" if metric in ("wer", "cer", "error") else f"{x:.4g}"
+
+
+def render(record: dict[str, Any]) -> str:
+    m = record["metric"]
+    blocks = record["blocks"]
+    head = ["split k (feature extractor / classifier)", "baseline", "retrain classifier", "retrain feature extractor"]
+    for f in record["subsets"]:
+        head += [f"subset {f}: baseline", f"subset {f}: transfer classifier"]
+    lines = [
+        f"# Analysis on {record['task']} (preset {record['preset']}, seed {record['seed']})",
+        "",
+        f"Test {m}{' (%)' if m in ('wer', 'cer', 'error') else ''} (validation in brackets). Every model starts from the same",
+        "trained baseline; subset baselines and transfers train on the same fixed fraction of the training data.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+
+    def cell(x: dict[str, float]) -> str:
+        return f"{_fmt(x['test'], m)} ({_fmt(x['val'], m)})"
+
+    for row in record["rows"]:
+        k = row["split"]
+        cells = [f"{k} ({'+'.join(blocks[:k])} / {'+'.join(blocks[k:])})", cell(row["baseline"]),
+                 cell(row["retrain_classifier"]), cell(row["retrain_feature_extractor"])]
+        for f in record["subsets"]:
+            cells += [cell(row["subsets"][f]["subset_baseline"]), cell(row["subsets"][f]["transfer_classifier"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n![analysis](analyse.png)\n"
+
+
+def plot(record: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = record["metric"]
+    scale = 100 if m in ("wer", "cer", "error") else 1
+    ks = [r["split"] for r in record["rows"]]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
+    for key, label in [("baseline", "baseline"), ("retrain_classifier", "retrain classifier"),
+                       ("retrain_feature_extractor", "retrain feature extractor")]:
+        a.plot(ks, [scale * r[key]["test"] for r in record["rows"]], marker="o", label=label)
+    a.set(xlabel="split k", ylabel=f"test {m}", title="(a) within-dataset transfer", xticks=ks)
+    a.legend(fontsize=8)
+    for i, f in enumerate(record["subsets"]):
+        b.plot(ks, [scale * r["subsets"][f]["subset_baseline"]["test"] for r in record["rows"]], ls="--", color=f"C{i}", label=f"{f} baseline")
+        b.plot(ks, [scale * r["subsets"][f]["transfer_classifier"]["test"] for r in record["rows"]], marker="o", color=f"C{i}", label=f"{f} transfer classifier")
+    b.set(xlabel="split k", ylabel=f"test {m}", title="(b) classifier from more data", xticks=ks)
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
+    plt.close(fig)
