@@ -142,6 +142,8 @@ def _run(args: argparse.Namespace) -> None:
     )
     print(report.stage_table(summary))
     print(f"\nchosen stage {summary['chosen_stage']}; test {summary['test']}")
+    if summary.get("task_info", {}).get("note"):
+        print(f"note: {summary['task_info']['note']}")
     print(f"report: {out / 'report.md'}")
 
 

@@ -27,7 +27,7 @@ class TrainConfig:
     SECTION: typing.ClassVar[str] = "train"
 
     epochs: int = 10  # at most this many epochs
-    optimizer: str = "adam"  # adam | adamw | sgd
+    optimizer: str = "adam"  # adam | adamw | sgd | ntasgd (sgd, then averaged sgd once validation stops improving)
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
@@ -38,6 +38,8 @@ class TrainConfig:
     early_stop: int = 0  # stop after this many epochs without improvement; 0 = never
     restore_best: bool = True  # end the stage with its best-on-validation epoch's weights
     monitor: str = ""  # validation metric for the best epoch, lr decay and early stopping; "" = the task's metric
+    nonmono: int = 5  # ntasgd: start averaging once validation is worse than the best of all epochs but the last `nonmono`
+    warmup_steps: int = 0  # > 0: the lr ramps linearly from lr/warmup_steps to lr over this many batches (per stage)
 
 
 @dataclass

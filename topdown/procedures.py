@@ -157,7 +157,7 @@ class Runner:
             "split": split,
             "trained_blocks": list(trained),
             "frozen_blocks": frozen,
-            "reinit": bool(reinit and start is not None) or start is None,
+            "reinit": start is None or reinit,
             "subset": subset,
             "epochs": sum(t["epochs"] for t in tried),
             "candidates": tried,

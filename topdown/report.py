@@ -73,6 +73,7 @@ def render(summary: dict[str, Any]) -> str:
         f"Status: {summary['status']}. Primary metric: {metric} ({'lower' if summary['lower_is_better'] else 'higher'} is better).",
         "Stages are accepted or rejected on validation; the test column is reported, never used to choose.",
         "",
+        *([f"Note: {note}", ""] if (note := summary.get("task_info", {}).get("note")) else []),
         stage_table(summary),
         "",
     ]

@@ -1,0 +1,56 @@
+"""The training loop's schedule: warm-up per step, plateau decay and early stopping per epoch."""
+
+import pytest
+import torch
+
+import topdown.loop as loop
+from topdown import ConfigError, TrainConfig
+from topdown.loop import fit
+
+from conftest import toy_task
+
+
+def recorded_lrs(monkeypatch, cfg: TrainConfig, task=None) -> list[float]:
+    lrs = []
+    real = loop.make_optimizer
+
+    def spy(params, c):
+        opt = real(params, c)
+        step = opt.step
+        opt.step = lambda *a, **k: (lrs.append(opt.param_groups[0]["lr"]), step(*a, **k))[1]
+        return opt
+
+    monkeypatch.setattr(loop, "make_optimizer", spy)
+    task = task or toy_task()
+    torch.manual_seed(0)
+    fit(task.build_model(), task, cfg, seed=0)
+    return lrs
+
+
+def test_warmup_ramps_the_lr_per_step(monkeypatch):
+    lrs = recorded_lrs(monkeypatch, TrainConfig(epochs=2, lr=0.01, warmup_steps=6))
+    assert len(lrs) == 8  # 128 examples, batches of 32, two epochs
+    assert lrs[:6] == pytest.approx([0.01 * (i + 1) / 6 for i in range(6)])
+    assert lrs[6:] == pytest.approx([0.01, 0.01])
+
+
+def test_plateau_decay_and_early_stop(monkeypatch):
+    script = [0.5, 0.6, 0.6, 0.6, 0.6]  # validation never improves after epoch 1
+    cfg = TrainConfig(epochs=10, lr=0.01, lr_decay=0.5, lr_patience=1, early_stop=3)
+    lrs = recorded_lrs(monkeypatch, cfg, toy_task(metric_script=script))
+    per_epoch = lrs[::4]  # 4 batches an epoch
+    assert per_epoch == pytest.approx([0.01, 0.01, 0.005, 0.0025])  # decays after each epoch without improvement
+    task = toy_task(metric_script=script)
+    torch.manual_seed(0)
+    result = fit(task.build_model(), task, cfg, seed=0)
+    assert result.epochs == 4 and result.val["error"] == 0.5  # stopped 3 epochs after the best; best restored
+
+
+def test_bad_schedule_values_are_errors():
+    task = toy_task()
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        fit(task.build_model(), task, TrainConfig(warmup_steps=-1), seed=0)
+    with pytest.raises(ConfigError, match="unknown optimizer"):
+        fit(task.build_model(), task, TrainConfig(optimizer="lion"), seed=0)
+    with pytest.raises(ConfigError, match="not a validation metric"):
+        fit(task.build_model(), task, TrainConfig(epochs=1, monitor="bleu"), seed=0)
