@@ -18,7 +18,8 @@ from typing import Any
 
 from .config import merge
 from .procedures import run_or_resume
-from .runs import atomic_write, write_json
+from .report import PERCENT_METRICS, format_metric, write_record
+from .runs import atomic_write
 from .task import Task
 
 
@@ -58,14 +59,9 @@ def run_analyse(
         rows.append(row)
     record = {"task": task.name, "preset": preset, "seed": seed, "metric": metric, "lower_is_better": task.lower_is_better,
               "blocks": list(base["blocks"]), "subsets": [f"{f:g}" for f in subsets], "rows": rows}
-    write_json(out / "analyse.json", record)
-    atomic_write(out / "analyse.md", lambda p: p.write_text(render(record)))
-    plot(record, out / "analyse.png")
+    write_record(out, "analyse", record, render, plot)
     return record
 
-
-def _fmt(x: float, metric: str) -> str:
-    return f"{100 * x:.2f}" if metric in ("wer", "cer", "error") else f"{x:.4g}"
 
 
 def render(record: dict[str, Any]) -> str:
@@ -85,7 +81,7 @@ def render(record: dict[str, Any]) -> str:
     ]
 
     def cell(x: dict[str, float]) -> str:
-        return f"{_fmt(x['test'], m)} ({_fmt(x['val'], m)})"
+        return f"{format_metric(x['test'], m, sign=False)} ({format_metric(x['val'], m, sign=False)})"  # test (val)
 
     for row in record["rows"]:
         k = row["split"]
@@ -104,7 +100,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     m = record["metric"]
-    scale = 100 if m in ("wer", "cer", "error") else 1
+    scale = 100 if m in PERCENT_METRICS else 1
     ks = [r["split"] for r in record["rows"]]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
     for key, label in [("baseline", "baseline"), ("retrain_classifier", "retrain classifier"),

@@ -26,7 +26,8 @@ from .config import merge
 from .errors import ConfigError
 from .loop import derive_seed
 from .procedures import run_or_resume
-from .runs import atomic_write, write_json
+from .report import PERCENT_METRICS, format_metric, write_record
+from .runs import atomic_write
 from .task import Task
 
 ARMS = ("baseline", "cascade", "baseline-equal-epochs", "best-of-k")
@@ -131,19 +132,18 @@ def run_compare(task: Task, out: str | Path, *, seeds: int, config: dict[str, An
         }
     record = {"task": task.name, "preset": preset, "seeds": seeds, "metric": metric, "lower_is_better": lower,
               "config": config, "arms": arms}
-    write_json(out / "compare.json", record)
-    atomic_write(out / "compare.md", lambda p: p.write_text(render(record)))
-    plot(record, out / "compare.png")
+    write_record(out, "compare", record, render, plot)
     return record
 
-
-def _pct(x: float, metric: str) -> str:
-    return f"{100 * x:.2f}" if metric in ("wer", "cer", "error") else f"{x:.4g}"
 
 
 def render(record: dict[str, Any]) -> str:
     m = record["metric"]
-    unit = " (%)" if m in ("wer", "cer", "error") else ""
+    unit = " (%)" if m in PERCENT_METRICS else ""
+
+    def f(x: float) -> str:
+        return format_metric(x, m, sign=False)
+
     lines = [
         f"# Fair comparison on {record['task']} (preset {record['preset']}, {record['seeds']} seeds)",
         "",
@@ -162,15 +162,15 @@ def render(record: dict[str, Any]) -> str:
             diff, p, wins = "-", "-", "-"
         else:
             lo, hi = v["ci95"]
-            diff = f"{_pct(v['mean'], m)} [{_pct(lo, m)}, {_pct(hi, m)}]" if v["n"] > 1 else _pct(v["mean"], m)
+            diff = f"{f(v['mean'])} [{f(lo)}, {f(hi)}]" if v["n"] > 1 else f(v["mean"])
             p = f"{v['p_sign_flip']:.3f}"
             better, worse = (v["lower"], v["higher"]) if better_sign < 0 else (v["higher"], v["lower"])
             wins = f"{better}/{worse}"
-        lines.append(f"| {arm} | {_pct(t['mean'], m)} ± {_pct(t['std'], m)} | {diff} | {p} | {wins} | "
+        lines.append(f"| {arm} | {f(t['mean'])} ± {f(t['std'])} | {diff} | {p} | {wins} | "
                      f"{a['epochs']['mean']:.1f} | {a['seconds']['mean']:.1f} |")
     lines += ["", "Per seed (test):", "", "| seed | " + " | ".join(record["arms"]) + " |", "|---|" + "---|" * len(record["arms"])]
     for s in range(record["seeds"]):
-        lines.append(f"| {s} | " + " | ".join(_pct(a["per_seed"][s]["test"], m) for a in record["arms"].values()) + " |")
+        lines.append(f"| {s} | " + " | ".join(f(a["per_seed"][s]["test"]) for a in record["arms"].values()) + " |")
     return "\n".join(lines) + "\n\n![test metric per arm](compare.png)\n"
 
 
@@ -181,7 +181,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     m = record["metric"]
-    scale = 100 if m in ("wer", "cer", "error") else 1
+    scale = 100 if m in PERCENT_METRICS else 1
     fig, ax = plt.subplots(figsize=(7, 4))
     arms = list(record["arms"])
     for i, arm in enumerate(arms):

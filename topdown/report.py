@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .errors import TopdownError
-from .runs import RunDir, atomic_write
+from .runs import RunDir, atomic_write, write_json
 
 
-def _fmt(value: float | None, metric: str) -> str:
+PERCENT_METRICS = ("wer", "cer", "error")  # fractions in [0, 1], shown as percentages
+
+
+def format_metric(value: float | None, metric: str, sign: bool = True) -> str:
+    """A metric for a table: rates as percentages (with a % sign unless ``sign`` is False)."""
     if value is None:
         return "-"
-    return f"{100 * value:.2f} %" if metric in ("wer", "cer", "error") else f"{value:.4g}"
+    if metric in PERCENT_METRICS:
+        return f"{100 * value:.2f}{' %' if sign else ''}"
+    return f"{value:.4g}"
+
+
+def write_record(out: Path, stem: str, record: dict[str, Any], render: Callable[[dict[str, Any]], str],
+                 plot: Callable[[dict[str, Any], Path], None]) -> None:
+    """Write a multi-run command's ``stem.json``, ``stem.md`` and ``stem.png`` (compare, analyse)."""
+    write_json(out / f"{stem}.json", record)
+    atomic_write(out / f"{stem}.md", lambda p: p.write_text(render(record)))
+    plot(record, out / f"{stem}.png")
 
 
 def stage_table(summary: dict[str, Any]) -> str:
@@ -28,7 +43,7 @@ def stage_table(summary: dict[str, Any]) -> str:
         cells = [
             f"{s['index']}{mark}", s["role"], "-" if s["split"] is None else str(s["split"]),
             ", ".join(s["trained_blocks"]) or "-", str(s["epochs"]),
-            *[_fmt(s["val"].get(m), m) for m in cols], *[_fmt(s["test"].get(m), m) for m in cols],
+            *[format_metric(s["val"].get(m), m) for m in cols], *[format_metric(s["test"].get(m), m) for m in cols],
             accepted, f"{s['seconds']:.1f}",
         ]
         rows.append("| " + " | ".join(cells) + " |")
@@ -78,7 +93,7 @@ def render(summary: dict[str, Any]) -> str:
         "",
     ]
     if chosen is not None and summary["test"]:
-        tests = ", ".join(f"{k} {_fmt(v, k)}" for k, v in summary["test"].items())
+        tests = ", ".join(f"{k} {format_metric(v, k)}" for k, v in summary["test"].items())
         lines += [f"Chosen model: stage {chosen}. Test: {tests}.", ""]
     lines += ["![learning curves](curves.png)", ""]
     return "\n".join(lines)
