@@ -184,13 +184,14 @@ def plot(record: dict[str, Any], path: Path) -> None:
     scale = 100 if m in PERCENT_METRICS else 1
     fig, ax = plt.subplots(figsize=(7, 4))
     arms = list(record["arms"])
-    for i, arm in enumerate(arms):
-        ys = [scale * e["test"] for e in record["arms"][arm]["per_seed"]]
-        xs = i + np.linspace(-0.15, 0.15, len(ys)) if len(ys) > 1 else [i]
-        ax.scatter(xs, ys, s=14, alpha=0.6, color=f"C{i}")
-        ax.errorbar(i + 0.3, np.mean(ys), yerr=np.std(ys, ddof=1) if len(ys) > 1 else 0, fmt="o", color="black", capsize=4)
-    for seed in range(record["seeds"]):  # thin lines pair each seed across arms
-        ax.plot(range(len(arms)), [scale * record["arms"][a]["per_seed"][seed]["test"] for a in arms], color="grey", lw=0.3, alpha=0.5)
+    n = record["seeds"]
+    offsets = np.linspace(-0.15, 0.15, n) if n > 1 else np.zeros(1)  # seed j sits at the same offset in every arm
+    ys = np.array([[scale * e["test"] for e in record["arms"][arm]["per_seed"]] for arm in arms])  # (arms, seeds)
+    for j in range(n):  # thin lines pair each seed across arms
+        ax.plot(np.arange(len(arms)) + offsets[j], ys[:, j], color="grey", lw=0.3, alpha=0.5)
+    for i in range(len(arms)):
+        ax.scatter(i + offsets, ys[i], s=14, alpha=0.7, color=f"C{i}", zorder=3)
+        ax.errorbar(i + 0.3, ys[i].mean(), yerr=ys[i].std(ddof=1) if n > 1 else 0, fmt="o", color="black", capsize=4)
     ax.set_xticks(range(len(arms)), arms)
     ax.set_ylabel(f"test {m}" + (" (%)" if scale == 100 else ""))
     ax.set_title(f"{record['task']} ({record['preset']}): {record['seeds']} seeds; black = mean ± std")
