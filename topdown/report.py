@@ -10,7 +10,7 @@ from .errors import TopdownError
 from .runs import RunDir, atomic_write, write_json
 
 
-PERCENT_METRICS = ("wer", "cer", "error")  # fractions in [0, 1], shown as percentages
+PERCENT_METRICS = ("wer", "cer", "error", "wer_beam", "cer_beam")  # fractions in [0, 1], shown as percentages
 
 
 def format_metric(value: float | None, metric: str, sign: bool = True) -> str:

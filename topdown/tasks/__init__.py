@@ -13,6 +13,7 @@ from ..errors import ConfigError
 
 TASKS = {
     "asr-rnn": "topdown.tasks.asr.rnn",
+    "asr-transformer": "topdown.tasks.asr.transformer",
     "digits": "topdown.tasks.digits",
 }
 PRESET_NAMES = ("tiny", "demo", "bench", "paper")

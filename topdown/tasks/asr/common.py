@@ -1,10 +1,18 @@
-"""What every character-CTC ASR task shares: features, speaker-held-out validation, batching,
-the CTC loss, greedy decoding and WER/CER. A model plugs in as ``model(feats, lengths) ->
-(logits (B, T, V), out_lengths)``."""
+"""What every character-CTC ASR task shares: the corpus (bundled AN4, an AN4-style Sphinx
+layout, or Kaldi data directories), features and their training-set statistics, the
+character vocabulary, speaker-held-out validation, batching, SpecAugment-style masking,
+the CTC loss, greedy and prefix-beam-search decoding, and WER/CER.
+
+A model plugs in as ``model(feats, lengths) -> (logits (B, T, V), out_lengths)``; a task
+module supplies ``build_model(cfg, inputs=..., vocab=...)`` and the length of its output
+for a given number of input frames (for the "too few frames for the transcript" check).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import copy
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,19 +25,33 @@ from torch.nn import functional as F
 
 from ...errors import DataError
 from ...task import Task
-from . import an4
+from . import an4, kaldi
 
 BLANK = 0
-VOCAB = len(an4.ALPHABET) + 1  # CTC blank + space + A-Z
-_INDEX = {c: i + 1 for i, c in enumerate(an4.ALPHABET)}
+BLANK_SYMBOL = "<blank>"
+VOCAB = len(an4.ALPHABET) + 1  # AN4: CTC blank + space + A-Z
 
 DATA_DEFAULTS: dict[str, Any] = {
-    "val_speakers": 8,  # training speakers held out for validation (never test speakers)
-    "deltas": True,  # append deltas and delta-deltas to the 13 cepstra
+    "val_speakers": 8,  # training speakers held out for validation when there is no dev set (never test speakers)
+    "deltas": True,  # append deltas and delta-deltas to the input features
     "stack": 4,  # stack this many frames and keep every n-th (100 fps -> 25 fps)
     "batch_size": 8,  # small batches: more updates per epoch get CTC past its all-blank phase sooner
     "limit": 0,  # use only the first N utterances of each split (0 = all); for tiny presets
+    "unk": "",  # Kaldi data: "" = a character unseen in training is an error; else unseen characters map to this symbol
+    "fbank": dict(kaldi.FBANK_DEFAULTS),  # Kaldi wav.scp: the log-mel filterbank front end
+    # SpecAugment-style masking of the (normalised) training features; 0 masks = off
+    "spec_augment": {"freq_masks": 0, "freq_width": 0, "time_masks": 0, "time_width": 0},
 }
+DECODE_DEFAULTS: dict[str, Any] = {
+    "beam": 8,  # CTC prefix beam search width for wer_beam/cer_beam next to greedy wer/cer; 0 = greedy only
+    "on_val": False,  # also beam-decode every validation pass (slower); test is always beam-decoded when beam > 0
+    "prune": 10.0,  # per frame, extend prefixes only by symbols within this many nats of the frame's best
+}
+
+
+def data_defaults() -> dict[str, Any]:
+    """A fresh copy of the data section's defaults (nested sections included)."""
+    return copy.deepcopy(DATA_DEFAULTS)
 
 
 @dataclass
@@ -40,62 +62,137 @@ class Example:
     text: str
 
 
-def feature_dim(data_cfg: dict[str, Any]) -> int:
-    return an4.N_CEPS * (3 if data_cfg["deltas"] else 1) * data_cfg["stack"]
+class Vocab:
+    """Output symbols: index 0 is the CTC blank, then one symbol per character (and the unknown symbol, if any)."""
+
+    def __init__(self, chars: list[str], unk: str = ""):
+        self.symbols = [BLANK_SYMBOL, *chars, *([unk] if unk else [])]
+        self.unk = unk
+        self.index = {s: i for i, s in enumerate(self.symbols)}
+
+    @classmethod
+    def from_texts(cls, texts: list[str], unk: str = "") -> "Vocab":
+        chars = sorted({c for t in texts for c in t})
+        if unk and unk in chars:
+            raise DataError(f"data.unk {unk!r} occurs in the training transcripts; choose a symbol that does not")
+        return cls(chars, unk)
+
+    def __len__(self) -> int:
+        return len(self.symbols)
+
+    def encode(self, text: str, where: str) -> torch.Tensor:
+        ids = []
+        for c in text:
+            i = self.index.get(c)
+            if i is None or i == BLANK:
+                if not self.unk:
+                    raise DataError(f"{where}: character {c!r} does not occur in the training transcripts (set data.unk=SYMBOL to map unseen characters to SYMBOL)")
+                i = self.index[self.unk]
+            ids.append(i)
+        return torch.tensor(ids, dtype=torch.int64)
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.symbols[i] for i in ids if i != BLANK)
+
+
+AN4_VOCAB = Vocab(list(an4.ALPHABET))
+
+
+def feature_dim(data_cfg: dict[str, Any], raw: int = an4.N_CEPS) -> int:
+    return raw * (3 if data_cfg["deltas"] else 1) * data_cfg["stack"]
 
 
 def encode(text: str) -> torch.Tensor:
-    return torch.tensor([_INDEX[c] for c in text], dtype=torch.int64)
+    """AN4 transcript -> target ids (kept for callers of the original API)."""
+    return AN4_VOCAB.encode(text, "transcript")
 
 
-def load_corpus(data_dir: str | None) -> dict[str, list[an4.Utterance]]:
-    """The bundled AN4, or an AN4-style Sphinx layout (``etc/`` and ``feat/``) at ``data_dir``."""
+@dataclass
+class Corpus:
+    splits: dict[str, list[an4.Utterance]]  # train, val, test
+    vocab: Vocab
+    facts: dict[str, Any]  # where the data came from
+
+
+def load_corpus(data_cfg: dict[str, Any], data_dir: str | None) -> Corpus:
+    """The bundled AN4, an AN4-style Sphinx layout (``etc/`` and ``feat/``), or Kaldi data
+    directories (``ROOT/train``, ``ROOT/test``, optional ``ROOT/dev``) at ``data_dir``."""
     if data_dir is None:
-        return an4.load_bundle(an4.bundled_path())
-    root = Path(data_dir)
-    if not (root / "etc").is_dir():
-        raise DataError(f"{root}: expected an AN4-style Sphinx layout with etc/ and feat/")
-    return an4.load_sphinx(root)
+        raw, facts = an4.load_bundle(an4.bundled_path()), {"corpus": "an4 (bundled)"}
+    else:
+        root = Path(data_dir)
+        if (root / "etc").is_dir():
+            raw, facts = an4.load_sphinx(root), {"corpus": f"an4 sphinx layout {root}"}
+        elif (root / "train").is_dir():
+            raw, facts = kaldi.load_root(root, data_cfg["fbank"])
+            facts = {"corpus": f"kaldi data directories {root}", **facts}
+        elif not root.is_dir():
+            raise DataError(f"{root}: data directory not found")
+        else:
+            raise DataError(f"{root}: expected Kaldi data directories ({root}/train, {root}/test, optional {root}/dev) or an AN4-style Sphinx layout with etc/ and feat/")
+    if "dev" in raw:
+        splits = {"train": raw["train"], "val": raw["dev"], "test": raw["test"]}
+    else:
+        train, val = split_speakers(raw["train"], data_cfg["val_speakers"])
+        splits = {"train": train, "val": val, "test": raw["test"]}
+    if data_cfg["limit"]:
+        splits = {k: v[: data_cfg["limit"]] for k, v in splits.items()}
+    for name, utts in splits.items():
+        if not utts:
+            raise DataError(f"the {name} set is empty")
+    if facts["corpus"].startswith("an4"):
+        for utts in splits.values():
+            for u in utts:
+                an4.check_text(u.uid, u.text)
+        vocab = AN4_VOCAB
+    else:
+        vocab = Vocab.from_texts([u.text for u in splits["train"]], data_cfg["unk"])
+    return Corpus(splits, vocab, facts)
 
 
 def split_speakers(train: list[an4.Utterance], n_val: int) -> tuple[list[an4.Utterance], list[an4.Utterance]]:
     """Hold out ``n_val`` whole training speakers, chosen by a fixed RNG (the same for every run seed)."""
     speakers = sorted({u.speaker for u in train})
     if not 0 < n_val < len(speakers):
-        raise DataError(f"val_speakers={n_val}, but the training set has {len(speakers)} speakers")
+        raise DataError(f"val_speakers={n_val}, but the training set has {len(speakers)} speakers (and there is no dev set)")
     held = set(np.random.default_rng(0).choice(speakers, n_val, replace=False).tolist())
     return [u for u in train if u.speaker not in held], [u for u in train if u.speaker in held]
 
 
-def prepare(data_cfg: dict[str, Any], data_dir: str | None) -> dict[str, list[Example]]:
-    """Features (deltas, training-set normalisation, frame stacking) and targets for train/val/test."""
-    corpus = load_corpus(data_dir)
-    train, val = split_speakers(corpus["train"], data_cfg["val_speakers"])
-    splits = {"train": train, "val": val, "test": corpus["test"]}
-    if data_cfg["limit"]:
-        splits = {k: v[: data_cfg["limit"]] for k, v in splits.items()}
-    for name, utts in splits.items():
-        if not utts:
-            raise DataError(f"the {name} set is empty")
-        for u in utts:
-            an4.check_text(u.uid, u.text)
+def prepare(data_cfg: dict[str, Any], data_dir: str | None, out_length: Callable[[int], int] | None = None
+            ) -> tuple[dict[str, list[Example]], dict[str, Any], Vocab]:
+    """Features (deltas, training-set normalisation, frame stacking) and targets for
+    train/val/test, the facts the model depends on (vocabulary, feature statistics) and the vocabulary."""
+    corpus = load_corpus(data_cfg, data_dir)
+    out_length = out_length or (lambda n: n)
 
     def raw(u: an4.Utterance) -> np.ndarray:
         return an4.add_deltas(u.feats) if data_cfg["deltas"] else u.feats
 
-    norm = an4.Normalizer.fit([raw(u) for u in splits["train"]])
+    norm = an4.Normalizer.fit([raw(u) for u in corpus.splits["train"]])
     out = {}
-    for name, utts in splits.items():
+    for name, utts in corpus.splits.items():
         examples = []
         for u in utts:
             feats = torch.from_numpy(an4.stack_frames(norm(raw(u)), data_cfg["stack"]).astype(np.float32))
-            target = encode(u.text)
+            target = corpus.vocab.encode(u.text, f"utterance {u.uid} ({name})")
             repeats = int((target[1:] == target[:-1]).sum())
-            if len(feats) < len(target) + repeats:
-                raise DataError(f"utterance {u.uid}: {len(feats)} frames after stacking by {data_cfg['stack']} are too few for its {len(target)} characters")
+            if out_length(len(feats)) < len(target) + repeats:
+                raise DataError(f"utterance {u.uid}: {len(u.feats)} frames give the model {out_length(len(feats))} output frames, too few for its {len(target)} characters")
             examples.append(Example(u.uid, feats, target, u.text))
         out[name] = examples
-    return out
+    raw_dim = corpus.splits["train"][0].feats.shape[1]
+    info = {
+        "vocab": corpus.vocab.symbols,
+        "unk": corpus.vocab.unk,
+        "features": {**corpus.facts, "raw_dim": int(raw_dim), "deltas": data_cfg["deltas"], "stack": data_cfg["stack"],
+                     "dim": feature_dim(data_cfg, raw_dim),
+                     **({"fbank": data_cfg["fbank"]} if corpus.facts.get("source") == "wav.scp" else {})},
+        # mean/variance normalisation statistics of the training set (after deltas, before stacking)
+        "cmvn": {"mean": [float(x) for x in norm.mean], "std": [float(x) for x in norm.std]},
+        "utterances": {k: len(v) for k, v in out.items()},
+    }
+    return out, info, corpus.vocab
 
 
 def collate(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -123,6 +220,27 @@ def batches(examples: list[Example], batch_size: int, generator: torch.Generator
         yield collate([examples[i] for i in group])
 
 
+def spec_augment(feats: torch.Tensor, lengths: torch.Tensor, cfg: dict[str, int]) -> torch.Tensor:
+    """SpecAugment-style masking (no time warping): per utterance, ``freq_masks`` bands of up to
+    ``freq_width`` feature dimensions and ``time_masks`` spans of up to ``time_width`` frames are
+    set to 0 (the training mean, as features are normalised). Draws from torch's global RNG,
+    which the loop seeds per epoch, so runs stay reproducible and resumable."""
+    if not (cfg["freq_masks"] and cfg["freq_width"]) and not (cfg["time_masks"] and cfg["time_width"]):
+        return feats
+    feats = feats.clone()
+    dims = feats.shape[2]
+    for b, n in enumerate(lengths.tolist()):
+        for _ in range(cfg["freq_masks"] if cfg["freq_width"] else 0):
+            w = int(torch.randint(0, cfg["freq_width"] + 1, ()).item())
+            f0 = int(torch.randint(0, max(1, dims - w), ()).item())
+            feats[b, :, f0 : f0 + w] = 0
+        for _ in range(cfg["time_masks"] if cfg["time_width"] else 0):
+            w = min(int(torch.randint(0, cfg["time_width"] + 1, ()).item()), n // 5)  # never more than a fifth of the utterance per mask
+            t0 = int(torch.randint(0, max(1, n - w), ()).item())
+            feats[b, t0 : t0 + w] = 0
+    return feats
+
+
 def ctc(logits: torch.Tensor, out_lengths: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (T, B, V)
     return F.ctc_loss(log_probs, targets, out_lengths, target_lengths, blank=BLANK, reduction=reduction)
@@ -134,14 +252,62 @@ def ctc_loss(model: nn.Module, batch: tuple) -> torch.Tensor:
     return ctc(*model(feats, lengths), targets, target_lengths)
 
 
-def greedy_decode(logits: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+def greedy_decode(logits: torch.Tensor, lengths: torch.Tensor, vocab: Vocab = AN4_VOCAB) -> list[str]:
     """Best path: argmax per frame, merge repeats, drop blanks."""
     best = logits.argmax(-1).cpu()
-    out = []
-    for seq, n in zip(best, lengths.tolist()):
-        seq = torch.unique_consecutive(seq[:n])
-        out.append("".join(an4.ALPHABET[i - 1] for i in seq.tolist() if i != BLANK))
-    return out
+    return [vocab.decode(torch.unique_consecutive(seq[:n]).tolist()) for seq, n in zip(best, lengths.tolist())]
+
+
+def _logadd(a: float, b: float) -> float:
+    if a < b:
+        a, b = b, a
+    return a if b == -math.inf else a + math.log1p(math.exp(b - a))
+
+
+def prefix_beam_search(log_probs: np.ndarray, beam: int, prune: float = 10.0, blank: int = BLANK) -> list[int]:
+    """CTC prefix beam search over one utterance's (frames, symbols) log-probabilities.
+
+    Each hypothesis is a label prefix with two scores: the log-probability of all paths
+    that produce it and end in a blank, and of those that end in its last symbol. A frame
+    extends every kept prefix by blank (same prefix), by its last symbol (same prefix, via
+    the non-blank ending) or by any symbol (a longer prefix; a repeat of the last symbol
+    only via the blank ending), merging paths that give the same prefix; the ``beam`` most
+    probable prefixes survive. Symbols more than ``prune`` nats below a frame's best are
+    not tried. No language model. Returns the most probable prefix's symbol ids.
+    """
+    if beam < 1:
+        raise ValueError(f"beam must be at least 1, got {beam}")
+    neg = -math.inf
+    hyps: dict[tuple[int, ...], tuple[float, float]] = {(): (0.0, neg)}
+    for row in log_probs:
+        row = row.tolist()
+        top = max(row)
+        symbols = [s for s, p in enumerate(row) if p >= top - prune]
+        nxt: dict[tuple[int, ...], list[float]] = {}
+        for prefix, (pb, pnb) in hyps.items():
+            total = _logadd(pb, pnb)
+            last = prefix[-1] if prefix else None
+            for s in symbols:
+                p = row[s]
+                if s == blank:
+                    e = nxt.setdefault(prefix, [neg, neg])
+                    e[0] = _logadd(e[0], total + p)
+                elif s == last:
+                    e = nxt.setdefault(prefix, [neg, neg])  # "aa" collapses to "a"
+                    e[1] = _logadd(e[1], pnb + p)
+                    e = nxt.setdefault(prefix + (s,), [neg, neg])  # "a_a" is a new "a"
+                    e[1] = _logadd(e[1], pb + p)
+                else:
+                    e = nxt.setdefault(prefix + (s,), [neg, neg])
+                    e[1] = _logadd(e[1], total + p)
+        ranked = sorted(nxt.items(), key=lambda kv: _logadd(*kv[1]), reverse=True)[:beam]
+        hyps = {k: (v[0], v[1]) for k, v in ranked}
+    return list(max(hyps.items(), key=lambda kv: _logadd(*kv[1]))[0])
+
+
+def beam_decode(logits: torch.Tensor, lengths: torch.Tensor, vocab: Vocab, beam: int, prune: float = 10.0) -> list[str]:
+    log_probs = logits.float().log_softmax(-1).cpu().numpy()
+    return [vocab.decode(prefix_beam_search(lp[:n], beam, prune)) for lp, n in zip(log_probs, lengths.tolist())]
 
 
 def error_rates(hyps: list[str], refs: list[str]) -> dict[str, float]:
@@ -154,34 +320,48 @@ def error_rates(hyps: list[str], refs: list[str]) -> dict[str, float]:
     }
 
 
-def make_task(name: str, cfg: dict[str, Any], data_dir: str | None, build_model, block_names) -> Task:
-    """A ``Task`` for a CTC model over the prepared AN4-style data."""
-    data = prepare(cfg["data"], data_dir)
+def make_task(name: str, cfg: dict[str, Any], data_dir: str | None, build_model, block_names,
+              out_length: Callable[[int], int] | None = None) -> Task:
+    """A ``Task`` for a CTC model over the prepared data. ``build_model(cfg, inputs=, vocab=)``."""
+    data, info, vocab = prepare(cfg["data"], data_dir, out_length)
     batch_size = cfg["data"]["batch_size"]
+    augment = cfg["data"]["spec_augment"]
+    decode = {**DECODE_DEFAULTS, **cfg.get("decode", {})}
 
     def train_batches(generator: torch.Generator, subset: float):
         n = max(1, round(len(data["train"]) * subset))  # a fixed subset: the first n utterances
         return batches(data["train"][:n], batch_size, generator)
 
+    def loss(model: nn.Module, batch: tuple) -> torch.Tensor:
+        feats, lengths, targets, target_lengths = batch
+        return ctc(*model(spec_augment(feats, lengths, augment), lengths), targets, target_lengths)
+
     def evaluate(model: nn.Module, split: str) -> dict[str, float]:
         device = next(model.parameters()).device
-        hyps, total = [], 0.0
+        beam = decode["beam"] if split == "test" or decode["on_val"] else 0
+        hyps, beam_hyps, total = [], [], 0.0
         examples = sorted(data[split], key=lambda e: len(e.feats))
         for batch in batches(examples, batch_size, None):
             feats, lengths, targets, target_lengths = (t.to(device) for t in batch)
             logits, out_lengths = model(feats, lengths)
             total += ctc(logits, out_lengths, targets, target_lengths, reduction="sum").item()
-            hyps += greedy_decode(logits, out_lengths)
+            hyps += greedy_decode(logits, out_lengths, vocab)
+            if beam:
+                beam_hyps += beam_decode(logits, out_lengths, vocab, beam, decode["prune"])
         refs = [e.text for e in examples]
-        return {**error_rates(hyps, refs), "loss": total / len(examples)}
+        metrics = {**error_rates(hyps, refs), "loss": total / len(examples)}
+        if beam:
+            metrics.update({f"{k}_beam": v for k, v in error_rates(beam_hyps, refs).items()})
+        return metrics
 
     return Task(
         name=name,
-        build_model=lambda: build_model(cfg),
+        build_model=lambda: build_model(cfg, inputs=info["features"]["dim"], vocab=len(vocab)),
         blocks=block_names(cfg["model"]),
         train_batches=train_batches,
-        loss=ctc_loss,
+        loss=loss,
         evaluate=evaluate,
         metric="wer",
         lower_is_better=True,
+        info=info,
     )

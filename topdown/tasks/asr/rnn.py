@@ -1,7 +1,7 @@
 """``asr-rnn``: character CTC ASR on AN4 with a BLSTM encoder (the paper's WSJ BLSTM, at CPU scale).
 
 Blocks, input to output: ``lstm1`` .. ``lstmN`` (one bidirectional LSTM layer each) and
-``output`` (the linear CTC layer over blank, space and A-Z).
+``output`` (the linear CTC layer over blank and the characters: space and A-Z on AN4).
 """
 
 from __future__ import annotations
@@ -15,16 +15,28 @@ from ...task import Task
 from . import common
 
 DEFAULTS: dict[str, Any] = {
-    "data": dict(common.DATA_DEFAULTS),
+    "data": common.data_defaults(),
+    "decode": dict(common.DECODE_DEFAULTS),
     "model": {"hidden": 128, "layers": 3, "dropout": 0.1},
     # CTC spends its first epochs emitting only blanks (WER stuck at 100 %), so the lr
     # schedule and early stopping watch the validation CTC loss, which moves from the start.
     "train": {"epochs": 8, "lr": 0.002, "lr_patience": 1, "early_stop": 3, "monitor": "loss"},
 }
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"data": {"limit": 48}, "model": {"hidden": 16, "layers": 2}, "train": {"epochs": 2}},
+    "tiny": {"data": {"limit": 48}, "model": {"hidden": 16, "layers": 2}, "train": {"epochs": 2}, "decode": {"beam": 0}},
     "demo": {},
     "bench": {"model": {"hidden": 192, "dropout": 0.2}, "train": {"epochs": 30, "early_stop": 5, "min_lr": 1e-5}},
+    # For a GPU and the real WSJ corpus (si284 / dev93 / eval92 as Kaldi data directories of
+    # 80-dim fbank, `--data-dir`); not run here. The paper's abstract gives no sizes: these are
+    # an ASSUMED, typical WSJ character-CTC BLSTM (4 layers x 320 cells per direction, as in
+    # common WSJ CTC recipes), not the paper's numbers. See docs/asr.md.
+    "paper": {
+        "data": {"deltas": False, "stack": 3, "batch_size": 32, "val_speakers": 10,
+                 "spec_augment": {"freq_masks": 2, "freq_width": 27, "time_masks": 2, "time_width": 40}},
+        "model": {"hidden": 320, "layers": 4, "dropout": 0.3},
+        "train": {"epochs": 30, "lr": 0.001, "early_stop": 4, "min_lr": 1e-5},
+        "decode": {"beam": 16},
+    },
 }
 
 
@@ -64,9 +76,10 @@ def block_names(model_cfg: dict[str, Any]) -> list[tuple[str, list[str]]]:
     return [(f"lstm{i + 1}", [f"encoder.{i}"]) for i in range(model_cfg["layers"])] + [("output", ["output"])]
 
 
-def build_model(cfg: dict[str, Any]) -> nn.Module:
+def build_model(cfg: dict[str, Any], inputs: int | None = None, vocab: int = common.VOCAB) -> nn.Module:
+    """The model for ``cfg``; ``inputs``/``vocab`` default to the bundled AN4's (13 cepstra, 28 symbols)."""
     m = cfg["model"]
-    return BLSTMCTC(common.feature_dim(cfg["data"]), m["hidden"], m["layers"], m["dropout"])
+    return BLSTMCTC(inputs or common.feature_dim(cfg["data"]), m["hidden"], m["layers"], m["dropout"], vocab)
 
 
 def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:

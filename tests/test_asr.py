@@ -1,0 +1,333 @@
+"""ASR beyond the bundled AN4: Kaldi data directories (feats.scp, wav.scp), the Transformer's
+blocks, CTC prefix beam search, SpecAugment masking, presets."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import topdown
+from topdown import Blocks, CascadeConfig, TrainConfig
+from topdown.cli import main
+from topdown.tasks import resolve_config, task_module
+from topdown.tasks.asr import common, transformer
+
+from conftest import cli, read_summary
+
+sf = pytest.importorskip("soundfile")
+kaldiio = pytest.importorskip("kaldiio")
+pytest.importorskip("kaldi_native_fbank")
+
+TRAIN = ["YES NO", "NO", "GO", "NO GO", "NO YES", "YES", "GO", "YES GO"]  # a held-out speaker's characters occur elsewhere
+TEST = ["NO", "GO YES"]
+
+
+def tone(seconds: float, rate: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.3 * np.sin(2 * np.pi * (200 + 40 * seed) * t) + 0.05 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+def kaldi_dir(path: Path, texts: list[str], *, rate: int = 8000, flac_every: int = 3, seconds: float = 1.0,
+              speakers: int = 4, first: int = 0) -> Path:
+    """A Kaldi data directory of generated audio (WAV, every third file FLAC), text and utt2spk."""
+    (path / "audio").mkdir(parents=True, exist_ok=True)
+    text, scp, spk = [], [], []
+    for i, words in enumerate(texts, first):
+        uid = f"s{i % speakers}-u{i:03d}"
+        audio = path / "audio" / f"{uid}.{'flac' if i % flac_every == 2 else 'wav'}"
+        sf.write(str(audio), tone(seconds, rate, i), rate)
+        text.append(f"{uid} {words}")
+        scp.append(f"{uid} {audio}")
+        spk.append(f"{uid} s{i % speakers}")
+    (path / "text").write_text("\n".join(text) + "\n")
+    (path / "wav.scp").write_text("\n".join(scp) + "\n")
+    (path / "utt2spk").write_text("\n".join(spk) + "\n")
+    return path
+
+
+def kaldi_root(root: Path, dev: bool = True, **kw) -> Path:
+    kaldi_dir(root / "train", TRAIN, **kw)
+    if dev:
+        kaldi_dir(root / "dev", TRAIN[:3], first=100, **kw)
+    kaldi_dir(root / "test", TEST, first=200, **kw)
+    return root
+
+
+TINY_T = ["asr-transformer", "--preset", "tiny", "--set", "data.fbank.num_mel_bins=23", "--set", "decode.beam=2"]
+
+
+def run_main(capsys, *args) -> tuple[int, str]:
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def one_line_error(code: int, err: str, pattern: str) -> None:
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert lines and lines[-1].startswith("topdown: error:"), err[-2000:]
+    assert re.search(pattern, lines[-1]), lines[-1]
+
+
+# -- Kaldi data directories ------------------------------------------------------------------
+
+
+def test_wav_scp_directory_trains_and_stores_vocab_and_statistics(tmp_path, capsys):
+    data = kaldi_root(tmp_path / "data")
+    run = tmp_path / "r"
+    code, err = run_main(capsys, "baseline", *TINY_T, "--set", "train.epochs=1", "--data-dir", str(data), "--out", str(run))
+    assert code == 0, err
+    summary = read_summary(run)
+    info = summary["task_info"]
+    assert info["vocab"] == ["<blank>", " ", "E", "G", "N", "O", "S", "Y"]
+    assert info["features"]["source"] == "wav.scp" and info["features"]["sample_rate"] == 8000
+    assert info["features"]["raw_dim"] == 23 and len(info["cmvn"]["mean"]) == len(info["cmvn"]["std"]) == 69
+    assert info["utterances"] == {"train": 8, "val": 3, "test": 2}  # dev/ is the validation set
+    assert {"wer", "cer", "wer_beam", "cer_beam", "loss"} == set(summary["test"])
+    # the statistics are those of the training features only, and travel with the checkpoint
+    meta = __import__("safetensors").safe_open(str(run / "checkpoints" / "best.safetensors"), "pt").metadata()
+    assert '"cmvn"' in meta["task_info"] and '"vocab"' in meta["task_info"]
+    assert load_file(str(run / "checkpoints" / "best.safetensors"))["output.weight"].shape[0] == 8
+
+
+def test_feats_scp_directory_without_dev_holds_out_speakers(tmp_path, capsys):
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for split, texts in (("train", TRAIN), ("test", TEST)):
+        d = root / split
+        d.mkdir(parents=True)
+        mats = {f"s{i % 4}-u{i}": rng.standard_normal((60 + 3 * i, 20)).astype(np.float32) for i in range(len(texts))}
+        kaldiio.save_ark(str(d / "feats.ark"), mats, scp=str(d / "feats.scp"))
+        (d / "text").write_text("".join(f"{u} {t}\n" for u, t in zip(mats, texts)))
+        (d / "utt2spk").write_text("".join(f"{u} {u.split('-')[0]}\n" for u in mats))
+    run = tmp_path / "r"
+    code, err = run_main(capsys, "baseline", "asr-rnn", "--preset", "tiny", "--set", "data.val_speakers=1",
+                         "--data-dir", str(root), "--out", str(run))
+    assert code == 0, err
+    info = read_summary(run)["task_info"]
+    assert info["features"]["source"] == "feats.scp" and info["features"]["dim"] == 20 * 3 * 4
+    assert info["utterances"] == {"train": 6, "val": 2, "test": 2}  # one of 4 speakers (2 utterances) held out
+
+
+def damage(root: Path, kind: str) -> str:
+    """Break the data directory at ``root`` in one way; returns the expected error pattern."""
+    train = root / "train"
+    if kind == "malformed":
+        (train / "wav.scp").write_text((train / "wav.scp").read_text() + "lonely-id\n")
+        return r"wav\.scp:9: expected '<utterance-id> <value>'"
+    if kind == "missing audio":
+        next((train / "audio").glob("*.wav")).unlink()
+        return r"audio file .*\.wav not found"
+    if kind == "empty text":
+        (train / "text").write_text("")
+        return r"text: file is empty"
+    if kind == "empty transcript":
+        lines = (train / "text").read_text().splitlines()
+        (train / "text").write_text("\n".join([lines[0].split()[0], *lines[1:]]) + "\n")
+        return r"has an empty transcript"
+    if kind == "rate mismatch":
+        wav = sorted((train / "audio").glob("*.wav"))[1]
+        sf.write(str(wav), tone(1.0, 16000, 1), 16000)
+        return r"sample rate 16000 Hz differs from 8000 Hz"
+    if kind == "unseen character":
+        (root / "test" / "text").write_text((root / "test" / "text").read_text().replace("GO YES", "GO YES!"))
+        return r"character '!' does not occur in the training transcripts"
+    if kind == "corrupt audio":
+        next((train / "audio").glob("*.flac")).write_bytes(b"not audio at all")
+        return r"cannot read audio file"
+    if kind == "piped":
+        (train / "wav.scp").write_text((train / "wav.scp").read_text().replace(".wav\n", ".wav |\n", 1))
+        return r"only plain audio file paths"
+    if kind == "no text for audio":
+        lines = (train / "text").read_text().splitlines()
+        (train / "text").write_text("\n".join(lines[1:]) + "\n")
+        return r"no transcript for 1 utterance"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["malformed", "missing audio", "empty text", "empty transcript", "rate mismatch",
+                                  "unseen character", "corrupt audio", "piped", "no text for audio"])
+def test_bad_kaldi_data_is_a_one_line_error(tmp_path, capsys, kind):
+    data = kaldi_root(tmp_path / "data", dev=False, seconds=0.3)
+    pattern = damage(data, kind)
+    run = tmp_path / "r"
+    one_line_error(*run_main(capsys, "baseline", *TINY_T, "--set", "data.val_speakers=1", "--data-dir", str(data), "--out", str(run)), pattern)
+    assert not run.exists()
+
+
+def test_unseen_characters_map_to_unk_when_configured_and_the_cli_exits_nonzero_otherwise(tmp_path, capsys):
+    data = kaldi_root(tmp_path / "data", seconds=0.6)
+    damage(data, "unseen character")
+    proc = cli("baseline", *TINY_T, "--data-dir", str(data), "--out", str(tmp_path / "bad"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("topdown: error: utterance s1-u201 (test): character '!'")
+    run = tmp_path / "r"
+    code, err = run_main(capsys, "baseline", *TINY_T, "--set", "train.epochs=1", "--set", "data.unk=<unk>",
+                         "--data-dir", str(data), "--out", str(run))
+    assert code == 0, err
+    assert read_summary(run)["task_info"]["vocab"][-1] == "<unk>"
+
+
+def test_vocab_encode_decode():
+    vocab = common.Vocab.from_texts(["AB", "B C"], unk="?")
+    assert vocab.symbols == ["<blank>", " ", "A", "B", "C", "?"]
+    assert vocab.encode("CAB", "x").tolist() == [4, 2, 3]
+    assert vocab.encode("AZ", "x").tolist() == [2, 5]
+    assert vocab.decode([0, 2, 0, 3, 1, 4]) == "AB C"
+    with pytest.raises(topdown.DataError, match="character 'Z'"):
+        common.Vocab.from_texts(["AB"]).encode("AZ", "utt")
+
+
+# -- the Transformer's blocks ------------------------------------------------------------------
+
+
+def tiny_transformer_task(limit: int = 24) -> topdown.Task:
+    cfg = resolve_config("asr-transformer", "tiny", {"data": {"limit": limit}})
+    return transformer.make(cfg)
+
+
+def test_transformer_blocks_cover_the_model_and_match_the_subsampling():
+    cfg = resolve_config("asr-transformer", "tiny", {})
+    model = transformer.build_model(cfg, inputs=39, vocab=28)
+    blocks = Blocks(model, transformer.block_names(cfg["model"]))
+    assert blocks.names == ["frontend", "layer1", "layer2", "output"]
+    assert blocks.parameter_names()["output"] == ["norm.weight", "norm.bias", "output.weight", "output.bias"]
+    feats, lengths = torch.randn(3, 41, 39), torch.tensor([41, 30, 7])
+    logits, out = model(feats, lengths)
+    assert logits.shape == (3, transformer.out_length(41), 28)
+    assert out.tolist() == [transformer.out_length(n) for n in (41, 30, 7)] == [9, 6, 1]
+
+
+def test_frozen_transformer_blocks_are_bit_identical_and_deterministic(tmp_path):
+    task = tiny_transformer_task()
+    model = task.build_model()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.5  # make dropout matter
+        if isinstance(m, torch.nn.MultiheadAttention):
+            m.dropout = 0.5
+    blocks = Blocks(model, task.blocks)
+    frozen = ["layer2", "output"]
+    blocks.freeze(frozen)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    model.train()
+    for batch in itertools.islice(task.train_batches(torch.Generator().manual_seed(0), 1.0), 2):
+        loss = task.loss(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = model.state_dict()
+    for key in blocks.state_keys(frozen):
+        assert torch.equal(before[key], after[key]), key
+        assert model.get_parameter(key).grad is None
+    assert not torch.equal(before["frontend.proj.weight"], after["frontend.proj.weight"])
+    # frozen blocks run in eval mode (LayerNorm has no running statistics; dropout is off) ...
+    assert not any(m.training for m in model.encoder[1].modules()) and not model.norm.training
+    assert model.encoder[0].training
+    x = torch.randn(2, 5, 32)
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    assert torch.equal(model.encoder[1](x, pad), model.encoder[1](x, pad))
+    assert not torch.equal(model.encoder[0](x, pad), model.encoder[0](x, pad))
+    # ... unless dropout in frozen blocks is asked for
+    blocks.freeze(frozen, frozen_dropout=True)
+    model.train()
+    assert not torch.equal(model.encoder[1](x, pad), model.encoder[1](x, pad))
+
+
+def test_transformer_cascade_keeps_the_classifier_and_reinitialises_the_feature_extractor(tmp_path):
+    task = tiny_transformer_task()
+    run = tmp_path / "run"
+    topdown.cascade(task, run, train=TrainConfig(epochs=1, lr=0.001), cascade=CascadeConfig(splits=[2]), seed=0)
+    s0, s1 = (load_file(str(run / "checkpoints" / f"stage-{i}.safetensors")) for i in (0, 1))
+    blocks = Blocks(task.build_model(), task.blocks)
+    for key in blocks.state_keys(["layer2", "output"]):
+        assert torch.equal(s0[key], s1[key]), key
+    for key in blocks.state_keys(["frontend", "layer1"]):
+        if key.endswith("weight") and "norm" not in key:
+            assert not torch.equal(s0[key], s1[key]), key
+
+
+def test_paper_presets_build():
+    for name, params in (("asr-transformer", 20e6), ("asr-rnn", 8e6)):
+        cfg = resolve_config(name, "paper", {})
+        module = task_module(name)
+        model = module.build_model(cfg, inputs=80 * (3 if cfg["data"]["deltas"] else 1) * cfg["data"]["stack"], vocab=40)
+        n = sum(p.numel() for p in model.parameters())
+        assert 0.5 * params < n < 2 * params, (name, n)
+
+
+# -- decoding --------------------------------------------------------------------------------
+
+
+def peaked(frames: int, symbols: int, seed: int) -> np.ndarray:
+    g = torch.Generator().manual_seed(seed)
+    return (20 * torch.randn(frames, symbols, generator=g)).log_softmax(-1).numpy()
+
+
+def test_beam_one_equals_greedy_on_peaked_posteriors():
+    """Prefix beam search with one hypothesis keeps the best prefix, not the best path, so
+    it can differ from greedy decoding when a frame's probability mass is spread (see the
+    next test); on confident posteriors, like a trained model's, the two agree."""
+    vocab = common.Vocab(list(" ABCDEFG"))
+    for seed in range(50):
+        lp = torch.from_numpy(peaked(30, len(vocab), seed))
+        greedy = common.greedy_decode(lp[None], torch.tensor([30]), vocab)
+        assert common.beam_decode(lp[None], torch.tensor([30]), vocab, beam=1) == greedy, seed
+
+
+def test_beam_search_merges_paths_that_greedy_cannot():
+    lp = np.log(np.array([[0.6, 0.4], [0.6, 0.4]]))  # paths "a a", "a _", "_ a" all give "a": 0.64 > 0.36
+    assert common.prefix_beam_search(lp, beam=1) == []
+    assert common.prefix_beam_search(lp, beam=2) == [1]
+
+
+def test_wide_beam_finds_the_most_probable_labelling():
+    """With a beam wide enough to keep everything, the result is the exact arg-max over labellings."""
+    for seed in range(5):
+        lp = torch.randn(4, 3, generator=torch.Generator().manual_seed(seed)).log_softmax(-1).numpy()
+        scores: dict[tuple, float] = {}
+        for path in itertools.product(range(3), repeat=4):
+            label = tuple(s for s, _ in itertools.groupby(path) if s != 0)
+            scores[label] = scores.get(label, 0.0) + math.exp(sum(lp[t, s] for t, s in enumerate(path)))
+        best = max(scores, key=scores.get)
+        assert tuple(common.prefix_beam_search(lp, beam=100, prune=math.inf)) == best
+
+
+def test_spec_augment_masks_within_lengths_and_is_seeded():
+    feats, lengths = torch.ones(2, 50, 10), torch.tensor([50, 20])
+    cfg = {"freq_masks": 2, "freq_width": 3, "time_masks": 2, "time_width": 10}
+    torch.manual_seed(0)
+    a = common.spec_augment(feats, lengths, cfg)
+    torch.manual_seed(0)
+    assert torch.equal(a, common.spec_augment(feats, lengths, cfg))
+    assert (a == 0).any() and torch.equal(feats, torch.ones(2, 50, 10))
+    assert common.spec_augment(feats, lengths, {**cfg, "freq_masks": 0, "time_masks": 0}) is feats
+
+
+def test_readme_worked_example_runs(tmp_path, monkeypatch, capsys):
+    """The README's worked example (a Kaldi corpus of generated audio) is real code and a real command."""
+    import shlex
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    doc = (ROOT / "README.md").read_text()
+    example = doc.split("### Worked example", 1)[1]
+    code = re.findall(r"```python\n(.*?)```", example, re.S)[0]
+    command = re.findall(r"```\n(topdown .*?)\n```", example, re.S)[0]
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, capture_output=True)
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(capsys, *shlex.split(command)[1:])
+    assert code == 0, err[-2000:]
+    info = read_summary(tmp_path / "runs" / "my-corpus")["task_info"]
+    assert info["vocab"] == ["<blank>", " ", "E", "N", "O", "S", "Y"]
+    assert len(info["cmvn"]["mean"]) == 80 and info["features"]["sample_rate"] == 16000

@@ -1,0 +1,216 @@
+"""Kaldi-style data directories: ``text``, ``feats.scp`` or ``wav.scp``, ``utt2spk``.
+
+A corpus root holds ``train/``, ``test/`` and optionally ``dev/``, each a Kaldi data
+directory:
+
+* ``text`` (required): ``<utterance-id> <transcript>`` per line;
+* ``feats.scp``: ``<utterance-id> <rxspecifier>`` (e.g. ``feats.ark:1234``), read with
+  kaldiio; or else ``wav.scp``: ``<utterance-id> <path>`` to a WAV/FLAC file (plain paths
+  only, no piped commands), read with soundfile and turned into log-mel filterbank
+  features with kaldi-native-fbank (Kaldi's ``compute-fbank``, reimplemented);
+* ``utt2spk`` (optional): ``<utterance-id> <speaker>``; without it each utterance is its
+  own speaker (Kaldi's convention).
+
+Every problem is a one-line :class:`~topdown.errors.DataError` naming the file and line.
+The audio libraries are imported only when a directory needs them (the ``asr`` extra).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from topdown.errors import DataError
+
+from .an4 import Utterance
+
+SPLITS = ("train", "dev", "test")
+FBANK_DEFAULTS: dict[str, Any] = {
+    "num_mel_bins": 80,
+    "frame_length_ms": 25.0,
+    "frame_shift_ms": 10.0,
+    "low_freq": 20.0,
+    "high_freq": 0.0,  # 0 = Nyquist; negative = Nyquist minus this
+    "dither": 0.0,  # Kaldi's default is 1.0; 0 keeps features deterministic
+    "preemph_coeff": 0.97,
+    "window_type": "povey",
+    "snip_edges": True,
+}
+
+
+def read_table(path: Path, *, allow_empty_value: bool = False) -> dict[str, str]:
+    """``<key> <value...>`` lines into an ordered dict; blank lines are skipped."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    table: dict[str, str] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        key, *rest = line.split(maxsplit=1)  # a space or a tab separates the key
+        value = " ".join(rest[0].split()) if rest else ""
+        if not value and not allow_empty_value:
+            raise DataError(f"{path}:{number}: expected '<utterance-id> <value>', got {line.strip()!r}")
+        if key in table:
+            raise DataError(f"{path}:{number}: utterance {key!r} appears twice")
+        table[key] = value
+    if not table:
+        raise DataError(f"{path}: file is empty")
+    return table
+
+
+def read_text(path: Path) -> dict[str, str]:
+    """Transcripts; an utterance with no words is an error (CTC needs a target)."""
+    table = read_table(path, allow_empty_value=True)
+    for uid, text in table.items():
+        if not text:
+            raise DataError(f"{path}: utterance {uid!r} has an empty transcript")
+    return table
+
+
+def fbank(wave: np.ndarray, rate: int, cfg: dict[str, Any]) -> np.ndarray:
+    """Kaldi-compatible log-mel filterbank features (frames, num_mel_bins) of a mono waveform.
+
+    ``wave`` is float in [-1, 1]; it is scaled to the 16-bit integer range first, as Kaldi
+    reads WAV samples, so that the energy floor means what it means in Kaldi.
+    """
+    import kaldi_native_fbank as knf
+
+    opts = knf.FbankOptions()
+    opts.frame_opts.samp_freq = float(rate)
+    opts.frame_opts.frame_length_ms = float(cfg["frame_length_ms"])
+    opts.frame_opts.frame_shift_ms = float(cfg["frame_shift_ms"])
+    opts.frame_opts.dither = float(cfg["dither"])
+    opts.frame_opts.preemph_coeff = float(cfg["preemph_coeff"])
+    opts.frame_opts.window_type = str(cfg["window_type"])
+    opts.frame_opts.snip_edges = bool(cfg["snip_edges"])
+    opts.mel_opts.num_bins = int(cfg["num_mel_bins"])
+    opts.mel_opts.low_freq = float(cfg["low_freq"])
+    opts.mel_opts.high_freq = float(cfg["high_freq"])
+    computer = knf.OnlineFbank(opts)
+    computer.accept_waveform(float(rate), (wave * 32768.0).astype(np.float32))
+    computer.input_finished()
+    n = computer.num_frames_ready
+    if n == 0:
+        return np.zeros((0, int(cfg["num_mel_bins"])), np.float32)
+    return np.stack([np.asarray(computer.get_frame(i), dtype=np.float32) for i in range(n)])
+
+
+def read_audio(path: Path, where: str) -> tuple[np.ndarray, int]:
+    """A mono float32 waveform and its sample rate (multi-channel audio: the first channel)."""
+    import soundfile as sf
+
+    if not path.is_file():
+        raise DataError(f"{where}: audio file {path} not found")
+    try:
+        wave, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises its own LibsndfileError, RuntimeError, ...
+        raise DataError(f"{where}: cannot read audio file {path} ({' '.join(str(e).split())})") from None
+    if len(wave) == 0:
+        raise DataError(f"{where}: audio file {path} holds no samples")
+    return wave[:, 0], int(rate)
+
+
+def _check_same_keys(text: dict[str, str], other: dict[str, str], text_path: Path, other_path: Path) -> None:
+    missing = [u for u in text if u not in other]
+    if missing:
+        raise DataError(f"{other_path}: no entry for {len(missing)} utterance(s) of {text_path.name} (first: {missing[0]!r})")
+    extra = [u for u in other if u not in text]
+    if extra:
+        raise DataError(f"{text_path}: no transcript for {len(extra)} utterance(s) of {other_path.name} (first: {extra[0]!r})")
+
+
+def load_dir(path: Path, fbank_cfg: dict[str, Any]) -> tuple[list[Utterance], dict[str, Any]]:
+    """One Kaldi data directory -> utterances (features (frames, dims) float32) and facts about it
+    (``source``: feats or wav; ``sample_rate`` for audio)."""
+    if not path.is_dir():
+        raise DataError(f"{path}: data directory not found")
+    text_path = path / "text"
+    text = read_text(text_path)
+    spk_path = path / "utt2spk"
+    speakers = read_table(spk_path) if spk_path.is_file() else {u: u for u in text}
+    if spk_path.is_file():
+        _check_same_keys(text, speakers, text_path, spk_path)
+    feats_path, wav_path = path / "feats.scp", path / "wav.scp"
+    utts: list[Utterance] = []
+    facts: dict[str, Any] = {}
+    if feats_path.is_file():
+        import kaldiio
+
+        scp = read_table(feats_path)
+        _check_same_keys(text, scp, text_path, feats_path)
+        facts["source"] = "feats.scp"
+        for uid in text:
+            where = f"{feats_path}: utterance {uid!r}"
+            try:
+                mat = kaldiio.load_mat(scp[uid])
+            except FileNotFoundError as e:
+                raise DataError(f"{where}: {e.filename or scp[uid]} not found") from None
+            except Exception as e:  # kaldiio raises ValueError, OSError, ... on corrupt archives
+                raise DataError(f"{where}: cannot read {scp[uid]!r} ({type(e).__name__}: {' '.join(str(e).split())})") from None
+            mat = np.asarray(mat)
+            if mat.ndim != 2 or mat.shape[0] == 0:
+                raise DataError(f"{where}: expected a non-empty (frames, dims) matrix, got shape {mat.shape}")
+            utts.append(Utterance(uid, speakers[uid], _finite(mat.astype(np.float32), where), text[uid]))
+    elif wav_path.is_file():
+        scp = read_table(wav_path)
+        _check_same_keys(text, scp, text_path, wav_path)
+        facts["source"] = "wav.scp"
+        rate0 = first = None
+        for number, uid in enumerate(text, 1):
+            spec = scp[uid]
+            where = f"{wav_path}: utterance {uid!r}"
+            if spec.endswith("|") or " " in spec:
+                raise DataError(f"{where}: only plain audio file paths are supported, got {spec!r} (convert piped commands to files first)")
+            audio = Path(spec)
+            if not audio.is_absolute() and not audio.exists() and (path / spec).exists():
+                audio = path / spec  # Kaldi resolves relative paths from the current directory; we also try the data directory
+            wave, rate = read_audio(audio, where)
+            if rate0 is None:
+                rate0, first = rate, uid
+            elif rate != rate0:
+                raise DataError(f"{where}: sample rate {rate} Hz differs from {rate0} Hz of {first!r}; resample the directory to one rate")
+            feats = fbank(wave, rate, fbank_cfg)
+            if len(feats) == 0:
+                raise DataError(f"{where}: audio is shorter than one {fbank_cfg['frame_length_ms']} ms frame")
+            utts.append(Utterance(uid, speakers[uid], _finite(feats, where), text[uid]))
+        facts["sample_rate"] = rate0
+    else:
+        raise DataError(f"{path}: neither feats.scp nor wav.scp found")
+    dims = {u.feats.shape[1] for u in utts}
+    if len(dims) > 1:
+        raise DataError(f"{path}: utterances have different feature dimensions {sorted(dims)}")
+    return utts, facts
+
+
+def _finite(x: np.ndarray, where: str) -> np.ndarray:
+    if not np.isfinite(x).all():
+        raise DataError(f"{where}: features contain non-finite values (NaN or inf)")
+    return x
+
+
+def load_root(root: Path, fbank_cfg: dict[str, Any]) -> tuple[dict[str, list[Utterance]], dict[str, Any]]:
+    """``ROOT/{train,dev,test}`` -> {"train", "dev" (if present), "test"} and facts (source, sample rate)."""
+    corpus: dict[str, list[Utterance]] = {}
+    facts: dict[str, Any] = {}
+    for split in SPLITS:
+        if split == "dev" and not (root / split).is_dir():
+            continue
+        if not (root / split).is_dir():
+            raise DataError(f"{root}: no {split}/ data directory (expected {root}/train, {root}/test and optionally {root}/dev)")
+        corpus[split], facts[split] = load_dir(root / split, fbank_cfg)
+    sources = {f["source"] for f in facts.values()}
+    if len(sources) > 1:
+        raise DataError(f"{root}: data directories mix feats.scp and wav.scp")
+    rates = {s: f["sample_rate"] for s, f in facts.items() if "sample_rate" in f}
+    if len(set(rates.values())) > 1:
+        raise DataError(f"{root}: sample rates differ between data directories ({', '.join(f'{s} {r} Hz' for s, r in rates.items())})")
+    dims = {s: u[0].feats.shape[1] for s, u in corpus.items()}
+    if len(set(dims.values())) > 1:
+        raise DataError(f"{root}: feature dimensions differ between data directories ({dims})")
+    return corpus, {"source": sources.pop(), **({"sample_rate": next(iter(rates.values()))} if rates else {})}

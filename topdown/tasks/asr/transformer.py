@@ -1,0 +1,161 @@
+"""``asr-transformer``: character CTC ASR on AN4 with a Transformer encoder (the paper's Switchboard self-attention model, at CPU scale).
+
+Blocks, input to output: ``frontend`` (two stride-2 3x3 convolutions that subsample time
+by 4, a linear projection to the model width, sinusoidal positions), ``layer1`` ..
+``layerN`` (one pre-LayerNorm self-attention encoder layer each: multi-head attention and
+a feed-forward network, each in a residual branch with dropout) and ``output`` (the final
+LayerNorm and the linear CTC layer over blank and the characters).
+
+The recipe: Adam with a linear learning-rate warm-up (``train.warmup_steps``, restarted in
+every stage since each stage builds a fresh optimizer), then the loop's plateau decay;
+dropout in attention, residual and feed-forward branches; SpecAugment-style masking of the
+training features (``data.spec_augment``). No label smoothing: it is not standard for CTC.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...config import TrainConfig
+from ...task import Task
+from . import common
+
+# The learning-rate warm-up lives in the core loop (TrainConfig.warmup_steps); an older
+# core without it trains without warm-up rather than failing on an unknown config key.
+_HAS_WARMUP = "warmup_steps" in TrainConfig.__dataclass_fields__
+
+
+def _warmup(steps: int) -> dict[str, int]:
+    return {"warmup_steps": steps} if _HAS_WARMUP else {}
+
+
+DEFAULTS: dict[str, Any] = {
+    # AN4: 13 cepstra + deltas + delta-deltas at 100 frames/s; the convolutional front end
+    # does the subsampling (to 25 frames/s), so no frame stacking.
+    "data": {**common.data_defaults(), "stack": 1, "batch_size": 8,
+             "spec_augment": {"freq_masks": 2, "freq_width": 5, "time_masks": 2, "time_width": 20}},
+    "decode": dict(common.DECODE_DEFAULTS),
+    "model": {"d_model": 144, "heads": 4, "ff": 576, "layers": 4, "channels": 64, "dropout": 0.1},
+    # As for asr-rnn: CTC emits only blanks for a while, so the schedule watches the
+    # validation CTC loss. Warm-up over ~1.6 epochs (93 batches of 8 per epoch on AN4).
+    "train": {"epochs": 40, "lr": 0.002, "lr_patience": 2, "early_stop": 5, "monitor": "loss", "min_lr": 1e-5, **_warmup(150)},
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "data": {"limit": 48, "spec_augment": {"freq_masks": 0, "time_masks": 0}},
+        "model": {"d_model": 32, "heads": 2, "ff": 64, "layers": 2, "channels": 8},
+        "train": {"epochs": 2, **_warmup(2)},
+        "decode": {"beam": 0},
+    },
+    # demo: baseline and two cascade stages (classifier = output; = layer3, layer4, output).
+    "demo": {"train": {"epochs": 12}, "cascade": {"splits": [5, 3]}},
+    # bench: sized for ~50 minutes on one CPU thread (~20 s per epoch): a 25-epoch
+    # baseline, then three 15-epoch stages growing the classifier from the top.
+    "bench": {"train": {"epochs": 25}, "cascade": {"splits": [5, 3, 1], "epochs": 15}},
+    # For a GPU and the real Switchboard corpus (300 h, Kaldi data directories of 80-dim
+    # fbank, `--data-dir`); not run here. The paper's abstract gives no sizes: these are
+    # ASSUMED, the common ESPnet-style Switchboard Transformer encoder (12 layers, width
+    # 256, 4 heads, feed-forward 2048, conv2d subsampling by 4, 25k warm-up steps), with a
+    # CTC output instead of an attention decoder. See docs/asr.md.
+    "paper": {
+        "data": {"deltas": False, "batch_size": 32, "val_speakers": 10,
+                 "spec_augment": {"freq_masks": 2, "freq_width": 30, "time_masks": 2, "time_width": 40}},
+        "model": {"d_model": 256, "heads": 4, "ff": 2048, "layers": 12, "channels": 256, "dropout": 0.1},
+        "train": {"epochs": 100, "lr": 0.001, "early_stop": 5, "lr_patience": 2, "clip": 5.0, **_warmup(25000)},
+        "decode": {"beam": 16},
+    },
+}
+
+
+def out_length(n: int | torch.Tensor) -> Any:
+    """Frames after the front end's two unpadded stride-2 3x3 convolutions."""
+    first = (n - 1) // 2
+    return (first - 1) // 2
+
+
+def positions(length: int, width: int, device: torch.device) -> torch.Tensor:
+    """Sinusoidal position encodings (length, width) (Vaswani et al., 2017)."""
+    pos = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(1)
+    freq = torch.exp(torch.arange(0, width, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / width))
+    pe = torch.zeros(length, width, device=device)
+    pe[:, 0::2] = torch.sin(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq[: width // 2])
+    return pe
+
+
+class ConvSubsampling(nn.Module):
+    """(B, T, D) features -> (B, T', d_model), T' = out_length(T): two 3x3 stride-2 conv + ReLU."""
+
+    def __init__(self, inputs: int, d_model: int, channels: int, dropout: float):
+        super().__init__()
+        freq = out_length(inputs)
+        if freq < 1:
+            raise ValueError(f"the convolutional front end needs at least 7 feature dimensions, got {inputs}")
+        self.conv = nn.Sequential(nn.Conv2d(1, channels, 3, 2), nn.ReLU(), nn.Conv2d(channels, channels, 3, 2), nn.ReLU())
+        self.proj = nn.Linear(channels * freq, d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.scale = math.sqrt(d_model)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.conv(x.unsqueeze(1))  # (B, C, T', F')
+        b, c, t, f = x.shape
+        x = self.proj(x.transpose(1, 2).reshape(b, t, c * f))
+        x = x * self.scale + positions(t, x.shape[2], x.device).to(x.dtype)
+        return self.dropout(x), out_length(lengths).clamp(min=1)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LayerNorm Transformer encoder layer: x + MHA(LN(x)), then x + FFN(LN(x))."""
+
+    def __init__(self, d_model: int, heads: int, ff: int, dropout: float):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(d_model)
+        self.attn = nn.MultiheadAttention(d_model, heads, dropout=dropout, batch_first=True)
+        self.ff_norm = nn.LayerNorm(d_model)
+        self.ff = nn.Sequential(nn.Linear(d_model, ff), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ff, d_model))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        h = self.attn_norm(x)
+        h, _ = self.attn(h, h, h, key_padding_mask=padding, need_weights=False)
+        x = x + self.dropout(h)
+        return x + self.dropout(self.ff(self.ff_norm(x)))
+
+
+class TransformerCTC(nn.Module):
+    def __init__(self, inputs: int, d_model: int, heads: int, ff: int, layers: int, channels: int, dropout: float,
+                 vocab: int = common.VOCAB):
+        super().__init__()
+        if d_model % heads:
+            raise ValueError(f"model.d_model={d_model} is not divisible by model.heads={heads}")
+        self.frontend = ConvSubsampling(inputs, d_model, channels, dropout)
+        self.encoder = nn.ModuleList(EncoderLayer(d_model, heads, ff, dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.output = nn.Linear(d_model, vocab)
+
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, out_lengths = self.frontend(feats, lengths)
+        padding = torch.arange(x.shape[1], device=x.device)[None, :] >= out_lengths.to(x.device)[:, None]
+        for layer in self.encoder:
+            x = layer(x, padding)
+        return self.output(self.norm(x)), out_lengths
+
+
+def block_names(model_cfg: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    return ([("frontend", ["frontend"])] + [(f"layer{i + 1}", [f"encoder.{i}"]) for i in range(model_cfg["layers"])]
+            + [("output", ["norm", "output"])])
+
+
+def build_model(cfg: dict[str, Any], inputs: int | None = None, vocab: int = common.VOCAB) -> nn.Module:
+    """The model for ``cfg``; ``inputs``/``vocab`` default to the bundled AN4's (13 cepstra, 28 symbols)."""
+    m = cfg["model"]
+    return TransformerCTC(inputs or common.feature_dim(cfg["data"]), m["d_model"], m["heads"], m["ff"], m["layers"],
+                          m["channels"], m["dropout"], vocab)
+
+
+def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
+    return common.make_task("asr-transformer", cfg, data_dir, build_model, block_names, out_length)
