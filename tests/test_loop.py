@@ -46,6 +46,19 @@ def test_plateau_decay_and_early_stop(monkeypatch):
     assert result.epochs == 4 and result.val["error"] == 0.5  # stopped 3 epochs after the best; best restored
 
 
+def test_bf16_autocast_trains(monkeypatch):
+    """train.amp=bf16 runs the training forward under autocast (here on CPU; on CUDA the same)."""
+    task = toy_task()
+    dtypes = []
+    loss = task.loss
+    task.loss = lambda model, batch: (dtypes.append(model.out(torch.zeros(1, 16)).dtype), loss(model, batch))[1]
+    torch.manual_seed(0)
+    result = fit(task.build_model(), task, TrainConfig(epochs=1, lr=0.01, amp="bf16"), seed=0)
+    assert set(dtypes) == {torch.bfloat16} and 0 <= result.val["error"] <= 1
+    with pytest.raises(ConfigError, match="train.amp"):
+        fit(task.build_model(), task, TrainConfig(amp="fp8"), seed=0)
+
+
 def test_bad_schedule_values_are_errors():
     task = toy_task()
     with pytest.raises(ConfigError, match="warmup_steps"):

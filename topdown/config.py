@@ -39,6 +39,7 @@ class TrainConfig:
     restore_best: bool = True  # end the stage with its best-on-validation epoch's weights
     monitor: str = ""  # validation metric for the best epoch, lr decay and early stopping; "" = the task's metric
     nonmono: int = 5  # ntasgd: start averaging once validation is worse than the best of all epochs but the last `nonmono`
+    amp: str = ""  # "bf16": mixed precision (autocast) for the training forward pass; "" = full precision
     warmup_steps: int = 0  # > 0: the lr ramps linearly from lr/warmup_steps to lr over this many batches (per stage)
 
 

@@ -131,6 +131,8 @@ def fit(
     the epoch whose weights the model ends with. Resumes from ``resume_path`` if it exists."""
     if cfg.epochs < 1:
         raise ConfigError(f"{desc}: train.epochs must be at least 1, got {cfg.epochs}")
+    if cfg.amp not in ("", "bf16"):
+        raise ConfigError(f"{desc}: train.amp must be '' (off) or 'bf16', got {cfg.amp!r}")
     if cfg.warmup_steps < 0:
         raise ConfigError(f"{desc}: train.warmup_steps must be >= 0, got {cfg.warmup_steps}")
     device = device or next(model.parameters()).device
@@ -165,7 +167,8 @@ def fit(
         total, count = 0.0, 0
         bar = tqdm(task.train_batches(generator, subset), desc=f"{desc} epoch {state.epoch + 1}", leave=False, unit="batch", disable=None)
         for batch in bar:
-            loss = task.loss(model, move_to(batch, device))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+                loss = task.loss(model, move_to(batch, device))
             if not torch.isfinite(loss):
                 raise TrainingError(f"{desc}: loss is {loss.item()} at epoch {state.epoch + 1} (lr {state.lr:g}); the stage failed")
             opt.zero_grad(set_to_none=True)

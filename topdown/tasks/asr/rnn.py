@@ -34,7 +34,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"deltas": False, "stack": 3, "batch_size": 32, "val_speakers": 10,
                  "spec_augment": {"freq_masks": 2, "freq_width": 27, "time_masks": 2, "time_width": 40}},
         "model": {"hidden": 320, "layers": 4, "dropout": 0.3},
-        "train": {"epochs": 30, "lr": 0.001, "early_stop": 4, "min_lr": 1e-5},
+        "train": {"epochs": 30, "lr": 0.001, "early_stop": 4, "min_lr": 1e-5, "amp": "bf16"},
         "decode": {"beam": 16},
     },
 }

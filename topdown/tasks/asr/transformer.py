@@ -65,7 +65,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"deltas": False, "batch_size": 32, "val_speakers": 10,
                  "spec_augment": {"freq_masks": 2, "freq_width": 30, "time_masks": 2, "time_width": 40}},
         "model": {"d_model": 256, "heads": 4, "ff": 2048, "layers": 12, "channels": 256, "dropout": 0.1},
-        "train": {"epochs": 100, "lr": 0.001, "early_stop": 5, "lr_patience": 2, "clip": 5.0, **_warmup(25000)},
+        "train": {"epochs": 100, "lr": 0.001, "early_stop": 5, "lr_patience": 2, "clip": 5.0, "amp": "bf16", **_warmup(25000)},
         "decode": {"beam": 16},
     },
 }
