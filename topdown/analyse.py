@@ -38,6 +38,8 @@ def run_analyse(
     ckpt = str(out / "runs" / "baseline" / "checkpoints" / "best.safetensors")
     rows = []
     for k in range(1, len(base["blocks"])):
+        if not any(base["blocks"][b] for b in list(base["blocks"])[:k]):
+            continue  # the feature extractor owns no parameter (e.g. lm-awd's embedding with tie=classifier)
         rc = run_or_resume("retrain-classifier", task, out / "runs" / f"retrain-classifier-k{k}",
                            config=merge(config, {"procedure": {"split": k}}), from_checkpoint=ckpt, **common)
         rfe = run_or_resume("cascade", task, out / "runs" / f"retrain-feature-extractor-k{k}",
@@ -58,6 +60,7 @@ def run_analyse(
             }
         rows.append(row)
     record = {"task": task.name, "preset": preset, "seed": seed, "metric": metric, "lower_is_better": task.lower_is_better,
+              "note": task.info.get("note"),
               "blocks": list(base["blocks"]), "subsets": [f"{f:g}" for f in subsets], "rows": rows}
     write_record(out, "analyse", record, render, plot)
     return record
@@ -73,9 +76,10 @@ def render(record: dict[str, Any]) -> str:
     lines = [
         f"# Analysis on {record['task']} (preset {record['preset']}, seed {record['seed']})",
         "",
-        f"Test {m}{' (%)' if m in ('wer', 'cer', 'error') else ''} (validation in brackets). Every model starts from the same",
+        f"Test {m}{' (%)' if m in PERCENT_METRICS else ''} (validation in brackets). Every model starts from the same",
         "trained baseline; subset baselines and transfers train on the same fixed fraction of the training data.",
         "",
+        *([f"Note: {record['note']}", ""] if record.get("note") else []),
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]

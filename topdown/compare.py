@@ -131,7 +131,7 @@ def run_compare(task: Task, out: str | Path, *, seeds: int, config: dict[str, An
             "per_seed": [results[arm][s] for s in range(seeds)],
         }
     record = {"task": task.name, "preset": preset, "seeds": seeds, "metric": metric, "lower_is_better": lower,
-              "config": config, "arms": arms}
+              "config": config, "arms": arms, "note": task.info.get("note")}
     write_record(out, "compare", record, render, plot)
     return record
 
@@ -151,6 +151,7 @@ def render(record: dict[str, Any]) -> str:
         f"({'lower' if record['lower_is_better'] else 'higher'} is better). CI: 95 % Student-t interval of the mean paired",
         "difference; p: exact two-sided sign-flip test. Epochs and seconds: the cost of all the arm's training runs.",
         "",
+        *([f"Note: {record['note']}", ""] if record.get("note") else []),
         f"| arm | test {m} mean ± std | diff vs baseline [95 % CI] | p | better/worse seeds | epochs | seconds |",
         "|---|---|---|---|---|---|---|",
     ]

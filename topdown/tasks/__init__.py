@@ -15,6 +15,7 @@ TASKS = {
     "asr-rnn": "topdown.tasks.asr.rnn",
     "asr-transformer": "topdown.tasks.asr.transformer",
     "digits": "topdown.tasks.digits",
+    "lm-awd": "topdown.tasks.lm.awd",
 }
 PRESET_NAMES = ("tiny", "demo", "bench", "paper")
 

@@ -1,0 +1,196 @@
+"""``lm-awd``: word-level language modelling with an AWD-LSTM on WT2-small (the paper's WikiText-2 result, at CPU scale).
+
+Blocks, input to output: ``embedding``, ``lstm1`` .. ``lstmN`` (one LSTM layer each, with
+its weight-drop and output dropout), ``decoder`` (the softmax layer). The embedding and
+softmax matrices are tied, so they cross every split: ``model.tie`` says what happens
+(``classifier``: the tied matrix is the decoder's, frozen with the classifier; ``untie``:
+separate matrices after the baseline; ``none``: never tied). See docs/lm.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ...errors import ConfigError, DataError
+from ...task import Task
+from . import corpus
+from .model import TIE_MODES, AWDLSTM, detach
+
+LIGHT_DROPOUT = {"dropouti": 0.4, "dropouth": 0.2, "dropout": 0.3, "wdrop": 0.3}
+
+DEFAULTS: dict[str, Any] = {
+    # bptt 70, eval batch 10 and variable-length BPTT as AWD-LSTM; batch 20 (AWD-LSTM: 80) for a CPU
+    "data": {"batch_size": 20, "eval_batch_size": 10, "bptt": 70, "variable_bptt": True, "limit_tokens": 0},
+    # AWD-LSTM's regularisation defaults; CPU sizes (the paper's are the `paper` preset)
+    "model": {
+        "emsize": 64, "hidden": 128, "layers": 3, "tie": "classifier",
+        "dropoute": 0.1, "dropouti": 0.65, "dropouth": 0.3, "dropout": 0.4, "wdrop": 0.5,
+    },
+    "loss": {"alpha": 2.0, "beta": 1.0},  # AR and TAR coefficients
+    # NT-ASGD (the loop's `ntasgd`): SGD at lr 30 without momentum, clip 0.25, weight decay
+    # 1.2e-6, nonmono 5, no plateau decay; early stopping on validation perplexity ends each
+    # stage (AWD-LSTM trains one run for 750 epochs instead)
+    "train": {
+        "optimizer": "ntasgd", "nonmono": 5, "lr": 30.0, "momentum": 0.0, "clip": 0.25, "weight_decay": 1.2e-6,
+        "lr_decay": 1.0, "epochs": 2, "early_stop": 2,
+    },
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "data": {"batch_size": 4, "eval_batch_size": 4, "bptt": 12, "limit_tokens": 1200},
+        "model": {"emsize": 8, "hidden": 12, "layers": 2},
+    },
+    # AWD-LSTM's dropout is sized for a 400/1150 model trained 750 epochs; a 64/128 model
+    # trained a few epochs per stage does better with lighter dropout
+    "demo": {"data": {"bptt": 35}, "model": LIGHT_DROPOUT},
+    "bench": {"data": {"bptt": 35}, "model": LIGHT_DROPOUT, "train": {"epochs": 3, "nonmono": 2}},
+    # Merity et al.'s WikiText-2 recipe (3 layers, 400/1150, tied, dropouth 0.2, batch 80,
+    # 750 epochs): for a GPU and the full corpus (--data-dir); not run here.
+    "paper": {
+        "data": {"batch_size": 80},
+        "model": {"emsize": 400, "hidden": 1150, "layers": 3, "dropouth": 0.2},
+        "train": {"epochs": 750, "early_stop": 0},
+    },
+}
+
+
+def block_names(model_cfg: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    layers = [(f"lstm{i + 1}", [f"rnns.{i}"]) for i in range(model_cfg["layers"])]
+    return [("embedding", ["encoder"]), *layers, ("decoder", ["decoder"])]
+
+
+def _check_tie(cfg: dict[str, Any]) -> str:
+    tie = cfg["model"]["tie"]
+    if tie not in TIE_MODES:
+        raise ConfigError(
+            f"model.tie is {tie!r}: the tied embedding/softmax matrix crosses every split, so say what it belongs to: "
+            "'classifier' (the decoder owns it, frozen with the classifier), 'untie' (separate matrices after the "
+            "baseline) or 'none' (never tied)"
+        )
+    return tie
+
+
+def build_model(cfg: dict[str, Any], vocab_size: int | None = None) -> AWDLSTM:
+    m = cfg["model"]
+    vocab_size = vocab_size or 13777  # without a corpus (`topdown list`): the WT2-small vocabulary's size
+    return AWDLSTM(
+        vocab_size, m["emsize"], m["hidden"], m["layers"], tie=_check_tie(cfg),
+        dropoute=m["dropoute"], dropouti=m["dropouti"], dropouth=m["dropouth"], dropout=m["dropout"], wdrop=m["wdrop"],
+    )
+
+
+def load_corpus(data_cfg: dict[str, Any], data_dir: str | None) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """Vocabulary (from training) and the token streams of the three splits."""
+    lines = corpus.load_wt2_small() if data_dir is None else corpus.load_standard(data_dir)
+    for split in corpus.SPLITS:
+        if not any(line.split() for line in lines[split]):
+            raise DataError(f"the {split} split is empty (no words)")
+    vocab = corpus.build_vocab(lines["train"])
+    ids = {split: corpus.encode(lines[split], vocab, split) for split in corpus.SPLITS}
+    if data_cfg["limit_tokens"] > 0:  # the tiny preset: a prefix of each split
+        ids = {split: t[: data_cfg["limit_tokens"]] for split, t in ids.items()}
+    return vocab, ids
+
+
+def _check_splits(cfg: dict[str, Any], n_blocks: int) -> None:
+    """With tie=classifier the embedding block owns no parameter (its matrix is the decoder's),
+    so a stage that would train only it has nothing to train: the default splits stop at 2."""
+    if cfg["model"]["tie"] != "classifier":
+        return
+    cascade, proc = cfg.setdefault("cascade", {}), cfg.get("procedure", {})
+    if cascade.get("splits") is None:
+        cascade["splits"] = list(range(n_blocks - 1, 1, -1))
+    if 1 in cascade["splits"] or proc.get("split") == 1:
+        raise ConfigError(
+            "split 1 would train only the embedding block, which owns no parameter with model.tie=classifier "
+            "(the tied matrix belongs to the decoder); use splits >= 2, or model.tie=untie"
+        )
+
+
+def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
+    _check_tie(cfg)
+    d, lcfg = cfg["data"], cfg["loss"]
+    if d["bptt"] < 2 or d["batch_size"] < 1 or d["eval_batch_size"] < 1:
+        raise ConfigError("data.bptt must be at least 2 and the batch sizes at least 1")
+    vocab, ids = load_corpus(d, data_dir)
+    blocks = block_names(cfg["model"])
+    _check_splits(cfg, len(blocks))
+    bptt = d["bptt"]
+    train_streams: dict[float, torch.Tensor] = {}
+    evals = {split: corpus.batchify(ids[split], d["eval_batch_size"]) for split in ("val", "test")}
+    hidden: dict[str, Any] = {"state": None}  # carried from batch to batch within an epoch
+
+    def train_batches(generator: torch.Generator, subset: float):
+        """One epoch in corpus order; variable-length BPTT windows drawn from ``generator``.
+
+        A batch is (inputs, targets, first-of-epoch, seq_len / bptt).
+        """
+        if subset not in train_streams:  # a fixed prefix of the token stream: the same subset for every seed
+            n = max(2 * d["batch_size"] + 1, round(len(ids["train"]) * subset))
+            train_streams[subset] = corpus.batchify(ids["train"][:n], d["batch_size"])
+        data = train_streams[subset]
+        i, first = 0, True
+        while i < len(data) - 1:
+            seq_len = bptt
+            if d["variable_bptt"]:  # AWD-LSTM: bptt, or bptt/2 with probability 0.05, plus N(0, 5) jitter, at least 5
+                base = bptt if torch.rand((), generator=generator).item() < 0.95 else bptt / 2
+                seq_len = max(5, int(base + 5 * torch.randn((), generator=generator).item()))
+            seq_len = min(seq_len, len(data) - 1 - i)
+            yield data[i : i + seq_len], data[i + 1 : i + 1 + seq_len], first, seq_len / bptt
+            i, first = i + seq_len, False
+
+    def loss(model: nn.Module, batch) -> torch.Tensor:
+        """Cross-entropy + AR + TAR, scaled by seq_len / bptt (AWD-LSTM scales the lr instead)."""
+        x, y, first, scale = batch
+        if first:
+            hidden["state"] = None
+        logits, state, raw, dropped = model(x, hidden["state"])
+        hidden["state"] = detach(state)
+        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        if lcfg["alpha"]:
+            total = total + lcfg["alpha"] * dropped.pow(2).mean()
+        if lcfg["beta"] and raw.shape[0] > 1:
+            total = total + lcfg["beta"] * (raw[1:] - raw[:-1]).pow(2).mean()
+        return total * scale
+
+    def evaluate(model: nn.Module, split: str) -> dict[str, float]:
+        data = evals[split]
+        device = next(model.parameters()).device
+        total, count, state = 0.0, 0, None
+        for i in range(0, len(data) - 1, bptt):
+            n = min(bptt, len(data) - 1 - i)
+            x, y = data[i : i + n].to(device), data[i + 1 : i + 1 + n].to(device)
+            logits, state, _, _ = model(x, state)
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
+            count += y.numel()
+        mean = total / count
+        return {"ppl": math.exp(min(mean, 700.0)), "loss": mean}
+
+    info = {
+        "corpus": "WT2-small (bundled)" if data_dir is None else f"standard layout ({data_dir})",
+        "vocab_size": len(vocab),
+        "vocab_sha256": hashlib.sha256("\n".join(vocab).encode()).hexdigest(),
+        "vocab": vocab,
+        "tokens": {split: len(t) for split, t in ids.items()},
+    }
+    if data_dir is None:
+        info["note"] = corpus.NOT_COMPARABLE
+    shared = {"decoder.weight": "decoder"} if cfg["model"]["tie"] == "classifier" else {}
+    return Task(
+        name="lm-awd",
+        build_model=lambda: build_model(cfg, len(vocab)),
+        blocks=blocks,
+        train_batches=train_batches,
+        loss=loss,
+        evaluate=evaluate,
+        metric="ppl",
+        lower_is_better=True,
+        shared=shared,
+        info=info,
+    )
