@@ -99,9 +99,13 @@ def _list(args: argparse.Namespace) -> None:
         print(module.__doc__.strip().splitlines()[0].replace("``", ""))
         print(f"  presets: {', '.join(module.PRESETS)}")
         print(f"  blocks ({args.preset} preset, input to output):")
-        for block, modules in module.block_names(cfg["model"]):
-            count = sum(p.numel() for m in modules for p in model.get_submodule(m).parameters())
-            print(f"    {block:<12} {count:>10,} parameters  ({', '.join(modules)})")
+        blocks = module.block_names(cfg["model"])
+        params = {b: {id(p): p for m in mods for p in model.get_submodule(m).parameters()} for b, mods in blocks}
+        for block, modules in blocks:
+            shared = sum(p.numel() for i, p in params[block].items() if any(i in params[o] for o, _ in blocks if o != block))
+            count = sum(p.numel() for p in params[block].values())
+            note = f"; {shared:,} of them tied with another block" if shared else ""
+            print(f"    {block:<12} {count:>10,} parameters  ({', '.join(modules)}{note})")
 
 
 def _compare(args: argparse.Namespace) -> None:
