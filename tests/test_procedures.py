@@ -147,7 +147,9 @@ def test_option_errors_come_before_training(tmp_path, task):
         topdown.retrain_classifier(task, tmp_path / "r", split=3)
     with pytest.raises(ConfigError, match="subset"):
         topdown.transfer_classifier(task, tmp_path / "t", split=1, subset=1.5)
-    assert not (tmp_path / "strictly_descending" / "metrics.jsonl").exists()
+    with pytest.raises(ConfigError, match="baseline trains from scratch"):
+        topdown.baseline(task, tmp_path / "b", train=FAST, from_checkpoint="x.safetensors")
+    assert not (tmp_path / "strictly_descending").exists() and not (tmp_path / "b").exists()
 
 
 def test_existing_run_is_not_overwritten(tmp_path, task):

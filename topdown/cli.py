@@ -54,8 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     single.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed epoch")
     for name, text in HELP.items():
         p = sub.add_parser(name, parents=[common, single], help=text, description=text)
-        if name in ("cascade", "retrain-classifier"):
-            p.add_argument("--from", dest="from_checkpoint", metavar="CKPT", help="start from this checkpoint instead of training a baseline")
+        if name != "baseline":
+            p.add_argument("--from", dest="from_checkpoint", metavar="CKPT", help="start from this checkpoint instead of training a baseline (transfer-classifier: the full-data model)")
         if name in ("retrain-classifier", "transfer-classifier"):
             p.add_argument("--split", type=int, required=True, help="K: blocks 1..K are the feature extractor")
         if name == "transfer-classifier":

@@ -43,9 +43,9 @@ class Runner:
 
     def open(self, header: dict[str, Any], resume: bool) -> None:
         """Start a new run record, or continue the one in the directory (``--resume``)."""
-        self.summary = self._open(header, resume)
+        self.summary = self._read_or_start(header, resume)
 
-    def _open(self, header: dict[str, Any], resume: bool) -> dict[str, Any]:
+    def _read_or_start(self, header: dict[str, Any], resume: bool) -> dict[str, Any]:
         existing = self.run.read_summary()
         header = {
             **header,
@@ -241,16 +241,18 @@ def _baseline_stage(r: Runner) -> dict[str, Any]:
     return r.stage("baseline", r.blocks.names, start=None, accept="always")
 
 
+def _baseline_or_loaded(r: Runner, from_checkpoint: str | None) -> dict[str, Any]:
+    """Stage 0 of a cascade or retrain-classifier: the ``--from`` model, or a trained baseline."""
+    return r.loaded_stage(from_checkpoint) if from_checkpoint is not None else _baseline_stage(r)
+
+
 def _run_baseline(r: Runner, proc: ProcedureConfig, from_checkpoint: str | None) -> None:
     _baseline_stage(r)
 
 
 def _run_cascade(r: Runner, proc: ProcedureConfig, from_checkpoint: str | None) -> None:
     cc = r.cascade_cfg
-    if from_checkpoint is not None:
-        r.loaded_stage(from_checkpoint)
-    else:
-        _baseline_stage(r)
+    _baseline_or_loaded(r, from_checkpoint)
     splits = cc.splits if cc.splits is not None else list(range(len(r.blocks) - 1, 0, -1))
     rejected_in_a_row = 0
     for k in splits:
@@ -268,10 +270,7 @@ def _run_cascade(r: Runner, proc: ProcedureConfig, from_checkpoint: str | None) 
 
 
 def _run_retrain_classifier(r: Runner, proc: ProcedureConfig, from_checkpoint: str | None) -> None:
-    if from_checkpoint is not None:
-        r.loaded_stage(from_checkpoint)
-    else:
-        _baseline_stage(r)
+    _baseline_or_loaded(r, from_checkpoint)
     _, upper = r.blocks.split(proc.split)
     r.stage("retrain-classifier", upper, start=0, split=proc.split, train=_stage_train(r))
 
@@ -294,8 +293,10 @@ _RUNNERS = {
 }
 
 
-def _check(procedure: str, proc: ProcedureConfig, cc: CascadeConfig, n_blocks: int) -> None:
-    """Reject option combinations that cannot work, before anything is trained."""
+def _check(procedure: str, proc: ProcedureConfig, cc: CascadeConfig, n_blocks: int, from_checkpoint: str | None) -> None:
+    """Reject option combinations that cannot work, before anything is trained or written."""
+    if procedure == "baseline" and from_checkpoint is not None:
+        raise ConfigError("baseline trains from scratch; --from is for cascade, retrain-classifier and transfer-classifier")
     if procedure in ("retrain-classifier", "transfer-classifier"):
         if proc.split is None:
             raise ConfigError(f"{procedure} needs a split (--split K, 1..{n_blocks - 1})")
@@ -340,7 +341,7 @@ def run_procedure(
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     runner = Runner(task, config, RunDir(out, writer=rank0), seed, device)
     proc = from_dict(ProcedureConfig, config["procedure"])
-    _check(procedure, proc, runner.cascade_cfg, len(runner.blocks))
+    _check(procedure, proc, runner.cascade_cfg, len(runner.blocks), from_checkpoint)
     runner.open(header, resume)
     try:
         _RUNNERS[procedure](runner, proc, from_checkpoint)
