@@ -92,6 +92,16 @@ def test_interrupted_compare_resumes_without_redoing_runs(tmp_path, monkeypatch)
     assert record["seeds"] == 2
 
 
+def test_finished_runs_made_with_another_config_are_refused_not_reused(tmp_path):
+    run_compare(toy_task(), tmp_path, seeds=1, config=CONFIG)
+    before = (tmp_path / "compare.json").read_text()
+    with pytest.raises(procedures.TopdownError, match="cascade-seed0: its 'config' differs"):
+        run_compare(toy_task(), tmp_path, seeds=1, config=merge(CONFIG, {"train": {"lr": 0.02}}))
+    with pytest.raises(procedures.TopdownError, match="its 'preset' differs"):
+        run_compare(toy_task(), tmp_path, seeds=1, config=CONFIG, preset="demo")
+    assert (tmp_path / "compare.json").read_text() == before
+
+
 def test_analyse_every_split_from_one_baseline(tmp_path, monkeypatch):
     from topdown.analyse import run_analyse
 

@@ -333,9 +333,7 @@ def run_procedure(
     """
     if procedure not in _RUNNERS:
         raise ConfigError(f"unknown procedure {procedure!r} ({', '.join(PROCEDURES)})")
-    config = dict(config or {})
-    method = merge(method_defaults(), {k: v for k, v in config.items() if k in ("train", "cascade", "procedure")})
-    config.update(method)
+    config = resolve_method_sections(config)
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     header = {"procedure": procedure, "task": task.name, "preset": preset, "seed": seed, "config": config}
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
@@ -352,13 +350,27 @@ def run_procedure(
     return runner.finish()
 
 
+def resolve_method_sections(config: dict[str, Any] | None) -> dict[str, Any]:
+    """``config`` with the method's sections merged over their defaults, as runs record it."""
+    config = dict(config or {})
+    config.update(merge(method_defaults(), {k: v for k, v in config.items() if k in ("train", "cascade", "procedure")}))
+    return config
+
+
 def run_or_resume(procedure: str, task: Task, out: Path, **kw) -> dict[str, Any]:
     """The summary of the run in ``out``: read back if complete, otherwise run or resume it.
 
     Used by commands that are made of many runs (compare, analyse), so that an interrupted
-    one continues without training any finished run again."""
+    one continues without training any finished run again. A finished run is reused only if
+    it was made by the same procedure, task, preset, seed and configuration: anything else
+    would silently mix two experiments."""
     existing = RunDir(out).read_summary()
     if existing is not None and existing.get("status") == "complete":
+        wanted = {"procedure": procedure, "task": task.name, "preset": kw.get("preset"), "seed": kw.get("seed", 0),
+                  "config": resolve_method_sections(kw.get("config"))}
+        for key, value in wanted.items():
+            if existing.get(key) != value:
+                raise TopdownError(f"cannot reuse {out}: its {key!r} differs from this command's; choose another --out")
         return existing
     return run_procedure(procedure, task, out, resume=True, **kw)
 
