@@ -60,7 +60,12 @@ def test_arms_budgets_reuse_and_selection(tmp_path, monkeypatch):
             vals[run] = json.loads((tmp_path / "runs" / name / "summary.json").read_text())["stages"][0]["val"]["error"]
         assert vals[best["chosen_run"]] == min(vals.values())
     assert (tmp_path / "compare.md").is_file() and (tmp_path / "compare.png").is_file()
-    assert json.loads((tmp_path / "compare.json").read_text())["arms"]["cascade"]["vs_baseline"]["n"] == 2
+    saved = json.loads((tmp_path / "compare.json").read_text())["arms"]
+    assert saved["cascade"]["vs_baseline"]["n"] == 2 and saved["cascade"]["cascade_minus_arm"] is None
+    for arm in ("baseline", "baseline-equal-epochs", "best-of-k"):  # cascade minus control, seed by seed
+        diffs = [saved["cascade"]["per_seed"][s]["test"] - saved[arm]["per_seed"][s]["test"] for s in (0, 1)]
+        assert saved[arm]["cascade_minus_arm"]["mean"] == pytest.approx(sum(diffs) / 2)
+    assert "| baseline-equal-epochs | " in (tmp_path / "compare.md").read_text().split("Cascade against each control")[1]
 
 
 def test_best_of_k_never_looks_at_test(tmp_path, monkeypatch):
@@ -95,7 +100,7 @@ def test_interrupted_compare_resumes_without_redoing_runs(tmp_path, monkeypatch)
 def test_finished_runs_made_with_another_config_are_refused_not_reused(tmp_path):
     run_compare(toy_task(), tmp_path, seeds=1, config=CONFIG)
     before = (tmp_path / "compare.json").read_text()
-    with pytest.raises(procedures.TopdownError, match="cascade-seed0: its 'config' differs"):
+    with pytest.raises(procedures.TopdownError, match=r"cascade-seed0: its 'config' \(train.lr\) differs"):
         run_compare(toy_task(), tmp_path, seeds=1, config=merge(CONFIG, {"train": {"lr": 0.02}}))
     with pytest.raises(procedures.TopdownError, match="its 'preset' differs"):
         run_compare(toy_task(), tmp_path, seeds=1, config=CONFIG, preset="demo")

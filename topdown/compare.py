@@ -119,15 +119,16 @@ def run_compare(task: Task, out: str | Path, *, seeds: int, config: dict[str, An
             "k": k, "chosen_run": best[1], "runs": [p[1] for p in pool],
         }
 
-    base_tests = [results["baseline"][s]["test"] for s in range(seeds)]
+    tests = {arm: [results[arm][s]["test"] for s in range(seeds)] for arm in ARMS}
     arms = {}
     for arm in ARMS:
-        tests = [results[arm][s]["test"] for s in range(seeds)]
         arms[arm] = {
-            "test": summarise(tests),
+            "test": summarise(tests[arm]),
             "epochs": summarise([results[arm][s]["epochs"] for s in range(seeds)]),
             "seconds": summarise([results[arm][s]["seconds"] for s in range(seeds)]),
-            "vs_baseline": paired_stats(tests, base_tests) if arm != "baseline" else None,
+            "vs_baseline": paired_stats(tests[arm], tests["baseline"]) if arm != "baseline" else None,
+            # the question a reviewer asks: does the cascade beat each control, seed by seed?
+            "cascade_minus_arm": paired_stats(tests["cascade"], tests[arm]) if arm != "cascade" else None,
             "per_seed": [results[arm][s] for s in range(seeds)],
         }
     record = {"task": task.name, "preset": preset, "seeds": seeds, "metric": metric, "lower_is_better": lower,
@@ -155,20 +156,24 @@ def render(record: dict[str, Any]) -> str:
         f"| arm | test {m} mean ± std | diff vs baseline [95 % CI] | p | better/worse seeds | epochs | seconds |",
         "|---|---|---|---|---|---|---|",
     ]
-    better_sign = -1 if record["lower_is_better"] else 1
+    lower = record["lower_is_better"]
+
+    def paired_cells(v: dict[str, Any] | None) -> str:
+        """Mean difference [95 % CI] | sign-flip p | seeds better/worse for the first of the pair."""
+        if v is None:
+            return "- | - | -"
+        lo, hi = v["ci95"]
+        diff = f"{f(v['mean'])} [{f(lo)}, {f(hi)}]" if v["n"] > 1 else f(v["mean"])
+        better, worse = (v["lower"], v["higher"]) if lower else (v["higher"], v["lower"])
+        return f"{diff} | {v['p_sign_flip']:.3f} | {better}/{worse}"
+
     for arm, a in record["arms"].items():
         t = a["test"]
-        v = a["vs_baseline"]
-        if v is None:
-            diff, p, wins = "-", "-", "-"
-        else:
-            lo, hi = v["ci95"]
-            diff = f"{f(v['mean'])} [{f(lo)}, {f(hi)}]" if v["n"] > 1 else f(v["mean"])
-            p = f"{v['p_sign_flip']:.3f}"
-            better, worse = (v["lower"], v["higher"]) if better_sign < 0 else (v["higher"], v["lower"])
-            wins = f"{better}/{worse}"
-        lines.append(f"| {arm} | {f(t['mean'])} ± {f(t['std'])} | {diff} | {p} | {wins} | "
+        lines.append(f"| {arm} | {f(t['mean'])} ± {f(t['std'])} | {paired_cells(a['vs_baseline'])} | "
                      f"{a['epochs']['mean']:.1f} | {a['seconds']['mean']:.1f} |")
+    lines += ["", f"Cascade against each control, paired by seed (cascade minus control; {'negative' if lower else 'positive'} favours the cascade):",
+              "", "| control | cascade − control [95 % CI] | p | seeds where the cascade is better/worse |", "|---|---|---|---|"]
+    lines += [f"| {arm} | {paired_cells(a['cascade_minus_arm'])} |" for arm, a in record["arms"].items() if arm != "cascade"]
     lines += ["", "Per seed (test):", "", "| seed | " + " | ".join(record["arms"]) + " |", "|---|" + "---|" * len(record["arms"])]
     for s in range(record["seeds"]):
         lines.append(f"| {s} | " + " | ".join(f(a["per_seed"][s]["test"]) for a in record["arms"].values()) + " |")

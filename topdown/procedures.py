@@ -64,7 +64,7 @@ class Runner:
             raise TopdownError(f"{self.run.path} already holds a run; pass --resume to continue it, or choose another --out")
         for key, value in header.items():
             if existing.get(key) != value:
-                raise TopdownError(f"cannot resume {self.run.path}: its {key!r} differs from this command's")
+                raise TopdownError(f"cannot resume {self.run.path}: its {describe_difference(key, existing.get(key), value)} differs from this command's")
         for index in range(len(existing["stages"])):
             self.run.clear_state(index)  # left behind if a kill came right after the stage was recorded
         self._drop_unsaved_metrics(len(existing["stages"]))
@@ -350,6 +350,16 @@ def run_procedure(
     return runner.finish()
 
 
+def describe_difference(key: str, recorded: Any, wanted: Any) -> str:
+    """``'key'``, or for nested dicts the dotted paths that differ, e.g. ``config (train.lr, model.hidden)``."""
+    def paths(a: Any, b: Any, prefix: str) -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [p for k in sorted(set(a) | set(b), key=str) for p in paths(a.get(k), b.get(k), f"{prefix}{k}.")]
+        return [] if a == b else [prefix.rstrip(".")]
+    found = paths(recorded, wanted, "") if isinstance(recorded, dict) and isinstance(wanted, dict) else []
+    return f"{key!r} ({', '.join(found)})" if found else repr(key)
+
+
 def resolve_method_sections(config: dict[str, Any] | None) -> dict[str, Any]:
     """``config`` with the method's sections merged over their defaults, as runs record it."""
     config = dict(config or {})
@@ -370,7 +380,7 @@ def run_or_resume(procedure: str, task: Task, out: Path, **kw) -> dict[str, Any]
                   "config": resolve_method_sections(kw.get("config"))}
         for key, value in wanted.items():
             if existing.get(key) != value:
-                raise TopdownError(f"cannot reuse {out}: its {key!r} differs from this command's; choose another --out")
+                raise TopdownError(f"cannot reuse {out}: its {describe_difference(key, existing.get(key), value)} differs from this command's; choose another --out")
         return existing
     return run_procedure(procedure, task, out, resume=True, **kw)
 
