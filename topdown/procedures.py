@@ -62,9 +62,8 @@ class Runner:
             return summary
         if not resume:
             raise TopdownError(f"{self.run.path} already holds a run; pass --resume to continue it, or choose another --out")
-        for key, value in header.items():
-            if existing.get(key) != value:
-                raise TopdownError(f"cannot resume {self.run.path}: its {describe_difference(key, existing.get(key), value)} differs from this command's")
+        if difference := first_difference(existing, header):
+            raise TopdownError(f"cannot resume {self.run.path}: its {difference} differs from this command's")
         for index in range(len(existing["stages"])):
             self.run.clear_state(index)  # left behind if a kill came right after the stage was recorded
         self._drop_unsaved_metrics(len(existing["stages"]))
@@ -350,14 +349,19 @@ def run_procedure(
     return runner.finish()
 
 
-def describe_difference(key: str, recorded: Any, wanted: Any) -> str:
-    """``'key'``, or for nested dicts the dotted paths that differ, e.g. ``config (train.lr, model.hidden)``."""
+def first_difference(recorded: dict[str, Any], wanted: dict[str, Any]) -> str | None:
+    """The first key of ``wanted`` whose value the run record does not share, named for an error
+    message (with the dotted paths that differ inside a nested dict, e.g. ``'config' (train.lr)``);
+    None if the record matches."""
     def paths(a: Any, b: Any, prefix: str) -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             return [p for k in sorted(set(a) | set(b), key=str) for p in paths(a.get(k), b.get(k), f"{prefix}{k}.")]
         return [] if a == b else [prefix.rstrip(".")]
-    found = paths(recorded, wanted, "") if isinstance(recorded, dict) and isinstance(wanted, dict) else []
-    return f"{key!r} ({', '.join(found)})" if found else repr(key)
+    for key, value in wanted.items():
+        if recorded.get(key) != value:
+            inner = paths(recorded.get(key), value, "") if isinstance(value, dict) and isinstance(recorded.get(key), dict) else []
+            return f"{key!r} ({', '.join(inner)})" if inner else repr(key)
+    return None
 
 
 def resolve_method_sections(config: dict[str, Any] | None) -> dict[str, Any]:
@@ -378,9 +382,8 @@ def run_or_resume(procedure: str, task: Task, out: Path, **kw) -> dict[str, Any]
     if existing is not None and existing.get("status") == "complete":
         wanted = {"procedure": procedure, "task": task.name, "preset": kw.get("preset"), "seed": kw.get("seed", 0),
                   "config": resolve_method_sections(kw.get("config"))}
-        for key, value in wanted.items():
-            if existing.get(key) != value:
-                raise TopdownError(f"cannot reuse {out}: its {describe_difference(key, existing.get(key), value)} differs from this command's; choose another --out")
+        if difference := first_difference(existing, wanted):
+            raise TopdownError(f"cannot reuse {out}: its {difference} differs from this command's; choose another --out")
         return existing
     return run_procedure(procedure, task, out, resume=True, **kw)
 
