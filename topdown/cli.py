@@ -65,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
         parents=[common],
         help="fair comparison over seeds: baseline, cascade, baseline with equal epochs, best-of-k baselines",
         description="Runs (or resumes) the arms of DESIGN.md section 3 for seeds 0..N-1 and writes "
-        "DIR/compare.json, DIR/compare.md and DIR/compare.png. Finished runs are never trained again.",
+        "DIR/compare.json, DIR/compare.md and DIR/compare.png. Finished runs are never trained again; a finished run "
+        "made with another preset or --set is refused, never mixed in.",
     )
     p.add_argument("--seeds", type=int, required=True, help="number of seeds (0..N-1)")
     p = sub.add_parser(
@@ -74,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
         help="the paper's two observations for every split: retrain classifier vs feature extractor; classifier transfer from more data",
         description="From one trained baseline, for every split k: retrain-classifier, retrain-feature-extractor, and "
         "transfer-classifier on each --subsets fraction against a baseline on the same subset. Writes DIR/analyse.json, "
-        "DIR/analyse.md and DIR/analyse.png; finished runs are never trained again.",
+        "DIR/analyse.md and DIR/analyse.png; finished runs are never trained again, and one made with another preset, "
+        "seed or --set is refused.",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the baseline and of every run (default: 0)")
     p.add_argument("--subsets", type=float, nargs="+", default=[0.25, 0.5], help="training-data fractions (default: 0.25 0.5)")

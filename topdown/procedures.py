@@ -332,9 +332,9 @@ def run_procedure(
     """
     if procedure not in _RUNNERS:
         raise ConfigError(f"unknown procedure {procedure!r} ({', '.join(PROCEDURES)})")
-    config = resolve_method_sections(config)
+    header = run_header(procedure, task, preset, seed, config)
+    config = header["config"]
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    header = {"procedure": procedure, "task": task.name, "preset": preset, "seed": seed, "config": config}
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     runner = Runner(task, config, RunDir(out, writer=rank0), seed, device)
     proc = from_dict(ProcedureConfig, config["procedure"])
@@ -364,11 +364,12 @@ def first_difference(recorded: dict[str, Any], wanted: dict[str, Any]) -> str | 
     return None
 
 
-def resolve_method_sections(config: dict[str, Any] | None) -> dict[str, Any]:
-    """``config`` with the method's sections merged over their defaults, as runs record it."""
+def run_header(procedure: str, task: Task, preset: str | None, seed: int, config: dict[str, Any] | None) -> dict[str, Any]:
+    """What identifies a run in its record: the procedure, task, preset, seed and the resolved
+    config (the method's sections merged over their defaults; the task's sections as given)."""
     config = dict(config or {})
     config.update(merge(method_defaults(), {k: v for k, v in config.items() if k in ("train", "cascade", "procedure")}))
-    return config
+    return {"procedure": procedure, "task": task.name, "preset": preset, "seed": seed, "config": config}
 
 
 def run_or_resume(procedure: str, task: Task, out: Path, **kw) -> dict[str, Any]:
@@ -380,8 +381,7 @@ def run_or_resume(procedure: str, task: Task, out: Path, **kw) -> dict[str, Any]
     would silently mix two experiments."""
     existing = RunDir(out).read_summary()
     if existing is not None and existing.get("status") == "complete":
-        wanted = {"procedure": procedure, "task": task.name, "preset": kw.get("preset"), "seed": kw.get("seed", 0),
-                  "config": resolve_method_sections(kw.get("config"))}
+        wanted = run_header(procedure, task, kw.get("preset"), kw.get("seed", 0), kw.get("config"))
         if difference := first_difference(existing, wanted):
             raise TopdownError(f"cannot reuse {out}: its {difference} differs from this command's; choose another --out")
         return existing
