@@ -36,6 +36,16 @@ def test_help_and_list():
     assert "lr_patience" in cli("list", "--config", "asr-rnn", check=True).stdout
 
 
+def test_a_closed_output_pipe_is_not_a_traceback():
+    """`topdown list | head -1`: the reader leaves before we write; no Python traceback follows."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "topdown.cli", "list", "--config", "asr-rnn"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before anything is written
+    stderr = proc.stderr.read().decode()
+    assert proc.wait() == 1 and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
 def test_unknown_set_key_is_an_error(tmp_path):
     proc = cli("baseline", *TINY_DIGITS, "--out", str(tmp_path / "r"), "--set", "train.lrr=0.1")
     assert_one_line_error(proc, "unknown config key 'train.lrr'")

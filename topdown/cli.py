@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -166,12 +167,18 @@ def main(argv: list[str] | None = None) -> int:
             _analyse(args)
         else:
             _run(args)
+        sys.stdout.flush()  # a closed pipe shows up here, inside the handlers below, not at exit
     except TopdownError as e:
         print(f"topdown: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("topdown: interrupted; finished epochs are saved, continue with --resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # whatever read our output (`| head`) has gone; results are already on disk. Point
+        # stdout at /dev/null so that flushing it at exit does not raise a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 
