@@ -190,11 +190,11 @@ def test_vocab_encode_decode():
 
 def tiny_transformer_task(limit: int = 24) -> topdown.Task:
     cfg = resolve_config("asr-transformer", "tiny", {"data": {"limit": limit}})
-    return transformer.make(cfg)
+    return transformer.make(cfg.task)
 
 
 def test_transformer_blocks_cover_the_model_and_match_the_subsampling():
-    cfg = resolve_config("asr-transformer", "tiny", {})
+    cfg = resolve_config("asr-transformer", "tiny", {}).task
     model = transformer.build_model(cfg, inputs=39, vocab=28)
     blocks = Blocks(model, transformer.block_names(cfg["model"]))
     assert blocks.names == ["frontend", "layer1", "layer2", "output"]
@@ -257,7 +257,7 @@ def test_transformer_cascade_keeps_the_classifier_and_reinitialises_the_feature_
 
 def test_paper_presets_build():
     for name, params in (("asr-transformer", 20e6), ("asr-rnn", 8e6)):
-        cfg = resolve_config(name, "paper", {})
+        cfg = resolve_config(name, "paper", {}).task
         module = task_module(name)
         model = module.build_model(cfg, inputs=80 * (3 if cfg["data"]["deltas"] else 1) * cfg["data"]["stack"], vocab=40)
         n = sum(p.numel() for p in model.parameters())

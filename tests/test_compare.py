@@ -8,11 +8,11 @@ import pytest
 import topdown.compare as compare
 import topdown.procedures as procedures
 from topdown.compare import paired_stats, run_compare, sign_flip_p, t975
-from topdown.config import merge, method_defaults
+from topdown.config import RunConfig
 
 from conftest import toy_task
 
-CONFIG = merge(method_defaults(), {"train": {"epochs": 2, "lr": 0.01}})
+CONFIG = RunConfig.from_dict({"train": {"epochs": 2, "lr": 0.01}})
 
 
 def test_statistics_match_a_hand_computation():
@@ -78,7 +78,7 @@ def test_best_of_k_never_looks_at_test(tmp_path, monkeypatch):
         return metrics if split == "val" else {**metrics, "error": 1 - metrics["error"]}
 
     task.evaluate = inverted
-    record = run_compare(task, tmp_path, seeds=1, config=merge(CONFIG, {"cascade": {"splits": [2]}}))
+    record = run_compare(task, tmp_path, seeds=1, config=CONFIG.updated({"cascade": {"splits": [2]}}))
     best = record["arms"]["best-of-k"]["per_seed"][0]
     assert best["test"] == pytest.approx(1 - best["val"])
     pool_val = [json.loads((tmp_path / "runs" / r.partition("#")[0] / "summary.json").read_text())["stages"][0]["val"]["error"] for r in best["runs"]]
@@ -101,7 +101,7 @@ def test_finished_runs_made_with_another_config_are_refused_not_reused(tmp_path)
     run_compare(toy_task(), tmp_path, seeds=1, config=CONFIG)
     before = (tmp_path / "compare.json").read_text()
     with pytest.raises(procedures.TopdownError, match=r"cascade-seed0: its 'config' \(train.lr\) differs"):
-        run_compare(toy_task(), tmp_path, seeds=1, config=merge(CONFIG, {"train": {"lr": 0.02}}))
+        run_compare(toy_task(), tmp_path, seeds=1, config=CONFIG.updated({"train": {"lr": 0.02}}))
     with pytest.raises(procedures.TopdownError, match="its 'preset' differs"):
         run_compare(toy_task(), tmp_path, seeds=1, config=CONFIG, preset="demo")
     assert (tmp_path / "compare.json").read_text() == before

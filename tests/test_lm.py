@@ -112,7 +112,7 @@ def test_model_parameters_are_registered_once_and_tied_as_configured():
 
 def test_dropouts_are_off_in_eval_and_ar_tar_enter_the_loss():
     cfg = tiny_cfg()
-    task = awd.make(cfg)
+    task = awd.make(cfg.task)
     torch.manual_seed(0)
     model = task.build_model()
     batch = next(iter(task.train_batches(torch.Generator().manual_seed(0), 1.0)))
@@ -120,7 +120,7 @@ def test_dropouts_are_off_in_eval_and_ar_tar_enter_the_loss():
     with torch.no_grad():
         assert torch.equal(model(batch[0])[0], model(batch[0])[0])
         with_reg = task.loss(model, batch)
-        cfg["loss"].update(alpha=0.0, beta=0.0)
+        cfg.task["loss"].update(alpha=0.0, beta=0.0)
         plain = task.loss(model, batch)
         logits = model(batch[0])[0]
         ce = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[1].reshape(-1))
@@ -129,7 +129,7 @@ def test_dropouts_are_off_in_eval_and_ar_tar_enter_the_loss():
 
 def test_variable_bptt_covers_the_epoch_in_order():
     cfg = tiny_cfg()
-    task = awd.make(cfg)
+    task = awd.make(cfg.task)
     batches = list(task.train_batches(torch.Generator().manual_seed(1), 1.0))
     lengths = [b[0].shape[0] for b in batches]
     assert len(set(lengths)) > 1 and min(lengths) >= 1
@@ -151,13 +151,12 @@ def test_tied_weights_across_a_split_are_an_error_unless_tie_is_given():
     blocks = Blocks(model, spec, {"decoder.weight": "decoder"})
     assert blocks.parameter_names()["embedding"] == [] and "encoder.weight" in blocks.parameter_names()["decoder"]
     with pytest.raises(ConfigError, match="model.tie is ''.*'classifier'.*'untie'.*'none'"):
-        awd.make(tiny_cfg(tie=""))
+        awd.make(tiny_cfg(tie="").task)
     proc = cli("cascade", "lm-awd", "--preset", "tiny", "--set", "model.tie=", "--out", "/nonexistent/never")
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("topdown: error: model.tie is")
-    cfg = tiny_cfg()
-    cfg["cascade"]["splits"] = [3, 1]
+    cfg = tiny_cfg().updated({"cascade": {"splits": [3, 1]}})
     with pytest.raises(ConfigError, match="split 1 would train only the embedding block"):
-        awd.make(cfg)
+        run_procedure("cascade", awd.make(cfg.task), "/nonexistent/never", config=cfg)
 
 
 def _frozen_equal(run, summary, index, model_keys):
@@ -176,12 +175,12 @@ def _frozen_equal(run, summary, index, model_keys):
 
 def test_tiny_cascade_end_to_end_with_frozen_blocks_bit_identical(tmp_path):
     cfg = tiny_cfg()
-    task = awd.make(cfg)
+    task = awd.make(cfg.task)
     run = tmp_path / "run"
     summary = run_procedure("cascade", task, run, config=cfg, seed=0, preset="tiny")
     assert summary["status"] == "complete" and summary["metric"] == "ppl"
     assert [s["split"] for s in summary["stages"]] == [None, 3, 2]  # embedding owns nothing: split 1 is skipped
-    assert summary["config"]["cascade"]["splits"] == [3, 2]
+    assert summary["config"]["cascade"]["splits"] is None  # the task states its constraint; it does not edit the config
     info = summary["task_info"]
     assert "NOT comparable with published WikiText-2" in info["note"] and len(info["vocab"]) == info["vocab_size"]
     assert "NOT comparable" in (run / "report.md").read_text()
@@ -196,7 +195,7 @@ def test_tiny_cascade_end_to_end_with_frozen_blocks_bit_identical(tmp_path):
     # tie=untie from the same baseline: the embedding is retrained, the decoder's matrix stays frozen
     ucfg = tiny_cfg(tie="untie")
     urun = tmp_path / "untie"
-    usum = run_procedure("cascade", awd.make(ucfg), urun, config=ucfg, seed=0, preset="tiny",
+    usum = run_procedure("cascade", awd.make(ucfg.task), urun, config=ucfg, seed=0, preset="tiny",
                          from_checkpoint=str(run / "checkpoints" / "stage-0.safetensors"))
     assert [s["split"] for s in usum["stages"]] == [None, 3, 2, 1]
     ukeys = {**keys, "embedding": ["encoder.weight"], "decoder": ["decoder.weight", "decoder.bias"]}
@@ -269,7 +268,7 @@ def test_ntasgd_resume_matches_an_uninterrupted_run(tmp_path):
 
 def test_retrain_and_transfer_classifier_run(tmp_path):
     cfg = resolve_config("lm-awd", "tiny", {"model": {"tie": "untie"}, "procedure": {"split": 2, "subset": 0.5}, "train": {"epochs": 1}})
-    task = awd.make(cfg)
+    task = awd.make(cfg.task)
     for procedure, roles in (("retrain-classifier", ["baseline", "retrain-classifier"]),
                              ("transfer-classifier", ["full-data baseline", "subset baseline", "transfer"])):
         summary = run_procedure(procedure, task, tmp_path / procedure, config=cfg, seed=1, preset="tiny")

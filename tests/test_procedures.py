@@ -137,12 +137,12 @@ def test_same_seed_same_summary(tmp_path, task):
 
 def test_option_errors_come_before_training(tmp_path, task):
     for kw, match in [
-        (dict(cascade=CascadeConfig(splits=[1, 2])), "strictly descending"),
-        (dict(cascade=CascadeConfig(splits=[3])), "strictly descending"),
-        (dict(cascade=CascadeConfig(candidates=0)), "candidates"),
+        (lambda: dict(cascade=CascadeConfig(splits=[1, 2])), "strictly descending"),
+        (lambda: dict(cascade=CascadeConfig(splits=[3])), "strictly descending"),
+        (lambda: dict(cascade=CascadeConfig(candidates=0)), "candidates"),
     ]:
-        with pytest.raises(ConfigError, match=match):
-            topdown.cascade(task, tmp_path / match.replace(" ", "_"), train=FAST, **kw)
+        with pytest.raises(ConfigError, match=match):  # refused when the option is declared, or by the plan
+            topdown.cascade(task, tmp_path / match.replace(" ", "_"), train=FAST, **kw())
     with pytest.raises(ConfigError, match="out of range"):
         topdown.retrain_classifier(task, tmp_path / "r", split=3)
     with pytest.raises(ConfigError, match="subset"):

@@ -1,18 +1,26 @@
 """topdown: top-down (classifier-first) cascade training of neural networks.
 
-The method is model-agnostic: describe your model as ordered ``Blocks`` inside a ``Task``
-(a few plain callables) and call one of the procedures.
+The method is model-agnostic. Drive a plan of stages from any training loop
+(``topdown.Cascade(model, blocks, ...)``; see ``topdown.plan``), or describe the model and
+data as a ``Task`` and let our loop train every stage (``topdown.cascade(task, out)``).
 """
 
 from .blocks import Blocks
-from .config import CascadeConfig, TrainConfig
+from .config import CascadeConfig, ProcedureConfig, RunConfig, TrainConfig
 from .errors import BlockError, ConfigError, DataError, TopdownError, TrainingError
-from .procedures import baseline, cascade, retrain_classifier, run_procedure, transfer_classifier
+from .metrics import Metric
+from .optim import NTASGD
+from .plan import Plan, Stage, StageSpec
+from .procedures import (
+    Baseline, Cascade, RetrainClassifier, TransferClassifier,
+    baseline, cascade, retrain_classifier, run_procedure, train_plan, transfer_classifier,
+)
 from .task import Task
 
 __all__ = [
-    "Blocks", "Task", "TrainConfig", "CascadeConfig",
-    "baseline", "cascade", "retrain_classifier", "transfer_classifier", "run_procedure",
+    "Blocks", "Task", "TrainConfig", "CascadeConfig", "ProcedureConfig", "RunConfig", "Metric", "NTASGD",
+    "Plan", "Stage", "StageSpec", "Baseline", "Cascade", "RetrainClassifier", "TransferClassifier",
+    "baseline", "cascade", "retrain_classifier", "transfer_classifier", "run_procedure", "train_plan",
     "TopdownError", "BlockError", "ConfigError", "DataError", "TrainingError",
 ]
 __version__ = "0.1.0"

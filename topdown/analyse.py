@@ -16,9 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .config import merge
+from .config import RunConfig
 from .procedures import run_or_resume
-from .report import PERCENT_METRICS, format_metric, write_record
+from .metrics import PERCENT_METRICS
+from .report import format_metric, write_record
 from .runs import atomic_write
 from .task import Task
 
@@ -28,11 +29,11 @@ def _metrics(stage: dict[str, Any], metric: str) -> dict[str, float]:
 
 
 def run_analyse(
-    task: Task, out: str | Path, *, config: dict[str, Any], seed: int = 0, subsets: tuple[float, ...] = (0.25, 0.5),
+    task: Task, out: str | Path, *, config: RunConfig, seed: int = 0, subsets: tuple[float, ...] = (0.25, 0.5),
     preset: str | None = None, device=None,
 ) -> dict[str, Any]:
     out = Path(out)
-    metric = task.metric
+    metric = task.primary.name
     common = dict(seed=seed, preset=preset, device=device)
     base = run_or_resume("baseline", task, out / "runs" / "baseline", config=config, **common)
     ckpt = str(out / "runs" / "baseline" / "checkpoints" / "best.safetensors")
@@ -41,9 +42,9 @@ def run_analyse(
         if not any(base["blocks"][b] for b in list(base["blocks"])[:k]):
             continue  # the feature extractor owns no parameter (e.g. lm-awd's embedding with tie=classifier)
         rc = run_or_resume("retrain-classifier", task, out / "runs" / f"retrain-classifier-k{k}",
-                           config=merge(config, {"procedure": {"split": k}}), from_checkpoint=ckpt, **common)
+                           config=config.updated({"procedure": {"split": k}}), from_checkpoint=ckpt, **common)
         rfe = run_or_resume("cascade", task, out / "runs" / f"retrain-feature-extractor-k{k}",
-                            config=merge(config, {"cascade": {"splits": [k]}}), from_checkpoint=ckpt, **common)
+                            config=config.updated({"cascade": {"splits": [k]}}), from_checkpoint=ckpt, **common)
         row = {
             "split": k,
             "baseline": _metrics(base["stages"][0], metric),
@@ -53,13 +54,13 @@ def run_analyse(
         }
         for fraction in subsets:
             tr = run_or_resume("transfer-classifier", task, out / "runs" / f"transfer-k{k}-subset{fraction:g}",
-                               config=merge(config, {"procedure": {"split": k, "subset": fraction}}), from_checkpoint=ckpt, **common)
+                               config=config.updated({"procedure": {"split": k, "subset": fraction}}), from_checkpoint=ckpt, **common)
             row["subsets"][f"{fraction:g}"] = {
                 "subset_baseline": _metrics(tr["stages"][1], metric),
                 "transfer_classifier": _metrics(tr["stages"][2], metric),
             }
         rows.append(row)
-    record = {"task": task.name, "preset": preset, "seed": seed, "metric": metric, "lower_is_better": task.lower_is_better,
+    record = {"task": task.name, "preset": preset, "seed": seed, "metric": metric, "lower_is_better": task.primary.lower_is_better,
               "note": task.info.get("note"),
               "blocks": list(base["blocks"]), "subsets": [f"{f:g}" for f in subsets], "rows": rows}
     write_record(out, "analyse", record, render, plot)
@@ -98,15 +99,13 @@ def render(record: dict[str, Any]) -> str:
 
 
 def plot(record: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: a library call leaves the user's backend alone
 
     m = record["metric"]
     scale = 100 if m in PERCENT_METRICS else 1
     ks = [r["split"] for r in record["rows"]]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
+    fig = Figure(figsize=(11, 4))
+    a, b = fig.subplots(1, 2)
     for key, label in [("baseline", "baseline"), ("retrain_classifier", "retrain classifier"),
                        ("retrain_feature_extractor", "retrain feature extractor")]:
         a.plot(ks, [scale * r[key]["test"] for r in record["rows"]], marker="o", label=label)
@@ -119,4 +118,3 @@ def plot(record: dict[str, Any], path: Path) -> None:
     b.legend(fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
-    plt.close(fig)

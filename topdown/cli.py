@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from . import report
@@ -65,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
         "compare",
         parents=[common],
         help="fair comparison over seeds: baseline, cascade, baseline with equal epochs, best-of-k baselines",
-        description="Runs (or resumes) the arms of DESIGN.md section 3 for seeds 0..N-1 and writes "
+        description="Runs (or resumes) the arms of a fair comparison (README, 'Fair comparisons') for seeds 0..N-1 and writes "
         "DIR/compare.json, DIR/compare.md and DIR/compare.png. Finished runs are never trained again; a finished run "
         "made with another preset or --set is refused, never mixed in.",
     )
@@ -93,11 +94,11 @@ def _list(args: argparse.Namespace) -> None:
     import yaml
 
     if args.config:
-        print(yaml.safe_dump(resolve_config(args.config, args.preset, {}), sort_keys=False), end="")
+        print(yaml.safe_dump(resolve_config(args.config, args.preset, {}).as_dict(), sort_keys=False), end="")
         return
     for name in TASKS:
         module = task_module(name)
-        cfg = resolve_config(name, args.preset, {})
+        cfg = resolve_config(name, args.preset, {}).task
         model = module.build_model(cfg)
         print(module.__doc__.strip().splitlines()[0].replace("``", ""))
         print(f"  presets: {', '.join(module.PRESETS)}")
@@ -114,7 +115,7 @@ def _list(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     cfg = resolve_config(args.task, args.preset, parse_overrides(args.set))
     out = Path(args.out or f"runs/{args.task}-compare-{args.preset}")
-    task = task_module(args.task).make(cfg, args.data_dir)
+    task = task_module(args.task).make(cfg.task, args.data_dir)
     run_compare(task, out, seeds=args.seeds, config=cfg, preset=args.preset, device=args.device)
     print((out / "compare.md").read_text())
 
@@ -122,7 +123,7 @@ def _compare(args: argparse.Namespace) -> None:
 def _analyse(args: argparse.Namespace) -> None:
     cfg = resolve_config(args.task, args.preset, parse_overrides(args.set))
     out = Path(args.out or f"runs/{args.task}-analyse-{args.preset}-seed{args.seed}")
-    task = task_module(args.task).make(cfg, args.data_dir)
+    task = task_module(args.task).make(cfg.task, args.data_dir)
     run_analyse(task, out, config=cfg, seed=args.seed, subsets=tuple(args.subsets), preset=args.preset, device=args.device)
     print((out / "analyse.md").read_text())
 
@@ -135,7 +136,7 @@ def _run(args: argparse.Namespace) -> None:
         )
     cfg = resolve_config(args.task, args.preset, overrides)
     out = Path(args.out or f"runs/{args.task}-{args.command}-{args.preset}-seed{args.seed}")
-    task = task_module(args.task).make(cfg, args.data_dir)
+    task = task_module(args.task).make(cfg.task, args.data_dir)
     summary = run_procedure(
         args.command,
         task,
@@ -158,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "report":
-            print(report.write(args.dir))
+            print(report.stage_table(report.read(args.dir)), flush=True)  # shown even where the files cannot be rewritten
+            print(f"report: {report.write(args.dir)}")
         elif args.command == "list":
             _list(args)
         elif args.command == "compare":
@@ -179,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         # stdout at /dev/null so that flushing it at exit does not raise a second time.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except Exception:  # not the user's input: a bug in topdown (or below it)
+        traceback.print_exc()
+        print("topdown: internal error: this is a bug, not your input; please report it with the command and the traceback above",
+              file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Fair comparison of the cascade against baselines (DESIGN.md section 3), over seeds.
+"""Fair comparison of the cascade against baselines, over seeds (README, "Fair comparisons").
 
 Per seed s, four arms, each measured on the test set of the model validation chose:
 
@@ -22,11 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from .config import merge
+from .config import RunConfig
 from .errors import ConfigError
-from .loop import derive_seed
 from .procedures import run_or_resume
-from .report import PERCENT_METRICS, format_metric, write_record
+from .metrics import PERCENT_METRICS
+from .report import format_metric, write_record
+from .seeds import derive_seed
 from .runs import atomic_write
 from .task import Task
 
@@ -88,12 +89,13 @@ def _entry(chosen: dict[str, Any], trained: list[dict[str, Any]], metric: str) -
     }
 
 
-def run_compare(task: Task, out: str | Path, *, seeds: int, config: dict[str, Any], preset: str | None = None, device=None) -> dict[str, Any]:
+def run_compare(task: Task, out: str | Path, *, seeds: int, config: RunConfig, preset: str | None = None, device=None) -> dict[str, Any]:
     """Run (or resume) every arm for seeds 0..seeds-1; write ``compare.json``, ``compare.md``, ``compare.png``."""
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     out = Path(out)
-    metric, lower = task.metric, task.lower_is_better
+    primary = task.primary
+    metric, lower = primary.name, primary.lower_is_better
     results: dict[str, dict[int, dict[str, Any]]] = {arm: {} for arm in ARMS}
     for seed in range(seeds):
         cascade = run_or_resume("cascade", task, out / "runs" / f"cascade-seed{seed}", config=config, seed=seed, preset=preset, device=device)
@@ -103,7 +105,7 @@ def run_compare(task: Task, out: str | Path, *, seeds: int, config: dict[str, An
         results["cascade"][seed] = {**_entry(chosen, cascade["stages"], metric), "runs": [f"cascade-seed{seed}"]}
 
         budget = sum(st["epochs"] for st in cascade["stages"])
-        equal_cfg = merge(config, {"train": {"epochs": budget}})
+        equal_cfg = config.updated({"train": {"epochs": budget}})
         equal = run_or_resume("baseline", task, out / "runs" / f"equal-epochs-seed{seed}", config=equal_cfg, seed=seed, preset=preset, device=device)
         results["baseline-equal-epochs"][seed] = {**_entry(equal["stages"][0], equal["stages"], metric), "runs": [f"equal-epochs-seed{seed}"]}
 
@@ -113,7 +115,10 @@ def run_compare(task: Task, out: str | Path, *, seeds: int, config: dict[str, An
             name = f"baseline-seed{seed}-extra{j}"
             s = run_or_resume("baseline", task, out / "runs" / name, config=config, seed=derive_seed(seed, 10_000 + j) % 2**31, preset=preset, device=device)
             pool.append((s["stages"][0], name))
-        best = min(pool, key=lambda p: p[0]["val"][metric] if lower else -p[0]["val"][metric])  # validation only
+        best = pool[0]
+        for candidate in pool[1:]:  # chosen on validation only
+            if primary.better(candidate[0]["val"][metric], best[0]["val"][metric]):
+                best = candidate
         results["best-of-k"][seed] = {
             **_entry(best[0], [p[0] for p in pool], metric),
             "k": k, "chosen_run": best[1], "runs": [p[1] for p in pool],
@@ -132,7 +137,7 @@ def run_compare(task: Task, out: str | Path, *, seeds: int, config: dict[str, An
             "per_seed": [results[arm][s] for s in range(seeds)],
         }
     record = {"task": task.name, "preset": preset, "seeds": seeds, "metric": metric, "lower_is_better": lower,
-              "config": config, "arms": arms, "note": task.info.get("note")}
+              "config": config.as_dict(), "arms": arms, "note": task.info.get("note")}
     write_record(out, "compare", record, render, plot)
     return record
 
@@ -181,14 +186,12 @@ def render(record: dict[str, Any]) -> str:
 
 
 def plot(record: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: a library call leaves the user's backend alone
 
     m = record["metric"]
     scale = 100 if m in PERCENT_METRICS else 1
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     arms = list(record["arms"])
     n = record["seeds"]
     offsets = np.linspace(-0.15, 0.15, n) if n > 1 else np.zeros(1)  # seed j sits at the same offset in every arm
@@ -203,4 +206,3 @@ def plot(record: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{record['task']} ({record['preset']}): {record['seeds']} seeds; black = mean ± std")
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
-    plt.close(fig)

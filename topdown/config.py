@@ -1,18 +1,26 @@
-"""Configuration: the method's options as dataclasses, and ``--set key=value`` over nested dicts.
+"""The run configuration: one typed object, resolved once where a run starts, validated in one place.
 
-A run's resolved configuration is one nested dict: the task's ``data`` and ``model``
-sections plus ``train`` (one stage's recipe), ``cascade`` (the cascade's options) and
-``procedure`` (split and subset). Only keys that already exist can be set, so a typo is
-an error rather than a silently ignored option.
+A run's configuration is a ``RunConfig``: the method's sections (``train``, one stage's
+recipe; ``cascade``, the cascade's options; ``procedure``, split and subset) as typed
+dataclasses, plus the task's own sections (``data``, ``model``, ...). Every field states
+its constraint once, where it is declared (``option(default, ge=..., choices=...)``); a value
+outside it is refused when the object is built, naming the key, the value and what is allowed.
+
+On the command line the configuration is layered as nested dicts (method defaults, the
+task's defaults, its preset, ``--set`` overrides: ``merge``), then typed once. Only keys that
+already exist can be set, so a typo is an error rather than a silently ignored option.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 import re
 import types
 import typing
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import yaml
@@ -20,55 +28,204 @@ import yaml
 from .errors import ConfigError
 
 
-@dataclass
-class TrainConfig:
+@dataclass(frozen=True)
+class Check:
+    """A field's allowed values: bounds (for numbers, and for each item of a list) or a set of choices.
+
+    Numbers must also be finite (no NaN or infinity)."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    choices: tuple[Any, ...] | None = None
+
+    def allowed(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        parts = [f"{op} {bound:g}" for op, bound in ((">", self.gt), (">=", self.ge), ("<", self.lt), ("<=", self.le)) if bound is not None]
+        return "a finite number" + (" " + " and ".join(parts) if parts else "")
+
+    def accepts(self, value: Any) -> bool:
+        if self.choices is not None:
+            return value in self.choices
+        if value is None:
+            return True
+        if isinstance(value, list):
+            return all(self.accepts(v) for v in value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return True  # the type check speaks for non-numbers
+        x = float(value)
+        return math.isfinite(x) and (
+            (self.gt is None or x > self.gt) and (self.ge is None or x >= self.ge)
+            and (self.lt is None or x < self.lt) and (self.le is None or x <= self.le)
+        )
+
+
+def option(default: Any = dataclasses.MISSING, *, gt=None, ge=None, lt=None, le=None, choices=None, default_factory=dataclasses.MISSING):
+    """A dataclass field with its constraint (see ``Check``)."""
+    check = Check(gt, ge, lt, le, tuple(choices) if choices is not None else None)
+    return field(default=default, default_factory=default_factory, metadata={"check": check})
+
+
+def validate(obj: Any, section: str) -> None:
+    """Check every field of the dataclass ``obj`` against its type and its ``Check``."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{section}.{f.name}"
+        check = f.metadata.get("check", Check())
+        if check.choices is None and not _matches(value, hints[f.name]):
+            raise ConfigError(f"{key} expects {_type_name(hints[f.name])}, got {value!r}")
+        if not check.accepts(value):
+            raise ConfigError(f"{key} is {value!r}; allowed: {check.allowed()}")
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Does ``value`` fit the type annotation ``hint`` (``int`` counts as ``float``)?"""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+class Section:
+    """Base of the typed sections: validated when built, and rebuilt (revalidated) by ``replace``."""
+
+    SECTION: typing.ClassVar[str]
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # ints are accepted for floats; store them as floats
+            if typing.get_type_hints(type(self))[f.name] in (float, float | None) and type(getattr(self, f.name)) is int:
+                object.__setattr__(self, f.name, float(getattr(self, f.name)))
+        validate(self, self.SECTION)
+        self.check_relations()
+
+    def check_relations(self) -> None:
+        """Constraints between fields (override where a section has some)."""
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]):
+        """Build the section (nested sections included) from a dict: unknown keys and bad values are errors."""
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in fields(cls)}
+        if unknown := sorted(set(values) - known):
+            raise ConfigError(f"unknown config key {cls.SECTION}.{unknown[0]!r}; known keys here: {', '.join(sorted(known))}")
+        return cls(**{k: hints[k].from_dict(v) if isinstance(hints[k], type) and issubclass(hints[k], Section) and isinstance(v, Mapping) else v
+                      for k, v in values.items()})
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return asdict(cls())
+
+
+@dataclass(frozen=True)
+class TrainConfig(Section):
     """One stage's training recipe. The learning rate decays on validation plateaus and
     training stops early, so every stage (and the baseline) ends at a low learning rate."""
     SECTION: typing.ClassVar[str] = "train"
 
-    epochs: int = 10  # at most this many epochs
-    optimizer: str = "adam"  # adam | adamw | sgd | ntasgd (sgd, then averaged sgd once validation stops improving)
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9  # sgd only
-    clip: float = 5.0  # gradient-norm clipping; 0 turns it off
-    lr_decay: float = 0.5  # multiply the lr by this after `lr_patience` epochs without improvement
-    lr_patience: int = 1
-    min_lr: float = 0.0  # stop once the lr falls below this
-    early_stop: int = 0  # stop after this many epochs without improvement; 0 = never
+    epochs: int = option(10, ge=1)  # at most this many epochs
+    optimizer: str = option("adam", choices=("adam", "adamw", "sgd", "ntasgd"))  # ntasgd: sgd, then averaged sgd once validation stops improving
+    lr: float = option(1e-3, ge=0)  # 0 trains nothing (a control that keeps the starting weights)
+    weight_decay: float = option(0.0, ge=0)
+    momentum: float = option(0.9, ge=0, lt=1)  # sgd only
+    clip: float = option(5.0, ge=0)  # gradient-norm clipping; 0 turns it off
+    lr_decay: float = option(0.5, gt=0, le=1)  # multiply the lr by this after `lr_patience` epochs without improvement
+    lr_patience: int = option(1, ge=1)
+    min_lr: float = option(0.0, ge=0)  # stop once the lr falls below this
+    early_stop: int = option(0, ge=0)  # stop after this many epochs without improvement; 0 = never
     restore_best: bool = True  # end the stage with its best-on-validation epoch's weights
     monitor: str = ""  # validation metric for the best epoch, lr decay and early stopping; "" = the task's metric
-    nonmono: int = 5  # ntasgd: start averaging once validation is worse than the best of all epochs but the last `nonmono`
-    amp: str = ""  # "bf16": mixed precision (autocast) for the training forward pass; "" = full precision
-    warmup_steps: int = 0  # > 0: the lr ramps linearly from lr/warmup_steps to lr over this many batches (per stage)
+    nonmono: int = option(5, ge=0)  # ntasgd: start averaging once validation is worse than the best of all epochs but the last `nonmono`
+    amp: str = option("", choices=("", "bf16"))  # "bf16": mixed precision (autocast) for the training forward pass
+    warmup_steps: int = option(0, ge=0)  # > 0: the lr ramps linearly from lr/warmup_steps to lr over this many batches (per stage)
 
 
-@dataclass
-class CascadeConfig:
+@dataclass(frozen=True)
+class CascadeConfig(Section):
     """Options of the top-down cascade. Defaults are ours, not the paper's: its abstract
     gives none of them. See docs/method.md."""
     SECTION: typing.ClassVar[str] = "cascade"
 
-    splits: list[int] | None = None  # descending splits; default L-1, L-2, ..., 1
-    epochs: int | None = None  # per stage; default train.epochs
-    lr: float | None = None  # per stage; default train.lr
+    splits: list[int] | None = option(None, ge=1)  # strictly descending splits; default L-1, L-2, ..., 1
+    epochs: int | None = option(None, ge=1)  # per stage; default train.epochs
+    lr: float | None = option(None, ge=0)  # per stage; default train.lr
     reinit: bool = True  # False: warm-start the feature extractor (ablation)
-    candidates: int = 1  # models per stage (different seeds); the best on validation competes
-    patience: int | None = None  # stop after this many rejected stages in a row
-    finetune_epochs: int = 0  # > 0: a final stage training all blocks jointly (ablation)
-    finetune_lr: float | None = None  # default 0.1 * the stage lr
+    candidates: int = option(1, ge=1)  # models per stage (different seeds); the best on validation competes
+    patience: int | None = option(None, ge=1)  # stop after this many rejected stages in a row
+    finetune_epochs: int = option(0, ge=0)  # > 0: a final stage training all blocks jointly (ablation)
+    finetune_lr: float | None = option(None, ge=0)  # default 0.1 * the stage lr
     frozen_dropout: bool = False  # keep dropout active inside frozen blocks
 
+    def check_relations(self) -> None:
+        s = self.splits
+        if s is not None and any(a <= b for a, b in zip(s, s[1:])):
+            raise ConfigError(f"cascade.splits must be strictly descending, got {s!r}")
 
-@dataclass
-class ProcedureConfig:
+
+@dataclass(frozen=True)
+class ProcedureConfig(Section):
     SECTION: typing.ClassVar[str] = "procedure"
-    split: int | None = None  # retrain-classifier and transfer-classifier
-    subset: float | None = None  # transfer-classifier: fraction of the training data
+    split: int | None = option(None, ge=1)  # retrain-classifier and transfer-classifier
+    subset: float | None = option(None, gt=0, lt=1)  # transfer-classifier: fraction of the training data
+
+
+METHOD_SECTIONS = {cls.SECTION: cls for cls in (TrainConfig, CascadeConfig, ProcedureConfig)}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run is configured by: the method's typed sections and the task's own sections.
+
+    ``task`` holds the task's sections (``data``, ``model``, ...) as resolved from its defaults
+    and preset; the task validates them when it is built (``make``)."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
+    procedure: ProcedureConfig = field(default_factory=ProcedureConfig)
+    task: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any], task_sections: Mapping[str, type[Section]] | None = None) -> "RunConfig":
+        """Type a resolved nested dict (missing method sections take their defaults); the task's
+        sections are checked against ``task_sections`` (the task's declared options), if given."""
+        sections = {name: section_cls.from_dict(config.get(name) or {}) for name, section_cls in METHOD_SECTIONS.items()}
+        for name, section_cls in (task_sections or {}).items():
+            section_cls.from_dict(config.get(name) or {})
+        return cls(**sections, task=copy.deepcopy({k: v for k, v in config.items() if k not in METHOD_SECTIONS}))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The nested dict recorded in ``summary.json`` and in every checkpoint."""
+        return {**{name: asdict(getattr(self, name)) for name in METHOD_SECTIONS}, **copy.deepcopy(dict(self.task))}
+
+    def updated(self, overrides: Mapping[str, Any]) -> "RunConfig":
+        """A copy with nested ``overrides`` applied (unknown keys are errors), validated again."""
+        return RunConfig.from_dict(merge(self.as_dict(), dict(overrides)))
+
+    def stage_train(self) -> TrainConfig:
+        """The recipe of a cascade-type stage: the cascade's epochs and lr override the baseline's."""
+        return self.train.replace(epochs=self.cascade.epochs or self.train.epochs, lr=self.cascade.lr if self.cascade.lr is not None else self.train.lr)
 
 
 def method_defaults() -> dict[str, Any]:
-    return {"train": asdict(TrainConfig()), "cascade": asdict(CascadeConfig()), "procedure": asdict(ProcedureConfig())}
+    return RunConfig().as_dict()
 
 
 def merge(base: dict[str, Any], update: dict[str, Any], where: str = "") -> dict[str, Any]:
@@ -125,29 +282,3 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[leaf] = value
     return out
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    """Does ``value`` fit the type annotation ``hint`` (``int`` counts as ``float``)?"""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, h) for h in typing.get_args(hint))
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_matches(v, item) for v in value)
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
-def from_dict(cls, section: dict[str, Any]):
-    """Build a config dataclass from its section, checking each value against the field's type."""
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        if not _matches(section[f.name], hints[f.name]):
-            raise ConfigError(f"config key {cls.SECTION}.{f.name} expects {hints[f.name]}, got {section[f.name]!r}".replace("typing.", ""))
-    return cls(**{f.name: section[f.name] for f in fields(cls)})

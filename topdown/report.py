@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TopdownError
+from .metrics import PERCENT_METRICS
 from .runs import RunDir, atomic_write, write_json
 
 
-PERCENT_METRICS = ("wer", "cer", "error", "wer_beam", "cer_beam")  # fractions in [0, 1], shown as percentages
 
 
 def format_metric(value: float | None, metric: str, sign: bool = True) -> str:
@@ -52,13 +52,11 @@ def stage_table(summary: dict[str, Any]) -> str:
 
 def plot_curves(summary: dict[str, Any], metrics: list[dict[str, Any]], path: Path) -> None:
     """Validation metric and training loss per epoch, stages laid end to end."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: a library call leaves the user's backend alone
 
     metric = summary["metric"]
-    fig, (ax_val, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax_val, ax_loss = fig.subplots(1, 2)
     offset = 0
     for stage in summary["stages"]:
         for c in range(max(1, len(stage["candidates"]))):
@@ -68,15 +66,15 @@ def plot_curves(summary: dict[str, Any], metrics: list[dict[str, Any]], path: Pa
             x = [offset + r["epoch"] for r in rows]
             label = f"stage {stage['index']} ({stage['role']})" if c == 0 else None
             color = f"C{stage['index'] % 10}"
-            ax_val.plot(x, [r["val"][metric] for r in rows], marker=".", color=color, label=label)
-            ax_loss.plot(x, [r["train_loss"] for r in rows], marker=".", color=color, label=label)
+            ax_val.plot(x, [r["val"].get(metric) for r in rows], marker=".", color=color, label=label)
+            ax_loss.plot(x, [r.get("train_loss") for r in rows], marker=".", color=color, label=label)
         offset += max([r["epoch"] for r in metrics if r["stage"] == stage["index"]], default=0)
     ax_val.set(xlabel="epoch (stages end to end)", ylabel=f"validation {metric}", title=f"{summary['task']}: {summary['procedure']}")
     ax_loss.set(xlabel="epoch (stages end to end)", ylabel="training loss", yscale="log")
-    ax_val.legend(fontsize=8)
+    if ax_val.get_legend_handles_labels()[0]:
+        ax_val.legend(fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
-    plt.close(fig)
 
 
 def render(summary: dict[str, Any]) -> str:
@@ -99,12 +97,18 @@ def render(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def read(path: str | Path) -> dict[str, Any]:
+    """The run record of the run directory ``path``."""
+    summary = RunDir(path).read_summary()
+    if summary is None:
+        raise TopdownError(f"{path} holds no run (no summary.json)")
+    return summary
+
+
 def write(path: str | Path) -> Path:
     """(Re-)render ``report.md`` and ``curves.png`` of the run directory ``path``."""
     run = RunDir(path)
-    summary = run.read_summary()
-    if summary is None:
-        raise TopdownError(f"{path} holds no run (no summary.json)")
+    summary = read(path)
     plot_curves(summary, run.read_metrics(), run.path / "curves.png")
     out = run.path / "report.md"
     atomic_write(out, lambda p: p.write_text(render(summary)))

@@ -23,19 +23,31 @@ from safetensors import safe_open
 from .errors import TopdownError
 
 
+class WriteError(TopdownError):
+    """A file could not be written (permissions, a full disk, a file where a directory should be)."""
+
+
+def _reason(e: Exception) -> str:
+    return getattr(e, "strerror", None) or str(e).splitlines()[0] or type(e).__name__
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write via a temporary file in the same directory, then rename: readers (and a
-    process killed mid-write) see the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    process killed mid-write) see the old file or the new one, never half of one. A failure
+    (no permission, a full disk) is a ``WriteError`` naming the path; the old file is intact."""
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         write(Path(tmp))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        raise WriteError(f"cannot write {path}: {_reason(e)}") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -102,8 +114,10 @@ class RunDir:
             return None
         try:
             return json.loads(self.summary_path.read_text())
-        except json.JSONDecodeError as e:
-            raise TopdownError(f"{self.summary_path} is not valid JSON ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TopdownError(f"{self.summary_path} is corrupt, not a run record ({str(e).splitlines()[0][:120]})") from None
+        except OSError as e:
+            raise TopdownError(f"cannot read {self.summary_path}: {_reason(e)}") from None
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         if self.writer:
@@ -116,14 +130,20 @@ class RunDir:
 
     def log_metrics(self, record: dict[str, Any]) -> None:
         if self.writer:
-            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise WriteError(f"cannot write {self.metrics_path}: {_reason(e)}") from None
 
     def keep_metrics(self, keep: Callable[[dict[str, Any]], bool]) -> None:
         """Drop metric lines a resumed run will write again (epochs after its resume point)."""
         if self.writer and self.metrics_path.is_file():
-            kept = [r for r in self.read_metrics() if keep(r)]
+            lines = self.read_metrics()
+            kept = [r for r in lines if keep(r)]
+            if len(kept) == len(lines):
+                return  # nothing to drop: write nothing (a finished run may be read-only)
             atomic_write(self.metrics_path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
 
     def save_model(self, name: str, state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
@@ -135,6 +155,21 @@ class RunDir:
 
     def state_file(self, stage: int, candidate: int) -> Path:
         return self.state / f"stage-{stage}-candidate-{candidate}.safetensors"
+
+    def candidate_file(self, stage: int, candidate: int) -> Path:
+        return self.state / f"stage-{stage}-candidate-{candidate}.result.safetensors"
+
+    def save_candidate(self, stage: int, candidate: int, weights: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """A finished candidate of a stage with several (its weights and results), until the stage is recorded."""
+        if self.writer:
+            save_tensors(self.candidate_file(stage, candidate), weights, {"candidate": meta})
+
+    def load_candidate(self, stage: int, candidate: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        path = self.candidate_file(stage, candidate)
+        if not path.is_file():
+            return None
+        tensors, meta = load_tensors(path)
+        return tensors, meta["candidate"]
 
     def clear_state(self, stage: int) -> None:
         if self.writer:

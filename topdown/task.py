@@ -10,11 +10,13 @@ import torch
 from torch import nn
 
 from .blocks import BlockSpec
+from .metrics import Metric
 
 
 @dataclass
 class Task:
-    """A model family plus its data, as the procedures see it.
+    """A model family plus its data, as our training loop (``fit``) sees it. A user with their
+    own loop needs none of this: they drive a plan (``topdown.Cascade``, ...) directly.
 
     - ``build_model()`` returns a freshly initialised model; the procedures seed the
       global RNG before calling it, so it must draw its initial values from ``torch``'s RNG.
@@ -26,6 +28,8 @@ class Task:
     - ``loss(model, batch)`` returns the scalar training loss of one batch.
     - ``evaluate(model, split)`` returns metrics for ``"val"`` or ``"test"``; it must
       contain ``metric``.
+    - ``metric``: the primary validation metric (stage acceptance); its direction is
+      ``lower_is_better``, or known from its name (``Metric.named``).
     - ``info``: JSON-serialisable facts the trained model depends on (a vocabulary,
       feature statistics); recorded in ``summary.json`` as ``task_info`` and in every
       checkpoint's metadata, so a model can be used without the training data.
@@ -38,10 +42,10 @@ class Task:
     loss: Callable[[nn.Module, Any], torch.Tensor]
     evaluate: Callable[[nn.Module, str], Mapping[str, float]]
     metric: str = "loss"
-    lower_is_better: bool = True
+    lower_is_better: bool | None = None
     shared: Mapping[str, str] = field(default_factory=dict)
     info: Mapping[str, Any] = field(default_factory=dict)
 
-    def better(self, a: float, b: float | None) -> bool:
-        """Is metric value ``a`` strictly better than ``b`` (``None`` = nothing yet)?"""
-        return b is None or (a < b if self.lower_is_better else a > b)
+    @property
+    def primary(self) -> Metric:
+        return Metric.named(self.metric, self.lower_is_better)

@@ -1,6 +1,8 @@
 """Built-in tasks. Each module defines ``DEFAULTS`` (its config sections), ``PRESETS``
-(overrides of those defaults), ``block_names(model_cfg)``, ``build_model(model_cfg)`` and
-``make(cfg, data_dir) -> Task``. Modules are imported only when their task is used."""
+(overrides of those defaults), ``SECTIONS`` (its sections' declared options, with their
+constraints; the defaults are derived from them), ``block_names(model_cfg)``, ``build_model(sections)`` and
+``make(sections, data_dir) -> Task``, where ``sections`` are the task's own config sections
+(``RunConfig.task``). Modules are imported only when their task is used."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import importlib
 from types import ModuleType
 from typing import Any
 
-from ..config import merge, method_defaults
+from ..config import RunConfig, merge, method_defaults
 from ..errors import ConfigError
 
 TASKS = {
@@ -26,11 +28,11 @@ def task_module(name: str) -> ModuleType:
     return importlib.import_module(TASKS[name])
 
 
-def resolve_config(name: str, preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Method defaults, then the task's defaults, then the preset, then ``--set`` overrides."""
+def resolve_config(name: str, preset: str, overrides: dict[str, Any]) -> RunConfig:
+    """Method defaults, then the task's defaults, then the preset, then ``--set`` overrides, typed once."""
     module = task_module(name)
     if preset not in module.PRESETS:
         raise ConfigError(f"task {name!r} has no preset {preset!r}; presets: {', '.join(module.PRESETS)}")
     base = {**method_defaults(), **{k: v for k, v in module.DEFAULTS.items() if k not in ("train", "cascade")}}
     base = merge(base, {k: v for k, v in module.DEFAULTS.items() if k in ("train", "cascade")})
-    return merge(merge(base, module.PRESETS[preset]), overrides)
+    return RunConfig.from_dict(merge(merge(base, module.PRESETS[preset]), overrides), getattr(module, "SECTIONS", None))

@@ -7,22 +7,44 @@ output layer is the last, so the frozen-BatchNorm invariants are exercised by a 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import DataError
+from ..config import Section, option
+from ..errors import ConfigError, DataError
 from ..task import Task
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "digits" / "digits.npz"
 
+@dataclass(frozen=True)
+class Data(Section):
+    SECTION: ClassVar[str] = "data"
+    val_fraction: float = option(0.2, gt=0, lt=1)  # of the 1797 images, a fixed split whatever the seed
+    test_fraction: float = option(0.2, gt=0, lt=1)
+    batch_size: int = option(64, ge=2)  # BatchNorm needs two examples
+
+    def check_relations(self) -> None:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError(f"data.val_fraction + data.test_fraction must be below 1 (got {self.val_fraction} + {self.test_fraction})")
+
+
+@dataclass(frozen=True)
+class Model(Section):
+    SECTION: ClassVar[str] = "model"
+    hidden: int = option(64, ge=1)
+    layers: int = option(3, ge=1)
+    dropout: float = option(0.1, ge=0, lt=1)
+
+
+SECTIONS = {"data": Data, "model": Model}
 DEFAULTS: dict[str, Any] = {
-    "data": {"val_fraction": 0.2, "test_fraction": 0.2, "batch_size": 64},
-    "model": {"hidden": 64, "layers": 3, "dropout": 0.1},
+    **{name: section.defaults() for name, section in SECTIONS.items()},
     "train": {"epochs": 30, "lr": 0.003, "lr_patience": 2, "early_stop": 6},
 }
 PRESETS: dict[str, dict[str, Any]] = {

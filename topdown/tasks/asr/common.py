@@ -102,11 +102,6 @@ def feature_dim(data_cfg: dict[str, Any], raw: int = an4.N_CEPS) -> int:
     return raw * (3 if data_cfg["deltas"] else 1) * data_cfg["stack"]
 
 
-def encode(text: str) -> torch.Tensor:
-    """AN4 transcript -> target ids (kept for callers of the original API)."""
-    return AN4_VOCAB.encode(text, "transcript")
-
-
 @dataclass
 class Corpus:
     splits: dict[str, list[an4.Utterance]]  # train, val, test
@@ -244,12 +239,6 @@ def spec_augment(feats: torch.Tensor, lengths: torch.Tensor, cfg: dict[str, int]
 def ctc(logits: torch.Tensor, out_lengths: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (T, B, V)
     return F.ctc_loss(log_probs, targets, out_lengths, target_lengths, blank=BLANK, reduction=reduction)
-
-
-def ctc_loss(model: nn.Module, batch: tuple) -> torch.Tensor:
-    """The training loss: CTC, averaged over the batch (each utterance's loss per target character)."""
-    feats, lengths, targets, target_lengths = batch
-    return ctc(*model(feats, lengths), targets, target_lengths)
 
 
 def greedy_decode(logits: torch.Tensor, lengths: torch.Tensor, vocab: Vocab = AN4_VOCAB) -> list[str]:

@@ -20,18 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...config import TrainConfig
 from ...task import Task
 from . import common
-
-# The learning-rate warm-up lives in the core loop (TrainConfig.warmup_steps); an older
-# core without it trains without warm-up rather than failing on an unknown config key.
-_HAS_WARMUP = "warmup_steps" in TrainConfig.__dataclass_fields__
-
-
-def _warmup(steps: int) -> dict[str, int]:
-    return {"warmup_steps": steps} if _HAS_WARMUP else {}
-
 
 DEFAULTS: dict[str, Any] = {
     # AN4: 13 cepstra + deltas + delta-deltas at 100 frames/s; the convolutional front end
@@ -42,13 +32,13 @@ DEFAULTS: dict[str, Any] = {
     "model": {"d_model": 144, "heads": 4, "ff": 576, "layers": 4, "channels": 64, "dropout": 0.1},
     # As for asr-rnn: CTC emits only blanks for a while, so the schedule watches the
     # validation CTC loss. Warm-up over ~1.6 epochs (93 batches of 8 per epoch on AN4).
-    "train": {"epochs": 40, "lr": 0.002, "lr_patience": 2, "early_stop": 5, "monitor": "loss", "min_lr": 1e-5, **_warmup(150)},
+    "train": {"epochs": 40, "lr": 0.002, "lr_patience": 2, "early_stop": 5, "monitor": "loss", "min_lr": 1e-5, "warmup_steps": 150},
 }
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "data": {"limit": 48, "spec_augment": {"freq_masks": 0, "time_masks": 0}},
         "model": {"d_model": 32, "heads": 2, "ff": 64, "layers": 2, "channels": 8},
-        "train": {"epochs": 2, **_warmup(2)},
+        "train": {"epochs": 2, "warmup_steps": 2},
         "decode": {"beam": 0},
     },
     # demo: baseline and two cascade stages (classifier = output; = layer3, layer4, output).
@@ -65,7 +55,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"deltas": False, "batch_size": 32, "val_speakers": 10,
                  "spec_augment": {"freq_masks": 2, "freq_width": 30, "time_masks": 2, "time_width": 40}},
         "model": {"d_model": 256, "heads": 4, "ff": 2048, "layers": 12, "channels": 256, "dropout": 0.1},
-        "train": {"epochs": 100, "lr": 0.001, "early_stop": 5, "lr_patience": 2, "clip": 5.0, "amp": "bf16", **_warmup(25000)},
+        "train": {"epochs": 100, "lr": 0.001, "early_stop": 5, "lr_patience": 2, "clip": 5.0, "amp": "bf16", "warmup_steps": 25000},
         "decode": {"beam": 16},
     },
 }

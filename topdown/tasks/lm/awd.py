@@ -11,28 +11,65 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ...errors import ConfigError, DataError
+from ...config import Section, option
+from ...errors import DataError
 from ...task import Task
 from . import corpus
 from .model import TIE_MODES, AWDLSTM, detach
 
 LIGHT_DROPOUT = {"dropouti": 0.4, "dropouth": 0.2, "dropout": 0.3, "wdrop": 0.3}
 
+
+@dataclass(frozen=True)
+class Data(Section):
+    """bptt 70, eval batch 10 and variable-length BPTT as AWD-LSTM; batch 20 (AWD-LSTM: 80) for a CPU."""
+    SECTION: ClassVar[str] = "data"
+    batch_size: int = option(20, ge=1)
+    eval_batch_size: int = option(10, ge=1)
+    bptt: int = option(70, ge=2)
+    variable_bptt: bool = True
+    limit_tokens: int = option(0, ge=0)  # > 0: only a prefix of each split (the tiny preset)
+
+
+def _dropout(p: float):
+    return option(p, ge=0, lt=1)
+
+
+@dataclass(frozen=True)
+class Model(Section):
+    """AWD-LSTM's regularisation defaults; CPU sizes (the paper's are the `paper` preset)."""
+    SECTION: ClassVar[str] = "model"
+    emsize: int = option(64, ge=1)
+    hidden: int = option(128, ge=1)
+    layers: int = option(3, ge=1)
+    # the tied embedding/softmax matrix crosses every split, so say what it belongs to: classifier
+    # (the decoder owns it, frozen with the classifier), untie (separate matrices after the
+    # baseline) or none (never tied)
+    tie: str = option("classifier", choices=TIE_MODES)
+    dropoute: float = _dropout(0.1)
+    dropouti: float = _dropout(0.65)
+    dropouth: float = _dropout(0.3)
+    dropout: float = _dropout(0.4)
+    wdrop: float = _dropout(0.5)
+
+
+@dataclass(frozen=True)
+class Loss(Section):
+    SECTION: ClassVar[str] = "loss"
+    alpha: float = option(2.0, ge=0)  # activation regularisation (AR)
+    beta: float = option(1.0, ge=0)  # temporal activation regularisation (TAR)
+
+
+SECTIONS = {"data": Data, "model": Model, "loss": Loss}
 DEFAULTS: dict[str, Any] = {
-    # bptt 70, eval batch 10 and variable-length BPTT as AWD-LSTM; batch 20 (AWD-LSTM: 80) for a CPU
-    "data": {"batch_size": 20, "eval_batch_size": 10, "bptt": 70, "variable_bptt": True, "limit_tokens": 0},
-    # AWD-LSTM's regularisation defaults; CPU sizes (the paper's are the `paper` preset)
-    "model": {
-        "emsize": 64, "hidden": 128, "layers": 3, "tie": "classifier",
-        "dropoute": 0.1, "dropouti": 0.65, "dropouth": 0.3, "dropout": 0.4, "wdrop": 0.5,
-    },
-    "loss": {"alpha": 2.0, "beta": 1.0},  # AR and TAR coefficients
+    **{name: section.defaults() for name, section in SECTIONS.items()},
     # NT-ASGD (the loop's `ntasgd`): SGD at lr 30 without momentum, clip 0.25, weight decay
     # 1.2e-6, nonmono 5, no plateau decay; early stopping on validation perplexity ends each
     # stage (AWD-LSTM trains one run for 750 epochs instead)
@@ -65,22 +102,11 @@ def block_names(model_cfg: dict[str, Any]) -> list[tuple[str, list[str]]]:
     return [("embedding", ["encoder"]), *layers, ("decoder", ["decoder"])]
 
 
-def _check_tie(cfg: dict[str, Any]) -> str:
-    tie = cfg["model"]["tie"]
-    if tie not in TIE_MODES:
-        raise ConfigError(
-            f"model.tie is {tie!r}: the tied embedding/softmax matrix crosses every split, so say what it belongs to: "
-            "'classifier' (the decoder owns it, frozen with the classifier), 'untie' (separate matrices after the "
-            "baseline) or 'none' (never tied)"
-        )
-    return tie
-
-
 def build_model(cfg: dict[str, Any], vocab_size: int | None = None) -> AWDLSTM:
     m = cfg["model"]
     vocab_size = vocab_size or 13777  # without a corpus (`topdown list`): the WT2-small vocabulary's size
     return AWDLSTM(
-        vocab_size, m["emsize"], m["hidden"], m["layers"], tie=_check_tie(cfg),
+        vocab_size, m["emsize"], m["hidden"], m["layers"], tie=m["tie"],
         dropoute=m["dropoute"], dropouti=m["dropouti"], dropouth=m["dropouth"], dropout=m["dropout"], wdrop=m["wdrop"],
     )
 
@@ -98,29 +124,10 @@ def load_corpus(data_cfg: dict[str, Any], data_dir: str | None) -> tuple[list[st
     return vocab, ids
 
 
-def _check_splits(cfg: dict[str, Any], n_blocks: int) -> None:
-    """With tie=classifier the embedding block owns no parameter (its matrix is the decoder's),
-    so a stage that would train only it has nothing to train: the default splits stop at 2."""
-    if cfg["model"]["tie"] != "classifier":
-        return
-    cascade, proc = cfg.setdefault("cascade", {}), cfg.get("procedure", {})
-    if cascade.get("splits") is None:
-        cascade["splits"] = list(range(n_blocks - 1, 1, -1))
-    if 1 in cascade["splits"] or proc.get("split") == 1:
-        raise ConfigError(
-            "split 1 would train only the embedding block, which owns no parameter with model.tie=classifier "
-            "(the tied matrix belongs to the decoder); use splits >= 2, or model.tie=untie"
-        )
-
-
 def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
-    _check_tie(cfg)
     d, lcfg = cfg["data"], cfg["loss"]
-    if d["bptt"] < 2 or d["batch_size"] < 1 or d["eval_batch_size"] < 1:
-        raise ConfigError("data.bptt must be at least 2 and the batch sizes at least 1")
     vocab, ids = load_corpus(d, data_dir)
     blocks = block_names(cfg["model"])
-    _check_splits(cfg, len(blocks))
     bptt = d["bptt"]
     train_streams: dict[float, torch.Tensor] = {}
     evals = {split: corpus.batchify(ids[split], d["eval_batch_size"]) for split in ("val", "test")}

@@ -1,0 +1,172 @@
+"""The plan of stages driven by a hand-written loop: frozen invariants, acceptance, resume after
+SIGKILL, the README example, and our own executor as just one driver of the same plans."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import topdown
+from topdown import CascadeConfig, RunConfig, TrainConfig
+from topdown.loop import fit
+
+from conftest import ROOT, ToyNet, read_summary, toy_data, toy_task, without_seconds
+
+BLOCKS = [("inp", ["inp"]), ("mid", ["mid"]), ("out", ["out"])]
+
+
+def my_training(model: nn.Module, params: list[nn.Parameter], epochs: int = 2) -> None:
+    """A user's own loop: plain SGD over the toy data, nothing from topdown."""
+    x, y = toy_data()
+    opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    for _ in range(epochs):
+        model.train()
+        for i in range(0, 128, 32):
+            loss = F.cross_entropy(model(x[i : i + 32]), y[i : i + 32])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+def val_error(model: nn.Module) -> float:
+    x, y = toy_data()
+    model.eval()
+    with torch.no_grad():
+        return (model(x[128:160]).argmax(1) != y[128:160]).float().mean().item()
+
+
+def new_plan(out, **kw) -> topdown.Cascade:
+    torch.manual_seed(0)
+    return topdown.Cascade(ToyNet(), BLOCKS, build_model=ToyNet, metric="error", out=out, **kw)
+
+
+def test_a_hand_written_loop_drives_a_cascade_with_frozen_blocks_truly_frozen(tmp_path):
+    plan = new_plan(tmp_path / "run")
+    seen = []
+    for stage in plan:
+        model = stage.model
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        buffers = {n: b.clone() for n, b in model.named_buffers() if n.split(".")[0] in stage.frozen_blocks}
+        trainable = {id(p) for p in stage.trainable_parameters()}
+        assert trainable == {id(p) for n, p in model.named_parameters() if n.split(".")[0] in stage.trained_blocks}
+        my_training(model, stage.trainable_parameters())
+        model.train()  # frozen normalisation and dropout stay in eval mode anyway
+        for block in stage.frozen_blocks:
+            assert all(not m.training for m in getattr(model, block).modules())
+        assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+        assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers() if n in buffers)  # BatchNorm statistics
+        record = stage.finish(val={"error": val_error(model)})
+        assert record["accepted"] == stage.accepted and record["index"] == stage.index
+        seen.append((stage.index, stage.trained_blocks))
+    assert seen == [(0, ["inp", "mid", "out"]), (1, ["inp", "mid"]), (2, ["inp"])]
+    summary = read_summary(tmp_path / "run")
+    assert summary == plan.summary and summary["status"] == "complete" and summary["procedure"] == "cascade"
+    assert (tmp_path / "run" / "checkpoints" / "best.safetensors").is_file() and (tmp_path / "run" / "report.md").is_file()
+    # the model comes back as the chosen one, every block trainable again
+    best = topdown.runs.load_tensors(tmp_path / "run" / "checkpoints" / "best.safetensors")[0]
+    assert all(torch.equal(v, best[k]) for k, v in plan.model.state_dict().items())
+    assert all(p.requires_grad for p in plan.model.parameters())
+
+
+def test_acceptance_and_rejection_follow_the_reported_validation_metric(tmp_path):
+    script = iter([0.3, 0.4, 0.1])  # stage 1 is worse than stage 0 (rejected), stage 2 better (accepted)
+    plan = new_plan(tmp_path / "run")
+    for stage in plan:
+        stage.finish(val={"error": next(script), "accuracy": 0.5}, test={"error": 0.25})
+    assert [s["accepted"] for s in plan.summary["stages"]] == [True, False, True]
+    assert plan.summary["chosen_stage"] == 2 and plan.summary["test"] == {"error": 0.25}
+
+
+def test_a_higher_is_better_metric_is_known_by_its_name(tmp_path):
+    script = iter([0.7, 0.6, 0.9])
+    torch.manual_seed(0)
+    plan = topdown.Cascade(ToyNet(), BLOCKS, build_model=ToyNet, metric="accuracy", out=tmp_path / "acc")
+    for stage in plan:
+        stage.finish(val={"accuracy": next(script)})
+    assert [s["accepted"] for s in plan.summary["stages"]] == [True, False, True]
+    assert plan.summary["lower_is_better"] is False
+    with pytest.raises(topdown.ConfigError, match="direction is unknown"):
+        topdown.Cascade(ToyNet(), BLOCKS, build_model=ToyNet, metric="my_score", out=tmp_path / "x")
+
+
+def test_unfinished_stage_and_missing_metric_are_errors(tmp_path):
+    plan = new_plan(tmp_path / "run")
+    stages = iter(plan)
+    first = next(stages)
+    with pytest.raises(topdown.ConfigError, match="lack the plan's metric 'error'"):
+        first.finish(val={"loss": 1.0})
+    with pytest.raises(topdown.TopdownError, match="was not finished"):
+        next(stages)
+
+
+def test_our_loop_is_one_executor_of_the_same_plan(tmp_path):
+    """Driving a plan by hand with ``fit`` gives exactly the summary of ``topdown.cascade``."""
+    task, train = toy_task(), TrainConfig(epochs=2, lr=0.01)
+    ours = topdown.cascade(task, tmp_path / "ours", train=train, cascade=CascadeConfig(candidates=2), seed=5)
+    torch.manual_seed(topdown.seeds.derive_seed(5, 0, 0))
+    plan = topdown.Cascade(task.build_model(), task.blocks, build_model=task.build_model, metric="error", out=tmp_path / "mine",
+                           config=RunConfig(train=train, cascade=CascadeConfig(candidates=2)), seed=5, name="toy")
+    for stage in plan:
+        result = fit(stage.model, task, stage.train, seed=stage.seed, desc=stage.describe(), on_epoch=stage.log)
+        stage.model.eval()
+        with torch.no_grad():
+            test = task.evaluate(stage.model, "test")
+        stage.finish(val=result.val, test=test, epochs=result.epochs)
+    assert without_seconds(plan.summary) == without_seconds(ours)
+
+
+KILLABLE = textwrap.dedent("""
+    import os, signal, sys, torch
+    sys.path.insert(0, {tests!r})
+    import topdown
+    from conftest import ToyNet
+    from test_plan import BLOCKS, my_training, val_error
+    torch.manual_seed(0)
+    plan = topdown.Cascade(ToyNet(), BLOCKS, build_model=ToyNet, metric="error", out=sys.argv[1], seed=3,
+                           resume=len(sys.argv) > 2, config=topdown.RunConfig(cascade=topdown.CascadeConfig(candidates=2)))
+    for stage in plan:
+        torch.manual_seed(stage.seed)
+        my_training(stage.model, stage.trainable_parameters())
+        if os.environ.get("KILL_AT") == f"{{stage.index}}.{{stage.candidate}}":
+            os.kill(os.getpid(), signal.SIGKILL)
+        stage.finish(val={{"error": val_error(stage.model)}}, test={{"error": 0.0}})
+""")
+
+
+@pytest.mark.parametrize("kill_at", ["1.1", "2.0"])
+def test_an_interrupted_plan_resumes_to_the_uninterrupted_result(tmp_path, kill_at):
+    script = tmp_path / "loop.py"
+    script.write_text(KILLABLE.format(tests=str(ROOT / "tests")))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = lambda out, *extra, **e: subprocess.run([sys.executable, str(script), str(out), *extra], env={**env, **e}, capture_output=True, text=True)  # noqa: E731
+    assert run(tmp_path / "whole").returncode == 0
+    killed = run(tmp_path / "resumed", KILL_AT=kill_at)
+    assert killed.returncode == -signal.SIGKILL
+    assert read_summary(tmp_path / "resumed")["status"] == "running"
+    resumed = run(tmp_path / "resumed", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert without_seconds(read_summary(tmp_path / "resumed")) == without_seconds(read_summary(tmp_path / "whole"))
+    assert not list((tmp_path / "resumed" / "state").glob("*"))
+
+
+def test_readme_own_loop_example_runs(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Your own training loop", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        exec(compile(code, "README.md", "exec"), {})
+    finally:
+        os.chdir(cwd)
+    summary = read_summary(tmp_path / "runs" / "my-loop")
+    assert summary["status"] == "complete" and len(summary["stages"]) == 3

@@ -1,0 +1,81 @@
+"""NT-ASGD (Merity et al.'s non-monotonically triggered averaged SGD) as an optimizer, so that
+any loop can use it: plain SGD until validation stops improving, then SGD that also keeps the
+running average of its iterates; the average is what is validated and kept."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from .metrics import Metric
+
+
+class NTASGD(torch.optim.SGD):
+    """SGD plus the trigger and the average. After each epoch's validation call ``observe``;
+    validate (and save) inside ``averaged()``; at the end ``keep_average()`` if the model is to
+    be the average. The trigger's history and the average live in the optimizer's state dict,
+    so a resume point carries them."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, nonmono: int = 5):
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.nonmono = nonmono
+        # kept in the first param group, so state_dict() / load_state_dict() carry them
+        self.param_groups[0].setdefault("nt_history", [])  # validation value per epoch before averaging
+        self.param_groups[0].setdefault("nt_averaged_steps", 0)  # iterates in the average; 0 = not averaging
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    @property
+    def averaging(self) -> bool:
+        return self.param_groups[0]["nt_averaged_steps"] > 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        group = self.param_groups[0]
+        if group["nt_averaged_steps"]:
+            group["nt_averaged_steps"] += 1
+            params = self._params()
+            torch._foreach_lerp_([self.state[p]["ax"] for p in params], params, 1.0 / group["nt_averaged_steps"])
+        return loss
+
+    def observe(self, value: float, metric: Metric) -> bool:
+        """An epoch's validation value; starts averaging (returns True) once it is worse than the
+        best of all epochs but the last ``nonmono``."""
+        group = self.param_groups[0]
+        if self.averaging:
+            return False
+        history = group["nt_history"]
+        older = history[: -self.nonmono] if self.nonmono > 0 else history
+        started = bool(older) and metric.better(metric.best(older), value)
+        if started:
+            for p in self._params():
+                self.state[p]["ax"] = p.detach().clone()
+            group["nt_averaged_steps"] = 1
+        history.append(value)
+        return started
+
+    @contextmanager
+    def averaged(self) -> Iterator[None]:
+        """The averaged weights in the model for the duration (the raw iterates otherwise)."""
+        if not self.averaging:
+            yield
+            return
+        params = self._params()
+        with torch.no_grad():
+            raw = [p.detach().clone() for p in params]
+            torch._foreach_copy_(params, [self.state[p]["ax"] for p in params])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(params, raw)
+
+    def keep_average(self) -> None:
+        if self.averaging:
+            params = self._params()
+            with torch.no_grad():
+                torch._foreach_copy_(params, [self.state[p]["ax"] for p in params])

@@ -1,0 +1,363 @@
+"""A procedure as a plan of stages that any training loop can drive.
+
+    plan = topdown.Cascade(model, blocks, build_model=build, metric="wer", out="runs/x")
+    for stage in plan:                      # stage 0 = baseline, then one per split, top-down
+        opt = make_optimizer(stage.trainable_parameters())
+        my_training(stage.model, opt)       # any loop, schedule, logging, precision
+        stage.finish(val={"wer": my_validation(stage.model)})   # accepted or rejected here
+
+The plan is the method; the loop is not. Before it hands a stage out, the plan loads the
+weights the stage starts from, re-initialises the blocks it trains (by copying them from a
+model freshly built with the stage's seed, so the model's own init scheme is kept) and
+freezes the others (no gradients, eval-mode normalisation). ``finish`` decides acceptance on
+validation (``accept``), writes the checkpoints and then the run record. A plan opened on a
+run directory with ``resume=True`` skips the stages it finished and hands out the next one.
+Our own loop (``procedures.train_plan``) is one executor of the same plans.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from . import report
+from .blocks import Blocks, BlockSpec
+from .config import RunConfig, TrainConfig
+from .errors import ConfigError, TopdownError
+from .metrics import Metric
+from .runs import RunDir, load_tensors, read_metadata
+from .seeds import derive_seed
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What one stage does; a plan's ``stages()`` yields these."""
+
+    role: str  # baseline, cascade, finetune, retrain-classifier, ... (recorded as is)
+    trained: tuple[str, ...]  # the blocks it trains; the others are frozen
+    start: int | None = None  # the stage whose weights it starts from; None: a freshly built model
+    reinit: bool = True  # re-initialise the trained blocks when starting from a stage
+    split: int | None = None
+    subset: float = 1.0  # fraction of the training data (transfer-classifier)
+    candidates: int = 1  # models trained (different seeds); the best on validation is the stage's
+    accept: str = "better"  # better: replaces the chosen model only if better; always; never (a reference)
+    train: TrainConfig | None = None  # the recipe, for executors that take one (ours)
+    source: str | None = None  # a checkpoint the stage loads (``--from``); it then trains nothing
+
+
+def accept(rule: str, val: float, best: float | None, metric: Metric) -> bool:
+    """Does a finished stage replace the chosen model? The cascade's one decision."""
+    if rule == "always":
+        return True
+    if rule == "never":
+        return False
+    return metric.better(val, best)
+
+
+def run_identity(procedure: str, name: str, preset: str | None, seed: int, config: RunConfig) -> dict[str, Any]:
+    """What identifies a run: a resumed or reused run must match it exactly."""
+    return {"procedure": procedure, "task": name, "preset": preset, "seed": seed, "config": config.as_dict()}
+
+
+def first_difference(recorded: dict[str, Any], wanted: dict[str, Any]) -> str | None:
+    """The first key of ``wanted`` whose value the run record does not share, named for an error
+    message (with the dotted paths that differ inside a nested dict, e.g. ``'config' (train.lr)``);
+    None if the record matches."""
+    def paths(a: Any, b: Any, prefix: str) -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [p for k in sorted(set(a) | set(b), key=str) for p in paths(a.get(k), b.get(k), f"{prefix}{k}.")]
+        return [] if a == b else [prefix.rstrip(".")]
+    for key, value in wanted.items():
+        if recorded.get(key) != value:
+            inner = paths(recorded.get(key), value, "") if isinstance(value, dict) and isinstance(recorded.get(key), dict) else []
+            return f"{key!r} ({', '.join(inner)})" if inner else repr(key)
+    return None
+
+
+class Stage:
+    """One candidate of one stage, handed to the training loop: train ``model``'s trainable
+    parameters, then call ``finish`` with the validation metrics."""
+
+    def __init__(self, plan: "Plan", index: int, candidate: int, spec: StageSpec):
+        self.plan, self.index, self.candidate, self.spec = plan, index, candidate, spec
+        self.seed = derive_seed(plan.seed, index, candidate)
+        self.record: dict[str, Any] | None = None  # the stage record, once its last candidate finished
+        self.finished = False
+
+    model = property(lambda self: self.plan.model)
+    role = property(lambda self: self.spec.role)
+    split = property(lambda self: self.spec.split)
+    subset = property(lambda self: self.spec.subset)
+    train = property(lambda self: self.spec.train or self.plan.config.train)
+    trained_blocks = property(lambda self: list(self.spec.trained))
+    frozen_blocks = property(lambda self: [b for b in self.plan.blocks.names if b not in self.spec.trained])
+    accepted = property(lambda self: None if self.record is None else self.record["accepted"])
+
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Exactly the parameters this stage trains: give these, and only these, to the optimizer."""
+        return [p for _, p in self.named_trainable_parameters()]
+
+    @property
+    def resume_path(self) -> Path:
+        """Where a loop that can resume mid-stage keeps this candidate's resume point."""
+        return self.plan.run.state_file(self.index, self.candidate)
+
+    def describe(self) -> str:
+        n = self.spec.candidates
+        return f"stage {self.index} ({self.role}{'' if n == 1 else f', candidate {self.candidate + 1}/{n}'})"
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        """Append one epoch's metrics (``epoch``, ``val``, ``train_loss``, ...) to ``metrics.jsonl``."""
+        self.plan.run.log_metrics({"stage": self.index, "candidate": self.candidate, **record})
+
+    def finish(self, val: Mapping[str, float], test: Mapping[str, float] | None = None, epochs: int = 0,
+               seconds: float | None = None) -> dict[str, Any] | None:
+        """Hand back the model's validation metrics (and, to report, test metrics). After the
+        stage's last candidate this decides acceptance and records the stage; returns its record."""
+        if self.finished:
+            raise TopdownError(f"{self.describe()} is already finished")
+        metric = self.plan.metric.name
+        val = {k: float(v) for k, v in val.items()}
+        if metric not in val:
+            raise ConfigError(f"{self.describe()}: the validation metrics {sorted(val)} lack the plan's metric {metric!r}")
+        seconds = time.perf_counter() - self._started if seconds is None else seconds
+        self.finished = True
+        self.record = self.plan._candidate_finished(self, val, dict(test or {}), epochs, seconds)
+        return self.record
+
+
+class Plan:
+    """A procedure's stages over one model and run directory (see the module docstring).
+
+    ``blocks``: a ``Blocks`` or a block spec. ``build_model()`` returns a freshly initialised
+    model of the same shape (re-initialising a block copies it from one). ``metric``: the
+    validation metric that decides; its direction comes from ``lower_is_better`` or its name.
+    ``from_checkpoint``: stage 0 loads this model instead of training a baseline.
+    """
+
+    procedure: ClassVar[str] = "custom"
+
+    def __init__(self, model: nn.Module, blocks: Blocks | BlockSpec, *, build_model: Callable[[], nn.Module],
+                 out: str | Path, metric: str, lower_is_better: bool | None = None, config: RunConfig | None = None,
+                 seed: int = 0, shared: Mapping[str, str] | None = None, resume: bool = False, name: str = "custom",
+                 preset: str | None = None, task_info: Mapping[str, Any] | None = None, from_checkpoint: str | None = None):
+        self.model, self.build_model, self.seed, self.from_checkpoint = model, build_model, seed, from_checkpoint
+        self.blocks = blocks if isinstance(blocks, Blocks) else Blocks(model, blocks, shared)
+        self.metric = Metric.named(metric, lower_is_better)
+        self.config = config or RunConfig()
+        self.task_info = dict(task_info or {})
+        self.check()
+        rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        self.run = RunDir(out, writer=rank0)
+        header = {**run_identity(self.procedure, name, preset, seed, self.config), "blocks": self.blocks.parameter_names(),
+                  "metric": self.metric.name, "lower_is_better": self.metric.lower_is_better, "task_info": self.task_info}
+        self.summary = self._open(header, resume)
+        self._tried: list[dict[str, Any]] = []
+        self._best: tuple[dict[str, float], dict[str, float], dict[str, torch.Tensor]] | None = None
+
+    # -- what a procedure defines -------------------------------------------------------
+
+    def stages(self) -> Iterator[StageSpec]:
+        """Yield the stages in order; each ``yield`` returns the finished stage's record."""
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Refuse options that cannot work, before anything is written (override to add)."""
+
+    # -- helpers for procedures ----------------------------------------------------------
+
+    @property
+    def best_index(self) -> int | None:
+        return self.summary["chosen_stage"]
+
+    def all_blocks(self) -> tuple[str, ...]:
+        return tuple(self.blocks.names)
+
+    def check_split(self, k: int | None, what: str) -> None:
+        n = len(self.blocks)
+        if k is None:
+            raise ConfigError(f"{what} needs a split (--split K, 1..{n - 1})")
+        if not 1 <= k < n:
+            raise ConfigError(f"split {k} is out of range: the model has {n} blocks, so 1..{n - 1}")
+        lower = self.blocks.split(k)[0]
+        if not any(self.blocks.parameter_names()[b] for b in lower):
+            names = " and ".join(lower) + (" blocks, which own" if len(lower) > 1 else " block, which owns")
+            raise ConfigError(f"split {k} would train only the {names} no parameter (a tied weight belongs to a block above); choose another split")
+
+    def stage_zero(self, role: str = "baseline", accept: str = "always") -> StageSpec:
+        """The trained baseline, or the ``from_checkpoint`` model (evaluated, not trained)."""
+        if self.from_checkpoint is not None:
+            return StageSpec("loaded" if role == "baseline" else role, (), accept=accept, reinit=False, source=self.from_checkpoint)
+        return StageSpec(role, self.all_blocks(), accept=accept, train=self.config.train)
+
+    # -- iteration ------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Stage]:
+        done = self.summary["stages"]
+        specs = self.stages()
+        record, index = None, 0
+        while True:
+            try:
+                spec = specs.send(record) if index else next(specs)
+            except StopIteration:
+                break
+            if index < len(done):  # finished before a resume
+                record = done[index]
+            else:
+                self._tried, self._best = [], None
+                for c in range(spec.candidates):
+                    if (saved := self._saved_candidate(index, c)) is not None:
+                        self._keep_candidate(spec, *saved)
+                        continue
+                    stage = self._prepare(index, c, spec)
+                    yield stage
+                    if not stage.finished:
+                        raise TopdownError(f"{stage.describe()} was not finished: call stage.finish(val=...) before asking for the next stage")
+                record = self.summary["stages"][index]
+            index += 1
+        self._complete()
+
+    def _prepare(self, index: int, candidate: int, spec: StageSpec) -> Stage:
+        stage = Stage(self, index, candidate, spec)
+        self.blocks.unfreeze()
+        if spec.source is not None:
+            self._load(spec.source)
+        elif spec.start is None:
+            self.model.load_state_dict(self._fresh_model(stage.seed).state_dict())
+        else:
+            self.model.load_state_dict(self.run.load_model(f"stage-{spec.start}"))
+            if spec.reinit:
+                self.blocks.copy_blocks(self._fresh_model(stage.seed), spec.trained)
+        self.blocks.freeze(stage.frozen_blocks, frozen_dropout=self.config.cascade.frozen_dropout)
+        stage._started = time.perf_counter()
+        return stage
+
+    def _fresh_model(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return self.build_model()
+
+    def _load(self, path: str) -> None:
+        tensors, _ = load_tensors(Path(path))
+        try:
+            self.model.load_state_dict(tensors)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            raise ConfigError(f"checkpoint {path} does not fit this task's model: {' '.join(first[:3])[:300]}") from None
+
+    # -- candidates and stages ------------------------------------------------------------
+
+    def _candidate_finished(self, stage: Stage, val: dict[str, float], test: dict[str, float], epochs: int,
+                            seconds: float) -> dict[str, Any] | None:
+        weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        tried = {"seed": stage.seed, "epochs": epochs, "val": val}
+        last = stage.candidate == stage.spec.candidates - 1
+        if not last:  # a resumed run picks finished candidates up from here
+            self.run.save_candidate(stage.index, stage.candidate, weights, {**tried, "test": test, "seconds": seconds})
+        self._keep_candidate(stage.spec, tried, test, seconds, weights)
+        return self._record_stage(stage) if last else None
+
+    def _saved_candidate(self, index: int, candidate: int):
+        saved = self.run.load_candidate(index, candidate)
+        if saved is None:
+            return None
+        weights, meta = saved
+        return {k: meta[k] for k in ("seed", "epochs", "val")}, meta["test"], meta["seconds"], weights
+
+    def _keep_candidate(self, spec: StageSpec, tried: dict[str, Any], test: dict[str, float], seconds: float,
+                        weights: dict[str, torch.Tensor]) -> None:
+        self._tried.append({**tried, "seconds": seconds})
+        if self._best is None or self.metric.better(tried["val"][self.metric.name], self._best[0][self.metric.name]):
+            self._best = (tried["val"], test, weights)
+
+    def _record_stage(self, stage: Stage) -> dict[str, Any]:
+        """Decide acceptance, then save checkpoints before the summary that points at them."""
+        spec, (val, test, weights) = stage.spec, self._best
+        self.blocks.unfreeze()
+        self.model.load_state_dict(weights)
+        chosen = self.best_index
+        best_val = self.summary["stages"][chosen]["val"][self.metric.name] if chosen is not None else None
+        record = {
+            "index": stage.index, "role": spec.role, "split": spec.split, "trained_blocks": list(spec.trained),
+            "frozen_blocks": stage.frozen_blocks, "reinit": spec.source is None and (spec.start is None or spec.reinit),
+            "subset": spec.subset, "epochs": sum(t["epochs"] for t in self._tried),
+            "candidates": [] if spec.source else [{k: t[k] for k in ("seed", "epochs", "val")} for t in self._tried],
+            "val": val, "test": test, "accepted": accept(spec.accept, val[self.metric.name], best_val, self.metric),
+            "seconds": sum(t["seconds"] for t in self._tried), **({"source": spec.source} if spec.source else {}),
+        }
+        meta = {"task": self.summary["task"], "stage": stage.index, "config": self.summary["config"], "task_info": self.task_info}
+        self.run.save_model(f"stage-{stage.index}", weights, meta)
+        if record["accepted"]:
+            self.run.save_model("best", weights, meta)
+            self.summary["chosen_stage"], self.summary["test"] = stage.index, test
+        self.summary["stages"].append(record)
+        self.run.write_summary(self.summary)
+        self.run.clear_state(stage.index)
+        return record
+
+    # -- the run record -------------------------------------------------------------------
+
+    def _open(self, header: dict[str, Any], resume: bool) -> dict[str, Any]:
+        """Start a new run record, or continue the one in the directory (``resume``)."""
+        if self.run.path.exists() and not self.run.path.is_dir():
+            raise TopdownError(f"{self.run.path} is a file, not a run directory; choose another --out")
+        existing = self.run.read_summary()
+        if existing is None:
+            if resume:
+                raise TopdownError(f"nothing to resume in {self.run.path} (no summary.json); leave out --resume to start a run there")
+            if self.run.path.is_dir() and any(self.run.path.iterdir()):
+                raise TopdownError(f"{self.run.path} is not empty and holds no run (no summary.json); choose another --out")
+            summary = {**header, "status": "running", "stages": [], "chosen_stage": None, "test": None}
+            self.run.write_summary(summary)
+            return summary
+        if not resume:
+            raise TopdownError(f"{self.run.path} already holds a run; pass --resume to continue it, or choose another --out")
+        if difference := first_difference(existing, header):
+            raise TopdownError(f"cannot resume {self.run.path}: its {difference} differs from this command's")
+        finished = len(existing["stages"])
+        for index in range(finished):
+            self.run.clear_state(index)  # left behind if a kill came right after the stage was recorded
+        self._drop_unsaved_metrics(finished)
+        if existing["status"] != "complete":
+            existing["status"] = "running"
+        return existing
+
+    def _drop_unsaved_metrics(self, next_stage: int) -> None:
+        """Forget metric lines of epochs that have no resume point (they will be run again)."""
+        kept_epochs: dict[int, float] = {}
+        for f in self.run.state.glob(f"stage-{next_stage}-candidate-*.safetensors"):
+            candidate = int(f.name.split("-candidate-")[1].split(".")[0])
+            meta = read_metadata(f)
+            epoch = meta["loop"]["epoch"] if "loop" in meta else float("inf")  # a finished candidate keeps all its lines
+            kept_epochs[candidate] = max(kept_epochs.get(candidate, 0), epoch)
+        self.run.keep_metrics(
+            lambda r: r["stage"] < next_stage or (r["stage"] == next_stage and r["epoch"] <= kept_epochs.get(r["candidate"], 0))
+        )
+
+    def fail(self) -> None:
+        """Record, if the disk still lets us, that the run stopped on an error (it can be resumed)."""
+        self.summary["status"] = "failed"
+        try:
+            self.run.write_summary(self.summary)
+        except TopdownError:
+            pass  # the error being raised says why; the last good record stays on disk
+
+    def _complete(self) -> None:
+        """Mark the run complete, render its report, and leave the chosen model in ``model``."""
+        self.blocks.unfreeze()
+        if self.summary["status"] != "complete":
+            self.summary["status"] = "complete"
+            self.run.write_summary(self.summary)
+            if self.run.writer:
+                report.write(self.run.path)
+        best = self.run.checkpoints / "best.safetensors"
+        if best.is_file():
+            self.model.load_state_dict(load_tensors(best)[0])
