@@ -32,7 +32,7 @@ from .config import RunConfig, TrainConfig
 from .errors import ConfigError, TopdownError
 from .metrics import Metric
 from .runs import RunDir, load_tensors, read_metadata
-from .seeds import derive_seed
+from .seeds import check_seed, derive_seed
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ class Plan:
                  out: str | Path, metric: str, lower_is_better: bool | None = None, config: RunConfig | None = None,
                  seed: int = 0, shared: Mapping[str, str] | None = None, resume: bool = False, name: str = "custom",
                  preset: str | None = None, task_info: Mapping[str, Any] | None = None, from_checkpoint: str | None = None):
-        self.model, self.build_model, self.seed, self.from_checkpoint = model, build_model, seed, from_checkpoint
+        self.model, self.build_model, self.seed, self.from_checkpoint = model, build_model, check_seed(seed), from_checkpoint
         self.blocks = blocks if isinstance(blocks, Blocks) else Blocks(model, blocks, shared)
         self.metric = Metric.named(metric, lower_is_better)
         self.config = config or RunConfig()

@@ -21,7 +21,7 @@ from .errors import ConfigError, TopdownError
 from .loop import fit
 from .plan import Plan, StageSpec, first_difference, run_identity
 from .runs import RunDir
-from .seeds import derive_seed
+from .seeds import check_seed, derive_seed
 from .task import Task
 
 
@@ -148,7 +148,7 @@ def run_procedure(
         raise ConfigError(f"unknown procedure {procedure!r} ({', '.join(PROCEDURES)})")
     config = config if isinstance(config, RunConfig) else RunConfig.from_dict(config or {})
     device = resolve_device(device)
-    torch.manual_seed(derive_seed(seed, 0, 0))
+    torch.manual_seed(derive_seed(check_seed(seed), 0, 0))
     model = task.build_model().to(device)
     plan = PLANS[procedure](model, task.blocks, build_model=task.build_model, out=out, metric=task.primary.name,
                             lower_is_better=task.primary.lower_is_better, config=config, seed=seed, shared=task.shared,

@@ -10,12 +10,11 @@ for a given number of input frames (for the "too few frames for the transcript" 
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import editdistance
 import numpy as np
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ...config import Section, option
 from ...errors import DataError
 from ...task import Task
 from . import an4, kaldi
@@ -31,27 +31,40 @@ BLANK = 0
 BLANK_SYMBOL = "<blank>"
 VOCAB = len(an4.ALPHABET) + 1  # AN4: CTC blank + space + A-Z
 
-DATA_DEFAULTS: dict[str, Any] = {
-    "val_speakers": 8,  # training speakers held out for validation when there is no dev set (never test speakers)
-    "deltas": True,  # append deltas and delta-deltas to the input features
-    "stack": 4,  # stack this many frames and keep every n-th (100 fps -> 25 fps)
-    "batch_size": 8,  # small batches: more updates per epoch get CTC past its all-blank phase sooner
-    "limit": 0,  # use only the first N utterances of each split (0 = all); for tiny presets
-    "unk": "",  # Kaldi data: "" = a character unseen in training is an error; else unseen characters map to this symbol
-    "fbank": dict(kaldi.FBANK_DEFAULTS),  # Kaldi wav.scp: the log-mel filterbank front end
-    # SpecAugment-style masking of the (normalised) training features; 0 masks = off
-    "spec_augment": {"freq_masks": 0, "freq_width": 0, "time_masks": 0, "time_width": 0},
-}
-DECODE_DEFAULTS: dict[str, Any] = {
-    "beam": 8,  # CTC prefix beam search width for wer_beam/cer_beam next to greedy wer/cer; 0 = greedy only
-    "on_val": False,  # also beam-decode every validation pass (slower); test is always beam-decoded when beam > 0
-    "prune": 10.0,  # per frame, extend prefixes only by symbols within this many nats of the frame's best
-}
+@dataclass(frozen=True)
+class SpecAugment(Section):
+    """SpecAugment-style masking of the (normalised) training features; 0 masks = off."""
+    SECTION: ClassVar[str] = "data.spec_augment"
+    freq_masks: int = option(0, ge=0)
+    freq_width: int = option(0, ge=0)
+    time_masks: int = option(0, ge=0)
+    time_width: int = option(0, ge=0)
 
 
-def data_defaults() -> dict[str, Any]:
-    """A fresh copy of the data section's defaults (nested sections included)."""
-    return copy.deepcopy(DATA_DEFAULTS)
+@dataclass(frozen=True)
+class Data(Section):
+    SECTION: ClassVar[str] = "data"
+    val_speakers: int = option(8, ge=1)  # training speakers held out for validation when there is no dev set (never test speakers)
+    deltas: bool = True  # append deltas and delta-deltas to the input features
+    stack: int = option(4, ge=1)  # stack this many frames and keep every n-th (100 fps -> 25 fps)
+    batch_size: int = option(8, ge=1)  # small batches: more updates per epoch get CTC past its all-blank phase sooner
+    limit: int = option(0, ge=0)  # use only the first N utterances of each split (0 = all); for tiny presets
+    unk: str = ""  # Kaldi data: "" = a character unseen in training is an error; else unseen characters map to this symbol
+    fbank: kaldi.Fbank = field(default_factory=kaldi.Fbank)  # Kaldi wav.scp: the log-mel filterbank front end
+    spec_augment: SpecAugment = field(default_factory=SpecAugment)
+
+
+@dataclass(frozen=True)
+class Decode(Section):
+    SECTION: ClassVar[str] = "decode"
+    beam: int = option(8, ge=0)  # CTC prefix beam search width for wer_beam/cer_beam next to greedy wer/cer; 0 = greedy only
+    on_val: bool = False  # also beam-decode every validation pass (slower); test is always beam-decoded when beam > 0
+    prune: float = option(10.0, gt=0)  # per frame, extend prefixes only by symbols within this many nats of the frame's best
+
+
+def sections(model: type[Section]) -> dict[str, type[Section]]:
+    """An ASR task's declared sections: the shared data and decoding options and its model's."""
+    return {"data": Data, "decode": Decode, "model": model}
 
 
 @dataclass
@@ -315,7 +328,7 @@ def make_task(name: str, cfg: dict[str, Any], data_dir: str | None, build_model,
     data, info, vocab = prepare(cfg["data"], data_dir, out_length)
     batch_size = cfg["data"]["batch_size"]
     augment = cfg["data"]["spec_augment"]
-    decode = {**DECODE_DEFAULTS, **cfg.get("decode", {})}
+    decode = cfg["decode"]
 
     def train_batches(generator: torch.Generator, subset: float):
         n = max(1, round(len(data["train"]) * subset))  # a fixed subset: the first n utterances

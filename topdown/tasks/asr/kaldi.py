@@ -17,27 +17,34 @@ The audio libraries are imported only when a directory needs them (the ``asr`` e
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
+from topdown.config import Section, option
 from topdown.errors import DataError
 
 from .an4 import Utterance
 
 SPLITS = ("train", "dev", "test")
-FBANK_DEFAULTS: dict[str, Any] = {
-    "num_mel_bins": 80,
-    "frame_length_ms": 25.0,
-    "frame_shift_ms": 10.0,
-    "low_freq": 20.0,
-    "high_freq": 0.0,  # 0 = Nyquist; negative = Nyquist minus this
-    "dither": 0.0,  # Kaldi's default is 1.0; 0 keeps features deterministic
-    "preemph_coeff": 0.97,
-    "window_type": "povey",
-    "snip_edges": True,
-}
+@dataclass(frozen=True)
+class Fbank(Section):
+    """The log-mel filterbank front end for ``wav.scp`` audio (kaldi-native-fbank's options)."""
+    SECTION: ClassVar[str] = "data.fbank"
+    num_mel_bins: int = option(80, ge=1)
+    frame_length_ms: float = option(25.0, gt=0)
+    frame_shift_ms: float = option(10.0, gt=0)
+    low_freq: float = option(20.0, ge=0)
+    high_freq: float = 0.0  # 0 = Nyquist; negative = Nyquist minus this
+    dither: float = option(0.0, ge=0)  # Kaldi's default is 1.0; 0 keeps features deterministic
+    preemph_coeff: float = option(0.97, ge=0, le=1)
+    window_type: str = option("povey", choices=("povey", "hamming", "hanning", "rectangular", "blackman", "sine"))
+    snip_edges: bool = True
+
+
+FBANK_DEFAULTS: dict[str, Any] = Fbank.defaults()
 
 
 def read_table(path: Path, *, allow_empty_value: bool = False) -> dict[str, str]:

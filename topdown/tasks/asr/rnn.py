@@ -6,18 +6,29 @@ Blocks, input to output: ``lstm1`` .. ``lstmN`` (one bidirectional LSTM layer ea
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from ...config import Section, option
 from ...task import Task
 from . import common
 
+@dataclass(frozen=True)
+class Model(Section):
+    SECTION: ClassVar[str] = "model"
+    hidden: int = option(128, ge=1)  # cells per direction
+    layers: int = option(3, ge=1)
+    dropout: float = option(0.1, ge=0, lt=1)
+
+
+SECTIONS = common.sections(Model)
 DEFAULTS: dict[str, Any] = {
-    "data": common.data_defaults(),
-    "decode": dict(common.DECODE_DEFAULTS),
-    "model": {"hidden": 128, "layers": 3, "dropout": 0.1},
+    "data": common.Data.defaults(),
+    "decode": common.Decode.defaults(),
+    "model": Model.defaults(),
     # CTC spends its first epochs emitting only blanks (WER stuck at 100 %), so the lr
     # schedule and early stopping watch the validation CTC loss, which moves from the start.
     "train": {"epochs": 8, "lr": 0.002, "lr_patience": 1, "early_stop": 3, "monitor": "loss"},

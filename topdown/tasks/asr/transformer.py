@@ -15,21 +15,40 @@ training features (``data.spec_augment``). No label smoothing: it is not standar
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from ...config import Section, option
+from ...errors import ConfigError
 from ...task import Task
 from . import common
 
+@dataclass(frozen=True)
+class Model(Section):
+    SECTION: ClassVar[str] = "model"
+    d_model: int = option(144, ge=1)
+    heads: int = option(4, ge=1)
+    ff: int = option(576, ge=1)
+    layers: int = option(4, ge=1)
+    channels: int = option(64, ge=1)  # convolution maps of the front end
+    dropout: float = option(0.1, ge=0, lt=1)
+
+    def check_relations(self) -> None:
+        if self.d_model % self.heads:
+            raise ConfigError(f"model.d_model ({self.d_model}) must be a multiple of model.heads ({self.heads})")
+
+
+SECTIONS = common.sections(Model)
 DEFAULTS: dict[str, Any] = {
     # AN4: 13 cepstra + deltas + delta-deltas at 100 frames/s; the convolutional front end
     # does the subsampling (to 25 frames/s), so no frame stacking.
-    "data": {**common.data_defaults(), "stack": 1, "batch_size": 8,
+    "data": {**common.Data.defaults(), "stack": 1, "batch_size": 8,
              "spec_augment": {"freq_masks": 2, "freq_width": 5, "time_masks": 2, "time_width": 20}},
-    "decode": dict(common.DECODE_DEFAULTS),
-    "model": {"d_model": 144, "heads": 4, "ff": 576, "layers": 4, "channels": 64, "dropout": 0.1},
+    "decode": common.Decode.defaults(),
+    "model": Model.defaults(),
     # As for asr-rnn: CTC emits only blanks for a while, so the schedule watches the
     # validation CTC loss. Warm-up over ~1.6 epochs (93 batches of 8 per epoch on AN4).
     "train": {"epochs": 40, "lr": 0.002, "lr_patience": 2, "early_stop": 5, "monitor": "loss", "min_lr": 1e-5, "warmup_steps": 150},
