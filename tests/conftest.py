@@ -82,9 +82,10 @@ def task():
 
 
 def without_seconds(obj):
-    """A run record with its wall-clock fields removed (the only fields that may differ between runs)."""
+    """A run record without its wall-clock fields and the list of machines that resumed it (the
+    only fields that may differ between an interrupted run and an uninterrupted one)."""
     if isinstance(obj, dict):
-        return {k: without_seconds(v) for k, v in obj.items() if k != "seconds"}
+        return {k: without_seconds(v) for k, v in obj.items() if k not in ("seconds", "resumed_on")}
     if isinstance(obj, list):
         return [without_seconds(v) for v in obj]
     return obj

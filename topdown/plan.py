@@ -17,6 +17,7 @@ Our own loop (``procedures.train_plan``) is one executor of the same plans.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from .blocks import Blocks, BlockSpec
 from .config import RunConfig, TrainConfig
 from .errors import ConfigError, TopdownError
 from .metrics import Metric
-from .runs import RunDir, load_tensors, read_metadata
+from .runs import RunDir, file_digest, load_tensors, provenance
 from .seeds import check_seed, derive_seed
 
 
@@ -49,6 +50,10 @@ class StageSpec:
     accept: str = "better"  # better: replaces the chosen model only if better; always; never (a reference)
     train: TrainConfig | None = None  # the recipe, for executors that take one (ours)
     source: str | None = None  # a checkpoint the stage loads (``--from``); it then trains nothing
+
+
+def warn(message: str) -> None:
+    print(f"topdown: {message}", file=sys.stderr)
 
 
 def accept(rule: str, val: float, best: float | None, metric: Metric) -> bool:
@@ -159,7 +164,8 @@ class Plan:
         rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         self.run = RunDir(out, writer=rank0)
         header = {**run_identity(self.procedure, name, preset, seed, self.config), "blocks": self.blocks.parameter_names(),
-                  "metric": self.metric.name, "lower_is_better": self.metric.lower_is_better, "task_info": self.task_info}
+                  "metric": self.metric.name, "lower_is_better": self.metric.lower_is_better, "task_info": self.task_info,
+                  "provenance": provenance(next(model.parameters()).device)}
         self.summary = self._open(header, resume)
         self._tried: list[dict[str, Any]] = []
         self._best: tuple[dict[str, float], dict[str, float], dict[str, torch.Tensor]] | None = None
@@ -246,7 +252,12 @@ class Plan:
         return self.build_model()
 
     def _load(self, path: str) -> None:
-        tensors, _ = load_tensors(Path(path))
+        path = Path(path)
+        if path.parent.name == "checkpoints" and (recorded := RunDir(path.parent.parent).read_summary()):
+            wanted = (recorded.get("checksums") or {}).get(path.stem)
+            if wanted is not None and file_digest(path) != wanted:
+                raise TopdownError(f"checkpoint {path} is corrupt: it does not match the checksum its run recorded in summary.json")
+        tensors, _ = load_tensors(path)
         try:
             self.model.load_state_dict(tensors)
         except RuntimeError as e:
@@ -294,9 +305,10 @@ class Plan:
             "seconds": sum(t["seconds"] for t in self._tried), **({"source": spec.source} if spec.source else {}),
         }
         meta = {"task": self.summary["task"], "stage": stage.index, "config": self.summary["config"], "task_info": self.task_info}
-        self.run.save_model(f"stage-{stage.index}", weights, meta)
+        checksums = self.summary.setdefault("checksums", {})
+        checksums[f"stage-{stage.index}"] = self.run.save_model(f"stage-{stage.index}", weights, meta)
         if record["accepted"]:
-            self.run.save_model("best", weights, meta)
+            checksums["best"] = self.run.save_model("best", weights, meta)
             self.summary["chosen_stage"], self.summary["test"] = stage.index, test
         self.summary["stages"].append(record)
         self.run.write_summary(self.summary)
@@ -320,9 +332,15 @@ class Plan:
             return summary
         if not resume:
             raise TopdownError(f"{self.run.path} already holds a run; pass --resume to continue it, or choose another --out")
-        if difference := first_difference(existing, header):
+        identity = {k: v for k, v in header.items() if k != "provenance"}  # another machine may continue a run
+        if difference := first_difference(existing, identity):
             raise TopdownError(f"cannot resume {self.run.path}: its {difference} differs from this command's")
+        self.run.verify(existing)
+        for f in self.run.remove_debris():
+            warn(f"removed {f}, left by an interrupted write")
         finished = len(existing["stages"])
+        if existing["status"] != "complete":
+            existing.setdefault("resumed_on", []).append(header["provenance"])
         for index in range(finished):
             self.run.clear_state(index)  # left behind if a kill came right after the stage was recorded
         self._drop_unsaved_metrics(finished)
@@ -335,7 +353,12 @@ class Plan:
         kept_epochs: dict[int, float] = {}
         for f in self.run.state.glob(f"stage-{next_stage}-candidate-*.safetensors"):
             candidate = int(f.name.split("-candidate-")[1].split(".")[0])
-            meta = read_metadata(f)
+            try:
+                meta = load_tensors(f)[1]  # all of it: a torn file must not stop the run later
+            except TopdownError as e:
+                warn(f"{e}; stage {next_stage} candidate {candidate} starts again (finished stages are intact)")
+                f.unlink()
+                continue
             epoch = meta["loop"]["epoch"] if "loop" in meta else float("inf")  # a finished candidate keeps all its lines
             kept_epochs[candidate] = max(kept_epochs.get(candidate, 0), epoch)
         self.run.keep_metrics(

@@ -173,6 +173,7 @@ def run_or_resume(procedure: str, task: Task, out: Path, *, config: RunConfig, s
         wanted = run_identity(procedure, task.name, preset, seed, config)
         if difference := first_difference(existing, wanted):
             raise TopdownError(f"cannot reuse {out}: its {difference} differs from this command's; choose another --out")
+        RunDir(out).verify(existing)
         return existing
     return run_procedure(procedure, task, out, config=config, seed=seed, preset=preset, resume=existing is not None, **kw)
 

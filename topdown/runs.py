@@ -8,6 +8,7 @@ points of unfinished stages, removed once a stage is recorded).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -29,6 +30,25 @@ class WriteError(TopdownError):
 
 def _reason(e: Exception) -> str:
     return getattr(e, "strerror", None) or str(e).splitlines()[0] or type(e).__name__
+
+
+def digest(tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> str:
+    """sha256 of a checkpoint's content (names, dtypes, shapes, values, metadata), independent
+    of how the file lays them out (safetensors does not fix the order of its header)."""
+    h = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode())
+    for key in sorted(tensors):
+        t = tensors[key].detach().to("cpu").contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def file_digest(path: Path) -> str | None:
+    """``digest`` of the checkpoint at ``path``; None if it is missing or unreadable."""
+    try:
+        return digest(*load_tensors(path))
+    except TopdownError:
+        return None
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -146,9 +166,29 @@ class RunDir:
                 return  # nothing to drop: write nothing (a finished run may be read-only)
             atomic_write(self.metrics_path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
 
-    def save_model(self, name: str, state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    def save_model(self, name: str, state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> str | None:
+        """Write checkpoint ``name``; returns its sha256 (recorded in the summary, checked on reuse)."""
         if self.writer:
             save_tensors(self.checkpoints / f"{name}.safetensors", state, metadata)
+            return digest(state, metadata)
+        return None
+
+    def verify(self, summary: dict[str, Any]) -> None:
+        """Check every checkpoint against the checksum the summary recorded; a TopdownError names
+        the corrupt or missing files and the intact ones."""
+        recorded = summary.get("checksums") or {}
+        bad = [name for name, wanted in recorded.items() if file_digest(self.checkpoints / f"{name}.safetensors") != wanted]
+        if bad:
+            intact = [name for name in recorded if name not in bad]
+            raise TopdownError(f"{self.path}: checkpoints {', '.join(bad)} are corrupt or missing (they do not match the checksums "
+                               f"in summary.json); intact: {', '.join(intact) or 'none'}. Start the run again in another directory")
+
+    def remove_debris(self) -> list[Path]:
+        """Delete temporary files a kill during an atomic write left behind; returns them."""
+        debris = list(self.path.rglob(".*.tmp")) if self.writer and self.path.is_dir() else []
+        for f in debris:
+            f.unlink(missing_ok=True)
+        return debris
 
     def load_model(self, name: str) -> dict[str, torch.Tensor]:
         return load_tensors(self.checkpoints / f"{name}.safetensors")[0]
@@ -175,3 +215,30 @@ class RunDir:
         if self.writer:
             for f in self.state.glob(f"stage-{stage}-candidate-*.safetensors"):
                 f.unlink()
+
+
+def provenance(device: torch.device | None = None) -> dict[str, Any]:
+    """Where a result was made: the same seed gives different numbers on different CPUs, GPUs,
+    thread counts and library versions, so every run record says which."""
+    import platform
+    import subprocess
+
+    from . import __version__
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+                                timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    device = device or torch.device("cpu")
+    return {
+        "topdown": __version__, "git_commit": commit, "torch": torch.__version__, "python": platform.python_version(),
+        "device": str(device), "cpu": cpu, "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }

@@ -1,0 +1,25 @@
+"""A small version of the fault campaign (bench/faults.py): a random SIGKILL with --resume, and
+torn or corrupt files that must be recovered from or named in one line, never a traceback."""
+
+import sys
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+import faults  # noqa: E402
+
+
+def test_fault_campaign_small(tmp_path):
+    reference, duration = faults.uninterrupted(tmp_path)
+    kills = faults.kill_campaign(tmp_path, reference, duration, kills=1, seed=3)
+    assert kills["identical"] == 1 and kills["debris_left"] == 0 and not kills["failures"], kills
+    cases = faults.corruption_cases(tmp_path, reference, duration)
+    assert all(cases.values()), cases
+
+
+def test_every_summary_says_where_it_was_made(tmp_path):
+    from conftest import cli, read_summary
+
+    cli("baseline", "digits", "--preset", "tiny", "--out", str(tmp_path / "run"), check=True)
+    made = read_summary(tmp_path / "run")["provenance"]
+    assert made["torch"] and made["cpu"] and made["threads"] == 1 and made["device"] == "cpu" and made["topdown"]
