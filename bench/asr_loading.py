@@ -67,7 +67,7 @@ def main() -> None:
         rows.append(("AN4 Sphinx layout (.mfc files)", sum(len(v) for v in corpus2.values()), t, audio_s))
 
     cfg = resolve_config("asr-rnn", "demo", {})
-    (_, info, _), t = timed(lambda: common.prepare(cfg["data"], None))
+    (_, info, _), t = timed(lambda: common.prepare(cfg.task["data"], None))
     rows.append(("AN4 bundle + deltas + CMVN + stacking (common.prepare)", sum(info["utterances"].values()), t, audio_s))
 
     # A Kaldi directory of audio with AN4's utterance durations.

@@ -70,13 +70,12 @@ def run_ours(data: Path) -> float:
     import torch
 
     torch.set_num_threads(1)
-    from topdown.config import TrainConfig, from_dict, merge
     from topdown.loop import fit
     from topdown.tasks import resolve_config
     from topdown.tasks.lm import awd
 
     cfg = resolve_config("lm-awd", "demo", PLAIN)
-    task = awd.make(cfg, str(data))
+    task = awd.make(cfg.task, str(data))
     eval_seconds = []
     evaluate = task.evaluate
 
@@ -89,7 +88,7 @@ def run_ours(data: Path) -> float:
     task.evaluate = timed
     torch.manual_seed(0)
     model = task.build_model()
-    result = fit(model, task, from_dict(TrainConfig, cfg["train"]), seed=0, desc="ours")
+    result = fit(model, task, cfg.train, seed=0, desc="ours")
     tokens = 20 * (task.info["tokens"]["train"] // 20 - 1)  # the epoch's windows cover all rows but the last
     return tokens / (result.seconds - sum(eval_seconds))
 
@@ -103,7 +102,7 @@ def run_frozen(fraction: float = 0.3) -> dict[str, float]:
     from topdown.tasks.lm import awd
 
     cfg = resolve_config("lm-awd", "bench", {"data": {"variable_bptt": False}})
-    task = awd.make(cfg)
+    task = awd.make(cfg.task)
     out = {}
     for k in (None, 4, 3, 2):
         torch.manual_seed(0)

@@ -13,10 +13,12 @@ runs are read back, so an interrupted analysis continues where it stopped.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .config import RunConfig
+from .jobs import in_parallel
 from .procedures import run_or_resume
 from .metrics import PERCENT_METRICS
 from .report import format_metric, write_record
@@ -28,44 +30,50 @@ def _metrics(stage: dict[str, Any], metric: str) -> dict[str, float]:
     return {"val": stage["val"][metric], "test": stage["test"][metric]}
 
 
-def run_analyse(
-    task: Task, out: str | Path, *, config: RunConfig, seed: int = 0, subsets: tuple[float, ...] = (0.25, 0.5),
-    preset: str | None = None, device=None,
-) -> dict[str, Any]:
-    out = Path(out)
+def split_row(task: Task, out: Path, k: int, config: RunConfig, subsets: tuple[float, ...], seed: int, preset: str | None,
+              device) -> dict[str, Any]:
+    """Every run of split ``k``, from the baseline's checkpoint (independent of other splits)."""
     metric = task.primary.name
     common = dict(seed=seed, preset=preset, device=device)
     base = run_or_resume("baseline", task, out / "runs" / "baseline", config=config, **common)
     ckpt = str(out / "runs" / "baseline" / "checkpoints" / "best.safetensors")
-    rows = []
-    for k in range(1, len(base["blocks"])):
-        if not any(base["blocks"][b] for b in list(base["blocks"])[:k]):
-            continue  # the feature extractor owns no parameter (e.g. lm-awd's embedding with tie=classifier)
-        rc = run_or_resume("retrain-classifier", task, out / "runs" / f"retrain-classifier-k{k}",
-                           config=config.updated({"procedure": {"split": k}}), from_checkpoint=ckpt, **common)
-        rfe = run_or_resume("cascade", task, out / "runs" / f"retrain-feature-extractor-k{k}",
-                            config=config.updated({"cascade": {"splits": [k]}}), from_checkpoint=ckpt, **common)
-        row = {
-            "split": k,
-            "baseline": _metrics(base["stages"][0], metric),
-            "retrain_classifier": _metrics(rc["stages"][1], metric),
-            "retrain_feature_extractor": _metrics(rfe["stages"][1], metric),
-            "subsets": {},
+    rc = run_or_resume("retrain-classifier", task, out / "runs" / f"retrain-classifier-k{k}",
+                       config=config.updated({"procedure": {"split": k}}), from_checkpoint=ckpt, **common)
+    rfe = run_or_resume("cascade", task, out / "runs" / f"retrain-feature-extractor-k{k}",
+                        config=config.updated({"cascade": {"splits": [k]}}), from_checkpoint=ckpt, **common)
+    row = {
+        "split": k,
+        "baseline": _metrics(base["stages"][0], metric),
+        "retrain_classifier": _metrics(rc["stages"][1], metric),
+        "retrain_feature_extractor": _metrics(rfe["stages"][1], metric),
+        "subsets": {},
+    }
+    for fraction in subsets:
+        tr = run_or_resume("transfer-classifier", task, out / "runs" / f"transfer-k{k}-subset{fraction:g}",
+                           config=config.updated({"procedure": {"split": k, "subset": fraction}}), from_checkpoint=ckpt, **common)
+        row["subsets"][f"{fraction:g}"] = {
+            "subset_baseline": _metrics(tr["stages"][1], metric),
+            "transfer_classifier": _metrics(tr["stages"][2], metric),
         }
-        for fraction in subsets:
-            tr = run_or_resume("transfer-classifier", task, out / "runs" / f"transfer-k{k}-subset{fraction:g}",
-                               config=config.updated({"procedure": {"split": k, "subset": fraction}}), from_checkpoint=ckpt, **common)
-            row["subsets"][f"{fraction:g}"] = {
-                "subset_baseline": _metrics(tr["stages"][1], metric),
-                "transfer_classifier": _metrics(tr["stages"][2], metric),
-            }
-        rows.append(row)
+    return row
+
+
+def run_analyse(
+    task: Task, out: str | Path, *, config: RunConfig, seed: int = 0, subsets: tuple[float, ...] = (0.25, 0.5),
+    preset: str | None = None, device=None, jobs: int = 1, task_factory: Callable[[], Task] | None = None,
+) -> dict[str, Any]:
+    """Train one baseline, then every split's runs (in ``jobs`` processes when > 1, see ``run_compare``)."""
+    out = Path(out)
+    metric = task.primary.name
+    base = run_or_resume("baseline", task, out / "runs" / "baseline", config=config, seed=seed, preset=preset, device=device)
+    # splits whose feature extractor owns no parameter (e.g. lm-awd's embedding with tie=classifier) have nothing to train
+    splits = [k for k in range(1, len(base["blocks"])) if any(base["blocks"][b] for b in list(base["blocks"])[:k])]
+    rows = in_parallel(split_row, [(out, k, config, subsets, seed, preset, device) for k in splits], task, jobs, task_factory)
     record = {"task": task.name, "preset": preset, "seed": seed, "metric": metric, "lower_is_better": task.primary.lower_is_better,
               "note": task.info.get("note"),
               "blocks": list(base["blocks"]), "subsets": [f"{f:g}" for f in subsets], "rows": rows}
     write_record(out, "analyse", record, render, plot)
     return record
-
 
 
 def render(record: dict[str, Any]) -> str:

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import subprocess
 import sys
 import traceback
 from pathlib import Path
 
-from . import report
+from . import distributed, report
 from .analyse import run_analyse
 from .compare import run_compare
 from .config import parse_overrides
 from .errors import TopdownError
 from .procedures import run_procedure
-from .tasks import PRESET_NAMES, TASKS, resolve_config, task_module
+from .tasks import PRESET_NAMES, TASKS, make_task, resolve_config, task_module
 
 EPILOG = """examples:
   topdown cascade asr-rnn                       # the default job: demo preset, bundled AN4
@@ -51,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.lr=0.01 (repeatable)")
     common.add_argument("--data-dir", help="read the corpus from this directory instead of the bundled copy")
     common.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    common.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="train every stage data-parallel in N processes on this machine (torchrun; gloo on CPU, NCCL on CUDA)")
     single = argparse.ArgumentParser(add_help=False)
     single.add_argument("--seed", type=int, default=0, help="run seed: initialisation, shuffling, dropout (default: 0)")
     single.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed epoch")
@@ -71,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
         "made with another preset or --set is refused, never mixed in.",
     )
     p.add_argument("--seeds", type=int, required=True, help="number of seeds (0..N-1)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="run the seeds in N processes, threads divided among them (default: 1)")
     p = sub.add_parser(
         "analyse",
         parents=[common],
@@ -82,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the baseline and of every run (default: 0)")
     p.add_argument("--subsets", type=float, nargs="+", default=[0.25, 0.5], help="training-data fractions (default: 0.25 0.5)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="run the splits in N processes, threads divided among them (default: 1)")
     p = sub.add_parser("report", help="re-render report.md and curves.png of a run directory")
     p.add_argument("dir", help="run directory")
     p = sub.add_parser("list", help="tasks, presets and the blocks of each task's model")
@@ -115,16 +121,17 @@ def _list(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     cfg = resolve_config(args.task, args.preset, parse_overrides(args.set))
     out = Path(args.out or f"runs/{args.task}-compare-{args.preset}")
-    task = task_module(args.task).make(cfg.task, args.data_dir)
-    run_compare(task, out, seeds=args.seeds, config=cfg, preset=args.preset, device=args.device)
+    factory = functools.partial(make_task, args.task, cfg.task, args.data_dir)
+    run_compare(factory(), out, seeds=args.seeds, config=cfg, preset=args.preset, device=args.device, jobs=args.jobs, task_factory=factory)
     print((out / "compare.md").read_text())
 
 
 def _analyse(args: argparse.Namespace) -> None:
     cfg = resolve_config(args.task, args.preset, parse_overrides(args.set))
     out = Path(args.out or f"runs/{args.task}-analyse-{args.preset}-seed{args.seed}")
-    task = task_module(args.task).make(cfg.task, args.data_dir)
-    run_analyse(task, out, config=cfg, seed=args.seed, subsets=tuple(args.subsets), preset=args.preset, device=args.device)
+    factory = functools.partial(make_task, args.task, cfg.task, args.data_dir)
+    run_analyse(factory(), out, config=cfg, seed=args.seed, subsets=tuple(args.subsets), preset=args.preset, device=args.device,
+                jobs=args.jobs, task_factory=factory)
     print((out / "analyse.md").read_text())
 
 
@@ -136,7 +143,7 @@ def _run(args: argparse.Namespace) -> None:
         )
     cfg = resolve_config(args.task, args.preset, overrides)
     out = Path(args.out or f"runs/{args.task}-{args.command}-{args.preset}-seed{args.seed}")
-    task = task_module(args.task).make(cfg.task, args.data_dir)
+    task = make_task(args.task, cfg.task, args.data_dir)
     summary = run_procedure(
         args.command,
         task,
@@ -148,6 +155,8 @@ def _run(args: argparse.Namespace) -> None:
         from_checkpoint=getattr(args, "from_checkpoint", None),
         device=args.device,
     )
+    if not distributed.is_writer():
+        return
     print(report.stage_table(summary))
     print(f"\nchosen stage {summary['chosen_stage']}; test {summary['test']}")
     if summary.get("task_info", {}).get("note"):
@@ -155,8 +164,21 @@ def _run(args: argparse.Namespace) -> None:
     print(f"report: {out / 'report.md'}")
 
 
+def _launch(argv: list[str], nproc: int) -> int:
+    """``topdown ... --nproc N``: the same command in N processes under torch.distributed.run (torchrun)."""
+    rest = [a for i, a in enumerate(argv) if not (a.startswith("--nproc") or (i and argv[i - 1] == "--nproc"))]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "topdown.cli", *rest]
+    return subprocess.run(cmd).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
+    if getattr(args, "nproc", 1) < 1:
+        print(f"topdown: error: --nproc must be at least 1, got {args.nproc}", file=sys.stderr)
+        return 1
+    if getattr(args, "nproc", 1) > 1 and not distributed.launched():
+        return _launch(argv, args.nproc)
     try:
         if args.command == "report":
             print(report.stage_table(report.read(args.dir)), flush=True)  # shown even where the files cannot be rewritten

@@ -17,6 +17,7 @@ unfinished ones resumed, so an interrupted comparison continues where it stopped
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from .procedures import run_or_resume
 from .metrics import PERCENT_METRICS
 from .report import format_metric, write_record
 from .seeds import derive_seed
+from .jobs import in_parallel
 from .runs import atomic_write
 from .task import Task
 
@@ -89,40 +91,50 @@ def _entry(chosen: dict[str, Any], trained: list[dict[str, Any]], metric: str) -
     }
 
 
-def run_compare(task: Task, out: str | Path, *, seeds: int, config: RunConfig, preset: str | None = None, device=None) -> dict[str, Any]:
-    """Run (or resume) every arm for seeds 0..seeds-1; write ``compare.json``, ``compare.md``, ``compare.png``."""
+def seed_arms(task: Task, out: Path, seed: int, config: RunConfig, preset: str | None, device) -> dict[str, dict[str, Any]]:
+    """Every arm's result for one seed (its runs are independent of other seeds')."""
+    primary = task.primary
+    metric = primary.name
+    results: dict[str, dict[str, Any]] = {}
+    cascade = run_or_resume("cascade", task, out / "runs" / f"cascade-seed{seed}", config=config, seed=seed, preset=preset, device=device)
+    stage0 = cascade["stages"][0]
+    results["baseline"] = {**_entry(stage0, [stage0], metric), "runs": [f"cascade-seed{seed}#stage0"]}
+    chosen = cascade["stages"][cascade["chosen_stage"]]
+    results["cascade"] = {**_entry(chosen, cascade["stages"], metric), "runs": [f"cascade-seed{seed}"]}
+
+    budget = sum(st["epochs"] for st in cascade["stages"])
+    equal_cfg = config.updated({"train": {"epochs": budget}})
+    equal = run_or_resume("baseline", task, out / "runs" / f"equal-epochs-seed{seed}", config=equal_cfg, seed=seed, preset=preset, device=device)
+    results["baseline-equal-epochs"] = {**_entry(equal["stages"][0], equal["stages"], metric), "runs": [f"equal-epochs-seed{seed}"]}
+
+    k = sum(max(1, len(st["candidates"])) for st in cascade["stages"])
+    pool = [(stage0, f"cascade-seed{seed}#stage0")]
+    for j in range(1, k):
+        name = f"baseline-seed{seed}-extra{j}"
+        s = run_or_resume("baseline", task, out / "runs" / name, config=config, seed=derive_seed(seed, 10_000 + j) % 2**31, preset=preset, device=device)
+        pool.append((s["stages"][0], name))
+    best = pool[0]
+    for candidate in pool[1:]:  # chosen on validation only
+        if primary.better(candidate[0]["val"][metric], best[0]["val"][metric]):
+            best = candidate
+    results["best-of-k"] = {
+        **_entry(best[0], [p[0] for p in pool], metric),
+        "k": k, "chosen_run": best[1], "runs": [p[1] for p in pool],
+    }
+    return results
+
+
+def run_compare(task: Task, out: str | Path, *, seeds: int, config: RunConfig, preset: str | None = None, device=None,
+                jobs: int = 1, task_factory: Callable[[], Task] | None = None) -> dict[str, Any]:
+    """Run (or resume) every arm for seeds 0..seeds-1; write ``compare.json``, ``compare.md``, ``compare.png``.
+    ``jobs`` > 1 runs the seeds in that many processes, each building its task with ``task_factory``."""
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     out = Path(out)
     primary = task.primary
     metric, lower = primary.name, primary.lower_is_better
-    results: dict[str, dict[int, dict[str, Any]]] = {arm: {} for arm in ARMS}
-    for seed in range(seeds):
-        cascade = run_or_resume("cascade", task, out / "runs" / f"cascade-seed{seed}", config=config, seed=seed, preset=preset, device=device)
-        stage0 = cascade["stages"][0]
-        results["baseline"][seed] = {**_entry(stage0, [stage0], metric), "runs": [f"cascade-seed{seed}#stage0"]}
-        chosen = cascade["stages"][cascade["chosen_stage"]]
-        results["cascade"][seed] = {**_entry(chosen, cascade["stages"], metric), "runs": [f"cascade-seed{seed}"]}
-
-        budget = sum(st["epochs"] for st in cascade["stages"])
-        equal_cfg = config.updated({"train": {"epochs": budget}})
-        equal = run_or_resume("baseline", task, out / "runs" / f"equal-epochs-seed{seed}", config=equal_cfg, seed=seed, preset=preset, device=device)
-        results["baseline-equal-epochs"][seed] = {**_entry(equal["stages"][0], equal["stages"], metric), "runs": [f"equal-epochs-seed{seed}"]}
-
-        k = sum(max(1, len(st["candidates"])) for st in cascade["stages"])
-        pool = [(stage0, f"cascade-seed{seed}#stage0")]
-        for j in range(1, k):
-            name = f"baseline-seed{seed}-extra{j}"
-            s = run_or_resume("baseline", task, out / "runs" / name, config=config, seed=derive_seed(seed, 10_000 + j) % 2**31, preset=preset, device=device)
-            pool.append((s["stages"][0], name))
-        best = pool[0]
-        for candidate in pool[1:]:  # chosen on validation only
-            if primary.better(candidate[0]["val"][metric], best[0]["val"][metric]):
-                best = candidate
-        results["best-of-k"][seed] = {
-            **_entry(best[0], [p[0] for p in pool], metric),
-            "k": k, "chosen_run": best[1], "runs": [p[1] for p in pool],
-        }
+    per_seed = in_parallel(seed_arms, [(out, seed, config, preset, device) for seed in range(seeds)], task, jobs, task_factory)
+    results = {arm: {seed: per_seed[seed][arm] for seed in range(seeds)} for arm in ARMS}
 
     tests = {arm: [results[arm][s]["test"] for s in range(seeds)] for arm in ARMS}
     arms = {}

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import TrainConfig
 from .errors import ConfigError, TrainingError
 from .metrics import Metric
@@ -109,6 +110,7 @@ def fit(
     monitor = monitored_metric(cfg, task)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
+    trained = distributed.wrap(model, device)  # built now that the frozen blocks are frozen
     state, best_weights = LoopState(lr=cfg.lr), None
     if resume_path is not None and resume_path.is_file():
         state, best_weights = _load_resume_point(resume_path, model, opt)
@@ -116,7 +118,7 @@ def fit(
 
     while not state.done:
         started = time.perf_counter()
-        train_loss = _train_epoch(model, task, cfg, opt, params, state, seed=seed, subset=subset, device=device, desc=desc)
+        train_loss = _train_epoch(trained, task, cfg, opt, params, state, seed=seed, subset=subset, device=device, desc=desc)
         with validated():
             val = _validate(model, task, monitor, f"{desc}: epoch {state.epoch + 1}")
             record = {"epoch": state.epoch + 1, "lr": state.lr, "train_loss": train_loss, "val": val}
@@ -124,12 +126,12 @@ def fit(
             if improved and cfg.restore_best:
                 best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if isinstance(opt, NTASGD) and opt.observe(val[monitor.name], monitor):
-            tqdm.write(f"{desc}: validation stopped improving, averaging from epoch {state.epoch + 1} (NT-ASGD)", file=sys.stderr)
+            say(f"{desc}: validation stopped improving, averaging from epoch {state.epoch + 1} (NT-ASGD)")
         state.seconds += time.perf_counter() - started
         on_epoch({**record, "seconds": state.seconds})
-        tqdm.write(f"{desc} epoch {state.epoch}/{cfg.epochs}: train loss {train_loss:.4f}, val {monitor.name} "
-                   f"{val[monitor.name]:.4g}{' *' if improved else ''}, lr {record['lr']:.3g}, {state.seconds:.1f}s", file=sys.stderr)
-        if resume_path is not None:
+        say(f"{desc} epoch {state.epoch}/{cfg.epochs}: train loss {train_loss:.4f}, val {monitor.name} "
+            f"{val[monitor.name]:.4g}{' *' if improved else ''}, lr {record['lr']:.3g}, {state.seconds:.1f}s")
+        if resume_path is not None and distributed.is_writer():
             _save_resume_point(resume_path, model, opt, state, best_weights)
 
     if cfg.restore_best:
@@ -149,7 +151,8 @@ def _train_epoch(model: nn.Module, task: Task, cfg: TrainConfig, opt: torch.opti
         group["lr"] = state.lr
     model.train()
     total, count = 0.0, 0
-    bar = tqdm(task.train_batches(generator, subset), desc=f"{desc} epoch {state.epoch + 1}", leave=False, unit="batch", disable=None)
+    batches = distributed.shard(task.train_batches(generator, subset))  # under DDP: this rank's share, equal step counts
+    bar = tqdm(batches, desc=f"{desc} epoch {state.epoch + 1}", leave=False, unit="batch", disable=None if distributed.is_writer() else True)
     for batch in bar:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
             loss = task.loss(model, move_to(batch, device))
@@ -171,10 +174,25 @@ def _train_epoch(model: nn.Module, task: Task, cfg: TrainConfig, opt: torch.opti
     return total / count
 
 
+def say(message: str) -> None:
+    """A progress line on stderr (rank 0 only), kept clear of the progress bars."""
+    if distributed.is_writer():
+        tqdm.write(message, file=sys.stderr)
+
+
+def evaluate(model: nn.Module, task: Task, split: str) -> dict[str, float]:
+    """The task's metrics of ``model`` on ``split``; under DDP computed once, on rank 0, and
+    handed to every rank, so every rank takes the same decisions."""
+    val = None
+    if distributed.is_writer():
+        model.eval()
+        with torch.no_grad():
+            val = {k: float(v) for k, v in task.evaluate(model, split).items()}
+    return distributed.same_on_every_rank(val)
+
+
 def _validate(model: nn.Module, task: Task, monitor: Metric, where: str) -> dict[str, float]:
-    model.eval()
-    with torch.no_grad():
-        val = {k: float(v) for k, v in task.evaluate(model, "val").items()}
+    val = evaluate(model, task, "val")
     if monitor.name not in val:
         raise ConfigError(f"train.monitor {monitor.name!r} is not a validation metric of {task.name} ({', '.join(val)})")
     if not math.isfinite(val[monitor.name]):

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from . import report
+from . import distributed, report
 from .blocks import Blocks, BlockSpec
 from .config import RunConfig, TrainConfig
 from .errors import ConfigError, TopdownError
@@ -131,12 +131,12 @@ class Stage:
         if self.finished:
             raise TopdownError(f"{self.describe()} is already finished")
         metric = self.plan.metric.name
-        val = {k: float(v) for k, v in val.items()}
+        val, test = distributed.same_on_every_rank(({k: float(v) for k, v in val.items()}, dict(test or {})))  # rank 0's decide
         if metric not in val:
             raise ConfigError(f"{self.describe()}: the validation metrics {sorted(val)} lack the plan's metric {metric!r}")
         seconds = time.perf_counter() - self._started if seconds is None else seconds
         self.finished = True
-        self.record = self.plan._candidate_finished(self, val, dict(test or {}), epochs, seconds)
+        self.record = self.plan._candidate_finished(self, val, test, epochs, seconds)
         return self.record
 
 
@@ -161,8 +161,7 @@ class Plan:
         self.config = config or RunConfig()
         self.task_info = dict(task_info or {})
         self.check()
-        rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-        self.run = RunDir(out, writer=rank0)
+        self.run = RunDir(out, writer=distributed.is_writer())
         header = {**run_identity(self.procedure, name, preset, seed, self.config), "blocks": self.blocks.parameter_names(),
                   "metric": self.metric.name, "lower_is_better": self.metric.lower_is_better, "task_info": self.task_info,
                   "provenance": provenance(next(model.parameters()).device)}
@@ -313,12 +312,26 @@ class Plan:
         self.summary["stages"].append(record)
         self.run.write_summary(self.summary)
         self.run.clear_state(stage.index)
+        distributed.barrier()  # the next stage may start from this stage's checkpoint, on every rank
         return record
 
     # -- the run record -------------------------------------------------------------------
 
     def _open(self, header: dict[str, Any], resume: bool) -> dict[str, Any]:
-        """Start a new run record, or continue the one in the directory (``resume``)."""
+        """Start a new run record, or continue the one in the directory (``resume``). Under DDP
+        rank 0 decides, and every rank gets its record (or its error)."""
+        outcome = None
+        if self.run.writer:
+            try:
+                outcome = ("record", self._open_here(header, resume))
+            except TopdownError as e:
+                outcome = ("error", str(e))
+        kind, value = distributed.same_on_every_rank(outcome)
+        if kind == "error":
+            raise TopdownError(value)
+        return value
+
+    def _open_here(self, header: dict[str, Any], resume: bool) -> dict[str, Any]:
         if self.run.path.exists() and not self.run.path.is_dir():
             raise TopdownError(f"{self.run.path} is a file, not a run directory; choose another --out")
         existing = self.run.read_summary()
@@ -340,6 +353,10 @@ class Plan:
             warn(f"removed {f}, left by an interrupted write")
         finished = len(existing["stages"])
         if existing["status"] != "complete":
+            last = (existing.get("resumed_on") or [existing.get("provenance", {})])[-1]
+            if last.get("world_size", 1) != header["provenance"]["world_size"]:
+                raise TopdownError(f"cannot resume {self.run.path}: it was trained by {last.get('world_size', 1)} process(es) and this "
+                                   f"command has {header['provenance']['world_size']}; resume with the same number (--nproc)")
             existing.setdefault("resumed_on", []).append(header["provenance"])
         for index in range(finished):
             self.run.clear_state(index)  # left behind if a kill came right after the stage was recorded

@@ -18,7 +18,8 @@ import torch
 from .config import CascadeConfig, ProcedureConfig, RunConfig, TrainConfig
 from .devices import resolve_device
 from .errors import ConfigError, TopdownError
-from .loop import fit
+from . import distributed
+from .loop import evaluate, fit
 from .plan import Plan, StageSpec, first_difference, run_identity
 from .runs import RunDir
 from .seeds import check_seed, derive_seed
@@ -110,12 +111,6 @@ PLANS: dict[str, type[Plan]] = {p.procedure: p for p in (Baseline, Cascade, Retr
 PROCEDURES = tuple(PLANS)
 
 
-def evaluate(model: torch.nn.Module, task: Task, split: str) -> dict[str, float]:
-    model.eval()
-    with torch.no_grad():
-        return {k: float(v) for k, v in task.evaluate(model, split).items()}
-
-
 def train_plan(plan: Plan, task: Task, device: torch.device) -> dict[str, Any]:
     """Our executor: every stage of ``plan`` trained by ``fit`` with the stage's recipe."""
     for stage in plan:
@@ -147,7 +142,7 @@ def run_procedure(
     if procedure not in PLANS:
         raise ConfigError(f"unknown procedure {procedure!r} ({', '.join(PROCEDURES)})")
     config = config if isinstance(config, RunConfig) else RunConfig.from_dict(config or {})
-    device = resolve_device(device)
+    device = distributed.setup(resolve_device(device))
     torch.manual_seed(derive_seed(check_seed(seed), 0, 0))
     model = task.build_model().to(device)
     plan = PLANS[procedure](model, task.blocks, build_model=task.build_model, out=out, metric=task.primary.name,

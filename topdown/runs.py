@@ -223,7 +223,7 @@ def provenance(device: torch.device | None = None) -> dict[str, Any]:
     import platform
     import subprocess
 
-    from . import __version__
+    from . import __version__, distributed
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -239,6 +239,6 @@ def provenance(device: torch.device | None = None) -> dict[str, Any]:
     device = device or torch.device("cpu")
     return {
         "topdown": __version__, "git_commit": commit, "torch": torch.__version__, "python": platform.python_version(),
-        "device": str(device), "cpu": cpu, "threads": torch.get_num_threads(),
+        "device": str(device), "cpu": cpu, "threads": torch.get_num_threads(), "world_size": distributed.world_size(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..config import RunConfig, merge, method_defaults
 from ..errors import ConfigError
+from ..task import Task
 
 TASKS = {
     "asr-rnn": "topdown.tasks.asr.rnn",
@@ -26,6 +27,12 @@ def task_module(name: str) -> ModuleType:
     if name not in TASKS:
         raise ConfigError(f"unknown task {name!r}; tasks are: {', '.join(TASKS)}")
     return importlib.import_module(TASKS[name])
+
+
+def make_task(name: str, sections: dict[str, Any], data_dir: str | None) -> Task:
+    """Task ``name`` over its resolved config ``sections`` (a top-level function, so that
+    ``functools.partial`` of it can build the task again in a worker process)."""
+    return task_module(name).make(sections, data_dir)
 
 
 def resolve_config(name: str, preset: str, overrides: dict[str, Any]) -> RunConfig:

@@ -1,0 +1,82 @@
+"""Data-parallel stages: two CPU processes (gloo) under torch.distributed.run, as ``--nproc 2``
+or ``torchrun --nproc_per_node=2 -m topdown ...`` start them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+from conftest import ROOT, cli, read_summary
+from test_cli import assert_one_line_error
+
+DIGITS = ["digits", "--preset", "tiny", "--set", "train.epochs=12", "--set", "cascade.splits=[3]"]
+
+
+def test_two_processes_give_the_same_stage_table_and_close_numbers(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    cli("cascade", *DIGITS, "--out", str(one), check=True)
+    proc = cli("cascade", *DIGITS, "--out", str(two), "--nproc", "2", check=True)
+    assert proc.stdout.count("| 0 ") == 1  # only rank 0 prints the table
+    a, b = read_summary(one), read_summary(two)
+    assert b["status"] == "complete" and b["provenance"]["world_size"] == 2 and a["provenance"]["world_size"] == 1
+    shape = lambda s: [(x["index"], x["role"], x["split"], x["trained_blocks"], x["epochs"]) for x in s["stages"]]  # noqa: E731
+    assert shape(a) == shape(b)
+    for x, y in zip(a["stages"], b["stages"]):
+        assert abs(x["val"]["error"] - y["val"]["error"]) < 0.05 and abs(x["test"]["error"] - y["test"]["error"]) < 0.05
+    assert not list(two.rglob("*.tmp")) and not list((two / "state").glob("*"))
+
+
+def test_resume_with_another_number_of_processes_is_refused(tmp_path):
+    run = tmp_path / "run"
+    cli("baseline", *DIGITS, "--out", str(run), "--nproc", "2", check=True)
+    summary = read_summary(run)
+    summary["status"] = "running"  # as a run interrupted mid-stage leaves it
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert_one_line_error(cli("baseline", *DIGITS, "--out", str(run), "--resume"), r"trained by 2 process\(es\).*has 1; resume with the same number")
+
+
+FAILING_RANK = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {tests!r})
+    import topdown
+    from conftest import toy_task
+    task = toy_task()
+    loss = task.loss
+    def failing(model, batch, calls=[0]):
+        calls[0] += 1
+        if os.environ["RANK"] == "1" and calls[0] > 12:  # rank 1 fails in stage 1; rank 0 is waiting for it
+            raise RuntimeError("rank 1 dies")
+        return loss(model, batch)
+    task.loss = failing
+    topdown.cascade(task, sys.argv[1], train=topdown.TrainConfig(epochs=3, lr=0.01))
+""")
+
+
+def test_a_rank_that_fails_brings_the_others_down_and_finished_stages_stay(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(FAILING_RANK.format(tests=str(ROOT / "tests")))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOPDOWN_DIST_TIMEOUT": "60"}
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                           str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and time.perf_counter() - started < 120
+    summary = read_summary(tmp_path / "run")
+    assert summary["stages"][0]["index"] == 0 and (tmp_path / "run" / "checkpoints" / "stage-0.safetensors").is_file()
+
+
+def test_compare_and_analyse_with_jobs_equal_one_process(tmp_path):
+    def strip(o):
+        if isinstance(o, dict):
+            return {k: strip(v) for k, v in o.items() if k != "seconds"}
+        return [strip(v) for v in o] if isinstance(o, list) else o
+
+    for command, extra, record in (("compare", ["--seeds", "2"], "compare.json"), ("analyse", ["--subsets", "0.5"], "analyse.json")):
+        args = [command, "digits", "--preset", "tiny", *extra]
+        cli(*args, "--out", str(tmp_path / f"{command}-1"), check=True)
+        cli(*args, "--out", str(tmp_path / f"{command}-2"), "--jobs", "2", check=True)
+        one, two = (json.loads((tmp_path / f"{command}-{j}" / record).read_text()) for j in (1, 2))
+        assert strip(one) == strip(two)

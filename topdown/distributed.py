@@ -1,0 +1,95 @@
+"""Data-parallel stages under ``torchrun`` (or ``topdown ... --nproc N``): one process per rank.
+
+What the rest of the code needs from ``torch.distributed``, in one place:
+- ``setup(device)``: join the process group that ``torchrun`` describes in the environment
+  (gloo on CPU, NCCL on CUDA; each rank its own GPU) — a no-op in a single process;
+- ``shard(batches)``: this rank's share of an epoch's batches. Every rank draws the same
+  shuffled sequence (same seed) and takes every world-th batch; a last incomplete round is
+  dropped, so every rank takes the same number of optimizer steps;
+- ``same_on_every_rank(obj)``: rank 0's value of ``obj`` on every rank (validation metrics, a
+  run record), so every decision is taken once and identically;
+- ``wrap(model)``: a ``DistributedDataParallel`` over exactly the trainable parameters,
+  built after the plan froze a stage's other blocks (frozen parameters sit in no gradient
+  bucket, so no ``find_unused_parameters`` cost).
+Only rank 0 writes files (``is_writer``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+import torch
+from torch import distributed as dist
+from torch import nn
+
+T = TypeVar("T")
+TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("TOPDOWN_DIST_TIMEOUT", "300")))  # a dead peer ends a collective by then
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_writer() -> bool:
+    return rank() == 0
+
+
+def launched() -> bool:
+    """Started by torchrun (or ``--nproc``) with more than one process?"""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup(device: torch.device | None) -> torch.device | None:
+    """Join torchrun's process group if there is one; returns this rank's device."""
+    if not launched() or (dist.is_available() and dist.is_initialized()):
+        return device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is not None and device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=TIMEOUT)
+    return device
+
+
+def shard(batches: Iterable[T]) -> Iterator[T]:
+    if not active():
+        yield from batches
+        return
+    me, n = rank(), world_size()
+    round_: list[T] = []
+    for batch in batches:
+        round_.append(batch)
+        if len(round_) == n:
+            yield round_[me]
+            round_ = []
+
+
+def same_on_every_rank(obj: Any) -> Any:
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    if not active():
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
