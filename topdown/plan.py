@@ -32,7 +32,7 @@ from .blocks import Blocks, BlockSpec
 from .config import RunConfig, TrainConfig
 from .errors import ConfigError, TopdownError
 from .metrics import Metric
-from .runs import RunDir, file_digest, load_tensors, provenance
+from .runs import RunDir, file_digest, first_difference, load_tensors, provenance
 from .seeds import check_seed, derive_seed
 
 
@@ -68,21 +68,6 @@ def accept(rule: str, val: float, best: float | None, metric: Metric) -> bool:
 def run_identity(procedure: str, name: str, preset: str | None, seed: int, config: RunConfig) -> dict[str, Any]:
     """What identifies a run: a resumed or reused run must match it exactly."""
     return {"procedure": procedure, "task": name, "preset": preset, "seed": seed, "config": config.as_dict()}
-
-
-def first_difference(recorded: dict[str, Any], wanted: dict[str, Any]) -> str | None:
-    """The first key of ``wanted`` whose value the run record does not share, named for an error
-    message (with the dotted paths that differ inside a nested dict, e.g. ``'config' (train.lr)``);
-    None if the record matches."""
-    def paths(a: Any, b: Any, prefix: str) -> list[str]:
-        if isinstance(a, dict) and isinstance(b, dict):
-            return [p for k in sorted(set(a) | set(b), key=str) for p in paths(a.get(k), b.get(k), f"{prefix}{k}.")]
-        return [] if a == b else [prefix.rstrip(".")]
-    for key, value in wanted.items():
-        if recorded.get(key) != value:
-            inner = paths(recorded.get(key), value, "") if isinstance(value, dict) and isinstance(recorded.get(key), dict) else []
-            return f"{key!r} ({', '.join(inner)})" if inner else repr(key)
-    return None
 
 
 class Stage:

@@ -20,8 +20,8 @@ from .devices import resolve_device
 from .errors import ConfigError, TopdownError
 from . import distributed
 from .loop import evaluate, fit
-from .plan import Plan, StageSpec, first_difference, run_identity
-from .runs import RunDir
+from .plan import Plan, StageSpec, run_identity
+from .runs import RunDir, first_difference
 from .seeds import check_seed, derive_seed
 from .task import Task
 

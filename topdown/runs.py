@@ -112,6 +112,21 @@ def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+def first_difference(recorded: dict[str, Any], wanted: dict[str, Any]) -> str | None:
+    """The first key of ``wanted`` whose value the run record does not share, named for an error
+    message (with the dotted paths that differ inside a nested dict, e.g. ``'config' (train.lr)``);
+    None if the record matches."""
+    def paths(a: Any, b: Any, prefix: str) -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [p for k in sorted(set(a) | set(b), key=str) for p in paths(a.get(k), b.get(k), f"{prefix}{k}.")]
+        return [] if a == b else [prefix.rstrip(".")]
+    for key, value in wanted.items():
+        if recorded.get(key) != value:
+            inner = paths(recorded.get(key), value, "") if isinstance(value, dict) and isinstance(recorded.get(key), dict) else []
+            return f"{key!r} ({', '.join(inner)})" if inner else repr(key)
+    return None
+
+
 class RunDir:
     """One run's directory. Only rank 0 writes (``writer=False`` elsewhere)."""
 
