@@ -17,7 +17,7 @@ import topdown
 from topdown import Blocks, CascadeConfig, TrainConfig
 from topdown.cli import main
 from topdown.tasks import resolve_config, task_module
-from topdown.tasks.asr import common, transformer
+from topdown.tasks.asr import an4, common, transformer
 
 from conftest import cli, read_summary
 
@@ -331,3 +331,25 @@ def test_readme_worked_example_runs(tmp_path, monkeypatch, capsys):
     info = read_summary(tmp_path / "runs" / "my-corpus")["task_info"]
     assert info["vocab"] == ["<blank>", " ", "E", "N", "O", "S", "Y"]
     assert len(info["cmvn"]["mean"]) == 80 and info["features"]["sample_rate"] == 16000
+
+
+def test_cmvn_per_speaker_and_per_utterance_use_their_own_statistics():
+    rng = np.random.default_rng(0)
+    utts = [an4.Utterance(f"u{i}", f"s{i % 2}", np.zeros((1, 1), np.float32), "A") for i in range(4)]
+    feats = [(rng.standard_normal((30, 3)) * (1 + i) + 10 * (i % 2)).astype(np.float32) for i in range(4)]
+    train = an4.Normalizer.fit(feats)
+    assert np.allclose(common.normalise(utts, feats, "global", train)[1], train(feats[1]))
+    by_speaker = common.normalise(utts, feats, "speaker", train)
+    for s in (0, 1):
+        x = np.concatenate(by_speaker[s::2])
+        assert np.allclose(x.mean(0), 0, atol=1e-5) and np.allclose(x.std(0), 1, atol=1e-4)
+    for x in common.normalise(utts, feats, "utterance", train):
+        assert np.allclose(x.mean(0), 0, atol=1e-5) and np.allclose(x.std(0), 1, atol=1e-4)
+
+
+def test_spec_augment_bands_cover_the_same_dimensions_of_each_stacked_frame():
+    feats, lengths = torch.ones(3, 40, 4 * 6), torch.tensor([40, 30, 20])
+    torch.manual_seed(0)
+    a = common.spec_augment(feats, lengths, {"freq_masks": 2, "freq_width": 3, "time_masks": 0, "time_width": 0}, stack=4)
+    masked = (a == 0).view(3, 40, 4, 6)
+    assert masked.any() and (masked == masked[:, :, :1]).all()  # the same dims in each of the 4 stacked frames

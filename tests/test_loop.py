@@ -67,3 +67,50 @@ def test_bad_schedule_values_are_errors():
         fit(task.build_model(), task, TrainConfig(optimizer="lion"), seed=0)
     with pytest.raises(ConfigError, match="not a validation metric"):
         fit(task.build_model(), task, TrainConfig(epochs=1, monitor="bleu"), seed=0)
+
+
+def test_onecycle_and_cosine_are_pure_functions_of_the_step(monkeypatch):
+    """train.schedule=onecycle/cosine: the lr of every step follows scheduled_lr over the stage's
+    planned steps (epochs x batches), and validation plateaus do not decay it."""
+    script = [0.5, 0.6, 0.6, 0.6]  # plateaus that would halve a plateau schedule's lr
+    for schedule in ("onecycle", "cosine"):
+        cfg = TrainConfig(epochs=4, lr=0.01, schedule=schedule, warmup_steps=2 if schedule == "cosine" else 0)
+        lrs = recorded_lrs(monkeypatch, cfg, toy_task(metric_script=script))
+        assert lrs == pytest.approx([loop.scheduled_lr(cfg, 0.01, s, 16) for s in range(16)])  # 4 batches x 4 epochs
+        assert max(lrs) == pytest.approx(0.01, rel=0.05) and lrs[-1] < 0.01 * 0.05
+    onecycle = TrainConfig(lr=0.01, schedule="onecycle")
+    assert loop.scheduled_lr(onecycle, 0.01, 0, 100) == pytest.approx(0.01 / 25)
+    assert loop.scheduled_lr(onecycle, 0.01, 30, 100) == pytest.approx(0.01)
+    assert loop.scheduled_lr(onecycle, 0.01, 99, 100) == pytest.approx(0.01 / 25 / 1e4)
+    with pytest.raises(ConfigError, match="train.schedule"):
+        TrainConfig(schedule="step")
+
+
+def test_scheduled_stage_resumes_bit_for_bit(tmp_path):
+    """The schedule needs no state of its own: a stage interrupted during epoch 3 and resumed
+    ends with the weights of an uninterrupted one."""
+    task = toy_task()
+    cfg = TrainConfig(epochs=3, lr=0.01, schedule="onecycle")
+    torch.manual_seed(0)
+    full = task.build_model()
+    fit(full, task, cfg, seed=0)
+    torch.manual_seed(0)
+    interrupted = task.build_model()
+    calls = {"n": 0}
+    real = task.evaluate
+
+    def evaluate(model, split):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(model, split)
+
+    task.evaluate = evaluate
+    with pytest.raises(KeyboardInterrupt):
+        fit(interrupted, task, cfg, seed=0, resume_path=tmp_path / "r3.safetensors")
+    task.evaluate = real
+    torch.manual_seed(0)
+    resumed = task.build_model()
+    fit(resumed, task, cfg, seed=0, resume_path=tmp_path / "r3.safetensors")
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)

@@ -156,6 +156,11 @@ class TrainConfig(Section):
     nonmono: int = option(5, ge=0)  # ntasgd: start averaging once validation is worse than the best of all epochs but the last `nonmono`
     amp: str = option("", choices=("", "bf16"))  # "bf16": mixed precision (autocast) for the training forward pass
     warmup_steps: int = option(0, ge=0)  # > 0: the lr ramps linearly from lr/warmup_steps to lr over this many batches (per stage)
+    # lr schedule: "plateau" = decay by lr_decay on validation plateaus (min_lr ends the stage);
+    # "onecycle" / "cosine" = lr a pure function of the step over the stage's planned steps
+    # (epochs x batches), no plateau decay; onecycle: up from lr/25 over 30 %, then down to ~0;
+    # cosine: warmup_steps, then down to 0. See loop.scheduled_lr.
+    schedule: str = option("plateau", choices=("plateau", "onecycle", "cosine"))
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,27 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
 
 
+def scheduled_lr(cfg: TrainConfig, base_lr: float, step: int, total_steps: int) -> float:
+    """The lr of optimizer step ``step`` (0-based) of a stage planned as ``total_steps`` steps,
+    a pure function of the step (resume needs no scheduler state). ``plateau``: ``base_lr`` (the
+    loop's per-epoch decay) times the warm-up factor. ``onecycle``: cosine rise from lr/25 to lr over
+    the first 30 % of the steps, then cosine fall to lr/1e4 (as torch's OneCycleLR). ``cosine``: the
+    warm-up (``warmup_steps``), then cosine decay from lr to 0 at the last step."""
+    if cfg.schedule == "plateau":
+        return base_lr * warmup_factor(step, cfg.warmup_steps)
+    t = min(step, total_steps - 1)
+    if cfg.schedule == "onecycle":
+        up = max(1, round(0.3 * total_steps))
+        lo, hi, end = cfg.lr / 25, cfg.lr, cfg.lr / 25 / 1e4
+        if t < up:
+            return hi + (lo - hi) * (1 + math.cos(math.pi * t / up)) / 2
+        return end + (hi - end) * (1 + math.cos(math.pi * (t - up) / max(1, total_steps - 1 - up))) / 2
+    w = cfg.warmup_steps
+    if t < w:
+        return cfg.lr * warmup_factor(t, w)
+    return cfg.lr * (1 + math.cos(math.pi * (t - w) / max(1, total_steps - w))) / 2
+
+
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     """A fresh optimizer over exactly the trainable parameters (frozen ones are never in it)."""
     if not params:
@@ -82,7 +103,8 @@ class LoopState:
     plateau: int = 0  # since the last improvement or lr decay
     done: bool = False
     seconds: float = 0.0
-    step: int = 0  # optimizer steps taken (drives the lr warm-up)
+    step: int = 0  # optimizer steps taken (drives the lr warm-up and train.schedule)
+    total_steps: int = 0  # train.schedule other than plateau: the stage's planned steps (recomputed, not stored state)
 
 
 @dataclass
@@ -114,6 +136,8 @@ def fit(
     state, best_weights = LoopState(lr=cfg.lr), None
     if resume_path is not None and resume_path.is_file():
         state, best_weights = _load_resume_point(resume_path, model, opt)
+    if cfg.schedule != "plateau":  # the stage's planned steps: epochs x batches per epoch
+        state.total_steps = cfg.epochs * sum(1 for _ in task.train_batches(torch.Generator().manual_seed(0), subset))
     validated = getattr(opt, "averaged", nullcontext)  # the weights validation sees and keeps (NT-ASGD: the average)
 
     while not state.done:
@@ -121,7 +145,7 @@ def fit(
         train_loss = _train_epoch(trained, task, cfg, opt, params, state, seed=seed, subset=subset, device=device, desc=desc)
         with validated():
             val = _validate(model, task, monitor, f"{desc}: epoch {state.epoch + 1}")
-            record = {"epoch": state.epoch + 1, "lr": state.lr, "train_loss": train_loss, "val": val}
+            record = {"epoch": state.epoch + 1, "lr": state.lr if cfg.schedule == "plateau" else opt.param_groups[0]["lr"], "train_loss": train_loss, "val": val}
             improved = _advance(state, cfg, val, monitor)
             if improved and cfg.restore_best:
                 best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -162,9 +186,9 @@ def _train_epoch(model: nn.Module, task: Task, cfg: TrainConfig, opt: torch.opti
         loss.backward()
         if cfg.clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-        if cfg.warmup_steps > 0:
+        if cfg.warmup_steps > 0 or cfg.schedule != "plateau":
             for group in opt.param_groups:
-                group["lr"] = state.lr * warmup_factor(state.step, cfg.warmup_steps)
+                group["lr"] = scheduled_lr(cfg, state.lr, state.step, state.total_steps)
         opt.step()
         state.step += 1
         total, count = total + loss.item(), count + 1
@@ -213,13 +237,13 @@ def _advance(state: LoopState, cfg: TrainConfig, val: dict[str, float], monitor:
     else:
         state.bad_epochs += 1
         state.plateau += 1
-        if state.plateau >= cfg.lr_patience and cfg.lr_decay < 1:
+        if state.plateau >= cfg.lr_patience and cfg.lr_decay < 1 and cfg.schedule == "plateau":
             state.lr *= cfg.lr_decay
             state.plateau = 0
     state.done = (
         state.epoch >= cfg.epochs
         or (cfg.early_stop > 0 and state.bad_epochs >= cfg.early_stop)
-        or state.lr < cfg.min_lr
+        or (cfg.schedule == "plateau" and state.lr < cfg.min_lr)
     )
     return improved
 

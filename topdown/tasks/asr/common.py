@@ -46,6 +46,10 @@ class Data(Section):
     SECTION: ClassVar[str] = "data"
     val_speakers: int = option(8, ge=1)  # training speakers held out for validation when there is no dev set (never test speakers)
     deltas: bool = True  # append deltas and delta-deltas to the input features
+    # mean/variance normalisation (after deltas): "global" = training-set statistics;
+    # "speaker" = each speaker's own statistics (per split; utterances without a speaker are
+    # their own), as Kaldi's apply-cmvn with spk2utt; "utterance" = each utterance's own
+    cmvn: str = option("global", choices=("global", "speaker", "utterance"))
     stack: int = option(4, ge=1)  # stack this many frames and keep every n-th (100 fps -> 25 fps)
     batch_size: int = option(8, ge=1)  # small batches: more updates per epoch get CTC past its all-blank phase sooner
     limit: int = option(0, ge=0)  # use only the first N utterances of each split (0 = all); for tiny presets
@@ -177,12 +181,14 @@ def prepare(data_cfg: dict[str, Any], data_dir: str | None, out_length: Callable
     def raw(u: an4.Utterance) -> np.ndarray:
         return an4.add_deltas(u.feats) if data_cfg["deltas"] else u.feats
 
-    norm = an4.Normalizer.fit([raw(u) for u in corpus.splits["train"]])
+    feats_of = {name: [raw(u) for u in utts] for name, utts in corpus.splits.items()}
+    norm = an4.Normalizer.fit(feats_of["train"])
     out = {}
     for name, utts in corpus.splits.items():
+        normalised = normalise(utts, feats_of[name], data_cfg["cmvn"], norm)
         examples = []
-        for u in utts:
-            feats = torch.from_numpy(an4.stack_frames(norm(raw(u)), data_cfg["stack"]).astype(np.float32))
+        for u, x in zip(utts, normalised):
+            feats = torch.from_numpy(an4.stack_frames(x, data_cfg["stack"]).astype(np.float32))
             target = corpus.vocab.encode(u.text, f"utterance {u.uid} ({name})")
             repeats = int((target[1:] == target[:-1]).sum())
             if out_length(len(feats)) < len(target) + repeats:
@@ -196,11 +202,29 @@ def prepare(data_cfg: dict[str, Any], data_dir: str | None, out_length: Callable
         "features": {**corpus.facts, "raw_dim": int(raw_dim), "deltas": data_cfg["deltas"], "stack": data_cfg["stack"],
                      "dim": feature_dim(data_cfg, raw_dim),
                      **({"fbank": data_cfg["fbank"]} if corpus.facts.get("source") == "wav.scp" else {})},
-        # mean/variance normalisation statistics of the training set (after deltas, before stacking)
-        "cmvn": {"mean": [float(x) for x in norm.mean], "std": [float(x) for x in norm.std]},
+        # mean/variance normalisation: the mode, and the statistics of the training set (after
+        # deltas, before stacking), which are what is applied when the mode is "global"
+        "cmvn": {"mode": data_cfg["cmvn"], "mean": [float(x) for x in norm.mean], "std": [float(x) for x in norm.std]},
         "utterances": {k: len(v) for k, v in out.items()},
     }
     return out, info, corpus.vocab
+
+
+def normalise(utts: list[an4.Utterance], feats: list[np.ndarray], mode: str, train_norm: an4.Normalizer) -> list[np.ndarray]:
+    """Mean/variance normalised features of one split's utterances: with the training set's
+    statistics (``global``), each speaker's own within this split (``speaker``), or each utterance's own."""
+    if mode == "global":
+        return [train_norm(x) for x in feats]
+    key = (lambda u: u.speaker) if mode == "speaker" else (lambda u: u.uid)
+    groups: dict[str, list[int]] = {}
+    for i, u in enumerate(utts):
+        groups.setdefault(key(u), []).append(i)
+    out: list[np.ndarray] = [np.empty(0)] * len(feats)
+    for members in groups.values():
+        norm = an4.Normalizer.fit([feats[i] for i in members])
+        for i in members:
+            out[i] = norm(feats[i])
+    return out
 
 
 def collate(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -228,25 +252,28 @@ def batches(examples: list[Example], batch_size: int, generator: torch.Generator
         yield collate([examples[i] for i in group])
 
 
-def spec_augment(feats: torch.Tensor, lengths: torch.Tensor, cfg: dict[str, int]) -> torch.Tensor:
+def spec_augment(feats: torch.Tensor, lengths: torch.Tensor, cfg: dict[str, int], stack: int = 1) -> torch.Tensor:
     """SpecAugment-style masking (no time warping): per utterance, ``freq_masks`` bands of up to
     ``freq_width`` feature dimensions and ``time_masks`` spans of up to ``time_width`` frames are
-    set to 0 (the training mean, as features are normalised). Draws from torch's global RNG,
-    which the loop seeds per epoch, so runs stay reproducible and resumable."""
+    set to 0 (the mean, as features are normalised). With ``stack`` frames stacked into one, a
+    band covers the same dimensions of each stacked frame (and time spans count stacked frames).
+    Draws from torch's global RNG, which the loop seeds per epoch, so runs stay reproducible and
+    resumable."""
     if not (cfg["freq_masks"] and cfg["freq_width"]) and not (cfg["time_masks"] and cfg["time_width"]):
         return feats
-    feats = feats.clone()
-    dims = feats.shape[2]
+    shape = feats.shape
+    feats = feats.clone().view(shape[0], shape[1], stack, shape[2] // stack)  # (B, T, stacked frames, dims)
+    dims = feats.shape[3]
     for b, n in enumerate(lengths.tolist()):
         for _ in range(cfg["freq_masks"] if cfg["freq_width"] else 0):
             w = int(torch.randint(0, cfg["freq_width"] + 1, ()).item())
             f0 = int(torch.randint(0, max(1, dims - w), ()).item())
-            feats[b, :, f0 : f0 + w] = 0
+            feats[b, :, :, f0 : f0 + w] = 0
         for _ in range(cfg["time_masks"] if cfg["time_width"] else 0):
             w = min(int(torch.randint(0, cfg["time_width"] + 1, ()).item()), n // 5)  # never more than a fifth of the utterance per mask
             t0 = int(torch.randint(0, max(1, n - w), ()).item())
             feats[b, t0 : t0 + w] = 0
-    return feats
+    return feats.view(shape)
 
 
 def ctc(logits: torch.Tensor, out_lengths: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -328,6 +355,7 @@ def make_task(name: str, cfg: dict[str, Any], data_dir: str | None, build_model,
     data, info, vocab = prepare(cfg["data"], data_dir, out_length)
     batch_size = cfg["data"]["batch_size"]
     augment = cfg["data"]["spec_augment"]
+    stack = cfg["data"]["stack"]  # SpecAugment bands cover the same dimensions of each stacked frame
     decode = cfg["decode"]
 
     def train_batches(generator: torch.Generator, subset: float):
@@ -336,7 +364,7 @@ def make_task(name: str, cfg: dict[str, Any], data_dir: str | None, build_model,
 
     def loss(model: nn.Module, batch: tuple) -> torch.Tensor:
         feats, lengths, targets, target_lengths = batch
-        return ctc(*model(spec_augment(feats, lengths, augment), lengths), targets, target_lengths)
+        return ctc(*model(spec_augment(feats, lengths, augment, stack), lengths), targets, target_lengths)
 
     def evaluate(model: nn.Module, split: str) -> dict[str, float]:
         device = next(model.parameters()).device
