@@ -1,6 +1,7 @@
 """Fault campaign: random SIGKILLs with --resume, and torn or corrupt files, on a digits cascade.
 
     python bench/faults.py --kills 20            # the campaign recorded in bench/RESULTS.md
+                                                 # (run it from a checkout nobody edits meanwhile)
     (tests/test_faults.py runs one kill trial and every corruption case)
 
 Each kill trial starts a cascade, kills it with SIGKILL at a random moment (half of the trials
@@ -41,7 +42,7 @@ def record(run: Path) -> dict:
 
     def strip(o):
         if isinstance(o, dict):
-            return {k: strip(v) for k, v in o.items() if k not in ("seconds", "resumed_on")}
+            return {k: strip(v) for k, v in o.items() if k not in ("seconds", "resumed_on", "provenance")}
         return [strip(v) for v in o] if isinstance(o, list) else o
 
     ckpts = {f.name: {k: v.tolist() for k, v in load_file(str(f)).items()} for f in sorted((run / "checkpoints").glob("*.safetensors"))}

@@ -137,7 +137,7 @@ def fit(
     if resume_path is not None and resume_path.is_file():
         state, best_weights = _load_resume_point(resume_path, model, opt)
     if cfg.schedule != "plateau":  # the stage's planned steps: epochs x batches per epoch
-        state.total_steps = cfg.epochs * sum(1 for _ in task.train_batches(torch.Generator().manual_seed(0), subset))
+        state.total_steps = cfg.epochs * sum(1 for _ in distributed.shard(task.train_batches(torch.Generator().manual_seed(0), subset)))
     validated = getattr(opt, "averaged", nullcontext)  # the weights validation sees and keeps (NT-ASGD: the average)
 
     while not state.done:
