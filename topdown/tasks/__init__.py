@@ -18,6 +18,7 @@ TASKS = {
     "asr-rnn": "topdown.tasks.asr.rnn",
     "asr-transformer": "topdown.tasks.asr.transformer",
     "digits": "topdown.tasks.digits",
+    "image": "topdown.tasks.image",
     "lm-awd": "topdown.tasks.lm.awd",
 }
 PRESET_NAMES = ("tiny", "demo", "bench", "paper")

@@ -1,0 +1,322 @@
+"""``image``: image classification with a small residual CNN (the paper's later revision), digits or image folders.
+
+Blocks, input to output: ``stem`` (3x3 convolution, BatchNorm, ReLU), ``stage1`` ..
+``stageN`` (``model.depth`` residual basic blocks each; every stage after the first halves
+the resolution and doubles the width, ``model.width`` channels in the first), ``head`` (global average
+pooling, BatchNorm, dropout, linear). Every block holds BatchNorm, so the frozen-BatchNorm
+invariants are exercised by a convolutional model. Default data: the bundled 8x8 digits
+(the digits task's fixed split); ``--data-dir DIR`` reads ``DIR/{train,val,test}/<class>/*.png|jpg``
+with Pillow. The ``paper`` preset is ResNet-18 for 32x32 RGB (CIFAR-scale) data, for a GPU.
+See docs/image.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..config import Section, option
+from ..errors import ConfigError, DataError
+from ..task import Task
+from . import digits
+
+SUFFIXES = (".png", ".jpg", ".jpeg")
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+HOLDOUT_SEED = 12345  # the held-out validation images (no val/ directory): fixed whatever the run's seed
+
+
+@dataclass(frozen=True)
+class Data(Section):
+    SECTION: ClassVar[str] = "data"
+    val_fraction: float = option(0.2, gt=0, lt=1)  # digits, and image folders without val/: a fixed held-out share of train
+    test_fraction: float = option(0.2, gt=0, lt=1)  # digits only (image folders have test/)
+    batch_size: int = option(64, ge=2)  # BatchNorm needs two examples
+    eval_batch_size: int = option(1000, ge=1)
+    crop_padding: int = option(1, ge=0)  # random crop after zero padding by this many pixels; 0 = no crop
+    flip: bool = False  # random horizontal flip (off for digits: a mirrored digit is another symbol)
+    resize: int = option(0, ge=0)  # > 0: resize every image to resize x resize; 0: images must share one size
+    color: str = option("auto", choices=("auto", "gray", "rgb"))  # auto: gray if every image is, else RGB
+
+    def check_relations(self) -> None:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError(f"data.val_fraction + data.test_fraction must be below 1 (got {self.val_fraction} + {self.test_fraction})")
+
+
+@dataclass(frozen=True)
+class Model(Section):
+    SECTION: ClassVar[str] = "model"
+    width: int = option(16, ge=1)  # channels of the stem and the first stage; each later stage doubles them
+    stages: int = option(3, ge=1)  # residual stages (each a block); every stage after the first halves the resolution
+    depth: int = option(1, ge=1)  # basic blocks per stage
+    dropout: float = option(0.0, ge=0, lt=1)  # in the head, before the linear layer
+
+
+SECTIONS = {"data": Data, "model": Model}
+DEFAULTS: dict[str, Any] = {
+    **{name: section.defaults() for name, section in SECTIONS.items()},
+    # SGD with momentum, weight decay; the lr decays on validation-loss plateaus and early
+    # stopping ends each stage at a low lr (chosen on digits validation, see docs/image.md).
+    # The validation loss picks the epoch: 359 digits move the error in steps of 0.28 points,
+    # so it ties often. Stage acceptance still compares the error (the task's metric).
+    "train": {
+        "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "clip": 0.0,
+        "epochs": 40, "lr_decay": 0.3, "lr_patience": 3, "early_stop": 8, "monitor": "loss",
+    },
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"model": {"width": 4, "stages": 2}, "train": {"epochs": 2}},
+    "demo": {},
+    "bench": {"model": {"width": 32}, "train": {"epochs": 60, "early_stop": 10}},
+    # ResNet-18 for CIFAR-scale 32x32 RGB data (He et al.'s basic blocks, 3x3 stem without max
+    # pooling): for a GPU and --data-dir; not run here
+    "paper": {
+        "data": {"batch_size": 128, "crop_padding": 4, "flip": True},
+        "model": {"width": 64, "stages": 4, "depth": 2},
+        "train": {"lr": 0.1, "epochs": 200, "lr_decay": 0.2, "lr_patience": 10, "early_stop": 25},
+    },
+}
+
+
+class BasicBlock(nn.Module):
+    """He et al.'s basic block: two 3x3 convolutions with BatchNorm, identity or 1x1 projection shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    def __init__(self, in_channels: int, classes: int, channels: list[int], depth: int, dropout: float):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, channels[0], 3, 1, 1, bias=False), nn.BatchNorm2d(channels[0]), nn.ReLU())
+        stages, c_in = [], channels[0]
+        for i, c in enumerate(channels):
+            stages.append(nn.Sequential(*(BasicBlock(c_in if j == 0 else c, c, 2 if i > 0 and j == 0 else 1) for j in range(depth))))
+            c_in = c
+        self.stages = nn.ModuleList(stages)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.BatchNorm1d(c_in), nn.Dropout(dropout), nn.Linear(c_in, classes))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.head(x)
+
+
+def block_names(model_cfg: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    stages = [(f"stage{i + 1}", [f"stages.{i}"]) for i in range(model_cfg["stages"])]
+    return [("stem", ["stem"]), *stages, ("head", ["head"])]
+
+
+def build_model(cfg: dict[str, Any], in_channels: int = 1, classes: int = 10) -> ResNet:
+    """Without data (``topdown list``): the digits' shape, one channel and ten classes."""
+    m = cfg["model"]
+    return ResNet(in_channels, classes, [m["width"] * 2**i for i in range(m["stages"])], m["depth"], m["dropout"])
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+
+def _read(path: Path, root: Path, color: str, resize: int) -> np.ndarray:
+    """One image as uint8 (H, W, C); ``color`` is "gray" or "rgb"."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if color == "gray" else "RGB")
+            if resize > 0 and im.size != (resize, resize):
+                im = im.resize((resize, resize), Image.Resampling.BILINEAR)
+            a = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"cannot read image {path.relative_to(root)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return a[:, :, None] if a.ndim == 2 else a
+
+
+def _list_split(root: Path, split: str) -> dict[str, list[Path]]:
+    """``root/split/<class>/*.png|jpg`` as {class: sorted image paths}; empty classes and splits are errors."""
+    folder = root / split
+    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"the {split} split is empty: {folder} has no class directories")
+    out = {}
+    for c in classes:
+        files = sorted(p for p in c.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES and not p.name.startswith("."))
+        if not files:
+            raise DataError(f"class directory {split}/{c.name} has no images ({', '.join(SUFFIXES)})")
+        out[c.name] = files
+    return out
+
+
+def _color_of(files: list[Path], root: Path) -> str:
+    from PIL import Image, UnidentifiedImageError
+
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                if im.mode not in GRAY_MODES:
+                    return "rgb"
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            raise DataError(f"cannot read image {path.relative_to(root)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return "gray"
+
+
+def load_folders(data_cfg: dict[str, Any], data_dir: str) -> tuple[list[str], dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
+    """Classes (train's class directories, sorted: label = index), uint8 (N, C, H, W) images and
+    labels per split, and facts for ``task_info``. The training images are in a fixed shuffled
+    order (so that a subset, a prefix, samples every class), the same whatever the seed."""
+    try:
+        import PIL  # noqa: F401
+    except ImportError:
+        raise DataError('reading image folders needs Pillow: pip install "topdown[image]"') from None
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"--data-dir {data_dir}: no such directory")
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise DataError(f"{root}: missing the {split}/ directory (expected {split}/<class>/*.png|jpg)")
+    listed = {split: _list_split(root, split) for split in ("train", "val", "test") if (root / split).is_dir()}
+    classes = sorted(listed["train"])
+    index = {c: i for i, c in enumerate(classes)}
+    for split in ("val", "test"):
+        if unknown := sorted(set(listed.get(split, {})) - set(index)):
+            raise DataError(f"the {split} split has class {unknown[0]!r}, which is not in train (classes: {', '.join(classes)})")
+    every = [p for split in listed.values() for files in split.values() for p in files]
+    color = data_cfg["color"] if data_cfg["color"] != "auto" else _color_of(every, root)
+    splits, first = {}, None
+    for split, by_class in listed.items():
+        images, labels = [], []
+        for c, files in by_class.items():
+            for path in files:
+                a = _read(path, root, color, data_cfg["resize"])
+                if first is None:
+                    first = (path, a.shape)
+                elif a.shape != first[1]:
+                    raise DataError(f"images differ in size ({first[0].relative_to(root)} is {first[1][1]}x{first[1][0]}, "
+                                    f"{path.relative_to(root)} is {a.shape[1]}x{a.shape[0]}); set data.resize=N to resize every image to NxN")
+                images.append(a)
+                labels.append(index[c])
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+        splits[split] = (x, torch.tensor(labels, dtype=torch.int64))
+    x, y = splits["train"]
+    order = torch.from_numpy(np.random.default_rng(HOLDOUT_SEED).permutation(len(y)))
+    x, y = x[order], y[order]
+    source = "val/"
+    if "val" not in splits:
+        n_val = int(len(y) * data_cfg["val_fraction"])
+        if n_val == 0 or n_val == len(y):
+            raise DataError(f"the val split is empty: no val/ directory, and data.val_fraction {data_cfg['val_fraction']} of {len(y)} training images holds out none")
+        splits["val"], source = (x[:n_val], y[:n_val]), f"a fixed {data_cfg['val_fraction']:g} of train/"
+        x, y = x[n_val:], y[n_val:]
+    splits["train"] = (x, y)
+    return classes, splits, {"data": f"image folders ({data_dir})", "val_from": source, "color": color}
+
+
+def load_digits(data_cfg: dict[str, Any]) -> tuple[list[str], dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
+    """The digits task's fixed split, as (N, 1, 8, 8) images in [0, 1]."""
+    splits = {k: (x.reshape(-1, 1, 8, 8), y) for k, (x, y) in digits.load_splits(data_cfg).items()}
+    return [str(i) for i in range(10)], splits, {"data": "digits (bundled, the digits task's fixed split)", "val_from": "digits split", "color": "gray"}
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image of (B, C, H, W) shifted by a random crop of its zero-padded copy."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (padding, padding, padding, padding))
+    dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, :, None]  # (B, H, 1)
+    cols = (dx[:, None] + torch.arange(w))[:, None, :]  # (B, 1, W)
+    crops = padded[torch.arange(b)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+    # copied into a plain (NCHW) tensor: with one channel the permuted view already counts as
+    # contiguous, but its strides are channels-last, and torch's CPU convolution backward then
+    # corrupts memory for some widths (torch 2.13, 4 channels: "corrupted double-linked list")
+    return torch.empty(crops.shape, dtype=crops.dtype).copy_(crops)
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(x.shape[0], generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
+    d = cfg["data"]
+    classes, splits, facts = load_digits(d) if data_dir is None else load_folders(d, data_dir)
+    x_train, y_train = splits["train"]
+    channels, height, width = x_train.shape[1:]
+    pixels = to_float(x_train)
+    mean, std = pixels.mean(dim=(0, 2, 3)), pixels.std(dim=(0, 2, 3)).clamp_min(1e-3)  # per channel, training images
+
+    def normalise(x: torch.Tensor) -> torch.Tensor:
+        return (to_float(x) - mean[:, None, None]) / std[:, None, None]
+
+    def train_batches(generator: torch.Generator, subset: float):
+        n = max(1, round(len(y_train) * subset))  # the first n of a fixed order: the same subset for every seed
+        order = torch.randperm(n, generator=generator)
+        for i in range(0, n, d["batch_size"]):
+            idx = order[i : i + d["batch_size"]]
+            if len(idx) < 2:  # BatchNorm needs two examples
+                continue
+            x = to_float(x_train[idx])
+            if d["crop_padding"] > 0:
+                x = random_crop(x, d["crop_padding"], generator)  # pads with black (the digits' background)
+            if d["flip"]:
+                x = random_flip(x, generator)
+            yield (x - mean[:, None, None]) / std[:, None, None], y_train[idx]
+
+    def loss(model: nn.Module, batch) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(model(x), y)
+
+    def evaluate(model: nn.Module, split: str) -> dict[str, float]:
+        x, y = splits[split]
+        device = next(model.parameters()).device
+        errors, total = 0, 0.0
+        for i in range(0, len(y), d["eval_batch_size"]):
+            logits = model(normalise(x[i : i + d["eval_batch_size"]]).to(device)).float().cpu()
+            target = y[i : i + d["eval_batch_size"]]
+            errors += int((logits.argmax(1) != target).sum())
+            total += F.cross_entropy(logits, target, reduction="sum").item()
+        return {"error": errors / len(y), "loss": total / len(y)}
+
+    info = {
+        **facts,
+        "classes": classes,
+        "image_size": [int(height), int(width)],
+        "channels": int(channels),
+        "mean": [float(v) for v in mean],  # per channel, of the training images in [0, 1]: the input normalisation
+        "std": [float(v) for v in std],
+        "images": {split: len(y) for split, (_, y) in splits.items()},
+    }
+    return Task(
+        name="image",
+        build_model=lambda: build_model(cfg, int(channels), len(classes)),
+        blocks=block_names(cfg["model"]),
+        train_batches=train_batches,
+        loss=loss,
+        evaluate=evaluate,
+        metric="error",
+        lower_is_better=True,
+        info=info,
+    )
