@@ -16,6 +16,8 @@ from torch.nn import functional as F
 from topdown import Task
 
 ROOT = Path(__file__).resolve().parents[1]
+# For the tool's subprocesses: this checkout first, then whatever PYTHONPATH the tests run under.
+PYTHONPATH = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 # One thread per process: the tiny test models are faster so, and two test processes on a
 # 2-core machine do not oversubscribe it (OpenMP spin-waiting makes that very slow).
 torch.set_num_threads(1)
@@ -97,7 +99,7 @@ def read_summary(run: Path) -> dict:
 
 def cli(*args: str, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess:
     """Run the command-line tool in a subprocess, as a user would."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "topdown.cli", *args], cwd=cwd, env=env, capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(proc.stderr)

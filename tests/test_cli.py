@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, cli, read_summary, without_seconds
+from conftest import PYTHONPATH, ROOT, cli, read_summary, without_seconds
 
 TINY_DIGITS = ["digits", "--preset", "tiny"]
 
@@ -38,7 +38,7 @@ def test_help_and_list():
 
 def test_a_closed_output_pipe_is_not_a_traceback():
     """`topdown list | head -1`: the reader leaves before we write; no Python traceback follows."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
     proc = subprocess.Popen([sys.executable, "-m", "topdown.cli", "list", "--config", "asr-rnn"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()  # the reader is gone before anything is written
@@ -160,7 +160,7 @@ KILLABLE = [*TINY_DIGITS, "--set", "data.batch_size=4", "--set", "train.epochs=3
 def run_until(args: list[str], lines: int) -> None:
     """Start the CLI and SIGKILL it once metrics.jsonl has ``lines`` lines."""
     out = Path(args[args.index("--out") + 1])
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "topdown.cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = out / "metrics.jsonl"
     while proc.poll() is None:
@@ -197,7 +197,7 @@ def test_readme_example_runs(tmp_path):
     readme = (ROOT / "README.md").read_text()
     blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "topdown.Task(" in b]
     assert len(blocks) == 1, "README has no bring-your-own-model example"
-    subprocess.run([sys.executable, "-c", blocks[0]], cwd=tmp_path, check=True, capture_output=True, env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    subprocess.run([sys.executable, "-c", blocks[0]], cwd=tmp_path, check=True, capture_output=True, env={"PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1"})
     assert (tmp_path / "runs" / "toy" / "summary.json").is_file()
 
 

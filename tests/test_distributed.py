@@ -10,10 +10,10 @@ import sys
 import textwrap
 import time
 
-from conftest import ROOT, cli, read_summary
+from conftest import PYTHONPATH, ROOT, cli, read_summary
 from test_cli import assert_one_line_error
 
-DIGITS = ["digits", "--preset", "tiny", "--set", "train.epochs=12", "--set", "cascade.splits=[3]"]
+DIGITS = ["digits", "--preset", "tiny", "--device", "cpu", "--set", "train.epochs=12", "--set", "cascade.splits=[3]"]
 
 
 def test_two_processes_give_the_same_stage_table_and_close_numbers(tmp_path):
@@ -59,7 +59,7 @@ FAILING_RANK = textwrap.dedent("""
 def test_a_rank_that_fails_brings_the_others_down_and_finished_stages_stay(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(FAILING_RANK.format(tests=str(ROOT / "tests")))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOPDOWN_DIST_TIMEOUT": "60"}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1", "TOPDOWN_DIST_TIMEOUT": "60"}
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
                            str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=300)

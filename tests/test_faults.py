@@ -20,6 +20,6 @@ def test_fault_campaign_small(tmp_path):
 def test_every_summary_says_where_it_was_made(tmp_path):
     from conftest import cli, read_summary
 
-    cli("baseline", "digits", "--preset", "tiny", "--out", str(tmp_path / "run"), check=True)
+    cli("baseline", "digits", "--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "run"), check=True)
     made = read_summary(tmp_path / "run")["provenance"]
     assert made["torch"] and made["cpu"] and made["threads"] == 1 and made["device"] == "cpu" and made["topdown"]

@@ -18,7 +18,7 @@ import topdown.runs
 from topdown.config import METHOD_SECTIONS, Section
 from topdown.tasks import TASKS, resolve_config, task_module
 
-from conftest import ROOT, read_summary, toy_task, without_seconds
+from conftest import PYTHONPATH, ROOT, read_summary, toy_task, without_seconds
 from test_cli import assert_one_line_error
 from conftest import cli
 
@@ -144,7 +144,7 @@ def test_a_read_only_run_still_reports_and_resumes_and_a_new_run_says_why_not(tm
 
     def read_only(*args):
         return subprocess.run([sys.executable, "-c", READ_ONLY, str(tmp_path), *args], capture_output=True, text=True,
-                              env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+                              env={"PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1"})
 
     proc = read_only("report", str(run))
     assert "| stage |" in proc.stdout  # the table, although the files cannot be rewritten

@@ -19,7 +19,7 @@ import topdown
 from topdown import CascadeConfig, RunConfig, TrainConfig
 from topdown.loop import fit
 
-from conftest import ROOT, ToyNet, read_summary, toy_data, toy_task, without_seconds
+from conftest import PYTHONPATH, ROOT, ToyNet, read_summary, toy_data, toy_task, without_seconds
 
 BLOCKS = [("inp", ["inp"]), ("mid", ["mid"]), ("out", ["out"])]
 
@@ -146,7 +146,7 @@ KILLABLE = textwrap.dedent("""
 def test_an_interrupted_plan_resumes_to_the_uninterrupted_result(tmp_path, kill_at):
     script = tmp_path / "loop.py"
     script.write_text(KILLABLE.format(tests=str(ROOT / "tests")))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1"}
     run = lambda out, *extra, **e: subprocess.run([sys.executable, str(script), str(out), *extra], env={**env, **e}, capture_output=True, text=True)  # noqa: E731
     assert run(tmp_path / "whole").returncode == 0
     killed = run(tmp_path / "resumed", KILL_AT=kill_at)

@@ -10,11 +10,14 @@ import sys
 import traceback
 from pathlib import Path
 
+import torch
+
 from . import distributed, report
 from .analyse import run_analyse
 from .compare import run_compare
 from .config import parse_overrides
-from .errors import TopdownError
+from .devices import default_device, resolve_device
+from .errors import ConfigError, TopdownError
 from .procedures import run_procedure
 from .tasks import PRESET_NAMES, TASKS, make_task, resolve_config, task_module
 
@@ -164,8 +167,10 @@ def _run(args: argparse.Namespace) -> None:
     print(f"report: {out / 'report.md'}")
 
 
-def _launch(argv: list[str], nproc: int) -> int:
+def _launch(argv: list[str], nproc: int, device: torch.device) -> int:
     """``topdown ... --nproc N``: the same command in N processes under torch.distributed.run (torchrun)."""
+    if device.type == "cuda" and nproc > torch.cuda.device_count():
+        raise ConfigError(f"--nproc {nproc} on CUDA needs a GPU per process; {torch.cuda.device_count()} visible (use --device cpu for gloo processes)")
     rest = [a for i, a in enumerate(argv) if not (a.startswith("--nproc") or (i and argv[i - 1] == "--nproc"))]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "topdown.cli", *rest]
     return subprocess.run(cmd).returncode
@@ -177,9 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "nproc", 1) < 1:
         print(f"topdown: error: --nproc must be at least 1, got {args.nproc}", file=sys.stderr)
         return 1
-    if getattr(args, "nproc", 1) > 1 and not distributed.launched():
-        return _launch(argv, args.nproc)
+    if getattr(args, "device", "") is None:
+        args.device = default_device()
     try:
+        if getattr(args, "nproc", 1) > 1 and not distributed.launched():
+            return _launch(argv, args.nproc, resolve_device(args.device))
         if args.command == "report":
             print(report.stage_table(report.read(args.dir)), flush=True)  # shown even where the files cannot be rewritten
             print(f"report: {report.write(args.dir)}")

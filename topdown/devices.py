@@ -16,11 +16,15 @@ def available_devices() -> list[str]:
     return names
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device`` as a ``torch.device`` (default: cuda if available, else cpu), or a ConfigError
-    saying why this PyTorch cannot use it and what it can use."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def default_device() -> str:
+    """The command line's default: the GPU if there is one. (The library's default is where the
+    task's ``build_model`` puts the model: a user's ``evaluate`` may expect its data there.)"""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``, or a ConfigError saying why this PyTorch cannot use it
+    and what it can use."""
     available = ", ".join(available_devices())
     try:
         d = torch.device(device)

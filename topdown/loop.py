@@ -33,9 +33,15 @@ from .seeds import derive_seed
 from .task import Task
 
 
+LOSS_CHECK_STEPS = 50  # on an accelerator, how often the summed training loss is read (a host-device sync)
+
+
 def move_to(batch: Any, device: torch.device) -> Any:
-    """Move the tensors of a (nested) batch to ``device``."""
+    """Move the tensors of a (nested) batch to ``device``. A copy to a GPU goes through pinned
+    host memory, so that it is asynchronous (from pageable memory ``non_blocking`` is not)."""
     if isinstance(batch, torch.Tensor):
+        if device.type == "cuda" and batch.device.type == "cpu":
+            batch = batch.pin_memory()
         return batch.to(device, non_blocking=True)
     if isinstance(batch, Mapping):
         return {k: move_to(v, device) for k, v in batch.items()}
@@ -174,14 +180,15 @@ def _train_epoch(model: nn.Module, task: Task, cfg: TrainConfig, opt: torch.opti
     for group in opt.param_groups:
         group["lr"] = state.lr
     model.train()
-    total, count = 0.0, 0
+    # The loss is summed on the device: reading it (``.item()``) waits for the GPU, so that happens
+    # only every ``check_every`` steps (every step on a CPU, where it costs nothing).
+    check_every = 1 if device.type == "cpu" else LOSS_CHECK_STEPS
+    total, count = torch.zeros((), device=device), 0
     batches = distributed.shard(task.train_batches(generator, subset))  # under DDP: this rank's share, equal step counts
     bar = tqdm(batches, desc=f"{desc} epoch {state.epoch + 1}", leave=False, unit="batch", disable=None if distributed.is_writer() else True)
     for batch in bar:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
             loss = task.loss(model, move_to(batch, device))
-        if not torch.isfinite(loss):
-            raise TrainingError(f"{desc}: loss is {loss.item()} at epoch {state.epoch + 1} (lr {state.lr:g}); the stage failed")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip > 0:
@@ -189,13 +196,22 @@ def _train_epoch(model: nn.Module, task: Task, cfg: TrainConfig, opt: torch.opti
         if cfg.warmup_steps > 0 or cfg.schedule != "plateau":
             for group in opt.param_groups:
                 group["lr"] = scheduled_lr(cfg, state.lr, state.step, state.total_steps)
+        total, count = total + loss.detach().float(), count + 1
+        if count % check_every == 0:
+            _check_finite(total, desc, state)
+            bar.set_postfix(loss=f"{total.item() / count:.3f}")
         opt.step()
         state.step += 1
-        total, count = total + loss.item(), count + 1
-        bar.set_postfix(loss=f"{total / count:.3f}")
     if count == 0:
         raise TrainingError(f"{desc}: the training set yielded no batches")
-    return total / count
+    _check_finite(total, desc, state)
+    return total.item() / count
+
+
+def _check_finite(total: torch.Tensor, desc: str, state: LoopState) -> None:
+    """Fail the stage once a loss was non-finite (the sum since the epoch began is then too)."""
+    if not torch.isfinite(total):
+        raise TrainingError(f"{desc}: loss is {total.item()} at epoch {state.epoch + 1} (lr {state.lr:g}); the stage failed")
 
 
 def say(message: str) -> None:

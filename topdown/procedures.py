@@ -142,9 +142,11 @@ def run_procedure(
     if procedure not in PLANS:
         raise ConfigError(f"unknown procedure {procedure!r} ({', '.join(PROCEDURES)})")
     config = config if isinstance(config, RunConfig) else RunConfig.from_dict(config or {})
-    device = distributed.setup(resolve_device(device))
     torch.manual_seed(derive_seed(check_seed(seed), 0, 0))
-    model = task.build_model().to(device)
+    model = task.build_model()
+    # Default: where build_model put the model (a task's evaluate may hold its data there).
+    device = distributed.setup(resolve_device(device) if device is not None else next(model.parameters()).device)
+    model = model.to(device)
     plan = PLANS[procedure](model, task.blocks, build_model=task.build_model, out=out, metric=task.primary.name,
                             lower_is_better=task.primary.lower_is_better, config=config, seed=seed, shared=task.shared,
                             resume=resume, name=task.name, preset=preset, task_info=task.info, from_checkpoint=from_checkpoint)

@@ -78,7 +78,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         "data": {"batch_size": 128, "crop_padding": 4, "flip": True},
         "model": {"width": 64, "stages": 4, "depth": 2},
-        "train": {"lr": 0.1, "epochs": 200, "lr_decay": 0.2, "lr_patience": 10, "early_stop": 25},
+        "train": {"lr": 0.1, "epochs": 200, "lr_decay": 0.2, "lr_patience": 10, "early_stop": 25, "amp": "bf16"},
     },
 }
 

@@ -92,7 +92,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         "data": {"batch_size": 80},
         "model": {"emsize": 400, "hidden": 1150, "layers": 3, "dropouth": 0.2},
-        "train": {"epochs": 750, "early_stop": 0},
+        "train": {"epochs": 750, "early_stop": 0, "amp": "bf16"},
     },
 }
 
