@@ -17,7 +17,7 @@ import topdown
 from topdown import Blocks, CascadeConfig, TrainConfig
 from topdown.cli import main
 from topdown.tasks import resolve_config, task_module
-from topdown.tasks.asr import an4, common, transformer
+from topdown.tasks.asr import an4, common, ngram, transformer
 
 from conftest import cli, read_summary
 
@@ -299,6 +299,53 @@ def test_wide_beam_finds_the_most_probable_labelling():
             scores[label] = scores.get(label, 0.0) + math.exp(sum(lp[t, s] for t, s in enumerate(path)))
         best = max(scores, key=scores.get)
         assert tuple(common.prefix_beam_search(lp, beam=100, prune=math.inf)) == best
+
+
+def test_word_ngram_is_a_distribution_for_seen_and_unseen_histories():
+    lm = ngram.WordNgram(["GO TO A", "GO TO B", "ENTER A B"], order=3)
+    words = ["GO", "TO", "A", "B", "ENTER", ngram.END]
+    for history in [(), ("GO",), ("GO", "TO"), ("ENTER", "A"), ("NEVER", "SEEN")]:
+        total = sum(math.exp(lm.logprob(history, w)) for w in words) + math.exp(lm.logprob(history, "UNSEEN"))
+        assert total == pytest.approx(1.0), history
+    assert lm.logprob(("GO",), "TO") > lm.logprob(("GO",), "A")  # seen bigram above unseen
+    assert lm.logprob((), "GO") > lm.logprob((), "TO")  # sentences start with GO or ENTER
+
+
+def spelled(text: str, vocab: common.Vocab, wrong: dict[int, str]) -> np.ndarray:
+    """Posteriors that spell ``text`` one symbol per frame, separated by blanks; at the character
+    positions in ``wrong`` the acoustics slightly prefer another character."""
+    rows = []
+    for i, c in enumerate(text):
+        row = np.full(len(vocab), 1e-4)
+        if i in wrong:
+            row[vocab.index[wrong[i]]], row[vocab.index[c]] = 0.55, 0.45
+        else:
+            row[vocab.index[c]] = 1.0
+        rows += [row, np.eye(len(vocab))[common.BLANK] * 0.999 + 1e-4]
+    return np.log(np.array(rows) / np.array(rows).sum(1, keepdims=True))
+
+
+def test_word_lm_fusion_corrects_a_spelling_the_acoustics_get_wrong():
+    vocab = common.Vocab(list(" ABCDEGNORT"))
+    lm = ngram.WordNgram(["GO TO A", "GO TO B", "ENTER A", "GO BACK"] * 3, order=2)
+    lp = spelled("GO TO A", vocab, wrong={3: "O"})  # "TO" heard slightly more as "OO"
+    decode = lambda scorer: vocab.decode(common.prefix_beam_search(lp, beam=8, scorer=scorer))  # noqa: E731
+    assert decode(None) == "GO OO A"
+    assert decode(common.WordScorer(lm, vocab.symbols, vocab.index[" "], weight=1.0, bonus=0.0)) == "GO TO A"
+    # weight 0 and no bonus rank exactly as the plain search does
+    assert decode(common.WordScorer(lm, vocab.symbols, vocab.index[" "], weight=0.0, bonus=0.0)) == "GO OO A"
+
+
+def test_word_lm_needs_the_beam_search():
+    with pytest.raises(topdown.ConfigError, match="decode.lm_order needs the beam search"):
+        resolve_config("asr-rnn", "tiny", {"decode": {"lm_order": 3}})
+
+
+def test_tiny_run_reports_beam_and_lm_error_rates_next_to_greedy(tmp_path):
+    proc = cli("baseline", "asr-rnn", "--preset", "tiny", "--set", "decode.beam=4", "--set", "decode.lm_order=2",
+               "--out", str(tmp_path / "run"), check=True)
+    test = read_summary(tmp_path / "run")["test"]
+    assert {"wer", "cer", "wer_beam", "cer_beam", "wer_lm", "cer_lm"} <= set(test), proc.stdout
 
 
 def test_spec_augment_masks_within_lengths_and_is_seeded():

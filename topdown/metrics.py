@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-LOWER_IS_BETTER = ("loss", "error", "wer", "cer", "wer_beam", "cer_beam", "ppl", "per", "ter")
+LOWER_IS_BETTER = ("loss", "error", "wer", "cer", "wer_beam", "cer_beam", "wer_lm", "cer_lm", "ppl", "per", "ter")
 HIGHER_IS_BETTER = ("accuracy", "acc", "top1", "top5", "f1", "bleu", "auc", "map", "precision", "recall")
-PERCENT_METRICS = ("wer", "cer", "error", "wer_beam", "cer_beam")  # fractions in [0, 1], shown as percentages
+PERCENT_METRICS = ("wer", "cer", "error", "wer_beam", "cer_beam", "wer_lm", "cer_lm")  # fractions in [0, 1], shown as percentages
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from ...config import Section, option
-from ...errors import DataError
+from ...errors import ConfigError, DataError
 from ...task import Task
 from . import an4, kaldi
+from .ngram import END, WordNgram
 
 BLANK = 0
 BLANK_SYMBOL = "<blank>"
@@ -64,6 +65,15 @@ class Decode(Section):
     beam: int = option(8, ge=0)  # CTC prefix beam search width for wer_beam/cer_beam next to greedy wer/cer; 0 = greedy only
     on_val: bool = False  # also beam-decode every validation pass (slower); test is always beam-decoded when beam > 0
     prune: float = option(10.0, gt=0)  # per frame, extend prefixes only by symbols within this many nats of the frame's best
+    # A word n-gram LM trained on the training transcripts, fused into a second beam search whose
+    # wer_lm/cer_lm are reported next to greedy and plain beam (never instead of them); 0 = none.
+    lm_order: int = option(0, ge=0)
+    lm_weight: float = option(0.5, ge=0)  # LM log-probability weight; choose it on validation (decode.on_val=true)
+    word_bonus: float = option(1.0)  # added per word, against the LM's preference for fewer words
+
+    def check_relations(self) -> None:
+        if self.lm_order and not self.beam:
+            raise ConfigError("decode.lm_order needs the beam search: set decode.beam > 0")
 
 
 def sections(model: type[Section]) -> dict[str, type[Section]]:
@@ -293,21 +303,52 @@ def _logadd(a: float, b: float) -> float:
     return a if b == -math.inf else a + math.log1p(math.exp(b - a))
 
 
-def prefix_beam_search(log_probs: np.ndarray, beam: int, prune: float = 10.0, blank: int = BLANK) -> list[int]:
+@dataclass(frozen=True)
+class WordScorer:
+    """Shallow fusion of a word language model into the beam search (Hannun et al. 2014):
+    a prefix's score is its CTC log-probability plus ``weight`` times the LM log-probability
+    of its words plus ``bonus`` per word, a word being scored when the space after it (or
+    the end of the utterance) completes it."""
+
+    lm: WordNgram
+    symbols: list[str]  # symbol id -> character
+    space: int  # the id of the word separator
+    weight: float
+    bonus: float
+
+    def extend(self, state: tuple[tuple[str, ...], str, float], s: int) -> tuple[tuple[str, ...], str, float]:
+        """(words so far, the word being spelled, LM score) after symbol ``s``."""
+        words, partial, score = state
+        if s != self.space:
+            return words, partial + self.symbols[s], score
+        if not partial:
+            return state
+        return (*words, partial), "", score + self.weight * self.lm.logprob(words, partial) + self.bonus
+
+    def final(self, state: tuple[tuple[str, ...], str, float]) -> float:
+        """The LM score of a finished utterance: its last word and the end of the sentence."""
+        words, partial, score = self.extend(state, self.space)
+        return score + self.weight * self.lm.logprob(words, END)
+
+
+def prefix_beam_search(log_probs: np.ndarray, beam: int, prune: float = 10.0, blank: int = BLANK,
+                       scorer: WordScorer | None = None) -> list[int]:
     """CTC prefix beam search over one utterance's (frames, symbols) log-probabilities.
 
     Each hypothesis is a label prefix with two scores: the log-probability of all paths
     that produce it and end in a blank, and of those that end in its last symbol. A frame
     extends every kept prefix by blank (same prefix), by its last symbol (same prefix, via
     the non-blank ending) or by any symbol (a longer prefix; a repeat of the last symbol
-    only via the blank ending), merging paths that give the same prefix; the ``beam`` most
-    probable prefixes survive. Symbols more than ``prune`` nats below a frame's best are
-    not tried. No language model. Returns the most probable prefix's symbol ids.
+    only via the blank ending), merging paths that give the same prefix; the ``beam`` best
+    prefixes survive. Symbols more than ``prune`` nats below a frame's best are not tried.
+    With a ``scorer``, prefixes are ranked by CTC plus word-LM score. Returns the best
+    prefix's symbol ids.
     """
     if beam < 1:
         raise ValueError(f"beam must be at least 1, got {beam}")
     neg = -math.inf
     hyps: dict[tuple[int, ...], tuple[float, float]] = {(): (0.0, neg)}
+    lm_state: dict[tuple[int, ...], tuple[tuple[str, ...], str, float]] = {(): ((), "", 0.0)}
     for row in log_probs:
         row = row.tolist()
         top = max(row)
@@ -321,22 +362,28 @@ def prefix_beam_search(log_probs: np.ndarray, beam: int, prune: float = 10.0, bl
                 if s == blank:
                     e = nxt.setdefault(prefix, [neg, neg])
                     e[0] = _logadd(e[0], total + p)
-                elif s == last:
+                    continue
+                if s == last:
                     e = nxt.setdefault(prefix, [neg, neg])  # "aa" collapses to "a"
                     e[1] = _logadd(e[1], pnb + p)
-                    e = nxt.setdefault(prefix + (s,), [neg, neg])  # "a_a" is a new "a"
-                    e[1] = _logadd(e[1], pb + p)
-                else:
-                    e = nxt.setdefault(prefix + (s,), [neg, neg])
-                    e[1] = _logadd(e[1], total + p)
-        ranked = sorted(nxt.items(), key=lambda kv: _logadd(*kv[1]), reverse=True)[:beam]
-        hyps = {k: (v[0], v[1]) for k, v in ranked}
-    return list(max(hyps.items(), key=lambda kv: _logadd(*kv[1]))[0])
+                longer = prefix + (s,)
+                e = nxt.setdefault(longer, [neg, neg])
+                e[1] = _logadd(e[1], (pb if s == last else total) + p)  # a repeat is a new symbol only after a blank
+                if scorer is not None and longer not in lm_state:
+                    lm_state[longer] = scorer.extend(lm_state[prefix], s)
+        rank = (lambda kv: _logadd(*kv[1])) if scorer is None else (lambda kv: _logadd(*kv[1]) + lm_state[kv[0]][2])
+        hyps = {k: (v[0], v[1]) for k, v in sorted(nxt.items(), key=rank, reverse=True)[:beam]}
+        if scorer is not None:
+            lm_state = {k: lm_state[k] for k in hyps}
+    if scorer is None:
+        return list(max(hyps.items(), key=lambda kv: _logadd(*kv[1]))[0])
+    return list(max(hyps.items(), key=lambda kv: _logadd(*kv[1]) + scorer.final(lm_state[kv[0]]))[0])
 
 
-def beam_decode(logits: torch.Tensor, lengths: torch.Tensor, vocab: Vocab, beam: int, prune: float = 10.0) -> list[str]:
+def beam_decode(logits: torch.Tensor, lengths: torch.Tensor, vocab: Vocab, beam: int, prune: float = 10.0,
+                scorer: WordScorer | None = None) -> list[str]:
     log_probs = logits.float().log_softmax(-1).cpu().numpy()
-    return [vocab.decode(prefix_beam_search(lp[:n], beam, prune)) for lp, n in zip(log_probs, lengths.tolist())]
+    return [vocab.decode(prefix_beam_search(lp[:n], beam, prune, scorer=scorer)) for lp, n in zip(log_probs, lengths.tolist())]
 
 
 def error_rates(hyps: list[str], refs: list[str]) -> dict[str, float]:
@@ -366,10 +413,17 @@ def make_task(name: str, cfg: dict[str, Any], data_dir: str | None, build_model,
         feats, lengths, targets, target_lengths = batch
         return ctc(*model(spec_augment(feats, lengths, augment, stack), lengths), targets, target_lengths)
 
+    scorer = None
+    if decode["lm_order"]:
+        lm = WordNgram([e.text for e in data["train"]], order=decode["lm_order"])
+        if " " not in vocab.index:
+            raise DataError("decode.lm_order: the training transcripts hold no spaces, so no words for a word LM")
+        scorer = WordScorer(lm, vocab.symbols, vocab.index[" "], decode["lm_weight"], decode["word_bonus"])
+
     def evaluate(model: nn.Module, split: str) -> dict[str, float]:
         device = next(model.parameters()).device
         beam = decode["beam"] if split == "test" or decode["on_val"] else 0
-        hyps, beam_hyps, total = [], [], 0.0
+        hyps, beam_hyps, lm_hyps, total = [], [], [], 0.0
         examples = sorted(data[split], key=lambda e: len(e.feats))
         for batch in batches(examples, batch_size, None):
             feats, lengths, targets, target_lengths = (t.to(device) for t in batch)
@@ -378,10 +432,14 @@ def make_task(name: str, cfg: dict[str, Any], data_dir: str | None, build_model,
             hyps += greedy_decode(logits, out_lengths, vocab)
             if beam:
                 beam_hyps += beam_decode(logits, out_lengths, vocab, beam, decode["prune"])
+            if beam and scorer:
+                lm_hyps += beam_decode(logits, out_lengths, vocab, beam, decode["prune"], scorer)
         refs = [e.text for e in examples]
         metrics = {**error_rates(hyps, refs), "loss": total / len(examples)}
         if beam:
             metrics.update({f"{k}_beam": v for k, v in error_rates(beam_hyps, refs).items()})
+        if beam and scorer:
+            metrics.update({f"{k}_lm": v for k, v in error_rates(lm_hyps, refs).items()})
         return metrics
 
     return Task(

@@ -1,0 +1,74 @@
+"""Word-LM beam search on a finished ASR run: weight and word bonus chosen on validation, then test once.
+
+Usage:
+
+    python bench/asr_lm_decode.py RUN_DIR [--order 3] [--beam 16] [--weights 0.25 0.5 1 1.5] [--bonuses 0 1 2]
+
+RUN_DIR is a finished `topdown` run of `asr-rnn` or `asr-transformer` on the bundled AN4 (or
+give --data-dir). Its chosen model is decoded on the validation split with each (LM weight,
+word bonus) pair of the grid; the pair with the lowest validation `wer_lm` is then used once
+on the test split, where greedy, plain beam and beam + LM are reported side by side. The
+n-gram is trained on the training transcripts only (``decode.lm_order``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from topdown.runs import RunDir  # noqa: E402
+from topdown.tasks import make_task  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--data-dir")
+    parser.add_argument("--order", type=int, default=3)
+    parser.add_argument("--beam", type=int, default=16)
+    parser.add_argument("--weights", type=float, nargs="+", default=[0.25, 0.5, 1.0, 1.5])
+    parser.add_argument("--bonuses", type=float, nargs="+", default=[0.0, 1.0, 2.0])
+    parser.add_argument("--out", type=Path, help="write the grid and the test result here as JSON")
+    args = parser.parse_args()
+
+    run = RunDir(args.run)
+    summary = run.read_summary()
+    if summary is None or summary.get("status") != "complete":
+        sys.exit(f"asr_lm_decode: {args.run} holds no finished run")
+    config = {k: v for k, v in summary["config"].items() if k not in ("train", "cascade", "procedure")}
+    weights = run.load_model(f"stage-{summary['chosen_stage']}")
+
+    def evaluate(split: str, weight: float, bonus: float) -> dict[str, float]:
+        decode = {**config["decode"], "beam": args.beam, "on_val": True, "lm_order": args.order, "lm_weight": weight, "word_bonus": bonus}
+        task = make_task(summary["task"], {**config, "decode": decode}, args.data_dir)
+        model = task.build_model()
+        model.load_state_dict(weights)
+        model.eval()
+        with torch.no_grad():
+            return dict(task.evaluate(model, split))
+
+    grid = []
+    for weight, bonus in itertools.product(args.weights, args.bonuses):
+        val = evaluate("val", weight, bonus)
+        grid.append({"weight": weight, "bonus": bonus, **{k: round(v, 4) for k, v in val.items()}})
+        print(f"val  weight {weight:<5g} bonus {bonus:<4g}  wer {val['wer']:.2%}  beam {val['wer_beam']:.2%}  beam+LM {val['wer_lm']:.2%}", flush=True)
+    best = min(grid, key=lambda g: (g["wer_lm"], g["weight"]))
+    test = evaluate("test", best["weight"], best["bonus"])
+    print(f"test weight {best['weight']:g} bonus {best['bonus']:g} (chosen on validation): greedy wer {test['wer']:.2%}, "
+          f"beam {test['wer_beam']:.2%}, beam+LM {test['wer_lm']:.2%} (cer {test['cer']:.2%} / {test['cer_beam']:.2%} / {test['cer_lm']:.2%})")
+    if args.out:
+        args.out.write_text(json.dumps({"run": str(args.run), "order": args.order, "beam": args.beam, "grid": grid,
+                                        "chosen": {"weight": best["weight"], "bonus": best["bonus"]},
+                                        "test": {k: round(v, 4) for k, v in test.items()}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
