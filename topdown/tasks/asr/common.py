@@ -69,7 +69,7 @@ class Decode(Section):
     # wer_lm/cer_lm are reported next to greedy and plain beam (never instead of them); 0 = none.
     lm_order: int = option(0, ge=0)
     lm_weight: float = option(0.5, ge=0)  # LM log-probability weight; choose it on validation (decode.on_val=true)
-    word_bonus: float = option(2.0)  # added per word, against the LM's preference for fewer words (2.0 and lm_weight 0.5: AN4 validation)
+    word_bonus: float = option(3.0)  # added per word, against the LM's preference for fewer words (3.0 and lm_weight 0.5: AN4 validation)
 
     def check_relations(self) -> None:
         if self.lm_order and not self.beam:
