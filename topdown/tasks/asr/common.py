@@ -415,9 +415,9 @@ def make_task(name: str, cfg: dict[str, Any], data_dir: str | None, build_model,
 
     scorer = None
     if decode["lm_order"]:
-        lm = WordNgram([e.text for e in data["train"]], order=decode["lm_order"])
         if " " not in vocab.index:
             raise DataError("decode.lm_order: the training transcripts hold no spaces, so no words for a word LM")
+        lm = WordNgram([e.text for e in data["train"]], order=decode["lm_order"])
         scorer = WordScorer(lm, vocab.symbols, vocab.index[" "], decode["lm_weight"], decode["word_bonus"])
 
     def evaluate(model: nn.Module, split: str) -> dict[str, float]:
