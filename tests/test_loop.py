@@ -114,3 +114,69 @@ def test_scheduled_stage_resumes_bit_for_bit(tmp_path):
     fit(resumed, task, cfg, seed=0, resume_path=tmp_path / "r3.safetensors")
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_min_epoch_steps_passes_a_small_training_set_again(monkeypatch):
+    """train.min_epoch_steps: an epoch of a 4-batch training set with a minimum of 10 steps is
+    three passes (12 steps), each reshuffled; a schedule plans over those steps; 0 is one pass."""
+    cfg = TrainConfig(epochs=2, lr=0.01, min_epoch_steps=10, schedule="onecycle")
+    lrs = recorded_lrs(monkeypatch, cfg)
+    assert len(lrs) == 24  # 2 epochs x 3 passes x 4 batches
+    assert lrs == pytest.approx([loop.scheduled_lr(cfg, 0.01, s, 24) for s in range(24)])
+    assert len(recorded_lrs(monkeypatch, TrainConfig(epochs=2, lr=0.01, min_epoch_steps=0))) == 8
+    assert len(recorded_lrs(monkeypatch, TrainConfig(epochs=2, lr=0.01, min_epoch_steps=4))) == 8  # already 4 steps a pass
+    passes = list(loop.epoch_batches(toy_task(), cfg, torch.Generator().manual_seed(0), 1.0))
+    assert len(passes) == 12 and not torch.equal(passes[0][1], passes[4][1])  # the second pass is reshuffled
+    with pytest.raises(ConfigError, match="min_epoch_steps"):
+        TrainConfig(min_epoch_steps=-1)
+
+
+def _fit_recording_weights(cfg: TrainConfig, script: list[float], resume_path=None, fail_at: int | None = None):
+    """Fit the toy task with a scripted validation metric; returns the model and the weights each
+    validation call saw (``fail_at``: the k-th call is interrupted)."""
+    task = toy_task(metric_script=script)
+    seen = []
+    real = task.evaluate
+
+    def evaluate(model, split):
+        if split == "val":
+            if len(seen) + 1 == fail_at:
+                raise KeyboardInterrupt
+            seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real(model, split)
+
+    task.evaluate = evaluate
+    torch.manual_seed(0)
+    model = task.build_model()
+    return model, fit(model, task, cfg, seed=0, resume_path=resume_path), seen
+
+
+def test_average_best_keeps_the_average_of_the_best_epochs_unless_worse():
+    """train.average_best=2: the stage ends with the mean of its two best epochs' weights (here
+    epochs 4 and 2) when validation finds the average no worse than the best epoch; else the best."""
+    cfg = TrainConfig(epochs=4, lr=0.01, average_best=2)
+    model, result, seen = _fit_recording_weights(cfg, [0.5, 0.4, 0.45, 0.3, 0.3])
+    assert len(seen) == 5 and result.val["error"] == 0.3  # 4 epochs, then the average
+    expected = loop.average_weights([seen[3], seen[1]])
+    for name, value in model.state_dict().items():
+        assert torch.allclose(value, expected[name]) and torch.equal(seen[4][name], value)
+    model, result, seen = _fit_recording_weights(cfg, [0.5, 0.4, 0.45, 0.3, 0.35])  # the average is worse
+    assert result.val["error"] == 0.3
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, seen[3][name])  # epoch 4, the best
+    assert loop.average_weights([{"n": torch.tensor(3), "w": torch.tensor([1.0, 2.0])},
+                                 {"n": torch.tensor(5), "w": torch.tensor([3.0, 6.0])}]) == {"n": 3, "w": pytest.approx([2.0, 4.0])}
+    with pytest.raises(ConfigError, match="average_best"):
+        TrainConfig(average_best=0)
+
+
+def test_average_best_resumes_to_the_same_weights(tmp_path):
+    script = [0.5, 0.4, 0.45, 0.3, 0.3]
+    cfg = TrainConfig(epochs=4, lr=0.01, average_best=3)
+    full, _, _ = _fit_recording_weights(cfg, script)
+    with pytest.raises(KeyboardInterrupt):  # during epoch 4's validation: epochs 1-3 kept in the resume point
+        _fit_recording_weights(cfg, script, resume_path=tmp_path / "r.safetensors", fail_at=4)
+    resumed, result, _ = _fit_recording_weights(cfg, script[3:], resume_path=tmp_path / "r.safetensors")
+    assert result.epochs == 4
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)

@@ -142,6 +142,10 @@ class TrainConfig(Section):
     SECTION: typing.ClassVar[str] = "train"
 
     epochs: int = option(10, ge=1)  # at most this many epochs
+    # an epoch is at least this many optimizer steps: a smaller training set is passed over
+    # again (reshuffled) within the epoch, so that a recipe's epochs, patience and schedule mean
+    # the same amount of training on a corpus of any size; 0 = one pass
+    min_epoch_steps: int = option(0, ge=0)
     optimizer: str = option("adam", choices=("adam", "adamw", "sgd", "ntasgd"))  # ntasgd: sgd, then averaged sgd once validation stops improving
     lr: float = option(1e-3, ge=0)  # 0 trains nothing (a control that keeps the starting weights)
     weight_decay: float = option(0.0, ge=0)
@@ -152,6 +156,10 @@ class TrainConfig(Section):
     min_lr: float = option(0.0, ge=0)  # stop once the lr falls below this
     early_stop: int = option(0, ge=0)  # stop after this many epochs without improvement; 0 = never
     restore_best: bool = True  # end the stage with its best-on-validation epoch's weights
+    # > 1 (with restore_best): end the stage with the average of the weights of its N best epochs
+    # on validation (as ESPnet averages its best checkpoints), kept only if validation finds the
+    # average no worse than the best epoch
+    average_best: int = option(1, ge=1)
     monitor: str = ""  # validation metric for the best epoch, lr decay and early stopping; "" = the task's metric
     nonmono: int = option(5, ge=0)  # ntasgd: start averaging once validation is worse than the best of all epochs but the last `nonmono`
     amp: str = option("", choices=("", "bf16"))  # "bf16": mixed precision (autocast) for the training forward pass

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -139,11 +139,12 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
     trained = distributed.wrap(model, device)  # built now that the frozen blocks are frozen
-    state, best_weights = LoopState(lr=cfg.lr), None
+    state, best_weights, kept = LoopState(lr=cfg.lr), None, []
     if resume_path is not None and resume_path.is_file():
-        state, best_weights = _load_resume_point(resume_path, model, opt)
+        state, best_weights, kept = _load_resume_point(resume_path, model, opt)
+    averaging = cfg.restore_best and cfg.average_best > 1
     if cfg.schedule != "plateau":  # the stage's planned steps: epochs x batches per epoch
-        state.total_steps = cfg.epochs * sum(1 for _ in distributed.shard(task.train_batches(torch.Generator().manual_seed(0), subset)))
+        state.total_steps = cfg.epochs * sum(1 for _ in epoch_batches(task, cfg, torch.Generator().manual_seed(0), subset))
     validated = getattr(opt, "averaged", nullcontext)  # the weights validation sees and keeps (NT-ASGD: the average)
 
     while not state.done:
@@ -153,8 +154,12 @@ def fit(
             val = _validate(model, task, monitor, f"{desc}: epoch {state.epoch + 1}")
             record = {"epoch": state.epoch + 1, "lr": state.lr if cfg.schedule == "plateau" else opt.param_groups[0]["lr"], "train_loss": train_loss, "val": val}
             improved = _advance(state, cfg, val, monitor)
-            if improved and cfg.restore_best:
-                best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            ranked = averaging and _ranks_among(kept, val[monitor.name], monitor, cfg.average_best)
+            if (improved and cfg.restore_best) or ranked:
+                weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_weights = weights if improved and cfg.restore_best else best_weights
+                if ranked:
+                    _keep(kept, (val[monitor.name], state.epoch, weights), monitor, cfg.average_best)
         if isinstance(opt, NTASGD) and opt.observe(val[monitor.name], monitor):
             say(f"{desc}: validation stopped improving, averaging from epoch {state.epoch + 1} (NT-ASGD)")
         state.seconds += time.perf_counter() - started
@@ -162,19 +167,66 @@ def fit(
         say(f"{desc} epoch {state.epoch}/{cfg.epochs}: train loss {train_loss:.4f}, val {monitor.name} "
             f"{val[monitor.name]:.4g}{' *' if improved else ''}, lr {record['lr']:.3g}, {state.seconds:.1f}s")
         if resume_path is not None and distributed.is_writer():
-            _save_resume_point(resume_path, model, opt, state, best_weights)
+            _save_resume_point(resume_path, model, opt, state, best_weights, kept)
 
     if cfg.restore_best:
         model.load_state_dict(best_weights)
-        return FitResult(epochs=state.epoch, val=state.best_val, seconds=state.seconds)
+        val = state.best_val
+        if len(kept) > 1:
+            started = time.perf_counter()
+            val = _average_if_no_worse(model, task, monitor, kept, best_weights, val, desc)
+            state.seconds += time.perf_counter() - started
+        return FitResult(epochs=state.epoch, val=val, seconds=state.seconds)
     if isinstance(opt, NTASGD):
         opt.keep_average()  # the stage's model is the averaged one, as validated
     return FitResult(epochs=state.epoch, val=state.last_val, seconds=state.seconds)
 
 
+def _ranks_among(kept: list, value: float, monitor: Metric, n: int) -> bool:
+    """Would an epoch with validation ``value`` be among the ``n`` best kept so far?"""
+    return len(kept) < n or monitor.better(value, kept[-1][0])
+
+
+def _keep(kept: list, entry: tuple[float, int, dict[str, torch.Tensor]], monitor: Metric, n: int) -> None:
+    """Insert ``(value, epoch, weights)`` into ``kept``, ordered best first, at most ``n`` long
+    (an equal value ranks after the earlier epoch)."""
+    at = next((i for i, (v, _, _) in enumerate(kept) if monitor.better(entry[0], v)), len(kept))
+    kept.insert(at, entry)
+    del kept[n:]
+
+
+def average_weights(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of state dicts (accumulated in float32); integer buffers, such as
+    BatchNorm's batch counter, are the first state's."""
+    out = {}
+    for name, first in states[0].items():
+        if first.is_floating_point():
+            out[name] = (sum(s[name].float() for s in states) / len(states)).to(first.dtype)
+        else:
+            out[name] = first.clone()
+    return out
+
+
+def _average_if_no_worse(model: nn.Module, task: Task, monitor: Metric, kept: list, best_weights: dict[str, torch.Tensor],
+                         best_val: dict[str, float], desc: str) -> dict[str, float]:
+    """Load the average of the kept epochs' weights if validation finds it no worse than the best
+    epoch (then return its metrics); otherwise leave the best epoch's weights."""
+    model.load_state_dict(average_weights([w for _, _, w in kept]))
+    val = _validate(model, task, monitor, f"{desc}: average")
+    epochs = ", ".join(str(e) for _, e, _ in sorted(kept, key=lambda k: k[1]))
+    if monitor.better(best_val[monitor.name], val[monitor.name]):
+        model.load_state_dict(best_weights)
+        say(f"{desc}: the average of epochs {epochs} (val {monitor.name} {val[monitor.name]:.4g}) is worse than the best epoch's "
+            f"{best_val[monitor.name]:.4g}; kept the best epoch")
+        return best_val
+    say(f"{desc}: averaged the weights of epochs {epochs}: val {monitor.name} {val[monitor.name]:.4g} "
+        f"(best epoch {best_val[monitor.name]:.4g})")
+    return val
+
+
 def _train_epoch(model: nn.Module, task: Task, cfg: TrainConfig, opt: torch.optim.Optimizer, params: list[nn.Parameter],
                  state: LoopState, *, seed: int, subset: float, device: torch.device, desc: str) -> float:
-    """One pass over the training batches; returns the mean training loss."""
+    """One epoch of training (see ``epoch_batches``); returns the mean training loss."""
     torch.manual_seed(derive_seed(seed, state.epoch, 1))
     generator = torch.Generator().manual_seed(derive_seed(seed, state.epoch, 2))
     for group in opt.param_groups:
@@ -184,7 +236,7 @@ def _train_epoch(model: nn.Module, task: Task, cfg: TrainConfig, opt: torch.opti
     # only every ``check_every`` steps (every step on a CPU, where it costs nothing).
     check_every = 1 if device.type == "cpu" else LOSS_CHECK_STEPS
     total, count = torch.zeros((), device=device), 0
-    batches = distributed.shard(task.train_batches(generator, subset))  # under DDP: this rank's share, equal step counts
+    batches = epoch_batches(task, cfg, generator, subset)
     bar = tqdm(batches, desc=f"{desc} epoch {state.epoch + 1}", leave=False, unit="batch", disable=None if distributed.is_writer() else True)
     for batch in bar:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
@@ -206,6 +258,19 @@ def _train_epoch(model: nn.Module, task: Task, cfg: TrainConfig, opt: torch.opti
         raise TrainingError(f"{desc}: the training set yielded no batches")
     _check_finite(total, desc, state)
     return total.item() / count
+
+
+def epoch_batches(task: Task, cfg: TrainConfig, generator: torch.Generator, subset: float) -> Iterator[Any]:
+    """One epoch's batches (under DDP, this rank's share; every rank takes as many steps): passes
+    over the training set, each reshuffled by ``generator``, until ``cfg.min_epoch_steps`` steps."""
+    steps = 0
+    while True:
+        before = steps
+        for batch in distributed.shard(task.train_batches(generator, subset)):
+            steps += 1
+            yield batch
+        if steps == before or steps >= cfg.min_epoch_steps:
+            return
 
 
 def _check_finite(total: torch.Tensor, desc: str, state: LoopState) -> None:
@@ -265,7 +330,7 @@ def _advance(state: LoopState, cfg: TrainConfig, val: dict[str, float], monitor:
 
 
 def _save_resume_point(path: Path, model: nn.Module, opt: torch.optim.Optimizer, state: LoopState,
-                       best_weights: dict[str, torch.Tensor] | None) -> None:
+                       best_weights: dict[str, torch.Tensor] | None, kept: list) -> None:
     sd = opt.state_dict()
     tensors, scalars = {}, {}  # optimizer state: tensors to safetensors, the rest to JSON metadata
     for pid, st in sd["state"].items():
@@ -273,12 +338,15 @@ def _save_resume_point(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
             (tensors if isinstance(value, torch.Tensor) else scalars)[f"{pid}.{key}"] = value
     save_tensors(
         path,
-        {**prefixed("model.", model.state_dict()), **prefixed("best.", best_weights or {}), **prefixed("optim.", tensors)},
-        {"loop": asdict(state), "optimizer": {"param_groups": sd["param_groups"], "scalars": scalars}},
+        # the best epoch is the first kept one when there are kept ones (the same tensors: saved once)
+        {**prefixed("model.", model.state_dict()), **prefixed("best.", {} if kept else best_weights or {}), **prefixed("optim.", tensors),
+         **{k: v for i, (_, _, w) in enumerate(kept) for k, v in prefixed(f"kept{i}.", w).items()}},
+        {"loop": asdict(state), "optimizer": {"param_groups": sd["param_groups"], "scalars": scalars},
+         "kept": [[value, epoch] for value, epoch, _ in kept]},
     )
 
 
-def _load_resume_point(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[LoopState, dict[str, torch.Tensor] | None]:
+def _load_resume_point(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[LoopState, dict[str, torch.Tensor] | None, list]:
     tensors, meta = load_tensors(path)
     model.load_state_dict(unprefixed("model.", tensors))
     state: dict[int, dict[str, Any]] = {}
@@ -287,4 +355,6 @@ def _load_resume_point(path: Path, model: nn.Module, opt: torch.optim.Optimizer)
         state.setdefault(int(pid), {})[key] = value
     opt.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
     known = {f.name for f in fields(LoopState)}  # resume points of older versions may hold more
-    return LoopState(**{k: v for k, v in meta["loop"].items() if k in known}), unprefixed("best.", tensors) or None
+    kept = [(value, epoch, unprefixed(f"kept{i}.", tensors)) for i, (value, epoch) in enumerate(meta.get("kept", []))]
+    best = kept[0][2] if kept else unprefixed("best.", tensors) or None
+    return LoopState(**{k: v for k, v in meta["loop"].items() if k in known}), best, kept

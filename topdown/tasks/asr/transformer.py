@@ -51,13 +51,14 @@ DEFAULTS: dict[str, Any] = {
     "model": Model.defaults(),
     # As for asr-rnn: CTC emits only blanks for a while, so the schedule watches the
     # validation CTC loss. Warm-up over ~1.6 epochs (93 batches of 8 per epoch on AN4).
-    "train": {"epochs": 40, "lr": 0.002, "lr_patience": 2, "early_stop": 5, "monitor": "loss", "min_lr": 1e-5, "warmup_steps": 150},
+    "train": {"epochs": 40, "lr": 0.002, "lr_patience": 2, "early_stop": 5, "monitor": "loss", "min_lr": 1e-5, "warmup_steps": 150,
+              "min_epoch_steps": 100},  # as asr-rnn: a small corpus is passed over more than once per epoch
 }
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "data": {"limit": 48, "spec_augment": {"freq_masks": 0, "time_masks": 0}},
         "model": {"d_model": 32, "heads": 2, "ff": 64, "layers": 2, "channels": 8},
-        "train": {"epochs": 2, "warmup_steps": 2},
+        "train": {"epochs": 2, "warmup_steps": 2, "min_epoch_steps": 0},
         "decode": {"beam": 0},
     },
     # demo: baseline and two cascade stages (classifier = output; = layer3, layer4, output).
@@ -74,7 +75,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"deltas": False, "batch_size": 32, "val_speakers": 10,
                  "spec_augment": {"freq_masks": 2, "freq_width": 30, "time_masks": 2, "time_width": 40}},
         "model": {"d_model": 256, "heads": 4, "ff": 2048, "layers": 12, "channels": 256, "dropout": 0.1},
-        "train": {"epochs": 100, "lr": 0.001, "early_stop": 5, "lr_patience": 2, "clip": 5.0, "amp": "bf16", "warmup_steps": 25000},
+        "train": {"min_epoch_steps": 0, "epochs": 100, "lr": 0.001, "early_stop": 5, "lr_patience": 2, "clip": 5.0, "amp": "bf16", "warmup_steps": 25000},
         "decode": {"beam": 16},
     },
 }
