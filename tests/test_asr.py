@@ -188,8 +188,8 @@ def test_vocab_encode_decode():
 # -- the Transformer's blocks ------------------------------------------------------------------
 
 
-def tiny_transformer_task(limit: int = 24) -> topdown.Task:
-    cfg = resolve_config("asr-transformer", "tiny", {"data": {"limit": limit}})
+def tiny_transformer_task(limit: int = 24, conv_kernel: int = 0) -> topdown.Task:
+    cfg = resolve_config("asr-transformer", "tiny", {"data": {"limit": limit}, "model": {"conv_kernel": conv_kernel}})
     return transformer.make(cfg.task)
 
 
@@ -205,8 +205,9 @@ def test_transformer_blocks_cover_the_model_and_match_the_subsampling():
     assert out.tolist() == [transformer.out_length(n) for n in (41, 30, 7)] == [9, 6, 1]
 
 
-def test_frozen_transformer_blocks_are_bit_identical_and_deterministic(tmp_path):
-    task = tiny_transformer_task()
+@pytest.mark.parametrize("conv_kernel", [0, 3], ids=["transformer", "conformer"])
+def test_frozen_transformer_blocks_are_bit_identical_and_deterministic(tmp_path, conv_kernel):
+    task = tiny_transformer_task(conv_kernel=conv_kernel)
     model = task.build_model()
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
@@ -240,6 +241,21 @@ def test_frozen_transformer_blocks_are_bit_identical_and_deterministic(tmp_path)
     blocks.freeze(frozen, frozen_dropout=True)
     model.train()
     assert not torch.equal(model.encoder[1](x, pad), model.encoder[1](x, pad))
+
+
+def test_conformer_layers_ignore_padding_frames():
+    """model.conv_kernel > 0: Conformer layers; what a padded utterance's frames hold (here noise)
+    changes nothing in its outputs, since attention masks them and the convolution sees zeros."""
+    cfg = resolve_config("asr-transformer", "tiny", {"model": {"conv_kernel": 5}}).task
+    model = transformer.build_model(cfg, inputs=39, vocab=28).eval()
+    assert isinstance(model.encoder[0], transformer.ConformerLayer)
+    feats, lengths = torch.randn(2, 81, 39), torch.tensor([81, 50])
+    noisy = feats.clone()
+    noisy[1, 50:] = 10 * torch.randn(31, 39)
+    n = transformer.out_length(50)
+    assert torch.allclose(model(feats, lengths)[0][1, :n], model(noisy, lengths)[0][1, :n], atol=1e-5)
+    with pytest.raises(topdown.ConfigError, match="conv_kernel must be odd"):
+        resolve_config("asr-transformer", "tiny", {"model": {"conv_kernel": 4}})
 
 
 def test_transformer_cascade_keeps_the_classifier_and_reinitialises_the_feature_extractor(tmp_path):

@@ -35,10 +35,15 @@ class Model(Section):
     layers: int = option(4, ge=1)
     channels: int = option(64, ge=1)  # convolution maps of the front end
     dropout: float = option(0.1, ge=0, lt=1)
+    # > 0: Conformer layers (Gulati et al., 2020) with a depthwise convolution of this width (odd)
+    # instead of Transformer layers; 0 = Transformer layers
+    conv_kernel: int = option(0, ge=0)
 
     def check_relations(self) -> None:
         if self.d_model % self.heads:
             raise ConfigError(f"model.d_model ({self.d_model}) must be a multiple of model.heads ({self.heads})")
+        if self.conv_kernel and self.conv_kernel % 2 == 0:
+            raise ConfigError(f"model.conv_kernel must be odd (a centred convolution), got {self.conv_kernel}")
 
 
 SECTIONS = common.sections(Model)
@@ -136,14 +141,63 @@ class EncoderLayer(nn.Module):
         return x + self.dropout(self.ff(self.ff_norm(x)))
 
 
+class ConvolutionModule(nn.Module):
+    """The Conformer's convolution module: LN, pointwise conv + GLU, depthwise conv over time,
+    LN (the paper's BatchNorm would average over padding frames), SiLU, pointwise conv, dropout.
+    Padding frames are zeroed before the depthwise convolution, so they never leak into speech."""
+
+    def __init__(self, d_model: int, kernel: int, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.pointwise_in = nn.Linear(d_model, 2 * d_model)
+        self.depthwise = nn.Conv1d(d_model, d_model, kernel, padding=kernel // 2, groups=d_model)
+        self.depthwise_norm = nn.LayerNorm(d_model)
+        self.pointwise_out = nn.Linear(d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.glu(self.pointwise_in(self.norm(x)), dim=-1).masked_fill(padding[..., None], 0.0)
+        h = self.depthwise(h.transpose(1, 2)).transpose(1, 2)
+        return self.dropout(self.pointwise_out(nn.functional.silu(self.depthwise_norm(h))))
+
+
+class ConformerLayer(nn.Module):
+    """Conformer layer: x + FFN/2, x + MHA(LN(x)), x + Conv(x), x + FFN/2, then LN
+    (the macaron feed-forward pair uses SiLU, as the paper)."""
+
+    def __init__(self, d_model: int, heads: int, ff: int, dropout: float, kernel: int):
+        super().__init__()
+
+        def feed_forward() -> nn.Sequential:
+            return nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, ff), nn.SiLU(), nn.Dropout(dropout),
+                                 nn.Linear(ff, d_model), nn.Dropout(dropout))
+
+        self.ff_in, self.ff_out = feed_forward(), feed_forward()
+        self.attn_norm = nn.LayerNorm(d_model)
+        self.attn = nn.MultiheadAttention(d_model, heads, dropout=dropout, batch_first=True)
+        self.conv = ConvolutionModule(d_model, kernel, dropout)
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        x = x + 0.5 * self.ff_in(x)
+        h = self.attn_norm(x)
+        h, _ = self.attn(h, h, h, key_padding_mask=padding, need_weights=False)
+        x = x + self.dropout(h)
+        x = x + self.conv(x, padding)
+        return self.norm(x + 0.5 * self.ff_out(x))
+
+
 class TransformerCTC(nn.Module):
     def __init__(self, inputs: int, d_model: int, heads: int, ff: int, layers: int, channels: int, dropout: float,
-                 vocab: int = common.VOCAB):
+                 vocab: int = common.VOCAB, conv_kernel: int = 0):
         super().__init__()
         if d_model % heads:
             raise ValueError(f"model.d_model={d_model} is not divisible by model.heads={heads}")
         self.frontend = ConvSubsampling(inputs, d_model, channels, dropout)
-        self.encoder = nn.ModuleList(EncoderLayer(d_model, heads, ff, dropout) for _ in range(layers))
+        self.encoder = nn.ModuleList(
+            ConformerLayer(d_model, heads, ff, dropout, conv_kernel) if conv_kernel else EncoderLayer(d_model, heads, ff, dropout)
+            for _ in range(layers))
         self.norm = nn.LayerNorm(d_model)
         self.output = nn.Linear(d_model, vocab)
 
@@ -164,7 +218,7 @@ def build_model(cfg: dict[str, Any], inputs: int | None = None, vocab: int = com
     """The model for ``cfg``; ``inputs``/``vocab`` default to the bundled AN4's (13 cepstra, 28 symbols)."""
     m = cfg["model"]
     return TransformerCTC(inputs or common.feature_dim(cfg["data"]), m["d_model"], m["heads"], m["ff"], m["layers"],
-                          m["channels"], m["dropout"], vocab)
+                          m["channels"], m["dropout"], vocab, m["conv_kernel"])
 
 
 def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
