@@ -14,6 +14,7 @@ n-gram is trained on the training transcripts only (``decode.lm_order``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import sys
@@ -25,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from topdown.runs import RunDir  # noqa: E402
-from topdown.tasks import make_task  # noqa: E402
+from topdown.tasks import task_module  # noqa: E402
+from topdown.tasks.asr import common  # noqa: E402
 
 
 def main() -> None:
@@ -44,16 +46,27 @@ def main() -> None:
     if summary is None or summary.get("status") != "complete":
         sys.exit(f"asr_lm_decode: {args.run} holds no finished run")
     config = {k: v for k, v in summary["config"].items() if k not in ("train", "cascade", "procedure")}
-    weights = run.load_model(f"stage-{summary['chosen_stage']}")
+    module = task_module(summary["task"])
+    data, info, vocab = common.prepare(config["data"], args.data_dir)
+    model = module.build_model(config, inputs=info["features"]["dim"], vocab=len(vocab))
+    model.load_state_dict(run.load_model(f"stage-{summary['chosen_stage']}"))
+    model.eval()
+    lm = common.word_scorer(data["train"], vocab, args.order, 0.0, 0.0)
+    prune, batch_size = config["decode"]["prune"], config["data"]["batch_size"]
+
+    # one forward pass, greedy and plain beam per split; only the LM-fused search depends on the grid
+    outputs, fixed = {}, {}
+    with torch.no_grad():
+        for split in ("val", "test"):
+            examples, outputs[split], _ = common.forward_split(model, data[split], batch_size)
+            refs = [e.text for e in examples]
+            fixed[split] = refs, {**common.error_rates(common.transcribe(outputs[split], vocab), refs),
+                                  **{f"{k}_beam": v for k, v in common.error_rates(common.transcribe(outputs[split], vocab, args.beam, prune), refs).items()}}
 
     def evaluate(split: str, weight: float, bonus: float) -> dict[str, float]:
-        decode = {**config["decode"], "beam": args.beam, "on_val": True, "lm_order": args.order, "lm_weight": weight, "word_bonus": bonus}
-        task = make_task(summary["task"], {**config, "decode": decode}, args.data_dir)
-        model = task.build_model()
-        model.load_state_dict(weights)
-        model.eval()
-        with torch.no_grad():
-            return dict(task.evaluate(model, split))
+        refs, metrics = fixed[split]
+        hyps = common.transcribe(outputs[split], vocab, args.beam, prune, dataclasses.replace(lm, weight=weight, bonus=bonus))
+        return {**metrics, **{f"{k}_lm": v for k, v in common.error_rates(hyps, refs).items()}}
 
     grid = []
     for weight, bonus in itertools.product(args.weights, args.bonuses):

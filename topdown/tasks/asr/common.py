@@ -386,6 +386,29 @@ def beam_decode(logits: torch.Tensor, lengths: torch.Tensor, vocab: Vocab, beam:
     return [vocab.decode(prefix_beam_search(lp[:n], beam, prune, scorer=scorer)) for lp, n in zip(log_probs, lengths.tolist())]
 
 
+def forward_split(model: nn.Module, examples: list[Example], batch_size: int) -> tuple[list[Example], list[tuple], float]:
+    """The model's outputs over ``examples`` in length order: the examples in that order, one
+    (logits, output lengths) per batch, and the mean CTC loss per utterance. Decoding with any
+    settings (``transcribe``) then needs no second forward pass."""
+    device = next(model.parameters()).device
+    examples = sorted(examples, key=lambda e: len(e.feats))
+    outputs, total = [], 0.0
+    for batch in batches(examples, batch_size, None):
+        feats, lengths, targets, target_lengths = (t.to(device) for t in batch)
+        logits, out_lengths = model(feats, lengths)
+        total += ctc(logits, out_lengths, targets, target_lengths, reduction="sum").item()
+        outputs.append((logits, out_lengths))
+    return examples, outputs, total / len(examples)
+
+
+def transcribe(outputs: list[tuple], vocab: Vocab, beam: int = 0, prune: float = 10.0, scorer: WordScorer | None = None) -> list[str]:
+    """Hypotheses for ``forward_split``'s outputs: greedy (``beam`` 0) or prefix beam search (with
+    a word LM when ``scorer`` is given)."""
+    if not beam:
+        return [h for logits, lengths in outputs for h in greedy_decode(logits, lengths, vocab)]
+    return [h for logits, lengths in outputs for h in beam_decode(logits, lengths, vocab, beam, prune, scorer)]
+
+
 def error_rates(hyps: list[str], refs: list[str]) -> dict[str, float]:
     """Corpus-level WER and CER (edit distance summed over utterances / reference length)."""
     word_errors = sum(editdistance.eval(h.split(), r.split()) for h, r in zip(hyps, refs))
@@ -394,6 +417,13 @@ def error_rates(hyps: list[str], refs: list[str]) -> dict[str, float]:
         "wer": word_errors / max(1, sum(len(r.split()) for r in refs)),
         "cer": char_errors / max(1, sum(len(r) for r in refs)),
     }
+
+
+def word_scorer(train: list[Example], vocab: Vocab, order: int, weight: float, bonus: float) -> WordScorer:
+    """Shallow fusion of a word ``order``-gram trained on the training transcripts."""
+    if " " not in vocab.index:
+        raise DataError("decode.lm_order: the training transcripts hold no spaces, so no words for a word LM")
+    return WordScorer(WordNgram([e.text for e in train], order=order), vocab.symbols, vocab.index[" "], weight, bonus)
 
 
 def make_task(name: str, cfg: dict[str, Any], data_dir: str | None, build_model, block_names,
@@ -413,32 +443,17 @@ def make_task(name: str, cfg: dict[str, Any], data_dir: str | None, build_model,
         feats, lengths, targets, target_lengths = batch
         return ctc(*model(spec_augment(feats, lengths, augment, stack), lengths), targets, target_lengths)
 
-    scorer = None
-    if decode["lm_order"]:
-        if " " not in vocab.index:
-            raise DataError("decode.lm_order: the training transcripts hold no spaces, so no words for a word LM")
-        lm = WordNgram([e.text for e in data["train"]], order=decode["lm_order"])
-        scorer = WordScorer(lm, vocab.symbols, vocab.index[" "], decode["lm_weight"], decode["word_bonus"])
+    scorer = word_scorer(data["train"], vocab, decode["lm_order"], decode["lm_weight"], decode["word_bonus"]) if decode["lm_order"] else None
 
     def evaluate(model: nn.Module, split: str) -> dict[str, float]:
-        device = next(model.parameters()).device
         beam = decode["beam"] if split == "test" or decode["on_val"] else 0
-        hyps, beam_hyps, lm_hyps, total = [], [], [], 0.0
-        examples = sorted(data[split], key=lambda e: len(e.feats))
-        for batch in batches(examples, batch_size, None):
-            feats, lengths, targets, target_lengths = (t.to(device) for t in batch)
-            logits, out_lengths = model(feats, lengths)
-            total += ctc(logits, out_lengths, targets, target_lengths, reduction="sum").item()
-            hyps += greedy_decode(logits, out_lengths, vocab)
-            if beam:
-                beam_hyps += beam_decode(logits, out_lengths, vocab, beam, decode["prune"])
-            if beam and scorer:
-                lm_hyps += beam_decode(logits, out_lengths, vocab, beam, decode["prune"], scorer)
+        examples, outputs, loss = forward_split(model, data[split], batch_size)
         refs = [e.text for e in examples]
-        metrics = {**error_rates(hyps, refs), "loss": total / len(examples)}
+        metrics = {**error_rates(transcribe(outputs, vocab), refs), "loss": loss}
         if beam:
-            metrics.update({f"{k}_beam": v for k, v in error_rates(beam_hyps, refs).items()})
+            metrics.update({f"{k}_beam": v for k, v in error_rates(transcribe(outputs, vocab, beam, decode["prune"]), refs).items()})
         if beam and scorer:
+            lm_hyps = transcribe(outputs, vocab, beam, decode["prune"], scorer)
             metrics.update({f"{k}_lm": v for k, v in error_rates(lm_hyps, refs).items()})
         return metrics
 
