@@ -1,5 +1,6 @@
-"""Our training loop, one executor of a plan's stages: epochs, validation, plateau lr decay,
-early stopping, clipping, warm-up, bf16 autocast, resume.
+"""Our training loop, one executor of a plan's stages: epochs (sized in steps for small data),
+validation, lr schedules, early stopping, averaging of the best epochs, clipping, warm-up, bf16
+autocast, resume.
 
 The loop trains exactly the parameters that require gradients (the plan froze the rest).
 Randomness is a pure function of ``(seed, epoch)``: each epoch reseeds the global RNG
