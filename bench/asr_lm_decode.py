@@ -61,12 +61,12 @@ def main() -> None:
             examples, outputs[split], _ = common.forward_split(model, data[split], batch_size)
             refs = [e.text for e in examples]
             fixed[split] = refs, {**common.error_rates(common.transcribe(outputs[split], vocab), refs),
-                                  **{f"{k}_beam": v for k, v in common.error_rates(common.transcribe(outputs[split], vocab, args.beam, prune), refs).items()}}
+                                  **common.error_rates(common.transcribe(outputs[split], vocab, args.beam, prune), refs, "_beam")}
 
     def evaluate(split: str, weight: float, bonus: float) -> dict[str, float]:
         refs, metrics = fixed[split]
         hyps = common.transcribe(outputs[split], vocab, args.beam, prune, dataclasses.replace(lm, weight=weight, bonus=bonus))
-        return {**metrics, **{f"{k}_lm": v for k, v in common.error_rates(hyps, refs).items()}}
+        return {**metrics, **common.error_rates(hyps, refs, "_lm")}
 
     grid = []
     for weight, bonus in itertools.product(args.weights, args.bonuses):

@@ -409,13 +409,14 @@ def transcribe(outputs: list[tuple], vocab: Vocab, beam: int = 0, prune: float =
     return [h for logits, lengths in outputs for h in beam_decode(logits, lengths, vocab, beam, prune, scorer)]
 
 
-def error_rates(hyps: list[str], refs: list[str]) -> dict[str, float]:
-    """Corpus-level WER and CER (edit distance summed over utterances / reference length)."""
+def error_rates(hyps: list[str], refs: list[str], suffix: str = "") -> dict[str, float]:
+    """Corpus-level WER and CER (edit distance summed over utterances / reference length), named
+    ``wer{suffix}`` and ``cer{suffix}`` (``_beam``, ``_lm``: the decoder that made ``hyps``)."""
     word_errors = sum(editdistance.eval(h.split(), r.split()) for h, r in zip(hyps, refs))
     char_errors = sum(editdistance.eval(h, r) for h, r in zip(hyps, refs))
     return {
-        "wer": word_errors / max(1, sum(len(r.split()) for r in refs)),
-        "cer": char_errors / max(1, sum(len(r) for r in refs)),
+        f"wer{suffix}": word_errors / max(1, sum(len(r.split()) for r in refs)),
+        f"cer{suffix}": char_errors / max(1, sum(len(r) for r in refs)),
     }
 
 
@@ -451,10 +452,9 @@ def make_task(name: str, cfg: dict[str, Any], data_dir: str | None, build_model,
         refs = [e.text for e in examples]
         metrics = {**error_rates(transcribe(outputs, vocab), refs), "loss": loss}
         if beam:
-            metrics.update({f"{k}_beam": v for k, v in error_rates(transcribe(outputs, vocab, beam, decode["prune"]), refs).items()})
+            metrics.update(error_rates(transcribe(outputs, vocab, beam, decode["prune"]), refs, "_beam"))
         if beam and scorer:
-            lm_hyps = transcribe(outputs, vocab, beam, decode["prune"], scorer)
-            metrics.update({f"{k}_lm": v for k, v in error_rates(lm_hyps, refs).items()})
+            metrics.update(error_rates(transcribe(outputs, vocab, beam, decode["prune"], scorer), refs, "_lm"))
         return metrics
 
     return Task(

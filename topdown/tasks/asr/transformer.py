@@ -3,11 +3,13 @@
 Blocks, input to output: ``frontend`` (two stride-2 3x3 convolutions that subsample time
 by 4, a linear projection to the model width, sinusoidal positions), ``layer1`` ..
 ``layerN`` (one pre-LayerNorm self-attention encoder layer each: multi-head attention and
-a feed-forward network, each in a residual branch with dropout) and ``output`` (the final
+a feed-forward network, each in a residual branch with dropout; with ``model.conv_kernel`` > 0
+one Conformer layer each instead) and ``output`` (the final
 LayerNorm and the linear CTC layer over blank and the characters).
 
 The recipe: Adam with a linear learning-rate warm-up (``train.warmup_steps``, restarted in
-every stage since each stage builds a fresh optimizer), then the loop's plateau decay;
+every stage since each stage builds a fresh optimizer), then the loop's plateau decay (the
+``bench`` preset: a one-cycle schedule instead);
 dropout in attention, residual and feed-forward branches; SpecAugment-style masking of the
 training features (``data.spec_augment``). No label smoothing: it is not standard for CTC.
 """
@@ -55,7 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "decode": common.Decode.defaults(),
     "model": Model.defaults(),
     # As for asr-rnn: CTC emits only blanks for a while, so the schedule watches the
-    # validation CTC loss. Warm-up over ~1.6 epochs (93 batches of 8 per epoch on AN4).
+    # validation CTC loss. Warm-up over ~1.4 epochs (106 batches of 8 per epoch on AN4).
     "train": {"epochs": 40, "lr": 0.002, "lr_patience": 2, "early_stop": 5, "monitor": "loss", "min_lr": 1e-5, "warmup_steps": 150,
               "min_epoch_steps": 100},  # as asr-rnn: a small corpus is passed over more than once per epoch
 }
