@@ -17,7 +17,7 @@ import topdown
 from topdown import Blocks, CascadeConfig, TrainConfig
 from topdown.cli import main
 from topdown.tasks import resolve_config, task_module
-from topdown.tasks.asr import an4, common, ngram, transformer
+from topdown.tasks.asr import an4, common, ngram, rnn, transformer
 
 from conftest import cli, read_summary
 
@@ -256,6 +256,28 @@ def test_conformer_layers_ignore_padding_frames():
     assert torch.allclose(model(feats, lengths)[0][1, :n], model(noisy, lengths)[0][1, :n], atol=1e-5)
     with pytest.raises(topdown.ConfigError, match="conv_kernel must be odd"):
         resolve_config("asr-transformer", "tiny", {"model": {"conv_kernel": 4}})
+
+
+def test_pyramidal_blstm_halves_the_frame_rate_and_ignores_padding():
+    """model.subsample=[2]: above lstm1 each pair of frames is one (an odd length rounds up), the
+    layers above see twice the width, and what a padded utterance's frames hold changes nothing."""
+    cfg = resolve_config("asr-rnn", "tiny", {"model": {"subsample": [2]}}).task
+    model = rnn.build_model(cfg, inputs=39, vocab=28).eval()
+    hidden = cfg["model"]["hidden"]
+    assert model.encoder[1].lstm.input_size == 4 * hidden and model.output.in_features == 2 * hidden
+    feats, lengths = torch.randn(2, 41, 39), torch.tensor([41, 30])
+    logits, out = model(feats, lengths)
+    assert logits.shape == (2, 21, 28) and out.tolist() == [21, 15]
+    noisy = feats.clone()
+    noisy[1, 30:] = 10 * torch.randn(11, 39)
+    assert torch.allclose(model(noisy, lengths)[0][1, :15], logits[1, :15], atol=1e-6)
+    with pytest.raises(topdown.ConfigError, match="3 factors for 2 layers"):
+        resolve_config("asr-rnn", "tiny", {"model": {"subsample": [2, 1, 1]}})
+    with pytest.raises(topdown.ConfigError, match="model.subsample"):
+        resolve_config("asr-rnn", "tiny", {"model": {"subsample": [0]}})
+    # a reduction that leaves an utterance fewer frames than CTC needs is named before training
+    with pytest.raises(topdown.DataError, match="too few for its"):
+        rnn.make(resolve_config("asr-rnn", "tiny", {"model": {"subsample": [4, 4]}}).task)
 
 
 def test_transformer_cascade_keeps_the_classifier_and_reinitialises_the_feature_extractor(tmp_path):

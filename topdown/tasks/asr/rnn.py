@@ -2,6 +2,9 @@
 
 Blocks, input to output: ``lstm1`` .. ``lstmN`` (one bidirectional LSTM layer each) and
 ``output`` (the linear CTC layer over blank and the characters: space and A-Z on AN4).
+With ``model.subsample`` the encoder is pyramidal (Listen, Attend and Spell's pBLSTM): after a
+layer, each run of n adjacent output frames is concatenated into one, so the layers above run at a
+lower frame rate (cheaper, and a longer context per frame).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ...config import Section, option
+from ...config import ConfigError, Section, option
 from ...task import Task
 from . import common
 
@@ -22,6 +25,13 @@ class Model(Section):
     hidden: int = option(128, ge=1)  # cells per direction
     layers: int = option(3, ge=1)
     dropout: float = option(0.1, ge=0, lt=1)
+    # time reduction after each layer, bottom first: [2] halves the frame rate above lstm1,
+    # [1, 2] above lstm2; the empty list keeps every layer at the input's frame rate
+    subsample: list[int] = option(default_factory=list, ge=1)
+
+    def check_relations(self) -> None:
+        if len(self.subsample) > self.layers:
+            raise ConfigError(f"model.subsample has {len(self.subsample)} factors for {self.layers} layers")
 
 
 SECTIONS = common.sections(Model)
@@ -63,34 +73,46 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 class BLSTMLayer(nn.Module):
-    """One bidirectional LSTM layer over padded sequences, followed by dropout."""
+    """One bidirectional LSTM layer over padded sequences, followed by dropout and, with
+    ``subsample`` > 1, the concatenation of that many adjacent output frames."""
 
-    def __init__(self, inputs: int, hidden: int, dropout: float):
+    def __init__(self, inputs: int, hidden: int, dropout: float, subsample: int = 1):
         super().__init__()
         self.lstm = nn.LSTM(inputs, hidden, batch_first=True, bidirectional=True)
         self.dropout = nn.Dropout(dropout)
+        self.subsample = subsample
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         # cuDNN cannot backpropagate through an RNN in eval mode, which is what a frozen
         # layer below a trained one needs; its native kernel can.
         with torch.backends.cudnn.flags(enabled=self.training or not torch.is_grad_enabled()):
             out, _ = self.lstm(packed)
         out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
-        return self.dropout(out)
+        out = self.dropout(out)
+        n = self.subsample
+        if n == 1:
+            return out, lengths
+        # zero-pad the time axis to a multiple of n (padding frames are zero already), then
+        # fold each run of n frames into the feature axis; a partial last run keeps its zeros
+        batch, time, width = out.shape
+        out = nn.functional.pad(out, (0, 0, 0, -time % n)).reshape(batch, -(-time // n), n * width)
+        return out, torch.div(lengths + n - 1, n, rounding_mode="floor")
 
 
 class BLSTMCTC(nn.Module):
-    def __init__(self, inputs: int, hidden: int, layers: int, dropout: float, vocab: int = common.VOCAB):
+    def __init__(self, inputs: int, hidden: int, layers: int, dropout: float, vocab: int = common.VOCAB,
+                 subsample: list[int] | None = None):
         super().__init__()
-        sizes = [inputs] + [2 * hidden] * layers
-        self.encoder = nn.ModuleList(BLSTMLayer(a, hidden, dropout) for a in sizes[:-1])
-        self.output = nn.Linear(2 * hidden, vocab)
+        factors = list(subsample or []) + [1] * (layers - len(subsample or []))
+        sizes = [inputs] + [2 * hidden * n for n in factors]
+        self.encoder = nn.ModuleList(BLSTMLayer(a, hidden, dropout, n) for a, n in zip(sizes, factors))
+        self.output = nn.Linear(sizes[-1], vocab)
 
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = feats
         for layer in self.encoder:
-            x = layer(x, lengths)
+            x, lengths = layer(x, lengths)
         return self.output(x), lengths
 
 
@@ -101,8 +123,16 @@ def block_names(model_cfg: dict[str, Any]) -> list[tuple[str, list[str]]]:
 def build_model(cfg: dict[str, Any], inputs: int | None = None, vocab: int = common.VOCAB) -> nn.Module:
     """The model for ``cfg``; ``inputs``/``vocab`` default to the bundled AN4's (13 cepstra, 28 symbols)."""
     m = cfg["model"]
-    return BLSTMCTC(inputs or common.feature_dim(cfg["data"]), m["hidden"], m["layers"], m["dropout"], vocab)
+    return BLSTMCTC(inputs or common.feature_dim(cfg["data"]), m["hidden"], m["layers"], m["dropout"], vocab, m["subsample"])
 
 
 def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
-    return common.make_task("asr-rnn", cfg, data_dir, build_model, block_names)
+    factors = cfg["model"]["subsample"]
+
+    def out_length(n: int) -> int:
+        """Output frames for ``n`` input frames (each reduction rounds a partial run up)."""
+        for f in factors:
+            n = -(-n // f)
+        return n
+
+    return common.make_task("asr-rnn", cfg, data_dir, build_model, block_names, out_length)
