@@ -202,7 +202,9 @@ def prepare(data_cfg: dict[str, Any], data_dir: str | None, out_length: Callable
             target = corpus.vocab.encode(u.text, f"utterance {u.uid} ({name})")
             repeats = int((target[1:] == target[:-1]).sum())
             if out_length(len(feats)) < len(target) + repeats:
-                raise DataError(f"utterance {u.uid}: {len(u.feats)} frames give the model {out_length(len(feats))} output frames, too few for its {len(target)} characters")
+                raise DataError(f"utterance {u.uid}: {len(u.feats)} frames give the model {out_length(len(feats))} output frames, "
+                                f"too few for its {len(target)} characters (CTC needs {len(target) + repeats}: one per character, "
+                                f"one more per repeated character)")
             examples.append(Example(u.uid, feats, target, u.text))
         out[name] = examples
     raw_dim = corpus.splits["train"][0].feats.shape[1]
