@@ -162,3 +162,16 @@ def test_existing_run_is_not_overwritten(tmp_path, task):
         topdown.baseline(task, run, train=TrainConfig(epochs=3), resume=True)
     assert (run / "summary.json").read_text() == before
     assert json.loads(before)["stages"][0]["epochs"] == 2
+
+
+def test_a_run_recorded_before_an_option_existed_resumes_at_that_options_default(tmp_path, task):
+    """A run made by an older version lacks the options added since; it behaved as their defaults,
+    so continuing it with the defaults is allowed, and with anything else is refused."""
+    run = tmp_path / "run"
+    topdown.baseline(task, run, train=FAST)
+    summary = json.loads((run / "summary.json").read_text())
+    del summary["config"]["train"]["average_best"]
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert topdown.baseline(task, run, train=FAST, resume=True)["status"] == "complete"
+    with pytest.raises(topdown.TopdownError, match=r"'config' \(train.average_best\) differs"):
+        topdown.baseline(task, run, train=FAST.replace(average_best=2), resume=True)

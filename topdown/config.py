@@ -214,6 +214,10 @@ class RunConfig:
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
     procedure: ProcedureConfig = field(default_factory=ProcedureConfig)
     task: Mapping[str, Any] = field(default_factory=dict)
+    # every declared option's default (method and task sections): a run recorded before an
+    # option existed behaved as its default, so resuming it with that default is no change
+    option_defaults: Mapping[str, Any] = field(default_factory=lambda: {n: c.defaults() for n, c in METHOD_SECTIONS.items()},
+                                               compare=False, repr=False)
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any], task_sections: Mapping[str, type[Section]] | None = None) -> "RunConfig":
@@ -222,7 +226,9 @@ class RunConfig:
         sections = {name: section_cls.from_dict(config.get(name) or {}) for name, section_cls in METHOD_SECTIONS.items()}
         for name, section_cls in (task_sections or {}).items():
             section_cls.from_dict(config.get(name) or {})
-        return cls(**sections, task=copy.deepcopy({k: v for k, v in config.items() if k not in METHOD_SECTIONS}))
+        defaults = {name: section_cls.defaults() for name, section_cls in {**METHOD_SECTIONS, **(task_sections or {})}.items()}
+        return cls(**sections, task=copy.deepcopy({k: v for k, v in config.items() if k not in METHOD_SECTIONS}),
+                   option_defaults=defaults)
 
     def as_dict(self) -> dict[str, Any]:
         """The nested dict recorded in ``summary.json`` and in every checkpoint."""
@@ -230,7 +236,7 @@ class RunConfig:
 
     def updated(self, overrides: Mapping[str, Any]) -> "RunConfig":
         """A copy with nested ``overrides`` applied (unknown keys are errors), validated again."""
-        return RunConfig.from_dict(merge(self.as_dict(), dict(overrides)))
+        return dataclasses.replace(RunConfig.from_dict(merge(self.as_dict(), dict(overrides))), option_defaults=self.option_defaults)
 
     def stage_train(self) -> TrainConfig:
         """The recipe of a cascade-type stage: the cascade's epochs and lr override the baseline's."""

@@ -331,7 +331,7 @@ class Plan:
         if not resume:
             raise TopdownError(f"{self.run.path} already holds a run; pass --resume to continue it, or choose another --out")
         identity = {k: v for k, v in header.items() if k != "provenance"}  # another machine may continue a run
-        if difference := first_difference(existing, identity):
+        if difference := first_difference(existing, identity, {"config": self.config.option_defaults}):
             raise TopdownError(f"cannot resume {self.run.path}: its {difference} differs from this command's")
         self.run.verify(existing)
         for f in self.run.remove_debris():

@@ -168,7 +168,7 @@ def run_or_resume(procedure: str, task: Task, out: Path, *, config: RunConfig, s
     existing = RunDir(out).read_summary()
     if existing is not None and existing.get("status") == "complete":
         wanted = run_identity(procedure, task.name, preset, seed, config)
-        if difference := first_difference(existing, wanted):
+        if difference := first_difference(existing, wanted, {"config": config.option_defaults}):
             raise TopdownError(f"cannot reuse {out}: its {difference} differs from this command's; choose another --out")
         RunDir(out).verify(existing)
         return existing

@@ -112,18 +112,25 @@ def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def first_difference(recorded: dict[str, Any], wanted: dict[str, Any]) -> str | None:
+_ABSENT = object()
+
+
+def first_difference(recorded: dict[str, Any], wanted: dict[str, Any], defaults: dict[str, Any] | None = None) -> str | None:
     """The first key of ``wanted`` whose value the run record does not share, named for an error
     message (with the dotted paths that differ inside a nested dict, e.g. ``'config' (train.lr)``);
-    None if the record matches."""
-    def paths(a: Any, b: Any, prefix: str) -> list[str]:
+    None if the record matches. ``defaults`` (shaped like ``wanted``, possibly sparse) gives the
+    value a key the record lacks stands for: an option added after the run was recorded."""
+    def paths(a: Any, b: Any, default: Any, prefix: str) -> list[str]:
+        if a is _ABSENT:
+            a = default
         if isinstance(a, dict) and isinstance(b, dict):
-            return [p for k in sorted(set(a) | set(b), key=str) for p in paths(a.get(k), b.get(k), f"{prefix}{k}.")]
+            default = default if isinstance(default, dict) else {}
+            return [p for k in sorted(set(a) | set(b), key=str)
+                    for p in paths(a.get(k, _ABSENT), b.get(k), default.get(k), f"{prefix}{k}.")]
         return [] if a == b else [prefix.rstrip(".")]
     for key, value in wanted.items():
-        if recorded.get(key) != value:
-            inner = paths(recorded.get(key), value, "") if isinstance(value, dict) and isinstance(recorded.get(key), dict) else []
-            return f"{key!r} ({', '.join(inner)})" if inner else repr(key)
+        if inner := paths(recorded.get(key, _ABSENT), value, (defaults or {}).get(key), ""):
+            return f"{key!r} ({', '.join(inner)})" if inner != [""] else repr(key)
     return None
 
 
