@@ -9,6 +9,7 @@ import errno
 import math
 import subprocess
 import sys
+import types
 import typing
 
 import pytest
@@ -32,7 +33,7 @@ def bad_values(field: dataclasses.Field, hint) -> list:
         return []
     if check.choices is not None:
         return ["no-such-choice"]
-    kinds = typing.get_args(hint) or (hint,)
+    kinds = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     lists = [typing.get_args(k)[0] for k in kinds if typing.get_origin(k) is list]
     number = int if int in kinds or int in lists else float
     out = [math.nan, math.inf] if number is float else []
