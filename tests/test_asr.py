@@ -114,6 +114,12 @@ def test_feats_scp_directory_without_dev_holds_out_speakers(tmp_path, capsys):
     info = read_summary(run)["task_info"]
     assert info["features"]["source"] == "feats.scp" and info["features"]["dim"] == 20 * 3 * 4
     assert info["utterances"] == {"train": 6, "val": 2, "test": 2}  # one of 4 speakers (2 utterances) held out
+    assert "note:" not in err
+    # the default preset on a corpus of one's own says where to start instead (bench/RESULTS.md)
+    code, err = run_main(capsys, "baseline", "asr-rnn", "--set", "data.val_speakers=1", "--set", "model.hidden=4",
+                         "--set", "train.epochs=1", "--set", "train.min_epoch_steps=1", "--set", "decode.beam=0",
+                         "--data-dir", str(root), "--out", str(tmp_path / "demo"))
+    assert code == 0 and "note: the demo preset is a short demonstration" in err and "--preset bench" in err, err
 
 
 def damage(root: Path, kind: str) -> str:
