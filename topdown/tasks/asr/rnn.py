@@ -9,6 +9,7 @@ lower frame rate (cheaper, and a longer context per frame).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -72,6 +73,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def reduced(frames, factor: int):
+    """Frames (an int or a tensor of lengths) after folding runs of ``factor``; a partial last run counts."""
+    return (frames + factor - 1) // factor
+
+
 class BLSTMLayer(nn.Module):
     """One bidirectional LSTM layer over padded sequences, followed by dropout and, with
     ``subsample`` > 1, the concatenation of that many adjacent output frames."""
@@ -96,8 +102,8 @@ class BLSTMLayer(nn.Module):
         # zero-pad the time axis to a multiple of n (padding frames are zero already), then
         # fold each run of n frames into the feature axis; a partial last run keeps its zeros
         batch, time, width = out.shape
-        out = nn.functional.pad(out, (0, 0, 0, -time % n)).reshape(batch, -(-time // n), n * width)
-        return out, torch.div(lengths + n - 1, n, rounding_mode="floor")
+        out = nn.functional.pad(out, (0, 0, 0, -time % n)).reshape(batch, reduced(time, n), n * width)
+        return out, reduced(lengths, n)
 
 
 class BLSTMCTC(nn.Module):
@@ -127,12 +133,7 @@ def build_model(cfg: dict[str, Any], inputs: int | None = None, vocab: int = com
 
 
 def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
-    factors = cfg["model"]["subsample"]
-
-    def out_length(n: int) -> int:
-        """Output frames for ``n`` input frames (each reduction rounds a partial run up)."""
-        for f in factors:
-            n = -(-n // f)
-        return n
+    def out_length(frames: int) -> int:
+        return functools.reduce(reduced, cfg["model"]["subsample"], frames)
 
     return common.make_task("asr-rnn", cfg, data_dir, build_model, block_names, out_length)
