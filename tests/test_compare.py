@@ -97,6 +97,28 @@ def test_interrupted_compare_resumes_without_redoing_runs(tmp_path, monkeypatch)
     assert record["seeds"] == 2
 
 
+def test_a_compare_continues_on_a_new_machine_from_the_committed_summaries(tmp_path, monkeypatch):
+    """Only summary.json files are committed (never checkpoints): copied into a fresh directory,
+    they let the comparison go on without training the finished runs again."""
+    first = tmp_path / "first"
+    record = run_compare(toy_task(), first, seeds=1, config=CONFIG)
+    fresh = tmp_path / "fresh"
+    for summary in (first / "runs").rglob("summary.json"):
+        target = fresh / summary.relative_to(first)
+        target.parent.mkdir(parents=True)
+        target.write_bytes(summary.read_bytes())
+    calls = []
+    real = procedures.run_procedure
+    monkeypatch.setattr(procedures, "run_procedure", lambda proc, task, out, **kw: calls.append(out.name) or real(proc, task, out, **kw))
+    again = run_compare(toy_task(), fresh, seeds=2, config=CONFIG)
+    assert len(calls) == 4 and all("seed1" in name for name in calls)
+    assert again["arms"]["cascade"]["per_seed"][0] == record["arms"]["cascade"]["per_seed"][0]
+    # a checkpoint that is present is still checked: a damaged one is refused, not ignored
+    (first / "runs" / "cascade-seed0" / "checkpoints" / "best.safetensors").write_bytes(b"torn")
+    with pytest.raises(procedures.TopdownError, match="best are corrupt or missing"):
+        run_compare(toy_task(), first, seeds=1, config=CONFIG)
+
+
 def test_finished_runs_made_with_another_config_are_refused_not_reused(tmp_path):
     run_compare(toy_task(), tmp_path, seeds=1, config=CONFIG)
     before = (tmp_path / "compare.json").read_text()

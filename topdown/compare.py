@@ -11,7 +11,9 @@ Per seed s, four arms, each measured on the test set of the model validation cho
   k-1 baselines with fresh seeds, the one with the best validation metric.
 
 Every run is an ordinary run directory under ``DIR/runs/``; finished runs are read back and
-unfinished ones resumed, so an interrupted comparison continues where it stopped.
+unfinished ones resumed, so an interrupted comparison continues where it stopped. Only their
+summaries are read, so a finished run whose checkpoints were deleted still counts: a comparison
+longer than a machine's life continues elsewhere from the committed ``runs/*/summary.json``.
 """
 
 from __future__ import annotations
@@ -96,7 +98,8 @@ def seed_arms(task: Task, out: Path, seed: int, config: RunConfig, preset: str |
     primary = task.primary
     metric = primary.name
     results: dict[str, dict[str, Any]] = {}
-    cascade = run_or_resume("cascade", task, out / "runs" / f"cascade-seed{seed}", config=config, seed=seed, preset=preset, device=device)
+    cascade = run_or_resume("cascade", task, out / "runs" / f"cascade-seed{seed}", config=config, seed=seed, preset=preset, device=device,
+                            weights_needed=False)
     stage0 = cascade["stages"][0]
     results["baseline"] = {**_entry(stage0, [stage0], metric), "runs": [f"cascade-seed{seed}#stage0"]}
     chosen = cascade["stages"][cascade["chosen_stage"]]
@@ -104,14 +107,16 @@ def seed_arms(task: Task, out: Path, seed: int, config: RunConfig, preset: str |
 
     budget = sum(st["epochs"] for st in cascade["stages"])
     equal_cfg = config.updated({"train": {"epochs": budget}})
-    equal = run_or_resume("baseline", task, out / "runs" / f"equal-epochs-seed{seed}", config=equal_cfg, seed=seed, preset=preset, device=device)
+    equal = run_or_resume("baseline", task, out / "runs" / f"equal-epochs-seed{seed}", config=equal_cfg, seed=seed, preset=preset,
+                          device=device, weights_needed=False)
     results["baseline-equal-epochs"] = {**_entry(equal["stages"][0], equal["stages"], metric), "runs": [f"equal-epochs-seed{seed}"]}
 
     k = sum(max(1, len(st["candidates"])) for st in cascade["stages"])
     pool = [(stage0, f"cascade-seed{seed}#stage0")]
     for j in range(1, k):
         name = f"baseline-seed{seed}-extra{j}"
-        s = run_or_resume("baseline", task, out / "runs" / name, config=config, seed=derive_seed(seed, 10_000 + j) % 2**31, preset=preset, device=device)
+        s = run_or_resume("baseline", task, out / "runs" / name, config=config, seed=derive_seed(seed, 10_000 + j) % 2**31, preset=preset,
+                          device=device, weights_needed=False)
         pool.append((s["stages"][0], name))
     best = pool[0]
     for candidate in pool[1:]:  # chosen on validation only

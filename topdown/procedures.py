@@ -158,19 +158,20 @@ def run_procedure(
 
 
 def run_or_resume(procedure: str, task: Task, out: Path, *, config: RunConfig, seed: int = 0, preset: str | None = None,
-                  **kw) -> dict[str, Any]:
+                  weights_needed: bool = True, **kw) -> dict[str, Any]:
     """The summary of the run in ``out``: read back if complete, otherwise run or resume it.
 
     Used by commands that are made of many runs (compare, analyse), so that an interrupted
     one continues without training any finished run again. A finished run is reused only if
     it was made by the same procedure, task, preset, seed and configuration: anything else
-    would silently mix two experiments."""
+    would silently mix two experiments. ``weights_needed=False``: the caller reads only the
+    summary, so a finished run whose checkpoints were all deleted is reused (``RunDir.verify``)."""
     existing = RunDir(out).read_summary()
     if existing is not None and existing.get("status") == "complete":
         wanted = run_identity(procedure, task.name, preset, seed, config)
         if difference := first_difference(existing, wanted, {"config": config.option_defaults}):
             raise TopdownError(f"cannot reuse {out}: its {difference} differs from this command's; choose another --out")
-        RunDir(out).verify(existing)
+        RunDir(out).verify(existing, weights_needed=weights_needed)
         return existing
     return run_procedure(procedure, task, out, config=config, seed=seed, preset=preset, resume=existing is not None, **kw)
 
