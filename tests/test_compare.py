@@ -43,6 +43,8 @@ def test_arms_budgets_reuse_and_selection(tmp_path, monkeypatch):
         + [("baseline", f"equal-epochs-seed{s}") for s in (0, 1)]
         + [("baseline", f"baseline-seed{s}-extra{j}") for s in (0, 1) for j in (1, 2)]
     )
+    # every cascade is queued first: it sizes its seed's other runs, which can then fill idle workers
+    assert calls[:2] == [("cascade", "cascade-seed0"), ("cascade", "cascade-seed1")]
     for s in (0, 1):
         cascade = json.loads((tmp_path / "runs" / f"cascade-seed{s}" / "summary.json").read_text())
         equal = json.loads((tmp_path / "runs" / f"equal-epochs-seed{s}" / "summary.json").read_text())

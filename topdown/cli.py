@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
         "made with another preset or --set is refused, never mixed in.",
     )
     p.add_argument("--seeds", type=int, required=True, help="number of seeds (0..N-1)")
-    p.add_argument("--jobs", type=int, default=1, metavar="N", help="run the seeds in N processes, threads divided among them (default: 1)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="run the comparison's runs in N processes, threads divided among them (default: 1)")
     p = sub.add_parser(
         "analyse",
         parents=[common],

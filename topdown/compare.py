@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from concurrent.futures import as_completed
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,10 @@ import numpy as np
 from .config import RunConfig
 from .errors import ConfigError
 from .procedures import run_or_resume
-from .metrics import PERCENT_METRICS
+from .metrics import PERCENT_METRICS, Metric
 from .report import format_metric, write_record
 from .seeds import derive_seed
-from .jobs import in_parallel
+from .jobs import Workers
 from .runs import atomic_write
 from .task import Task
 
@@ -93,52 +94,68 @@ def _entry(chosen: dict[str, Any], trained: list[dict[str, Any]], metric: str) -
     }
 
 
-def seed_arms(task: Task, out: Path, seed: int, config: RunConfig, preset: str | None, device) -> dict[str, dict[str, Any]]:
-    """Every arm's result for one seed (its runs are independent of other seeds')."""
-    primary = task.primary
+def _run(task: Task, out: Path, procedure: str, name: str, seed: int, config: RunConfig, preset: str | None, device) -> dict[str, Any]:
+    """One run of the comparison, ``out/runs/name`` (a worker's unit of work); only its summary is read."""
+    return run_or_resume(procedure, task, out / "runs" / name, config=config, seed=seed, preset=preset, device=device,
+                         weights_needed=False)
+
+
+def extra_seed(seed: int, j: int) -> int:
+    """The seed of best-of-k's j-th fresh baseline for comparison seed ``seed``."""
+    return derive_seed(seed, 10_000 + j) % 2**31
+
+
+def run_all(task: Task, out: Path, seeds: int, config: RunConfig, preset: str | None, device, jobs: int,
+            task_factory: Callable[[], Task] | None) -> list[tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]]:
+    """Per seed, the summaries of its cascade, its equal-epochs baseline and its extra baselines.
+
+    Every cascade is queued first: its epochs and its number of models size the seed's other runs,
+    which are queued as soon as it finishes, so ``jobs`` workers stay busy whatever the number of
+    seeds. Every run depends only on its own seed and configuration, so the order changes nothing."""
+    with Workers(task, jobs, task_factory) as workers:
+        cascades = {workers.submit(_run, out, "cascade", f"cascade-seed{s}", s, config, preset, device): s for s in range(seeds)}
+        queued = {}
+        for done in as_completed(cascades):
+            s, cascade = cascades[done], done.result()
+            equal_cfg = config.updated({"train": {"epochs": sum(st["epochs"] for st in cascade["stages"])}})
+            equal = workers.submit(_run, out, "baseline", f"equal-epochs-seed{s}", s, equal_cfg, preset, device)
+            k = sum(max(1, len(st["candidates"])) for st in cascade["stages"])  # models the cascade trained
+            extras = [workers.submit(_run, out, "baseline", f"baseline-seed{s}-extra{j}", extra_seed(s, j), config, preset, device)
+                      for j in range(1, k)]
+            queued[s] = (cascade, equal, extras)
+        return [(cascade, equal.result(), [x.result() for x in extras]) for cascade, equal, extras in (queued[s] for s in range(seeds))]
+
+
+def seed_arms(primary: Metric, seed: int, cascade: dict[str, Any], equal: dict[str, Any],
+              extras: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every arm's result for one seed, from the summaries of its runs."""
     metric = primary.name
-    results: dict[str, dict[str, Any]] = {}
-    cascade = run_or_resume("cascade", task, out / "runs" / f"cascade-seed{seed}", config=config, seed=seed, preset=preset, device=device,
-                            weights_needed=False)
     stage0 = cascade["stages"][0]
-    results["baseline"] = {**_entry(stage0, [stage0], metric), "runs": [f"cascade-seed{seed}#stage0"]}
     chosen = cascade["stages"][cascade["chosen_stage"]]
-    results["cascade"] = {**_entry(chosen, cascade["stages"], metric), "runs": [f"cascade-seed{seed}"]}
-
-    budget = sum(st["epochs"] for st in cascade["stages"])
-    equal_cfg = config.updated({"train": {"epochs": budget}})
-    equal = run_or_resume("baseline", task, out / "runs" / f"equal-epochs-seed{seed}", config=equal_cfg, seed=seed, preset=preset,
-                          device=device, weights_needed=False)
-    results["baseline-equal-epochs"] = {**_entry(equal["stages"][0], equal["stages"], metric), "runs": [f"equal-epochs-seed{seed}"]}
-
-    k = sum(max(1, len(st["candidates"])) for st in cascade["stages"])
-    pool = [(stage0, f"cascade-seed{seed}#stage0")]
-    for j in range(1, k):
-        name = f"baseline-seed{seed}-extra{j}"
-        s = run_or_resume("baseline", task, out / "runs" / name, config=config, seed=derive_seed(seed, 10_000 + j) % 2**31, preset=preset,
-                          device=device, weights_needed=False)
-        pool.append((s["stages"][0], name))
+    pool = [(stage0, f"cascade-seed{seed}#stage0")] + [(x["stages"][0], f"baseline-seed{seed}-extra{j}") for j, x in enumerate(extras, 1)]
     best = pool[0]
     for candidate in pool[1:]:  # chosen on validation only
         if primary.better(candidate[0]["val"][metric], best[0]["val"][metric]):
             best = candidate
-    results["best-of-k"] = {
-        **_entry(best[0], [p[0] for p in pool], metric),
-        "k": k, "chosen_run": best[1], "runs": [p[1] for p in pool],
+    return {
+        "baseline": {**_entry(stage0, [stage0], metric), "runs": [f"cascade-seed{seed}#stage0"]},
+        "cascade": {**_entry(chosen, cascade["stages"], metric), "runs": [f"cascade-seed{seed}"]},
+        "baseline-equal-epochs": {**_entry(equal["stages"][0], equal["stages"], metric), "runs": [f"equal-epochs-seed{seed}"]},
+        "best-of-k": {**_entry(best[0], [p[0] for p in pool], metric), "k": len(pool), "chosen_run": best[1], "runs": [p[1] for p in pool]},
     }
-    return results
 
 
 def run_compare(task: Task, out: str | Path, *, seeds: int, config: RunConfig, preset: str | None = None, device=None,
                 jobs: int = 1, task_factory: Callable[[], Task] | None = None) -> dict[str, Any]:
     """Run (or resume) every arm for seeds 0..seeds-1; write ``compare.json``, ``compare.md``, ``compare.png``.
-    ``jobs`` > 1 runs the seeds in that many processes, each building its task with ``task_factory``."""
+    ``jobs`` > 1 runs the runs in that many processes, each building its task with ``task_factory``."""
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     out = Path(out)
     primary = task.primary
     metric, lower = primary.name, primary.lower_is_better
-    per_seed = in_parallel(seed_arms, [(out, seed, config, preset, device) for seed in range(seeds)], task, jobs, task_factory)
+    runs = run_all(task, out, seeds, config, preset, device, jobs, task_factory)
+    per_seed = [seed_arms(primary, seed, *runs[seed]) for seed in range(seeds)]
     results = {arm: {seed: per_seed[seed][arm] for seed in range(seeds)} for arm in ARMS}
 
     tests = {arm: [results[arm][s]["test"] for s in range(seeds)] for arm in ARMS}

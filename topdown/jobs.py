@@ -11,7 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
 import torch
@@ -32,17 +32,48 @@ def _call(fn: Callable[..., Any], args: tuple) -> Any:
     return fn(_worker_task, *args)
 
 
+class Workers:
+    """``submit(fn, *args)`` runs ``fn(task, *args)`` in one of ``jobs`` worker processes and
+    returns a future; with ``jobs`` == 1 it runs at once, in this process, and returns a finished
+    one. Leaving the block on an error cancels the calls not yet started (running ones finish,
+    so their runs are complete and kept)."""
+
+    def __init__(self, task: Task, jobs: int, task_factory: Callable[[], Task] | None):
+        if jobs < 1:
+            raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+        if jobs > 1 and task_factory is None:
+            raise ConfigError("jobs > 1 needs a task_factory: each worker process builds its own task")
+        self.task, self.jobs, self.task_factory = task, jobs, task_factory
+        self.pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> Workers:
+        if self.jobs > 1:
+            threads = max(1, torch.get_num_threads() // self.jobs) if "OMP_NUM_THREADS" not in os.environ else torch.get_num_threads()
+            context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked threads or locks
+            self.pool = ProcessPoolExecutor(max_workers=self.jobs, mp_context=context, initializer=_start_worker,
+                                            initargs=(self.task_factory, threads))
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=error is not None)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        if self.pool is not None:
+            return self.pool.submit(_call, fn, args)
+        done: Future = Future()
+        try:
+            done.set_result(fn(self.task, *args))
+        except BaseException as e:  # noqa: BLE001 - handed to whoever reads the future, as a pool would
+            done.set_exception(e)
+        return done
+
+
 def in_parallel(fn: Callable[..., Any], calls: Sequence[tuple], task: Task, jobs: int,
                 task_factory: Callable[[], Task] | None) -> list[Any]:
     """``[fn(task, *args) for args in calls]``, in ``jobs`` worker processes when ``jobs`` > 1."""
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
-    if jobs == 1 or len(calls) <= 1:
-        return [fn(task, *args) for args in calls]
-    if task_factory is None:
-        raise ConfigError("jobs > 1 needs a task_factory: each worker process builds its own task")
-    threads = max(1, torch.get_num_threads() // jobs) if "OMP_NUM_THREADS" not in os.environ else torch.get_num_threads()
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked threads or locks
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_start_worker,
-                             initargs=(task_factory, threads)) as pool:
-        return list(pool.map(_call, [fn] * len(calls), calls))
+    with Workers(task, jobs if len(calls) > 1 else 1, task_factory) as workers:
+        futures = [workers.submit(fn, *args) for args in calls]
+        return [f.result() for f in futures]
