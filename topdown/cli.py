@@ -147,9 +147,10 @@ def _run(args: argparse.Namespace) -> None:
     cfg = resolve_config(args.task, args.preset, overrides)
     out = Path(args.out or f"runs/{args.task}-{args.command}-{args.preset}-seed{args.seed}")
     task = make_task(args.task, cfg.task, args.data_dir)
-    if args.data_dir and args.preset == "demo" and args.task.startswith("asr-") and distributed.is_writer():
-        print("note: the demo preset is a short demonstration sized for the bundled AN4; on a corpus of your own, "
-              "start from --preset bench (docs/asr.md)", file=sys.stderr)
+    advised = getattr(task_module(args.task), "OWN_CORPUS_PRESET", None)
+    if args.data_dir and args.preset == "demo" and advised and distributed.is_writer():
+        print(f"note: the demo preset is a short demonstration sized for the bundled corpus; on a corpus of your own, "
+              f"start from --preset {advised} (the task's page under docs/)", file=sys.stderr)
     summary = run_procedure(
         args.command,
         task,
