@@ -43,8 +43,11 @@ def test_arms_budgets_reuse_and_selection(tmp_path, monkeypatch):
         + [("baseline", f"equal-epochs-seed{s}") for s in (0, 1)]
         + [("baseline", f"baseline-seed{s}-extra{j}") for s in (0, 1) for j in (1, 2)]
     )
-    # every cascade is queued first: it sizes its seed's other runs, which can then fill idle workers
+    # every cascade is queued first, then the extra baselines its plan implies (known before it runs)
     assert calls[:2] == [("cascade", "cascade-seed0"), ("cascade", "cascade-seed1")]
+    assert [c[1] for c in calls[2:6]] == ["baseline-seed0-extra1", "baseline-seed0-extra2", "baseline-seed1-extra1", "baseline-seed1-extra2"]
+    assert procedures.planned_models(toy_task(), CONFIG) == 3
+    assert procedures.planned_models(toy_task(), CONFIG.updated({"cascade": {"patience": 1}})) is None  # may stop early
     for s in (0, 1):
         cascade = json.loads((tmp_path / "runs" / f"cascade-seed{s}" / "summary.json").read_text())
         equal = json.loads((tmp_path / "runs" / f"equal-epochs-seed{s}" / "summary.json").read_text())

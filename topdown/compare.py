@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from concurrent.futures import as_completed
+from concurrent.futures import Future, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ import numpy as np
 
 from .config import RunConfig
 from .errors import ConfigError
-from .procedures import run_or_resume
+from .procedures import planned_models, run_or_resume
 from .metrics import PERCENT_METRICS, Metric
 from .report import format_metric, write_record
 from .seeds import derive_seed
@@ -109,21 +109,26 @@ def run_all(task: Task, out: Path, seeds: int, config: RunConfig, preset: str | 
             task_factory: Callable[[], Task] | None) -> list[tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]]:
     """Per seed, the summaries of its cascade, its equal-epochs baseline and its extra baselines.
 
-    Every cascade is queued first: its epochs and its number of models size the seed's other runs,
-    which are queued as soon as it finishes, so ``jobs`` workers stay busy whatever the number of
-    seeds. Every run depends only on its own seed and configuration, so the order changes nothing."""
+    Every cascade is queued first, then the extra baselines its plan implies (they need nothing
+    from it), then, as each cascade finishes, the baseline given its epochs (and any extra baseline
+    the plan could not foresee), so ``jobs`` workers stay busy even with fewer seeds than jobs.
+    Every run depends only on its own seed and configuration, so the order changes nothing."""
+    def extra(s: int, j: int) -> Future:
+        return workers.submit(_run, out, "baseline", f"baseline-seed{s}-extra{j}", extra_seed(s, j), config, preset, device)
+
     with Workers(task, jobs, task_factory) as workers:
         cascades = {workers.submit(_run, out, "cascade", f"cascade-seed{s}", s, config, preset, device): s for s in range(seeds)}
-        queued = {}
+        planned = planned_models(task, config) or 1
+        extras = {s: [extra(s, j) for j in range(1, planned)] for s in range(seeds)}
+        equal, trained = {}, {}
         for done in as_completed(cascades):
-            s, cascade = cascades[done], done.result()
+            s = cascades[done]
+            trained[s] = cascade = done.result()
             equal_cfg = config.updated({"train": {"epochs": sum(st["epochs"] for st in cascade["stages"])}})
-            equal = workers.submit(_run, out, "baseline", f"equal-epochs-seed{s}", s, equal_cfg, preset, device)
+            equal[s] = workers.submit(_run, out, "baseline", f"equal-epochs-seed{s}", s, equal_cfg, preset, device)
             k = sum(max(1, len(st["candidates"])) for st in cascade["stages"])  # models the cascade trained
-            extras = [workers.submit(_run, out, "baseline", f"baseline-seed{s}-extra{j}", extra_seed(s, j), config, preset, device)
-                      for j in range(1, k)]
-            queued[s] = (cascade, equal, extras)
-        return [(cascade, equal.result(), [x.result() for x in extras]) for cascade, equal, extras in (queued[s] for s in range(seeds))]
+            extras[s] = extras[s][:k - 1] + [extra(s, j) for j in range(len(extras[s]) + 1, k)]
+        return [(trained[s], equal[s].result(), [x.result() for x in extras[s]]) for s in range(seeds)]
 
 
 def seed_arms(primary: Metric, seed: int, cascade: dict[str, Any], equal: dict[str, Any],

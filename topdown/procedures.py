@@ -19,6 +19,7 @@ from .config import CascadeConfig, ProcedureConfig, RunConfig, TrainConfig
 from .devices import resolve_device
 from .errors import ConfigError, TopdownError
 from . import distributed
+from .blocks import Blocks
 from .loop import evaluate, fit
 from .plan import Plan, StageSpec, run_identity
 from .runs import RunDir, first_difference
@@ -39,6 +40,22 @@ class Baseline(Plan):
         yield self.stage_zero()
 
 
+def cascade_splits(config: RunConfig, blocks: Blocks) -> list[int]:
+    """``cascade.splits``, or every split L-1..1 whose feature extractor owns a parameter."""
+    if config.cascade.splits is not None:
+        return config.cascade.splits
+    owned = blocks.parameter_names()
+    return [k for k in range(len(blocks) - 1, 0, -1) if any(owned[b] for b in blocks.split(k)[0])]
+
+
+def planned_models(task: Task, config: RunConfig) -> int | None:
+    """How many models a cascade of ``task`` trains (its baseline, then ``cascade.candidates`` per
+    split), known before it runs; None with ``cascade.patience``, which can end it early."""
+    if config.cascade.patience is not None:
+        return None
+    return 1 + len(cascade_splits(config, Blocks(task.build_model(), task.blocks, task.shared))) * config.cascade.candidates
+
+
 class Cascade(Plan):
     """Top-down cascade: stage 0, then for each split (descending) a fresh feature extractor
     trained under the chosen model's frozen classifier, accepted only if better on validation."""
@@ -46,11 +63,7 @@ class Cascade(Plan):
     procedure = "cascade"
 
     def splits(self) -> list[int]:
-        """``cascade.splits``, or every split L-1..1 whose feature extractor owns a parameter."""
-        if self.config.cascade.splits is not None:
-            return self.config.cascade.splits
-        owned = self.blocks.parameter_names()
-        return [k for k in range(len(self.blocks) - 1, 0, -1) if any(owned[b] for b in self.blocks.split(k)[0])]
+        return cascade_splits(self.config, self.blocks)
 
     def check(self) -> None:
         n, splits = len(self.blocks), self.splits()
