@@ -4,8 +4,9 @@
 # summaries are committed, never checkpoints; `topdown compare` reuses a finished run from its
 # summary alone, so the comparison continues from them on any machine.
 #
-#   bench/compare_bench.sh run TASK SEEDS [JOBS]   restore the committed summaries into $OUT, then
-#                                                  topdown compare TASK --preset bench --seeds SEEDS --jobs JOBS
+#   bench/compare_bench.sh run TASK SEEDS [JOBS [--set K=V ...]]
+#                                                  restore the committed summaries into $OUT, then topdown
+#                                                  compare TASK --preset bench --seeds SEEDS --jobs JOBS --set ...
 #   bench/compare_bench.sh collect TASK            copy every finished run's summary (and compare.*)
 #                                                  from $OUT back under bench/results/TASK-compare-bench/
 #
@@ -13,7 +14,7 @@
 # one thread.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-mode=${1:?usage: compare_bench.sh run TASK SEEDS [JOBS] | collect TASK}
+mode=${1:?usage: compare_bench.sh run TASK SEEDS [JOBS [--set K=V ...]] | collect TASK}
 task=${2:?which task?}
 out=${OUT:-$HOME/bench-compare/$task}
 results=$here/results/$task-compare-bench
@@ -30,7 +31,9 @@ case $mode in
       run=$(basename "$(dirname "$summary")")
       if [ ! -e "$out/runs/$run" ]; then mkdir -p "$out/runs/$run" && cp "$summary" "$out/runs/$run/"; fi
     done
-    cd "$HOME" && exec topdown compare "$task" --preset "${PRESET:-bench}" --seeds "$seeds" --jobs "${4:-1}" --out "$out" ;;
+    jobs=${4:-1}
+    shift $(( $# < 4 ? $# : 4 ))
+    cd "$HOME" && exec topdown compare "$task" --preset "${PRESET:-bench}" --seeds "$seeds" --jobs "$jobs" --out "$out" "$@" ;;
   collect)
     for summary in "$out"/runs/*/summary.json; do
       finished "$summary" || continue
