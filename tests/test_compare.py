@@ -30,6 +30,14 @@ def test_statistics_match_a_hand_computation():
     assert s["p_sign_flip"] == pytest.approx(6 / 16)
     assert sign_flip_p([0.1] * 5) == pytest.approx(2 / 32)
     assert t975(1) == 12.706 and t975(120) == pytest.approx(1.980, abs=2e-3)
+    one = paired_stats([0.10], [0.12])  # one seed: a difference, no spread (null in compare.json, not NaN)
+    assert one["mean"] == pytest.approx(-0.02) and one["std"] is None and one["ci95"] is None
+
+
+def test_a_one_seed_comparison_writes_strict_json_and_no_spread(tmp_path):
+    run_compare(toy_task(), tmp_path, seeds=1, config=CONFIG)
+    json.loads((tmp_path / "compare.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in compare.json"))
+    assert "nan" not in (tmp_path / "compare.md").read_text()
 
 
 def test_arms_budgets_reuse_and_selection(tmp_path, monkeypatch):

@@ -74,14 +74,18 @@ def paired_stats(values: list[float], reference: list[float]) -> dict[str, Any]:
     diffs = [v - r for v, r in zip(values, reference)]
     n = len(diffs)
     mean = float(np.mean(diffs))
-    sd = float(np.std(diffs, ddof=1)) if n > 1 else float("nan")
-    half = t975(n - 1) * sd / math.sqrt(n) if n > 1 else float("nan")
-    return {"n": n, "mean": mean, "std": sd, "ci95": [mean - half, mean + half], "p_sign_flip": sign_flip_p(diffs),
+    if n < 2:  # one seed has no spread: null, not NaN (which strict JSON readers refuse)
+        sd, ci = None, None
+    else:
+        sd = float(np.std(diffs, ddof=1))
+        half = t975(n - 1) * sd / math.sqrt(n)
+        ci = [mean - half, mean + half]
+    return {"n": n, "mean": mean, "std": sd, "ci95": ci, "p_sign_flip": sign_flip_p(diffs),
             "lower": sum(d < 0 for d in diffs), "higher": sum(d > 0 for d in diffs)}
 
 
-def summarise(values: list[float]) -> dict[str, float]:
-    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")}
+def summarise(values: list[float]) -> dict[str, float | None]:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else None}
 
 
 def _entry(chosen: dict[str, Any], trained: list[dict[str, Any]], metric: str) -> dict[str, Any]:
@@ -206,14 +210,14 @@ def render(record: dict[str, Any]) -> str:
         """Mean difference [95 % CI] | sign-flip p | seeds better/worse for the first of the pair."""
         if v is None:
             return "- | - | -"
-        lo, hi = v["ci95"]
-        diff = f"{f(v['mean'])} [{f(lo)}, {f(hi)}]" if v["n"] > 1 else f(v["mean"])
+        diff = f"{f(v['mean'])} [{f(v['ci95'][0])}, {f(v['ci95'][1])}]" if v["ci95"] else f(v["mean"])
         better, worse = (v["lower"], v["higher"]) if lower else (v["higher"], v["lower"])
         return f"{diff} | {v['p_sign_flip']:.3f} | {better}/{worse}"
 
     for arm, a in record["arms"].items():
         t = a["test"]
-        lines.append(f"| {arm} | {f(t['mean'])} ± {f(t['std'])} | {paired_cells(a['vs_baseline'])} | "
+        spread = f" ± {f(t['std'])}" if t["std"] is not None else ""
+        lines.append(f"| {arm} | {f(t['mean'])}{spread} | {paired_cells(a['vs_baseline'])} | "
                      f"{a['epochs']['mean']:.1f} | {a['seconds']['mean']:.1f} |")
     lines += ["", f"Cascade against each control, paired by seed (cascade minus control; {'negative' if lower else 'positive'} favours the cascade):",
               "", "| control | cascade − control [95 % CI] | p | seeds where the cascade is better/worse |", "|---|---|---|---|"]
