@@ -72,8 +72,6 @@ class Workers:
 def in_parallel(fn: Callable[..., Any], calls: Sequence[tuple], task: Task, jobs: int,
                 task_factory: Callable[[], Task] | None) -> list[Any]:
     """``[fn(task, *args) for args in calls]``, in ``jobs`` worker processes when ``jobs`` > 1."""
-    if jobs < 1:
-        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
-    with Workers(task, jobs if len(calls) > 1 else 1, task_factory) as workers:
+    with Workers(task, min(jobs, max(len(calls), 1)), task_factory) as workers:  # no more workers than calls
         futures = [workers.submit(fn, *args) for args in calls]
         return [f.result() for f in futures]
