@@ -6,6 +6,7 @@ import torch
 import topdown.loop as loop
 from topdown import ConfigError, TrainConfig
 from topdown.loop import fit
+from topdown.runs import load_tensors, save_tensors
 
 from conftest import toy_task
 
@@ -180,3 +181,27 @@ def test_average_best_resumes_to_the_same_weights(tmp_path):
     assert result.epochs == 4
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_resume_point_of_the_earlier_format_resumes_to_the_same_weights(tmp_path):
+    """Before kept[0] held the best epoch, a resume point stored it under "best." with no "kept"
+    list; runs interrupted then must still resume exactly."""
+    script = [0.5, 0.4, 0.45, 0.3, 0.3]
+    cfg = TrainConfig(epochs=4, lr=0.01)
+    full, _, seen = _fit_recording_weights(cfg, script)
+    path = tmp_path / "r.safetensors"
+    with pytest.raises(KeyboardInterrupt):  # during epoch 3's validation: epoch 2 is the best so far
+        _fit_recording_weights(cfg, script, resume_path=path, fail_at=3)
+    tensors, meta = load_tensors(path)
+    assert [epoch for _, epoch in meta["kept"]] == [2]
+    old = {("best." + k[len("kept0."):] if k.startswith("kept0.") else k): v for k, v in tensors.items()}
+    save_tensors(path, old, {**meta, "kept": []})
+    resumed, result, _ = _fit_recording_weights(cfg, script[2:], resume_path=path)
+    assert result.epochs == 4 and result.val["error"] == 0.3
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    save_tensors(path, old, {**meta, "kept": []})  # again, now with worse epochs 3 and 4 to come
+    resumed, result, _ = _fit_recording_weights(cfg, [0.45, 0.6, 0.6], resume_path=path)
+    assert result.val["error"] == 0.4  # the best epoch, 2, restored from "best."
+    for name, value in resumed.state_dict().items():
+        assert torch.equal(value, seen[1][name])

@@ -140,10 +140,12 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
     trained = distributed.wrap(model, device)  # built now that the frozen blocks are frozen
-    state, best_weights, kept = LoopState(lr=cfg.lr), None, []
+    # The weights of the best `keep` epochs, best first, as (value, epoch, weights): kept[0] is the
+    # best epoch, restored at the end; more than one are averaged (train.average_best).
+    keep = cfg.average_best if cfg.restore_best else 0
+    state, kept = LoopState(lr=cfg.lr), []
     if resume_path is not None and resume_path.is_file():
-        state, best_weights, kept = _load_resume_point(resume_path, model, opt)
-    averaging = cfg.restore_best and cfg.average_best > 1
+        state, kept = _load_resume_point(resume_path, model, opt)
     if cfg.schedule != "plateau":  # the stage's planned steps: epochs x batches per epoch
         state.total_steps = cfg.epochs * sum(1 for _ in epoch_batches(task, cfg, torch.Generator().manual_seed(0), subset))
     validated = getattr(opt, "averaged", nullcontext)  # the weights validation sees and keeps (NT-ASGD: the average)
@@ -155,12 +157,9 @@ def fit(
             val = _validate(model, task, monitor, f"{desc}: epoch {state.epoch + 1}")
             record = {"epoch": state.epoch + 1, "lr": state.lr if cfg.schedule == "plateau" else opt.param_groups[0]["lr"], "train_loss": train_loss, "val": val}
             improved = _advance(state, cfg, val, monitor)
-            ranked = averaging and _ranks_among(kept, val[monitor.name], monitor, cfg.average_best)
-            if (improved and cfg.restore_best) or ranked:
+            if keep and _ranks_among(kept, val[monitor.name], monitor, keep):
                 weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                best_weights = weights if improved and cfg.restore_best else best_weights
-                if ranked:
-                    _keep(kept, (val[monitor.name], state.epoch, weights), monitor, cfg.average_best)
+                _keep(kept, (val[monitor.name], state.epoch, weights), monitor, keep)
         if isinstance(opt, NTASGD) and opt.observe(val[monitor.name], monitor):
             say(f"{desc}: validation stopped improving, averaging from epoch {state.epoch + 1} (NT-ASGD)")
         state.seconds += time.perf_counter() - started
@@ -168,14 +167,14 @@ def fit(
         say(f"{desc} epoch {state.epoch}/{cfg.epochs}: train loss {train_loss:.4f}, val {monitor.name} "
             f"{val[monitor.name]:.4g}{' *' if improved else ''}, lr {record['lr']:.3g}, {state.seconds:.1f}s")
         if resume_path is not None and distributed.is_writer():
-            _save_resume_point(resume_path, model, opt, state, best_weights, kept)
+            _save_resume_point(resume_path, model, opt, state, kept)
 
     if cfg.restore_best:
-        model.load_state_dict(best_weights)
+        model.load_state_dict(kept[0][2])
         val = state.best_val
         if len(kept) > 1:
             started = time.perf_counter()
-            val = _average_if_no_worse(model, task, monitor, kept, best_weights, val, desc)
+            val = _average_if_no_worse(model, task, monitor, kept, val, desc)
             state.seconds += time.perf_counter() - started
         return FitResult(epochs=state.epoch, val=val, seconds=state.seconds)
     if isinstance(opt, NTASGD):
@@ -208,15 +207,15 @@ def average_weights(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Te
     return out
 
 
-def _average_if_no_worse(model: nn.Module, task: Task, monitor: Metric, kept: list, best_weights: dict[str, torch.Tensor],
-                         best_val: dict[str, float], desc: str) -> dict[str, float]:
+def _average_if_no_worse(model: nn.Module, task: Task, monitor: Metric, kept: list, best_val: dict[str, float],
+                         desc: str) -> dict[str, float]:
     """Load the average of the kept epochs' weights if validation finds it no worse than the best
-    epoch (then return its metrics); otherwise leave the best epoch's weights."""
+    epoch, ``kept[0]`` (then return its metrics); otherwise leave the best epoch's weights."""
     model.load_state_dict(average_weights([w for _, _, w in kept]))
     val = _validate(model, task, monitor, f"{desc}: average")
     epochs = ", ".join(str(e) for _, e, _ in sorted(kept, key=lambda k: k[1]))
     if monitor.better(best_val[monitor.name], val[monitor.name]):
-        model.load_state_dict(best_weights)
+        model.load_state_dict(kept[0][2])
         say(f"{desc}: the average of epochs {epochs} (val {monitor.name} {val[monitor.name]:.4g}) is worse than the best epoch's "
             f"{best_val[monitor.name]:.4g}; kept the best epoch")
         return best_val
@@ -330,8 +329,7 @@ def _advance(state: LoopState, cfg: TrainConfig, val: dict[str, float], monitor:
     return improved
 
 
-def _save_resume_point(path: Path, model: nn.Module, opt: torch.optim.Optimizer, state: LoopState,
-                       best_weights: dict[str, torch.Tensor] | None, kept: list) -> None:
+def _save_resume_point(path: Path, model: nn.Module, opt: torch.optim.Optimizer, state: LoopState, kept: list) -> None:
     sd = opt.state_dict()
     tensors, scalars = {}, {}  # optimizer state: tensors to safetensors, the rest to JSON metadata
     for pid, st in sd["state"].items():
@@ -339,15 +337,14 @@ def _save_resume_point(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
             (tensors if isinstance(value, torch.Tensor) else scalars)[f"{pid}.{key}"] = value
     save_tensors(
         path,
-        # the best epoch is the first kept one when there are kept ones (the same tensors: saved once)
-        {**prefixed("model.", model.state_dict()), **prefixed("best.", {} if kept else best_weights or {}), **prefixed("optim.", tensors),
+        {**prefixed("model.", model.state_dict()), **prefixed("optim.", tensors),
          **{k: v for i, (_, _, w) in enumerate(kept) for k, v in prefixed(f"kept{i}.", w).items()}},
         {"loop": asdict(state), "optimizer": {"param_groups": sd["param_groups"], "scalars": scalars},
          "kept": [[value, epoch] for value, epoch, _ in kept]},
     )
 
 
-def _load_resume_point(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[LoopState, dict[str, torch.Tensor] | None, list]:
+def _load_resume_point(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[LoopState, list]:
     tensors, meta = load_tensors(path)
     model.load_state_dict(unprefixed("model.", tensors))
     state: dict[int, dict[str, Any]] = {}
@@ -356,6 +353,8 @@ def _load_resume_point(path: Path, model: nn.Module, opt: torch.optim.Optimizer)
         state.setdefault(int(pid), {})[key] = value
     opt.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
     known = {f.name for f in fields(LoopState)}  # resume points of older versions may hold more
+    state = LoopState(**{k: v for k, v in meta["loop"].items() if k in known})
     kept = [(value, epoch, unprefixed(f"kept{i}.", tensors)) for i, (value, epoch) in enumerate(meta.get("kept", []))]
-    best = kept[0][2] if kept else unprefixed("best.", tensors) or None
-    return LoopState(**{k: v for k, v in meta["loop"].items() if k in known}), best, kept
+    if not kept and unprefixed("best.", tensors):  # resume points of earlier versions hold the best epoch as "best."
+        kept = [(state.best, state.best_epoch, unprefixed("best.", tensors))]
+    return state, kept
