@@ -135,6 +135,13 @@ class ConvSubsampling(nn.Module):
         return self.dropout(x), out_length(lengths).clamp(min=1)
 
 
+def self_attention(norm: nn.LayerNorm, attn: nn.MultiheadAttention, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+    """The pre-LN self-attention branch of both layer kinds, MHA(LN(x)) with padding frames
+    masked as keys. A function, not a module, so that both layers keep their parameter names."""
+    h = norm(x)
+    return attn(h, h, h, key_padding_mask=padding, need_weights=False)[0]
+
+
 class EncoderLayer(nn.Module):
     """Pre-LayerNorm Transformer encoder layer: x + MHA(LN(x)), then x + FFN(LN(x))."""
 
@@ -147,9 +154,7 @@ class EncoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
-        h = self.attn_norm(x)
-        h, _ = self.attn(h, h, h, key_padding_mask=padding, need_weights=False)
-        x = x + self.dropout(h)
+        x = x + self.dropout(self_attention(self.attn_norm, self.attn, x, padding))
         return x + self.dropout(self.ff(self.ff_norm(x)))
 
 
@@ -193,9 +198,7 @@ class ConformerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
         x = x + 0.5 * self.ff_in(x)
-        h = self.attn_norm(x)
-        h, _ = self.attn(h, h, h, key_padding_mask=padding, need_weights=False)
-        x = x + self.dropout(h)
+        x = x + self.dropout(self_attention(self.attn_norm, self.attn, x, padding))
         x = x + self.conv(x, padding)
         return self.norm(x + 0.5 * self.ff_out(x))
 
