@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import Section, option
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from ..task import Task
 from . import digits
 
@@ -32,20 +32,15 @@ HOLDOUT_SEED = 12345  # the held-out validation images (no val/ directory): fixe
 
 
 @dataclass(frozen=True)
-class Data(Section):
-    SECTION: ClassVar[str] = "data"
-    val_fraction: float = option(0.2, gt=0, lt=1)  # digits, and image folders without val/: a fixed held-out share of train
-    test_fraction: float = option(0.2, gt=0, lt=1)  # digits only (image folders have test/)
-    batch_size: int = option(64, ge=2)  # BatchNorm needs two examples
+class Data(digits.Data):
+    """The digits task's data options (its held-out fractions: for digits, and for image folders
+    without val/ the share of train held out; test_fraction is digits only), and these."""
+
     eval_batch_size: int = option(1000, ge=1)
     crop_padding: int = option(1, ge=0)  # random crop after zero padding by this many pixels; 0 = no crop
     flip: bool = False  # random horizontal flip (off for digits: a mirrored digit is another symbol)
     resize: int = option(0, ge=0)  # > 0: resize every image to resize x resize; 0: images must share one size
     color: str = option("auto", choices=("auto", "gray", "rgb"))  # auto: gray if every image is, else RGB
-
-    def check_relations(self) -> None:
-        if self.val_fraction + self.test_fraction >= 1:
-            raise ConfigError(f"data.val_fraction + data.test_fraction must be below 1 (got {self.val_fraction} + {self.test_fraction})")
 
 
 @dataclass(frozen=True)
