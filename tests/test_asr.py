@@ -3,6 +3,7 @@ blocks, CTC prefix beam search, SpecAugment masking, presets."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import re
@@ -378,6 +379,27 @@ def test_word_lm_fusion_corrects_a_spelling_the_acoustics_get_wrong():
     assert decode(common.WordScorer(lm, vocab.symbols, vocab.index[" "], weight=1.0, bonus=0.0)) == "GO TO A"
     # weight 0 and no bonus rank exactly as the plain search does
     assert decode(common.WordScorer(lm, vocab.symbols, vocab.index[" "], weight=0.0, bonus=0.0)) == "GO OO A"
+
+
+def test_oov_penalty_is_charged_once_per_word_outside_the_lexicon_and_keeps_the_beam_in_it():
+    vocab = common.Vocab(list(" ABCDEGNORT"))
+    lm = ngram.WordNgram(["GO TO A", "GO TO B", "ENTER A", "GO BACK"] * 3, order=2)
+    assert lm.words == {"GO", "TO", "A", "B", "ENTER", "BACK"}
+    scorer = common.WordScorer(lm, vocab.symbols, vocab.index[" "], weight=0.0, bonus=0.0, oov_penalty=5.0)
+
+    def penalty(text: str) -> float:
+        state = ((), "", 0.0)
+        for c in text:
+            state = scorer.extend(state, vocab.index[c])
+        return -scorer.final(state)
+
+    assert penalty("GO TO B") == penalty("ENTER A") == 0.0
+    assert penalty("GO OO A") == 5.0  # "OO" leaves the lexicon at its first letter and is charged once
+    assert penalty("BAC TOO") == 10.0  # "BAC" only begins a word (charged at its end); "TOO" leaves at its last letter
+    lp = spelled("GO TO A", vocab, wrong={3: "O"})
+    decode = lambda scorer: vocab.decode(common.prefix_beam_search(lp, beam=8, scorer=scorer))  # noqa: E731
+    assert decode(dataclasses.replace(scorer, oov_penalty=0.0)) == "GO OO A"  # weight 0: the acoustics alone
+    assert decode(scorer) == "GO TO A"
 
 
 def test_word_lm_needs_the_beam_search():

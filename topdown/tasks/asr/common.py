@@ -70,6 +70,7 @@ class Decode(Section):
     lm_order: int = option(0, ge=0)
     lm_weight: float = option(0.5, ge=0)  # LM log-probability weight; choose it on validation (decode.on_val=true)
     word_bonus: float = option(3.0)  # added per word, against the LM's preference for fewer words (3.0 and lm_weight 0.5: AN4 validation)
+    oov_penalty: float = option(0.0, ge=0)  # subtracted once per word outside the training transcripts' words (the lexicon)
 
     def check_relations(self) -> None:
         if self.lm_order and not self.beam:
@@ -310,21 +311,29 @@ class WordScorer:
     """Shallow fusion of a word language model into the beam search (Hannun et al. 2014):
     a prefix's score is its CTC log-probability plus ``weight`` times the LM log-probability
     of its words plus ``bonus`` per word, a word being scored when the space after it (or
-    the end of the utterance) completes it."""
+    the end of the utterance) completes it. ``oov_penalty`` is charged once per word outside
+    the LM's lexicon, as soon as its spelling leaves every lexicon word: charged then rather
+    than at the word's end, a misspelling loses its place in the beam while the right spelling
+    can still take it (a large penalty keeps the search within the lexicon)."""
 
     lm: WordNgram
     symbols: list[str]  # symbol id -> character
     space: int  # the id of the word separator
     weight: float
     bonus: float
+    oov_penalty: float = 0.0
 
     def extend(self, state: tuple[tuple[str, ...], str, float], s: int) -> tuple[tuple[str, ...], str, float]:
         """(words so far, the word being spelled, LM score) after symbol ``s``."""
         words, partial, score = state
         if s != self.space:
-            return words, partial + self.symbols[s], score
+            longer = partial + self.symbols[s]
+            left_lexicon = self.oov_penalty and partial in self.lm.prefixes and longer not in self.lm.prefixes
+            return words, longer, score - self.oov_penalty if left_lexicon else score
         if not partial:
             return state
+        if self.oov_penalty and partial in self.lm.prefixes and partial not in self.lm.words:  # a lexicon word's beginning only
+            score -= self.oov_penalty
         return (*words, partial), "", score + self.weight * self.lm.logprob(words, partial) + self.bonus
 
     def final(self, state: tuple[tuple[str, ...], str, float]) -> float:
@@ -422,11 +431,11 @@ def error_rates(hyps: list[str], refs: list[str], suffix: str = "") -> dict[str,
     }
 
 
-def word_scorer(train: list[Example], vocab: Vocab, order: int, weight: float, bonus: float) -> WordScorer:
-    """Shallow fusion of a word ``order``-gram trained on the training transcripts."""
+def word_scorer(train: list[Example], vocab: Vocab, order: int, weight: float, bonus: float, oov_penalty: float = 0.0) -> WordScorer:
+    """Shallow fusion of a word ``order``-gram trained on the training transcripts (its lexicon: their words)."""
     if " " not in vocab.index:
         raise DataError("decode.lm_order: the training transcripts hold no spaces, so no words for a word LM")
-    return WordScorer(WordNgram([e.text for e in train], order=order), vocab.symbols, vocab.index[" "], weight, bonus)
+    return WordScorer(WordNgram([e.text for e in train], order=order), vocab.symbols, vocab.index[" "], weight, bonus, oov_penalty)
 
 
 def make_task(name: str, cfg: dict[str, Any], data_dir: str | None, build_model, block_names,
@@ -446,7 +455,8 @@ def make_task(name: str, cfg: dict[str, Any], data_dir: str | None, build_model,
         feats, lengths, targets, target_lengths = batch
         return ctc(*model(spec_augment(feats, lengths, augment, stack), lengths), targets, target_lengths)
 
-    scorer = word_scorer(data["train"], vocab, decode["lm_order"], decode["lm_weight"], decode["word_bonus"]) if decode["lm_order"] else None
+    scorer = (word_scorer(data["train"], vocab, decode["lm_order"], decode["lm_weight"], decode["word_bonus"], decode["oov_penalty"])
+              if decode["lm_order"] else None)
 
     def evaluate(model: nn.Module, split: str) -> dict[str, float]:
         beam = decode["beam"] if split == "test" or decode["on_val"] else 0

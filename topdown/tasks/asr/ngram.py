@@ -30,6 +30,8 @@ class WordNgram:
                 for k in range(order):  # k words of context
                     self.counts[k][tuple(tokens[i - k : i])][tokens[i]] += 1
         self.uniform = 1.0 / (len(words) + 1)  # + 1: one unknown word
+        self.words = frozenset(words - {END})  # the lexicon: every word of the training transcripts
+        self.prefixes = frozenset(w[:i] for w in self.words for i in range(len(w) + 1))
         self.totals = [{ctx: (sum(c.values()), len(c)) for ctx, c in level.items()} for level in self.counts]
         self._cache: dict[tuple[tuple[str, ...], str], float] = {}
 
