@@ -1,0 +1,60 @@
+#!/bin/bash
+# Leave-one-out ablations of a task's `bench` recipe (#17): each variant undoes one of the recipe's
+# choices and trains seed 0, so its validation WER can be set beside the recipe's own seed-0 run
+# (made on the same CPU: the same seed gives other numbers on another CPU). Runs live outside the
+# repository and resume where they stopped; only their summaries are committed.
+#
+#   bench/ablation.sh run TASK [VARIANT ...]    train the variants (default: all of TASK's); rerun to continue
+#   bench/ablation.sh collect TASK              copy the finished variants' summaries under bench/results/TASK-ablation/
+#   bench/ablation.sh list TASK                 the variants and their --set overrides
+#
+# OUT defaults to ~/bench-ablation/TASK. Each process runs one thread.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+mode=${1:?usage: ablation.sh run|collect|list TASK [VARIANT ...]}
+task=${2:?which task?}
+shift 2
+out=${OUT:-$HOME/bench-ablation/$task}
+results=$here/results/$task-ablation
+export OMP_NUM_THREADS=1
+
+# name, then the overrides that undo one choice of the bench preset (topdown/tasks/.../PRESETS)
+variants() {
+  case $task in
+    asr-transformer)
+      echo "no-conformer model.conv_kernel=0"
+      echo "global-cmvn data.cmvn=global"
+      echo "plateau train.schedule=plateau train.monitor=loss train.early_stop=5" ;;
+    asr-rnn)
+      echo "global-cmvn data.cmvn=global"
+      echo "no-specaugment data.spec_augment.freq_masks=0 data.spec_augment.time_masks=0"
+      echo "dropout-0.1 model.dropout=0.1"
+      echo "hidden-128 model.hidden=128"
+      echo "plateau train.schedule=plateau train.monitor=loss train.early_stop=5" ;;
+    *) echo "ablation.sh: no ablation is defined for task '$task' (asr-transformer, asr-rnn)" >&2; exit 2 ;;
+  esac
+}
+
+finished() { [ -f "$1" ] && grep -q '"status": "complete"' "$1"; }
+
+case $mode in
+  list) variants ;;
+  run)
+    mkdir -p "$out"
+    variants | while read -r name overrides; do
+      if [ $# -gt 0 ] && [[ " $* " != *" $name "* ]]; then continue; fi
+      finished "$out/$name/summary.json" && continue
+      sets=(); for kv in $overrides; do sets+=(--set "$kv"); done
+      resume=(); [ -f "$out/$name/summary.json" ] && resume=(--resume)
+      echo "== $task $name: ${overrides}"
+      topdown baseline "$task" --preset bench --seed 0 "${sets[@]}" --out "$out/$name" "${resume[@]}"
+    done ;;
+  collect)
+    for summary in "$out"/*/summary.json; do
+      finished "$summary" || continue
+      name=$(basename "$(dirname "$summary")")
+      mkdir -p "$results/$name" && cp "$summary" "$results/$name/"
+    done
+    echo "collected into $results: $(ls "$results" 2>/dev/null | wc -l) finished variants" ;;
+  *) echo "ablation.sh: unknown mode '$mode' (run, collect or list)" >&2; exit 2 ;;
+esac
