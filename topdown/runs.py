@@ -8,6 +8,7 @@ points of unfinished stages, removed once a stage is recorded).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -243,11 +244,23 @@ class RunDir:
                 f.unlink()
 
 
+@functools.cache
+def loaded_commit() -> str | None:
+    """The checkout's commit when this process first asked: the code it runs. Asked again later, git
+    would name a newer commit while a long-lived process (a comparison's workers) still runs the old code."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def provenance(device: torch.device | None = None) -> dict[str, Any]:
     """Where a result was made: the same seed gives different numbers on different CPUs, GPUs,
     thread counts and library versions, so every run record says which."""
     import platform
-    import subprocess
 
     from . import __version__, distributed
 
@@ -257,14 +270,9 @@ def provenance(device: torch.device | None = None) -> dict[str, Any]:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
-                                timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
     device = device or torch.device("cpu")
     return {
-        "topdown": __version__, "git_commit": commit, "torch": torch.__version__, "python": platform.python_version(),
+        "topdown": __version__, "git_commit": loaded_commit(), "torch": torch.__version__, "python": platform.python_version(),
         "device": str(device), "cpu": cpu, "threads": torch.get_num_threads(), "world_size": distributed.world_size(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
