@@ -35,7 +35,7 @@ variants() {
   esac
 }
 
-finished() { [ -f "$1" ] && grep -q '"status": "complete"' "$1"; }
+source "$here/summaries.sh"
 
 case $mode in
   list) variants ;;
@@ -50,11 +50,7 @@ case $mode in
       topdown baseline "$task" --preset bench --seed 0 "${sets[@]}" --out "$out/$name" "${resume[@]}"
     done ;;
   collect)
-    for summary in "$out"/*/summary.json; do
-      finished "$summary" || continue
-      name=$(basename "$(dirname "$summary")")
-      mkdir -p "$results/$name" && cp "$summary" "$results/$name/"
-    done
+    copy_finished "$out" "$results"
     echo "collected into $results: $(ls "$results" 2>/dev/null | wc -l) finished variants" ;;
   *) echo "ablation.sh: unknown mode '$mode' (run, collect or list)" >&2; exit 2 ;;
 esac

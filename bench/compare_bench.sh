@@ -20,7 +20,7 @@ out=${OUT:-$HOME/bench-compare/$task}
 results=$here/results/$task-compare-bench
 export OMP_NUM_THREADS=1
 
-finished() { [ -f "$1" ] && grep -q '"status": "complete"' "$1"; }
+source "$here/summaries.sh"
 
 case $mode in
   run)
@@ -35,11 +35,7 @@ case $mode in
     shift $(( $# < 4 ? $# : 4 ))
     cd "$HOME" && exec topdown compare "$task" --preset "${PRESET:-bench}" --seeds "$seeds" --jobs "$jobs" --out "$out" "$@" ;;
   collect)
-    for summary in "$out"/runs/*/summary.json; do
-      finished "$summary" || continue
-      run=$(basename "$(dirname "$summary")")
-      mkdir -p "$results/runs/$run" && cp "$summary" "$results/runs/$run/"
-    done
+    copy_finished "$out/runs" "$results/runs"
     for f in compare.json compare.md compare.png; do [ -f "$out/$f" ] && cp "$out/$f" "$results/"; done
     echo "collected into $results: $(ls "$results/runs" 2>/dev/null | wc -l) finished runs" ;;
   *) echo "compare_bench.sh: unknown mode '$mode' (run or collect)" >&2; exit 2 ;;
