@@ -77,6 +77,12 @@ def test_compare_and_analyse_with_jobs_equal_one_process(tmp_path):
     for command, extra, record in (("compare", ["--seeds", "2"], "compare.json"), ("analyse", ["--subsets", "0.5"], "analyse.json")):
         args = [command, "digits", "--preset", "tiny", *extra]
         cli(*args, "--out", str(tmp_path / f"{command}-1"), check=True)
-        cli(*args, "--out", str(tmp_path / f"{command}-2"), "--jobs", "2", check=True)
+        two_jobs = cli(*args, "--out", str(tmp_path / f"{command}-2"), "--jobs", "2", check=True)
         one, two = (json.loads((tmp_path / f"{command}-{j}" / record).read_text()) for j in (1, 2))
         assert strip(one) == strip(two)
+        # the two workers' progress lines stay whole, and each names its run
+        runs = {p.name for p in (tmp_path / f"{command}-2" / "runs").iterdir()}
+        lines = [line for line in two_jobs.stderr.splitlines() if line.strip()]
+        assert lines and all(line.split(": ", 1)[0] in runs and line.count(" epoch ") <= 1 for line in lines), two_jobs.stderr
+        finished = sorted(line.split(":")[0] for line in lines if ": finished: stage " in line)
+        assert finished == sorted(runs)

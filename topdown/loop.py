@@ -15,7 +15,8 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from .task import Task
 
 
 LOSS_CHECK_STEPS = 50  # on an accelerator, how often the summed training loss is read (a host-device sync)
+
+_label: ContextVar[str] = ContextVar("progress_label", default="")
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
@@ -237,7 +240,7 @@ def _train_epoch(model: nn.Module, task: Task, cfg: TrainConfig, opt: torch.opti
     check_every = 1 if device.type == "cpu" else LOSS_CHECK_STEPS
     total, count = torch.zeros((), device=device), 0
     batches = epoch_batches(task, cfg, generator, subset)
-    bar = tqdm(batches, desc=f"{desc} epoch {state.epoch + 1}", leave=False, unit="batch", disable=None if distributed.is_writer() else True)
+    bar = tqdm(batches, desc=f"{_label.get()}{desc} epoch {state.epoch + 1}", leave=False, unit="batch", disable=None if distributed.is_writer() else True)
     for batch in bar:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
             loss = task.loss(model, move_to(batch, device))
@@ -279,10 +282,22 @@ def _check_finite(total: torch.Tensor, desc: str, state: LoopState) -> None:
         raise TrainingError(f"{desc}: loss is {total.item()} at epoch {state.epoch + 1} (lr {state.lr:g}); the stage failed")
 
 
+@contextmanager
+def progress_label(label: str) -> Iterator[None]:
+    """Begin the progress lines of the enclosed training with ``label``: which run they belong
+    to, when a comparison trains several at once."""
+    token = _label.set(f"{label}: ")
+    try:
+        yield
+    finally:
+        _label.reset(token)
+
+
 def say(message: str) -> None:
-    """A progress line on stderr (rank 0 only), kept clear of the progress bars."""
+    """A progress line on stderr (rank 0 only), kept clear of the progress bars. The line and
+    its newline go out in one write, so lines of parallel workers do not run into each other."""
     if distributed.is_writer():
-        tqdm.write(message, file=sys.stderr)
+        tqdm.write(f"{_label.get()}{message}\n", file=sys.stderr, end="")
 
 
 def evaluate(model: nn.Module, task: Task, split: str) -> dict[str, float]:

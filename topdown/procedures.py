@@ -20,7 +20,7 @@ from .devices import resolve_device
 from .errors import ConfigError, TopdownError
 from . import distributed
 from .blocks import Blocks
-from .loop import evaluate, fit
+from .loop import evaluate, fit, progress_label, say
 from .plan import Plan, StageSpec, run_identity
 from .runs import RunDir, first_difference
 from .seeds import check_seed, derive_seed
@@ -186,7 +186,12 @@ def run_or_resume(procedure: str, task: Task, out: Path, *, config: RunConfig, s
             raise TopdownError(f"cannot reuse {out}: its {difference} differs from this command's; choose another --out")
         RunDir(out).verify(existing, weights_needed=weights_needed)
         return existing
-    return run_procedure(procedure, task, out, config=config, seed=seed, preset=preset, resume=existing is not None, **kw)
+    with progress_label(out.name):  # several runs may train at once (--jobs): every line names its run
+        say(f"{'resuming' if existing is not None else 'starting'} {procedure} in {out}")
+        summary = run_procedure(procedure, task, out, config=config, seed=seed, preset=preset, resume=existing is not None, **kw)
+        m, chosen = summary["metric"], summary["stages"][summary["chosen_stage"]]
+        say(f"finished: stage {chosen['index']} chosen, val {m} {chosen['val'][m]:.4g}, test {m} {chosen['test'][m]:.4g}")
+        return summary
 
 
 def _config(train: TrainConfig | None, cascade: CascadeConfig | None = None, procedure: ProcedureConfig | None = None) -> RunConfig:
