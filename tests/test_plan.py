@@ -108,6 +108,68 @@ def test_unfinished_stage_and_missing_metric_are_errors(tmp_path):
         next(stages)
 
 
+class LaterLayerForgetting(topdown.Plan):
+    """A neighbour of the cascade in a few lines: forget the upper blocks (re-initialise them)
+    while every block, the lower ones from their trained weights, keeps learning."""
+
+    procedure = "later-layer-forgetting"
+
+    def stages(self):
+        yield self.stage_zero()
+        for _ in range(2):
+            yield topdown.StageSpec("forget", self.all_blocks(), start=self.best_index, reinit_blocks=("mid", "out"), accept="always")
+
+
+class BottomUpReinit(topdown.Plan):
+    """Another: stage i keeps blocks 1..i as trained, frozen, and re-trains fresh blocks above them."""
+
+    procedure = "bottom-up"
+
+    def stages(self):
+        yield self.stage_zero()
+        for k in range(1, len(self.blocks)):
+            yield topdown.StageSpec("bottom-up", tuple(self.blocks.split(k)[1]), start=self.best_index, split=k)
+
+
+def test_neighbours_of_the_cascade_are_plans_of_a_few_lines(tmp_path):
+    torch.manual_seed(0)
+    plan = LaterLayerForgetting(ToyNet(), BLOCKS, build_model=ToyNet, metric="error", out=tmp_path / "forget")
+    for stage in plan:
+        if stage.index > 0:  # the lower block starts from the chosen model, the upper ones afresh; all train
+            chosen = topdown.runs.load_tensors(tmp_path / "forget" / "checkpoints" / f"stage-{plan.best_index}.safetensors")[0]
+            state = stage.model.state_dict()
+            assert all(torch.equal(state[k], v) == k.startswith("inp.") for k, v in chosen.items() if v.is_floating_point() and v.dim())
+            assert len(stage.trainable_parameters()) == len(list(stage.model.parameters()))
+        my_training(stage.model, stage.trainable_parameters())
+        stage.finish(val={"error": val_error(stage.model)})
+    assert [(s["trained_blocks"], s.get("reinit_blocks")) for s in plan.summary["stages"]] == [
+        (["inp", "mid", "out"], None), (["inp", "mid", "out"], ["mid", "out"]), (["inp", "mid", "out"], ["mid", "out"])]
+    assert plan.summary["chosen_stage"] == 2 and plan.summary["procedure"] == "later-layer-forgetting"
+
+    torch.manual_seed(0)
+    plan = BottomUpReinit(ToyNet(), BLOCKS, build_model=ToyNet, metric="error", out=tmp_path / "bottom-up")
+    for stage in plan:
+        my_training(stage.model, stage.trainable_parameters())
+        stage.finish(val={"error": val_error(stage.model)})
+    assert [(s["trained_blocks"], s["frozen_blocks"]) for s in plan.summary["stages"]] == [
+        (["inp", "mid", "out"], []), (["mid", "out"], ["inp"]), (["out"], ["inp", "mid"])]
+
+
+def test_a_stage_naming_an_unknown_block_is_refused_before_it_trains(tmp_path):
+    class Misspelt(topdown.Plan):
+        def stages(self):
+            yield self.stage_zero()
+            yield topdown.StageSpec("forget", self.all_blocks(), start=0, reinit_blocks=("outt",))
+
+    torch.manual_seed(0)
+    plan = Misspelt(ToyNet(), BLOCKS, build_model=ToyNet, metric="error", out=tmp_path / "run")
+    stages = iter(plan)
+    next(stages).finish(val={"error": 0.5})
+    with pytest.raises(topdown.BlockError, match=r"unknown block\(s\) \['outt'\]"):
+        next(stages)
+    assert [s["index"] for s in read_summary(tmp_path / "run")["stages"]] == [0]  # stage 0 is kept
+
+
 def test_our_loop_is_one_executor_of_the_same_plan(tmp_path):
     """Driving a plan by hand with ``fit`` gives exactly the summary of ``topdown.cascade``."""
     task, train = toy_task(), TrainConfig(epochs=2, lr=0.01)

@@ -124,11 +124,17 @@ class Blocks:
             out[block].append(qname)
         return out
 
+    def check_known(self, blocks: Sequence[str]) -> None:
+        """A misspelt block name is an error, never a silent no-op."""
+        if unknown := set(blocks) - set(self.modules):
+            raise BlockError(f"unknown block(s) {sorted(unknown)}; blocks are {self.names}")
+
     def state_keys(self, blocks: Sequence[str]) -> list[str]:
         """State-dict keys (parameters and buffers) that belong to ``blocks``.
 
         Parameters follow their owner; buffers follow the block whose modules hold them.
         """
+        self.check_known(blocks)
         wanted = set(blocks)
         params = {id(p): n for n, p in self.model.named_parameters()}
         keys = []
@@ -149,9 +155,7 @@ class Blocks:
         With ``frozen_dropout`` the frozen blocks keep their dropout active in training;
         their normalisation layers are pinned to eval mode either way.
         """
-        unknown = set(frozen) - set(self.modules)
-        if unknown:
-            raise BlockError(f"unknown block(s) {sorted(unknown)}; blocks are {self.names}")
+        self.check_known(frozen)
         self.unfreeze()
         for qname, p in self.model.named_parameters():
             trainable = self.owner[qname] not in frozen

@@ -44,6 +44,9 @@ class StageSpec:
     trained: tuple[str, ...]  # the blocks it trains; the others are frozen
     start: int | None = None  # the stage whose weights it starts from; None: a freshly built model
     reinit: bool = True  # re-initialise the trained blocks when starting from a stage
+    # with reinit, re-initialise these blocks instead of the trained ones: e.g. forget the upper
+    # blocks while every block trains (later-layer forgetting), a neighbour of the cascade
+    reinit_blocks: tuple[str, ...] | None = None
     split: int | None = None
     subset: float = 1.0  # fraction of the training data (transfer-classifier)
     candidates: int = 1  # models trained (different seeds); the best on validation is the stage's
@@ -218,6 +221,7 @@ class Plan:
 
     def _prepare(self, index: int, candidate: int, spec: StageSpec) -> Stage:
         stage = Stage(self, index, candidate, spec)
+        self.blocks.check_known([*spec.trained, *(spec.reinit_blocks or ())])
         self.blocks.unfreeze()
         if spec.source is not None:
             self._load(spec.source)
@@ -226,7 +230,7 @@ class Plan:
         else:
             self.model.load_state_dict(self.run.load_model(f"stage-{spec.start}"))
             if spec.reinit:
-                self.blocks.copy_blocks(self._fresh_model(stage.seed), spec.trained)
+                self.blocks.copy_blocks(self._fresh_model(stage.seed), spec.trained if spec.reinit_blocks is None else spec.reinit_blocks)
         self.blocks.freeze(stage.frozen_blocks, frozen_dropout=self.config.cascade.frozen_dropout)
         stage._started = time.perf_counter()
         return stage
@@ -287,6 +291,7 @@ class Plan:
             "candidates": [] if spec.source else [{k: t[k] for k in ("seed", "epochs", "val")} for t in self._tried],
             "val": val, "test": test, "accepted": accept(spec.accept, val[self.metric.name], best_val, self.metric),
             "seconds": sum(t["seconds"] for t in self._tried), **({"source": spec.source} if spec.source else {}),
+            **({"reinit_blocks": list(spec.reinit_blocks)} if spec.reinit_blocks is not None and spec.reinit else {}),
         }
         meta = {"task": self.summary["task"], "stage": stage.index, "config": self.summary["config"], "task_info": self.task_info}
         checksums = self.summary.setdefault("checksums", {})
