@@ -10,7 +10,7 @@ import topdown.procedures as procedures
 from topdown.compare import paired_stats, run_compare, sign_flip_p, t975
 from topdown.config import RunConfig
 
-from conftest import toy_task
+from conftest import cli, toy_task
 
 CONFIG = RunConfig.from_dict({"train": {"epochs": 2, "lr": 0.01}})
 
@@ -130,6 +130,21 @@ def test_a_compare_continues_on_a_new_machine_from_the_committed_summaries(tmp_p
     (first / "runs" / "cascade-seed0" / "checkpoints" / "best.safetensors").write_bytes(b"torn")
     with pytest.raises(procedures.TopdownError, match="best are corrupt or missing"):
         run_compare(toy_task(), first, seeds=1, config=CONFIG)
+
+
+def test_report_of_a_comparison_shows_where_each_run_stands(tmp_path):
+    run_compare(toy_task(), tmp_path, seeds=1, config=CONFIG)
+    runs = tmp_path / "runs"
+    summary = json.loads((runs / "cascade-seed0" / "summary.json").read_text())
+    summary.update(status="running", stages=summary["stages"][:1])  # as if stopped in stage 1, epoch 1
+    (runs / "cascade-seed0" / "summary.json").write_text(json.dumps(summary))
+    (runs / "later").mkdir()
+    table = cli("report", str(tmp_path), check=True).stdout
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    assert set(rows) == {"cascade-seed0", "equal-epochs-seed0", "baseline-seed0-extra1", "baseline-seed0-extra2", "later"}
+    assert "| running | 1 | stage 1, epoch 2 |" in rows["cascade-seed0"]  # the last epoch stage 1 logged
+    assert "| complete | 1 | - |" in rows["equal-epochs-seed0"] and "| not started |" in rows["later"]
+    assert cli("report", str(runs)).returncode != 0  # neither a run nor a directory of runs
 
 
 def test_finished_runs_made_with_another_config_are_refused_not_reused(tmp_path):

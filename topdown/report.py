@@ -50,6 +50,27 @@ def stage_table(summary: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def runs_table(path: str | Path) -> str:
+    """Where each run of a comparison or analysis (``path/runs/*``) stands, for a long one in
+    progress: finished, or the stage and epoch it has reached, and the chosen model's metrics."""
+    head = ["run", "procedure", "status", "stages done", "in progress", "chosen val", "chosen test"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run in sorted(p for p in (Path(path) / "runs").iterdir() if p.is_dir()):
+        summary = RunDir(run).read_summary()
+        if summary is None:
+            rows.append(f"| {run.name} | - | not started | 0 | - | - | - |")
+            continue
+        done, metric = summary["stages"], summary["metric"]
+        at = "-"
+        if summary["status"] != "complete":
+            epochs = [r["epoch"] for r in RunDir(run).read_metrics() if r.get("stage") == len(done)]
+            at = f"stage {len(done)}, epoch {max(epochs)}" if epochs else f"stage {len(done)}, starting"
+        chosen = done[summary["chosen_stage"]] if summary["chosen_stage"] is not None else None
+        val, test = ((format_metric(chosen[split].get(metric), metric) for split in ("val", "test")) if chosen else ("-", "-"))
+        rows.append(f"| {run.name} | {summary['procedure']} | {summary['status']} | {len(done)} | {at} | {val} | {test} |")
+    return "\n".join(rows)
+
+
 def plot_curves(summary: dict[str, Any], metrics: list[dict[str, Any]], path: Path) -> None:
     """Validation metric and training loss per epoch, stages laid end to end."""
     from matplotlib.figure import Figure  # not pyplot: a library call leaves the user's backend alone
