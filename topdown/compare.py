@@ -54,7 +54,8 @@ def t975(df: int) -> float:
 def sign_flip_p(diffs: list[float]) -> float:
     """Two-sided p-value of the paired sign-flip (permutation) test of mean difference 0.
 
-    Exact for up to 20 pairs (all 2^n sign patterns); it assumes only that, under the null
+    Exact for up to 20 pairs (all 2^n sign patterns), else estimated from 200,000 random
+    patterns (fixed seed); it assumes only that, under the null
     hypothesis, each difference is as likely positive as negative, which suits small N.
     """
     d = np.asarray(diffs, dtype=float)
@@ -198,7 +199,8 @@ def render(record: dict[str, Any]) -> str:
         "",
         f"Test {m}{unit} of the model each arm's validation chose; differences are arm minus baseline, paired by seed",
         f"({'lower' if record['lower_is_better'] else 'higher'} is better). CI: 95 % Student-t interval of the mean paired",
-        "difference; p: exact two-sided sign-flip test. Epochs and seconds: the cost of all the arm's training runs.",
+        "difference; p: two-sided sign-flip test (exact up to 20 seeds, else 200,000 random sign patterns). Epochs and",
+        "seconds: the cost of all the arm's training runs.",
         "",
         *([f"Note: {record['note']}", ""] if record.get("note") else []),
         f"| arm | test {m} mean ± std | diff vs baseline [95 % CI] | p | better/worse seeds | epochs | seconds |",
