@@ -132,7 +132,7 @@ def test_a_compare_continues_on_a_new_machine_from_the_committed_summaries(tmp_p
         run_compare(toy_task(), first, seeds=1, config=CONFIG)
 
 
-def test_report_of_a_comparison_shows_where_each_run_stands(tmp_path):
+def test_report_of_a_comparison_or_a_directory_of_runs_shows_where_each_run_stands(tmp_path):
     run_compare(toy_task(), tmp_path, seeds=1, config=CONFIG)
     runs = tmp_path / "runs"
     summary = json.loads((runs / "cascade-seed0" / "summary.json").read_text())
@@ -144,7 +144,9 @@ def test_report_of_a_comparison_shows_where_each_run_stands(tmp_path):
     assert set(rows) == {"cascade-seed0", "equal-epochs-seed0", "baseline-seed0-extra1", "baseline-seed0-extra2", "later"}
     assert "| running | 1 | stage 1, epoch 2 |" in rows["cascade-seed0"]  # the last epoch stage 1 logged
     assert "| complete | 1 | - |" in rows["equal-epochs-seed0"] and "| not started |" in rows["later"]
-    assert cli("report", str(runs)).returncode != 0  # neither a run nor a directory of runs
+    assert cli("report", str(runs), check=True).stdout == table  # any directory of run directories (e.g. an ablation's)
+    failed = cli("report", str(runs / "later"))  # neither a run nor a directory of runs
+    assert failed.returncode != 0 and "holds no run" in failed.stderr
 
 
 def test_finished_runs_made_with_another_config_are_refused_not_reused(tmp_path):

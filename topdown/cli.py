@@ -93,8 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--subsets", type=float, nargs="+", default=[0.25, 0.5], help="training-data fractions (default: 0.25 0.5)")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="run the splits in N processes, threads divided among them (default: 1)")
     p = sub.add_parser("report", help="re-render report.md and curves.png of a run directory; of a compare or analyse "
-                                      "directory, show where each of its runs stands")
-    p.add_argument("dir", help="run directory, or the --out of compare/analyse")
+                                      "directory (or any directory of runs), show where each of its runs stands")
+    p.add_argument("dir", help="run directory, the --out of compare/analyse, or a directory of run directories")
     p = sub.add_parser("list", help="tasks, presets and the blocks of each task's model")
     p.add_argument("--config", metavar="TASK", choices=list(TASKS), help="print this task's resolved config for --preset")
     p.add_argument("--preset", default="demo", choices=PRESET_NAMES)
@@ -193,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "nproc", 1) > 1 and not distributed.launched():
             return _launch(argv, args.nproc, resolve_device(args.device))
-        if args.command == "report" and not (Path(args.dir) / "summary.json").exists() and (Path(args.dir) / "runs").is_dir():
-            print(report.runs_table(args.dir))  # a comparison or analysis: where each of its runs stands
+        if args.command == "report" and (runs := report.runs_of(args.dir)) is not None:
+            print(report.runs_table(runs))  # a comparison, analysis or any directory of runs: where each stands
         elif args.command == "report":
             print(report.stage_table(report.read(args.dir)), flush=True)  # shown even where the files cannot be rewritten
             print(f"report: {report.write(args.dir)}")

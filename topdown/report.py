@@ -50,12 +50,23 @@ def stage_table(summary: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def runs_table(path: str | Path) -> str:
-    """Where each run of a comparison or analysis (``path/runs/*``) stands, for a long one in
-    progress: finished, or the stage and epoch it has reached, and the chosen model's metrics."""
+def runs_of(path: str | Path) -> Path | None:
+    """The directory holding the runs of ``path`` when it is not a run itself: a comparison's or
+    analysis's ``runs/``, or any directory of run directories (e.g. an ablation's); else None."""
+    path = Path(path)
+    if (path / "summary.json").exists() or not path.is_dir():
+        return None
+    if (path / "runs").is_dir():
+        return path / "runs"
+    return path if any((p / "summary.json").is_file() for p in path.iterdir()) else None
+
+
+def runs_table(runs: Path) -> str:
+    """Where each run under ``runs`` stands, for a long comparison in progress: finished, or the
+    stage and epoch it has reached, and the chosen model's metrics."""
     head = ["run", "procedure", "status", "stages done", "in progress", "chosen val", "chosen test"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for run in sorted(p for p in (Path(path) / "runs").iterdir() if p.is_dir()):
+    for run in sorted(p for p in runs.iterdir() if p.is_dir()):
         summary = RunDir(run).read_summary()
         if summary is None:
             rows.append(f"| {run.name} | - | not started | 0 | - | - | - |")
