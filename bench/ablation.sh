@@ -8,7 +8,8 @@
 #   bench/ablation.sh collect TASK              copy the finished variants' summaries under bench/results/TASK-ablation/
 #   bench/ablation.sh list TASK                 the variants and their --set overrides
 #
-# OUT defaults to ~/bench-ablation/TASK. Each process runs one thread.
+# OUT defaults to ~/bench-ablation/TASK (`topdown report OUT` shows where each variant stands).
+# Each process runs one thread.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 mode=${1:?usage: ablation.sh run|collect|list TASK [VARIANT ...]}

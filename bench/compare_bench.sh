@@ -10,8 +10,8 @@
 #   bench/compare_bench.sh collect TASK            copy every finished run's summary (and compare.*)
 #                                                  from $OUT back under bench/results/TASK-compare-bench/
 #
-# OUT defaults to ~/bench-compare/TASK, outside the repository; PRESET to bench. Each process runs
-# one thread.
+# OUT defaults to ~/bench-compare/TASK, outside the repository (`topdown report OUT` shows where each
+# run stands); PRESET to bench. Each process runs one thread.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 mode=${1:?usage: compare_bench.sh run TASK SEEDS [JOBS [--set K=V ...]] | collect TASK}
