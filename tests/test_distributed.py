@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 import time
 
-from conftest import PYTHONPATH, ROOT, cli, read_summary
+import pytest
+
+from conftest import PYTHONPATH, ROOT, cli, read_summary, toy_task
+from topdown.errors import TrainingError
+from topdown.jobs import in_parallel
 from test_cli import assert_one_line_error
 
 DIGITS = ["digits", "--preset", "tiny", "--device", "cpu", "--set", "train.epochs=12", "--set", "cascade.splits=[3]"]
@@ -86,3 +91,13 @@ def test_compare_and_analyse_with_jobs_equal_one_process(tmp_path):
         assert lines and all(line.split(": ", 1)[0] in runs and line.count(" epoch ") <= 1 for line in lines), two_jobs.stderr
         finished = sorted(line.split(":")[0] for line in lines if ": finished: stage " in line)
         assert finished == sorted(runs)
+
+
+def _killed(task, _):
+    """A worker that the kernel kills (as the out-of-memory killer would)."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_worker_killed_from_outside_is_a_one_line_error_not_a_crash():
+    with pytest.raises(TrainingError, match="worker process ended abruptly .* run the same command again"):
+        in_parallel(_killed, [(0,), (1,)], toy_task(), 2, toy_task)

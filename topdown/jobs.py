@@ -12,11 +12,12 @@ import multiprocessing
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, TrainingError
 from .task import Task
 
 _worker_task: Task | None = None
@@ -36,7 +37,9 @@ class Workers:
     """``submit(fn, *args)`` runs ``fn(task, *args)`` in one of ``jobs`` worker processes and
     returns a future; with ``jobs`` == 1 it runs at once, in this process, and returns a finished
     one. Leaving the block on an error cancels the calls not yet started (running ones finish,
-    so their runs are complete and kept)."""
+    so their runs are complete and kept). A worker killed from outside (e.g. by the kernel's
+    out-of-memory killer) ends the pool: that is a one-line ``TrainingError``, since every
+    unfinished run resumes from its last epoch when the command is run again."""
 
     def __init__(self, task: Task, jobs: int, task_factory: Callable[[], Task] | None):
         if jobs < 1:
@@ -57,6 +60,9 @@ class Workers:
     def __exit__(self, kind, error, traceback) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=error is not None)
+        if isinstance(error, BrokenProcessPool):
+            raise TrainingError("a worker process ended abruptly (killed from outside, e.g. for want of memory); finished runs "
+                                "are kept and unfinished ones resume from their last epoch: run the same command again") from error
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         if self.pool is not None:
