@@ -127,6 +127,12 @@ def corruption_cases(out: Path, reference: Path, duration: float) -> dict[str, b
     proc = topdown(*JOB, "--out", str(run), "--resume")
     results["temporary-file debris: removed on resume"] = proc.returncode == 0 and not debris(run) and record(run) == want
 
+    run = out / "killed-in-first-write"  # killed while writing its first summary: the same command starts the run
+    run.mkdir()
+    (run / ".summary.json.abc123.tmp").write_bytes(b"")
+    proc = topdown(*JOB, "--out", str(run))
+    results["killed in its first write: the same command starts it"] = proc.returncode == 0 and not debris(run) and record(run) == want
+
     run = unfinished("corrupt-finished-checkpoint")  # a finished stage's checkpoint damaged: named, not silently used
     ckpt = run / "checkpoints" / "stage-0.safetensors"
     data = bytearray(ckpt.read_bytes())

@@ -101,3 +101,22 @@ def _killed(task, _):
 def test_a_worker_killed_from_outside_is_a_one_line_error_not_a_crash():
     with pytest.raises(TrainingError, match="worker process ended abruptly .* run the same command again"):
         in_parallel(_killed, [(0,), (1,)], toy_task(), 2, toy_task)
+
+
+def test_ctrl_c_stops_a_parallel_comparison_at_once_and_says_how_to_continue(tmp_path):
+    """Ctrl-C reaches the whole process group; the runs in progress stop at once (each resumes
+    from its last saved epoch) instead of the command waiting for them to finish."""
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "topdown.cli", "compare", "digits", "--preset", "tiny", "--seeds", "2", "--jobs", "2",
+                             "--set", "train.epochs=100000", "--set", "train.early_stop=0", "--out", str(tmp_path / "cmp")], env=env, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    for line in proc.stderr:  # wait until both workers train
+        if "epoch 2/" in line:
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        rest = proc.communicate(timeout=60)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the comparison went on after Ctrl-C")
+    assert proc.returncode == 130 and "interrupted; finished epochs are saved, run the same command again" in rest

@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"topdown: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("topdown: interrupted; finished epochs are saved, continue with --resume", file=sys.stderr)
+        again = "run the same command again" if args.command in ("compare", "analyse") else "continue with --resume"
+        print(f"topdown: interrupted; finished epochs are saved, {again}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # whatever read our output (`| head`) has gone; results are already on disk. Point

@@ -37,9 +37,10 @@ class Workers:
     """``submit(fn, *args)`` runs ``fn(task, *args)`` in one of ``jobs`` worker processes and
     returns a future; with ``jobs`` == 1 it runs at once, in this process, and returns a finished
     one. Leaving the block on an error cancels the calls not yet started (running ones finish,
-    so their runs are complete and kept). A worker killed from outside (e.g. by the kernel's
-    out-of-memory killer) ends the pool: that is a one-line ``TrainingError``, since every
-    unfinished run resumes from its last epoch when the command is run again."""
+    so their runs are complete and kept); leaving it on Ctrl-C also ends the running ones. A
+    worker killed from outside (e.g. by the kernel's out-of-memory killer) ends the pool: that
+    is a one-line ``TrainingError``, since every unfinished run resumes from its last epoch
+    when the command is run again."""
 
     def __init__(self, task: Task, jobs: int, task_factory: Callable[[], Task] | None):
         if jobs < 1:
@@ -59,10 +60,20 @@ class Workers:
 
     def __exit__(self, kind, error, traceback) -> None:
         if self.pool is not None:
+            if isinstance(error, KeyboardInterrupt):  # Ctrl-C: stop now, not after the runs in progress
+                self._terminate_workers()
             self.pool.shutdown(wait=True, cancel_futures=error is not None)
         if isinstance(error, BrokenProcessPool):
             raise TrainingError("a worker process ended abruptly (killed from outside, e.g. for want of memory); finished runs "
                                 "are kept and unfinished ones resume from their last epoch: run the same command again") from error
+
+    def _terminate_workers(self) -> None:
+        """End every worker at once; a run in progress resumes from its last saved epoch."""
+        if hasattr(self.pool, "terminate_workers"):  # Python >= 3.14
+            self.pool.terminate_workers()
+            return
+        for process in list(getattr(self.pool, "_processes", {}).values()):  # earlier: the pool's own record of its workers
+            process.terminate()
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         if self.pool is not None:

@@ -328,6 +328,9 @@ class Plan:
         if existing is None:
             if resume:
                 raise TopdownError(f"nothing to resume in {self.run.path} (no summary.json); leave out --resume to start a run there")
+            if self.run.holds_only_debris():  # killed while writing its first summary: nothing was saved yet
+                for f in self.run.remove_debris():
+                    warn(f"removed {f}, left by an interrupted write")
             if self.run.path.is_dir() and any(self.run.path.iterdir()):
                 raise TopdownError(f"{self.run.path} is not empty and holds no run (no summary.json); choose another --out")
             summary = {**header, "status": "running", "stages": [], "chosen_stage": None, "test": None}

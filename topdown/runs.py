@@ -52,6 +52,9 @@ def file_digest(path: Path) -> str | None:
         return None
 
 
+DEBRIS = ".*.tmp"  # the temporary files of ``atomic_write``, left behind only by a kill mid-write
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write via a temporary file in the same directory, then rename: readers (and a
     process killed mid-write) see the old file or the new one, never half of one. A failure
@@ -210,9 +213,15 @@ class RunDir:
             raise TopdownError(f"{self.path}: checkpoints {', '.join(bad)} are corrupt or missing (they do not match the checksums "
                                f"in summary.json); intact: {', '.join(intact) or 'none'}. Start the run again in another directory")
 
+    def holds_only_debris(self) -> bool:
+        """Is the directory non-empty but for temporary files of atomic writes (a run killed
+        while writing its first summary)?"""
+        entries = list(self.path.iterdir()) if self.path.is_dir() else []
+        return bool(entries) and all(f.is_file() and f.match(DEBRIS) for f in entries)
+
     def remove_debris(self) -> list[Path]:
         """Delete temporary files a kill during an atomic write left behind; returns them."""
-        debris = list(self.path.rglob(".*.tmp")) if self.writer and self.path.is_dir() else []
+        debris = list(self.path.rglob(DEBRIS)) if self.writer and self.path.is_dir() else []
         for f in debris:
             f.unlink(missing_ok=True)
         return debris
