@@ -28,9 +28,10 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> No
 
 def test_help_and_list():
     out = cli("--help", check=True).stdout
-    for command in ("baseline", "cascade", "retrain-classifier", "transfer-classifier", "report", "list"):
+    for command in ("baseline", "cascade", "retrain-classifier", "transfer-classifier", "forget", "report", "list"):
         assert command in out
     assert "--split" in cli("transfer-classifier", "--help", check=True).stdout
+    assert "--forgetting" in cli("compare", "--help", check=True).stdout
     listing = cli("list", check=True).stdout
     assert "asr-rnn" in listing and "lstm1" in listing and "digits" in listing and "layer3" in listing
     assert "lr_patience" in cli("list", "--config", "asr-rnn", check=True).stdout
@@ -44,6 +45,13 @@ def test_a_closed_output_pipe_is_not_a_traceback():
     proc.stdout.close()  # the reader is gone before anything is written
     stderr = proc.stderr.read().decode()
     assert proc.wait() == 1 and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
+def test_forget_runs_from_the_command_line_and_refuses_a_split_out_of_range(tmp_path):
+    cli("forget", *TINY_DIGITS, "--split", "2", "--set", "procedure.rounds=1", "--out", str(tmp_path / "f"), check=True)
+    summary = json.loads((tmp_path / "f" / "summary.json").read_text())
+    assert [s["reinit_blocks"] for s in summary["stages"][1:]] == [["layer3", "output"]]
+    assert_one_line_error(cli("forget", *TINY_DIGITS, "--split", "9", "--out", str(tmp_path / "g")), "split 9 is out of range")
 
 
 def test_unknown_set_key_is_an_error(tmp_path):

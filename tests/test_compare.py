@@ -81,6 +81,21 @@ def test_arms_budgets_reuse_and_selection(tmp_path, monkeypatch):
     assert "| baseline-equal-epochs | " in (tmp_path / "compare.md").read_text().split("Cascade against each control")[1]
 
 
+def test_the_forgetting_arm_has_the_cascades_budget_and_baseline(tmp_path):
+    plain = run_compare(toy_task(), tmp_path / "plain", seeds=1, config=CONFIG)
+    assert "forgetting" not in plain["arms"] and not (tmp_path / "plain" / "runs" / "forget-seed0").exists()
+    record = run_compare(toy_task(), tmp_path / "with", seeds=2, config=CONFIG, forgetting=True)
+    forget = json.loads((tmp_path / "with" / "runs" / "forget-seed1" / "summary.json").read_text())
+    cascade = json.loads((tmp_path / "with" / "runs" / "cascade-seed1" / "summary.json").read_text())
+    assert forget["procedure"] == "forget" and forget["stages"][0]["val"] == cascade["stages"][0]["val"]
+    arm = record["arms"]["forgetting"]
+    assert arm["per_seed"][1]["test"] == forget["test"]["error"] and arm["per_seed"][1]["epochs"] == 6 == record["arms"]["cascade"]["per_seed"][1]["epochs"]
+    assert arm["cascade_minus_arm"]["n"] == 2
+    assert "| forgetting | " in (tmp_path / "with" / "compare.md").read_text().split("Cascade against each control")[1]
+    # the other arms are those of the comparison without it
+    assert record["arms"]["cascade"]["per_seed"][0]["test"] == plain["arms"]["cascade"]["per_seed"][0]["test"]
+
+
 def test_best_of_k_never_looks_at_test(tmp_path, monkeypatch):
     """Make test error the opposite of validation error: best-of-k must still follow validation."""
     task = toy_task()

@@ -108,11 +108,11 @@ def test_unfinished_stage_and_missing_metric_are_errors(tmp_path):
         next(stages)
 
 
-class LaterLayerForgetting(topdown.Plan):
+class ForgetTwice(topdown.Plan):
     """A neighbour of the cascade in a few lines: forget the upper blocks (re-initialise them)
     while every block, the lower ones from their trained weights, keeps learning."""
 
-    procedure = "later-layer-forgetting"
+    procedure = "forget-twice"
 
     def stages(self):
         yield self.stage_zero()
@@ -133,7 +133,7 @@ class BottomUpReinit(topdown.Plan):
 
 def test_neighbours_of_the_cascade_are_plans_of_a_few_lines(tmp_path):
     torch.manual_seed(0)
-    plan = LaterLayerForgetting(ToyNet(), BLOCKS, build_model=ToyNet, metric="error", out=tmp_path / "forget")
+    plan = ForgetTwice(ToyNet(), BLOCKS, build_model=ToyNet, metric="error", out=tmp_path / "forget")
     for stage in plan:
         if stage.index > 0:  # the lower block starts from the chosen model, the upper ones afresh; all train
             chosen = topdown.runs.load_tensors(tmp_path / "forget" / "checkpoints" / f"stage-{plan.best_index}.safetensors")[0]
@@ -144,7 +144,7 @@ def test_neighbours_of_the_cascade_are_plans_of_a_few_lines(tmp_path):
         stage.finish(val={"error": val_error(stage.model)})
     assert [(s["trained_blocks"], s.get("reinit_blocks")) for s in plan.summary["stages"]] == [
         (["inp", "mid", "out"], None), (["inp", "mid", "out"], ["mid", "out"]), (["inp", "mid", "out"], ["mid", "out"])]
-    assert plan.summary["chosen_stage"] == 2 and plan.summary["procedure"] == "later-layer-forgetting"
+    assert plan.summary["chosen_stage"] == 2 and plan.summary["procedure"] == "forget-twice"
 
     torch.manual_seed(0)
     plan = BottomUpReinit(ToyNet(), BLOCKS, build_model=ToyNet, metric="error", out=tmp_path / "bottom-up")

@@ -175,3 +175,24 @@ def test_a_run_recorded_before_an_option_existed_resumes_at_that_options_default
     assert topdown.baseline(task, run, train=FAST, resume=True)["status"] == "complete"
     with pytest.raises(topdown.TopdownError, match=r"'config' \(train.average_best\) differs"):
         topdown.baseline(task, run, train=FAST.replace(average_best=2), resume=True)
+
+
+def test_forget_reinitialises_the_upper_blocks_and_trains_all_round_after_round(tmp_path, task):
+    run = tmp_path / "run"
+    summary = topdown.forget(task, run, train=FAST, seed=0)  # defaults: the cascade's first split (2) and stages (2)
+    stages = summary["stages"]
+    assert [(s["role"], s["split"], s.get("reinit_blocks")) for s in stages] == [
+        ("baseline", None, None), ("forget", 2, ["out"]), ("forget", 2, ["out"])]
+    assert all(s["trained_blocks"] == ["inp", "mid", "out"] and not s["frozen_blocks"] for s in stages)
+    # each round starts from the round before (the lower blocks go on learning; lr 0 keeps them as they started)
+    still = tmp_path / "still"
+    topdown.forget(task, still, train=TrainConfig(epochs=1, lr=0.0), seed=0, rounds=1)
+    s0, s1 = ckpt(still, "stage-0"), ckpt(still, "stage-1")
+    assert torch.equal(s0["mid.0.weight"], s1["mid.0.weight"]) and not torch.equal(s0["out.weight"], s1["out.weight"])
+    # validation chooses among the rounds, and the baseline is the cascade's stage 0, bit for bit
+    chosen = summary["chosen_stage"]
+    assert all(stages[chosen]["val"]["error"] <= s["val"]["error"] for s in stages)
+    cascade = topdown.cascade(task, tmp_path / "cascade", train=FAST, seed=0)
+    assert stages[0]["val"] == cascade["stages"][0]["val"] and sum(s["epochs"] for s in stages) == sum(s["epochs"] for s in cascade["stages"])
+    with pytest.raises(ConfigError, match="split 3 is out of range"):
+        topdown.forget(task, tmp_path / "bad", split=3, train=FAST)

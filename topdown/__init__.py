@@ -12,15 +12,15 @@ from .metrics import Metric
 from .optim import NTASGD
 from .plan import Plan, Stage, StageSpec
 from .procedures import (
-    Baseline, Cascade, RetrainClassifier, TransferClassifier,
-    baseline, cascade, retrain_classifier, run_procedure, train_plan, transfer_classifier,
+    Baseline, Cascade, LaterLayerForgetting, RetrainClassifier, TransferClassifier,
+    baseline, cascade, forget, retrain_classifier, run_procedure, train_plan, transfer_classifier,
 )
 from .task import Task
 
 __all__ = [
     "Blocks", "Task", "TrainConfig", "CascadeConfig", "ProcedureConfig", "RunConfig", "Metric", "NTASGD",
-    "Plan", "Stage", "StageSpec", "Baseline", "Cascade", "RetrainClassifier", "TransferClassifier",
-    "baseline", "cascade", "retrain_classifier", "transfer_classifier", "run_procedure", "train_plan",
+    "Plan", "Stage", "StageSpec", "Baseline", "Cascade", "RetrainClassifier", "TransferClassifier", "LaterLayerForgetting",
+    "baseline", "cascade", "retrain_classifier", "transfer_classifier", "forget", "run_procedure", "train_plan",
     "TopdownError", "BlockError", "ConfigError", "DataError", "TrainingError",
 ]
 __version__ = "0.1.0"

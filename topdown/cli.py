@@ -39,6 +39,7 @@ HELP = {
     "cascade": "top-down cascade: baseline, then re-train the feature extractor under a frozen classifier, split by split",
     "retrain-classifier": "from the baseline, freeze blocks 1..K and train a fresh classifier above them",
     "transfer-classifier": "freeze the classifier of a full-data model, train a fresh feature extractor on a subset",
+    "forget": "a control for the cascade: from the baseline, re-initialise the blocks above K and train every block, round after round",
 }
 
 
@@ -68,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--from", dest="from_checkpoint", metavar="CKPT", help="start from this checkpoint instead of training a baseline (transfer-classifier: the full-data model)")
         if name in ("retrain-classifier", "transfer-classifier"):
             p.add_argument("--split", type=int, required=True, help="K: blocks 1..K are the feature extractor")
+        if name == "forget":
+            p.add_argument("--split", type=int, help="K: forget the blocks above K (default: the cascade's first split)")
         if name == "transfer-classifier":
             p.add_argument("--subset", type=float, required=True, help="fraction of the training data, in (0, 1)")
     p = sub.add_parser(
@@ -80,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seeds", type=int, required=True, help="number of seeds (0..N-1)")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="run the comparison's runs in N processes, threads divided among them (default: 1)")
+    p.add_argument("--forgetting", action="store_true",
+                   help="add an arm: later-layer forgetting (the forget command) with the cascade's budget, per seed")
     p = sub.add_parser(
         "analyse",
         parents=[common],
@@ -127,7 +132,8 @@ def _compare(args: argparse.Namespace) -> None:
     cfg = resolve_config(args.task, args.preset, parse_overrides(args.set))
     out = Path(args.out or f"runs/{args.task}-compare-{args.preset}")
     factory = functools.partial(make_task, args.task, cfg.task, args.data_dir)
-    run_compare(factory(), out, seeds=args.seeds, config=cfg, preset=args.preset, device=args.device, jobs=args.jobs, task_factory=factory)
+    run_compare(factory(), out, seeds=args.seeds, config=cfg, preset=args.preset, device=args.device, jobs=args.jobs, task_factory=factory,
+                forgetting=args.forgetting)
     print((out / "compare.md").read_text())
 
 

@@ -8,7 +8,9 @@ Per seed s, four arms, each measured on the test set of the model validation cho
 - ``baseline-equal-epochs``: one baseline run with seed s whose epoch limit is the cascade's
   total number of epochs (same recipe, early stopping allowed);
 - ``best-of-k``: k = the number of models the cascade trained; the seed-s baseline plus
-  k-1 baselines with fresh seeds, the one with the best validation metric.
+  k-1 baselines with fresh seeds, the one with the best validation metric;
+- ``forgetting`` (optional): the ``forget`` run with seed s, a neighbour of the cascade with
+  its budget (its stage 0 is the same baseline, trained again in that run).
 
 Every run is an ordinary run directory under ``DIR/runs/``; finished runs are read back and
 unfinished ones resumed, so an interrupted comparison continues where it stopped. Only their
@@ -37,6 +39,7 @@ from .runs import atomic_write
 from .task import Task
 
 ARMS = ("baseline", "cascade", "baseline-equal-epochs", "best-of-k")
+FORGETTING = "forgetting"  # the optional arm
 
 # Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom.
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -111,13 +114,15 @@ def extra_seed(seed: int, j: int) -> int:
 
 
 def run_all(task: Task, out: Path, seeds: int, config: RunConfig, preset: str | None, device, jobs: int,
-            task_factory: Callable[[], Task] | None) -> list[tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]]:
-    """Per seed, the summaries of its cascade, its equal-epochs baseline and its extra baselines.
+            task_factory: Callable[[], Task] | None, forgetting: bool = False) -> list[dict[str, Any]]:
+    """Per seed, the summaries of its runs: ``cascade``, ``equal`` (the equal-epochs baseline),
+    ``extras`` (best-of-k's fresh baselines) and, with ``forgetting``, ``forget``.
 
     Every cascade is queued first, then the extra baselines its plan implies (they need nothing
-    from it), then, as each cascade finishes, the baseline given its epochs (and any extra baseline
-    the plan could not foresee), so ``jobs`` workers stay busy even with fewer seeds than jobs.
-    Every run depends only on its own seed and configuration, so the order changes nothing."""
+    from it), then the forget runs, then, as each cascade finishes, the baseline given its epochs
+    (and any extra baseline the plan could not foresee), so ``jobs`` workers stay busy even with
+    fewer seeds than jobs. Every run depends only on its own seed and configuration, so the order
+    changes nothing."""
     def extra(s: int, j: int) -> Future:
         return workers.submit(_run, out, "baseline", f"baseline-seed{s}-extra{j}", extra_seed(s, j), config, preset, device)
 
@@ -125,6 +130,7 @@ def run_all(task: Task, out: Path, seeds: int, config: RunConfig, preset: str | 
         cascades = {workers.submit(_run, out, "cascade", f"cascade-seed{s}", s, config, preset, device): s for s in range(seeds)}
         planned = planned_models(task, config) or 1
         extras = {s: [extra(s, j) for j in range(1, planned)] for s in range(seeds)}
+        forget = {s: workers.submit(_run, out, "forget", f"forget-seed{s}", s, config, preset, device) for s in range(seeds) if forgetting}
         equal, trained = {}, {}
         for done in as_completed(cascades):
             s = cascades[done]
@@ -133,11 +139,12 @@ def run_all(task: Task, out: Path, seeds: int, config: RunConfig, preset: str | 
             equal[s] = workers.submit(_run, out, "baseline", f"equal-epochs-seed{s}", s, equal_cfg, preset, device)
             k = sum(max(1, len(st["candidates"])) for st in cascade["stages"])  # models the cascade trained
             extras[s] = extras[s][:k - 1] + [extra(s, j) for j in range(len(extras[s]) + 1, k)]
-        return [(trained[s], equal[s].result(), [x.result() for x in extras[s]]) for s in range(seeds)]
+        return [{"cascade": trained[s], "equal": equal[s].result(), "extras": [x.result() for x in extras[s]],
+                 **({"forget": forget[s].result()} if forgetting else {})} for s in range(seeds)]
 
 
 def seed_arms(primary: Metric, seed: int, cascade: dict[str, Any], equal: dict[str, Any],
-              extras: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+              extras: list[dict[str, Any]], forget: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Every arm's result for one seed, from the summaries of its runs."""
     metric = primary.name
     stage0 = cascade["stages"][0]
@@ -152,25 +159,29 @@ def seed_arms(primary: Metric, seed: int, cascade: dict[str, Any], equal: dict[s
         "cascade": {**_entry(chosen, cascade["stages"], metric), "runs": [f"cascade-seed{seed}"]},
         "baseline-equal-epochs": {**_entry(equal["stages"][0], equal["stages"], metric), "runs": [f"equal-epochs-seed{seed}"]},
         "best-of-k": {**_entry(best[0], [p[0] for p in pool], metric), "k": len(pool), "chosen_run": best[1], "runs": [p[1] for p in pool]},
+        **({FORGETTING: {**_entry(forget["stages"][forget["chosen_stage"]], forget["stages"], metric), "runs": [f"forget-seed{seed}"]}}
+           if forget is not None else {}),
     }
 
 
 def run_compare(task: Task, out: str | Path, *, seeds: int, config: RunConfig, preset: str | None = None, device=None,
-                jobs: int = 1, task_factory: Callable[[], Task] | None = None) -> dict[str, Any]:
+                jobs: int = 1, task_factory: Callable[[], Task] | None = None, forgetting: bool = False) -> dict[str, Any]:
     """Run (or resume) every arm for seeds 0..seeds-1; write ``compare.json``, ``compare.md``, ``compare.png``.
-    ``jobs`` > 1 runs the runs in that many processes, each building its task with ``task_factory``."""
+    ``jobs`` > 1 runs the runs in that many processes, each building its task with ``task_factory``;
+    ``forgetting`` adds the later-layer-forgetting arm."""
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     out = Path(out)
     primary = task.primary
     metric, lower = primary.name, primary.lower_is_better
-    runs = run_all(task, out, seeds, config, preset, device, jobs, task_factory)
-    per_seed = [seed_arms(primary, seed, *runs[seed]) for seed in range(seeds)]
-    results = {arm: {seed: per_seed[seed][arm] for seed in range(seeds)} for arm in ARMS}
+    runs = run_all(task, out, seeds, config, preset, device, jobs, task_factory, forgetting)
+    per_seed = [seed_arms(primary, seed, **runs[seed]) for seed in range(seeds)]
+    names = (*ARMS, FORGETTING) if forgetting else ARMS
+    results = {arm: {seed: per_seed[seed][arm] for seed in range(seeds)} for arm in names}
 
-    tests = {arm: [results[arm][s]["test"] for s in range(seeds)] for arm in ARMS}
+    tests = {arm: [results[arm][s]["test"] for s in range(seeds)] for arm in names}
     arms = {}
-    for arm in ARMS:
+    for arm in names:
         arms[arm] = {
             "test": summarise(tests[arm]),
             "epochs": summarise([results[arm][s]["epochs"] for s in range(seeds)]),

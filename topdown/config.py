@@ -196,8 +196,9 @@ class CascadeConfig(Section):
 @dataclass(frozen=True)
 class ProcedureConfig(Section):
     SECTION: typing.ClassVar[str] = "procedure"
-    split: int | None = option(None, ge=1)  # retrain-classifier and transfer-classifier
+    split: int | None = option(None, ge=1)  # retrain-classifier, transfer-classifier, forget (default: the cascade's first split)
     subset: float | None = option(None, gt=0, lt=1)  # transfer-classifier: fraction of the training data
+    rounds: int | None = option(None, ge=1)  # forget: rounds of forgetting (default: as many as the cascade has stages)
 
 
 METHOD_SECTIONS = {cls.SECTION: cls for cls in (TrainConfig, CascadeConfig, ProcedureConfig)}

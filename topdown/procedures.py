@@ -120,7 +120,38 @@ class TransferClassifier(Plan):
         yield StageSpec("transfer", tuple(self.blocks.split(k)[0]), start=0, split=k, subset=subset, train=self.config.stage_train())
 
 
-PLANS: dict[str, type[Plan]] = {p.procedure: p for p in (Baseline, Cascade, RetrainClassifier, TransferClassifier)}
+class LaterLayerForgetting(Plan):
+    """A neighbour of the cascade, as its control: after the baseline, each round re-initialises
+    the blocks above the split and trains every block, the lower ones on from where the last
+    round left them (later-layer forgetting, Zhou et al., ICLR 2022). By default it forgets the
+    cascade's first classifier, as many times as the cascade has stages, with the cascade's stage
+    recipe: the same budget. Validation chooses among the rounds, as it does among stages."""
+
+    procedure = "forget"
+
+    def split(self) -> int:
+        k = self.config.procedure.split
+        return k if k is not None else cascade_splits(self.config, self.blocks)[0]
+
+    def rounds(self) -> int:
+        return self.config.procedure.rounds or len(cascade_splits(self.config, self.blocks))
+
+    def check(self) -> None:
+        n, k = len(self.blocks), self.split()
+        if not 1 <= k < n:
+            raise ConfigError(f"split {k} is out of range: the model has {n} blocks, so 1..{n - 1}")
+        if not any(self.blocks.parameter_names()[b] for b in self.blocks.split(k)[1]):
+            raise ConfigError(f"split {k} would forget only blocks that own no parameter; choose a lower split")
+
+    def stages(self) -> Iterator[StageSpec]:
+        k = self.split()
+        yield self.stage_zero()
+        for r in range(self.rounds()):  # round r + 1 starts from round r's model, accepted or not
+            yield StageSpec("forget", self.all_blocks(), start=r, reinit_blocks=tuple(self.blocks.split(k)[1]), split=k,
+                            train=self.config.stage_train())
+
+
+PLANS: dict[str, type[Plan]] = {p.procedure: p for p in (Baseline, Cascade, RetrainClassifier, TransferClassifier, LaterLayerForgetting)}
 PROCEDURES = tuple(PLANS)
 
 
@@ -211,6 +242,13 @@ def cascade(task: Task, out: str | Path, *, train: TrainConfig | None = None, ca
 def retrain_classifier(task: Task, out: str | Path, split: int, *, train: TrainConfig | None = None, **kw) -> dict[str, Any]:
     """From the baseline, freeze blocks 1..split and train fresh blocks above them."""
     return run_procedure("retrain-classifier", task, out, config=_config(train, procedure=ProcedureConfig(split=split)), **kw)
+
+
+def forget(task: Task, out: str | Path, split: int | None = None, rounds: int | None = None, *, train: TrainConfig | None = None,
+           cascade: CascadeConfig | None = None, **kw) -> dict[str, Any]:
+    """Later-layer forgetting, the cascade's neighbour: rounds of re-initialising the blocks above
+    ``split`` and training every block (defaults: the cascade's first split, its number of stages)."""
+    return run_procedure("forget", task, out, config=_config(train, cascade, ProcedureConfig(split=split, rounds=rounds)), **kw)
 
 
 def transfer_classifier(task: Task, out: str | Path, split: int, subset: float, *, train: TrainConfig | None = None, **kw) -> dict[str, Any]:
