@@ -30,6 +30,7 @@ EPILOG = """examples:
   topdown cascade asr-rnn --out runs/x --resume  # continue an interrupted run
   topdown report runs/x                          # re-render runs/x/report.md
   topdown compare digits --seeds 20              # cascade vs fair baselines over 20 seeds
+  topdown compare digits --seeds 20 --forgetting # ... and later-layer forgetting with the cascade's budget
   topdown analyse digits                         # the paper's two observations, every split
   topdown report runs/digits-compare-demo        # where each run of a comparison stands
 Config keys: see `topdown list --config TASK`. Run directory contract: docs/run-directory.md."""
