@@ -1,4 +1,5 @@
-"""``topdown``: run the four procedures on the built-in tasks, re-render reports, list tasks."""
+"""``topdown``: run the four procedures (and the forgetting control) on the built-in tasks, compare and
+analyse them, re-render reports, list tasks."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Fair comparison of the cascade against baselines, over seeds (README, "Fair comparisons").
 
-Per seed s, four arms, each measured on the test set of the model validation chose:
+Per seed s, four arms (five with the forgetting control), each measured on the test set of the
+model validation chose:
 
 - ``baseline``: stage 0 of the cascade run with seed s (a baseline run with seed s would be
   bit-identical, so it is reused, not trained twice);
