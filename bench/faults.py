@@ -127,6 +127,12 @@ def corruption_cases(out: Path, reference: Path, duration: float) -> dict[str, b
     proc = topdown(*JOB, "--out", str(run), "--resume")
     results["temporary-file debris: removed on resume"] = proc.returncode == 0 and not debris(run) and record(run) == want
 
+    run = unfinished("torn-metrics-line")  # an append to metrics.jsonl cut short: resume drops it, logs that epoch again
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"stage": 1, "candidate": 0, "ep')
+    proc = topdown(*JOB, "--out", str(run), "--resume")
+    results["torn last metrics line: dropped on resume, result identical"] = proc.returncode == 0 and record(run) == want
+
     run = out / "killed-in-first-write"  # killed while writing its first summary: the same command starts the run
     run.mkdir()
     (run / ".summary.json.abc123.tmp").write_bytes(b"")

@@ -23,3 +23,14 @@ def test_every_summary_says_where_it_was_made(tmp_path):
     cli("baseline", "digits", "--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "run"), check=True)
     made = read_summary(tmp_path / "run")["provenance"]
     assert made["torch"] and made["cpu"] and made["threads"] == 1 and made["device"] == "cpu" and made["topdown"]
+
+
+def test_a_damaged_metrics_line_before_the_last_is_one_line_naming_the_file(tmp_path):
+    from conftest import cli
+    from test_cli import assert_one_line_error
+
+    run = tmp_path / "run"
+    cli("baseline", "digits", "--preset", "tiny", "--out", str(run), check=True)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([lines[0][:-5], *lines[1:]]) + "\n")
+    assert_one_line_error(cli("report", str(run)), r"metrics.jsonl: line 1 is not a JSON record")

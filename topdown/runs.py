@@ -170,9 +170,23 @@ class RunDir:
             write_json(self.summary_path, summary)
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        return self._metric_lines()[0]
+
+    def _metric_lines(self) -> tuple[list[dict[str, Any]], int]:
+        """The epochs' records, and how many lines hold them. A last line that is not JSON is an
+        append cut short (a kill, a full disk): it is left out, and its epoch, whose resume point
+        was not written yet, is trained and logged again on resume. A bad line before it is an error."""
         if not self.metrics_path.is_file():
-            return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+            return [], 0
+        lines = [line for line in self.metrics_path.read_text(errors="replace").splitlines() if line.strip()]
+        records = []
+        for i, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:
+                    raise TopdownError(f"{self.metrics_path}: line {i + 1} is not a JSON record (the file is damaged)") from None
+        return records, len(lines)
 
     def log_metrics(self, record: dict[str, Any]) -> None:
         if self.writer:
@@ -186,10 +200,10 @@ class RunDir:
     def keep_metrics(self, keep: Callable[[dict[str, Any]], bool]) -> None:
         """Drop metric lines a resumed run will write again (epochs after its resume point)."""
         if self.writer and self.metrics_path.is_file():
-            lines = self.read_metrics()
-            kept = [r for r in lines if keep(r)]
-            if len(kept) == len(lines):
-                return  # nothing to drop: write nothing (a finished run may be read-only)
+            records, lines = self._metric_lines()
+            kept = [r for r in records if keep(r)]
+            if len(kept) == lines:
+                return  # nothing to drop (nor a torn last line): write nothing (a finished run may be read-only)
             atomic_write(self.metrics_path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
 
     def save_model(self, name: str, state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> str | None:
