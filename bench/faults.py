@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from topdown.runs import file_digest
+
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ["cascade", "digits", "--preset", "tiny", "--set", "cascade.candidates=2"]
 
@@ -126,6 +128,13 @@ def corruption_cases(out: Path, reference: Path, duration: float) -> dict[str, b
     (run / "checkpoints" / ".stage-1.safetensors.abc123.tmp").write_bytes(b"half a file")
     proc = topdown(*JOB, "--out", str(run), "--resume")
     results["temporary-file debris: removed on resume"] = proc.returncode == 0 and not debris(run) and record(run) == want
+
+    run = unfinished("best-ahead-of-record")  # killed after writing the next accepted stage's best, before the record
+    best = run / "checkpoints" / "best.safetensors"
+    newer = next(f for f in sorted((reference / "checkpoints").glob("stage-*.safetensors")) if file_digest(f) != file_digest(best))
+    best.write_bytes(newer.read_bytes())
+    proc = topdown(*JOB, "--out", str(run), "--resume")
+    results["best ahead of the record: restored from the chosen stage, result identical"] = proc.returncode == 0 and record(run) == want
 
     run = unfinished("torn-metrics-line")  # an append to metrics.jsonl cut short: resume drops it, logs that epoch again
     with open(run / "metrics.jsonl", "a") as f:

@@ -341,7 +341,8 @@ class Plan:
         identity = {k: v for k, v in header.items() if k != "provenance"}  # another machine may continue a run
         if difference := first_difference(existing, identity, {"config": self.config.option_defaults}):
             raise TopdownError(f"cannot resume {self.run.path}: its {difference} differs from this command's")
-        self.run.verify(existing)
+        for name in self.run.verify(existing):
+            warn(f"restored {name}.safetensors from the chosen stage's checkpoint (a kill came between writing it and the record)")
         for f in self.run.remove_debris():
             warn(f"removed {f}, left by an interrupted write")
         finished = len(existing["stages"])

@@ -213,19 +213,31 @@ class RunDir:
             return digest(state, metadata)
         return None
 
-    def verify(self, summary: dict[str, Any], *, weights_needed: bool = True) -> None:
+    def verify(self, summary: dict[str, Any], *, weights_needed: bool = True) -> list[str]:
         """Check every checkpoint against the checksum the summary recorded; a TopdownError names
         the corrupt or missing files and the intact ones. With ``weights_needed=False`` (a caller
         that reads only the summary) a run whose checkpoints were all deleted passes: pruned to
-        save disk, or its summary copied back from committed results onto a new machine."""
+        save disk, or its summary copied back from committed results onto a new machine.
+
+        ``best`` is a copy of the chosen stage's checkpoint, written just before the record that
+        names it: a kill in between leaves a newer ``best`` than the record. It is restored from
+        the chosen stage's intact checkpoint; returns what was restored."""
         recorded = summary.get("checksums") or {}
         if not weights_needed and not any((self.checkpoints / f"{name}.safetensors").exists() for name in recorded):
-            return
+            return []
         bad = [name for name, wanted in recorded.items() if file_digest(self.checkpoints / f"{name}.safetensors") != wanted]
+        chosen = f"stage-{summary.get('chosen_stage')}"
+        restored = []
+        if "best" in bad and chosen not in bad and recorded.get(chosen) == recorded["best"] and self.writer:
+            source = self.checkpoints / f"{chosen}.safetensors"
+            atomic_write(self.checkpoints / "best.safetensors", lambda p: p.write_bytes(source.read_bytes()))
+            bad.remove("best")
+            restored.append("best")
         if bad:
             intact = [name for name in recorded if name not in bad]
             raise TopdownError(f"{self.path}: checkpoints {', '.join(bad)} are corrupt or missing (they do not match the checksums "
                                f"in summary.json); intact: {', '.join(intact) or 'none'}. Start the run again in another directory")
+        return restored
 
     def holds_only_debris(self) -> bool:
         """Is the directory non-empty but for temporary files of atomic writes (a run killed
