@@ -142,8 +142,14 @@ def test_a_compare_continues_on_a_new_machine_from_the_committed_summaries(tmp_p
     assert len(calls) == 4 and all("seed1" in name for name in calls)
     assert again["arms"]["cascade"]["per_seed"][0] == record["arms"]["cascade"]["per_seed"][0]
     # a checkpoint that is present is still checked: a damaged one is refused, not ignored
-    (first / "runs" / "cascade-seed0" / "checkpoints" / "best.safetensors").write_bytes(b"torn")
-    with pytest.raises(procedures.TopdownError, match="best are corrupt or missing"):
+    # (a damaged best is restored from the chosen stage's checkpoint, when that one is intact)
+    checkpoints = first / "runs" / "cascade-seed0" / "checkpoints"
+    chosen = json.loads((first / "runs" / "cascade-seed0" / "summary.json").read_text())["chosen_stage"]
+    (checkpoints / "best.safetensors").write_bytes(b"torn")
+    run_compare(toy_task(), first, seeds=1, config=CONFIG)
+    assert (checkpoints / "best.safetensors").read_bytes() == (checkpoints / f"stage-{chosen}.safetensors").read_bytes()
+    (checkpoints / f"stage-{chosen}.safetensors").write_bytes(b"torn")
+    with pytest.raises(procedures.TopdownError, match=f"stage-{chosen} are corrupt or missing"):
         run_compare(toy_task(), first, seeds=1, config=CONFIG)
 
 
