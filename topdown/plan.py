@@ -175,12 +175,16 @@ class Plan:
     def all_blocks(self) -> tuple[str, ...]:
         return tuple(self.blocks.names)
 
-    def check_split(self, k: int | None, what: str) -> None:
+    def check_split_range(self, k: int) -> None:
         n = len(self.blocks)
-        if k is None:
-            raise ConfigError(f"{what} needs a split (--split K, 1..{n - 1})")
         if not 1 <= k < n:
             raise ConfigError(f"split {k} is out of range: the model has {n} blocks, so 1..{n - 1}")
+
+    def check_split(self, k: int | None, what: str) -> None:
+        """A split whose feature extractor (the blocks a stage trains afresh) owns a parameter."""
+        if k is None:
+            raise ConfigError(f"{what} needs a split (--split K, 1..{len(self.blocks) - 1})")
+        self.check_split_range(k)
         lower = self.blocks.split(k)[0]
         if not any(self.blocks.parameter_names()[b] for b in lower):
             names = " and ".join(lower) + (" blocks, which own" if len(lower) > 1 else " block, which owns")
@@ -329,8 +333,7 @@ class Plan:
             if resume:
                 raise TopdownError(f"nothing to resume in {self.run.path} (no summary.json); leave out --resume to start a run there")
             if self.run.holds_only_debris():  # killed while writing its first summary: nothing was saved yet
-                for f in self.run.remove_debris():
-                    warn(f"removed {f}, left by an interrupted write")
+                self._remove_debris()
             if self.run.path.is_dir() and any(self.run.path.iterdir()):
                 raise TopdownError(f"{self.run.path} is not empty and holds no run (no summary.json); choose another --out")
             summary = {**header, "status": "running", "stages": [], "chosen_stage": None, "test": None}
@@ -343,8 +346,7 @@ class Plan:
             raise TopdownError(f"cannot resume {self.run.path}: its {difference} differs from this command's")
         for name in self.run.verify(existing):
             warn(f"restored {name}.safetensors from the chosen stage's checkpoint (a kill came between writing it and the record)")
-        for f in self.run.remove_debris():
-            warn(f"removed {f}, left by an interrupted write")
+        self._remove_debris()
         finished = len(existing["stages"])
         if existing["status"] != "complete":
             last = (existing.get("resumed_on") or [existing.get("provenance", {})])[-1]
@@ -358,6 +360,10 @@ class Plan:
         if existing["status"] != "complete":
             existing["status"] = "running"
         return existing
+
+    def _remove_debris(self) -> None:
+        for f in self.run.remove_debris():
+            warn(f"removed {f}, left by an interrupted write")
 
     def _drop_unsaved_metrics(self, next_stage: int) -> None:
         """Forget metric lines of epochs that have no resume point (they will be run again)."""

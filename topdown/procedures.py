@@ -137,9 +137,8 @@ class LaterLayerForgetting(Plan):
         return self.config.procedure.rounds or len(cascade_splits(self.config, self.blocks))
 
     def check(self) -> None:
-        n, k = len(self.blocks), self.split()
-        if not 1 <= k < n:
-            raise ConfigError(f"split {k} is out of range: the model has {n} blocks, so 1..{n - 1}")
+        k = self.split()
+        self.check_split_range(k)
         if not any(self.blocks.parameter_names()[b] for b in self.blocks.split(k)[1]):
             raise ConfigError(f"split {k} would forget only blocks that own no parameter; choose a lower split")
 
