@@ -116,11 +116,12 @@ def test_feats_scp_directory_without_dev_holds_out_speakers(tmp_path, capsys):
     assert info["features"]["source"] == "feats.scp" and info["features"]["dim"] == 20 * 3 * 4
     assert info["utterances"] == {"train": 6, "val": 2, "test": 2}  # one of 4 speakers (2 utterances) held out
     assert "note:" not in err
-    # the default preset on a corpus of one's own says where to start instead (bench/RESULTS.md)
+    # on a corpus of one's own the default preset is the own-corpus recipe, not the demo (bench/RESULTS.md), and it says so
     code, err = run_main(capsys, "baseline", "asr-rnn", "--set", "data.val_speakers=1", "--set", "model.hidden=4",
                          "--set", "train.epochs=1", "--set", "train.min_epoch_steps=1", "--set", "decode.beam=0",
-                         "--data-dir", str(root), "--out", str(tmp_path / "demo"))
-    assert code == 0 and "note: the demo preset is a short demonstration" in err and "--preset bench" in err, err
+                         "--data-dir", str(root), "--out", str(tmp_path / "own"))
+    assert code == 0 and "using --preset bench" in err, err
+    assert read_summary(tmp_path / "own")["preset"] == "bench"
 
 
 def damage(root: Path, kind: str) -> str:

@@ -46,8 +46,8 @@ DEFAULTS: dict[str, Any] = {
     # few dozen utterances is trained as long as AN4 rather than stopped in CTC's blank phase.
     "train": {"epochs": 8, "lr": 0.002, "lr_patience": 1, "early_stop": 3, "monitor": "loss", "min_epoch_steps": 100},
 }
-# The preset a user should start from on a corpus of their own (the CLI says so when they run
-# `demo` with --data-dir): measured on a 20-speaker corpus: bench 20.1 % test WER, demo 60.3 % (bench/RESULTS.md).
+# The default preset with --data-dir (a corpus of the user's own; the CLI says it uses it):
+# measured on a 20-speaker corpus: bench 20.1 % test WER, demo 60.3 % (bench/RESULTS.md).
 OWN_CORPUS_PRESET = "bench"
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"data": {"limit": 48}, "model": {"hidden": 16, "layers": 2}, "train": {"epochs": 2, "min_epoch_steps": 0}, "decode": {"beam": 0}},

@@ -61,8 +61,8 @@ DEFAULTS: dict[str, Any] = {
     "train": {"epochs": 40, "lr": 0.002, "lr_patience": 2, "early_stop": 5, "monitor": "loss", "min_lr": 1e-5, "warmup_steps": 150,
               "min_epoch_steps": 100},  # as asr-rnn: a small corpus is passed over more than once per epoch
 }
-# The preset a user should start from on a corpus of their own (the CLI says so when they run
-# `demo` with --data-dir): demo is sized for the bundled AN4 demonstration; bench is the converged recipe.
+# The default preset with --data-dir (a corpus of the user's own; the CLI says it uses it):
+# demo is sized for the bundled AN4 demonstration; bench is the converged recipe.
 OWN_CORPUS_PRESET = "bench"
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
