@@ -16,7 +16,7 @@ import pytest
 
 import topdown
 import topdown.runs
-from topdown.config import METHOD_SECTIONS, Section
+from topdown.config import METHOD_SECTIONS, Section, parse_overrides
 from topdown.tasks import TASKS, resolve_config, task_module
 
 from conftest import PYTHONPATH, ROOT, read_summary, toy_task, without_seconds
@@ -93,6 +93,21 @@ def test_relations_between_fields():
         resolve_config("digits", "tiny", {"data": {"val_fraction": 0.6, "test_fraction": 0.5}})
     with pytest.raises(topdown.ConfigError, match="multiple of model.heads"):
         resolve_config("asr-transformer", "tiny", {"model": {"heads": 3}})
+    with pytest.raises(topdown.ConfigError, match="cascade.splits is empty"):
+        resolve_config("digits", "tiny", {"cascade": {"splits": []}})
+
+
+def test_set_gives_a_string_option_the_text_as_typed_and_types_the_others():
+    """YAML would read `#` as a comment, `?` as a mapping and `*` as an alias: a string option takes the text."""
+    for text in ("#", "!", "~", "?", "*", "@", "|", "%", "<UNK>"):
+        assert resolve_config("asr-rnn", "tiny", parse_overrides([f"data.unk={text}"])).task["data"]["unk"] == text
+    assert resolve_config("asr-rnn", "tiny", parse_overrides(["data.unk='#'"])).task["data"]["unk"] == "#"  # YAML quoting still works
+    cfg = resolve_config("digits", "tiny", parse_overrides(["train.lr=1e-3", "cascade.splits=[2,1]", "train.monitor=loss"]))
+    assert (cfg.train.lr, cfg.cascade.splits, cfg.train.monitor) == (0.001, [2, 1], "loss")
+    with pytest.raises(topdown.ConfigError, match=r"^--set train.epochs: cannot parse value '\*'$"):
+        resolve_config("digits", "tiny", parse_overrides(["train.epochs=*"]))
+    with pytest.raises(topdown.ConfigError, match="'train.lr' expects a float, got 'abc'"):
+        resolve_config("digits", "tiny", parse_overrides(["train.lr=abc"]))
 
 
 @pytest.mark.parametrize("args, pattern", [

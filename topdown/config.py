@@ -189,6 +189,8 @@ class CascadeConfig(Section):
 
     def check_relations(self) -> None:
         s = self.splits
+        if s == []:
+            raise ConfigError("cascade.splits is empty: name at least one split, or leave it unset for every split (L-1, ..., 1)")
         if s is not None and any(a <= b for a, b in zip(s, s[1:])):
             raise ConfigError(f"cascade.splits must be strictly descending, got {s!r}")
 
@@ -266,6 +268,8 @@ def merge(base: dict[str, Any], update: dict[str, Any], where: str = "") -> dict
 
 def _checked(path: str, default: Any, value: Any) -> Any:
     """``value`` if it has the type of ``default`` (ints are accepted for floats)."""
+    if isinstance(value, CommandLineValue):
+        value = value.as_text(path) if isinstance(default, str) else value.parsed(path)
     if default is None or value is None:
         return value
     if isinstance(default, bool):
@@ -283,22 +287,38 @@ def _checked(path: str, default: Any, value: Any) -> Any:
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
+@dataclass(frozen=True)
+class CommandLineValue:
+    """A ``--set`` value as typed. A string option takes the text itself (``data.unk=#`` is "#",
+    where YAML would read a comment); any other option takes what YAML makes of it."""
+
+    text: str
+
+    def as_text(self, key: str) -> str:
+        quoted = len(self.text) >= 2 and self.text[0] == self.text[-1] and self.text[0] in "'\""
+        return self.parsed(key) if quoted and isinstance(self.parsed(key), str) else self.text
+
+    def parsed(self, key: str) -> Any:
+        try:
+            value = yaml.safe_load(self.text) if self.text.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {key}: cannot parse value {self.text!r}") from None
+        if isinstance(value, str) and _NUMBER.fullmatch(value):
+            value = float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
+        return value
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``["train.lr=0.01", "cascade.splits=[3,1]"]`` -> nested dict (values parsed as YAML)."""
+    """``["train.lr=0.01", "cascade.splits=[3,1]"]`` -> nested dict of ``CommandLineValue``s, typed
+    when merged into the configuration (``merge``), where each key's type is known."""
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {pair!r}")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            raise ConfigError(f"--set {key}: cannot parse value {raw!r}") from None
-        if isinstance(value, str) and _NUMBER.fullmatch(value):
-            value = float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
         node = out
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = value
+        node[leaf] = CommandLineValue(raw)
     return out
