@@ -66,7 +66,7 @@ def test_bad_schedule_values_are_errors():
         fit(task.build_model(), task, TrainConfig(warmup_steps=-1), seed=0)
     with pytest.raises(ConfigError, match="train.optimizer is 'lion'; allowed: one of 'adam'"):
         fit(task.build_model(), task, TrainConfig(optimizer="lion"), seed=0)
-    with pytest.raises(ConfigError, match="not a validation metric"):
+    with pytest.raises(ConfigError, match="lack .bleu. .the task.s metric, or train.monitor"):
         fit(task.build_model(), task, TrainConfig(epochs=1, monitor="bleu"), seed=0)
 
 

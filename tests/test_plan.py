@@ -108,6 +108,52 @@ def test_unfinished_stage_and_missing_metric_are_errors(tmp_path):
         next(stages)
 
 
+def test_what_a_loop_hands_back_is_checked_where_it_is_handed(tmp_path):
+    """A loop's mistakes are one-line TopdownErrors at the call that makes them, never a bare
+    traceback later nor a silently wrong record."""
+    plan = new_plan(tmp_path / "run", config={"cascade": {"splits": [2]}})  # a plain dict configures the plan too
+    stages = iter(plan)
+    first = next(stages)
+    with pytest.raises(topdown.ConfigError, match=r"stage.log needs 'epoch' \(an int\) and 'val'.*got keys \['val_error'\]"):
+        first.log({"val_error": 0.5})
+    with pytest.raises(topdown.TopdownError, match="validation error is NaN or infinite: the stage diverged"):
+        first.finish(val={"error": float("nan")})  # a NaN would lose every comparison, and an infinity could be chosen
+    with pytest.raises(topdown.ConfigError, match="validation error must be a number, got 'low'"):
+        first.finish(val={"error": "low"})
+    first.log({"epoch": 1, "val": {"error": torch.tensor(0.25)}, "train_loss": torch.tensor(1.5)})
+    first.finish(val={"error": torch.tensor(0.25)}, test={"error": torch.tensor(0.5), "loss": float("inf")})  # torchmetrics hands tensors
+    second = next(stages)
+    second.finish(val={"error": 0.5})
+    assert list(stages) == [] and plan.summary["test"] == {"error": 0.5, "loss": None}  # strict JSON: no NaN or Infinity
+    assert read_summary(tmp_path / "run")["stages"][0]["test"] == {"error": 0.5, "loss": None}
+    assert '"val": {"error": 0.25}, "train_loss": 1.5' in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+def test_a_plan_refuses_what_cannot_work_before_any_stage(tmp_path):
+    with pytest.raises(topdown.ConfigError, match="build_model must be a function that returns a freshly built model"):
+        topdown.Cascade(ToyNet(), BLOCKS, build_model=ToyNet(), metric="error", out=tmp_path / "a")
+
+    class Wider(ToyNet):
+        def __init__(self):
+            super().__init__()
+            self.mid[0] = nn.Linear(16, 17)
+
+    plan = topdown.Cascade(ToyNet(), BLOCKS, build_model=Wider, metric="error", out=tmp_path / "b")
+    with pytest.raises(topdown.ConfigError, match=r"build_model\(\) must return a model like the plan's, with mid.0.weight \(16, 16\); got mid.0.weight \(17, 16\)"):
+        next(iter(plan))
+    class WithSoftmax(ToyNet):
+        def __init__(self):
+            super().__init__()
+            self.softmax = nn.LogSoftmax(-1)
+
+    softmax = [*BLOCKS, ("softmax", ["softmax"])]  # a parameterless top block cannot be a frozen classifier
+    with pytest.raises(topdown.ConfigError, match="split 3: the classifier is only the softmax block, which owns no parameter"):
+        topdown.Cascade(WithSoftmax(), softmax, build_model=WithSoftmax, metric="error", out=tmp_path / "c",
+                        config={"cascade": {"splits": [3]}})
+    default = topdown.Cascade(WithSoftmax(), softmax, build_model=WithSoftmax, metric="error", out=tmp_path / "d")
+    assert default.splits() == [2, 1]  # the default splits leave it out
+
+
 class ForgetTwice(topdown.Plan):
     """A neighbour of the cascade in a few lines: forget the upper blocks (re-initialise them)
     while every block, the lower ones from their trained weights, keeps learning."""

@@ -244,6 +244,9 @@ def _train_epoch(model: nn.Module, task: Task, cfg: TrainConfig, opt: torch.opti
     for batch in bar:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
             loss = task.loss(model, move_to(batch, device))
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise ConfigError(f"task {task.name}: loss(model, batch) must return a scalar tensor (that backward() runs "
+                              f"through), got {type(loss).__name__}{'' if not isinstance(loss, torch.Tensor) else f' of shape {tuple(loss.shape)}'}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip > 0:
@@ -307,14 +310,19 @@ def evaluate(model: nn.Module, task: Task, split: str) -> dict[str, float]:
     if distributed.is_writer():
         model.eval()
         with torch.no_grad():
-            val = {k: float(v) for k, v in task.evaluate(model, split).items()}
+            metrics = task.evaluate(model, split)
+            if not isinstance(metrics, Mapping):
+                raise ConfigError(f"task {task.name}: evaluate(model, {split!r}) must return a dict of metrics "
+                                  f"(e.g. {{{task.metric!r}: 0.12}}), got {type(metrics).__name__}")
+            val = {k: float(v) for k, v in metrics.items()}
     return distributed.same_on_every_rank(val)
 
 
 def _validate(model: nn.Module, task: Task, monitor: Metric, where: str) -> dict[str, float]:
     val = evaluate(model, task, "val")
     if monitor.name not in val:
-        raise ConfigError(f"train.monitor {monitor.name!r} is not a validation metric of {task.name} ({', '.join(val)})")
+        raise ConfigError(f"the validation metrics of {task.name} ({', '.join(val)}) lack {monitor.name!r} "
+                          "(the task's metric, or train.monitor where set): its evaluate() must return it")
     if not math.isfinite(val[monitor.name]):
         raise TrainingError(f"{where}: validation {monitor.name} is {val[monitor.name]}")
     return val

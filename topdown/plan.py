@@ -17,6 +17,7 @@ Our own loop (``procedures.train_plan``) is one executor of the same plans.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -73,6 +74,21 @@ def run_identity(procedure: str, name: str, preset: str | None, seed: int, confi
     return {"procedure": procedure, "task": name, "preset": preset, "seed": seed, "config": config.as_dict()}
 
 
+def _numbers(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Metrics as JSON numbers: tensors and numpy scalars become floats; NaN and infinities, which
+    strict JSON cannot hold, become None. Nested dicts (``val``) likewise; other values unchanged."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            value = _numbers(value)
+        elif isinstance(value, torch.Tensor) or (hasattr(value, "item") and hasattr(value, "dtype")):
+            value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            value = None
+        out[key] = value
+    return out
+
+
 class Stage:
     """One candidate of one stage, handed to the training loop: train ``model``'s trainable
     parameters, then call ``finish`` with the validation metrics."""
@@ -109,8 +125,15 @@ class Stage:
         return f"stage {self.index} ({self.role}{'' if n == 1 else f', candidate {self.candidate + 1}/{n}'})"
 
     def log(self, record: Mapping[str, Any]) -> None:
-        """Append one epoch's metrics (``epoch``, ``val``, ``train_loss``, ...) to ``metrics.jsonl``."""
-        self.plan.run.log_metrics({"stage": self.index, "candidate": self.candidate, **record})
+        """Append one epoch's metrics (``epoch``, ``val``, ``train_loss``, ...) to ``metrics.jsonl``.
+
+        ``epoch`` (an int) and ``val`` (a dict of validation metrics) are required: resume and the
+        report read them. Tensors are stored as numbers."""
+        epoch, val = record.get("epoch"), record.get("val")
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or not isinstance(val, Mapping):
+            raise ConfigError(f"{self.describe()}: stage.log needs 'epoch' (an int) and 'val' (a dict of validation metrics), "
+                              f"got keys {sorted(record)}")
+        self.plan.run.log_metrics({"stage": self.index, "candidate": self.candidate, **_numbers(record)})
 
     def finish(self, val: Mapping[str, float], test: Mapping[str, float] | None = None, epochs: int = 0,
                seconds: float | None = None) -> dict[str, Any] | None:
@@ -119,9 +142,14 @@ class Stage:
         if self.finished:
             raise TopdownError(f"{self.describe()} is already finished")
         metric = self.plan.metric.name
-        val, test = distributed.same_on_every_rank(({k: float(v) for k, v in val.items()}, dict(test or {})))  # rank 0's decide
+        val, test = distributed.same_on_every_rank((_numbers(dict(val)), _numbers(dict(test or {}))))  # rank 0's decide
         if metric not in val:
             raise ConfigError(f"{self.describe()}: the validation metrics {sorted(val)} lack the plan's metric {metric!r}")
+        if val[metric] is not None and (isinstance(val[metric], bool) or not isinstance(val[metric], (int, float))):
+            raise ConfigError(f"{self.describe()}: validation {metric} must be a number, got {val[metric]!r}")
+        if val[metric] is None:  # a NaN would win no comparison, and an infinity could be chosen
+            raise TopdownError(f"{self.describe()}: validation {metric} is NaN or infinite: the stage diverged; "
+                               "it was not recorded (the stages before it are saved)")
         seconds = time.perf_counter() - self._started if seconds is None else seconds
         self.finished = True
         self.record = self.plan._candidate_finished(self, val, test, epochs, seconds)
@@ -140,13 +168,16 @@ class Plan:
     procedure: ClassVar[str] = "custom"
 
     def __init__(self, model: nn.Module, blocks: Blocks | BlockSpec, *, build_model: Callable[[], nn.Module],
-                 out: str | Path, metric: str, lower_is_better: bool | None = None, config: RunConfig | None = None,
+                 out: str | Path, metric: str, lower_is_better: bool | None = None, config: RunConfig | Mapping[str, Any] | None = None,
                  seed: int = 0, shared: Mapping[str, str] | None = None, resume: bool = False, name: str = "custom",
                  preset: str | None = None, task_info: Mapping[str, Any] | None = None, from_checkpoint: str | None = None):
+        if isinstance(build_model, nn.Module) or not callable(build_model):
+            raise ConfigError(f"build_model must be a function that returns a freshly built model (e.g. lambda: MyNet()), "
+                              f"got {type(build_model).__name__}")
         self.model, self.build_model, self.seed, self.from_checkpoint = model, build_model, check_seed(seed), from_checkpoint
         self.blocks = blocks if isinstance(blocks, Blocks) else Blocks(model, blocks, shared)
         self.metric = Metric.named(metric, lower_is_better)
-        self.config = config or RunConfig()
+        self.config = RunConfig.from_dict(config) if isinstance(config, Mapping) else config or RunConfig()
         self.task_info = dict(task_info or {})
         self.check()
         self.run = RunDir(out, writer=distributed.is_writer())
@@ -181,14 +212,24 @@ class Plan:
             raise ConfigError(f"split {k} is out of range: the model has {n} blocks, so 1..{n - 1}")
 
     def check_split(self, k: int | None, what: str) -> None:
-        """A split whose feature extractor (the blocks a stage trains afresh) owns a parameter."""
+        """A split whose two sides, feature extractor and classifier, each own a parameter: with
+        either side empty, the stage is no longer the procedure's (e.g. a cascade stage whose
+        'frozen classifier' is a parameterless softmax trains a whole new model)."""
         if k is None:
-            raise ConfigError(f"{what} needs a split (--split K, 1..{len(self.blocks) - 1})")
+            raise ConfigError(f"{what} needs a split K in 1..{len(self.blocks) - 1} (procedure.split; --split K)")
         self.check_split_range(k)
-        lower = self.blocks.split(k)[0]
-        if not any(self.blocks.parameter_names()[b] for b in lower):
-            names = " and ".join(lower) + (" blocks, which own" if len(lower) > 1 else " block, which owns")
-            raise ConfigError(f"split {k} would train only the {names} no parameter (a tied weight belongs to a block above); choose another split")
+        lower, upper = self.blocks.split(k)
+        owned = self.blocks.parameter_names()
+
+        def which(blocks: list[str]) -> str:
+            return " and ".join(blocks) + (" blocks, which own" if len(blocks) > 1 else " block, which owns")
+
+        if not any(owned[b] for b in lower):
+            raise ConfigError(f"split {k}: the feature extractor is only the {which(lower)} no parameter "
+                              "(a tied weight belongs to a block above); choose another split")
+        if not any(owned[b] for b in upper):
+            raise ConfigError(f"split {k}: the classifier is only the {which(upper)} no parameter; choose another split, "
+                              "or make a parameterless output layer part of the block below it")
 
     def stage_zero(self, role: str = "baseline", accept: str = "always") -> StageSpec:
         """The trained baseline, or the ``from_checkpoint`` model (evaluated, not trained)."""
@@ -241,7 +282,13 @@ class Plan:
 
     def _fresh_model(self, seed: int) -> nn.Module:
         torch.manual_seed(seed)
-        return self.build_model()
+        fresh = self.build_model()
+        ours, theirs = self.model.state_dict(), fresh.state_dict() if isinstance(fresh, nn.Module) else {}
+        if (wrong := next((k for k in ours if k not in theirs or theirs[k].shape != ours[k].shape), None)) is not None:
+            got = type(fresh).__name__ if not isinstance(fresh, nn.Module) else \
+                f"{wrong} {tuple(theirs[wrong].shape)}" if wrong in theirs else f"no {wrong}"
+            raise ConfigError(f"build_model() must return a model like the plan's, with {wrong} {tuple(ours[wrong].shape)}; got {got}")
+        return fresh
 
     def _load(self, path: str) -> None:
         path = Path(path)
@@ -327,20 +374,20 @@ class Plan:
 
     def _open_here(self, header: dict[str, Any], resume: bool) -> dict[str, Any]:
         if self.run.path.exists() and not self.run.path.is_dir():
-            raise TopdownError(f"{self.run.path} is a file, not a run directory; choose another --out")
+            raise TopdownError(f"{self.run.path} is a file, not a run directory; choose another output directory (--out)")
         existing = self.run.read_summary()
         if existing is None:
             if resume:
-                raise TopdownError(f"nothing to resume in {self.run.path} (no summary.json); leave out --resume to start a run there")
+                raise TopdownError(f"nothing to resume in {self.run.path} (no summary.json); start a run there without --resume (resume=False)")
             if self.run.holds_only_debris():  # killed while writing its first summary: nothing was saved yet
                 self._remove_debris()
             if self.run.path.is_dir() and any(self.run.path.iterdir()):
-                raise TopdownError(f"{self.run.path} is not empty and holds no run (no summary.json); choose another --out")
+                raise TopdownError(f"{self.run.path} is not empty and holds no run (no summary.json); choose another output directory (--out)")
             summary = {**header, "status": "running", "stages": [], "chosen_stage": None, "test": None}
             self.run.write_summary(summary)
             return summary
         if not resume:
-            raise TopdownError(f"{self.run.path} already holds a run; pass --resume to continue it, or choose another --out")
+            raise TopdownError(f"{self.run.path} already holds a run; resume it (--resume; resume=True) or choose another output directory")
         identity = {k: v for k, v in header.items() if k != "provenance"}  # another machine may continue a run
         if difference := first_difference(existing, identity, {"config": self.config.option_defaults}):
             raise TopdownError(f"cannot resume {self.run.path}: its {difference} differs from this command's")

@@ -34,18 +34,18 @@ class Baseline(Plan):
 
     def check(self) -> None:
         if self.from_checkpoint is not None:
-            raise ConfigError("baseline trains from scratch; --from is for cascade, retrain-classifier and transfer-classifier")
+            raise ConfigError("baseline trains from scratch; a starting checkpoint (--from; from_checkpoint) is for cascade, retrain-classifier, transfer-classifier and forget")
 
     def stages(self) -> Iterator[StageSpec]:
         yield self.stage_zero()
 
 
 def cascade_splits(config: RunConfig, blocks: Blocks) -> list[int]:
-    """``cascade.splits``, or every split L-1..1 whose feature extractor owns a parameter."""
+    """``cascade.splits``, or every split L-1..1 whose feature extractor and classifier each own a parameter."""
     if config.cascade.splits is not None:
         return config.cascade.splits
     owned = blocks.parameter_names()
-    return [k for k in range(len(blocks) - 1, 0, -1) if any(owned[b] for b in blocks.split(k)[0])]
+    return [k for k in range(len(blocks) - 1, 0, -1) if all(any(owned[b] for b in side) for side in blocks.split(k))]
 
 
 def planned_models(task: Task, config: RunConfig) -> int | None:
@@ -111,7 +111,7 @@ class TransferClassifier(Plan):
     def check(self) -> None:
         self.check_split(self.config.procedure.split, self.procedure)
         if self.config.procedure.subset is None:
-            raise ConfigError("transfer-classifier needs --subset FRACTION in (0, 1)")
+            raise ConfigError("transfer-classifier needs a subset, a fraction in (0, 1) of the training data (procedure.subset; --subset)")
 
     def stages(self) -> Iterator[StageSpec]:
         k, subset = self.config.procedure.split, self.config.procedure.subset

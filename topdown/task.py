@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,7 +11,10 @@ import torch
 from torch import nn
 
 from .blocks import BlockSpec
+from .errors import ConfigError
 from .metrics import Metric
+
+TASK_SIGNATURES = {"build_model": "()", "train_batches": "(generator, subset)", "loss": "(model, batch)", "evaluate": "(model, split)"}
 
 
 @dataclass
@@ -45,6 +49,21 @@ class Task:
     lower_is_better: bool | None = None
     shared: Mapping[str, str] = field(default_factory=dict)
     info: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """A task's callables are checked where it is built, not as a traceback epochs later."""
+        wanted = {"build_model": 0, "train_batches": 2, "loss": 2, "evaluate": 2}  # positional arguments each takes
+        for name, count in wanted.items():
+            fn = getattr(self, name)
+            if isinstance(fn, nn.Module) and name == "build_model" or not callable(fn):
+                raise ConfigError(f"task {self.name}: {name} must be a function, got {type(fn).__name__}")
+            try:
+                inspect.signature(fn).bind(*range(count))
+            except TypeError:
+                raise ConfigError(f"task {self.name}: {name} must take {count} positional argument(s), "
+                                  f"as {name}{TASK_SIGNATURES[name]}; it is {name}{inspect.signature(fn)}") from None
+            except ValueError:
+                pass  # a builtin without a readable signature: trusted
 
     @property
     def primary(self) -> Metric:
