@@ -143,6 +143,40 @@ def test_bad_image_folders_are_one_line_data_errors(tmp_path, kind, pattern):
     assert "\n" not in str(e.value)
 
 
+def test_16_bit_grayscale_is_scaled_to_8_bits_not_clipped(tmp_path):
+    """convert("L") clips 16-bit pixels at 255, which made every image blank (white)."""
+    import numpy as np
+
+    root = write_images(tmp_path / "d", {"train": {"a": 2, "b": 2}, "test": {"a": 1, "b": 1}})
+    wide = np.array([[0, 257, 40000, 65535] * 2] * 8, dtype=np.uint16)
+    Image.fromarray(wide).save(root / "train" / "a" / "wide.png")
+    assert Image.open(root / "train" / "a" / "wide.png").mode == "I;16"
+    expected = np.array([0, 1, 156, 255] * 2, dtype=np.uint8)  # round(v * 255 / 65535)
+    for color in ("gray", "rgb"):
+        a = image._read(root / "train" / "a" / "wide.png", root, color, 0)
+        assert (a == expected[None, :, None]).all(), color
+    # an "I" (32-bit integer) image, as older Pillows open 16-bit PNGs, is scaled the same way
+    with Image.open(root / "train" / "a" / "wide.png") as im:
+        assert np.array_equal(np.asarray(image._to_8bit(im.convert("I"), root, root))[0], expected)
+    _, splits, facts = image.load_folders(tiny_cfg().task["data"], str(root))
+    assert facts["color"] == "gray" and splits["train"][0].max() == 255
+
+
+@pytest.mark.parametrize("mode, values, pattern", [
+    ("F", [0.0, 0.5], r"^image train/a/odd.png: mode F \(32-bit float pixels\) is not supported; save it as 8- or 16-bit grayscale$"),
+    ("I", [0, 70000], r"^image train/a/odd.png: mode I pixels range 0..70000, outside the 16-bit range 0..65535"),
+])
+def test_float_and_out_of_range_wide_images_are_refused_in_one_line(tmp_path, mode, values, pattern):
+    import numpy as np
+
+    root = write_images(tmp_path / "d", {"train": {"a": 2, "b": 2}, "test": {"a": 1, "b": 1}})
+    a = np.array([values * 4] * 8, dtype=np.float32 if mode == "F" else np.int32)
+    Image.fromarray(a).save(root / "train" / "a" / "odd.png", format="TIFF")  # Pillow reads files by content, not suffix
+    with pytest.raises(DataError, match=pattern) as e:
+        image.make(tiny_cfg().task, str(root))
+    assert "\n" not in str(e.value)
+
+
 def test_resize_makes_mixed_sizes_usable(tmp_path):
     root = bad(tmp_path, "sizes")
     task = image.make(tiny_cfg({"data": {"resize": 12}}).task, str(root))

@@ -27,7 +27,8 @@ from ..task import Task
 from . import digits
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+WIDE_RANGE = 65535  # 16-bit grayscale (Pillow opens it as "I;16", older Pillows as "I"): the value that maps to 255
 HOLDOUT_SEED = 12345  # the held-out validation images (no val/ directory): fixed whatever the run's seed
 
 
@@ -131,18 +132,39 @@ def build_model(cfg: dict[str, Any], in_channels: int = 1, classes: int = 10) ->
 # -- data ----------------------------------------------------------------------------------------
 
 
+def _unreadable(path: Path, root: Path, e: Exception) -> DataError:
+    return DataError(f"cannot read image {path.relative_to(root)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+
+def _to_8bit(im, path: Path, root: Path):
+    """Integer grayscale wider than 8 bits as mode "L", scaled by 255 / 65535 and rounded: Pillow's
+    own convert("L") clips every value above 255, which turns a 16-bit image white. Float
+    ("F") pixels have no fixed range to scale by, so they are refused rather than guessed at."""
+    from PIL import Image
+
+    if im.mode == "F":
+        raise DataError(f"image {path.relative_to(root)}: mode F (32-bit float pixels) is not supported; save it as 8- or 16-bit grayscale")
+    if im.mode != "I" and not im.mode.startswith("I;16"):
+        return im
+    a = np.asarray(im).astype(np.int64)
+    if a.size and (a.min() < 0 or a.max() > WIDE_RANGE):
+        raise DataError(f"image {path.relative_to(root)}: mode {im.mode} pixels range {a.min()}..{a.max()}, "
+                        f"outside the 16-bit range 0..{WIDE_RANGE} this task scales to 8 bits")
+    return Image.fromarray(((a * 255 + WIDE_RANGE // 2) // WIDE_RANGE).astype(np.uint8))  # 2-D uint8: mode "L"
+
+
 def _read(path: Path, root: Path, color: str, resize: int) -> np.ndarray:
     """One image as uint8 (H, W, C); ``color`` is "gray" or "rgb"."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if color == "gray" else "RGB")
+            im = _to_8bit(im, path, root).convert("L" if color == "gray" else "RGB")
             if resize > 0 and im.size != (resize, resize):
                 im = im.resize((resize, resize), Image.Resampling.BILINEAR)
             a = np.asarray(im, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot read image {path.relative_to(root)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise _unreadable(path, root, e) from None
     return a[:, :, None] if a.ndim == 2 else a
 
 
@@ -170,7 +192,7 @@ def _color_of(files: list[Path], root: Path) -> str:
                 if im.mode not in GRAY_MODES:
                     return "rgb"
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise DataError(f"cannot read image {path.relative_to(root)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            raise _unreadable(path, root, e) from None
     return "gray"
 
 
