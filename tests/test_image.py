@@ -1,5 +1,7 @@
 """image: the residual CNN and its blocks, image folders and their errors, augmentation, a tiny cascade."""
 
+import shutil
+
 import pytest
 import torch
 from PIL import Image
@@ -121,6 +123,9 @@ def bad(tmp_path, kind):
         write_images(root, {"test": {"zebra": 1}})
     elif kind == "sizes":
         Image.new("L", (10, 10)).save(root / "train" / "dog" / "big.png")
+    elif kind == "one class":
+        for c in ("dog", "owl"):
+            shutil.rmtree(root / "train" / c)
     elif kind == "empty split":
         for p in (root / "test").rglob("*.png"):
             p.unlink()
@@ -135,6 +140,7 @@ def bad(tmp_path, kind):
     ("unknown class", r"^the test split has class 'zebra', which is not in train \(classes: cat, dog, owl\)$"),
     ("sizes", r"^images differ in size \(train/cat/0.png is 8x8, train/dog/big.png is 10x10\); set data.resize=N"),
     ("empty split", r"^the test split is empty"),
+    ("one class", r"^\S+/d/train: only one class directory \('cat'\); classification needs at least 2$"),
 ])
 def test_bad_image_folders_are_one_line_data_errors(tmp_path, kind, pattern):
     root = bad(tmp_path, kind)

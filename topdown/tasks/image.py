@@ -212,6 +212,8 @@ def load_folders(data_cfg: dict[str, Any], data_dir: str) -> tuple[list[str], di
             raise DataError(f"{root}: missing the {split}/ directory (expected {split}/<class>/*.png|jpg)")
     listed = {split: _list_split(root, split) for split in ("train", "val", "test") if (root / split).is_dir()}
     classes = sorted(listed["train"])
+    if len(classes) < 2:  # one class trains to loss 0 and 0 % error: a "success" that means nothing
+        raise DataError(f"{root / 'train'}: only one class directory ({classes[0]!r}); classification needs at least 2")
     index = {c: i for i, c in enumerate(classes)}
     for split in ("val", "test"):
         if unknown := sorted(set(listed.get(split, {})) - set(index)):
