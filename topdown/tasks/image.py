@@ -22,11 +22,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import Section, option
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..task import Task
 from . import digits
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
+SPLIT_DIRS = ("train", "val", "test")  # the only directories an image-folder corpus may hold at its top
+VAL_ALIASES = ("valid", "validation", "dev")  # other corpora's names for val/: told where the images go
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 WIDE_RANGE = 65535  # 16-bit grayscale (Pillow opens it as "I;16", older Pillows as "I"): the value that maps to 255
 HOLDOUT_SEED = 12345  # the held-out validation images (no val/ directory): fixed whatever the run's seed
@@ -35,7 +37,8 @@ HOLDOUT_SEED = 12345  # the held-out validation images (no val/ directory): fixe
 @dataclass(frozen=True)
 class Data(digits.Data):
     """The digits task's data options (its held-out fractions: for digits, and for image folders
-    without val/ the share of train held out; test_fraction is digits only), and these."""
+    without val/ the share of train held out; test_fraction is digits only, and other values are
+    refused with image folders), and these."""
 
     eval_batch_size: int = option(1000, ge=1)
     crop_padding: int = option(1, ge=0)  # random crop after zero padding by this many pixels; 0 = no crop
@@ -196,6 +199,24 @@ def _color_of(files: list[Path], root: Path) -> str:
     return "gray"
 
 
+def _check_layout(root: Path, data_cfg: dict[str, Any]) -> None:
+    """Refuse what would be silently ignored: a directory beside train/, val/, test/ (a valid/
+    would leave its images unused and hold out part of train/ instead), and the fraction
+    options that these folders make meaningless."""
+    unknown = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in SPLIT_DIRS)
+    if unknown:
+        hint = "; validation images go in val/" if any(n.lower() in VAL_ALIASES for n in unknown) else ""
+        raise DataError(f"{root}: unknown director{'y' if len(unknown) == 1 else 'ies'} {', '.join(n + '/' for n in unknown)}"
+                        f" (expected only train/, test/ and an optional val/){hint}")
+    ignored = {"test_fraction": "test/ holds the test images (the fraction splits the bundled digits only)"}
+    if (root / "val").is_dir():
+        ignored["val_fraction"] = "val/ holds the validation images (the fraction holds out part of train/ only without val/)"
+    defaults = Data.defaults()
+    for key, why in ignored.items():
+        if data_cfg[key] != defaults[key]:
+            raise ConfigError(f"data.{key}={data_cfg[key]} has no effect with --data-dir {root}: {why}; leave it at its default {defaults[key]}")
+
+
 def load_folders(data_cfg: dict[str, Any], data_dir: str) -> tuple[list[str], dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
     """Classes (train's class directories, sorted: label = index), uint8 (N, C, H, W) images and
     labels per split, and facts for ``task_info``. The training images are in a fixed shuffled
@@ -210,7 +231,8 @@ def load_folders(data_cfg: dict[str, Any], data_dir: str) -> tuple[list[str], di
     for split in ("train", "test"):
         if not (root / split).is_dir():
             raise DataError(f"{root}: missing the {split}/ directory (expected {split}/<class>/*.png|jpg)")
-    listed = {split: _list_split(root, split) for split in ("train", "val", "test") if (root / split).is_dir()}
+    _check_layout(root, data_cfg)
+    listed = {split: _list_split(root, split) for split in SPLIT_DIRS if (root / split).is_dir()}
     classes = sorted(listed["train"])
     if len(classes) < 2:  # one class trains to loss 0 and 0 % error: a "success" that means nothing
         raise DataError(f"{root / 'train'}: only one class directory ({classes[0]!r}); classification needs at least 2")
