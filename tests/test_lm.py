@@ -53,6 +53,19 @@ def test_standard_layouts_and_unk(tmp_path, layout):
     assert [vocab[i] for i in ids.tolist()] == ["a", "<unk>", "sat", "<eos>"]  # zebra is unseen
 
 
+def test_a_leading_byte_order_mark_is_not_a_word(tmp_path):
+    """A UTF-8 BOM made '\\ufeffthe' (or '\\ufeff') a vocabulary word."""
+    texts = ["the cat sat\n a dog\n", "the dog\n", "a cat\n"]
+    plain = corpus.load_standard(write_corpus(tmp_path / "plain", ("train.txt", "valid.txt", "test.txt"), texts))
+    root = tmp_path / "bom"
+    root.mkdir()
+    for name, text in zip(("train.txt", "valid.txt", "test.txt"), ["\ufeff" + texts[0], "\ufeff" + texts[1], "\ufeff \n" + texts[2]]):
+        (root / name).write_bytes(text.encode("utf-8"))
+    bom = corpus.load_standard(root)
+    assert corpus.build_vocab(bom["train"]) == corpus.build_vocab(plain["train"]) == ["the", "cat", "sat", "<eos>", "a", "dog"]
+    assert bom["val"] == plain["val"] and bom["test"][1:] == plain["test"]
+
+
 def test_unseen_word_without_unk_and_empty_corpus_are_data_errors(tmp_path):
     root = write_corpus(tmp_path / "c", ("train.txt", "valid.txt", "test.txt"), ["the cat\n", "the cat\n", "the zebra\n"])
     vocab = corpus.build_vocab(corpus.load_standard(root)["train"])

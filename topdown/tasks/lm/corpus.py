@@ -28,11 +28,13 @@ NOT_COMPARABLE = (
 
 
 def _read_lines(path: Path) -> list[str]:
+    """The file's lines; a leading UTF-8 byte-order mark (Windows editors write one) is dropped,
+    not made part of the first word and the vocabulary."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-        return raw.decode("utf-8").splitlines()
+        return raw.decode("utf-8-sig").splitlines()
     except (OSError, EOFError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read it as UTF-8 text ({e})") from None
 
