@@ -81,10 +81,17 @@ def test_cli_reports_bad_corpora_in_one_line(tmp_path):
     root = write_corpus(tmp_path / "c", ("train.txt", "valid.txt", "test.txt"), ["the cat\n" * 50, "the cat\n" * 50, "the zebra\n"])
     proc = cli("baseline", "lm-awd", "--preset", "tiny", "--data-dir", str(root), "--out", str(tmp_path / "r"))
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("topdown: error: test split, line 1: word 'zebra'")
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"topdown: error: the test split ({root / 'test.txt'}), line 1: word 'zebra'")
     empty = write_corpus(tmp_path / "e", ("train.txt", "valid.txt", "test.txt"), ["\n", "a\n", "a\n"])
     proc = cli("baseline", "lm-awd", "--preset", "tiny", "--data-dir", str(empty), "--out", str(tmp_path / "r2"))
-    assert proc.stderr.strip().splitlines()[-1] == "topdown: error: the train split is empty (no words)"
+    assert proc.stderr.strip().splitlines()[-1] == f"topdown: error: the train split ({empty / 'train.txt'}) is empty (no words)"
+
+
+def test_an_empty_split_names_its_file(tmp_path):
+    root = write_corpus(tmp_path / "c", ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"), ["a b\n" * 20, " \n\n", "a\n"])
+    with pytest.raises(DataError) as e:
+        awd.make(tiny_cfg().task, str(root))
+    assert str(e.value) == f"the val split ({root / 'wiki.valid.tokens'}) is empty (no words)"
 
 
 # -- the model's ingredients -----------------------------------------------------------------
