@@ -94,6 +94,27 @@ def test_an_empty_split_names_its_file(tmp_path):
     assert str(e.value) == f"the val split ({root / 'wiki.valid.tokens'}) is empty (no words)"
 
 
+LONG = "a b c\n" * 5  # 20 tokens with <eos>: enough for the tiny preset's batch sizes of 4
+
+
+@pytest.mark.parametrize("texts, limit, message", [
+    # the reviewer's case: "4 tokens are too few for batch size 4" named no split, file or option
+    ((LONG, "a b c\n", LONG), 0, "the val split ({root}/valid.txt) has 4 tokens, too few for data.eval_batch_size 4 "
+                                 "(at least 8: 2 per stream); lower data.eval_batch_size"),
+    (("a b c d e\n", LONG, LONG), 0, "the train split ({root}/train.txt) has 6 tokens, too few for data.batch_size 4 "
+                                     "(at least 8: 2 per stream); lower data.batch_size"),
+    ((LONG, LONG, LONG), 6, "the train split ({root}/train.txt) has 6 tokens, too few for data.batch_size 4 "
+                            "(at least 8: 2 per stream); lower data.batch_size, or raise data.limit_tokens (6)"),
+])
+def test_a_split_too_short_for_its_batch_size_names_the_split_file_and_options(tmp_path, texts, limit, message):
+    """Raised when the task is built, before any training (the training split's too)."""
+    root = write_corpus(tmp_path / "c", ("train.txt", "valid.txt", "test.txt"), texts)
+    cfg = resolve_config("lm-awd", "tiny", {"data": {"limit_tokens": limit}}).task
+    with pytest.raises(DataError) as e:
+        awd.make(cfg, str(root))
+    assert str(e.value) == message.format(root=root)
+
+
 # -- the model's ingredients -----------------------------------------------------------------
 
 

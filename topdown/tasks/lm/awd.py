@@ -132,18 +132,31 @@ def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
     bptt = d["bptt"]
     hidden: dict[str, Any] = {"state": None}  # carried from batch to batch within an epoch
 
+    def batchify(split: str, stream: torch.Tensor) -> torch.Tensor:
+        """At the split's batch size; too short a split is an error naming its file and the options that fix it."""
+        key = "batch_size" if split == "train" else "eval_batch_size"
+        limited = 0 < d["limit_tokens"] <= len(stream)  # the prefix may be what is too short
+        fix = f", or raise data.limit_tokens ({d['limit_tokens']})" if limited else ""
+        return corpus.batchify(stream, d[key], corpus.describe(split, paths.get(split)), f"data.{key}", fix)
+
     train_streams: dict[float, torch.Tensor] = {}
-    evals = {split: corpus.batchify(ids[split], d["eval_batch_size"]) for split in ("val", "test")}
+
+    def train_stream(subset: float) -> torch.Tensor:
+        """A fixed prefix of the token stream: the same subset for every seed."""
+        if subset not in train_streams:
+            n = max(2 * d["batch_size"] + 1, round(len(ids["train"]) * subset))
+            train_streams[subset] = batchify("train", ids["train"][:n])
+        return train_streams[subset]
+
+    train_stream(1.0)  # a training split too short for its batch size stops the run here, before any training
+    evals = {split: batchify(split, ids[split]) for split in ("val", "test")}
 
     def train_batches(generator: torch.Generator, subset: float):
         """One epoch in corpus order; variable-length BPTT windows drawn from ``generator``.
 
         A batch is (inputs, targets, first-of-epoch, seq_len / bptt).
         """
-        if subset not in train_streams:  # a fixed prefix of the token stream: the same subset for every seed
-            n = max(2 * d["batch_size"] + 1, round(len(ids["train"]) * subset))
-            train_streams[subset] = corpus.batchify(ids["train"][:n], d["batch_size"])
-        data = train_streams[subset]
+        data = train_stream(subset)
         i, first = 0, True
         while i < len(data) - 1:
             seq_len = bptt

@@ -113,9 +113,12 @@ def encode(lines: list[str], vocab: list[str], split: str, path: Path | None = N
     return torch.tensor(ids, dtype=torch.long)
 
 
-def batchify(ids: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """(T, B): ``batch_size`` contiguous streams side by side; the remainder is dropped."""
+def batchify(ids: torch.Tensor, batch_size: int, what: str = "the token stream", key: str = "the batch size", fix: str = "") -> torch.Tensor:
+    """(T, B): ``batch_size`` contiguous streams side by side; the remainder is dropped. Too short
+    a stream is an error naming ``what`` it is, the option ``key`` that sets the batch size, and
+    any other ``fix``: a bare "too few tokens" leaves the user guessing which split and option."""
     steps = len(ids) // batch_size
     if steps < 2:
-        raise DataError(f"{len(ids)} tokens are too few for batch size {batch_size}")
+        raise DataError(f"{what} has {len(ids)} tokens, too few for {key} {batch_size} "
+                        f"(at least {2 * batch_size}: 2 per stream); lower {key}{fix}")
     return ids[: steps * batch_size].view(batch_size, steps).t().contiguous()
