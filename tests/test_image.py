@@ -1,5 +1,7 @@
 """image: the residual CNN and its blocks, image folders and their errors, augmentation, a tiny cascade."""
 
+import shutil
+
 import pytest
 import torch
 from PIL import Image
@@ -8,7 +10,7 @@ from safetensors.torch import load_file
 from conftest import cli
 from test_cli import assert_one_line_error
 from topdown.blocks import Blocks
-from topdown.errors import DataError
+from topdown.errors import ConfigError, DataError
 from topdown.procedures import run_procedure
 from topdown.tasks import resolve_config
 from topdown.tasks import image
@@ -99,7 +101,7 @@ def test_image_folders_load_with_a_fixed_held_out_validation_set(tmp_path):
     assert "fixed 0.25 of train" in task.info["val_from"]
 
     write_images(root, {"val": {"dog": 3}}, mode="RGB")  # a val/ directory is used as given; one RGB image makes all RGB
-    classes, splits, facts = image.load_folders(cfg["data"], str(root))
+    classes, splits, facts = image.load_folders(tiny_cfg().task["data"], str(root))
     assert {k: len(v[1]) for k, v in splits.items()} == {"train": 16, "val": 3, "test": 4}
     assert facts["color"] == "rgb" and splits["test"][0].shape[1] == 3 and splits["val"][1].tolist() == [1, 1, 1]
 
@@ -121,6 +123,15 @@ def bad(tmp_path, kind):
         write_images(root, {"test": {"zebra": 1}})
     elif kind == "sizes":
         Image.new("L", (10, 10)).save(root / "train" / "dog" / "big.png")
+    elif kind == "one class":
+        for c in ("dog", "owl"):
+            shutil.rmtree(root / "train" / c)
+    elif kind == "valid dir":
+        write_images(root, {"valid": {"cat": 1}})
+    elif kind == "unknown dirs":
+        (root / "extra").mkdir()
+        (root / "more").mkdir()
+        (root / ".cache").mkdir()  # hidden: ignored, like hidden files
     elif kind == "empty split":
         for p in (root / "test").rglob("*.png"):
             p.unlink()
@@ -135,12 +146,64 @@ def bad(tmp_path, kind):
     ("unknown class", r"^the test split has class 'zebra', which is not in train \(classes: cat, dog, owl\)$"),
     ("sizes", r"^images differ in size \(train/cat/0.png is 8x8, train/dog/big.png is 10x10\); set data.resize=N"),
     ("empty split", r"^the test split is empty"),
+    ("valid dir", r"^\S+/d: unknown directory valid/ \(expected only train/, test/ and an optional val/\); validation images go in val/$"),
+    ("unknown dirs", r"^\S+/d: unknown directories extra/, more/ \(expected only train/, test/ and an optional val/\)$"),
+    ("one class", r"^\S+/d/train: only one class directory \('cat'\); classification needs at least 2$"),
 ])
 def test_bad_image_folders_are_one_line_data_errors(tmp_path, kind, pattern):
     root = bad(tmp_path, kind)
     with pytest.raises(DataError, match=pattern) as e:
         image.make(tiny_cfg().task, str(root))
     assert "\n" not in str(e.value)
+
+
+def test_16_bit_grayscale_is_scaled_to_8_bits_not_clipped(tmp_path):
+    """convert("L") clips 16-bit pixels at 255, which made every image blank (white)."""
+    import numpy as np
+
+    root = write_images(tmp_path / "d", {"train": {"a": 2, "b": 2}, "test": {"a": 1, "b": 1}})
+    wide = np.array([[0, 257, 40000, 65535] * 2] * 8, dtype=np.uint16)
+    Image.fromarray(wide).save(root / "train" / "a" / "wide.png")
+    assert Image.open(root / "train" / "a" / "wide.png").mode == "I;16"
+    expected = np.array([0, 1, 156, 255] * 2, dtype=np.uint8)  # round(v * 255 / 65535)
+    for color in ("gray", "rgb"):
+        a = image._read(root / "train" / "a" / "wide.png", root, color, 0)
+        assert (a == expected[None, :, None]).all(), color
+    # an "I" (32-bit integer) image, as older Pillows open 16-bit PNGs, is scaled the same way
+    with Image.open(root / "train" / "a" / "wide.png") as im:
+        assert np.array_equal(np.asarray(image._to_8bit(im.convert("I"), root, root))[0], expected)
+    _, splits, facts = image.load_folders(tiny_cfg().task["data"], str(root))
+    assert facts["color"] == "gray" and splits["train"][0].max() == 255
+
+
+@pytest.mark.parametrize("mode, values, pattern", [
+    ("F", [0.0, 0.5], r"^image train/a/odd.png: mode F \(32-bit float pixels\) is not supported; save it as 8- or 16-bit grayscale$"),
+    ("I", [0, 70000], r"^image train/a/odd.png: mode I pixels range 0..70000, outside the 16-bit range 0..65535"),
+])
+def test_float_and_out_of_range_wide_images_are_refused_in_one_line(tmp_path, mode, values, pattern):
+    import numpy as np
+
+    root = write_images(tmp_path / "d", {"train": {"a": 2, "b": 2}, "test": {"a": 1, "b": 1}})
+    a = np.array([values * 4] * 8, dtype=np.float32 if mode == "F" else np.int32)
+    Image.fromarray(a).save(root / "train" / "a" / "odd.png", format="TIFF")  # Pillow reads files by content, not suffix
+    with pytest.raises(DataError, match=pattern) as e:
+        image.make(tiny_cfg().task, str(root))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("key, value, with_val", [("test_fraction", 0.3, False), ("val_fraction", 0.25, True)])
+def test_fractions_that_image_folders_ignore_are_refused(tmp_path, key, value, with_val):
+    """data.test_fraction splits only the bundled digits, and data.val_fraction has no effect when val/ exists."""
+    root = write_images(tmp_path / "d", LAYOUT)
+    if with_val:
+        write_images(root, {"val": {"cat": 2}})
+    with pytest.raises(ConfigError, match=rf"^data.{key}={value} has no effect with --data-dir \S+/d: .*; leave it at its default 0.2$") as e:
+        image.make(tiny_cfg({"data": {key: value}}).task, str(root))
+    assert "\n" not in str(e.value)
+    image.make(tiny_cfg({"data": {key: 0.2}}).task, str(root))  # the default, spelled out, changes nothing
+    if with_val:  # without val/, val_fraction is what holds out part of train/
+        shutil.rmtree(root / "val")
+        assert image.make(tiny_cfg({"data": {key: value}}).task, str(root)).info["images"]["val"] == 4
 
 
 def test_resize_makes_mixed_sizes_usable(tmp_path):
@@ -155,6 +218,9 @@ def test_cli_reports_a_bad_image_in_one_line(tmp_path):
     assert_one_line_error(cli("cascade", "image", "--preset", "tiny", "--data-dir", str(root), "--out", str(out)),
                           r"topdown: error: cannot read image train/dog/broken.png")
     assert not (out / "checkpoints").exists()
+    root = bad(tmp_path / "v", "valid dir")
+    assert_one_line_error(cli("baseline", "image", "--preset", "tiny", "--data-dir", str(root), "--out", str(tmp_path / "run2")),
+                          r"topdown: error: \S+: unknown directory valid/ .*; validation images go in val/")
     with pytest.raises(DataError, match=r"^--data-dir .*none: no such directory$"):
         image.make(tiny_cfg().task, str(tmp_path / "none"))
     (tmp_path / "none" / "train").mkdir(parents=True)

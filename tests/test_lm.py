@@ -53,6 +53,19 @@ def test_standard_layouts_and_unk(tmp_path, layout):
     assert [vocab[i] for i in ids.tolist()] == ["a", "<unk>", "sat", "<eos>"]  # zebra is unseen
 
 
+def test_a_leading_byte_order_mark_is_not_a_word(tmp_path):
+    """A UTF-8 BOM made '\\ufeffthe' (or '\\ufeff') a vocabulary word."""
+    texts = ["the cat sat\n a dog\n", "the dog\n", "a cat\n"]
+    plain = corpus.load_standard(write_corpus(tmp_path / "plain", ("train.txt", "valid.txt", "test.txt"), texts))
+    root = tmp_path / "bom"
+    root.mkdir()
+    for name, text in zip(("train.txt", "valid.txt", "test.txt"), ["\ufeff" + texts[0], "\ufeff" + texts[1], "\ufeff \n" + texts[2]]):
+        (root / name).write_bytes(text.encode("utf-8"))
+    bom = corpus.load_standard(root)
+    assert corpus.build_vocab(bom["train"]) == corpus.build_vocab(plain["train"]) == ["the", "cat", "sat", "<eos>", "a", "dog"]
+    assert bom["val"] == plain["val"] and bom["test"][1:] == plain["test"]
+
+
 def test_unseen_word_without_unk_and_empty_corpus_are_data_errors(tmp_path):
     root = write_corpus(tmp_path / "c", ("train.txt", "valid.txt", "test.txt"), ["the cat\n", "the cat\n", "the zebra\n"])
     vocab = corpus.build_vocab(corpus.load_standard(root)["train"])
@@ -68,10 +81,38 @@ def test_cli_reports_bad_corpora_in_one_line(tmp_path):
     root = write_corpus(tmp_path / "c", ("train.txt", "valid.txt", "test.txt"), ["the cat\n" * 50, "the cat\n" * 50, "the zebra\n"])
     proc = cli("baseline", "lm-awd", "--preset", "tiny", "--data-dir", str(root), "--out", str(tmp_path / "r"))
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("topdown: error: test split, line 1: word 'zebra'")
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"topdown: error: the test split ({root / 'test.txt'}), line 1: word 'zebra'")
     empty = write_corpus(tmp_path / "e", ("train.txt", "valid.txt", "test.txt"), ["\n", "a\n", "a\n"])
     proc = cli("baseline", "lm-awd", "--preset", "tiny", "--data-dir", str(empty), "--out", str(tmp_path / "r2"))
-    assert proc.stderr.strip().splitlines()[-1] == "topdown: error: the train split is empty (no words)"
+    assert proc.stderr.strip().splitlines()[-1] == f"topdown: error: the train split ({empty / 'train.txt'}) is empty (no words)"
+
+
+def test_an_empty_split_names_its_file(tmp_path):
+    root = write_corpus(tmp_path / "c", ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"), ["a b\n" * 20, " \n\n", "a\n"])
+    with pytest.raises(DataError) as e:
+        awd.make(tiny_cfg().task, str(root))
+    assert str(e.value) == f"the val split ({root / 'wiki.valid.tokens'}) is empty (no words)"
+
+
+LONG = "a b c\n" * 5  # 20 tokens with <eos>: enough for the tiny preset's batch sizes of 4
+
+
+@pytest.mark.parametrize("texts, limit, message", [
+    # the reviewer's case: "4 tokens are too few for batch size 4" named no split, file or option
+    ((LONG, "a b c\n", LONG), 0, "the val split ({root}/valid.txt) has 4 tokens, too few for data.eval_batch_size 4 "
+                                 "(at least 8: 2 per stream); lower data.eval_batch_size"),
+    (("a b c d e\n", LONG, LONG), 0, "the train split ({root}/train.txt) has 6 tokens, too few for data.batch_size 4 "
+                                     "(at least 8: 2 per stream); lower data.batch_size"),
+    ((LONG, LONG, LONG), 6, "the train split ({root}/train.txt) has 6 tokens, too few for data.batch_size 4 "
+                            "(at least 8: 2 per stream); lower data.batch_size, or raise data.limit_tokens (6)"),
+])
+def test_a_split_too_short_for_its_batch_size_names_the_split_file_and_options(tmp_path, texts, limit, message):
+    """Raised when the task is built, before any training (the training split's too)."""
+    root = write_corpus(tmp_path / "c", ("train.txt", "valid.txt", "test.txt"), texts)
+    cfg = resolve_config("lm-awd", "tiny", {"data": {"limit_tokens": limit}}).task
+    with pytest.raises(DataError) as e:
+        awd.make(cfg, str(root))
+    assert str(e.value) == message.format(root=root)
 
 
 # -- the model's ingredients -----------------------------------------------------------------

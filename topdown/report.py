@@ -89,7 +89,7 @@ def plot_curves(summary: dict[str, Any], metrics: list[dict[str, Any]], path: Pa
     metric = summary["metric"]
     fig = Figure(figsize=(11, 4))
     ax_val, ax_loss = fig.subplots(1, 2)
-    offset = 0
+    offset, losses = 0, []
     for stage in summary["stages"]:
         for c in range(max(1, len(stage["candidates"]))):
             rows = [r for r in metrics if r["stage"] == stage["index"] and r["candidate"] == c]
@@ -99,10 +99,14 @@ def plot_curves(summary: dict[str, Any], metrics: list[dict[str, Any]], path: Pa
             label = f"stage {stage['index']} ({stage['role']})" if c == 0 else None
             color = f"C{stage['index'] % 10}"
             ax_val.plot(x, [r["val"].get(metric) for r in rows], marker=".", color=color, label=label)
-            ax_loss.plot(x, [r.get("train_loss") for r in rows], marker=".", color=color, label=label)
+            loss = [r.get("train_loss") for r in rows]
+            losses += [v for v in loss if v is not None]
+            ax_loss.plot(x, loss, marker=".", color=color, label=label)
         offset += max([r["epoch"] for r in metrics if r["stage"] == stage["index"]], default=0)
     ax_val.set(xlabel="epoch (stages end to end)", ylabel=f"validation {metric}", title=f"{summary['task']}: {summary['procedure']}")
-    ax_loss.set(xlabel="epoch (stages end to end)", ylabel="training loss", yscale="log")
+    # a log scale shows the loss's decay, but a loss of 0 (or below, with a regulariser) has no
+    # logarithm: matplotlib then warns on stderr and drops the points, so such a plot stays linear
+    ax_loss.set(xlabel="epoch (stages end to end)", ylabel="training loss", yscale="log" if all(v > 0 for v in losses) else "linear")
     if ax_val.get_legend_handles_labels()[0]:
         ax_val.legend(fontsize=8)
     fig.tight_layout()

@@ -22,19 +22,23 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import Section, option
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..task import Task
 from . import digits
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+SPLIT_DIRS = ("train", "val", "test")  # the only directories an image-folder corpus may hold at its top
+VAL_ALIASES = ("valid", "validation", "dev")  # other corpora's names for val/: told where the images go
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+WIDE_RANGE = 65535  # 16-bit grayscale (Pillow opens it as "I;16", older Pillows as "I"): the value that maps to 255
 HOLDOUT_SEED = 12345  # the held-out validation images (no val/ directory): fixed whatever the run's seed
 
 
 @dataclass(frozen=True)
 class Data(digits.Data):
     """The digits task's data options (its held-out fractions: for digits, and for image folders
-    without val/ the share of train held out; test_fraction is digits only), and these."""
+    without val/ the share of train held out; test_fraction is digits only, and other values are
+    refused with image folders), and these."""
 
     eval_batch_size: int = option(1000, ge=1)
     crop_padding: int = option(1, ge=0)  # random crop after zero padding by this many pixels; 0 = no crop
@@ -131,18 +135,39 @@ def build_model(cfg: dict[str, Any], in_channels: int = 1, classes: int = 10) ->
 # -- data ----------------------------------------------------------------------------------------
 
 
+def _unreadable(path: Path, root: Path, e: Exception) -> DataError:
+    return DataError(f"cannot read image {path.relative_to(root)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+
+def _to_8bit(im, path: Path, root: Path):
+    """Integer grayscale wider than 8 bits as mode "L", scaled by 255 / 65535 and rounded: Pillow's
+    own convert("L") clips every value above 255, which turns a 16-bit image white. Float
+    ("F") pixels have no fixed range to scale by, so they are refused rather than guessed at."""
+    from PIL import Image
+
+    if im.mode == "F":
+        raise DataError(f"image {path.relative_to(root)}: mode F (32-bit float pixels) is not supported; save it as 8- or 16-bit grayscale")
+    if im.mode != "I" and not im.mode.startswith("I;16"):
+        return im
+    a = np.asarray(im).astype(np.int64)
+    if a.size and (a.min() < 0 or a.max() > WIDE_RANGE):
+        raise DataError(f"image {path.relative_to(root)}: mode {im.mode} pixels range {a.min()}..{a.max()}, "
+                        f"outside the 16-bit range 0..{WIDE_RANGE} this task scales to 8 bits")
+    return Image.fromarray(((a * 255 + WIDE_RANGE // 2) // WIDE_RANGE).astype(np.uint8))  # 2-D uint8: mode "L"
+
+
 def _read(path: Path, root: Path, color: str, resize: int) -> np.ndarray:
     """One image as uint8 (H, W, C); ``color`` is "gray" or "rgb"."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if color == "gray" else "RGB")
+            im = _to_8bit(im, path, root).convert("L" if color == "gray" else "RGB")
             if resize > 0 and im.size != (resize, resize):
                 im = im.resize((resize, resize), Image.Resampling.BILINEAR)
             a = np.asarray(im, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot read image {path.relative_to(root)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise _unreadable(path, root, e) from None
     return a[:, :, None] if a.ndim == 2 else a
 
 
@@ -170,8 +195,26 @@ def _color_of(files: list[Path], root: Path) -> str:
                 if im.mode not in GRAY_MODES:
                     return "rgb"
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise DataError(f"cannot read image {path.relative_to(root)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            raise _unreadable(path, root, e) from None
     return "gray"
+
+
+def _check_layout(root: Path, data_cfg: dict[str, Any]) -> None:
+    """Refuse what would be silently ignored: a directory beside train/, val/, test/ (a valid/
+    would leave its images unused and hold out part of train/ instead), and the fraction
+    options that these folders make meaningless."""
+    unknown = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in SPLIT_DIRS)
+    if unknown:
+        hint = "; validation images go in val/" if any(n.lower() in VAL_ALIASES for n in unknown) else ""
+        raise DataError(f"{root}: unknown director{'y' if len(unknown) == 1 else 'ies'} {', '.join(n + '/' for n in unknown)}"
+                        f" (expected only train/, test/ and an optional val/){hint}")
+    ignored = {"test_fraction": "test/ holds the test images (the fraction splits the bundled digits only)"}
+    if (root / "val").is_dir():
+        ignored["val_fraction"] = "val/ holds the validation images (the fraction holds out part of train/ only without val/)"
+    defaults = Data.defaults()
+    for key, why in ignored.items():
+        if data_cfg[key] != defaults[key]:
+            raise ConfigError(f"data.{key}={data_cfg[key]} has no effect with --data-dir {root}: {why}; leave it at its default {defaults[key]}")
 
 
 def load_folders(data_cfg: dict[str, Any], data_dir: str) -> tuple[list[str], dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
@@ -188,8 +231,11 @@ def load_folders(data_cfg: dict[str, Any], data_dir: str) -> tuple[list[str], di
     for split in ("train", "test"):
         if not (root / split).is_dir():
             raise DataError(f"{root}: missing the {split}/ directory (expected {split}/<class>/*.png|jpg)")
-    listed = {split: _list_split(root, split) for split in ("train", "val", "test") if (root / split).is_dir()}
+    _check_layout(root, data_cfg)
+    listed = {split: _list_split(root, split) for split in SPLIT_DIRS if (root / split).is_dir()}
     classes = sorted(listed["train"])
+    if len(classes) < 2:  # one class trains to loss 0 and 0 % error: a "success" that means nothing
+        raise DataError(f"{root / 'train'}: only one class directory ({classes[0]!r}); classification needs at least 2")
     index = {c: i for i, c in enumerate(classes)}
     for split in ("val", "test"):
         if unknown := sorted(set(listed.get(split, {})) - set(index)):

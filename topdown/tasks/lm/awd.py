@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -19,7 +20,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from ...config import Section, option
-from ...errors import DataError
 from ...task import Task
 from . import corpus
 from .model import TIE_MODES, AWDLSTM, detach
@@ -113,37 +113,50 @@ def build_model(cfg: dict[str, Any], vocab_size: int | None = None) -> AWDLSTM:
     )
 
 
-def load_corpus(data_cfg: dict[str, Any], data_dir: str | None) -> tuple[list[str], dict[str, torch.Tensor]]:
-    """Vocabulary (from training) and the token streams of the three splits."""
+def load_corpus(data_cfg: dict[str, Any], data_dir: str | None) -> tuple[list[str], dict[str, torch.Tensor], dict[str, Path]]:
+    """Vocabulary (from training), the token streams of the three splits, and each split's file
+    for error messages (none for the bundled corpus, whose splits are cut from two files)."""
+    paths = {} if data_dir is None else corpus.standard_paths(data_dir)
     lines = corpus.load_wt2_small() if data_dir is None else corpus.load_standard(data_dir)
-    for split in corpus.SPLITS:
-        if not any(line.split() for line in lines[split]):
-            raise DataError(f"the {split} split is empty (no words)")
     vocab = corpus.build_vocab(lines["train"])
-    ids = {split: corpus.encode(lines[split], vocab, split) for split in corpus.SPLITS}
+    ids = {split: corpus.encode(lines[split], vocab, split, paths.get(split)) for split in corpus.SPLITS}
     if data_cfg["limit_tokens"] > 0:  # the tiny preset: a prefix of each split
         ids = {split: t[: data_cfg["limit_tokens"]] for split, t in ids.items()}
-    return vocab, ids
+    return vocab, ids, paths
 
 
 def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
     d, lcfg = cfg["data"], cfg["loss"]
-    vocab, ids = load_corpus(d, data_dir)
+    vocab, ids, paths = load_corpus(d, data_dir)
     blocks = block_names(cfg["model"])
     bptt = d["bptt"]
-    train_streams: dict[float, torch.Tensor] = {}
-    evals = {split: corpus.batchify(ids[split], d["eval_batch_size"]) for split in ("val", "test")}
     hidden: dict[str, Any] = {"state": None}  # carried from batch to batch within an epoch
+
+    def batchify(split: str, stream: torch.Tensor) -> torch.Tensor:
+        """At the split's batch size; too short a split is an error naming its file and the options that fix it."""
+        key = "batch_size" if split == "train" else "eval_batch_size"
+        limited = 0 < d["limit_tokens"] <= len(stream)  # the prefix may be what is too short
+        fix = f", or raise data.limit_tokens ({d['limit_tokens']})" if limited else ""
+        return corpus.batchify(stream, d[key], corpus.describe(split, paths.get(split)), f"data.{key}", fix)
+
+    train_streams: dict[float, torch.Tensor] = {}
+
+    def train_stream(subset: float) -> torch.Tensor:
+        """A fixed prefix of the token stream: the same subset for every seed."""
+        if subset not in train_streams:
+            n = max(2 * d["batch_size"] + 1, round(len(ids["train"]) * subset))
+            train_streams[subset] = batchify("train", ids["train"][:n])
+        return train_streams[subset]
+
+    train_stream(1.0)  # a training split too short for its batch size stops the run here, before any training
+    evals = {split: batchify(split, ids[split]) for split in ("val", "test")}
 
     def train_batches(generator: torch.Generator, subset: float):
         """One epoch in corpus order; variable-length BPTT windows drawn from ``generator``.
 
         A batch is (inputs, targets, first-of-epoch, seq_len / bptt).
         """
-        if subset not in train_streams:  # a fixed prefix of the token stream: the same subset for every seed
-            n = max(2 * d["batch_size"] + 1, round(len(ids["train"]) * subset))
-            train_streams[subset] = corpus.batchify(ids["train"][:n], d["batch_size"])
-        data = train_streams[subset]
+        data = train_stream(subset)
         i, first = 0, True
         while i < len(data) - 1:
             seq_len = bptt

@@ -28,11 +28,13 @@ NOT_COMPARABLE = (
 
 
 def _read_lines(path: Path) -> list[str]:
+    """The file's lines; a leading UTF-8 byte-order mark (Windows editors write one) is dropped,
+    not made part of the first word and the vocabulary."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-        return raw.decode("utf-8").splitlines()
+        return raw.decode("utf-8-sig").splitlines()
     except (OSError, EOFError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read it as UTF-8 text ({e})") from None
 
@@ -58,8 +60,8 @@ def load_wt2_small(root: Path = BUNDLED) -> dict[str, list[str]]:
     return {"train": _read_lines(root / "valid.txt.gz"), "val": val, "test": test}
 
 
-def load_standard(data_dir: str | Path) -> dict[str, list[str]]:
-    """A full corpus: ``wiki.{train,valid,test}.tokens`` or ``{train,valid,test}.txt`` in ``data_dir``."""
+def standard_paths(data_dir: str | Path) -> dict[str, Path]:
+    """The split files of a full corpus: ``wiki.{train,valid,test}.tokens`` or ``{train,valid,test}.txt`` in ``data_dir``."""
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError(f"--data-dir {root}: not a directory")
@@ -69,8 +71,18 @@ def load_standard(data_dir: str | Path) -> dict[str, list[str]]:
             missing = [p.name for p in paths.values() if not p.is_file()]
             if missing:
                 raise DataError(f"--data-dir {root}: missing {', '.join(missing)}")
-            return {split: _read_lines(p) for split, p in paths.items()}
+            return paths
     raise DataError(f"--data-dir {root}: expected wiki.{{train,valid,test}}.tokens or {{train,valid,test}}.txt")
+
+
+def load_standard(data_dir: str | Path) -> dict[str, list[str]]:
+    """A full corpus's lines per split (the files of :func:`standard_paths`)."""
+    return {split: _read_lines(p) for split, p in standard_paths(data_dir).items()}
+
+
+def describe(split: str, path: Path | None = None) -> str:
+    """A split as error messages name it: with its file, where it has one of its own."""
+    return f"the {split} split" + (f" ({path})" if path is not None else "")
 
 
 def build_vocab(lines: list[str]) -> list[str]:
@@ -83,10 +95,11 @@ def build_vocab(lines: list[str]) -> list[str]:
     return list(seen)
 
 
-def encode(lines: list[str], vocab: list[str], split: str) -> torch.Tensor:
-    """Token ids of a split as one long stream; unseen words become ``<unk>`` or a DataError."""
+def encode(lines: list[str], vocab: list[str], split: str, path: Path | None = None) -> torch.Tensor:
+    """Token ids of a split as one long stream; unseen words become ``<unk>`` or a DataError
+    (errors name ``path``, the split's file, when given)."""
     if not any(line.split() for line in lines):
-        raise DataError(f"the {split} split is empty (no words)")
+        raise DataError(f"{describe(split, path)} is empty (no words)")
     index = {w: i for i, w in enumerate(vocab)}
     unk = index.get(UNK)
     ids: list[int] = []
@@ -94,15 +107,18 @@ def encode(lines: list[str], vocab: list[str], split: str) -> torch.Tensor:
         for word in line.split():
             i = index.get(word, unk)
             if i is None:
-                raise DataError(f"{split} split, line {number}: word {word!r} is not in the training vocabulary and the corpus has no {UNK}")
+                raise DataError(f"{describe(split, path)}, line {number}: word {word!r} is not in the training vocabulary and the corpus has no {UNK}")
             ids.append(i)
         ids.append(index[EOS])
     return torch.tensor(ids, dtype=torch.long)
 
 
-def batchify(ids: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """(T, B): ``batch_size`` contiguous streams side by side; the remainder is dropped."""
+def batchify(ids: torch.Tensor, batch_size: int, what: str = "the token stream", key: str = "the batch size", fix: str = "") -> torch.Tensor:
+    """(T, B): ``batch_size`` contiguous streams side by side; the remainder is dropped. Too short
+    a stream is an error naming ``what`` it is, the option ``key`` that sets the batch size, and
+    any other ``fix``: a bare "too few tokens" leaves the user guessing which split and option."""
     steps = len(ids) // batch_size
     if steps < 2:
-        raise DataError(f"{len(ids)} tokens are too few for batch size {batch_size}")
+        raise DataError(f"{what} has {len(ids)} tokens, too few for {key} {batch_size} "
+                        f"(at least {2 * batch_size}: 2 per stream); lower {key}{fix}")
     return ids[: steps * batch_size].view(batch_size, steps).t().contiguous()

@@ -1,0 +1,29 @@
+"""report: the learning-curve plot."""
+
+import warnings
+
+import pytest
+from matplotlib.figure import Figure
+
+from topdown import report
+
+
+def curves_of(losses):
+    summary = {"task": "image", "procedure": "baseline", "metric": "error",
+               "stages": [{"index": 0, "role": "baseline", "candidates": []}]}
+    metrics = [{"stage": 0, "candidate": 0, "epoch": i + 1, "val": {"error": 0.0}, "train_loss": v} for i, v in enumerate(losses)]
+    return summary, metrics
+
+
+@pytest.mark.parametrize("losses", [[0.0, 0.0], [0.5, 0.0], [0.5, -0.1], [0.5, 0.2]])
+def test_curves_plot_raises_no_warning_for_zero_or_negative_training_loss(tmp_path, monkeypatch, losses):
+    """A one-class corpus trains to loss 0: the log-scaled loss plot warned on stderr ("Data has no positive values").
+    Positive losses keep the log scale; any other loss makes the plot linear."""
+    scales, savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (scales.append(fig.axes[1].get_yscale()), savefig(fig, *a, **k)))
+    summary, metrics = curves_of(losses)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report.plot_curves(summary, metrics, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert scales == ["log" if min(losses) > 0 else "linear"]
