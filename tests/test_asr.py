@@ -18,7 +18,7 @@ import topdown
 from topdown import Blocks, CascadeConfig, TrainConfig
 from topdown.cli import main
 from topdown.tasks import resolve_config, task_module
-from topdown.tasks.asr import an4, common, ngram, rnn, transformer
+from topdown.tasks.asr import an4, common, kaldi, ngram, rnn, transformer
 
 from conftest import cli, read_summary
 
@@ -168,6 +168,41 @@ def test_bad_kaldi_data_is_a_one_line_error(tmp_path, capsys, kind):
     run = tmp_path / "r"
     one_line_error(*run_main(capsys, "baseline", *TINY_T, "--set", "data.val_speakers=1", "--data-dir", str(data), "--out", str(run)), pattern)
     assert not run.exists()
+
+
+FBANK_MISFITS = [  # (sample rate, data.fbank settings, the error)
+    (4000, {}, r"data\.fbank\.num_mel_bins=80 is too many at 4000 Hz .* allowed: at most (\d+)"),
+    (2000, {}, r"data\.fbank\.num_mel_bins=80 is too many at 2000 Hz .* allowed: at most (\d+)"),
+    (16000, {"num_mel_bins": 300}, r"data\.fbank\.num_mel_bins=300 is too many at 16000 Hz .* allowed: at most (\d+)"),
+    (8000, {"high_freq": 7600}, r"data\.fbank\.high_freq=7600 is above the Nyquist frequency 4000 Hz at 8000 Hz .*allowed: low_freq < high_freq <= 4000"),
+    (16000, {"high_freq": 9000}, r"data\.fbank\.high_freq=9000 is above the Nyquist frequency 8000 Hz at 16000 Hz"),
+    (16000, {"low_freq": 9000}, r"data\.fbank\.low_freq=9000 is not below the Nyquist frequency 8000 Hz at 16000 Hz .*allowed: 0 <= low_freq < 8000"),
+    (16000, {"low_freq": 8000}, r"data\.fbank\.low_freq=8000 is not below the Nyquist frequency 8000 Hz"),
+    (16000, {"high_freq": -9000}, r"data\.fbank\.high_freq=-9000 \(the Nyquist frequency 8000 Hz - 9000 = -1000 Hz\) is not above data\.fbank\.low_freq=20"),
+    (16000, {"low_freq": 300, "high_freq": 200}, r"data\.fbank\.high_freq=200 is not above data\.fbank\.low_freq=300 at 16000 Hz"),
+    (16000, {"frame_length_ms": 0.01}, r"data\.fbank\.frame_length_ms=0\.01 is a window of 0 sample\(s\) at 16000 Hz .*allowed: at least 2 samples"),
+    (16000, {"frame_length_ms": 0.2}, r"data\.fbank\.frame_length_ms=0\.2 is too short for any mel filterbank at 16000 Hz .*allowed: longer frames"),
+    (16000, {"frame_shift_ms": 0.01}, r"data\.fbank\.frame_shift_ms=0\.01 is a shift of 0 samples at 16000 Hz .*allowed: at least 1 sample"),
+    (16000, {"num_mel_bins": 2}, r"data\.fbank\.num_mel_bins.*2.*3"),
+]
+
+
+@pytest.mark.parametrize("rate, fbank, pattern", FBANK_MISFITS,
+                         ids=[f"{r}Hz-{','.join(f'{k}={v}' for k, v in f.items()) or 'defaults'}" for r, f, _ in FBANK_MISFITS])
+def test_fbank_options_that_do_not_fit_the_sample_rate_are_one_line_errors(tmp_path, capsys, rate, fbank, pattern):
+    """Any one sample rate is accepted, but kaldi-native-fbank's options must fit it: a setting that does
+    not is an error naming the option, its value, the rate and what is allowed, before any training."""
+    data = kaldi_root(tmp_path / "data", dev=False, rate=rate, seconds=0.3)
+    sets = [a for k, v in fbank.items() for a in ("--set", f"data.fbank.{k}={v}")]
+    run = tmp_path / "r"
+    code, err = run_main(capsys, "baseline", "asr-rnn", "--preset", "tiny", "--set", "data.val_speakers=1", *sets,
+                         "--data-dir", str(data), "--out", str(run))
+    one_line_error(code, err, pattern)
+    assert not run.exists()
+    most = re.search(pattern, err.strip().splitlines()[-1]).groups()
+    if most:  # the largest filterbank the message allows is accepted
+        corpus, _ = kaldi.load_root(data, {**kaldi.FBANK_DEFAULTS, **fbank, "num_mel_bins": int(most[0])})
+        assert corpus["train"][0].feats.shape[1] == int(most[0])
 
 
 def test_unseen_characters_map_to_unk_when_configured_and_the_cli_exits_nonzero_otherwise(tmp_path, capsys):
