@@ -157,11 +157,17 @@ def damage(root: Path, kind: str) -> str:
         lines = (train / "text").read_text().splitlines()
         (train / "text").write_text("\n".join(lines[1:]) + "\n")
         return r"no transcript for 1 utterance"
+    if kind == "nan sample":
+        wav = train / "audio" / "s1-u001.wav"
+        wave = tone(0.3, 8000, 1)
+        wave[100] = np.nan
+        sf.write(str(wav), wave, 8000, subtype="FLOAT")
+        return r"wav\.scp: utterance 's1-u001': audio file .*s1-u001\.wav holds 1 non-finite sample\(s\) \(NaN or inf; first at sample 100\)"
     raise AssertionError(kind)
 
 
 @pytest.mark.parametrize("kind", ["malformed", "missing audio", "empty text", "empty transcript", "rate mismatch",
-                                  "unseen character", "corrupt audio", "piped", "no text for audio"])
+                                  "unseen character", "corrupt audio", "piped", "no text for audio", "nan sample"])
 def test_bad_kaldi_data_is_a_one_line_error(tmp_path, capsys, kind):
     data = kaldi_root(tmp_path / "data", dev=False, seconds=0.3)
     pattern = damage(data, kind)

@@ -186,6 +186,10 @@ def read_audio(path: Path, where: str) -> tuple[np.ndarray, int]:
         raise DataError(f"{where}: cannot read audio file {path} ({' '.join(str(e).split())})") from None
     if len(wave) == 0:
         raise DataError(f"{where}: audio file {path} holds no samples")
+    bad = np.flatnonzero(~np.isfinite(wave[:, 0]))
+    if len(bad):  # a float WAV can hold NaN or inf, which would make every feature of the file NaN
+        raise DataError(f"{where}: audio file {path} holds {len(bad)} non-finite sample(s) (NaN or inf; first at sample {bad[0]}); "
+                        f"samples must be finite")
     return wave[:, 0], int(rate)
 
 
