@@ -163,11 +163,15 @@ def damage(root: Path, kind: str) -> str:
         wave[100] = np.nan
         sf.write(str(wav), wave, 8000, subtype="FLOAT")
         return r"wav\.scp: utterance 's1-u001': audio file .*s1-u001\.wav holds 1 non-finite sample\(s\) \(NaN or inf; first at sample 100\)"
+    if kind == "segments":
+        (train / "segments").write_text("s0-u000 rec1 0.0 0.2\n")
+        return r"train/segments: segment files are not supported; cut the recordings into one file per utterance"
     raise AssertionError(kind)
 
 
 @pytest.mark.parametrize("kind", ["malformed", "missing audio", "empty text", "empty transcript", "rate mismatch",
-                                  "unseen character", "corrupt audio", "piped", "no text for audio", "nan sample"])
+                                  "unseen character", "corrupt audio", "piped", "no text for audio", "nan sample",
+                                  "segments"])
 def test_bad_kaldi_data_is_a_one_line_error(tmp_path, capsys, kind):
     data = kaldi_root(tmp_path / "data", dev=False, seconds=0.3)
     pattern = damage(data, kind)

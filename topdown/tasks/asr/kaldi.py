@@ -7,7 +7,8 @@ directory:
 * ``feats.scp``: ``<utterance-id> <rxspecifier>`` (e.g. ``feats.ark:1234``), read with
   kaldiio; or else ``wav.scp``: ``<utterance-id> <path>`` to a WAV/FLAC file (plain paths
   only, no piped commands), read with soundfile and turned into log-mel filterbank
-  features with kaldi-native-fbank (Kaldi's ``compute-fbank``, reimplemented);
+  features with kaldi-native-fbank (Kaldi's ``compute-fbank``, reimplemented); one file per
+  utterance (a ``segments`` file, which cuts utterances out of longer recordings, is refused);
 * ``utt2spk`` (optional): ``<utterance-id> <speaker>``; without it each utterance is its
   own speaker (Kaldi's convention).
 
@@ -235,6 +236,9 @@ def load_dir(path: Path, fbank_cfg: dict[str, Any]) -> tuple[list[Utterance], di
                 raise DataError(f"{where}: expected a non-empty (frames, dims) matrix, got shape {mat.shape}")
             utts.append(Utterance(uid, speakers[uid], _finite(mat.astype(np.float32), where), text[uid]))
     elif wav_path.is_file():
+        if (path / "segments").is_file():  # Kaldi's segments cut utterances out of longer recordings; we read whole files
+            raise DataError(f"{path / 'segments'}: segment files are not supported; cut the recordings into one file per utterance "
+                            f"(e.g. with Kaldi's extract-segments) and list those in wav.scp")
         scp = read_table(wav_path)
         _check_same_keys(text, scp, text_path, wav_path)
         facts["source"] = "wav.scp"
