@@ -166,12 +166,21 @@ def damage(root: Path, kind: str) -> str:
     if kind == "segments":
         (train / "segments").write_text("s0-u000 rec1 0.0 0.2\n")
         return r"train/segments: segment files are not supported; cut the recordings into one file per utterance"
+    if kind == "space in path":
+        wav = train / "audio" / "s0-u000.wav"
+        wav.rename(train / "audio" / "s0 u000.wav")
+        (train / "wav.scp").write_text((train / "wav.scp").read_text().replace(str(wav), str(train / "audio" / "s0 u000.wav")))
+        return r"utterance 's0-u000': the path '.*/s0 u000\.wav' has a space, which wav\.scp cannot hold"
+    if kind == "command without pipe":
+        wav = train / "audio" / "s0-u000.wav"
+        (train / "wav.scp").write_text((train / "wav.scp").read_text().replace(str(wav), f"sox {wav} -t wav -"))
+        return r"only plain audio file paths are supported, got 'sox .* -t wav -'"
     raise AssertionError(kind)
 
 
 @pytest.mark.parametrize("kind", ["malformed", "missing audio", "empty text", "empty transcript", "rate mismatch",
                                   "unseen character", "corrupt audio", "piped", "no text for audio", "nan sample",
-                                  "segments"])
+                                  "segments", "space in path", "command without pipe"])
 def test_bad_kaldi_data_is_a_one_line_error(tmp_path, capsys, kind):
     data = kaldi_root(tmp_path / "data", dev=False, seconds=0.3)
     pattern = damage(data, kind)

@@ -194,6 +194,17 @@ def read_audio(path: Path, where: str) -> tuple[np.ndarray, int]:
     return wave[:, 0], int(rate)
 
 
+def _path_like(spec: str, data_dir: Path) -> bool:
+    """Whether a wav.scp entry with a space is a file path (it exists, or it ends in an audio file
+    extension), not a command such as ``sox in.sph -t wav -`` whose trailing ``|`` was forgotten."""
+    import soundfile as sf
+
+    if "|" in spec:
+        return False
+    suffix = Path(spec).suffix.lstrip(".").lower()
+    return Path(spec).exists() or (data_dir / spec).exists() or suffix in {f.lower() for f in sf.available_formats()}
+
+
 def _check_same_keys(text: dict[str, str], other: dict[str, str], text_path: Path, other_path: Path) -> None:
     missing = [u for u in text if u not in other]
     if missing:
@@ -246,8 +257,11 @@ def load_dir(path: Path, fbank_cfg: dict[str, Any]) -> tuple[list[Utterance], di
         for number, uid in enumerate(text, 1):
             spec = scp[uid]
             where = f"{wav_path}: utterance {uid!r}"
-            if spec.endswith("|") or " " in spec:
+            if spec.endswith("|") or (" " in spec and not _path_like(spec, path)):
                 raise DataError(f"{where}: only plain audio file paths are supported, got {spec!r} (convert piped commands to files first)")
+            if " " in spec:
+                raise DataError(f"{where}: the path {spec!r} has a space, which wav.scp cannot hold (Kaldi splits its lines at spaces); "
+                                f"rename or link the file to a path without spaces")
             audio = Path(spec)
             if not audio.is_absolute() and not audio.exists() and (path / spec).exists():
                 audio = path / spec  # Kaldi resolves relative paths from the current directory; we also try the data directory
