@@ -224,6 +224,19 @@ def test_fbank_options_that_do_not_fit_the_sample_rate_are_one_line_errors(tmp_p
         assert corpus["train"][0].feats.shape[1] == int(most[0])
 
 
+def test_kaldi_files_with_a_byte_order_mark_load_as_without(tmp_path):
+    """A UTF-8 byte order mark at the start of a Kaldi file is not part of the first utterance id."""
+    data = kaldi_root(tmp_path / "data", dev=False, seconds=0.3)
+    plain, facts = kaldi.load_root(data, kaldi.FBANK_DEFAULTS)
+    for name in ("text", "utt2spk", "wav.scp"):
+        path = data / "train" / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    marked, marked_facts = kaldi.load_root(data, kaldi.FBANK_DEFAULTS)
+    assert marked_facts == facts
+    for a, b in zip(plain["train"], marked["train"], strict=True):
+        assert (a.uid, a.speaker, a.text) == (b.uid, b.speaker, b.text) and np.array_equal(a.feats, b.feats)
+
+
 def test_unseen_characters_map_to_unk_when_configured_and_the_cli_exits_nonzero_otherwise(tmp_path, capsys):
     data = kaldi_root(tmp_path / "data", seconds=0.6)
     damage(data, "unseen character")

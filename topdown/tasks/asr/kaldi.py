@@ -49,11 +49,12 @@ FBANK_DEFAULTS: dict[str, Any] = Fbank.defaults()
 
 
 def read_table(path: Path, *, allow_empty_value: bool = False) -> dict[str, str]:
-    """``<key> <value...>`` lines into an ordered dict; blank lines are skipped."""
+    """``<key> <value...>`` lines into an ordered dict; blank lines are skipped. A leading UTF-8
+    byte order mark (as some Windows editors write) is dropped, not read as part of the first key."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     table: dict[str, str] = {}
