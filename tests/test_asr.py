@@ -237,6 +237,16 @@ def test_kaldi_files_with_a_byte_order_mark_load_as_without(tmp_path):
         assert (a.uid, a.speaker, a.text) == (b.uid, b.speaker, b.text) and np.array_equal(a.feats, b.feats)
 
 
+def test_messages_name_the_config_key_and_the_directory_given(tmp_path, capsys):
+    data = kaldi_root(tmp_path / "data", dev=False, seconds=0.3)
+    one_line_error(*run_main(capsys, "baseline", *TINY_T, "--set", "data.val_speakers=8", "--data-dir", str(data), "--out", str(tmp_path / "r")),
+                   r"data\.val_speakers=8, but the training set has 4 speakers .*allowed: 1 to 3")
+    data = kaldi_root(tmp_path / "dev-data", seconds=0.3)
+    (data / "dev" / "text").write_text((data / "dev" / "text").read_text().replace("s2-u102 GO", "s2-u102 GO!"))
+    one_line_error(*run_main(capsys, "baseline", *TINY_T, "--data-dir", str(data), "--out", str(tmp_path / "r")),
+                   r"error: utterance s2-u102 \(dev\): character '!'")
+
+
 def test_unseen_characters_map_to_unk_when_configured_and_the_cli_exits_nonzero_otherwise(tmp_path, capsys):
     data = kaldi_root(tmp_path / "data", seconds=0.6)
     damage(data, "unseen character")
