@@ -175,12 +175,16 @@ def damage(root: Path, kind: str) -> str:
         wav = train / "audio" / "s0-u000.wav"
         (train / "wav.scp").write_text((train / "wav.scp").read_text().replace(str(wav), f"sox {wav} -t wav -"))
         return r"only plain audio file paths are supported, got 'sox .* -t wav -'"
+    if kind == "all silent":
+        for audio in (train / "audio").iterdir():
+            sf.write(str(audio), np.zeros(2400, np.float32), 8000)
+        return r"train: all 8 utterances are silent \(constant audio, e\.g\. all-zero samples\)"
     raise AssertionError(kind)
 
 
 @pytest.mark.parametrize("kind", ["malformed", "missing audio", "empty text", "empty transcript", "rate mismatch",
                                   "unseen character", "corrupt audio", "piped", "no text for audio", "nan sample",
-                                  "segments", "space in path", "command without pipe"])
+                                  "segments", "space in path", "command without pipe", "all silent"])
 def test_bad_kaldi_data_is_a_one_line_error(tmp_path, capsys, kind):
     data = kaldi_root(tmp_path / "data", dev=False, seconds=0.3)
     pattern = damage(data, kind)
@@ -235,6 +239,16 @@ def test_kaldi_files_with_a_byte_order_mark_load_as_without(tmp_path):
     assert marked_facts == facts
     for a, b in zip(plain["train"], marked["train"], strict=True):
         assert (a.uid, a.speaker, a.text) == (b.uid, b.speaker, b.text) and np.array_equal(a.feats, b.feats)
+
+
+def test_silent_utterances_are_a_one_line_warning(tmp_path, capsys):
+    """A few silent files can be legitimate, so they are counted in a warning (all of train silent is an error)."""
+    data = kaldi_root(tmp_path / "data", dev=False, seconds=0.3)
+    for uid in ("s1-u001", "s3-u003"):
+        sf.write(str(data / "train" / "audio" / f"{uid}.wav"), np.zeros(2400, np.float32), 8000)
+    kaldi.load_root(data, kaldi.FBANK_DEFAULTS)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"topdown: warning: 2 of 8 utterance(s) in {data / 'train'} are silent (constant audio, e.g. all-zero samples; first: 's1-u001')"]
 
 
 def test_messages_name_the_config_key_and_the_directory_given(tmp_path, capsys):

@@ -26,6 +26,7 @@ import numpy as np
 
 from topdown.config import Section, option
 from topdown.errors import ConfigError, DataError
+from topdown.plan import warn
 
 from .an4 import Utterance
 
@@ -217,7 +218,8 @@ def _check_same_keys(text: dict[str, str], other: dict[str, str], text_path: Pat
 
 def load_dir(path: Path, fbank_cfg: dict[str, Any]) -> tuple[list[Utterance], dict[str, Any]]:
     """One Kaldi data directory -> utterances (features (frames, dims) float32) and facts about it
-    (``source``: feats or wav; ``sample_rate`` for audio)."""
+    (``source``: feats or wav; ``sample_rate`` for audio; ``silent``: the ids of utterances with
+    constant audio or identical feature frames)."""
     if not path.is_dir():
         raise DataError(f"{path}: data directory not found")
     text_path = path / "text"
@@ -228,7 +230,8 @@ def load_dir(path: Path, fbank_cfg: dict[str, Any]) -> tuple[list[Utterance], di
         _check_same_keys(text, speakers, text_path, spk_path)
     feats_path, wav_path = path / "feats.scp", path / "wav.scp"
     utts: list[Utterance] = []
-    facts: dict[str, Any] = {}
+    silent: list[str] = []
+    facts: dict[str, Any] = {"silent": silent}
     if feats_path.is_file():
         import kaldiio
 
@@ -246,6 +249,8 @@ def load_dir(path: Path, fbank_cfg: dict[str, Any]) -> tuple[list[Utterance], di
             mat = np.asarray(mat)
             if mat.ndim != 2 or mat.shape[0] == 0:
                 raise DataError(f"{where}: expected a non-empty (frames, dims) matrix, got shape {mat.shape}")
+            if (mat == mat[0]).all():
+                silent.append(uid)
             utts.append(Utterance(uid, speakers[uid], _finite(mat.astype(np.float32), where), text[uid]))
     elif wav_path.is_file():
         if (path / "segments").is_file():  # Kaldi's segments cut utterances out of longer recordings; we read whole files
@@ -267,6 +272,8 @@ def load_dir(path: Path, fbank_cfg: dict[str, Any]) -> tuple[list[Utterance], di
             if not audio.is_absolute() and not audio.exists() and (path / spec).exists():
                 audio = path / spec  # Kaldi resolves relative paths from the current directory; we also try the data directory
             wave, rate = read_audio(audio, where)
+            if wave.min() == wave.max():
+                silent.append(uid)
             if rate0 is None:
                 rate0, first = rate, uid
             elif rate != rate0:
@@ -292,6 +299,17 @@ def _finite(x: np.ndarray, where: str) -> np.ndarray:
     return x
 
 
+def _report_silence(path: Path, silent: list[str], total: int, source: str, *, train: bool) -> None:
+    """Silent utterances carry no speech: a few can be legitimate (a warning), a training set of
+    nothing else cannot teach the model anything (an error)."""
+    if not silent:
+        return
+    what = "constant audio, e.g. all-zero samples" if source == "wav.scp" else "every frame's features identical"
+    if train and len(silent) == total:
+        raise DataError(f"{path}: all {total} utterances are silent ({what}); there is no speech to train on")
+    warn(f"warning: {len(silent)} of {total} utterance(s) in {path} are silent ({what}; first: {silent[0]!r})")
+
+
 def load_root(root: Path, fbank_cfg: dict[str, Any]) -> tuple[dict[str, list[Utterance]], dict[str, Any]]:
     """``ROOT/{train,dev,test}`` -> {"train", "dev" (if present), "test"} and facts (source, sample rate)."""
     corpus: dict[str, list[Utterance]] = {}
@@ -311,4 +329,6 @@ def load_root(root: Path, fbank_cfg: dict[str, Any]) -> tuple[dict[str, list[Utt
     dims = {s: u[0].feats.shape[1] for s, u in corpus.items()}
     if len(set(dims.values())) > 1:
         raise DataError(f"{root}: feature dimensions differ between data directories ({dims})")
+    for split, f in facts.items():
+        _report_silence(root / split, f["silent"], len(corpus[split]), f["source"], train=split == "train")
     return corpus, {"source": sources.pop(), **({"sample_rate": next(iter(rates.values()))} if rates else {})}
