@@ -18,7 +18,7 @@ import topdown
 from topdown import Blocks, CascadeConfig, TrainConfig
 from topdown.cli import main
 from topdown.tasks import resolve_config, task_module
-from topdown.tasks.asr import an4, common, ngram, rnn, transformer
+from topdown.tasks.asr import an4, common, kaldi, ngram, rnn, transformer
 
 from conftest import cli, read_summary
 
@@ -157,17 +157,108 @@ def damage(root: Path, kind: str) -> str:
         lines = (train / "text").read_text().splitlines()
         (train / "text").write_text("\n".join(lines[1:]) + "\n")
         return r"no transcript for 1 utterance"
+    if kind == "nan sample":
+        wav = train / "audio" / "s1-u001.wav"
+        wave = tone(0.3, 8000, 1)
+        wave[100] = np.nan
+        sf.write(str(wav), wave, 8000, subtype="FLOAT")
+        return r"wav\.scp: utterance 's1-u001': audio file .*s1-u001\.wav holds 1 non-finite sample\(s\) \(NaN or inf; first at sample 100\)"
+    if kind == "segments":
+        (train / "segments").write_text("s0-u000 rec1 0.0 0.2\n")
+        return r"train/segments: segment files are not supported; cut the recordings into one file per utterance"
+    if kind == "space in path":
+        wav = train / "audio" / "s0-u000.wav"
+        wav.rename(train / "audio" / "s0 u000.wav")
+        (train / "wav.scp").write_text((train / "wav.scp").read_text().replace(str(wav), str(train / "audio" / "s0 u000.wav")))
+        return r"utterance 's0-u000': the path '.*/s0 u000\.wav' has a space, which wav\.scp cannot hold"
+    if kind == "command without pipe":
+        wav = train / "audio" / "s0-u000.wav"
+        (train / "wav.scp").write_text((train / "wav.scp").read_text().replace(str(wav), f"sox {wav} -t wav -"))
+        return r"only plain audio file paths are supported, got 'sox .* -t wav -'"
+    if kind == "all silent":
+        for audio in (train / "audio").iterdir():
+            sf.write(str(audio), np.zeros(2400, np.float32), 8000)
+        return r"train: all 8 utterances are silent \(constant audio, e\.g\. all-zero samples\)"
     raise AssertionError(kind)
 
 
 @pytest.mark.parametrize("kind", ["malformed", "missing audio", "empty text", "empty transcript", "rate mismatch",
-                                  "unseen character", "corrupt audio", "piped", "no text for audio"])
+                                  "unseen character", "corrupt audio", "piped", "no text for audio", "nan sample",
+                                  "segments", "space in path", "command without pipe", "all silent"])
 def test_bad_kaldi_data_is_a_one_line_error(tmp_path, capsys, kind):
     data = kaldi_root(tmp_path / "data", dev=False, seconds=0.3)
     pattern = damage(data, kind)
     run = tmp_path / "r"
     one_line_error(*run_main(capsys, "baseline", *TINY_T, "--set", "data.val_speakers=1", "--data-dir", str(data), "--out", str(run)), pattern)
     assert not run.exists()
+
+
+FBANK_MISFITS = [  # (sample rate, data.fbank settings, the error)
+    (4000, {}, r"data\.fbank\.num_mel_bins=80 is too many at 4000 Hz .* allowed: at most (\d+)"),
+    (2000, {}, r"data\.fbank\.num_mel_bins=80 is too many at 2000 Hz .* allowed: at most (\d+)"),
+    (16000, {"num_mel_bins": 300}, r"data\.fbank\.num_mel_bins=300 is too many at 16000 Hz .* allowed: at most (\d+)"),
+    (8000, {"high_freq": 7600}, r"data\.fbank\.high_freq=7600 is above the Nyquist frequency 4000 Hz at 8000 Hz .*allowed: low_freq < high_freq <= 4000"),
+    (16000, {"high_freq": 9000}, r"data\.fbank\.high_freq=9000 is above the Nyquist frequency 8000 Hz at 16000 Hz"),
+    (16000, {"low_freq": 9000}, r"data\.fbank\.low_freq=9000 is not below the Nyquist frequency 8000 Hz at 16000 Hz .*allowed: 0 <= low_freq < 8000"),
+    (16000, {"low_freq": 8000}, r"data\.fbank\.low_freq=8000 is not below the Nyquist frequency 8000 Hz"),
+    (16000, {"high_freq": -9000}, r"data\.fbank\.high_freq=-9000 \(the Nyquist frequency 8000 Hz - 9000 = -1000 Hz\) is not above data\.fbank\.low_freq=20"),
+    (16000, {"low_freq": 300, "high_freq": 200}, r"data\.fbank\.high_freq=200 is not above data\.fbank\.low_freq=300 at 16000 Hz"),
+    (16000, {"frame_length_ms": 0.01}, r"data\.fbank\.frame_length_ms=0\.01 is a window of 0 sample\(s\) at 16000 Hz .*allowed: at least 2 samples"),
+    (16000, {"frame_length_ms": 0.2}, r"data\.fbank\.frame_length_ms=0\.2 is too short for any mel filterbank at 16000 Hz .*allowed: longer frames"),
+    (16000, {"frame_shift_ms": 0.01}, r"data\.fbank\.frame_shift_ms=0\.01 is a shift of 0 samples at 16000 Hz .*allowed: at least 1 sample"),
+    (16000, {"num_mel_bins": 2}, r"data\.fbank\.num_mel_bins.*2.*3"),
+]
+
+
+@pytest.mark.parametrize("rate, fbank, pattern", FBANK_MISFITS,
+                         ids=[f"{r}Hz-{','.join(f'{k}={v}' for k, v in f.items()) or 'defaults'}" for r, f, _ in FBANK_MISFITS])
+def test_fbank_options_that_do_not_fit_the_sample_rate_are_one_line_errors(tmp_path, capsys, rate, fbank, pattern):
+    """Any one sample rate is accepted, but kaldi-native-fbank's options must fit it: a setting that does
+    not is an error naming the option, its value, the rate and what is allowed, before any training."""
+    data = kaldi_root(tmp_path / "data", dev=False, rate=rate, seconds=0.3)
+    sets = [a for k, v in fbank.items() for a in ("--set", f"data.fbank.{k}={v}")]
+    run = tmp_path / "r"
+    code, err = run_main(capsys, "baseline", "asr-rnn", "--preset", "tiny", "--set", "data.val_speakers=1", *sets,
+                         "--data-dir", str(data), "--out", str(run))
+    one_line_error(code, err, pattern)
+    assert not run.exists()
+    most = re.search(pattern, err.strip().splitlines()[-1]).groups()
+    if most:  # the largest filterbank the message allows is accepted
+        corpus, _ = kaldi.load_root(data, {**kaldi.FBANK_DEFAULTS, **fbank, "num_mel_bins": int(most[0])})
+        assert corpus["train"][0].feats.shape[1] == int(most[0])
+
+
+def test_kaldi_files_with_a_byte_order_mark_load_as_without(tmp_path):
+    """A UTF-8 byte order mark at the start of a Kaldi file is not part of the first utterance id."""
+    data = kaldi_root(tmp_path / "data", dev=False, seconds=0.3)
+    plain, facts = kaldi.load_root(data, kaldi.FBANK_DEFAULTS)
+    for name in ("text", "utt2spk", "wav.scp"):
+        path = data / "train" / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    marked, marked_facts = kaldi.load_root(data, kaldi.FBANK_DEFAULTS)
+    assert marked_facts == facts
+    for a, b in zip(plain["train"], marked["train"], strict=True):
+        assert (a.uid, a.speaker, a.text) == (b.uid, b.speaker, b.text) and np.array_equal(a.feats, b.feats)
+
+
+def test_silent_utterances_are_a_one_line_warning(tmp_path, capsys):
+    """A few silent files can be legitimate, so they are counted in a warning (all of train silent is an error)."""
+    data = kaldi_root(tmp_path / "data", dev=False, seconds=0.3)
+    for uid in ("s1-u001", "s3-u003"):
+        sf.write(str(data / "train" / "audio" / f"{uid}.wav"), np.zeros(2400, np.float32), 8000)
+    kaldi.load_root(data, kaldi.FBANK_DEFAULTS)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"topdown: warning: 2 of 8 utterance(s) in {data / 'train'} are silent (constant audio, e.g. all-zero samples; first: 's1-u001')"]
+
+
+def test_messages_name_the_config_key_and_the_directory_given(tmp_path, capsys):
+    data = kaldi_root(tmp_path / "data", dev=False, seconds=0.3)
+    one_line_error(*run_main(capsys, "baseline", *TINY_T, "--set", "data.val_speakers=8", "--data-dir", str(data), "--out", str(tmp_path / "r")),
+                   r"data\.val_speakers=8, but the training set has 4 speakers .*allowed: 1 to 3")
+    data = kaldi_root(tmp_path / "dev-data", seconds=0.3)
+    (data / "dev" / "text").write_text((data / "dev" / "text").read_text().replace("s2-u102 GO", "s2-u102 GO!"))
+    one_line_error(*run_main(capsys, "baseline", *TINY_T, "--data-dir", str(data), "--out", str(tmp_path / "r")),
+                   r"error: utterance s2-u102 \(dev\): character '!'")
 
 
 def test_unseen_characters_map_to_unk_when_configured_and_the_cli_exits_nonzero_otherwise(tmp_path, capsys):

@@ -135,6 +135,7 @@ class Corpus:
     splits: dict[str, list[an4.Utterance]]  # train, val, test
     vocab: Vocab
     facts: dict[str, Any]  # where the data came from
+    origins: dict[str, str]  # split -> where its utterances are, for messages: a Kaldi root's validation set is its dev/ directory
 
 
 def load_corpus(data_cfg: dict[str, Any], data_dir: str | None) -> Corpus:
@@ -153,8 +154,10 @@ def load_corpus(data_cfg: dict[str, Any], data_dir: str | None) -> Corpus:
             raise DataError(f"{root}: data directory not found")
         else:
             raise DataError(f"{root}: expected Kaldi data directories ({root}/train, {root}/test, optional {root}/dev) or an AN4-style Sphinx layout with etc/ and feat/")
+    origins = {"train": "train", "val": "train, held out for validation", "test": "test"}
     if "dev" in raw:
         splits = {"train": raw["train"], "val": raw["dev"], "test": raw["test"]}
+        origins["val"] = "dev"
     else:
         train, val = split_speakers(raw["train"], data_cfg["val_speakers"])
         splits = {"train": train, "val": val, "test": raw["test"]}
@@ -170,14 +173,15 @@ def load_corpus(data_cfg: dict[str, Any], data_dir: str | None) -> Corpus:
         vocab = AN4_VOCAB
     else:
         vocab = Vocab.from_texts([u.text for u in splits["train"]], data_cfg["unk"])
-    return Corpus(splits, vocab, facts)
+    return Corpus(splits, vocab, facts, origins)
 
 
 def split_speakers(train: list[an4.Utterance], n_val: int) -> tuple[list[an4.Utterance], list[an4.Utterance]]:
     """Hold out ``n_val`` whole training speakers, chosen by a fixed RNG (the same for every run seed)."""
     speakers = sorted({u.speaker for u in train})
     if not 0 < n_val < len(speakers):
-        raise DataError(f"val_speakers={n_val}, but the training set has {len(speakers)} speakers (and there is no dev set)")
+        raise DataError(f"data.val_speakers={n_val}, but the training set has {len(speakers)} speakers (and there is no dev set); "
+                        f"allowed: 1 to {len(speakers) - 1}, or a dev/ directory")
     held = set(np.random.default_rng(0).choice(speakers, n_val, replace=False).tolist())
     return [u for u in train if u.speaker not in held], [u for u in train if u.speaker in held]
 
@@ -200,10 +204,11 @@ def prepare(data_cfg: dict[str, Any], data_dir: str | None, out_length: Callable
         examples = []
         for u, x in zip(utts, normalised):
             feats = torch.from_numpy(an4.stack_frames(x, data_cfg["stack"]).astype(np.float32))
-            target = corpus.vocab.encode(u.text, f"utterance {u.uid} ({name})")
+            where = f"utterance {u.uid} ({corpus.origins[name]})"
+            target = corpus.vocab.encode(u.text, where)
             repeats = int((target[1:] == target[:-1]).sum())
             if out_length(len(feats)) < len(target) + repeats:
-                raise DataError(f"utterance {u.uid}: {len(u.feats)} frames give the model {out_length(len(feats))} output frames, "
+                raise DataError(f"{where}: {len(u.feats)} frames give the model {out_length(len(feats))} output frames, "
                                 f"too few for its {len(target)} characters (CTC needs {len(target) + repeats}: one per character, "
                                 f"one more per repeated character)")
             examples.append(Example(u.uid, feats, target, u.text))

@@ -7,7 +7,8 @@ directory:
 * ``feats.scp``: ``<utterance-id> <rxspecifier>`` (e.g. ``feats.ark:1234``), read with
   kaldiio; or else ``wav.scp``: ``<utterance-id> <path>`` to a WAV/FLAC file (plain paths
   only, no piped commands), read with soundfile and turned into log-mel filterbank
-  features with kaldi-native-fbank (Kaldi's ``compute-fbank``, reimplemented);
+  features with kaldi-native-fbank (Kaldi's ``compute-fbank``, reimplemented); one file per
+  utterance (a ``segments`` file, which cuts utterances out of longer recordings, is refused);
 * ``utt2spk`` (optional): ``<utterance-id> <speaker>``; without it each utterance is its
   own speaker (Kaldi's convention).
 
@@ -24,7 +25,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from topdown.config import Section, option
-from topdown.errors import DataError
+from topdown.errors import ConfigError, DataError
+from topdown.plan import warn
 
 from .an4 import Utterance
 
@@ -33,7 +35,7 @@ SPLITS = ("train", "dev", "test")
 class Fbank(Section):
     """The log-mel filterbank front end for ``wav.scp`` audio (kaldi-native-fbank's options)."""
     SECTION: ClassVar[str] = "data.fbank"
-    num_mel_bins: int = option(80, ge=1)
+    num_mel_bins: int = option(80, ge=3)  # kaldi-native-fbank needs at least 3
     frame_length_ms: float = option(25.0, gt=0)
     frame_shift_ms: float = option(10.0, gt=0)
     low_freq: float = option(20.0, ge=0)
@@ -48,11 +50,12 @@ FBANK_DEFAULTS: dict[str, Any] = Fbank.defaults()
 
 
 def read_table(path: Path, *, allow_empty_value: bool = False) -> dict[str, str]:
-    """``<key> <value...>`` lines into an ordered dict; blank lines are skipped."""
+    """``<key> <value...>`` lines into an ordered dict; blank lines are skipped. A leading UTF-8
+    byte order mark (as some Windows editors write) is dropped, not read as part of the first key."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     table: dict[str, str] = {}
@@ -80,12 +83,8 @@ def read_text(path: Path) -> dict[str, str]:
     return table
 
 
-def fbank(wave: np.ndarray, rate: int, cfg: dict[str, Any]) -> np.ndarray:
-    """Kaldi-compatible log-mel filterbank features (frames, num_mel_bins) of a mono waveform.
-
-    ``wave`` is float in [-1, 1]; it is scaled to the 16-bit integer range first, as Kaldi
-    reads WAV samples, so that the energy floor means what it means in Kaldi.
-    """
+def _knf_options(cfg: dict[str, Any], rate: int, num_bins: int | None = None):
+    """kaldi-native-fbank's options for ``cfg`` at ``rate`` (``num_bins`` in place of num_mel_bins)."""
     import kaldi_native_fbank as knf
 
     opts = knf.FbankOptions()
@@ -96,15 +95,85 @@ def fbank(wave: np.ndarray, rate: int, cfg: dict[str, Any]) -> np.ndarray:
     opts.frame_opts.preemph_coeff = float(cfg["preemph_coeff"])
     opts.frame_opts.window_type = str(cfg["window_type"])
     opts.frame_opts.snip_edges = bool(cfg["snip_edges"])
-    opts.mel_opts.num_bins = int(cfg["num_mel_bins"])
+    opts.mel_opts.num_bins = int(cfg["num_mel_bins"] if num_bins is None else num_bins)
     opts.mel_opts.low_freq = float(cfg["low_freq"])
     opts.mel_opts.high_freq = float(cfg["high_freq"])
+    return opts
+
+
+def _samples(rate: int, ms: float) -> int:
+    """Samples in ``ms`` milliseconds, computed in float32 as kaldi-native-fbank does (its frame
+    sizes), so that the checks below agree with the library at the boundaries."""
+    return int(np.float32(rate) * np.float32(0.001) * np.float32(ms))
+
+
+def fbank_options(cfg: dict[str, Any], rate: int, where: str):
+    """kaldi-native-fbank's options for audio at ``rate``, checked once before any features are
+    computed: any one sample rate is accepted, but some ``data.fbank`` settings do not fit a rate
+    (a band above its Nyquist frequency, more mel filters than FFT bins), and the library would
+    stop with a bare ValueError, or a division by zero for a zero-sample shift. ``where`` names
+    the audio the rate came from."""
+    at = f"at {rate} Hz ({where})"
+    length, shift = cfg["frame_length_ms"], cfg["frame_shift_ms"]
+    if _samples(rate, length) < 2:
+        raise ConfigError(f"data.fbank.frame_length_ms={length:g} is a window of {_samples(rate, length)} sample(s) {at}; "
+                          f"allowed: at least 2 samples ({2000 / rate:.4g} ms; 25 is usual)")
+    if _samples(rate, shift) < 1:
+        raise ConfigError(f"data.fbank.frame_shift_ms={shift:g} is a shift of 0 samples {at}; "
+                          f"allowed: at least 1 sample ({1000 / rate:.4g} ms; 10 is usual)")
+    nyquist, low, high = rate / 2, cfg["low_freq"], cfg["high_freq"]
+    band = high if high > 0 else nyquist + high  # Kaldi: 0 = the Nyquist frequency, negative = below it by that much
+    if low >= nyquist:
+        raise ConfigError(f"data.fbank.low_freq={low:g} is not below the Nyquist frequency {nyquist:g} Hz {at}; "
+                          f"allowed: 0 <= low_freq < {nyquist:g}")
+    if high > nyquist:
+        raise ConfigError(f"data.fbank.high_freq={high:g} is above the Nyquist frequency {nyquist:g} Hz {at}; "
+                          f"allowed: low_freq < high_freq <= {nyquist:g}, or 0 for the Nyquist frequency, or a negative offset from it")
+    if band <= low:
+        meaning = f" (the Nyquist frequency {nyquist:g} Hz - {-high:g} = {band:g} Hz)" if high <= 0 else ""
+        raise ConfigError(f"data.fbank.high_freq={high:g}{meaning} is not above data.fbank.low_freq={low:g} {at}; "
+                          f"allowed: high_freq in ({low:g}, {nyquist:g}], or 0, or a negative offset above {low - nyquist:g}")
+    bins = int(cfg["num_mel_bins"])
+    refusal = _refusal(cfg, rate, bins)  # building the mel filters is where the rest is checked
+    if refusal and "mel" not in refusal:
+        raise ConfigError(f"kaldi-native-fbank refuses the data.fbank options {at}: {refusal} (options: {cfg})")
+    if refusal:
+        fits = next((n for n in range(bins - 1, 2, -1) if _refusal(cfg, rate, n) is None), None)
+        if fits is None:
+            raise ConfigError(f"data.fbank.frame_length_ms={length:g} is too short for any mel filterbank {at}: no filter gets an FFT bin; "
+                              f"allowed: longer frames (25 is usual)")
+        raise ConfigError(f"data.fbank.num_mel_bins={bins} is too many {at} with {length:g} ms frames and a {low:g}-{band:g} Hz band "
+                          f"(some filters would get no FFT bin); allowed: at most {fits}, or longer frames (data.fbank.frame_length_ms)")
+    return _knf_options(cfg, rate)
+
+
+def _refusal(cfg: dict[str, Any], rate: int, num_bins: int) -> str | None:
+    """kaldi-native-fbank's reason to refuse ``num_bins`` mel filters with ``cfg`` at ``rate`` (None: it accepts them).
+    Its constructor is the only source of the rule that every filter must get an FFT bin."""
+    import kaldi_native_fbank as knf
+
+    try:
+        knf.OnlineFbank(_knf_options(cfg, rate, num_bins))
+    except (ValueError, RuntimeError) as e:
+        return " ".join(str(e).split())
+    return None
+
+
+def fbank(wave: np.ndarray, opts) -> np.ndarray:
+    """Kaldi-compatible log-mel filterbank features (frames, num_mel_bins) of a mono waveform,
+    with options from :func:`fbank_options`.
+
+    ``wave`` is float in [-1, 1]; it is scaled to the 16-bit integer range first, as Kaldi
+    reads WAV samples, so that the energy floor means what it means in Kaldi.
+    """
+    import kaldi_native_fbank as knf
+
     computer = knf.OnlineFbank(opts)
-    computer.accept_waveform(float(rate), (wave * 32768.0).astype(np.float32))
+    computer.accept_waveform(opts.frame_opts.samp_freq, (wave * 32768.0).astype(np.float32))
     computer.input_finished()
     n = computer.num_frames_ready
     if n == 0:
-        return np.zeros((0, int(cfg["num_mel_bins"])), np.float32)
+        return np.zeros((0, opts.mel_opts.num_bins), np.float32)
     return np.stack([np.asarray(computer.get_frame(i), dtype=np.float32) for i in range(n)])
 
 
@@ -120,7 +189,22 @@ def read_audio(path: Path, where: str) -> tuple[np.ndarray, int]:
         raise DataError(f"{where}: cannot read audio file {path} ({' '.join(str(e).split())})") from None
     if len(wave) == 0:
         raise DataError(f"{where}: audio file {path} holds no samples")
+    bad = np.flatnonzero(~np.isfinite(wave[:, 0]))
+    if len(bad):  # a float WAV can hold NaN or inf, which would make every feature of the file NaN
+        raise DataError(f"{where}: audio file {path} holds {len(bad)} non-finite sample(s) (NaN or inf; first at sample {bad[0]}); "
+                        f"samples must be finite")
     return wave[:, 0], int(rate)
+
+
+def _path_like(spec: str, data_dir: Path) -> bool:
+    """Whether a wav.scp entry with a space is a file path (it exists, or it ends in an audio file
+    extension), not a command such as ``sox in.sph -t wav -`` whose trailing ``|`` was forgotten."""
+    import soundfile as sf
+
+    if "|" in spec:
+        return False
+    suffix = Path(spec).suffix.lstrip(".").lower()
+    return Path(spec).exists() or (data_dir / spec).exists() or suffix in {f.lower() for f in sf.available_formats()}
 
 
 def _check_same_keys(text: dict[str, str], other: dict[str, str], text_path: Path, other_path: Path) -> None:
@@ -134,7 +218,8 @@ def _check_same_keys(text: dict[str, str], other: dict[str, str], text_path: Pat
 
 def load_dir(path: Path, fbank_cfg: dict[str, Any]) -> tuple[list[Utterance], dict[str, Any]]:
     """One Kaldi data directory -> utterances (features (frames, dims) float32) and facts about it
-    (``source``: feats or wav; ``sample_rate`` for audio)."""
+    (``source``: feats or wav; ``sample_rate`` for audio; ``silent``: the ids of utterances with
+    constant audio or identical feature frames)."""
     if not path.is_dir():
         raise DataError(f"{path}: data directory not found")
     text_path = path / "text"
@@ -145,7 +230,8 @@ def load_dir(path: Path, fbank_cfg: dict[str, Any]) -> tuple[list[Utterance], di
         _check_same_keys(text, speakers, text_path, spk_path)
     feats_path, wav_path = path / "feats.scp", path / "wav.scp"
     utts: list[Utterance] = []
-    facts: dict[str, Any] = {}
+    silent: list[str] = []
+    facts: dict[str, Any] = {"silent": silent}
     if feats_path.is_file():
         import kaldiio
 
@@ -163,26 +249,38 @@ def load_dir(path: Path, fbank_cfg: dict[str, Any]) -> tuple[list[Utterance], di
             mat = np.asarray(mat)
             if mat.ndim != 2 or mat.shape[0] == 0:
                 raise DataError(f"{where}: expected a non-empty (frames, dims) matrix, got shape {mat.shape}")
+            if (mat == mat[0]).all():
+                silent.append(uid)
             utts.append(Utterance(uid, speakers[uid], _finite(mat.astype(np.float32), where), text[uid]))
     elif wav_path.is_file():
+        if (path / "segments").is_file():  # Kaldi's segments cut utterances out of longer recordings; we read whole files
+            raise DataError(f"{path / 'segments'}: segment files are not supported; cut the recordings into one file per utterance "
+                            f"(e.g. with Kaldi's extract-segments) and list those in wav.scp")
         scp = read_table(wav_path)
         _check_same_keys(text, scp, text_path, wav_path)
         facts["source"] = "wav.scp"
-        rate0 = first = None
+        rate0 = first = opts = None
         for number, uid in enumerate(text, 1):
             spec = scp[uid]
             where = f"{wav_path}: utterance {uid!r}"
-            if spec.endswith("|") or " " in spec:
+            if spec.endswith("|") or (" " in spec and not _path_like(spec, path)):
                 raise DataError(f"{where}: only plain audio file paths are supported, got {spec!r} (convert piped commands to files first)")
+            if " " in spec:
+                raise DataError(f"{where}: the path {spec!r} has a space, which wav.scp cannot hold (Kaldi splits its lines at spaces); "
+                                f"rename or link the file to a path without spaces")
             audio = Path(spec)
             if not audio.is_absolute() and not audio.exists() and (path / spec).exists():
                 audio = path / spec  # Kaldi resolves relative paths from the current directory; we also try the data directory
             wave, rate = read_audio(audio, where)
+            if wave.min() == wave.max():
+                silent.append(uid)
             if rate0 is None:
                 rate0, first = rate, uid
             elif rate != rate0:
                 raise DataError(f"{where}: sample rate {rate} Hz differs from {rate0} Hz of {first!r}; resample the directory to one rate")
-            feats = fbank(wave, rate, fbank_cfg)
+            if opts is None:
+                opts = fbank_options(fbank_cfg, rate, f"{audio}, the first file of {wav_path}")
+            feats = fbank(wave, opts)
             if len(feats) == 0:
                 raise DataError(f"{where}: audio is shorter than one {fbank_cfg['frame_length_ms']} ms frame")
             utts.append(Utterance(uid, speakers[uid], _finite(feats, where), text[uid]))
@@ -199,6 +297,17 @@ def _finite(x: np.ndarray, where: str) -> np.ndarray:
     if not np.isfinite(x).all():
         raise DataError(f"{where}: features contain non-finite values (NaN or inf)")
     return x
+
+
+def _report_silence(path: Path, silent: list[str], total: int, source: str, *, train: bool) -> None:
+    """Silent utterances carry no speech: a few can be legitimate (a warning), a training set of
+    nothing else cannot teach the model anything (an error)."""
+    if not silent:
+        return
+    what = "constant audio, e.g. all-zero samples" if source == "wav.scp" else "every frame's features identical"
+    if train and len(silent) == total:
+        raise DataError(f"{path}: all {total} utterances are silent ({what}); there is no speech to train on")
+    warn(f"warning: {len(silent)} of {total} utterance(s) in {path} are silent ({what}; first: {silent[0]!r})")
 
 
 def load_root(root: Path, fbank_cfg: dict[str, Any]) -> tuple[dict[str, list[Utterance]], dict[str, Any]]:
@@ -220,4 +329,6 @@ def load_root(root: Path, fbank_cfg: dict[str, Any]) -> tuple[dict[str, list[Utt
     dims = {s: u[0].feats.shape[1] for s, u in corpus.items()}
     if len(set(dims.values())) > 1:
         raise DataError(f"{root}: feature dimensions differ between data directories ({dims})")
+    for split, f in facts.items():
+        _report_silence(root / split, f["silent"], len(corpus[split]), f["source"], train=split == "train")
     return corpus, {"source": sources.pop(), **({"sample_rate": next(iter(rates.values()))} if rates else {})}
