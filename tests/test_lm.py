@@ -196,7 +196,7 @@ def test_tied_weights_across_a_split_are_an_error_unless_tie_is_given():
     proc = cli("cascade", "lm-awd", "--preset", "tiny", "--set", "model.tie=", "--out", "/nonexistent/never")
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("topdown: error: model.tie is")
     cfg = tiny_cfg().updated({"cascade": {"splits": [3, 1]}})
-    with pytest.raises(ConfigError, match="split 1 would train only the embedding block"):
+    with pytest.raises(ConfigError, match="split 1: the feature extractor is only the embedding block, which owns no parameter"):
         run_procedure("cascade", awd.make(cfg.task), "/nonexistent/never", config=cfg)
 
 
