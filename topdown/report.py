@@ -116,8 +116,9 @@ def plot_curves(summary: dict[str, Any], metrics: list[dict[str, Any]], path: Pa
 def render(summary: dict[str, Any]) -> str:
     metric = summary["metric"]
     chosen = summary["chosen_stage"]
+    preset = "" if summary["preset"] is None else f"preset {summary['preset']}, "  # a plan driven by one's own loop has none
     lines = [
-        f"# {summary['procedure']} on {summary['task']} (preset {summary['preset']}, seed {summary['seed']})",
+        f"# {summary['procedure']} on {summary['task']} ({preset}seed {summary['seed']})",
         "",
         f"Status: {summary['status']}. Primary metric: {metric} ({'lower' if summary['lower_is_better'] else 'higher'} is better).",
         "Stages are accepted or rejected on validation; the test column is reported, never used to choose.",
