@@ -175,7 +175,7 @@ def test_finished_runs_made_with_another_config_are_refused_not_reused(tmp_path)
     before = (tmp_path / "compare.json").read_text()
     with pytest.raises(procedures.TopdownError, match=r"cascade-seed0: its 'config' \(train.lr\) differs"):
         run_compare(toy_task(), tmp_path, seeds=1, config=CONFIG.updated({"train": {"lr": 0.02}}))
-    with pytest.raises(procedures.TopdownError, match="its 'preset' differs"):
+    with pytest.raises(procedures.TopdownError, match=r"its 'preset' \(recorded None, now 'demo'\) differs"):
         run_compare(toy_task(), tmp_path, seeds=1, config=CONFIG, preset="demo")
     assert (tmp_path / "compare.json").read_text() == before
 

@@ -102,8 +102,9 @@ def test_set_gives_a_string_option_the_text_as_typed_and_types_the_others():
     for text in ("#", "!", "~", "?", "*", "@", "|", "%", "<UNK>"):
         assert resolve_config("asr-rnn", "tiny", parse_overrides([f"data.unk={text}"])).task["data"]["unk"] == text
     assert resolve_config("asr-rnn", "tiny", parse_overrides(["data.unk='#'"])).task["data"]["unk"] == "#"  # YAML quoting still works
-    cfg = resolve_config("digits", "tiny", parse_overrides(["train.lr=1e-3", "cascade.splits=[2,1]", "train.monitor=loss"]))
+    cfg = resolve_config("digits", "tiny", parse_overrides(["train.lr=1e-3", "cascade.splits=[2,1]", "train.monitor= loss "]))
     assert (cfg.train.lr, cfg.cascade.splits, cfg.train.monitor) == (0.001, [2, 1], "loss")
+    assert resolve_config("asr-rnn", "tiny", parse_overrides(["data.fbank={num_mel_bins: 40}"])).task["data"]["fbank"]["num_mel_bins"] == 40
     with pytest.raises(topdown.ConfigError, match=r"^--set train.epochs: cannot parse value '\*'$"):
         resolve_config("digits", "tiny", parse_overrides(["train.epochs=*"]))
     with pytest.raises(topdown.ConfigError, match="'train.lr' expects a float, got 'abc'"):

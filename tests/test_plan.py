@@ -114,19 +114,19 @@ def test_what_a_loop_hands_back_is_checked_where_it_is_handed(tmp_path):
     plan = new_plan(tmp_path / "run", config={"cascade": {"splits": [2]}})  # a plain dict configures the plan too
     stages = iter(plan)
     first = next(stages)
-    with pytest.raises(topdown.ConfigError, match=r"stage.log needs 'epoch' \(an int\) and 'val'.*got keys \['val_error'\]"):
+    with pytest.raises(topdown.ConfigError, match=r"stage.log needs 'epoch' \(an int\) and 'val'.*got \{'epoch': None, 'val': None\}"):
         first.log({"val_error": 0.5})
     with pytest.raises(topdown.TopdownError, match="validation error is NaN or infinite: the stage diverged"):
         first.finish(val={"error": float("nan")})  # a NaN would lose every comparison, and an infinity could be chosen
     with pytest.raises(topdown.ConfigError, match="validation error must be a number, got 'low'"):
         first.finish(val={"error": "low"})
-    first.log({"epoch": 1, "val": {"error": torch.tensor(0.25)}, "train_loss": torch.tensor(1.5)})
+    first.log({"epoch": torch.tensor(1), "val": {"error": torch.tensor(0.25)}, "train_loss": torch.tensor(1.5)})
     first.finish(val={"error": torch.tensor(0.25)}, test={"error": torch.tensor(0.5), "loss": float("inf")})  # torchmetrics hands tensors
     second = next(stages)
     second.finish(val={"error": 0.5})
     assert list(stages) == [] and plan.summary["test"] == {"error": 0.5, "loss": None}  # strict JSON: no NaN or Infinity
     assert read_summary(tmp_path / "run")["stages"][0]["test"] == {"error": 0.5, "loss": None}
-    assert '"val": {"error": 0.25}, "train_loss": 1.5' in (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert '"epoch": 1, "val": {"error": 0.25}, "train_loss": 1.5' in (tmp_path / "run" / "metrics.jsonl").read_text()
 
 
 def test_a_plan_refuses_what_cannot_work_before_any_stage(tmp_path):

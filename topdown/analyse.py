@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .blocks import usable_splits
 from .config import RunConfig
 from .jobs import in_parallel
 from .procedures import run_or_resume
@@ -66,8 +67,8 @@ def run_analyse(
     out = Path(out)
     metric = task.primary.name
     base = run_or_resume("baseline", task, out / "runs" / "baseline", config=config, seed=seed, preset=preset, device=device)
-    # splits whose feature extractor owns no parameter (e.g. lm-awd's embedding with tie=classifier) have nothing to train
-    splits = [k for k in range(1, len(base["blocks"])) if any(base["blocks"][b] for b in list(base["blocks"])[:k])]
+    # splits with a side that owns no parameter (e.g. lm-awd's embedding with tie=classifier) have nothing to train
+    splits = sorted(usable_splits(base["blocks"]))
     rows = in_parallel(split_row, [(out, k, config, subsets, seed, preset, device) for k in splits], task, jobs, task_factory)
     record = {"task": task.name, "preset": preset, "seed": seed, "metric": metric, "lower_is_better": task.primary.lower_is_better,
               "note": task.info.get("note"),

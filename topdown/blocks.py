@@ -20,6 +20,24 @@ from .errors import BlockError
 BlockSpec = Sequence[str | tuple[str, Sequence[str]]] | Mapping[str, Sequence[str]]
 
 
+def empty_side(owned: Mapping[str, Sequence[str]], k: int) -> tuple[str, list[str]] | None:
+    """Which side of split ``k`` owns no parameter, if one does: ("feature extractor", its blocks) or
+    ("classifier", its blocks). ``owned`` maps each block, input to output, to the parameters it owns
+    (``Blocks.parameter_names()``, or a run record's ``blocks``). With either side empty, no
+    procedure of the method is what it claims: a cascade stage under a parameterless "classifier"
+    trains a whole new model, and one with a parameterless feature extractor trains nothing."""
+    names = list(owned)
+    for side, blocks in (("feature extractor", names[:k]), ("classifier", names[k:])):
+        if not any(owned[b] for b in blocks):
+            return side, blocks
+    return None
+
+
+def usable_splits(owned: Mapping[str, Sequence[str]]) -> list[int]:
+    """The splits, highest first, whose two sides each own a parameter (see ``empty_side``)."""
+    return [k for k in range(len(owned) - 1, 0, -1) if empty_side(owned, k) is None]
+
+
 def _eval_only_train(self: nn.Module, mode: bool = True) -> nn.Module:
     """Replacement ``train`` for a frozen module: whatever the caller asks, stay in eval mode.
 

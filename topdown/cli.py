@@ -151,12 +151,10 @@ def _analyse(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    overrides = parse_overrides(args.set)
-    if getattr(args, "split", None) is not None or getattr(args, "subset", None) is not None:
-        overrides.setdefault("procedure", {}).update(
-            {k: v for k, v in (("split", args.split), ("subset", getattr(args, "subset", None))) if v is not None}
-        )
-    cfg = resolve_config(args.task, args.preset, overrides)
+    flags = {k: v for k, v in (("split", getattr(args, "split", None)), ("subset", getattr(args, "subset", None))) if v is not None}
+    cfg = resolve_config(args.task, args.preset, parse_overrides(args.set))
+    if flags:  # --split/--subset are procedure.split/subset, set last
+        cfg = cfg.updated({"procedure": flags})
     out = Path(args.out or f"runs/{args.task}-{args.command}-{args.preset}-seed{args.seed}")
     task = make_task(args.task, cfg.task, args.data_dir)
     summary = run_procedure(
@@ -195,7 +193,7 @@ def _default_preset(args: argparse.Namespace) -> str:
     own = getattr(task_module(args.task), "OWN_CORPUS_PRESET", None) if getattr(args, "data_dir", None) else None
     if own is None:
         return "demo"
-    if distributed.is_writer():
+    if distributed.speaks():
         print(f"note: --data-dir without --preset: using --preset {own}, the recipe for a corpus of your own "
               f"(the task's page under docs/; --preset demo for the short demonstration)", file=sys.stderr)
     return own

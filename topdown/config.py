@@ -258,6 +258,8 @@ def merge(base: dict[str, Any], update: dict[str, Any], where: str = "") -> dict
         if key not in out:
             raise ConfigError(f"unknown config key {path!r}; known keys here: {', '.join(sorted(out))}")
         if isinstance(out[key], dict):
+            if isinstance(value, CommandLineValue):  # --set data.fbank={num_mel_bins: 40}
+                value = value.parsed(path)
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {path!r} is a section, not a value")
             out[key] = merge(out[key], value, path + ".")
@@ -295,8 +297,16 @@ class CommandLineValue:
     text: str
 
     def as_text(self, key: str) -> str:
-        quoted = len(self.text) >= 2 and self.text[0] == self.text[-1] and self.text[0] in "'\""
-        return self.parsed(key) if quoted and isinstance(self.parsed(key), str) else self.text
+        """The text without surrounding blanks, and without YAML quotes where it is quoted."""
+        text = self.text.strip()
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            try:
+                quoted = yaml.safe_load(text)
+            except yaml.YAMLError:
+                quoted = None
+            if isinstance(quoted, str):
+                return quoted
+        return text
 
     def parsed(self, key: str) -> Any:
         try:

@@ -47,6 +47,12 @@ def is_writer() -> bool:
     return rank() == 0
 
 
+def speaks() -> bool:
+    """Whether this process tells the user things (notes, warnings): rank 0 only, known from
+    torchrun's environment even before the process group is joined."""
+    return is_writer() and os.environ.get("RANK", "0") == "0"
+
+
 def launched() -> bool:
     """Started by torchrun (or ``--nproc``) with more than one process?"""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1

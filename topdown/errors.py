@@ -1,4 +1,15 @@
-"""Errors the command line reports as one line (and a non-zero exit) instead of a traceback."""
+"""Errors the command line reports as one line (and a non-zero exit) instead of a traceback, and
+warnings, one line each, for what is worth knowing but not worth stopping for."""
+
+import sys
+
+
+def warn(message: str) -> None:
+    """``topdown: message`` on stderr, once per run (rank 0 of a data-parallel run)."""
+    from . import distributed  # here, not at the top: distributed imports this module
+
+    if distributed.speaks():
+        print(f"topdown: {message}", file=sys.stderr)
 
 
 class TopdownError(Exception):

@@ -244,9 +244,10 @@ def _train_epoch(model: nn.Module, task: Task, cfg: TrainConfig, opt: torch.opti
     for batch in bar:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
             loss = task.loss(model, move_to(batch, device))
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            raise ConfigError(f"task {task.name}: loss(model, batch) must return a scalar tensor (that backward() runs "
-                              f"through), got {type(loss).__name__}{'' if not isinstance(loss, torch.Tensor) else f' of shape {tuple(loss.shape)}'}")
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""
+            raise ConfigError(f"task {task.name}: loss(model, batch) must return a one-element tensor (that backward() runs "
+                              f"through), got {type(loss).__name__}{shape}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip > 0:

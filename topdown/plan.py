@@ -18,7 +18,6 @@ Our own loop (``procedures.train_plan``) is one executor of the same plans.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,9 +28,9 @@ import torch
 from torch import nn
 
 from . import distributed, report
-from .blocks import Blocks, BlockSpec
+from .blocks import Blocks, BlockSpec, empty_side
 from .config import RunConfig, TrainConfig
-from .errors import ConfigError, TopdownError
+from .errors import ConfigError, TopdownError, warn
 from .metrics import Metric
 from .runs import RunDir, file_digest, first_difference, load_tensors, provenance
 from .seeds import check_seed, derive_seed
@@ -56,10 +55,6 @@ class StageSpec:
     source: str | None = None  # a checkpoint the stage loads (``--from``); it then trains nothing
 
 
-def warn(message: str) -> None:
-    print(f"topdown: {message}", file=sys.stderr)
-
-
 def accept(rule: str, val: float, best: float | None, metric: Metric) -> bool:
     """Does a finished stage replace the chosen model? The cascade's one decision."""
     if rule == "always":
@@ -75,18 +70,24 @@ def run_identity(procedure: str, name: str, preset: str | None, seed: int, confi
 
 
 def _numbers(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Metrics as JSON numbers: tensors and numpy scalars become floats; NaN and infinities, which
-    strict JSON cannot hold, become None. Nested dicts (``val``) likewise; other values unchanged."""
+    """Metrics as JSON numbers: numbers, one-element tensors and numpy scalars become floats; NaN and
+    infinities, which strict JSON cannot hold, become None. Nested dicts (``val``) likewise; other
+    values unchanged."""
     out: dict[str, Any] = {}
     for key, value in values.items():
         if isinstance(value, Mapping):
             value = _numbers(value)
-        elif isinstance(value, torch.Tensor) or (hasattr(value, "item") and hasattr(value, "dtype")):
+        elif (isinstance(value, torch.Tensor) and value.numel() == 1) or (hasattr(value, "item") and hasattr(value, "dtype")):
             value = value.item()
         if isinstance(value, float) and not math.isfinite(value):
             value = None
         out[key] = value
     return out
+
+
+def _metrics(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A stage's val or test metrics: ``_numbers``, and every number a float (as our loop gives them)."""
+    return {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in _numbers(values).items()}
 
 
 class Stage:
@@ -129,11 +130,12 @@ class Stage:
 
         ``epoch`` (an int) and ``val`` (a dict of validation metrics) are required: resume and the
         report read them. Tensors are stored as numbers."""
+        record = _numbers(record)
         epoch, val = record.get("epoch"), record.get("val")
         if isinstance(epoch, bool) or not isinstance(epoch, int) or not isinstance(val, Mapping):
-            raise ConfigError(f"{self.describe()}: stage.log needs 'epoch' (an int) and 'val' (a dict of validation metrics), "
-                              f"got keys {sorted(record)}")
-        self.plan.run.log_metrics({"stage": self.index, "candidate": self.candidate, **_numbers(record)})
+            raise ConfigError(f"{self.describe()}: stage.log needs 'epoch' (an int) and 'val' (a dict of validation "
+                              f"metrics), got {{'epoch': {epoch!r}, 'val': {val!r}}}")
+        self.plan.run.log_metrics({"stage": self.index, "candidate": self.candidate, **record})
 
     def finish(self, val: Mapping[str, float], test: Mapping[str, float] | None = None, epochs: int = 0,
                seconds: float | None = None) -> dict[str, Any] | None:
@@ -142,7 +144,7 @@ class Stage:
         if self.finished:
             raise TopdownError(f"{self.describe()} is already finished")
         metric = self.plan.metric.name
-        val, test = distributed.same_on_every_rank((_numbers(dict(val)), _numbers(dict(test or {}))))  # rank 0's decide
+        val, test = distributed.same_on_every_rank((_metrics(val), _metrics(test or {})))  # rank 0's decide
         if metric not in val:
             raise ConfigError(f"{self.describe()}: the validation metrics {sorted(val)} lack the plan's metric {metric!r}")
         if val[metric] is not None and (isinstance(val[metric], bool) or not isinstance(val[metric], (int, float))):
@@ -212,24 +214,15 @@ class Plan:
             raise ConfigError(f"split {k} is out of range: the model has {n} blocks, so 1..{n - 1}")
 
     def check_split(self, k: int | None, what: str) -> None:
-        """A split whose two sides, feature extractor and classifier, each own a parameter: with
-        either side empty, the stage is no longer the procedure's (e.g. a cascade stage whose
-        'frozen classifier' is a parameterless softmax trains a whole new model)."""
+        """A split whose feature extractor and classifier each own a parameter (``blocks.empty_side``)."""
         if k is None:
             raise ConfigError(f"{what} needs a split K in 1..{len(self.blocks) - 1} (procedure.split; --split K)")
         self.check_split_range(k)
-        lower, upper = self.blocks.split(k)
-        owned = self.blocks.parameter_names()
-
-        def which(blocks: list[str]) -> str:
-            return " and ".join(blocks) + (" blocks, which own" if len(blocks) > 1 else " block, which owns")
-
-        if not any(owned[b] for b in lower):
-            raise ConfigError(f"split {k}: the feature extractor is only the {which(lower)} no parameter "
-                              "(a tied weight belongs to a block above); choose another split")
-        if not any(owned[b] for b in upper):
-            raise ConfigError(f"split {k}: the classifier is only the {which(upper)} no parameter; choose another split, "
-                              "or make a parameterless output layer part of the block below it")
+        if (empty := empty_side(self.blocks.parameter_names(), k)) is not None:
+            side, blocks = empty
+            names = " and ".join(blocks) + (" blocks, which own" if len(blocks) > 1 else " block, which owns")
+            hint = " (a tied weight belongs to a block above)" if side == "feature extractor" else ""
+            raise ConfigError(f"split {k}: the {side} is only the {names} no parameter{hint}; choose another split")
 
     def stage_zero(self, role: str = "baseline", accept: str = "always") -> StageSpec:
         """The trained baseline, or the ``from_checkpoint`` model (evaluated, not trained)."""
@@ -283,11 +276,13 @@ class Plan:
     def _fresh_model(self, seed: int) -> nn.Module:
         torch.manual_seed(seed)
         fresh = self.build_model()
-        ours, theirs = self.model.state_dict(), fresh.state_dict() if isinstance(fresh, nn.Module) else {}
-        if (wrong := next((k for k in ours if k not in theirs or theirs[k].shape != ours[k].shape), None)) is not None:
-            got = type(fresh).__name__ if not isinstance(fresh, nn.Module) else \
-                f"{wrong} {tuple(theirs[wrong].shape)}" if wrong in theirs else f"no {wrong}"
-            raise ConfigError(f"build_model() must return a model like the plan's, with {wrong} {tuple(ours[wrong].shape)}; got {got}")
+        if not isinstance(fresh, nn.Module):
+            raise ConfigError(f"build_model() must return a model like the plan's, got {type(fresh).__name__}")
+        ours, theirs = self.model.state_dict(), fresh.state_dict()
+        for key, tensor in ours.items():
+            if key not in theirs or theirs[key].shape != tensor.shape:
+                got = f"{key} {tuple(theirs[key].shape)}" if key in theirs else f"no {key}"
+                raise ConfigError(f"build_model() must return a model like the plan's, with {key} {tuple(tensor.shape)}; got {got}")
         return fresh
 
     def _load(self, path: str) -> None:

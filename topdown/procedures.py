@@ -19,7 +19,7 @@ from .config import CascadeConfig, ProcedureConfig, RunConfig, TrainConfig
 from .devices import resolve_device
 from .errors import ConfigError, TopdownError
 from . import distributed
-from .blocks import Blocks
+from .blocks import Blocks, usable_splits
 from .loop import evaluate, fit, progress_label, say
 from .plan import Plan, StageSpec, run_identity
 from .runs import RunDir, first_difference
@@ -44,8 +44,10 @@ def cascade_splits(config: RunConfig, blocks: Blocks) -> list[int]:
     """``cascade.splits``, or every split L-1..1 whose feature extractor and classifier each own a parameter."""
     if config.cascade.splits is not None:
         return config.cascade.splits
-    owned = blocks.parameter_names()
-    return [k for k in range(len(blocks) - 1, 0, -1) if all(any(owned[b] for b in side) for side in blocks.split(k))]
+    if not (splits := usable_splits(blocks.parameter_names())):
+        raise ConfigError(f"no split of the blocks {blocks.names} has a parameter on both sides (feature extractor and "
+                          "classifier): declare more blocks")
+    return splits
 
 
 def planned_models(task: Task, config: RunConfig) -> int | None:
@@ -137,10 +139,7 @@ class LaterLayerForgetting(Plan):
         return self.config.procedure.rounds or len(cascade_splits(self.config, self.blocks))
 
     def check(self) -> None:
-        k = self.split()
-        self.check_split_range(k)
-        if not any(self.blocks.parameter_names()[b] for b in self.blocks.split(k)[1]):
-            raise ConfigError(f"split {k} would forget only blocks that own no parameter; choose a lower split")
+        self.check_split(self.split(), self.procedure)
 
     def stages(self) -> Iterator[StageSpec]:
         k = self.split()

@@ -134,7 +134,7 @@ def first_difference(recorded: dict[str, Any], wanted: dict[str, Any], defaults:
         return [] if a == b else [prefix.rstrip(".")]
     for key, value in wanted.items():
         if inner := paths(recorded.get(key, _ABSENT), value, (defaults or {}).get(key), ""):
-            return f"{key!r} ({', '.join(inner)})" if inner != [""] else repr(key)
+            return f"{key!r} ({', '.join(inner)})" if inner != [""] else f"{key!r} (recorded {recorded.get(key)!r}, now {value!r})"
     return None
 
 

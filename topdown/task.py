@@ -14,7 +14,7 @@ from .blocks import BlockSpec
 from .errors import ConfigError
 from .metrics import Metric
 
-TASK_SIGNATURES = {"build_model": "()", "train_batches": "(generator, subset)", "loss": "(model, batch)", "evaluate": "(model, split)"}
+TASK_CALLABLES = {"build_model": (), "train_batches": ("generator", "subset"), "loss": ("model", "batch"), "evaluate": ("model", "split")}
 
 
 @dataclass
@@ -52,16 +52,15 @@ class Task:
 
     def __post_init__(self) -> None:
         """A task's callables are checked where it is built, not as a traceback epochs later."""
-        wanted = {"build_model": 0, "train_batches": 2, "loss": 2, "evaluate": 2}  # positional arguments each takes
-        for name, count in wanted.items():
+        for name, arguments in TASK_CALLABLES.items():
             fn = getattr(self, name)
-            if isinstance(fn, nn.Module) and name == "build_model" or not callable(fn):
+            if not callable(fn) or (name == "build_model" and isinstance(fn, nn.Module)):
                 raise ConfigError(f"task {self.name}: {name} must be a function, got {type(fn).__name__}")
             try:
-                inspect.signature(fn).bind(*range(count))
+                inspect.signature(fn).bind(*arguments)
             except TypeError:
-                raise ConfigError(f"task {self.name}: {name} must take {count} positional argument(s), "
-                                  f"as {name}{TASK_SIGNATURES[name]}; it is {name}{inspect.signature(fn)}") from None
+                raise ConfigError(f"task {self.name}: {name} must take {len(arguments)} positional argument(s), "
+                                  f"as {name}({', '.join(arguments)}); it is {name}{inspect.signature(fn)}") from None
             except ValueError:
                 pass  # a builtin without a readable signature: trusted
 

@@ -158,7 +158,7 @@ def _renamed(logged: Mapping[str, Any], key: str | None, metric: str, validation
     """Logged metrics under the plan's names: ``key`` (``val_wer``) becomes ``metric`` (``wer``)
     and the names with the same prefix lose it (``val_loss`` -> ``loss``). Of validation, only
     those (``callback_metrics`` also holds training metrics); of testing, all."""
-    if not validation and logged and key not in logged:  # else the report's test column is silently empty
+    if not validation and key is not None and logged and key not in logged:  # else the report's test column is silently empty
         raise ConfigError(f"the test metrics logged ({', '.join(sorted(logged))}) lack {key!r}: log it in test_step, "
                           "or name the logged one with test_monitor=")
     prefix = key[: -len(metric)] if key and key.endswith(metric) else None

@@ -28,6 +28,7 @@ from . import digits
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
 SPLIT_DIRS = ("train", "val", "test")  # the only directories an image-folder corpus may hold at its top
+SYSTEM_DIRS = ("__MACOSX", "lost+found")  # left by unzipping on macOS, and by a file system's root: never a split
 VAL_ALIASES = ("valid", "validation", "dev")  # other corpora's names for val/: told where the images go
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 WIDE_RANGE = 65535  # 16-bit grayscale (Pillow opens it as "I;16", older Pillows as "I"): the value that maps to 255
@@ -140,19 +141,23 @@ def _unreadable(path: Path, root: Path, e: Exception) -> DataError:
 
 
 def _to_8bit(im, path: Path, root: Path):
-    """Integer grayscale wider than 8 bits as mode "L", scaled by 255 / 65535 and rounded: Pillow's
-    own convert("L") clips every value above 255, which turns a 16-bit image white. Float
-    ("F") pixels have no fixed range to scale by, so they are refused rather than guessed at."""
+    """16-bit grayscale ("I;16...") as mode "L", scaled by 255 / 65535 and rounded: Pillow's own
+    convert("L") clips every value above 255, which turns a 16-bit image white. 32-bit integer
+    ("I") pixels within 0..255 are read as they are (as convert does); beyond that their range is
+    unknown (16-bit data? 32-bit?), so they are refused rather than guessed at, as are float ("F") ones."""
     from PIL import Image
 
+    where = f"image {path.relative_to(root)}"
     if im.mode == "F":
-        raise DataError(f"image {path.relative_to(root)}: mode F (32-bit float pixels) is not supported; save it as 8- or 16-bit grayscale")
+        raise DataError(f"{where}: mode F (32-bit float pixels) is not supported; save it as 8- or 16-bit grayscale")
     if im.mode != "I" and not im.mode.startswith("I;16"):
         return im
     a = np.asarray(im).astype(np.int64)
-    if a.size and (a.min() < 0 or a.max() > WIDE_RANGE):
-        raise DataError(f"image {path.relative_to(root)}: mode {im.mode} pixels range {a.min()}..{a.max()}, "
-                        f"outside the 16-bit range 0..{WIDE_RANGE} this task scales to 8 bits")
+    if im.mode == "I":
+        if a.size and (a.min() < 0 or a.max() > 255):
+            raise DataError(f"{where}: mode I (32-bit integer) pixels range {a.min()}..{a.max()}, whose full scale is unknown; "
+                            f"save it as 8- or 16-bit grayscale")
+        return Image.fromarray(a.astype(np.uint8))
     return Image.fromarray(((a * 255 + WIDE_RANGE // 2) // WIDE_RANGE).astype(np.uint8))  # 2-D uint8: mode "L"
 
 
@@ -203,7 +208,8 @@ def _check_layout(root: Path, data_cfg: dict[str, Any]) -> None:
     """Refuse what would be silently ignored: a directory beside train/, val/, test/ (a valid/
     would leave its images unused and hold out part of train/ instead), and the fraction
     options that these folders make meaningless."""
-    unknown = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in SPLIT_DIRS)
+    unknown = sorted(p.name for p in root.iterdir()
+                     if p.is_dir() and not p.name.startswith(".") and p.name not in SPLIT_DIRS and p.name not in SYSTEM_DIRS)
     if unknown:
         hint = "; validation images go in val/" if any(n.lower() in VAL_ALIASES for n in unknown) else ""
         raise DataError(f"{root}: unknown director{'y' if len(unknown) == 1 else 'ies'} {', '.join(n + '/' for n in unknown)}"

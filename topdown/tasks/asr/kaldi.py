@@ -25,8 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from topdown.config import Section, option
-from topdown.errors import ConfigError, DataError
-from topdown.plan import warn
+from topdown.errors import ConfigError, DataError, warn
 
 from .an4 import Utterance
 
