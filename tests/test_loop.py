@@ -70,6 +70,22 @@ def test_bad_schedule_values_are_errors():
         fit(task.build_model(), task, TrainConfig(epochs=1, monitor="bleu"), seed=0)
 
 
+def test_what_a_task_hands_the_loop_is_checked_with_a_one_line_error():
+    import dataclasses
+
+    task = toy_task()
+    as_float = dataclasses.replace(task, loss=lambda model, batch: task.loss(model, batch).detach().item())
+    with pytest.raises(ConfigError, match=r"^task toy: loss\(model, batch\) must return a one-element tensor .*got float$"):
+        fit(task.build_model(), as_float, TrainConfig(epochs=1), seed=0)
+    shaped = dataclasses.replace(task, loss=lambda model, batch: task.loss(model, batch).reshape(1))  # one element: a loss
+    assert 0 <= fit(task.build_model(), shaped, TrainConfig(epochs=1), seed=0).val["error"] <= 1
+    scalar = dataclasses.replace(task, evaluate=lambda model, split: 0.5)
+    with pytest.raises(ConfigError, match=r"^task toy: evaluate\(model, 'val'\) must return a dict of metrics .*got float$"):
+        fit(task.build_model(), scalar, TrainConfig(epochs=1), seed=0)
+    with pytest.raises(ConfigError, match=r"^task toy: train_batches must take 2 positional argument\(s\), as train_batches\(generator, subset\)"):
+        dataclasses.replace(task, train_batches=lambda generator: [])
+
+
 def test_onecycle_and_cosine_are_pure_functions_of_the_step(monkeypatch):
     """train.schedule=onecycle/cosine: the lr of every step follows scheduled_lr over the stage's
     planned steps (epochs x batches), and validation plateaus do not decay it."""

@@ -152,6 +152,10 @@ def test_a_plan_refuses_what_cannot_work_before_any_stage(tmp_path):
                         config={"cascade": {"splits": [3]}})
     default = topdown.Cascade(WithSoftmax(), softmax, build_model=WithSoftmax, metric="error", out=tmp_path / "d")
     assert default.splits() == [2, 1]  # the default splits leave it out
+    two = [("body", ["inp", "mid", "out"]), ("softmax", ["softmax"])]  # no split has parameters on both sides
+    for plan in (topdown.Cascade, topdown.LaterLayerForgetting):
+        with pytest.raises(topdown.ConfigError, match=r"no split of the blocks \['body', 'softmax'\] has a parameter on both sides"):
+            plan(WithSoftmax(), two, build_model=WithSoftmax, metric="error", out=tmp_path / plan.__name__)
 
 
 class ForgetTwice(topdown.Plan):
