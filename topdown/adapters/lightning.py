@@ -69,6 +69,8 @@ class PlanCallback(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # validation has ended by now, and what the module logs in its own on_validation_epoch_end is in
+        if self.validated:  # a misnamed monitor is said after the first epoch, not after the stage's whole fit
+            _check_monitor(self.stage, trainer.callback_metrics, self.monitor)
         val = _renamed(trainer.callback_metrics, self.monitor, self.stage.plan.metric.name, validation=True) if self.validated else {}
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
         loss = torch.stack(self.losses).float().mean().item() if self.losses else None
@@ -135,9 +137,7 @@ def fit_plan(
                 if trainer.interrupted:
                     raise TrainingError(f"{stage.describe()} was interrupted; continue the run with resume=True")
             logged = _merged(trainer.validate(model, dataloaders=data["val"], datamodule=data["dm"], verbose=False))
-            if monitor not in logged:
-                raise ConfigError(f"{stage.describe()}: validation logged {sorted(logged)}, not {monitor!r}; "
-                                  f"log it in validation_step (self.log({monitor!r}, ...)) or pass monitor=")
+            _check_monitor(stage, logged, monitor)
             val = _renamed(logged, monitor, metric, validation=True)
             test = {}
             if data["test"] is not None or is_overridden("test_dataloader", data["dm"]) or is_overridden("test_dataloader", model):
@@ -152,6 +152,13 @@ def fit_plan(
 
 def _merged(results: list[Mapping[str, float]]) -> dict[str, float]:
     return {k: v for r in results for k, v in r.items()}  # one dict per dataloader
+
+
+def _check_monitor(stage: Stage, logged: Mapping[str, Any], monitor: str) -> None:
+    if monitor not in logged:
+        names = sorted(k for k in logged if k.startswith("val")) or sorted(logged)  # callback_metrics also hold training metrics
+        raise ConfigError(f"{stage.describe()}: validation logged {names}, not {monitor!r}; "
+                          f"log it in validation_step (self.log({monitor!r}, ...)) or pass monitor=")
 
 
 def _renamed(logged: Mapping[str, Any], key: str | None, metric: str, validation: bool) -> dict[str, float]:
