@@ -147,11 +147,11 @@ class Stage:
         val, test = distributed.same_on_every_rank((_metrics(val), _metrics(test or {})))  # rank 0's decide
         if metric not in val:
             raise ConfigError(f"{self.describe()}: the validation metrics {sorted(val)} lack the plan's metric {metric!r}")
-        if val[metric] is not None and (isinstance(val[metric], bool) or not isinstance(val[metric], (int, float))):
-            raise ConfigError(f"{self.describe()}: validation {metric} must be a number, got {val[metric]!r}")
-        if val[metric] is None:  # a NaN would win no comparison, and an infinity could be chosen
+        if val[metric] is None:  # _metrics' NaN or infinity: a NaN would win no comparison, and an infinity could be chosen
             raise TopdownError(f"{self.describe()}: validation {metric} is NaN or infinite: the stage diverged; "
                                "it was not recorded (the stages before it are saved)")
+        if not isinstance(val[metric], float):  # _metrics made every other number a float
+            raise ConfigError(f"{self.describe()}: validation {metric} must be a number, got {val[metric]!r}")
         seconds = time.perf_counter() - self._started if seconds is None else seconds
         self.finished = True
         self.record = self.plan._candidate_finished(self, val, test, epochs, seconds)
