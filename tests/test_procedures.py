@@ -164,6 +164,29 @@ def test_existing_run_is_not_overwritten(tmp_path, task):
     assert json.loads(before)["stages"][0]["epochs"] == 2
 
 
+def test_a_run_that_failed_before_saving_any_training_does_not_block_the_corrected_command(tmp_path, task):
+    """A monitor the task does not report fails at the first validation, before anything is saved:
+    the same directory then takes the corrected command (a failed run that saved epochs still does not)."""
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match="lack 'bleu'"):
+        topdown.baseline(task, run, train=TrainConfig(epochs=2, monitor="bleu"))
+    assert read_summary(run)["status"] == "failed"
+    assert topdown.baseline(task, run, train=FAST)["status"] == "complete"
+
+    kept = tmp_path / "kept"
+    topdown.baseline(task, kept, train=FAST)
+    summary = read_summary(kept)
+    (kept / "summary.json").write_text(json.dumps({**summary, "status": "failed"}))
+    with pytest.raises(topdown.TopdownError, match="already holds a run"):
+        topdown.baseline(task, kept, train=FAST)
+
+
+def test_a_monitor_of_unknown_direction_is_refused_before_the_run_directory_is_written(tmp_path, task):
+    with pytest.raises(ConfigError, match=r"train.monitor 'null': not a metric whose direction is known .*leave it empty"):
+        topdown.baseline(task, tmp_path / "run", train=TrainConfig(epochs=1, monitor="null"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_run_recorded_before_an_option_existed_resumes_at_that_options_default(tmp_path, task):
     """A run made by an older version lacks the options added since; it behaved as their defaults,
     so continuing it with the defaults is allowed, and with anything else is refused."""

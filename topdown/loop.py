@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .config import TrainConfig
 from .errors import ConfigError, TrainingError
-from .metrics import Metric
+from .metrics import HIGHER_IS_BETTER, LOWER_IS_BETTER, Metric
 from .optim import NTASGD
 from .runs import load_tensors, prefixed, save_tensors, unprefixed
 from .seeds import derive_seed
@@ -96,7 +96,13 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
 def monitored_metric(cfg: TrainConfig, task: Task) -> Metric:
     """The metric that picks the best epoch and drives lr decay and early stopping."""
     name = cfg.monitor or task.metric
-    return task.primary if name == task.metric else Metric.named(name)
+    if name == task.metric:
+        return task.primary
+    try:
+        return Metric.named(name)
+    except ConfigError:
+        raise ConfigError(f"train.monitor {name!r}: not a metric whose direction is known ({', '.join(LOWER_IS_BETTER + HIGHER_IS_BETTER)}, "
+                          f"or a name ending in _loss); leave it empty for the task's metric ({task.metric!r})") from None
 
 
 @dataclass

@@ -371,12 +371,17 @@ class Plan:
         if self.run.path.exists() and not self.run.path.is_dir():
             raise TopdownError(f"{self.run.path} is a file, not a run directory; choose another output directory (--out)")
         existing = self.run.read_summary()
+        failed_untrained = (existing is not None and not resume and existing.get("status") == "failed"
+                            and self.run.trained_nothing(existing))
+        if failed_untrained:
+            warn(f"starting afresh in {self.run.path}: the run there stopped on an error before it saved any training")
+            existing = None
         if existing is None:
             if resume:
                 raise TopdownError(f"nothing to resume in {self.run.path} (no summary.json); start a run there without --resume (resume=False)")
             if self.run.holds_only_debris():  # killed while writing its first summary: nothing was saved yet
                 self._remove_debris()
-            if self.run.path.is_dir() and any(self.run.path.iterdir()):
+            if not failed_untrained and self.run.path.is_dir() and any(self.run.path.iterdir()):
                 raise TopdownError(f"{self.run.path} is not empty and holds no run (no summary.json); choose another output directory (--out)")
             summary = {**header, "status": "running", "stages": [], "chosen_stage": None, "test": None}
             self.run.write_summary(summary)

@@ -20,7 +20,7 @@ from .devices import resolve_device
 from .errors import ConfigError, TopdownError
 from . import distributed
 from .blocks import Blocks, usable_splits
-from .loop import evaluate, fit, progress_label, say
+from .loop import evaluate, fit, monitored_metric, progress_label, say
 from .plan import Plan, StageSpec, run_identity
 from .runs import RunDir, first_difference
 from .seeds import check_seed, derive_seed
@@ -184,6 +184,7 @@ def run_procedure(
     if procedure not in PLANS:
         raise ConfigError(f"unknown procedure {procedure!r} ({', '.join(PROCEDURES)})")
     config = config if isinstance(config, RunConfig) else RunConfig.from_dict(config or {})
+    monitored_metric(config.train, task)  # a monitor the loop cannot rank is refused before the run directory is written
     torch.manual_seed(derive_seed(check_seed(seed), 0, 0))
     model = task.build_model()
     # Default: where build_model put the model (a task's evaluate may hold its data there).

@@ -239,6 +239,12 @@ class RunDir:
                                f"in summary.json); intact: {', '.join(intact) or 'none'}. Start the run again in another directory")
         return restored
 
+    def trained_nothing(self, summary: dict[str, Any]) -> bool:
+        """Did the run recorded by ``summary`` save nothing of its training (no stage, epoch,
+        checkpoint or resume point)? Such a run, stopped by an error, can be started afresh."""
+        saved = [*self.checkpoints.glob("*.safetensors"), *self.state.glob("*.safetensors")]
+        return not summary.get("stages") and not saved and not self.read_metrics()
+
     def holds_only_debris(self) -> bool:
         """Is the directory non-empty but for temporary files of atomic writes (a run killed
         while writing its first summary)?"""
