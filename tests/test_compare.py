@@ -81,6 +81,35 @@ def test_arms_budgets_reuse_and_selection(tmp_path, monkeypatch):
     assert "| baseline-equal-epochs | " in (tmp_path / "compare.md").read_text().split("Cascade against each control")[1]
 
 
+def test_the_equal_epochs_arm_trains_the_whole_budget_even_where_the_recipe_stops_early(tmp_path):
+    """Validation never improves after epoch 1, so with early stopping every run stops at epoch 2;
+    the equal-epochs arm, given the cascade's 6 epochs, must train all 6 rather than repeat the baseline."""
+    config = RunConfig.from_dict({"train": {"epochs": 4, "lr": 0.01, "early_stop": 1, "min_lr": 1e-3}})
+    run_compare(toy_task(metric_script=[0.5]), tmp_path, seeds=1, config=config)
+    cascade = json.loads((tmp_path / "runs" / "cascade-seed0" / "summary.json").read_text())
+    equal = json.loads((tmp_path / "runs" / "equal-epochs-seed0" / "summary.json").read_text())
+    assert [st["epochs"] for st in cascade["stages"]] == [2, 2, 2]
+    assert equal["stages"][0]["epochs"] == 6 and equal["config"]["train"]["early_stop"] == 0
+    assert equal["config"]["train"]["min_lr"] == 0.0  # under the plateau schedule the lr floor also ends a run
+    onecycle = compare.equal_epochs_config(config.updated({"train": {"schedule": "onecycle"}}), 9)
+    assert (onecycle.train.epochs, onecycle.train.early_stop, onecycle.train.min_lr) == (9, 0, 1e-3)  # min_lr: no effect there
+
+
+def test_finished_runs_made_on_other_data_are_not_reused(tmp_path):
+    """The task's recorded description of its data is part of what a reused run must match; a
+    statistic that differs only in its last bits (another CPU) still matches."""
+    first = toy_task()
+    first.info = {"data": "corpus A", "mean": [0.1234567]}
+    run_compare(first, tmp_path, seeds=1, config=CONFIG)
+    again = toy_task()
+    again.info = {"data": "corpus A", "mean": [0.1234567 * (1 + 1e-7)]}
+    run_compare(again, tmp_path, seeds=1, config=CONFIG)  # read back: nothing differs that matters
+    other = toy_task()
+    other.info = {"data": "corpus B", "mean": [0.1234567]}
+    with pytest.raises(procedures.TopdownError, match=r"cannot reuse .*'task_info' \(data\)"):
+        run_compare(other, tmp_path, seeds=1, config=CONFIG)
+
+
 def test_the_forgetting_arm_has_the_cascades_budget_and_baseline(tmp_path):
     plain = run_compare(toy_task(), tmp_path / "plain", seeds=1, config=CONFIG)
     assert "forgetting" not in plain["arms"] and not (tmp_path / "plain" / "runs" / "forget-seed0").exists()

@@ -183,6 +183,8 @@ def test_average_best_keeps_the_average_of_the_best_epochs_unless_worse():
         assert torch.equal(value, seen[3][name])  # epoch 4, the best
     assert loop.average_weights([{"n": torch.tensor(3), "w": torch.tensor([1.0, 2.0])},
                                  {"n": torch.tensor(5), "w": torch.tensor([3.0, 6.0])}]) == {"n": 3, "w": pytest.approx([2.0, 4.0])}
+    frozen = torch.rand(1000)  # the same in every kept epoch: kept bit for bit, where (x + x + x) / 3 may not be x
+    assert torch.equal(loop.average_weights([{"w": frozen.clone()} for _ in range(3)])["w"], frozen)
     with pytest.raises(ConfigError, match="average_best"):
         TrainConfig(average_best=0)
 

@@ -6,8 +6,9 @@ model validation chose:
 - ``baseline``: stage 0 of the cascade run with seed s (a baseline run with seed s would be
   bit-identical, so it is reused, not trained twice);
 - ``cascade``: the cascade run with seed s;
-- ``baseline-equal-epochs``: one baseline run with seed s whose epoch limit is the cascade's
-  total number of epochs (same recipe, early stopping allowed);
+- ``baseline-equal-epochs``: one baseline run with seed s given the cascade's total number of
+  epochs (``equal_epochs_config``: the same recipe, its early stopping off, so that it trains them
+  all; the epoch validation finds best is kept, as in every run);
 - ``best-of-k``: k = the number of models the cascade trained; the seed-s baseline plus
   k-1 baselines with fresh seeds, the one with the best validation metric;
 - ``forgetting`` (optional): the ``forget`` run with seed s, a neighbour of the cascade with
@@ -114,6 +115,17 @@ def extra_seed(seed: int, j: int) -> int:
     return derive_seed(seed, 10_000 + j) % 2**31
 
 
+def equal_epochs_config(config: RunConfig, budget: int) -> RunConfig:
+    """The baseline recipe given the cascade's ``budget`` of epochs. Its stopping rules are off
+    (early stopping; under the plateau schedule, the lr floor ``min_lr``): with them, a baseline
+    that stopped early would stop at the same epoch again, and the arm would only repeat the
+    baseline instead of asking whether the cascade's extra epochs, spent on the baseline, do as well."""
+    train: dict[str, Any] = {"epochs": budget, "early_stop": 0}
+    if config.train.schedule == "plateau":
+        train["min_lr"] = 0.0
+    return config.updated({"train": train})
+
+
 def run_all(task: Task, out: Path, seeds: int, config: RunConfig, preset: str | None, device, jobs: int,
             task_factory: Callable[[], Task] | None, forgetting: bool = False) -> list[dict[str, Any]]:
     """Per seed, the summaries of its runs: ``cascade``, ``equal`` (the equal-epochs baseline),
@@ -136,7 +148,7 @@ def run_all(task: Task, out: Path, seeds: int, config: RunConfig, preset: str | 
         for done in as_completed(cascades):
             s = cascades[done]
             trained[s] = cascade = done.result()
-            equal_cfg = config.updated({"train": {"epochs": sum(st["epochs"] for st in cascade["stages"])}})
+            equal_cfg = equal_epochs_config(config, sum(st["epochs"] for st in cascade["stages"]))
             equal[s] = workers.submit(_run, out, "baseline", f"equal-epochs-seed{s}", s, equal_cfg, preset, device)
             k = sum(max(1, len(st["candidates"])) for st in cascade["stages"])  # models the cascade trained
             extras[s] = extras[s][:k - 1] + [extra(s, j) for j in range(len(extras[s]) + 1, k)]

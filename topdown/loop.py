@@ -205,11 +205,13 @@ def _keep(kept: list, entry: tuple[float, int, dict[str, torch.Tensor]], monitor
 
 
 def average_weights(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The element-wise mean of state dicts (accumulated in float32); integer buffers, such as
-    BatchNorm's batch counter, are the first state's."""
+    """The element-wise mean of state dicts (accumulated in float32). A tensor that is the same in
+    every state (a frozen block's) is kept exactly: a float mean of equal values can move it by a
+    rounding step, and a frozen block must not change. Integer buffers, such as BatchNorm's batch
+    counter, are the first state's."""
     out = {}
     for name, first in states[0].items():
-        if first.is_floating_point():
+        if first.is_floating_point() and not all(torch.equal(s[name], first) for s in states[1:]):
             out[name] = (sum(s[name].float() for s in states) / len(states)).to(first.dtype)
         else:
             out[name] = first.clone()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -119,6 +120,16 @@ def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch
 _ABSENT = object()
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal, or two floats equal to 1e-5 relative: statistics a task records (e.g. normalisation
+    means) computed from the same data on another CPU differ in their last bits."""
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 def first_difference(recorded: dict[str, Any], wanted: dict[str, Any], defaults: dict[str, Any] | None = None) -> str | None:
     """The first key of ``wanted`` whose value the run record does not share, named for an error
     message (with the dotted paths that differ inside a nested dict, e.g. ``'config' (train.lr)``);
@@ -131,7 +142,7 @@ def first_difference(recorded: dict[str, Any], wanted: dict[str, Any], defaults:
             default = default if isinstance(default, dict) else {}
             return [p for k in sorted(set(a) | set(b), key=str)
                     for p in paths(a.get(k, _ABSENT), b.get(k), default.get(k), f"{prefix}{k}.")]
-        return [] if a == b else [prefix.rstrip(".")]
+        return [] if _same(a, b) else [prefix.rstrip(".")]
     for key, value in wanted.items():
         if inner := paths(recorded.get(key, _ABSENT), value, (defaults or {}).get(key), ""):
             return f"{key!r} ({', '.join(inner)})" if inner != [""] else f"{key!r} (recorded {recorded.get(key)!r}, now {value!r})"
