@@ -280,6 +280,8 @@ def test_vocab_encode_decode():
     assert vocab.encode("CAB", "x").tolist() == [4, 2, 3]
     assert vocab.encode("AZ", "x").tolist() == [2, 5]
     assert vocab.decode([0, 2, 0, 3, 1, 4]) == "AB C"
+    spelled = common.Vocab.from_texts(["AB"], unk="<unk>")  # one edit for one unseen character, however unk is spelled
+    assert spelled.decode([1, 3, 2]) == "A\ufffdB" and common.error_rates(["A\ufffdB"], ["AZB"])["cer"] == pytest.approx(1 / 3)
     with pytest.raises(topdown.DataError, match="character 'Z'"):
         common.Vocab.from_texts(["AB"]).encode("AZ", "utt")
 

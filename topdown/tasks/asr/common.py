@@ -90,6 +90,9 @@ class Example:
     text: str
 
 
+UNKNOWN_CHAR = "\ufffd"  # how a hypothesis spells the unknown symbol (Vocab.decode)
+
+
 class Vocab:
     """Output symbols: index 0 is the CTC blank, then one symbol per character (and the unknown symbol, if any)."""
 
@@ -120,7 +123,9 @@ class Vocab:
         return torch.tensor(ids, dtype=torch.int64)
 
     def decode(self, ids: list[int]) -> str:
-        return "".join(self.symbols[i] for i in ids if i != BLANK)
+        """Text for scoring. The unknown symbol is one character, U+FFFD, whatever its spelling
+        (``<unk>``): it stands for one unseen reference character, so CER counts one edit, not five."""
+        return "".join(UNKNOWN_CHAR if self.unk and i == self.index[self.unk] else self.symbols[i] for i in ids if i != BLANK)
 
 
 AN4_VOCAB = Vocab(list(an4.ALPHABET))
