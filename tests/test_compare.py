@@ -9,6 +9,7 @@ import topdown.compare as compare
 import topdown.procedures as procedures
 from topdown.compare import paired_stats, run_compare, sign_flip_p, t975
 from topdown.config import RunConfig
+from topdown.errors import ConfigError
 
 from conftest import cli, toy_task
 
@@ -227,3 +228,11 @@ def test_analyse_every_split_from_one_baseline(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(procedures, "run_procedure", lambda *a, **kw: calls.append(a))
     assert run_analyse(toy_task(), tmp_path, config=CONFIG, subsets=(0.5,)) == record and not calls
+
+
+def test_analyse_refuses_cascade_options_that_would_train_one_side_differently(tmp_path):
+    from topdown.analyse import run_analyse
+    tilted = CONFIG.updated({"cascade": {"candidates": 3, "reinit": False}})
+    with pytest.raises(ConfigError, match=r"analyse: cascade.candidates, cascade.reinit would change only the retrain-feature-extractor runs"):
+        run_analyse(toy_task(), tmp_path / "a", config=tilted)
+    assert not (tmp_path / "a").exists()

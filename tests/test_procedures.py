@@ -187,6 +187,17 @@ def test_a_monitor_of_unknown_direction_is_refused_before_the_run_directory_is_w
     assert not (tmp_path / "run").exists()
 
 
+def test_starting_from_a_checkpoint_trained_on_other_data_is_said(tmp_path, task, capsys):
+    topdown.baseline(task, tmp_path / "a", train=FAST)
+    ckpt = str(tmp_path / "a" / "checkpoints" / "best.safetensors")
+    topdown.retrain_classifier(task, tmp_path / "same", split=2, train=FAST, from_checkpoint=ckpt)
+    assert "trained on other data" not in capsys.readouterr().err
+    other = toy_task()
+    other.info = {"data": "another corpus"}
+    topdown.retrain_classifier(other, tmp_path / "other", split=2, train=FAST, from_checkpoint=ckpt)
+    assert "was trained on other data than this run ('task_info' (data) differ)" in capsys.readouterr().err
+
+
 def test_a_run_recorded_before_an_option_existed_resumes_at_that_options_default(tmp_path, task):
     """A run made by an older version lacks the options added since; it behaved as their defaults,
     so continuing it with the defaults is allowed, and with anything else is refused."""

@@ -19,6 +19,7 @@ from typing import Any
 
 from .blocks import usable_splits
 from .config import RunConfig
+from .errors import ConfigError
 from .jobs import in_parallel
 from .procedures import run_or_resume
 from .metrics import PERCENT_METRICS
@@ -29,6 +30,20 @@ from .task import Task
 
 def _metrics(stage: dict[str, Any], metric: str) -> dict[str, float]:
     return {"val": stage["val"][metric], "test": stage["test"][metric]}
+
+
+# cascade options that only the retrain-feature-extractor runs (cascade stages) would apply, at their defaults
+CASCADE_ONLY = {"candidates": 1, "reinit": True, "finetune_epochs": 0, "splits": None}
+
+
+def check_one_recipe(config: RunConfig) -> None:
+    """Retraining the classifier and retraining the feature extractor are set side by side, so both
+    must train under one recipe: an option only the second would follow (several candidates, a warm
+    start, a fine-tune stage) would tilt the comparison without the table saying so."""
+    changed = [f"cascade.{key}" for key, default in CASCADE_ONLY.items() if getattr(config.cascade, key) != default]
+    if changed:
+        raise ConfigError(f"analyse: {', '.join(changed)} would change only the retrain-feature-extractor runs (analyse runs every "
+                          "usable split, each side trained alike); leave them at their defaults")
 
 
 def split_row(task: Task, out: Path, k: int, config: RunConfig, subsets: tuple[float, ...], seed: int, preset: str | None,
@@ -64,6 +79,7 @@ def run_analyse(
     preset: str | None = None, device=None, jobs: int = 1, task_factory: Callable[[], Task] | None = None,
 ) -> dict[str, Any]:
     """Train one baseline, then every split's runs (in ``jobs`` processes when > 1, see ``run_compare``)."""
+    check_one_recipe(config)
     out = Path(out)
     metric = task.primary.name
     base = run_or_resume("baseline", task, out / "runs" / "baseline", config=config, seed=seed, preset=preset, device=device)
@@ -86,8 +102,9 @@ def render(record: dict[str, Any]) -> str:
     lines = [
         f"# Analysis on {record['task']} (preset {record['preset']}, seed {record['seed']})",
         "",
-        f"Test {m}{' (%)' if m in PERCENT_METRICS else ''} (validation in brackets). Every model starts from the same",
-        "trained baseline; subset baselines and transfers train on the same fixed fraction of the training data.",
+        f"Test {m}{' (%)' if m in PERCENT_METRICS else ''} (validation in brackets). Retrained classifiers, retrained feature",
+        "extractors and transfers start from the same trained baseline; subset baselines train from scratch, and they and",
+        "the transfers on the same fixed fraction of the training data. Both retrain columns follow one recipe.",
         "",
         *([f"Note: {record['note']}", ""] if record.get("note") else []),
         "| " + " | ".join(head) + " |",
@@ -112,18 +129,19 @@ def plot(record: dict[str, Any], path: Path) -> None:
 
     m = record["metric"]
     scale = 100 if m in PERCENT_METRICS else 1
+    ylabel = f"test {m}{' (%)' if scale == 100 else ''}"
     ks = [r["split"] for r in record["rows"]]
     fig = Figure(figsize=(11, 4))
     a, b = fig.subplots(1, 2)
     for key, label in [("baseline", "baseline"), ("retrain_classifier", "retrain classifier"),
                        ("retrain_feature_extractor", "retrain feature extractor")]:
         a.plot(ks, [scale * r[key]["test"] for r in record["rows"]], marker="o", label=label)
-    a.set(xlabel="split k", ylabel=f"test {m}", title="(a) within-dataset transfer", xticks=ks)
+    a.set(xlabel="split k", ylabel=ylabel, title="(a) within-dataset transfer", xticks=ks)
     a.legend(fontsize=8)
     for i, f in enumerate(record["subsets"]):
         b.plot(ks, [scale * r["subsets"][f]["subset_baseline"]["test"] for r in record["rows"]], ls="--", color=f"C{i}", label=f"{f} baseline")
         b.plot(ks, [scale * r["subsets"][f]["transfer_classifier"]["test"] for r in record["rows"]], marker="o", color=f"C{i}", label=f"{f} transfer classifier")
-    b.set(xlabel="split k", ylabel=f"test {m}", title="(b) classifier from more data", xticks=ks)
+    b.set(xlabel="split k", ylabel=ylabel, title="(b) classifier from more data", xticks=ks)
     b.legend(fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))

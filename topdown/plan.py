@@ -291,12 +291,28 @@ class Plan:
             wanted = (recorded.get("checksums") or {}).get(path.stem)
             if wanted is not None and file_digest(path) != wanted:
                 raise TopdownError(f"checkpoint {path} is corrupt: it does not match the checksum its run recorded in summary.json")
-        tensors, _ = load_tensors(path)
+        tensors, meta = load_tensors(path)
         try:
             self.model.load_state_dict(tensors)
         except RuntimeError as e:
             first = str(e).strip().splitlines()
             raise ConfigError(f"checkpoint {path} does not fit this task's model: {' '.join(first[:3])[:300]}") from None
+        self._warn_if_other_data(path, meta)
+
+    def _warn_if_other_data(self, path: Path, meta: Mapping[str, Any]) -> None:
+        """A model trained on other data may have trained on this run's test set (another split,
+        another corpus). That can be intended (pre-training elsewhere), so it is said, not refused."""
+        differences = []
+        if meta.get("task") not in (None, self.summary["task"]):
+            differences.append(f"task {meta['task']!r}")
+        if "task_info" in meta and (d := first_difference(meta, {"task_info": self.task_info})):
+            differences.append(d)
+        theirs, ours = meta.get("config") or {}, self.config.as_dict()
+        if "data" in theirs and "data" in ours and (d := first_difference(theirs, {"data": ours["data"]}, self.config.option_defaults)):
+            differences.append(f"config {d}")
+        if differences:
+            warn(f"checkpoint {path} was trained on other data than this run ({'; '.join(differences)} differ): this run's "
+                 "test numbers are held out only if that data left its test set out")
 
     # -- candidates and stages ------------------------------------------------------------
 
