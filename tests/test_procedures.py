@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import topdown
+import topdown.procedures as procedures
 from topdown import Blocks, CascadeConfig, ConfigError, TrainConfig
 
 from conftest import read_summary, toy_task, without_seconds
@@ -196,6 +197,22 @@ def test_starting_from_a_checkpoint_trained_on_other_data_is_said(tmp_path, task
     other.info = {"data": "another corpus"}
     topdown.retrain_classifier(other, tmp_path / "other", split=2, train=FAST, from_checkpoint=ckpt)
     assert "was trained on other data than this run ('task_info' (data) differ)" in capsys.readouterr().err
+
+
+def test_a_run_built_on_a_checkpoint_is_not_continued_or_reused_from_other_weights(tmp_path, task):
+    """analyse's runs start from its baseline's checkpoint: if that baseline is trained again (other
+    weights), a finished run built on the old one must not be read back as built on the new one."""
+    topdown.baseline(task, tmp_path / "a", train=FAST)
+    topdown.baseline(task, tmp_path / "b", train=FAST, seed=1)
+    a, b = (str(tmp_path / n / "checkpoints" / "best.safetensors") for n in "ab")
+    run = tmp_path / "rc"
+    config = topdown.RunConfig.from_dict({"train": {"epochs": 2, "lr": 0.01}, "procedure": {"split": 2}})
+    procedures.run_or_resume("retrain-classifier", task, run, config=config, from_checkpoint=a)
+    assert procedures.run_or_resume("retrain-classifier", task, run, config=config, from_checkpoint=a)["status"] == "complete"
+    with pytest.raises(topdown.TopdownError, match=r"cannot reuse .*: it started from other weights than .*b/checkpoints/best.safetensors"):
+        procedures.run_or_resume("retrain-classifier", task, run, config=config, from_checkpoint=b)
+    with pytest.raises(topdown.TopdownError, match="cannot resume .*: it started from other weights"):
+        topdown.retrain_classifier(task, run, split=2, train=config.train, from_checkpoint=b, resume=True)
 
 
 def test_a_run_recorded_before_an_option_existed_resumes_at_that_options_default(tmp_path, task):

@@ -32,7 +32,7 @@ from .blocks import Blocks, BlockSpec, empty_side
 from .config import RunConfig, TrainConfig
 from .errors import ConfigError, TopdownError, warn
 from .metrics import Metric
-from .runs import RunDir, file_digest, first_difference, load_tensors, provenance
+from .runs import RunDir, digest, file_digest, first_difference, load_tensors, provenance, weights_digest
 from .seeds import check_seed, derive_seed
 
 
@@ -67,6 +67,17 @@ def accept(rule: str, val: float, best: float | None, metric: Metric) -> bool:
 def run_identity(procedure: str, name: str, preset: str | None, seed: int, config: RunConfig) -> dict[str, Any]:
     """What identifies a run: a resumed or reused run must match it exactly."""
     return {"procedure": procedure, "task": name, "preset": preset, "seed": seed, "config": config.as_dict()}
+
+
+def other_start(summary: Mapping[str, Any], from_checkpoint: str | None) -> str | None:
+    """Why the recorded run did not start from ``from_checkpoint``'s weights, or None if it did
+    (or recorded none: runs made before ``source_weights`` existed). A run built on a checkpoint
+    that was trained again since must not be continued or reused as if it were built on the new one."""
+    stages = summary.get("stages") or []
+    recorded = stages[0].get("source_weights") if stages else None
+    if from_checkpoint is None or recorded is None or recorded == weights_digest(from_checkpoint):
+        return None
+    return f"it started from other weights than {from_checkpoint} (was that checkpoint trained again since?)"
 
 
 def _numbers(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -298,6 +309,7 @@ class Plan:
             first = str(e).strip().splitlines()
             raise ConfigError(f"checkpoint {path} does not fit this task's model: {' '.join(first[:3])[:300]}") from None
         self._warn_if_other_data(path, meta)
+        self._source_weights = digest(tensors, {})
 
     def _warn_if_other_data(self, path: Path, meta: Mapping[str, Any]) -> None:
         """A model trained on other data may have trained on this run's test set (another split,
@@ -352,7 +364,7 @@ class Plan:
             "subset": spec.subset, "epochs": sum(t["epochs"] for t in self._tried),
             "candidates": [] if spec.source else [{k: t[k] for k in ("seed", "epochs", "val")} for t in self._tried],
             "val": val, "test": test, "accepted": accept(spec.accept, val[self.metric.name], best_val, self.metric),
-            "seconds": sum(t["seconds"] for t in self._tried), **({"source": spec.source} if spec.source else {}),
+            "seconds": sum(t["seconds"] for t in self._tried), **({"source": spec.source, "source_weights": self._source_weights} if spec.source else {}),
             **({"reinit_blocks": list(spec.reinit_blocks)} if spec.reinit_blocks is not None and spec.reinit else {}),
         }
         meta = {"task": self.summary["task"], "stage": stage.index, "config": self.summary["config"], "task_info": self.task_info}
@@ -407,6 +419,8 @@ class Plan:
         identity = {k: v for k, v in header.items() if k != "provenance"}  # another machine may continue a run
         if difference := first_difference(existing, identity, {"config": self.config.option_defaults}):
             raise TopdownError(f"cannot resume {self.run.path}: its {difference} differs from this command's")
+        if reason := other_start(existing, self.from_checkpoint):
+            raise TopdownError(f"cannot resume {self.run.path}: {reason}")
         for name in self.run.verify(existing):
             warn(f"restored {name}.safetensors from the chosen stage's checkpoint (a kill came between writing it and the record)")
         self._remove_debris()

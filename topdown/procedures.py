@@ -21,7 +21,7 @@ from .errors import ConfigError, TopdownError
 from . import distributed
 from .blocks import Blocks, usable_splits
 from .loop import evaluate, fit, monitored_metric, progress_label, say
-from .plan import Plan, StageSpec, run_identity
+from .plan import Plan, StageSpec, other_start, run_identity
 from .runs import RunDir, first_difference
 from .seeds import check_seed, derive_seed
 from .task import Task
@@ -215,6 +215,8 @@ def run_or_resume(procedure: str, task: Task, out: Path, *, config: RunConfig, s
         wanted = {**run_identity(procedure, task.name, preset, seed, config), "task_info": task.info}
         if difference := first_difference(existing, wanted, {"config": config.option_defaults}):
             raise TopdownError(f"cannot reuse {out}: its {difference} differs from this command's; choose another --out")
+        if reason := other_start(existing, kw.get("from_checkpoint")):
+            raise TopdownError(f"cannot reuse {out}: {reason}; choose another --out")
         RunDir(out).verify(existing, weights_needed=weights_needed)
         return existing
     with progress_label(out.name):  # several runs may train at once (--jobs): every line names its run

@@ -45,6 +45,12 @@ def digest(tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
+def weights_digest(path: str | os.PathLike) -> str:
+    """``digest`` of a checkpoint's tensors alone: which weights a run started from (``--from``),
+    whatever metadata the file carries."""
+    return digest(load_tensors(Path(path))[0], {})
+
+
 def file_digest(path: Path) -> str | None:
     """``digest`` of the checkpoint at ``path``; None if it is missing or unreadable."""
     try:
