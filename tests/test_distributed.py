@@ -103,6 +103,22 @@ def test_a_worker_killed_from_outside_is_a_one_line_error_not_a_crash():
         in_parallel(_killed, [(0,), (1,)], toy_task(), 2, toy_task)
 
 
+def _task_with_a_warning():
+    from topdown.errors import warn
+    warn("a fact about the data, said while building the task")
+    return toy_task()
+
+
+def _one(task, _):
+    return 1
+
+
+def test_workers_do_not_repeat_what_building_the_task_said(capfd):
+    """The main process builds the task (and says what there is to say) before the workers build theirs."""
+    assert in_parallel(_one, [(0,), (1,)], toy_task(), 2, _task_with_a_warning) == [1, 1]
+    assert "a fact about the data" not in capfd.readouterr().err
+
+
 def test_ctrl_c_stops_a_parallel_comparison_at_once_and_says_how_to_continue(tmp_path):
     """Ctrl-C reaches the whole process group; the runs in progress stop at once (each resumes
     from its last saved epoch) instead of the command waiting for them to finish."""

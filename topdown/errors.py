@@ -2,14 +2,30 @@
 warnings, one line each, for what is worth knowing but not worth stopping for."""
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+_muted = False
 
 
 def warn(message: str) -> None:
     """``topdown: message`` on stderr, once per run (rank 0 of a data-parallel run)."""
     from . import distributed  # here, not at the top: distributed imports this module
 
-    if distributed.speaks():
+    if distributed.speaks() and not _muted:
         print(f"topdown: {message}", file=sys.stderr)
+
+
+@contextmanager
+def muted() -> Iterator[None]:
+    """No warnings inside: a ``--jobs`` worker building the task the main process has already
+    built (and warned about) says nothing new."""
+    global _muted
+    before, _muted = _muted, True
+    try:
+        yield
+    finally:
+        _muted = before
 
 
 class TopdownError(Exception):

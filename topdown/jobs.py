@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError, TrainingError
+from .errors import ConfigError, TrainingError, muted
 from .task import Task
 
 _worker_task: Task | None = None
@@ -26,7 +26,8 @@ _worker_task: Task | None = None
 def _start_worker(task_factory: Callable[[], Task], threads: int) -> None:
     global _worker_task
     torch.set_num_threads(threads)
-    _worker_task = task_factory()
+    with muted():  # the main process built the same task and said what there was to say
+        _worker_task = task_factory()
 
 
 def _call(fn: Callable[..., Any], args: tuple) -> Any:
