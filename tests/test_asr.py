@@ -274,6 +274,21 @@ def test_unseen_characters_map_to_unk_when_configured_and_the_cli_exits_nonzero_
     assert read_summary(run)["task_info"]["vocab"][-1] == "<unk>"
 
 
+def test_remove_tokens_strips_non_linguistic_symbols_and_leaves_out_utterances_with_no_words(tmp_path, capsys):
+    data = tmp_path / "data"
+    kaldi_dir(data / "train", ["YES <NOISE> NO", "NO", "<NOISE>", "GO", "NO GO", "NO YES", "YES", "GO", "YES GO"])
+    kaldi_dir(data / "dev", TRAIN[:3], first=100)
+    kaldi_dir(data / "test", ["<NOISE> NO", "GO YES"], first=200)
+    cfg = resolve_config("asr-rnn", "tiny", {"data": {"remove_tokens": ["<NOISE>"], "fbank": {"num_mel_bins": 23}}}).task["data"]
+    corpus = common.load_corpus(cfg, str(data))
+    assert [u.text for u in corpus.splits["train"]][:3] == ["YES NO", "NO", "GO"] and len(corpus.splits["train"]) == 8
+    assert [u.text for u in corpus.splits["test"]] == ["NO", "GO YES"]
+    assert "<" not in "".join(corpus.vocab.symbols[1:]) and corpus.facts["removed_tokens"] == ["<NOISE>"]
+    assert "data.remove_tokens left 1 of 9 utterance(s) of train with no words (first: 's2-u002')" in capsys.readouterr().err
+    with pytest.raises(topdown.ConfigError, match="data.remove_tokens must be a list of words"):
+        resolve_config("asr-rnn", "tiny", {"data": {"remove_tokens": ["A B"]}})
+
+
 def test_vocab_encode_decode():
     vocab = common.Vocab.from_texts(["AB", "B C"], unk="?")
     assert vocab.symbols == ["<blank>", " ", "A", "B", "C", "?"]

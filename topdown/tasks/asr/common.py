@@ -10,6 +10,7 @@ for a given number of input frames (for the "too few frames for the transcript" 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ...config import Section, option
-from ...errors import ConfigError, DataError
+from ...errors import ConfigError, DataError, warn
 from ...task import Task
 from . import an4, kaldi
 from .ngram import END, WordNgram
@@ -55,8 +56,15 @@ class Data(Section):
     batch_size: int = option(8, ge=1)  # small batches: more updates per epoch get CTC past its all-blank phase sooner
     limit: int = option(0, ge=0)  # use only the first N utterances of each split (0 = all); for tiny presets
     unk: str = ""  # Kaldi data: "" = a character unseen in training is an error; else unseen characters map to this symbol
+    # words removed from every transcript before training and scoring: non-linguistic symbols such as
+    # WSJ's <NOISE> (ESPnet's --nlsyms); an utterance left with no words is left out, with a warning
+    remove_tokens: list[str] = field(default_factory=list)
     fbank: kaldi.Fbank = field(default_factory=kaldi.Fbank)  # Kaldi wav.scp: the log-mel filterbank front end
     spec_augment: SpecAugment = field(default_factory=SpecAugment)
+
+    def check_relations(self) -> None:
+        if not all(isinstance(t, str) and t and not any(c.isspace() for c in t) for t in self.remove_tokens):
+            raise ConfigError(f"data.remove_tokens must be a list of words (no spaces), e.g. [<NOISE>], got {self.remove_tokens!r}")
 
 
 @dataclass(frozen=True)
@@ -159,6 +167,9 @@ def load_corpus(data_cfg: dict[str, Any], data_dir: str | None) -> Corpus:
             raise DataError(f"{root}: data directory not found")
         else:
             raise DataError(f"{root}: expected Kaldi data directories ({root}/train, {root}/test, optional {root}/dev) or an AN4-style Sphinx layout with etc/ and feat/")
+    if data_cfg["remove_tokens"]:
+        raw = {name: _without_tokens(utts, data_cfg["remove_tokens"], name) for name, utts in raw.items()}
+        facts = {**facts, "removed_tokens": list(data_cfg["remove_tokens"])}
     origins = {"train": "train", "val": "train, held out for validation", "test": "test"}
     if "dev" in raw:
         splits = {"train": raw["train"], "val": raw["dev"], "test": raw["test"]}
@@ -179,6 +190,20 @@ def load_corpus(data_cfg: dict[str, Any], data_dir: str | None) -> Corpus:
     else:
         vocab = Vocab.from_texts([u.text for u in splits["train"]], data_cfg["unk"])
     return Corpus(splits, vocab, facts, origins)
+
+
+def _without_tokens(utts: list[an4.Utterance], tokens: list[str], split: str) -> list[an4.Utterance]:
+    """``utts`` with the words in ``tokens`` removed from their transcripts; those left with no
+    words are left out (CTC has nothing to align them to), and how many is said."""
+    drop = set(tokens)
+    kept, emptied = [], []
+    for u in utts:
+        text = " ".join(w for w in u.text.split() if w not in drop)
+        (kept if text else emptied).append(dataclasses.replace(u, text=text))
+    if emptied:
+        warn(f"data.remove_tokens left {len(emptied)} of {len(utts)} utterance(s) of {split} with no words (first: "
+             f"{emptied[0].uid!r}); they are left out")
+    return kept
 
 
 def split_speakers(train: list[an4.Utterance], n_val: int) -> tuple[list[an4.Utterance], list[an4.Utterance]]:
