@@ -224,7 +224,10 @@ def render(record: dict[str, Any]) -> str:
         f"Test {m}{unit} of the model each arm's validation chose; differences are arm minus baseline, paired by seed",
         f"({'lower' if record['lower_is_better'] else 'higher'} is better). CI: 95 % Student-t interval of the mean paired",
         "difference; p: two-sided sign-flip test (exact up to 20 seeds, else 200,000 random sign patterns). Epochs and",
-        "seconds: the cost of all the arm's training runs.",
+        "seconds: the cost of all the arm's training runs. Arms: the cascade's own stage 0 (baseline); the cascade;",
+        "one baseline trained for all the cascade's epochs, early stopping off (baseline-equal-epochs); the best on",
+        "validation of as many baselines as the cascade trained models (best-of-k)"
+        + ("; later-layer forgetting with the cascade's budget (forgetting)." if "forgetting" in record["arms"] else "."),
         "",
         *([f"Note: {record['note']}", ""] if record.get("note") else []),
         f"| arm | test {m} mean ± std | diff vs baseline [95 % CI] | p | better/worse seeds | epochs | seconds |",
