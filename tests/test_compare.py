@@ -105,6 +105,9 @@ def test_finished_runs_made_on_other_data_are_not_reused(tmp_path):
     again = toy_task()
     again.info = {"data": "corpus A", "mean": [0.1234567 * (1 + 1e-7)]}
     run_compare(again, tmp_path, seeds=1, config=CONFIG)  # read back: nothing differs that matters
+    moved = toy_task()
+    moved.info = {"data": "corpus A", "mean": [0.1234567], "data_dir": "/elsewhere"}  # where the data lies is not what it is
+    run_compare(moved, tmp_path, seeds=1, config=CONFIG)
     other = toy_task()
     other.info = {"data": "corpus B", "mean": [0.1234567]}
     with pytest.raises(procedures.TopdownError, match=r"cannot reuse .*'task_info' \(data\)"):
@@ -236,3 +239,11 @@ def test_analyse_refuses_cascade_options_that_would_train_one_side_differently(t
     with pytest.raises(ConfigError, match=r"analyse: cascade.candidates, cascade.reinit would change only the retrain-feature-extractor runs"):
         run_analyse(toy_task(), tmp_path / "a", config=tilted)
     assert not (tmp_path / "a").exists()
+    from topdown.analyse import check_one_recipe
+    check_one_recipe(CONFIG.updated({"cascade": {"splits": [2]}}))  # a preset's splits: analyse sets them per split itself
+
+
+def test_a_comparison_run_that_failed_before_saving_anything_starts_afresh_with_the_corrected_options(tmp_path):
+    with pytest.raises(ConfigError, match="lack 'bleu'"):
+        run_compare(toy_task(), tmp_path, seeds=1, config=CONFIG.updated({"train": {"monitor": "bleu"}}))
+    assert run_compare(toy_task(), tmp_path, seeds=1, config=CONFIG)["arms"]["cascade"]["per_seed"][0]["test"] is not None

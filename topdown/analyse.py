@@ -32,8 +32,9 @@ def _metrics(stage: dict[str, Any], metric: str) -> dict[str, float]:
     return {"val": stage["val"][metric], "test": stage["test"][metric]}
 
 
-# cascade options that only the retrain-feature-extractor runs (cascade stages) would apply, at their defaults
-CASCADE_ONLY = {"candidates": 1, "reinit": True, "finetune_epochs": 0, "splits": None}
+# cascade options that only the retrain-feature-extractor runs (cascade stages) would apply, at their
+# defaults (cascade.splits is set per split by analyse itself)
+CASCADE_ONLY = {"candidates": 1, "reinit": True, "finetune_epochs": 0}
 
 
 def check_one_recipe(config: RunConfig) -> None:

@@ -75,7 +75,9 @@ def other_start(summary: Mapping[str, Any], from_checkpoint: str | None) -> str 
     that was trained again since must not be continued or reused as if it were built on the new one."""
     stages = summary.get("stages") or []
     recorded = stages[0].get("source_weights") if stages else None
-    if from_checkpoint is None or recorded is None or recorded == weights_digest(from_checkpoint):
+    if from_checkpoint is None or recorded is None or not Path(from_checkpoint).is_file():
+        return None  # nothing to compare (a resume no longer needs the checkpoint once stage 0 is recorded)
+    if recorded == weights_digest(from_checkpoint):
         return None
     return f"it started from other weights than {from_checkpoint} (was that checkpoint trained again since?)"
 

@@ -215,14 +215,17 @@ def run_or_resume(procedure: str, task: Task, out: Path, *, config: RunConfig, s
     if existing is not None and existing.get("status") == "complete":
         wanted = {**run_identity(procedure, task.name, preset, seed, config), "task_info": task.info}
         if difference := first_difference(existing, wanted, {"config": config.option_defaults}):
-            raise TopdownError(f"cannot reuse {out}: its {difference} differs from this command's; choose another --out")
+            raise TopdownError(f"cannot reuse {out}: its {difference} differs from this command's; delete that run's directory "
+                               "to train it again, or choose another --out")
         if reason := other_start(existing, kw.get("from_checkpoint")):
-            raise TopdownError(f"cannot reuse {out}: {reason}; choose another --out")
+            raise TopdownError(f"cannot reuse {out}: {reason}; delete that run's directory to train it again, or choose another --out")
         RunDir(out).verify(existing, weights_needed=weights_needed)
         return existing
     with progress_label(out.name):  # several runs may train at once (--jobs): every line names its run
-        say(f"{'resuming' if existing is not None else 'starting'} {procedure} in {out}")
-        summary = run_procedure(procedure, task, out, config=config, seed=seed, preset=preset, resume=existing is not None, **kw)
+        # a run that stopped on an error before saving anything starts afresh (Plan), e.g. after a corrected --set
+        resume = existing is not None and not (existing.get("status") == "failed" and RunDir(out).trained_nothing(existing))
+        say(f"{'resuming' if resume else 'starting'} {procedure} in {out}")
+        summary = run_procedure(procedure, task, out, config=config, seed=seed, preset=preset, resume=resume, **kw)
         m, chosen = summary["metric"], summary["stages"][summary["chosen_stage"]]
         say(f"finished: stage {chosen['index']} chosen, val {m} {chosen['val'][m]:.4g}, test {m} {chosen['test'][m]:.4g}")
         return summary

@@ -126,31 +126,37 @@ def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch
 _ABSENT = object()
 
 
-def _same(a: Any, b: Any) -> bool:
+def _close(a: Any, b: Any) -> bool:
     """Equal, or two floats equal to 1e-5 relative: statistics a task records (e.g. normalisation
     means) computed from the same data on another CPU differ in their last bits."""
     if isinstance(a, float) and isinstance(b, float):
         return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
     return a == b
+
+
+LOCATION_KEYS = ("data_dir",)  # task_info keys that say where the data is, not what it is
 
 
 def first_difference(recorded: dict[str, Any], wanted: dict[str, Any], defaults: dict[str, Any] | None = None) -> str | None:
     """The first key of ``wanted`` whose value the run record does not share, named for an error
     message (with the dotted paths that differ inside a nested dict, e.g. ``'config' (train.lr)``);
     None if the record matches. ``defaults`` (shaped like ``wanted``, possibly sparse) gives the
-    value a key the record lacks stands for: an option added after the run was recorded."""
-    def paths(a: Any, b: Any, default: Any, prefix: str) -> list[str]:
+    value a key the record lacks stands for: an option added after the run was recorded.
+    ``task_info`` describes the data: its floats match to 1e-5 (``_close``) and where the data
+    lies (``LOCATION_KEYS``) is not compared, so a run continues on another machine or after its
+    corpus moved; everything else must be equal."""
+    def paths(a: Any, b: Any, default: Any, prefix: str, data: bool) -> list[str]:
         if a is _ABSENT:
             a = default
         if isinstance(a, dict) and isinstance(b, dict):
             default = default if isinstance(default, dict) else {}
-            return [p for k in sorted(set(a) | set(b), key=str)
-                    for p in paths(a.get(k, _ABSENT), b.get(k), default.get(k), f"{prefix}{k}.")]
-        return [] if _same(a, b) else [prefix.rstrip(".")]
+            return [p for k in sorted(set(a) | set(b), key=str) if not (data and k in LOCATION_KEYS)
+                    for p in paths(a.get(k, _ABSENT), b.get(k), default.get(k), f"{prefix}{k}.", data)]
+        return [] if (_close(a, b) if data else a == b) else [prefix.rstrip(".")]
     for key, value in wanted.items():
-        if inner := paths(recorded.get(key, _ABSENT), value, (defaults or {}).get(key), ""):
+        if inner := paths(recorded.get(key, _ABSENT), value, (defaults or {}).get(key), "", key == "task_info"):
             return f"{key!r} ({', '.join(inner)})" if inner != [""] else f"{key!r} (recorded {recorded.get(key)!r}, now {value!r})"
     return None
 

@@ -159,10 +159,10 @@ def load_corpus(data_cfg: dict[str, Any], data_dir: str | None) -> Corpus:
     else:
         root = Path(data_dir)
         if (root / "etc").is_dir():
-            raw, facts = an4.load_sphinx(root), {"corpus": f"an4 sphinx layout {root}"}
+            raw, facts = an4.load_sphinx(root), {"corpus": "an4 sphinx layout", "data_dir": str(root.resolve())}
         elif (root / "train").is_dir():
             raw, facts = kaldi.load_root(root, data_cfg["fbank"])
-            facts = {"corpus": f"kaldi data directories {root}", **facts}
+            facts = {"corpus": "kaldi data directories", "data_dir": str(root.resolve()), **facts}
         elif not root.is_dir():
             raise DataError(f"{root}: data directory not found")
         else:

@@ -195,7 +195,8 @@ def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
         return {"ppl": math.exp(min(mean, 700.0)), "loss": mean}
 
     info = {
-        "corpus": "WT2-small (bundled)" if data_dir is None else f"standard layout ({data_dir})",
+        "corpus": "WT2-small (bundled)" if data_dir is None else "standard layout",
+        **({} if data_dir is None else {"data_dir": str(Path(data_dir).resolve())}),
         "vocab_size": len(vocab),
         "vocab_sha256": hashlib.sha256("\n".join(vocab).encode()).hexdigest(),
         "vocab": vocab,
