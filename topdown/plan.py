@@ -401,8 +401,7 @@ class Plan:
         if self.run.path.exists() and not self.run.path.is_dir():
             raise TopdownError(f"{self.run.path} is a file, not a run directory; choose another output directory (--out)")
         existing = self.run.read_summary()
-        failed_untrained = (existing is not None and not resume and existing.get("status") == "failed"
-                            and self.run.trained_nothing(existing))
+        failed_untrained = existing is not None and not resume and self.run.failed_before_saving(existing)
         if failed_untrained:
             warn(f"starting afresh in {self.run.path}: the run there stopped on an error before it saved any training")
             existing = None

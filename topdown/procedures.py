@@ -223,7 +223,7 @@ def run_or_resume(procedure: str, task: Task, out: Path, *, config: RunConfig, s
         return existing
     with progress_label(out.name):  # several runs may train at once (--jobs): every line names its run
         # a run that stopped on an error before saving anything starts afresh (Plan), e.g. after a corrected --set
-        resume = existing is not None and not (existing.get("status") == "failed" and RunDir(out).trained_nothing(existing))
+        resume = existing is not None and not RunDir(out).failed_before_saving(existing)
         say(f"{'resuming' if resume else 'starting'} {procedure} in {out}")
         summary = run_procedure(procedure, task, out, config=config, seed=seed, preset=preset, resume=resume, **kw)
         m, chosen = summary["metric"], summary["stages"][summary["chosen_stage"]]

@@ -262,11 +262,13 @@ class RunDir:
                                f"in summary.json); intact: {', '.join(intact) or 'none'}. Start the run again in another directory")
         return restored
 
-    def trained_nothing(self, summary: dict[str, Any]) -> bool:
-        """Did the run recorded by ``summary`` save nothing of its training (no stage, epoch,
-        checkpoint or resume point)? Such a run, stopped by an error, can be started afresh."""
+    def failed_before_saving(self, summary: dict[str, Any]) -> bool:
+        """Did the run recorded by ``summary`` stop on an error before it saved anything of its
+        training (no stage, epoch, checkpoint or resume point)? Such a run can be started afresh."""
+        if summary.get("status") != "failed" or summary.get("stages"):
+            return False
         saved = [*self.checkpoints.glob("*.safetensors"), *self.state.glob("*.safetensors")]
-        return not summary.get("stages") and not saved and not self.read_metrics()
+        return not saved and not self.read_metrics()
 
     def holds_only_debris(self) -> bool:
         """Is the directory non-empty but for temporary files of atomic writes (a run killed
