@@ -123,3 +123,50 @@ def test_copy_blocks_keeps_a_shared_parameter_with_its_owner():
     tied_before = model.embed.weight.detach().clone()
     blocks.copy_blocks(Tied(), ["embed", "body"])
     assert torch.equal(model.embed.weight, tied_before)
+
+
+def _forward_hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def test_blocks_declared_output_to_input_are_refused_on_the_first_forward_pass(tmp_path):
+    """The declaration partitions the parameters either way; the forward pass shows the order."""
+    import topdown
+
+    torch.manual_seed(0)
+    plan = topdown.Cascade(ToyNet(), ["out", "mid", "inp"], build_model=ToyNet, metric="error", out=tmp_path / "run")
+    stage = next(iter(plan))
+    with pytest.raises(BlockError, match="declared output to input.*out, mid, inp|order inp, mid, out"):
+        stage.model(torch.randn(4, 8))
+
+
+def test_blocks_in_order_are_judged_once_and_leave_no_hook_behind(capsys):
+    model = ToyNet()
+    blocks = Blocks(model, ["inp", "mid", "out"])
+    before = _forward_hooks(model)
+    blocks.watch_call_order()
+    assert _forward_hooks(model) > before
+    model(torch.randn(4, 8))
+    assert _forward_hooks(model) == before
+    assert capsys.readouterr().err == ""
+
+
+class EarlyHead(nn.Module):
+    """A shared output layer applied to an intermediate layer too (as intermediate CTC does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        middle = self.b(self.a(x))
+        return self.head(middle) + self.head(self.c(middle))
+
+
+def test_another_order_than_declared_is_a_warning_not_an_error(capsys):
+    model = EarlyHead()
+    Blocks(model, ["a", "b", "c", "head"]).watch_call_order()
+    model(torch.randn(2, 4))  # head runs before c
+    assert "runs the blocks in the order a, b, head, c, not as declared (a, b, c, head)" in capsys.readouterr().err
+    model(torch.randn(2, 4))
+    assert capsys.readouterr().err == ""  # said once

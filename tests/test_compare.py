@@ -129,6 +129,17 @@ def test_the_forgetting_arm_has_the_cascades_budget_and_baseline(tmp_path):
     assert record["arms"]["cascade"]["per_seed"][0]["test"] == plain["arms"]["cascade"]["per_seed"][0]["test"]
 
 
+def test_procedure_options_go_to_the_forgetting_arm_alone(tmp_path):
+    config = CONFIG.updated({"procedure": {"split": 1}})
+    with pytest.raises(ConfigError, match=r"compare reads procedure.split only for its forgetting arm \(--forgetting\)"):
+        run_compare(toy_task(), tmp_path / "plain", seeds=1, config=config)
+    run_compare(toy_task(), tmp_path / "with", seeds=1, config=config, forgetting=True)
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "with" / "runs").glob("*/summary.json")}
+    assert {name: s["stages"][1]["split"] for name, s in summaries.items() if name.startswith(("forget", "cascade"))} == \
+        {"forget-seed0": 1, "cascade-seed0": 2}
+    assert all(s["config"]["procedure"]["split"] is None for name, s in summaries.items() if not name.startswith("forget"))
+
+
 def test_best_of_k_never_looks_at_test(tmp_path, monkeypatch):
     """Make test error the opposite of validation error: best-of-k must still follow validation."""
     task = toy_task()

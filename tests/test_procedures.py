@@ -188,6 +188,20 @@ def test_a_monitor_of_unknown_direction_is_refused_before_the_run_directory_is_w
     assert not (tmp_path / "run").exists()
 
 
+def test_a_procedure_option_the_plan_does_not_read_is_refused_not_ignored(tmp_path, task):
+    """A library user's Cascade given procedure.split would otherwise train every split silently."""
+    from topdown.config import RunConfig
+
+    model = task.build_model()
+    with pytest.raises(ConfigError, match=r"cascade does not use procedure.split \(it uses no procedure.\* option\); a cascade's splits are cascade.splits"):
+        topdown.Cascade(model, task.blocks, build_model=task.build_model, metric="error", out=tmp_path / "c",
+                        config={"procedure": {"split": 1}})
+    with pytest.raises(ConfigError, match=r"retrain-classifier does not use procedure.subset \(it uses procedure.split\)"):
+        procedures.RetrainClassifier(model, task.blocks, build_model=task.build_model, metric="error", out=tmp_path / "r",
+                                     config=RunConfig.from_dict({"procedure": {"split": 1, "subset": 0.5}}))
+    assert not (tmp_path / "c").exists() and not (tmp_path / "r").exists()
+
+
 def test_starting_from_a_checkpoint_trained_on_other_data_is_said(tmp_path, task, capsys):
     topdown.baseline(task, tmp_path / "a", train=FAST)
     ckpt = str(tmp_path / "a" / "checkpoints" / "best.safetensors")

@@ -4,7 +4,8 @@ A block is a named group of submodules (by their names in ``model.named_modules(
 Blocks are listed from input to output; split ``k`` puts blocks ``1..k`` in the feature
 extractor and ``k+1..L`` in the classifier. Every parameter must belong to exactly one
 block, and a parameter reachable from two blocks (tied weights) needs an explicit owner:
-all of this is checked when the blocks are declared, before any training starts.
+all of this is checked when the blocks are declared, before any training starts. The order
+itself is checked on the first forward pass (``watch_call_order``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .errors import BlockError
+from .errors import BlockError, warn
 
 BlockSpec = Sequence[str | tuple[str, Sequence[str]]] | Mapping[str, Sequence[str]]
 
@@ -119,6 +120,52 @@ class Blocks:
                 )
             owner[names[0]] = given[0] if given else blocks.pop()
         return owner
+
+    def watch_call_order(self) -> None:
+        """Check the declared order against the model's first forward pass, whoever runs it.
+
+        Blocks listed output to input (the easy mistake) partition the parameters just as well,
+        so the declaration cannot tell; but the cascade would then train the input block first,
+        as if it were the classifier. The forward pass can tell: each block's first call is
+        recorded, and once every block has run (or the model's forward has returned) the hooks
+        are removed and the order judged. Exactly reversed: an error. Otherwise out of order: a
+        warning, since a model may call a later block early on purpose (an output layer shared
+        with an intermediate layer, as in intermediate CTC).
+        """
+        seen: list[str] = []
+        handles = []
+
+        def judge(*_: object) -> None:
+            if not handles:  # judged already (a copy of the model still carries the hooks)
+                return
+            for handle in handles:
+                handle.remove()
+            handles.clear()
+            self._judge_call_order(seen)
+
+        def called(block: str):
+            def hook(*_: object) -> None:
+                if handles and block not in seen:
+                    seen.append(block)
+                    if len(seen) == len(self.modules):
+                        judge()
+            return hook
+
+        for block, module_names in self.modules.items():
+            for m in module_names:
+                for sub in self.model.get_submodule(m).modules():  # a ModuleList's members run, not the list
+                    handles.append(sub.register_forward_pre_hook(called(block)))
+        handles.append(self.model.register_forward_hook(judge))
+
+    def _judge_call_order(self, seen: list[str]) -> None:
+        declared = [b for b in self.names if b in seen]
+        if seen == declared:
+            return
+        if len(seen) == len(self) and seen == declared[::-1]:
+            raise BlockError(f"the blocks are declared output to input: the model's forward pass runs them in the order "
+                             f"{', '.join(seen)}; declare them input to output")
+        warn(f"the model's forward pass runs the blocks in the order {', '.join(seen)}, not as declared "
+             f"({', '.join(declared)}); the method takes the declared order as input to output")
 
     # -- queries ------------------------------------------------------------------------
 

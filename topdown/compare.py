@@ -136,6 +136,12 @@ def run_all(task: Task, out: Path, seeds: int, config: RunConfig, preset: str | 
     (and any extra baseline the plan could not foresee), so ``jobs`` workers stay busy even with
     fewer seeds than jobs. Every run depends only on its own seed and configuration, so the order
     changes nothing."""
+    forget_config = config  # procedure.split / rounds are the forgetting arm's; the other arms read none
+    procedure = config.as_dict()["procedure"]
+    if not forgetting and (given := [f"procedure.{k}" for k, v in procedure.items() if v is not None]):
+        raise ConfigError(f"compare reads {', '.join(given)} only for its forgetting arm (--forgetting)")
+    config = config.updated({"procedure": dict.fromkeys(procedure)})
+
     def extra(s: int, j: int) -> Future:
         return workers.submit(_run, out, "baseline", f"baseline-seed{s}-extra{j}", extra_seed(s, j), config, preset, device)
 
@@ -143,7 +149,8 @@ def run_all(task: Task, out: Path, seeds: int, config: RunConfig, preset: str | 
         cascades = {workers.submit(_run, out, "cascade", f"cascade-seed{s}", s, config, preset, device): s for s in range(seeds)}
         planned = planned_models(task, config) or 1
         extras = {s: [extra(s, j) for j in range(1, planned)] for s in range(seeds)}
-        forget = {s: workers.submit(_run, out, "forget", f"forget-seed{s}", s, config, preset, device) for s in range(seeds) if forgetting}
+        forget = {s: workers.submit(_run, out, "forget", f"forget-seed{s}", s, forget_config, preset, device)
+                  for s in range(seeds) if forgetting}
         equal, trained = {}, {}
         for done in as_completed(cascades):
             s = cascades[done]

@@ -181,6 +181,9 @@ class Plan:
     """
 
     procedure: ClassVar[str] = "custom"
+    # the ``procedure.*`` options the plan reads; any other one set is refused rather than ignored
+    # (None: not declared, nothing refused, as for a plan of the user's own)
+    procedure_options: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, model: nn.Module, blocks: Blocks | BlockSpec, *, build_model: Callable[[], nn.Module],
                  out: str | Path, metric: str, lower_is_better: bool | None = None, config: RunConfig | Mapping[str, Any] | None = None,
@@ -191,9 +194,11 @@ class Plan:
                               f"got {type(build_model).__name__}")
         self.model, self.build_model, self.seed, self.from_checkpoint = model, build_model, check_seed(seed), from_checkpoint
         self.blocks = blocks if isinstance(blocks, Blocks) else Blocks(model, blocks, shared)
+        self.blocks.watch_call_order()
         self.metric = Metric.named(metric, lower_is_better)
         self.config = RunConfig.from_dict(config) if isinstance(config, Mapping) else config or RunConfig()
         self.task_info = dict(task_info or {})
+        self._refuse_unused_procedure_options()
         self.check()
         self.run = RunDir(out, writer=distributed.is_writer())
         header = {**run_identity(self.procedure, name, preset, seed, self.config), "blocks": self.blocks.parameter_names(),
@@ -211,6 +216,15 @@ class Plan:
 
     def check(self) -> None:
         """Refuse options that cannot work, before anything is written (override to add)."""
+
+    def _refuse_unused_procedure_options(self) -> None:
+        if self.procedure_options is None:
+            return
+        given = {k: v for k, v in self.config.as_dict()["procedure"].items() if v is not None}
+        if unused := [f"procedure.{k}" for k in given if k not in self.procedure_options]:
+            uses = ", ".join(f"procedure.{k}" for k in self.procedure_options) or "no procedure.* option"
+            hint = "; a cascade's splits are cascade.splits" if self.procedure == "cascade" and "split" in given else ""
+            raise ConfigError(f"{self.procedure} does not use {', '.join(unused)} (it uses {uses}){hint}")
 
     # -- helpers for procedures ----------------------------------------------------------
 

@@ -31,6 +31,7 @@ class Baseline(Plan):
     """Train all blocks jointly (stage 0 only)."""
 
     procedure = "baseline"
+    procedure_options = ()
 
     def check(self) -> None:
         if self.from_checkpoint is not None:
@@ -63,6 +64,7 @@ class Cascade(Plan):
     trained under the chosen model's frozen classifier, accepted only if better on validation."""
 
     procedure = "cascade"
+    procedure_options = ()
 
     def splits(self) -> list[int]:
         return cascade_splits(self.config, self.blocks)
@@ -94,6 +96,7 @@ class RetrainClassifier(Plan):
     """From stage 0, freeze blocks 1..split and train fresh blocks above them."""
 
     procedure = "retrain-classifier"
+    procedure_options = ("split",)
 
     def check(self) -> None:
         self.check_split(self.config.procedure.split, self.procedure)
@@ -109,6 +112,7 @@ class TransferClassifier(Plan):
     subset, against a baseline trained on the same subset."""
 
     procedure = "transfer-classifier"
+    procedure_options = ("split", "subset")
 
     def check(self) -> None:
         self.check_split(self.config.procedure.split, self.procedure)
@@ -130,6 +134,7 @@ class LaterLayerForgetting(Plan):
     recipe: the same budget. Validation chooses among the rounds, as it does among stages."""
 
     procedure = "forget"
+    procedure_options = ("split", "rounds")
 
     def split(self) -> int:
         k = self.config.procedure.split
