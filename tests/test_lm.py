@@ -46,7 +46,7 @@ def test_wt2_small_is_the_documented_split():
 @pytest.mark.parametrize("layout", [("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"), ("train.txt", "valid.txt", "test.txt")])
 def test_standard_layouts_and_unk(tmp_path, layout):
     root = write_corpus(tmp_path / "c", layout, [" the cat <unk> sat \n\n a dog \n", " the dog sat \n", " a zebra sat \n"])
-    lines = corpus.load_standard(root)
+    lines = corpus.load_standard(corpus.standard_paths(root))
     vocab = corpus.build_vocab(lines["train"])
     assert vocab == ["the", "cat", "<unk>", "sat", "<eos>", "a", "dog"]  # first appearance, <eos> per line
     ids = corpus.encode(lines["test"], vocab, "test")
@@ -56,25 +56,25 @@ def test_standard_layouts_and_unk(tmp_path, layout):
 def test_a_leading_byte_order_mark_is_not_a_word(tmp_path):
     """A UTF-8 BOM made '\\ufeffthe' (or '\\ufeff') a vocabulary word."""
     texts = ["the cat sat\n a dog\n", "the dog\n", "a cat\n"]
-    plain = corpus.load_standard(write_corpus(tmp_path / "plain", ("train.txt", "valid.txt", "test.txt"), texts))
+    plain = corpus.load_standard(corpus.standard_paths(write_corpus(tmp_path / "plain", ("train.txt", "valid.txt", "test.txt"), texts)))
     root = tmp_path / "bom"
     root.mkdir()
     for name, text in zip(("train.txt", "valid.txt", "test.txt"), ["\ufeff" + texts[0], "\ufeff" + texts[1], "\ufeff \n" + texts[2]]):
         (root / name).write_bytes(text.encode("utf-8"))
-    bom = corpus.load_standard(root)
+    bom = corpus.load_standard(corpus.standard_paths(root))
     assert corpus.build_vocab(bom["train"]) == corpus.build_vocab(plain["train"]) == ["the", "cat", "sat", "<eos>", "a", "dog"]
     assert bom["val"] == plain["val"] and bom["test"][1:] == plain["test"]
 
 
 def test_unseen_word_without_unk_and_empty_corpus_are_data_errors(tmp_path):
     root = write_corpus(tmp_path / "c", ("train.txt", "valid.txt", "test.txt"), ["the cat\n", "the cat\n", "the zebra\n"])
-    vocab = corpus.build_vocab(corpus.load_standard(root)["train"])
+    vocab = corpus.build_vocab(corpus.load_standard(corpus.standard_paths(root))["train"])
     with pytest.raises(DataError, match=r"test split, line 1: word 'zebra' is not in the training vocabulary"):
         corpus.encode(["the zebra"], vocab, "test")
     with pytest.raises(DataError, match="empty"):
         corpus.encode(["", "  "], vocab, "val")
     with pytest.raises(DataError, match="missing test.txt"):
-        corpus.load_standard(write_corpus(tmp_path / "d", ("train.txt", "valid.txt"), ["a\n", "a\n"]))
+        corpus.load_standard(corpus.standard_paths(write_corpus(tmp_path / "d", ("train.txt", "valid.txt"), ["a\n", "a\n"])))
 
 
 def test_cli_reports_bad_corpora_in_one_line(tmp_path):

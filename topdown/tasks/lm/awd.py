@@ -117,7 +117,7 @@ def load_corpus(data_cfg: dict[str, Any], data_dir: str | None) -> tuple[list[st
     """Vocabulary (from training), the token streams of the three splits, and each split's file
     for error messages (none for the bundled corpus, whose splits are cut from two files)."""
     paths = {} if data_dir is None else corpus.standard_paths(data_dir)
-    lines = corpus.load_wt2_small() if data_dir is None else corpus.load_standard(data_dir)
+    lines = corpus.load_wt2_small() if data_dir is None else corpus.load_standard(paths)
     vocab = corpus.build_vocab(lines["train"])
     ids = {split: corpus.encode(lines[split], vocab, split, paths.get(split)) for split in corpus.SPLITS}
     if data_cfg["limit_tokens"] > 0:  # the tiny preset: a prefix of each split

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import gzip
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -75,9 +76,9 @@ def standard_paths(data_dir: str | Path) -> dict[str, Path]:
     raise DataError(f"--data-dir {root}: expected wiki.{{train,valid,test}}.tokens or {{train,valid,test}}.txt")
 
 
-def load_standard(data_dir: str | Path) -> dict[str, list[str]]:
-    """A full corpus's lines per split (the files of :func:`standard_paths`)."""
-    return {split: _read_lines(p) for split, p in standard_paths(data_dir).items()}
+def load_standard(paths: Mapping[str, Path]) -> dict[str, list[str]]:
+    """A full corpus's lines per split, from the files :func:`standard_paths` found."""
+    return {split: _read_lines(p) for split, p in paths.items()}
 
 
 def describe(split: str, path: Path | None = None) -> str:
