@@ -47,16 +47,8 @@ def digest(tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> str:
 
 def weights_digest(path: str | os.PathLike) -> str:
     """``digest`` of a checkpoint's tensors alone: which weights a run started from (``--from``),
-    whatever metadata the file carries. Remembered per file version (its size and modification
-    time): ``analyse`` asks once per run it reuses, all of them built on one baseline."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    return _weights_digest(path, stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=16)
-def _weights_digest(path: Path, size: int, mtime_ns: int) -> str:
-    return digest(load_tensors(path)[0], {})
+    whatever metadata the file carries."""
+    return digest(load_tensors(Path(path))[0], {})
 
 
 def file_digest(path: Path) -> str | None:
