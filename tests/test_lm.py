@@ -308,10 +308,11 @@ def test_ntasgd_resume_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_retrain_and_transfer_classifier_run(tmp_path):
-    cfg = resolve_config("lm-awd", "tiny", {"model": {"tie": "untie"}, "procedure": {"split": 2, "subset": 0.5}, "train": {"epochs": 1}})
+    cfg = resolve_config("lm-awd", "tiny", {"model": {"tie": "untie"}, "procedure": {"split": 2}, "train": {"epochs": 1}})
     task = awd.make(cfg.task)
-    for procedure, roles in (("retrain-classifier", ["baseline", "retrain-classifier"]),
-                             ("transfer-classifier", ["full-data baseline", "subset baseline", "transfer"])):
-        summary = run_procedure(procedure, task, tmp_path / procedure, config=cfg, seed=1, preset="tiny")
+    for procedure, subset, roles in (("retrain-classifier", None, ["baseline", "retrain-classifier"]),
+                                     ("transfer-classifier", 0.5, ["full-data baseline", "subset baseline", "transfer"])):
+        config = cfg.updated({"procedure": {"subset": subset}})
+        summary = run_procedure(procedure, task, tmp_path / procedure, config=config, seed=1, preset="tiny")
         assert [s["role"] for s in summary["stages"]] == roles
         assert all(math.isfinite(s["test"]["ppl"]) for s in summary["stages"])
