@@ -258,3 +258,27 @@ def test_a_comparison_run_that_failed_before_saving_anything_starts_afresh_with_
     with pytest.raises(ConfigError, match="lack 'bleu'"):
         run_compare(toy_task(), tmp_path, seeds=1, config=CONFIG.updated({"train": {"monitor": "bleu"}}))
     assert run_compare(toy_task(), tmp_path, seeds=1, config=CONFIG)["arms"]["cascade"]["per_seed"][0]["test"] is not None
+
+
+def test_the_overview_figure_plots_the_paired_differences_compare_json_holds(tmp_path):
+    """bench/overview.py draws README's comparisons from their compare.json: its differences are those files' numbers."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import overview
+
+    run_compare(toy_task(), tmp_path / "cmp", seeds=3, config=CONFIG)
+    record = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    diffs = overview.differences(record)
+    assert list(diffs) == ["baseline", "baseline-equal-epochs", "best-of-k"]
+    for arm, (per_seed, ci) in diffs.items():
+        summary = record["arms"][arm]["cascade_minus_arm"]
+        assert sum(per_seed) / 3 == pytest.approx(100 * summary["mean"]) and ci == pytest.approx([100 * x for x in summary["ci95"]])
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "overview.py"), str(tmp_path / "cmp"), "--out", str(tmp_path / "o.png")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and (tmp_path / "o.png").stat().st_size > 0
+    missing = subprocess.run([sys.executable, str(ROOT / "bench" / "overview.py"), str(tmp_path)], capture_output=True, text=True)
+    assert missing.returncode != 0 and "no compare.json" in missing.stderr
