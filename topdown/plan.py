@@ -194,7 +194,6 @@ class Plan:
                               f"got {type(build_model).__name__}")
         self.model, self.build_model, self.seed, self.from_checkpoint = model, build_model, check_seed(seed), from_checkpoint
         self.blocks = blocks if isinstance(blocks, Blocks) else Blocks(model, blocks, shared)
-        self.blocks.watch_call_order()
         self.metric = Metric.named(metric, lower_is_better)
         self.config = RunConfig.from_dict(config) if isinstance(config, Mapping) else config or RunConfig()
         self.task_info = dict(task_info or {})
@@ -205,6 +204,7 @@ class Plan:
                   "metric": self.metric.name, "lower_is_better": self.metric.lower_is_better, "task_info": self.task_info,
                   "provenance": provenance(next(model.parameters()).device)}
         self.summary = self._open(header, resume)
+        self.blocks.watch_call_order()  # once nothing can refuse the plan: a refused plan leaves no hook on the model
         self._tried: list[dict[str, Any]] = []
         self._best: tuple[dict[str, float], dict[str, float], dict[str, torch.Tensor]] | None = None
 
