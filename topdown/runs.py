@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
 from .errors import TopdownError
+from .task import DATA_DIR
 
 
 class WriteError(TopdownError):
@@ -136,7 +137,7 @@ def _close(a: Any, b: Any) -> bool:
     return a == b
 
 
-LOCATION_KEYS = ("data_dir",)  # task_info keys that say where the data is, not what it is
+LOCATION_KEYS = (DATA_DIR,)  # task_info keys that say where the data is, not what it is
 
 
 def first_difference(recorded: dict[str, Any], wanted: dict[str, Any], defaults: dict[str, Any] | None = None) -> str | None:

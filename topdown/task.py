@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,6 +14,16 @@ from torch import nn
 from .blocks import BlockSpec
 from .errors import ConfigError
 from .metrics import Metric
+
+DATA_DIR = "data_dir"  # the ``info`` key saying where a corpus lies (``data_location``)
+
+
+def data_location(data_dir: str | Path) -> dict[str, str]:
+    """The ``info`` entry for where a ``--data-dir`` corpus lies: recorded for the reader, never
+    compared when runs are matched (``runs.LOCATION_KEYS``), so a corpus may move or a run continue
+    on another machine; the rest of ``info`` says what the corpus is."""
+    return {DATA_DIR: str(Path(data_dir).resolve())}
+
 
 TASK_CALLABLES = {"build_model": (), "train_batches": ("generator", "subset"), "loss": ("model", "batch"), "evaluate": ("model", "split")}
 
@@ -36,7 +47,8 @@ class Task:
       ``lower_is_better``, or known from its name (``Metric.named``).
     - ``info``: JSON-serialisable facts the trained model depends on (a vocabulary,
       feature statistics); recorded in ``summary.json`` as ``task_info`` and in every
-      checkpoint's metadata, so a model can be used without the training data.
+      checkpoint's metadata, so a model can be used without the training data; where the
+      data lies goes under ``data_location``'s key, which matching runs ignores.
     """
 
     name: str

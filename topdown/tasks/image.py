@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from ..config import Section, option
 from ..errors import ConfigError, DataError
-from ..task import Task
+from ..task import Task, data_location
 from . import digits
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -274,7 +274,7 @@ def load_folders(data_cfg: dict[str, Any], data_dir: str) -> tuple[list[str], di
         splits["val"], source = (x[:n_val], y[:n_val]), f"a fixed {data_cfg['val_fraction']:g} of train/"
         x, y = x[n_val:], y[n_val:]
     splits["train"] = (x, y)
-    return classes, splits, {"data": "image folders", "data_dir": str(Path(data_dir).resolve()), "val_from": source, "color": color}
+    return classes, splits, {"data": "image folders", **data_location(data_dir), "val_from": source, "color": color}
 
 
 def load_digits(data_cfg: dict[str, Any]) -> tuple[list[str], dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from ...config import Section, option
 from ...errors import ConfigError, DataError, warn
-from ...task import Task
+from ...task import Task, data_location
 from . import an4, kaldi
 from .ngram import END, WordNgram
 
@@ -159,10 +159,10 @@ def load_corpus(data_cfg: dict[str, Any], data_dir: str | None) -> Corpus:
     else:
         root = Path(data_dir)
         if (root / "etc").is_dir():
-            raw, facts = an4.load_sphinx(root), {"corpus": "an4 sphinx layout", "data_dir": str(root.resolve())}
+            raw, facts = an4.load_sphinx(root), {"corpus": "an4 sphinx layout", **data_location(root)}
         elif (root / "train").is_dir():
             raw, facts = kaldi.load_root(root, data_cfg["fbank"])
-            facts = {"corpus": "kaldi data directories", "data_dir": str(root.resolve()), **facts}
+            facts = {"corpus": "kaldi data directories", **data_location(root), **facts}
         elif not root.is_dir():
             raise DataError(f"{root}: data directory not found")
         else:

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ...config import Section, option
-from ...task import Task
+from ...task import Task, data_location
 from . import corpus
 from .model import TIE_MODES, AWDLSTM, detach
 
@@ -198,7 +198,7 @@ def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
 
     info = {
         "corpus": "WT2-small (bundled)" if data_dir is None else "standard layout",
-        **({} if data_dir is None else {"data_dir": str(Path(data_dir).resolve())}),
+        **({} if data_dir is None else data_location(data_dir)),
         "vocab_size": len(vocab),
         "vocab_sha256": hashlib.sha256("\n".join(vocab).encode()).hexdigest(),
         "vocab": vocab,
