@@ -18,14 +18,14 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from topdown.compare import ARMS
+from topdown.compare import ARMS, FORGETTING
 from topdown.metrics import PERCENT_METRICS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # the comparisons made with the current protocol, from each task's strongest recipe (README's table)
 CURRENT = ("digits-compare-demo-full-budget", "image-compare-bench-full-budget", "asr-rnn-compare-bench",
            "asr-transformer-compare-bench", "lm-awd-compare-bench")
-CONTROLS = [arm for arm in ARMS if arm != "cascade"] + ["forgetting"]
+CONTROLS = [arm for arm in ARMS if arm != "cascade"] + [FORGETTING]
 
 
 def differences(record: dict) -> dict[str, tuple[list[float], list[float]]]:
