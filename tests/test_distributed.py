@@ -119,6 +119,17 @@ def test_workers_do_not_repeat_what_building_the_task_said(capfd):
     assert "a fact about the data" not in capfd.readouterr().err
 
 
+def test_more_jobs_than_cpus_is_warned_about(capfd, monkeypatch):
+    """Workers beyond the cores take turns on them and lose throughput in all: worth a line."""
+    import topdown.jobs
+    monkeypatch.setattr(topdown.jobs, "usable_cpus", lambda: 2)
+    in_parallel(_one, [(0,), (1,)], toy_task(), 2, toy_task)
+    assert "take turns" not in capfd.readouterr().err
+    monkeypatch.setattr(topdown.jobs, "usable_cpus", lambda: 1)
+    in_parallel(_one, [(0,), (1,)], toy_task(), 2, toy_task)
+    assert "--jobs 2 is more than the 1 usable CPUs: the workers take turns" in capfd.readouterr().err
+
+
 def test_ctrl_c_stops_a_parallel_comparison_at_once_and_says_how_to_continue(tmp_path):
     """Ctrl-C reaches the whole process group; the runs in progress stop at once (each resumes
     from its last saved epoch) instead of the command waiting for them to finish."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError, TrainingError, muted
+from .errors import ConfigError, TrainingError, muted, warn
 from .task import Task
 
 _worker_task: Task | None = None
@@ -32,6 +32,11 @@ def _start_worker(task_factory: Callable[[], Task], threads: int) -> None:
 
 def _call(fn: Callable[..., Any], args: tuple) -> Any:
     return fn(_worker_task, *args)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a container's or ``taskset``'s limit, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class Workers:
@@ -53,6 +58,9 @@ class Workers:
 
     def __enter__(self) -> Workers:
         if self.jobs > 1:
+            if self.jobs > usable_cpus():
+                warn(f"--jobs {self.jobs} is more than the {usable_cpus()} usable CPUs: the workers take turns on the cores, which costs "
+                     "throughput (five one-thread trainings on two cores ran 2-4 times slower in all than two; bench/RESULTS.md)")
             threads = max(1, torch.get_num_threads() // self.jobs) if "OMP_NUM_THREADS" not in os.environ else torch.get_num_threads()
             context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked threads or locks
             self.pool = ProcessPoolExecutor(max_workers=self.jobs, mp_context=context, initializer=_start_worker,
