@@ -270,6 +270,27 @@ def test_an_interrupted_plan_resumes_to_the_uninterrupted_result(tmp_path, kill_
     assert not list((tmp_path / "resumed" / "state").glob("*"))
 
 
+def test_a_run_in_progress_is_refused_to_a_second_process_until_it_ends(tmp_path):
+    """Two processes writing one run would interleave its records and checkpoints (a command
+    started again while the first still runs): the second is refused, the first is unharmed."""
+    script = tmp_path / "loop.py"
+    script.write_text(KILLABLE.format(tests=str(ROOT / "tests")))
+    second = lambda: subprocess.run([sys.executable, str(script), str(tmp_path / "run"), "--resume"], capture_output=True, text=True,  # noqa: E731
+                                    env={**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1"})
+    torch.manual_seed(0)
+    plan = topdown.Cascade(ToyNet(), BLOCKS, build_model=ToyNet, metric="error", out=tmp_path / "run", seed=3,
+                           config=RunConfig(cascade=CascadeConfig(candidates=2)))
+    for stage in plan:
+        if stage.index == 1:
+            refused = second()
+            assert refused.returncode != 0 and "is in use: another process is training the run there" in refused.stderr
+        torch.manual_seed(stage.seed)
+        my_training(stage.model, stage.trainable_parameters())
+        stage.finish(val={"error": val_error(stage.model)}, test={"error": 0.0})
+    assert read_summary(tmp_path / "run")["status"] == "complete"
+    assert second().returncode == 0  # the first has finished: the run is free again
+
+
 def test_readme_own_loop_example_runs(tmp_path):
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Your own training loop", 1)[1]

@@ -405,6 +405,7 @@ class Plan:
             try:
                 outcome = ("record", self._open_here(header, resume))
             except TopdownError as e:
+                self.run.release()
                 outcome = ("error", str(e))
         kind, value = distributed.same_on_every_rank(outcome)
         if kind == "error":
@@ -414,6 +415,7 @@ class Plan:
     def _open_here(self, header: dict[str, Any], resume: bool) -> dict[str, Any]:
         if self.run.path.exists() and not self.run.path.is_dir():
             raise TopdownError(f"{self.run.path} is a file, not a run directory; choose another output directory (--out)")
+        self.run.claim()
         existing = self.run.read_summary()
         failed_untrained = existing is not None and not resume and self.run.failed_before_saving(existing)
         if failed_untrained:
@@ -428,6 +430,7 @@ class Plan:
                 raise TopdownError(f"{self.run.path} is not empty and holds no run (no summary.json); choose another output directory (--out)")
             summary = {**header, "status": "running", "stages": [], "chosen_stage": None, "test": None}
             self.run.write_summary(summary)
+            self.run.claim()  # the directory exists now
             return summary
         if not resume:
             raise TopdownError(f"{self.run.path} already holds a run; resume it (--resume; resume=True) or choose another output directory")
@@ -481,6 +484,7 @@ class Plan:
             self.run.write_summary(self.summary)
         except TopdownError:
             pass  # the error being raised says why; the last good record stays on disk
+        self.run.release()
 
     def _complete(self) -> None:
         """Mark the run complete, render its report, and leave the chosen model in ``model``."""
@@ -490,6 +494,7 @@ class Plan:
             self.run.write_summary(self.summary)
             if self.run.writer:
                 report.write(self.run.path)
+        self.run.release()
         best = self.run.checkpoints / "best.safetensors"
         if best.is_file():
             self.model.load_state_dict(load_tensors(best)[0])

@@ -26,6 +26,13 @@ from safetensors import safe_open
 from .errors import TopdownError
 from .task import DATA_DIR
 
+try:
+    import fcntl
+except ImportError:  # not on Windows: no directory locks there
+    fcntl = None
+
+_claimed: dict[str, int] = {}  # run directories this process writes: resolved path -> the descriptor holding the lock
+
 
 class WriteError(TopdownError):
     """A file could not be written (permissions, a full disk, a file where a directory should be)."""
@@ -283,6 +290,35 @@ class RunDir:
         for f in debris:
             f.unlink(missing_ok=True)
         return debris
+
+    def claim(self) -> None:
+        """Lock the directory for this process until ``release`` or the process ends, however it
+        ends: a second process writing the same run (a command started again while the first still
+        runs) would interleave its records and checkpoints with this one's. Claiming a directory this
+        process already holds does nothing; so does a missing directory (nothing to share yet) or a
+        file system without locks."""
+        key = str(self.path.resolve())
+        if not self.writer or fcntl is None or key in _claimed or not self.path.is_dir():
+            return
+        try:
+            fd = os.open(key, os.O_RDONLY)
+        except OSError:
+            return  # unreadable: the writes that follow say what is wrong
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise TopdownError(f"{self.path} is in use: another process is training the run there; let it finish (or stop it), "
+                               "or choose another output directory") from None
+        except OSError:
+            os.close(fd)
+            return
+        _claimed[key] = fd
+
+    def release(self) -> None:
+        """Let other processes write the run (it is complete, or stopped on an error)."""
+        if (fd := _claimed.pop(str(self.path.resolve()), None)) is not None:
+            os.close(fd)
 
     def load_model(self, name: str) -> dict[str, torch.Tensor]:
         return load_tensors(self.checkpoints / f"{name}.safetensors")[0]
