@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
         "made with another preset or --set is refused, never mixed in.",
     )
     p.add_argument("--seeds", type=int, required=True, help="number of seeds (0..N-1)")
-    p.add_argument("--jobs", type=int, default=1, metavar="N", help="run the comparison's runs in N processes, threads divided among them (default: 1)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="run the comparison's runs in N processes, threads divided among them unless OMP_NUM_THREADS is set (default: 1)")
     p.add_argument("--forgetting", action="store_true",
                    help="add an arm: later-layer forgetting (the forget command) with the cascade's budget, per seed")
     p = sub.add_parser(
@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the baseline and of every run (default: 0)")
     p.add_argument("--subsets", type=float, nargs="+", default=[0.25, 0.5], help="training-data fractions (default: 0.25 0.5)")
-    p.add_argument("--jobs", type=int, default=1, metavar="N", help="run the splits in N processes, threads divided among them (default: 1)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="run the splits in N processes, threads divided among them unless OMP_NUM_THREADS is set (default: 1)")
     p = sub.add_parser("report", help="re-render report.md and curves.png of a run directory; of a compare or analyse "
                                       "directory (or any directory of runs), show where each of its runs stands")
     p.add_argument("dir", help="run directory, the --out of compare/analyse, or a directory of run directories")

@@ -137,8 +137,9 @@ class Section:
 
 @dataclass(frozen=True)
 class TrainConfig(Section):
-    """One stage's training recipe. The learning rate decays on validation plateaus and
-    training stops early, so every stage (and the baseline) ends at a low learning rate."""
+    """One stage's training recipe: by default the learning rate decays on validation plateaus
+    (``schedule``: or follows a one-cycle or cosine curve over the planned steps), and the weights of
+    the best validation epoch end the stage."""
     SECTION: typing.ClassVar[str] = "train"
 
     epochs: int = option(10, ge=1)  # at most this many epochs
@@ -163,7 +164,7 @@ class TrainConfig(Section):
     monitor: str = ""  # validation metric for the best epoch, lr decay and early stopping; "" = the task's metric
     nonmono: int = option(5, ge=0)  # ntasgd: start averaging once validation is worse than the best of all epochs but the last `nonmono`
     amp: str = option("", choices=("", "bf16"))  # "bf16": mixed precision (autocast) for the training forward pass
-    warmup_steps: int = option(0, ge=0)  # > 0: the lr ramps linearly from lr/warmup_steps to lr over this many batches (per stage)
+    warmup_steps: int = option(0, ge=0)  # > 0: the lr ramps linearly from lr/warmup_steps to lr over this many batches (per stage); plateau and cosine only (onecycle rises over its first 30 %)
     # lr schedule: "plateau" = decay by lr_decay on validation plateaus (min_lr ends the stage);
     # "onecycle" / "cosine" = lr a pure function of the step over the stage's planned steps
     # (epochs x batches), no plateau decay; onecycle: up from lr/25 over 30 %, then down to ~0;
@@ -200,7 +201,7 @@ class ProcedureConfig(Section):
     SECTION: typing.ClassVar[str] = "procedure"
     split: int | None = option(None, ge=1)  # retrain-classifier, transfer-classifier, forget (default: the cascade's first split)
     subset: float | None = option(None, gt=0, lt=1)  # transfer-classifier: fraction of the training data
-    rounds: int | None = option(None, ge=1)  # forget: rounds of forgetting (default: as many as the cascade has stages)
+    rounds: int | None = option(None, ge=1)  # forget: rounds of forgetting (default: as many as the cascade has splits)
 
 
 METHOD_SECTIONS = {cls.SECTION: cls for cls in (TrainConfig, CascadeConfig, ProcedureConfig)}
@@ -211,7 +212,8 @@ class RunConfig:
     """Everything a run is configured by: the method's typed sections and the task's own sections.
 
     ``task`` holds the task's sections (``data``, ``model``, ...) as resolved from its defaults
-    and preset; the task validates them when it is built (``make``)."""
+    and preset; ``from_dict(..., task_sections=...)`` checks them against the task's typed sections
+    (``tasks.resolve_config`` does; a config built by hand is checked only where the task reads it)."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
     cascade: CascadeConfig = field(default_factory=CascadeConfig)

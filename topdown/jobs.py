@@ -2,7 +2,8 @@
 
 A ``Task`` holds closures and data and is not sent between processes: each worker builds its
 own from ``task_factory`` (a picklable callable, e.g. ``functools.partial`` of a top-level
-function) and divides the machine's threads with the other workers. Every run's randomness
+function) and divides the machine's threads with the other workers (with ``OMP_NUM_THREADS`` set,
+each worker takes that many instead). Every run's randomness
 is a function of its own seed, so the results equal those of one process at the same thread
 count (a different thread count can change the last bits of a CPU result)."""
 

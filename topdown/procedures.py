@@ -130,7 +130,7 @@ class LaterLayerForgetting(Plan):
     """A neighbour of the cascade, as its control: after the baseline, each round re-initialises
     the blocks above the split and trains every block, the lower ones on from where the last
     round left them (later-layer forgetting, Zhou et al., ICLR 2022). By default it forgets the
-    cascade's first classifier, as many times as the cascade has stages, with the cascade's stage
+    cascade's first classifier, once per cascade split (the cascade's stages after its baseline), with the cascade's stage
     recipe: the same budget. Validation chooses among the rounds, as it does among stages."""
 
     procedure = "forget"

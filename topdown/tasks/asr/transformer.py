@@ -9,7 +9,7 @@ LayerNorm and the linear CTC layer over blank and the characters).
 
 The recipe: Adam with a linear learning-rate warm-up (``train.warmup_steps``, restarted in
 every stage since each stage builds a fresh optimizer), then the loop's plateau decay (the
-``bench`` preset: a one-cycle schedule instead);
+``bench`` preset: a one-cycle schedule instead, whose first 30 % rise is its warm-up);
 dropout in attention, residual and feed-forward branches; SpecAugment-style masking of the
 training features (``data.spec_augment``). No label smoothing: it is not standard for CTC.
 """
@@ -62,7 +62,7 @@ DEFAULTS: dict[str, Any] = {
               "min_epoch_steps": 100},  # as asr-rnn: a small corpus is passed over more than once per epoch
 }
 # The default preset with --data-dir (a corpus of the user's own; the CLI says it uses it):
-# demo is sized for the bundled AN4 demonstration; bench is the converged recipe.
+# demo is sized for the bundled AN4 demonstration; bench is the strongest recipe chosen on validation.
 OWN_CORPUS_PRESET = "bench"
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {

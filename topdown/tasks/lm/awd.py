@@ -86,7 +86,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # AWD-LSTM's dropout is sized for a 400/1150 model trained 750 epochs; a 64/128 model
     # trained a few epochs per stage does better with lighter dropout
     "demo": {"data": {"bptt": 35}, "model": LIGHT_DROPOUT},
-    # bench: 40 epochs under a cosine schedule to lr 0, the best validation epoch kept: a schedule that
+    # bench: NT-ASGD's optimizer for 40 epochs under a cosine schedule to lr 0, the best validation epoch kept: a schedule that
     # ends, so the baseline has converged at its budget and the equal-epochs control is the same recipe
     # over a longer schedule. NT-ASGD at a constant lr 30 (early stop 5) was 2.4 validation ppl better at
     # epoch 40 but still improving (seed 0: 158.5 against 160.9; bench/RESULTS.md, 2026-11-30 sixth session)
