@@ -35,6 +35,8 @@ def test_help_and_list():
     listing = cli("list", check=True).stdout
     assert "asr-rnn" in listing and "lstm1" in listing and "digits" in listing and "layer3" in listing
     assert "lr_patience" in cli("list", "--config", "asr-rnn", check=True).stdout
+    paper = cli("list", "--preset", "paper", check=True).stdout  # digits has no paper preset: said, not an error
+    assert "(no paper preset)" in paper and "lstm4" in paper
 
 
 def test_a_closed_output_pipe_is_not_a_traceback():

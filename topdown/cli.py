@@ -118,10 +118,13 @@ def _list(args: argparse.Namespace) -> None:
         return
     for name in TASKS:
         module = task_module(name)
-        cfg = resolve_config(name, args.preset, {}).task
-        model = module.build_model(cfg)
         print(module.__doc__.strip().splitlines()[0].replace("``", ""))
         print(f"  presets: {', '.join(module.PRESETS)}")
+        if args.preset not in module.PRESETS:
+            print(f"  (no {args.preset} preset)")
+            continue
+        cfg = resolve_config(name, args.preset, {}).task
+        model = module.build_model(cfg)
         print(f"  blocks ({args.preset} preset, input to output):")
         blocks = module.block_names(cfg["model"])
         params = {b: {id(p): p for m in mods for p in model.get_submodule(m).parameters()} for b, mods in blocks}
