@@ -119,6 +119,20 @@ def test_workers_do_not_repeat_what_building_the_task_said(capfd):
     assert "a fact about the data" not in capfd.readouterr().err
 
 
+def test_ctrl_c_in_one_process_stops_the_runs_still_to_come():
+    """With --jobs 1 the runs are called one after another in this process: Ctrl-C in the first
+    must not be stored like a run's error while the others go on training."""
+    called = []
+
+    def interrupted(task, i):
+        called.append(i)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        in_parallel(interrupted, [(0,), (1,), (2,)], toy_task(), 1, None)
+    assert called == [0]
+
+
 def test_more_jobs_than_cpus_is_warned_about(capfd, monkeypatch):
     """Workers beyond the cores take turns on them and lose throughput in all: worth a line."""
     import topdown.jobs

@@ -91,7 +91,7 @@ class Workers:
         done: Future = Future()
         try:
             done.set_result(fn(self.task, *args))
-        except BaseException as e:  # noqa: BLE001 - handed to whoever reads the future, as a pool would
+        except Exception as e:  # noqa: BLE001 - handed to whoever reads the future, as a pool would; Ctrl-C is not
             done.set_exception(e)
         return done
 
