@@ -109,6 +109,10 @@ def test_set_gives_a_string_option_the_text_as_typed_and_types_the_others():
         resolve_config("digits", "tiny", parse_overrides(["train.epochs=*"]))
     with pytest.raises(topdown.ConfigError, match="'train.lr' expects a float, got 'abc'"):
         resolve_config("digits", "tiny", parse_overrides(["train.lr=abc"]))
+    with pytest.raises(topdown.ConfigError, match=r"^--set train.lr.x: train.lr was given a value, so it has no keys to set$"):
+        parse_overrides(["train.lr=1", "train.lr.x=2"])
+    with pytest.raises(topdown.ConfigError, match=r"^--set train: keys under train were set, so it cannot also be given a value$"):
+        parse_overrides(["train.lr=1", "train=2"])
 
 
 @pytest.mark.parametrize("args, pattern", [
@@ -123,6 +127,16 @@ def test_bad_values_and_devices_are_one_line_errors_before_any_work(tmp_path, ar
     out = tmp_path / "run"
     assert_one_line_error(cli("baseline", *TINY_DIGITS, "--out", str(out), *args), pattern)
     assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--subsets", "0.5", "1.5"], r"procedure.subset is 1.5; allowed: a finite number > 0 and < 1"),
+    (["--jobs", "0"], r"--jobs must be at least 1, got 0"),
+])
+def test_analyse_refuses_bad_fractions_and_job_counts_before_training_its_baseline(tmp_path, args, pattern):
+    out = tmp_path / "analyse"
+    assert_one_line_error(cli("analyse", *TINY_DIGITS, "--out", str(out), *args), pattern)
+    assert not (out / "runs").exists()
 
 
 def test_bad_output_locations(tmp_path):

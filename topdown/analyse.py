@@ -20,7 +20,7 @@ from typing import Any
 from .blocks import usable_splits
 from .config import RunConfig
 from .errors import ConfigError
-from .jobs import in_parallel
+from .jobs import check_jobs, in_parallel
 from .procedures import run_or_resume
 from .metrics import PERCENT_METRICS
 from .report import format_metric, write_record
@@ -81,6 +81,9 @@ def run_analyse(
 ) -> dict[str, Any]:
     """Train one baseline, then every split's runs (in ``jobs`` processes when > 1, see ``run_compare``)."""
     check_one_recipe(config)
+    check_jobs(jobs, task_factory)
+    for fraction in subsets:  # a fraction outside (0, 1) is refused now, not after the splits before it have trained
+        config.updated({"procedure": {"subset": fraction}})
     out = Path(out)
     metric = task.primary.name
     base = run_or_resume("baseline", task, out / "runs" / "baseline", config=config, seed=seed, preset=preset, device=device)

@@ -273,7 +273,7 @@ def merge(base: dict[str, Any], update: dict[str, Any], where: str = "") -> dict
 def _checked(path: str, default: Any, value: Any) -> Any:
     """``value`` if it has the type of ``default`` (ints are accepted for floats)."""
     if isinstance(value, CommandLineValue):
-        value = value.as_text(path) if isinstance(default, str) else value.parsed(path)
+        value = value.as_text() if isinstance(default, str) else value.parsed(path)
     if default is None or value is None:
         return value
     if isinstance(default, bool):
@@ -298,7 +298,7 @@ class CommandLineValue:
 
     text: str
 
-    def as_text(self, key: str) -> str:
+    def as_text(self) -> str:
         """The text without surrounding blanks, and without YAML quotes where it is quoted."""
         text = self.text.strip()
         if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
@@ -330,7 +330,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--set expects key=value, got {pair!r}")
         node = out
         *parents, leaf = key.split(".")
-        for part in parents:
+        for depth, part in enumerate(parents, 1):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {'.'.join(parents[:depth])} was given a value, so it has no keys to set")
+        if isinstance(node.get(leaf), dict):
+            raise ConfigError(f"--set {key}: keys under {key} were set, so it cannot also be given a value")
         node[leaf] = CommandLineValue(raw)
     return out

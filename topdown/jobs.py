@@ -40,6 +40,14 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def check_jobs(jobs: int, task_factory: Callable[[], Task] | None) -> None:
+    """Refuse a worker count that cannot work; callers that train before they start workers call it first."""
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+    if jobs > 1 and task_factory is None:
+        raise ConfigError("jobs > 1 needs a task_factory: each worker process builds its own task")
+
+
 class Workers:
     """``submit(fn, *args)`` runs ``fn(task, *args)`` in one of ``jobs`` worker processes and
     returns a future; with ``jobs`` == 1 it runs at once, in this process, and returns a finished
@@ -50,10 +58,7 @@ class Workers:
     when the command is run again."""
 
     def __init__(self, task: Task, jobs: int, task_factory: Callable[[], Task] | None):
-        if jobs < 1:
-            raise ConfigError(f"--jobs must be at least 1, got {jobs}")
-        if jobs > 1 and task_factory is None:
-            raise ConfigError("jobs > 1 needs a task_factory: each worker process builds its own task")
+        check_jobs(jobs, task_factory)
         self.task, self.jobs, self.task_factory = task, jobs, task_factory
         self.pool: ProcessPoolExecutor | None = None
 
