@@ -229,6 +229,10 @@ def test_a_run_built_on_a_checkpoint_is_not_continued_or_reused_from_other_weigh
         topdown.retrain_classifier(task, run, split=2, train=config.train, from_checkpoint=b, resume=True)
     (tmp_path / "a" / "checkpoints" / "best.safetensors").rename(tmp_path / "moved.safetensors")  # stage 0 is recorded: not needed
     assert topdown.retrain_classifier(task, run, split=2, train=config.train, from_checkpoint=a, resume=True)["status"] == "complete"
+    # nor is a run that trained its own baseline taken for one built on a checkpoint
+    topdown.retrain_classifier(task, tmp_path / "own", split=2, train=config.train)
+    with pytest.raises(topdown.TopdownError, match=r"cannot resume .*own: it trained its own baseline, not the model in .*b/checkpoints"):
+        topdown.retrain_classifier(task, tmp_path / "own", split=2, train=config.train, from_checkpoint=b, resume=True)
 
 
 def test_only_the_data_description_tolerates_float_rounding():

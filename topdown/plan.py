@@ -72,14 +72,28 @@ def run_identity(procedure: str, name: str, preset: str | None, seed: int, confi
 def other_start(summary: Mapping[str, Any], from_checkpoint: str | None) -> str | None:
     """Why the recorded run did not start from ``from_checkpoint``'s weights, or None if it did
     (or recorded none: runs made before ``source_weights`` existed). A run built on a checkpoint
-    that was trained again since must not be continued or reused as if it were built on the new one."""
+    that was trained again since must not be continued or reused as if it were built on the new one,
+    nor a run that trained its own baseline as if it were built on a checkpoint."""
     stages = summary.get("stages") or []
-    recorded = stages[0].get("source_weights") if stages else None
-    if from_checkpoint is None or recorded is None or not Path(from_checkpoint).is_file():
+    if from_checkpoint is None or not stages:
+        return None
+    if "source" not in stages[0]:
+        return f"it trained its own baseline, not the model in {from_checkpoint}"
+    recorded = stages[0].get("source_weights")
+    if recorded is None or not Path(from_checkpoint).is_file():
         return None  # nothing to compare (a resume no longer needs the checkpoint once stage 0 is recorded)
     if recorded == weights_digest(from_checkpoint):
         return None
     return f"it started from other weights than {from_checkpoint} (was that checkpoint trained again since?)"
+
+
+def recorded_mismatch(summary: Mapping[str, Any], identity: Mapping[str, Any], option_defaults: Mapping[str, Any],
+                      from_checkpoint: str | None) -> str | None:
+    """Why the run recorded in ``summary`` is not the one ``identity`` and ``from_checkpoint``
+    describe (so it may be neither continued nor reused), or None."""
+    if difference := first_difference(summary, identity, {"config": option_defaults}):
+        return f"its {difference} differs from this command's"
+    return other_start(summary, from_checkpoint)
 
 
 def _numbers(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -435,9 +449,7 @@ class Plan:
         if not resume:
             raise TopdownError(f"{self.run.path} already holds a run; resume it (--resume; resume=True) or choose another output directory")
         identity = {k: v for k, v in header.items() if k != "provenance"}  # another machine may continue a run
-        if difference := first_difference(existing, identity, {"config": self.config.option_defaults}):
-            raise TopdownError(f"cannot resume {self.run.path}: its {difference} differs from this command's")
-        if reason := other_start(existing, self.from_checkpoint):
+        if reason := recorded_mismatch(existing, identity, self.config.option_defaults, self.from_checkpoint):
             raise TopdownError(f"cannot resume {self.run.path}: {reason}")
         for name in self.run.verify(existing):
             warn(f"restored {name}.safetensors from the chosen stage's checkpoint (a kill came between writing it and the record)")

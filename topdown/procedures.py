@@ -21,8 +21,8 @@ from .errors import ConfigError, TopdownError
 from . import distributed
 from .blocks import Blocks, usable_splits
 from .loop import evaluate, fit, monitored_metric, progress_label, say
-from .plan import Plan, StageSpec, other_start, run_identity
-from .runs import RunDir, first_difference
+from .plan import Plan, StageSpec, recorded_mismatch, run_identity
+from .runs import RunDir
 from .seeds import check_seed, derive_seed
 from .task import Task
 
@@ -219,10 +219,7 @@ def run_or_resume(procedure: str, task: Task, out: Path, *, config: RunConfig, s
     existing = RunDir(out).read_summary()
     if existing is not None and existing.get("status") == "complete":
         wanted = {**run_identity(procedure, task.name, preset, seed, config), "task_info": task.info}
-        if difference := first_difference(existing, wanted, {"config": config.option_defaults}):
-            raise TopdownError(f"cannot reuse {out}: its {difference} differs from this command's; delete that run's directory "
-                               "to train it again, or choose another --out")
-        if reason := other_start(existing, kw.get("from_checkpoint")):
+        if reason := recorded_mismatch(existing, wanted, config.option_defaults, kw.get("from_checkpoint")):
             raise TopdownError(f"cannot reuse {out}: {reason}; delete that run's directory to train it again, or choose another --out")
         RunDir(out).verify(existing, weights_needed=weights_needed)
         return existing
