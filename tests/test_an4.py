@@ -117,6 +117,12 @@ def test_load_sphinx_errors(tmp_path):
     with pytest.raises(DataError, match=r"utterance an1-fash-b: character 'É' is not in the alphabet"):
         load_sphinx(root)
 
+    root = make_corpus(tmp_path / "latin1")
+    trans = root / "etc" / "an4_train.transcription"
+    trans.write_bytes(trans.read_text().replace("YES", "YÉS").encode("latin-1"))
+    with pytest.raises(DataError, match=r"an4_train.transcription: not UTF-8 text \(invalid continuation byte at byte \d+\)"):
+        load_sphinx(root)
+
     root = make_corpus(tmp_path / "empty", {"train": [("an4_clstk/fash/an1-fash-b", "YES")], "test": []})
     with pytest.raises(DataError, match="split 'test' is empty"):
         load_sphinx(root)

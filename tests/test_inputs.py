@@ -19,7 +19,7 @@ import topdown.runs
 from topdown.config import METHOD_SECTIONS, Section, parse_overrides
 from topdown.tasks import TASKS, resolve_config, task_module
 
-from conftest import PYTHONPATH, ROOT, read_summary, toy_task, without_seconds
+from conftest import PYTHONPATH, read_summary, toy_task, without_seconds
 from test_cli import assert_one_line_error
 from conftest import cli
 

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import cli, read_summary
+from conftest import cli
 from topdown import Task
 from topdown.blocks import Blocks
 from topdown.config import TrainConfig

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -288,7 +288,7 @@ class Plan:
                 self._tried, self._best = [], None
                 for c in range(spec.candidates):
                     if (saved := self._saved_candidate(index, c)) is not None:
-                        self._keep_candidate(spec, *saved)
+                        self._keep_candidate(*saved)
                         continue
                     stage = self._prepare(index, c, spec)
                     yield stage
@@ -365,7 +365,7 @@ class Plan:
         last = stage.candidate == stage.spec.candidates - 1
         if not last:  # a resumed run picks finished candidates up from here
             self.run.save_candidate(stage.index, stage.candidate, weights, {**tried, "test": test, "seconds": seconds})
-        self._keep_candidate(stage.spec, tried, test, seconds, weights)
+        self._keep_candidate(tried, test, seconds, weights)
         return self._record_stage(stage) if last else None
 
     def _saved_candidate(self, index: int, candidate: int):
@@ -375,7 +375,7 @@ class Plan:
         weights, meta = saved
         return {k: meta[k] for k in ("seed", "epochs", "val")}, meta["test"], meta["seconds"], weights
 
-    def _keep_candidate(self, spec: StageSpec, tried: dict[str, Any], test: dict[str, float], seconds: float,
+    def _keep_candidate(self, tried: dict[str, Any], test: dict[str, float], seconds: float,
                         weights: dict[str, torch.Tensor]) -> None:
         self._tried.append({**tried, "seconds": seconds})
         if self._best is None or self.metric.better(tried["val"][self.metric.name], self._best[0][self.metric.name]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from .blocks import BlockSpec
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .metrics import Metric
 
 DATA_DIR = "data_dir"  # the ``info`` key saying where a corpus lies (``data_location``)
@@ -23,6 +24,21 @@ def data_location(data_dir: str | Path) -> dict[str, str]:
     compared when runs are matched (``runs.LOCATION_KEYS``), so a corpus may move or a run continue
     on another machine; the rest of ``info`` says what the corpus is."""
     return {DATA_DIR: str(Path(data_dir).resolve())}
+
+
+def text_lines(path: Path, missing: str = "file not found") -> list[str]:
+    """The lines of a corpus's UTF-8 text file (gzip-compressed if its name ends in ``.gz``), a
+    leading byte order mark (Windows editors write one) dropped rather than read as part of the
+    first word. A missing, unreadable or non-UTF-8 file is a ``DataError`` naming it."""
+    if not path.is_file():
+        raise DataError(f"{path}: {missing}")
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        return raw.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read it ({e})") from None
 
 
 TASK_CALLABLES = {"build_model": (), "train_batches": ("generator", "subset"), "loss": ("model", "batch"), "evaluate": ("model", "split")}

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from topdown.errors import DataError
+from topdown.task import text_lines
 
 SPLITS = ("train", "test")
 N_CEPS = 13
@@ -74,9 +75,8 @@ def read_sphinx_mfc(path) -> np.ndarray:
 
 def _read_lines(path: Path) -> list[str]:
     """Non-blank lines of a control file; a missing file is a DataError, not a traceback."""
-    if not path.is_file():
-        raise DataError(f"{path}: file not found (expected the AN4 Sphinx layout with etc/ and feat/)")
-    return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    lines = text_lines(path, missing="file not found (expected the AN4 Sphinx layout with etc/ and feat/)")
+    return [ln.strip() for ln in lines if ln.strip()]
 
 
 def _load_split(root: Path, split: str) -> list[Utterance]:

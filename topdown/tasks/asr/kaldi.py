@@ -26,6 +26,7 @@ import numpy as np
 
 from topdown.config import Section, option
 from topdown.errors import ConfigError, DataError, warn
+from topdown.task import text_lines
 
 from .an4 import Utterance
 
@@ -51,12 +52,7 @@ FBANK_DEFAULTS: dict[str, Any] = Fbank.defaults()
 def read_table(path: Path, *, allow_empty_value: bool = False) -> dict[str, str]:
     """``<key> <value...>`` lines into an ordered dict; blank lines are skipped. A leading UTF-8
     byte order mark (as some Windows editors write) is dropped, not read as part of the first key."""
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lines = text_lines(path)
     table: dict[str, str] = {}
     for number, line in enumerate(lines, 1):
         if not line.strip():

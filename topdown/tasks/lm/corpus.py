@@ -9,7 +9,6 @@ when the training split has it, otherwise it is a :class:`~topdown.errors.DataEr
 from __future__ import annotations
 
 import functools
-import gzip
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ...errors import DataError
+from ...task import text_lines
 
 BUNDLED = Path(__file__).resolve().parents[2] / "data" / "wikitext2"
 EOS, UNK = "<eos>", "<unk>"
@@ -26,18 +26,6 @@ NOT_COMPARABLE = (
     "WT2-small (train on WikiText-2's validation split, validate and test on the two halves of its test split): "
     "these perplexities are NOT comparable with published WikiText-2 perplexities."
 )
-
-
-def _read_lines(path: Path) -> list[str]:
-    """The file's lines; a leading UTF-8 byte-order mark (Windows editors write one) is dropped,
-    not made part of the first word and the vocabulary."""
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-        return raw.decode("utf-8-sig").splitlines()
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read it as UTF-8 text ({e})") from None
 
 
 def split_at_middle_article(lines: list[str]) -> tuple[list[str], list[str]]:
@@ -57,8 +45,8 @@ def split_at_middle_article(lines: list[str]) -> tuple[list[str], list[str]]:
 def load_wt2_small(root: Path = BUNDLED) -> dict[str, list[str]]:
     """WT2-small: train on WikiText-2's valid.txt; validation and test are the halves of test.txt.
     (Cached: the same lists are returned on every call, do not modify them.)"""
-    val, test = split_at_middle_article(_read_lines(root / "test.txt.gz"))
-    return {"train": _read_lines(root / "valid.txt.gz"), "val": val, "test": test}
+    val, test = split_at_middle_article(text_lines(root / "test.txt.gz"))
+    return {"train": text_lines(root / "valid.txt.gz"), "val": val, "test": test}
 
 
 def standard_paths(data_dir: str | Path) -> dict[str, Path]:
@@ -78,7 +66,7 @@ def standard_paths(data_dir: str | Path) -> dict[str, Path]:
 
 def load_standard(paths: Mapping[str, Path]) -> dict[str, list[str]]:
     """A full corpus's lines per split, from the files :func:`standard_paths` found."""
-    return {split: _read_lines(p) for split, p in paths.items()}
+    return {split: text_lines(p) for split, p in paths.items()}
 
 
 def describe(split: str, path: Path | None = None) -> str:
