@@ -116,6 +116,10 @@ def test_what_a_loop_hands_back_is_checked_where_it_is_handed(tmp_path):
     first = next(stages)
     with pytest.raises(topdown.ConfigError, match=r"stage.log needs 'epoch' \(an int\) and 'val'.*got \{'epoch': None, 'val': None\}"):
         first.log({"val_error": 0.5})
+    with pytest.raises(topdown.ConfigError, match=r"metric 'confusion' is a tensor or array of 4 values"):
+        first.log({"epoch": 1, "val": {"error": 0.5}, "confusion": torch.zeros(2, 2)})
+    with pytest.raises(topdown.ConfigError, match=r"the test metrics \['loss'\] lack the plan's metric 'error'"):
+        first.finish(val={"error": 0.5}, test={"loss": 1.0})
     with pytest.raises(topdown.TopdownError, match="validation error is NaN or infinite: the stage diverged"):
         first.finish(val={"error": float("nan")})  # a NaN would lose every comparison, and an infinity could be chosen
     with pytest.raises(topdown.ConfigError, match="validation error must be a number, got 'low'"):

@@ -213,6 +213,15 @@ def test_starting_from_a_checkpoint_trained_on_other_data_is_said(tmp_path, task
     assert "was trained on other data than this run ('task_info' (data) differ)" in capsys.readouterr().err
 
 
+def test_a_checkpoint_saved_by_another_tool_is_a_starting_point(tmp_path, task):
+    """safetensors files written elsewhere carry plain-string metadata (e.g. {"format": "pt"}), not our JSON."""
+    from safetensors.torch import save_file
+    path = tmp_path / "theirs.safetensors"
+    save_file({k: v.contiguous() for k, v in task.build_model().state_dict().items()}, str(path), metadata={"format": "pt"})
+    summary = topdown.retrain_classifier(task, tmp_path / "rc", split=2, train=FAST, from_checkpoint=str(path))
+    assert summary["status"] == "complete" and summary["stages"][0]["source"] == str(path)
+
+
 def test_a_run_built_on_a_checkpoint_is_not_continued_or_reused_from_other_weights(tmp_path, task):
     """analyse's runs start from its baseline's checkpoint: if that baseline is trained again (other
     weights), a finished run built on the old one must not be read back as built on the new one."""

@@ -98,13 +98,16 @@ def recorded_mismatch(summary: Mapping[str, Any], identity: Mapping[str, Any], o
 
 def _numbers(values: Mapping[str, Any]) -> dict[str, Any]:
     """Metrics as JSON numbers: numbers, one-element tensors and numpy scalars become floats; NaN and
-    infinities, which strict JSON cannot hold, become None. Nested dicts (``val``) likewise; other
-    values unchanged."""
+    infinities, which strict JSON cannot hold, become None. Nested dicts (``val``) likewise; a tensor
+    or array of several values is refused (a record holds numbers); other values unchanged."""
     out: dict[str, Any] = {}
     for key, value in values.items():
         if isinstance(value, Mapping):
             value = _numbers(value)
-        elif (isinstance(value, torch.Tensor) and value.numel() == 1) or (hasattr(value, "item") and hasattr(value, "dtype")):
+        elif hasattr(value, "item") and hasattr(value, "dtype"):  # a torch tensor, a numpy array or scalar
+            size = value.numel() if isinstance(value, torch.Tensor) else getattr(value, "size", 1)
+            if size != 1:
+                raise ConfigError(f"metric {key!r} is a tensor or array of {size} values; a stage records numbers (log one value per key)")
             value = value.item()
         if isinstance(value, float) and not math.isfinite(value):
             value = None
@@ -172,8 +175,9 @@ class Stage:
             raise TopdownError(f"{self.describe()} is already finished")
         metric = self.plan.metric.name
         val, test = distributed.same_on_every_rank((_metrics(val), _metrics(test or {})))  # rank 0's decide
-        if metric not in val:
-            raise ConfigError(f"{self.describe()}: the validation metrics {sorted(val)} lack the plan's metric {metric!r}")
+        for split, values in (("validation", val), ("test", test)):
+            if (values or split == "validation") and metric not in values:  # the test metrics are optional, not partial
+                raise ConfigError(f"{self.describe()}: the {split} metrics {sorted(values)} lack the plan's metric {metric!r}")
         if val[metric] is None:  # _metrics' NaN or infinity: a NaN would win no comparison, and an infinity could be chosen
             raise TopdownError(f"{self.describe()}: validation {metric} is NaN or infinite: the stage diverged; "
                                "it was not recorded (the stages before it are saved)")

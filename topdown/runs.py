@@ -114,11 +114,19 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise TopdownError(f"checkpoint {path} is not a readable safetensors file ({e})") from None
 
 
+def _json_or_text(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
 def read_metadata(path: Path) -> dict[str, Any]:
-    """The JSON metadata of a safetensors file, without loading its tensors."""
+    """The metadata of a safetensors file, without loading its tensors: ours holds JSON values;
+    another tool's plain strings (e.g. ``{"format": "pt"}``) are kept as they are."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            return {k: _json_or_text(v) for k, v in (f.metadata() or {}).items()}
     except (SafetensorError, OSError, ValueError) as e:
         raise TopdownError(f"checkpoint {path} is not a readable safetensors file ({e})") from None
 
