@@ -16,7 +16,7 @@ pytest.importorskip("lightning")  # a guard only: CI installs the extra, so this
 import lightning as L  # noqa: E402
 
 import topdown  # noqa: E402
-from topdown.adapters.lightning import _renamed, fit_plan  # noqa: E402
+from topdown.adapters.lightning import _renamed, default_test_monitor, fit_plan  # noqa: E402
 
 from conftest import ROOT, read_summary, toy_data  # noqa: E402
 
@@ -196,6 +196,9 @@ def test_transfer_classifier_stages_get_their_subset_from_a_function_of_the_stag
 
 
 def test_a_test_metric_logged_under_another_name_is_an_error_not_an_empty_column():
+    for val, test in (("val_error", "test_error"), ("valid/error", "test/error"), ("validation.error", "test.error"),
+                      ("val-error", "test-error"), ("validity", None), ("error", None)):
+        assert default_test_monitor(val) == test
     assert _renamed({"test_error": 0.25, "test_loss": 1.0}, "test_error", "error", validation=False) == {"error": 0.25, "loss": 1.0}
     with pytest.raises(topdown.ConfigError, match=r"the test metrics logged \(test_err\) lack 'test_error': .*test_monitor="):
         _renamed({"test_err": 0.25}, "test_error", "error", validation=False)

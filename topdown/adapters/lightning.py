@@ -13,6 +13,7 @@ one fit), with our ``PlanCallback`` added to it.
 
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -100,7 +101,7 @@ def fit_plan(
     names lose the same prefix (``val_loss`` -> ``loss``). If test data is given (or your
     datamodule or module defines ``test_dataloader``), ``trainer.test`` gives the reported test
     metrics the same way, the metric read from ``test_monitor`` (default: ``monitor`` with
-    ``val`` replaced by ``test``). The data arguments are passed to ``fit``/``validate``/``test``
+    its ``val``/``valid``/``validation`` prefix replaced by ``test``). The data arguments are passed to ``fit``/``validate``/``test``
     as Lightning takes them, or may be functions of the stage (``stage -> dataloader``); a
     transfer-classifier stage trains on the first ``stage.subset`` of the training data, so
     its training data must be such a function.
@@ -112,8 +113,8 @@ def fit_plan(
     marked failed and can be continued with ``resume=True`` once fixed.
     """
     metric = plan.metric.name
-    if test_monitor is None and monitor.startswith("val"):
-        test_monitor = "test" + monitor[3:]
+    if test_monitor is None:
+        test_monitor = default_test_monitor(monitor)
     subset_ok = callable(train_dataloaders) or callable(datamodule)
     try:
         if plan.procedure == "transfer-classifier" and not subset_ok:  # before the full-data baseline is trained
@@ -148,6 +149,13 @@ def fit_plan(
         plan.fail()
         raise
     return plan.summary
+
+
+def default_test_monitor(monitor: str) -> str | None:
+    """The test name of a validation metric: ``val_wer``, ``valid/wer`` or ``validation.wer`` ->
+    ``test_wer``, ``test/wer``, ``test.wer``; None for a name without such a prefix."""
+    test = re.sub(r"^val(id(ation)?)?(?=[_/.\-])", "test", monitor)
+    return test if test != monitor else None
 
 
 def _merged(results: list[Mapping[str, float]]) -> dict[str, float]:
