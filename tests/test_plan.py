@@ -134,6 +134,8 @@ def test_what_a_loop_hands_back_is_checked_where_it_is_handed(tmp_path):
 
 
 def test_a_plan_refuses_what_cannot_work_before_any_stage(tmp_path):
+    with pytest.raises(topdown.ConfigError, match="declared over another model than the plan's"):
+        topdown.Cascade(ToyNet(), topdown.Blocks(ToyNet(), BLOCKS), build_model=ToyNet, metric="error", out=tmp_path / "other")
     with pytest.raises(topdown.ConfigError, match="build_model must be a function that returns a freshly built model"):
         topdown.Cascade(ToyNet(), BLOCKS, build_model=ToyNet(), metric="error", out=tmp_path / "a")
 
