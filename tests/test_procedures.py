@@ -182,6 +182,26 @@ def test_a_run_that_failed_before_saving_any_training_does_not_block_the_correct
         topdown.baseline(task, kept, train=FAST)
 
 
+def test_running_out_of_memory_is_the_users_to_fix_and_the_run_resumes(tmp_path, task):
+    """A batch too large for the device: a one-line TrainingError, the run marked failed with its
+    finished stages kept, not a traceback reported as a bug of ours."""
+    loss, calls = task.loss, [0]
+
+    def hungry(model, batch):
+        calls[0] += 1
+        if calls[0] > 12:  # in stage 1, after the baseline is saved
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return loss(model, batch)
+
+    task.loss = hungry
+    with pytest.raises(topdown.TrainingError, match=r"^out of memory on cpu \(CUDA out of memory. Tried to allocate 20.00 GiB\); a smaller data.batch_size"):
+        topdown.cascade(task, tmp_path / "run", train=FAST)
+    summary = read_summary(tmp_path / "run")
+    assert summary["status"] == "failed" and len(summary["stages"]) == 1
+    task.loss = loss
+    assert topdown.cascade(task, tmp_path / "run", train=FAST, resume=True)["status"] == "complete"
+
+
 def test_a_monitor_of_unknown_direction_is_refused_before_the_run_directory_is_written(tmp_path, task):
     with pytest.raises(ConfigError, match=r"train.monitor 'null': not a metric whose direction is known .*leave it empty"):
         topdown.baseline(task, tmp_path / "run", train=TrainConfig(epochs=1, monitor="null"))

@@ -17,7 +17,7 @@ import torch
 
 from .config import CascadeConfig, ProcedureConfig, RunConfig, TrainConfig
 from .devices import resolve_device
-from .errors import ConfigError, TopdownError
+from .errors import ConfigError, TopdownError, TrainingError
 from . import distributed
 from .blocks import Blocks, usable_splits
 from .loop import evaluate, fit, monitored_metric, progress_label, say
@@ -203,6 +203,10 @@ def run_procedure(
     except TopdownError:
         plan.fail()
         raise
+    except torch.OutOfMemoryError as e:  # the user's to fix (a batch too large for the device), not a bug of ours
+        plan.fail()
+        raise TrainingError(f"out of memory on {device} ({str(e).splitlines()[0][:160]}); a smaller data.batch_size or model "
+                            "fits, and --resume continues from the last saved epoch") from None
 
 
 def run_or_resume(procedure: str, task: Task, out: Path, *, config: RunConfig, seed: int = 0, preset: str | None = None,
