@@ -159,7 +159,7 @@ def fit(
         state, kept = _load_resume_point(resume_path, model, opt)
     # the stage's planned steps: epochs x the batches of one epoch as drawn with a fixed generator; a
     # task whose batch count varies with the draw (lm-awd's random BPTT lengths) gets an estimate, so its
-    # schedule ends a little before or after the last step (within about 1 % there), never anywhere else
+    # schedule reaches its end a little before or after the last step
     if cfg.schedule != "plateau":
         state.total_steps = cfg.epochs * sum(1 for _ in epoch_batches(task, cfg, torch.Generator().manual_seed(0), subset))
     validated = getattr(opt, "averaged", nullcontext)  # the weights validation sees and keeps (NT-ASGD: the average)
