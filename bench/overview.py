@@ -19,7 +19,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from topdown.compare import ARMS, FORGETTING
-from topdown.metrics import PERCENT_METRICS
+from topdown.metrics import is_rate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # the comparisons made with the current protocol, from each task's strongest recipe (README's table)
@@ -31,7 +31,7 @@ CONTROLS = [arm for arm in ARMS if arm != "cascade"] + [FORGETTING]
 def differences(record: dict) -> dict[str, tuple[list[float], list[float]]]:
     """Per control: the per-seed differences (cascade - control, in the plotted unit, sign flipped
     for a higher-is-better metric) and the 95 % interval of their mean."""
-    scale = 100 if record["metric"] in PERCENT_METRICS else 1
+    scale = 100 if is_rate(record["metric"]) else 1
     sign = scale if record["lower_is_better"] else -scale
     cascade = [e["test"] for e in record["arms"]["cascade"]["per_seed"]]
     out = {}
@@ -55,7 +55,7 @@ def panel(ax, record: dict) -> None:
             ax.plot(i + 0.12, mean, "o", color="black")
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xticks(range(len(diffs)), [a.replace("baseline-", "") for a in diffs], rotation=20)
-    unit = " (points)" if record["metric"] in PERCENT_METRICS else ""
+    unit = " (points)" if is_rate(record["metric"]) else ""
     flipped = "" if record["lower_is_better"] else ", sign flipped"
     ax.set_ylabel(f"cascade - control, test {record['metric']}{unit}{flipped}")
     ax.set_title(f"{record['task']} ({record['preset']}), {record['seeds']} seeds", fontsize=10)

@@ -33,7 +33,7 @@ import numpy as np
 from .config import RunConfig
 from .errors import ConfigError
 from .procedures import planned_models, run_or_resume
-from .metrics import PERCENT_METRICS, Metric
+from .metrics import Metric, is_rate
 from .report import format_metric, write_record
 from .seeds import derive_seed
 from .jobs import Workers
@@ -220,7 +220,7 @@ def run_compare(task: Task, out: str | Path, *, seeds: int, config: RunConfig, p
 
 def render(record: dict[str, Any]) -> str:
     m = record["metric"]
-    unit = " (%)" if m in PERCENT_METRICS else ""
+    unit = " (%)" if is_rate(m) else ""
 
     def f(x: float) -> str:
         return format_metric(x, m, sign=False)
@@ -268,7 +268,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
     from matplotlib.figure import Figure  # not pyplot: a library call leaves the user's backend alone
 
     m = record["metric"]
-    scale = 100 if m in PERCENT_METRICS else 1
+    scale = 100 if is_rate(m) else 1
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
     arms = list(record["arms"])

@@ -104,7 +104,7 @@ def monitored_metric(cfg: TrainConfig, task: Task) -> Metric:
         return Metric.named(name)
     except ConfigError:
         raise ConfigError(f"train.monitor {name!r}: not a metric whose direction is known ({', '.join(LOWER_IS_BETTER + HIGHER_IS_BETTER)}, "
-                          f"or a name ending in _loss); leave it empty for the task's metric ({task.metric!r})") from None
+                          f"a variant of one such as wer_beam, or a name ending in _loss); leave it empty for the task's metric ({task.metric!r})") from None
 
 
 @dataclass

@@ -3,14 +3,24 @@ stage acceptance, best-of-k) asks the metric which way is better, never guesses.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .errors import ConfigError
 
-LOWER_IS_BETTER = ("loss", "error", "wer", "cer", "wer_beam", "cer_beam", "wer_lm", "cer_lm", "ppl", "per", "ter")
+LOWER_IS_BETTER = ("loss", "error", "wer", "cer", "ppl", "per", "ter")
 HIGHER_IS_BETTER = ("accuracy", "acc", "top1", "top5", "f1", "bleu", "auc", "map", "precision", "recall")
-PERCENT_METRICS = ("wer", "cer", "error", "wer_beam", "cer_beam", "wer_lm", "cer_lm")  # fractions in [0, 1], shown as percentages
+RATES = ("wer", "cer", "error")  # fractions in [0, 1], shown as percentages
+
+
+def base_name(name: str) -> str:
+    """A metric's base: a variant (``wer_beam``, ``cer_lm``: another decoder's WER and CER) is
+    known by the metric before its first underscore."""
+    return name.split("_", 1)[0]
+
+
+def is_rate(name: str) -> bool:
+    """Is the metric (or the metric it is a variant of) a rate, shown as a percentage?"""
+    return base_name(name) in RATES
 
 
 @dataclass(frozen=True)
@@ -19,14 +29,12 @@ class Metric:
     lower_is_better: bool
 
     @classmethod
-    def named(cls, name: str, lower_is_better: bool | None = None, declared: Mapping[str, bool] | None = None) -> "Metric":
-        """The metric ``name`` with its direction: as given, else declared, else known by name."""
-        if lower_is_better is None and declared and name in declared:
-            lower_is_better = declared[name]
+    def named(cls, name: str, lower_is_better: bool | None = None) -> "Metric":
+        """The metric ``name`` with its direction: as given, else known by its name or its base's."""
         if lower_is_better is None:
-            if name in LOWER_IS_BETTER or name.endswith("_loss"):
+            if base_name(name) in LOWER_IS_BETTER or name.endswith("_loss"):
                 lower_is_better = True
-            elif name in HIGHER_IS_BETTER:
+            elif base_name(name) in HIGHER_IS_BETTER:
                 lower_is_better = False
             else:
                 raise ConfigError(f"metric {name!r}: its direction is unknown; say whether lower is better (lower_is_better=...)")
