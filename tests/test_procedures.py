@@ -139,7 +139,7 @@ def test_same_seed_same_summary(tmp_path, task):
 def test_option_errors_come_before_training(tmp_path, task):
     for kw, match in [
         (lambda: dict(cascade=CascadeConfig(splits=[1, 2])), "strictly descending"),
-        (lambda: dict(cascade=CascadeConfig(splits=[3])), "strictly descending"),
+        (lambda: dict(cascade=CascadeConfig(splits=[3])), r"split 3 is out of range: the model has 3 blocks, so 1..2"),
         (lambda: dict(cascade=CascadeConfig(candidates=0)), "candidates"),
     ]:
         with pytest.raises(ConfigError, match=match):  # refused when the option is declared, or by the plan
