@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gzip
 import inspect
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,17 @@ def text_lines(path: Path, missing: str = "file not found") -> list[str]:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except (OSError, EOFError) as e:
         raise DataError(f"{path}: cannot read it ({e})") from None
+
+
+def index_batches(size: int, subset: float, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """One epoch of index batches for ``train_batches``: the first ``subset`` of ``size`` examples
+    (held in a fixed order, so the same subset whatever the seed), shuffled with ``generator``; a last
+    batch of one example is dropped (BatchNorm needs two)."""
+    n = max(1, round(size * subset))
+    order = torch.randperm(n, generator=generator)
+    for i in range(0, n, batch_size):
+        if len(idx := order[i : i + batch_size]) > 1:
+            yield idx
 
 
 TASK_CALLABLES = {"build_model": (), "train_batches": ("generator", "subset"), "loss": ("model", "batch"), "evaluate": ("model", "split")}

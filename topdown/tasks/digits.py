@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from ..config import Section, option
 from ..errors import ConfigError, DataError
-from ..task import Task
+from ..task import Task, index_batches
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "digits" / "digits.npz"
 
@@ -100,12 +100,8 @@ def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
     batch_size = cfg["data"]["batch_size"]
 
     def train_batches(generator: torch.Generator, subset: float):
-        n = max(1, round(len(y_train) * subset))  # the first n of a fixed order: the same subset for every seed
-        order = torch.randperm(n, generator=generator)
-        for i in range(0, n, batch_size):
-            idx = order[i : i + batch_size]
-            if len(idx) > 1:  # BatchNorm needs two examples
-                yield x_train[idx], y_train[idx]
+        for idx in index_batches(len(y_train), subset, batch_size, generator):
+            yield x_train[idx], y_train[idx]
 
     def loss(model: nn.Module, batch) -> torch.Tensor:
         x, y = batch

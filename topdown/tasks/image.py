@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from ..config import Section, option
 from ..errors import ConfigError, DataError
-from ..task import Task, data_location
+from ..task import Task, data_location, index_batches
 from . import digits
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -319,12 +319,7 @@ def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
         return (to_float(x) - mean[:, None, None]) / std[:, None, None]
 
     def train_batches(generator: torch.Generator, subset: float):
-        n = max(1, round(len(y_train) * subset))  # the first n of a fixed order: the same subset for every seed
-        order = torch.randperm(n, generator=generator)
-        for i in range(0, n, d["batch_size"]):
-            idx = order[i : i + d["batch_size"]]
-            if len(idx) < 2:  # BatchNorm needs two examples
-                continue
+        for idx in index_batches(len(y_train), subset, d["batch_size"], generator):
             x = to_float(x_train[idx])
             if d["crop_padding"] > 0:
                 x = random_crop(x, d["crop_padding"], generator)  # pads with black (the digits' background)
