@@ -207,8 +207,6 @@ class TransformerCTC(nn.Module):
     def __init__(self, inputs: int, d_model: int, heads: int, ff: int, layers: int, channels: int, dropout: float,
                  vocab: int = common.VOCAB, conv_kernel: int = 0):
         super().__init__()
-        if d_model % heads:
-            raise ValueError(f"model.d_model={d_model} is not divisible by model.heads={heads}")
         self.frontend = ConvSubsampling(inputs, d_model, channels, dropout)
         self.encoder = nn.ModuleList(
             ConformerLayer(d_model, heads, ff, dropout, conv_kernel) if conv_kernel else EncoderLayer(d_model, heads, ff, dropout)
