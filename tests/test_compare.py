@@ -207,9 +207,13 @@ def test_report_of_a_comparison_or_a_directory_of_runs_shows_where_each_run_stan
     table = cli("report", str(tmp_path), check=True).stdout
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
     assert set(rows) == {"cascade-seed0", "equal-epochs-seed0", "baseline-seed0-extra1", "baseline-seed0-extra2", "later"}
-    assert "| running | 1 | stage 1, epoch 2 |" in rows["cascade-seed0"]  # the last epoch stage 1 logged
+    assert "| running | 1 | stage 1, epoch 2 of 2, at most 0.0 h left in it |" in rows["cascade-seed0"]  # the last epoch stage 1 logged
     assert "| complete | 1 | - |" in rows["equal-epochs-seed0"] and "| not started |" in rows["later"]
     assert cli("report", str(runs), check=True).stdout == table  # any directory of run directories (e.g. an ablation's)
+    metrics = runs / "cascade-seed0" / "metrics.jsonl"  # as an older topdown wrote it: no budget recorded
+    metrics.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items() if k != "max_epochs"}) + "\n"
+                               for line in metrics.read_text().splitlines()))
+    assert "| running | 1 | stage 1, epoch 2 |" in cli("report", str(runs), check=True).stdout
     failed = cli("report", str(runs / "later"))  # neither a run nor a directory of runs
     assert failed.returncode != 0 and "holds no run" in failed.stderr
 

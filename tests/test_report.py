@@ -27,3 +27,13 @@ def test_curves_plot_raises_no_warning_for_zero_or_negative_training_loss(tmp_pa
         report.plot_curves(summary, metrics, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0
     assert scales == ["log" if min(losses) > 0 else "linear"]
+
+
+def test_a_stage_in_progress_is_shown_with_its_budget_and_the_time_the_rest_takes():
+    from topdown.report import _stage_progress
+    lines = [{"stage": 1, "candidate": 0, "epoch": 1, "seconds": 60.0, "max_epochs": 40},
+             {"stage": 1, "candidate": 0, "epoch": 2, "seconds": 180.0, "max_epochs": 40}]  # the last epoch took 120 s
+    assert _stage_progress(1, lines) == "stage 1, epoch 2 of 40, at most 1.3 h left in it"  # 38 x 120 s
+    assert _stage_progress(1, [*lines, {"stage": 1, "candidate": 1, "epoch": 1, "seconds": 90.0, "max_epochs": 40}]) == \
+        "stage 1 (candidate 2), epoch 1 of 40, at most 1.0 h left in it"
+    assert _stage_progress(2, []) == "stage 2, starting"

@@ -177,7 +177,7 @@ def fit(
         if isinstance(opt, NTASGD) and opt.observe(val[monitor.name], monitor):
             say(f"{desc}: validation stopped improving, averaging from epoch {state.epoch + 1} (NT-ASGD)")
         state.seconds += time.perf_counter() - started
-        on_epoch({**record, "seconds": state.seconds})
+        on_epoch({**record, "max_epochs": cfg.epochs, "seconds": state.seconds})
         say(f"{desc} epoch {state.epoch}/{cfg.epochs}: train loss {train_loss:.4f}, val {monitor.name} "
             f"{val[monitor.name]:.4g}{' *' if improved else ''}, lr {record['lr']:.3g}, {state.seconds:.1f}s")
         if resume_path is not None and distributed.is_writer():

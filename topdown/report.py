@@ -74,12 +74,26 @@ def runs_table(runs: Path) -> str:
         done, metric = summary["stages"], summary["metric"]
         at = "-"
         if summary["status"] != "complete":
-            epochs = [r["epoch"] for r in RunDir(run).read_metrics() if r.get("stage") == len(done)]
-            at = f"stage {len(done)}, epoch {max(epochs)}" if epochs else f"stage {len(done)}, starting"
+            at = _stage_progress(len(done), [r for r in RunDir(run).read_metrics() if r.get("stage") == len(done)])
         chosen = done[summary["chosen_stage"]] if summary["chosen_stage"] is not None else None
         val, test = ((format_metric(chosen[split].get(metric), metric) for split in ("val", "test")) if chosen else ("-", "-"))
         rows.append(f"| {run.name} | {summary['procedure']} | {summary['status']} | {len(done)} | {at} | {val} | {test} |")
     return "\n".join(rows)
+
+
+def _stage_progress(stage: int, lines: list[dict[str, Any]]) -> str:
+    """``stage 1, epoch 7 of 40, at most 1.2 h left in it``: the epoch reached by the stage's current
+    candidate, its budget, and the time the rest of the budget takes at the last epoch's pace."""
+    if not lines:
+        return f"stage {stage}, starting"
+    last = max(lines, key=lambda r: (r.get("candidate", 0), r["epoch"]))
+    where = f"stage {stage}" + (f" (candidate {last['candidate'] + 1})" if last.get("candidate") else "")
+    if "max_epochs" not in last or "seconds" not in last:  # a loop of the user's own, or an older topdown, wrote it
+        return f"{where}, epoch {last['epoch']}"
+    before = [r["seconds"] for r in lines if r.get("candidate") == last.get("candidate") and r["epoch"] == last["epoch"] - 1]
+    pace = last["seconds"] - before[0] if before else last["seconds"] / last["epoch"]
+    hours = (last["max_epochs"] - last["epoch"]) * pace / 3600
+    return f"{where}, epoch {last['epoch']} of {last['max_epochs']}, at most {hours:.1f} h left in it"
 
 
 def plot_curves(summary: dict[str, Any], metrics: list[dict[str, Any]], path: Path) -> None:
