@@ -207,3 +207,17 @@ def test_a_full_disk_mid_run_keeps_what_was_saved_and_resume_finishes_identicall
     monkeypatch.setattr(topdown.runs, "save_file", real)  # space freed
     resumed = topdown.cascade(toy_task(), run, train=train, seed=1, resume=True)
     assert without_seconds(resumed) == without_seconds(reference)
+
+
+def test_a_damaged_compressed_corpus_file_is_a_data_error_naming_it(tmp_path):
+    """The bundled WikiText splits are .gz files: a truncated or corrupted copy is one line, not a zlib traceback."""
+    import gzip
+
+    from topdown.task import text_lines
+    whole = gzip.compress(b"a line of text\n" * 200)
+    for name, damaged in (("truncated.gz", whole[:-12]), ("corrupt.gz", whole[:20] + bytes(40) + whole[60:])):
+        (tmp_path / name).write_bytes(damaged)
+        with pytest.raises(topdown.DataError, match=rf"{name}: cannot read it \("):
+            text_lines(tmp_path / name)
+    (tmp_path / "whole.gz").write_bytes(whole)
+    assert text_lines(tmp_path / "whole.gz") == ["a line of text"] * 200

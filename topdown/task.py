@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import inspect
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ def text_lines(path: Path, missing: str = "file not found") -> list[str]:
         return raw.decode("utf-8-sig").splitlines()
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # a truncated or damaged .gz among them
         raise DataError(f"{path}: cannot read it ({e})") from None
 
 
