@@ -215,7 +215,8 @@ def test_a_damaged_compressed_corpus_file_is_a_data_error_naming_it(tmp_path):
 
     from topdown.task import text_lines
     whole = gzip.compress(b"a line of text\n" * 200)
-    for name, damaged in (("truncated.gz", whole[:-12]), ("corrupt.gz", whole[:20] + bytes(40) + whole[60:])):
+    for name, damaged in (("truncated.gz", whole[:-12]), ("crc.gz", whole[:20] + bytes(20) + whole[40:]),
+                          ("deflate.gz", whole[:10] + b"\xff" * 4 + whole[14:])):  # EOFError, BadGzipFile, zlib.error
         (tmp_path / name).write_bytes(damaged)
         with pytest.raises(topdown.DataError, match=rf"{name}: cannot read it \("):
             text_lines(tmp_path / name)
