@@ -64,8 +64,8 @@ class Workers:
 
     def __enter__(self) -> Workers:
         if self.jobs > 1:
-            if self.jobs > usable_cpus():
-                warn(f"--jobs {self.jobs} is more than the {usable_cpus()} usable CPUs: the workers take turns on the cores, which costs "
+            if self.jobs > (cpus := usable_cpus()):
+                warn(f"--jobs {self.jobs} is more than the {cpus} usable CPUs: the workers take turns on the cores, which costs "
                      "throughput (six one-thread trainings on two cores did a fifth less work in all than two; bench/RESULTS.md)")
             threads = max(1, torch.get_num_threads() // self.jobs) if "OMP_NUM_THREADS" not in os.environ else torch.get_num_threads()
             context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked threads or locks
