@@ -211,12 +211,15 @@ class Plan:
             raise ConfigError(f"build_model must be a function that returns a freshly built model (e.g. lambda: MyNet()), "
                               f"got {type(build_model).__name__}")
         self.model, self.build_model, self.seed, self.from_checkpoint = model, build_model, check_seed(seed), from_checkpoint
-        if isinstance(blocks, Blocks) and blocks.model is not model:
-            raise ConfigError("the Blocks given were declared over another model than the plan's: declare them over this model, "
-                              "or pass the block spec itself")
-        if isinstance(blocks, Blocks) and shared:
-            raise ConfigError("shared= is for a block spec; a Blocks already has its owners of shared parameters (Blocks(model, spec, shared))")
-        self.blocks = blocks if isinstance(blocks, Blocks) else Blocks(model, blocks, shared)
+        if isinstance(blocks, Blocks):
+            if blocks.model is not model:
+                raise ConfigError("the Blocks given were declared over another model than the plan's: declare them over this model, "
+                                  "or pass the block spec itself")
+            if shared:
+                raise ConfigError("shared= is for a block spec; a Blocks already has its owners of shared parameters (Blocks(model, spec, shared))")
+            self.blocks = blocks
+        else:
+            self.blocks = Blocks(model, blocks, shared)
         self.metric = Metric.named(metric, lower_is_better)
         self.config = RunConfig.from_dict(config) if isinstance(config, Mapping) else config or RunConfig()
         self.task_info = dict(task_info or {})
