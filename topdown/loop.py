@@ -63,10 +63,9 @@ def scheduled_lr(cfg: TrainConfig, base_lr: float, step: int, total_steps: int) 
     """The lr of optimizer step ``step`` (0-based) of a stage planned as ``total_steps`` steps,
     a pure function of the step (resume needs no scheduler state). ``plateau``: ``base_lr`` (the
     loop's per-epoch decay) times the warm-up factor. ``onecycle``: cosine rise from lr/25 to lr over
-    the first 30 % of the steps, then cosine fall to lr/25/1e4 (as torch's OneCycleLR); it has its own warm-up and ignores
-    ``warmup_steps``. ``cosine``: the
-    warm-up (``warmup_steps``), then cosine decay from lr to 0 at the last planned step (past it, the
-    last step's lr)."""
+    the first 30 % of the steps, then cosine fall to lr/25/1e4 (as torch's OneCycleLR); the rise is its
+    warm-up, so ``warmup_steps`` is ignored. ``cosine``: the warm-up (``warmup_steps``), then cosine
+    decay from lr to 0 at the last planned step (past it, the last step's lr)."""
     if cfg.schedule == "plateau":
         return base_lr * warmup_factor(step, cfg.warmup_steps)
     t = min(step, total_steps - 1)

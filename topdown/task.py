@@ -1,4 +1,6 @@
-"""What the method needs from a task: a handful of plain callables, nothing speech- or text-specific."""
+"""What the method needs from a task: a handful of plain callables, nothing speech- or text-specific;
+and the small pieces the built-in tasks share to build theirs (where a corpus lies, reading its text
+files, index batches over a fixed subset)."""
 
 from __future__ import annotations
 
