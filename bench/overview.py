@@ -19,7 +19,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from topdown.compare import ARMS, FORGETTING
-from topdown.metrics import is_rate
+from topdown.metrics import display_scale, is_rate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # the comparisons made with the current protocol, from each task's strongest recipe (README's table)
@@ -31,7 +31,7 @@ CONTROLS = [arm for arm in ARMS if arm != "cascade"] + [FORGETTING]
 def differences(record: dict) -> dict[str, tuple[list[float], list[float]]]:
     """Per control: the per-seed differences (cascade - control, in the plotted unit, sign flipped
     for a higher-is-better metric) and the 95 % interval of their mean."""
-    scale = 100 if is_rate(record["metric"]) else 1
+    scale, _ = display_scale(record["metric"])
     sign = scale if record["lower_is_better"] else -scale
     cascade = [e["test"] for e in record["arms"]["cascade"]["per_seed"]]
     out = {}

@@ -97,9 +97,10 @@ def test_a_higher_is_better_metric_is_known_by_its_name(tmp_path):
     with pytest.raises(topdown.ConfigError, match="direction is unknown"):
         topdown.Cascade(ToyNet(), BLOCKS, build_model=ToyNet, metric="my_score", out=tmp_path / "x")
     # a variant of a known metric (another decoder's WER, a dev-set BLEU) takes its base's direction and unit
-    from topdown.metrics import Metric, is_rate
+    from topdown.metrics import Metric, display_scale, is_rate
     assert [Metric.named(n).lower_is_better for n in ("wer_beam", "cer_lm", "ctc_loss", "bleu_dev")] == [True, True, True, False]
     assert [is_rate(n) for n in ("wer_beam", "error", "ppl", "loss")] == [True, True, False, False]
+    assert [display_scale(n) for n in ("cer_lm", "ppl")] == [(100, " (%)"), (1, "")]
 
 
 def test_unfinished_stage_and_missing_metric_are_errors(tmp_path):

@@ -22,7 +22,7 @@ from .config import RunConfig
 from .errors import ConfigError
 from .jobs import check_jobs, in_parallel
 from .procedures import run_or_resume
-from .metrics import is_rate
+from .metrics import display_scale
 from .report import format_metric, write_record
 from .runs import atomic_write
 from .task import Task
@@ -106,7 +106,7 @@ def render(record: dict[str, Any]) -> str:
     lines = [
         f"# Analysis on {record['task']} (preset {record['preset']}, seed {record['seed']})",
         "",
-        f"Test {m}{' (%)' if is_rate(m) else ''} (validation in brackets). Retrained classifiers, retrained feature",
+        f"Test {m}{display_scale(m)[1]} (validation in brackets). Retrained classifiers, retrained feature",
         "extractors and transfers start from the same trained baseline; subset baselines train from scratch, and they and",
         "the transfers on the same fixed fraction of the training data. Both retrain columns follow one recipe.",
         "",
@@ -132,8 +132,8 @@ def plot(record: dict[str, Any], path: Path) -> None:
     from matplotlib.figure import Figure  # not pyplot: a library call leaves the user's backend alone
 
     m = record["metric"]
-    scale = 100 if is_rate(m) else 1
-    ylabel = f"test {m}{' (%)' if scale == 100 else ''}"
+    scale, unit = display_scale(m)
+    ylabel = f"test {m}{unit}"
     ks = [r["split"] for r in record["rows"]]
     fig = Figure(figsize=(11, 4))
     a, b = fig.subplots(1, 2)

@@ -33,7 +33,7 @@ import numpy as np
 from .config import RunConfig
 from .errors import ConfigError
 from .procedures import planned_models, run_or_resume
-from .metrics import Metric, is_rate
+from .metrics import Metric, display_scale
 from .report import format_metric, write_record
 from .seeds import derive_seed
 from .jobs import Workers
@@ -220,7 +220,7 @@ def run_compare(task: Task, out: str | Path, *, seeds: int, config: RunConfig, p
 
 def render(record: dict[str, Any]) -> str:
     m = record["metric"]
-    unit = " (%)" if is_rate(m) else ""
+    _, unit = display_scale(m)
 
     def f(x: float) -> str:
         return format_metric(x, m, sign=False)
@@ -268,7 +268,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
     from matplotlib.figure import Figure  # not pyplot: a library call leaves the user's backend alone
 
     m = record["metric"]
-    scale = 100 if is_rate(m) else 1
+    scale, unit = display_scale(m)
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
     arms = list(record["arms"])
@@ -281,7 +281,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
         ax.scatter(i + offsets, ys[i], s=14, alpha=0.7, color=f"C{i}", zorder=3)
         ax.errorbar(i + 0.3, ys[i].mean(), yerr=ys[i].std(ddof=1) if n > 1 else 0, fmt="o", color="black", capsize=4)
     ax.set_xticks(range(len(arms)), arms)
-    ax.set_ylabel(f"test {m}" + (" (%)" if scale == 100 else ""))
+    ax.set_ylabel(f"test {m}{unit}")
     ax.set_title(f"{record['task']} ({record['preset']}): {record['seeds']} seeds; black = mean ± std")
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))

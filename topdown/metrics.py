@@ -23,6 +23,12 @@ def is_rate(name: str) -> bool:
     return base_name(name) in RATES
 
 
+def display_scale(name: str) -> tuple[int, str]:
+    """How tables and plots show the metric: the factor its values are multiplied by and the unit
+    put after its name (rates as percentages, everything else as computed)."""
+    return (100, " (%)") if is_rate(name) else (1, "")
+
+
 @dataclass(frozen=True)
 class Metric:
     name: str

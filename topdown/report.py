@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TopdownError
-from .metrics import is_rate
+from .metrics import display_scale
 from .runs import RunDir, atomic_write, write_json
 
 
@@ -17,8 +17,9 @@ def format_metric(value: float | None, metric: str, sign: bool = True) -> str:
     """A metric for a table: rates as percentages (with a % sign unless ``sign`` is False)."""
     if value is None:
         return "-"
-    if is_rate(metric):
-        return f"{100 * value:.2f}{' %' if sign else ''}"
+    scale, _ = display_scale(metric)
+    if scale != 1:  # a rate
+        return f"{scale * value:.2f}{' %' if sign else ''}"
     return f"{value:.4g}"
 
 
