@@ -157,6 +157,16 @@ def test_best_of_k_never_looks_at_test(tmp_path, monkeypatch):
     assert best["val"] == min(pool_val)
 
 
+def test_a_test_result_that_is_nan_stops_the_comparison_naming_its_run(tmp_path):
+    """NaN has no place in a mean: recorded as null, it is refused where the arms are built, with the run named."""
+    task = toy_task()
+    evaluate = task.evaluate
+    task.evaluate = lambda model, split: {**evaluate(model, split), **({"error": float("nan")} if split == "test" else {})}
+    with pytest.raises(procedures.TopdownError, match=r"^cascade-seed0#stage0: the test error .* is NaN or infinite"):
+        run_compare(task, tmp_path, seeds=1, config=CONFIG.updated({"cascade": {"splits": [2]}}))
+    assert json.loads((tmp_path / "runs" / "cascade-seed0" / "summary.json").read_text())["stages"][0]["test"]["error"] is None
+
+
 def test_interrupted_compare_resumes_without_redoing_runs(tmp_path, monkeypatch):
     run_compare(toy_task(), tmp_path, seeds=1, config=CONFIG)
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("summary.json")}

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from .config import RunConfig
-from .errors import ConfigError
+from .errors import ConfigError, TopdownError
 from .procedures import planned_models, run_or_resume
 from .metrics import Metric, display_scale
 from .report import format_metric, write_record
@@ -94,8 +94,13 @@ def summarise(values: list[float]) -> dict[str, float | None]:
     return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else None}
 
 
-def _entry(chosen: dict[str, Any], trained: list[dict[str, Any]], metric: str) -> dict[str, Any]:
-    """One arm's result for one seed: the chosen model's metrics and the cost of the stages it trained."""
+def _entry(chosen: dict[str, Any], trained: list[dict[str, Any]], metric: str, run: str) -> dict[str, Any]:
+    """One arm's result for one seed: the chosen model's metrics and the cost of the stages it trained.
+    ``run`` names the run the chosen model comes from, for the error when its test result is missing."""
+    if chosen["test"].get(metric) is None:
+        why = "is NaN or infinite (recorded as null)" if metric in chosen["test"] else "was not measured"
+        raise TopdownError(f"{run}: the test {metric} of the model its validation chose {why}, so the comparison "
+                           "cannot average it; see `topdown report` of that run, and remove its directory to train it again")
     return {
         "test": chosen["test"][metric],
         "val": chosen["val"][metric],
@@ -175,11 +180,14 @@ def seed_arms(primary: Metric, seed: int, cascade: dict[str, Any], equal: dict[s
         if primary.better(candidate[0]["val"][metric], best[0]["val"][metric]):
             best = candidate
     return {
-        "baseline": {**_entry(stage0, [stage0], metric), "runs": [f"cascade-seed{seed}#stage0"]},
-        "cascade": {**_entry(chosen, cascade["stages"], metric), "runs": [f"cascade-seed{seed}"]},
-        "baseline-equal-epochs": {**_entry(equal["stages"][0], equal["stages"], metric), "runs": [f"equal-epochs-seed{seed}"]},
-        "best-of-k": {**_entry(best[0], [p[0] for p in pool], metric), "k": len(pool), "chosen_run": best[1], "runs": [p[1] for p in pool]},
-        **({FORGETTING: {**_entry(forget["stages"][forget["chosen_stage"]], forget["stages"], metric), "runs": [f"forget-seed{seed}"]}}
+        "baseline": {**_entry(stage0, [stage0], metric, pool[0][1]), "runs": [pool[0][1]]},
+        "cascade": {**_entry(chosen, cascade["stages"], metric, f"cascade-seed{seed}"), "runs": [f"cascade-seed{seed}"]},
+        "baseline-equal-epochs": {**_entry(equal["stages"][0], equal["stages"], metric, f"equal-epochs-seed{seed}"),
+                                  "runs": [f"equal-epochs-seed{seed}"]},
+        "best-of-k": {**_entry(best[0], [p[0] for p in pool], metric, best[1]), "k": len(pool), "chosen_run": best[1],
+                      "runs": [p[1] for p in pool]},
+        **({FORGETTING: {**_entry(forget["stages"][forget["chosen_stage"]], forget["stages"], metric, f"forget-seed{seed}"),
+                         "runs": [f"forget-seed{seed}"]}}
            if forget is not None else {}),
     }
 

@@ -22,6 +22,7 @@ from . import distributed
 from .blocks import Blocks, usable_splits
 from .loop import evaluate, fit, monitored_metric, progress_label, say
 from .plan import Plan, StageSpec, recorded_mismatch, run_identity
+from .report import format_metric
 from .runs import RunDir
 from .seeds import check_seed, derive_seed
 from .task import Task
@@ -230,7 +231,8 @@ def run_or_resume(procedure: str, task: Task, out: Path, *, config: RunConfig, s
         say(f"{'resuming' if resume else 'starting'} {procedure} in {out}")
         summary = run_procedure(procedure, task, out, config=config, seed=seed, preset=preset, resume=resume, **kw)
         m, chosen = summary["metric"], summary["stages"][summary["chosen_stage"]]
-        say(f"finished: stage {chosen['index']} chosen, val {m} {chosen['val'][m]:.4g}, test {m} {chosen['test'][m]:.4g}")
+        say(f"finished: stage {chosen['index']} chosen, val {m} {format_metric(chosen['val'][m], m)}, "
+            f"test {m} {format_metric(chosen['test'].get(m), m)}")
         return summary
 
 
