@@ -37,3 +37,7 @@ def test_a_stage_in_progress_is_shown_with_its_budget_and_the_time_the_rest_take
     assert _stage_progress(1, [*lines, {"stage": 1, "candidate": 1, "epoch": 1, "seconds": 90.0, "max_epochs": 40}]) == \
         "stage 1 (candidate 2), epoch 1 of 40, at most 1.0 h left in it"
     assert _stage_progress(2, []) == "stage 2, starting"
+    # the median of the last five epochs' durations: one slow epoch (here 600 s) does not move it
+    steady = [{"stage": 0, "epoch": e, "seconds": 60.0 * e + (540 if e == 7 else 0) + (540 if e > 7 else 0), "max_epochs": 67}
+              for e in range(1, 10)]
+    assert _stage_progress(0, steady) == "stage 0, epoch 9 of 67, at most 1.0 h left in it"  # 58 x 60 s

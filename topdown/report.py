@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -84,15 +85,18 @@ def runs_table(runs: Path) -> str:
 
 def _stage_progress(stage: int, lines: list[dict[str, Any]]) -> str:
     """``stage 1, epoch 7 of 40, at most 1.2 h left in it``: the epoch reached by the stage's current
-    candidate, its budget, and the time the rest of the budget takes at the last epoch's pace."""
+    candidate, its budget, and the time the rest of the budget takes at the recent epochs' pace."""
     if not lines:
         return f"stage {stage}, starting"
     last = max(lines, key=lambda r: (r.get("candidate", 0), r["epoch"]))
     where = f"stage {stage}" + (f" (candidate {last['candidate'] + 1})" if last.get("candidate") else "")
     if "max_epochs" not in last or "seconds" not in last:  # a loop of the user's own, or an older topdown, wrote it
         return f"{where}, epoch {last['epoch']}"
-    before = [r["seconds"] for r in lines if r.get("candidate") == last.get("candidate") and r["epoch"] == last["epoch"] - 1]
-    pace = last["seconds"] - before[0] if before else last["seconds"] / last["epoch"]
+    seconds = {r["epoch"]: r["seconds"] for r in lines if r.get("candidate") == last.get("candidate") and "seconds" in r}
+    epochs = sorted(seconds)  # a resumed run logs an epoch again: its later line wins
+    durations = [seconds[b] - seconds[a] for a, b in zip(epochs, epochs[1:]) if b == a + 1][-5:]
+    # the median of the last five epochs: one epoch slowed by another process does not set the estimate
+    pace = statistics.median(durations) if durations else last["seconds"] / last["epoch"]
     hours = (last["max_epochs"] - last["epoch"]) * pace / 3600
     return f"{where}, epoch {last['epoch']} of {last['max_epochs']}, at most {hours:.1f} h left in it"
 
