@@ -78,7 +78,8 @@ def uninterrupted(out: Path) -> tuple[Path, float]:
 
 def kill_campaign(out: Path, reference: Path, duration: float, kills: int, seed: int = 0) -> dict:
     rng = random.Random(seed)
-    counts = {"trials": kills, "identical": 0, "killed_twice": 0, "debris_left": 0, "failures": []}
+    # resumed: trials that a kill left with a run on disk, finished by --resume (the others started afresh)
+    counts = {"trials": kills, "identical": 0, "resumed": 0, "killed_twice": 0, "debris_left": 0, "failures": []}
     want = record(reference)
     for i in range(kills):
         run = out / f"kill-{i}"
@@ -86,6 +87,7 @@ def kill_campaign(out: Path, reference: Path, duration: float, kills: int, seed:
         if rng.random() < 0.5 and (run / "summary.json").is_file():
             counts["killed_twice"] += kill_after([*JOB, "--out", str(run), "--resume"], rng.uniform(0.5, duration / 2))
         resume = ["--resume"] if (run / "summary.json").is_file() else []
+        counts["resumed"] += bool(resume)
         proc = topdown(*JOB, "--out", str(run), *resume)
         if proc.returncode != 0:
             counts["failures"].append(f"trial {i}: {proc.stderr.strip().splitlines()[-1:]}")
@@ -117,6 +119,10 @@ def corruption_cases(out: Path, reference: Path, duration: float) -> dict[str, b
                 return run
             length *= 0.8 if summary.get("status") == "complete" else 1.2  # the machine's speed changes under other load
         raise RuntimeError("could not interrupt a run between its first stage and its end")
+
+    run = unfinished("killed-mid-stage")  # the plain case: a SIGKILL during a stage, nothing damaged
+    proc = topdown(*JOB, "--out", str(run), "--resume")
+    results["killed during a stage: --resume ends as if uninterrupted"] = proc.returncode == 0 and not debris(run) and record(run) == want
 
     run = unfinished("truncated-resume-point")  # a torn resume point: the stage restarts, the run ends as if uninterrupted
     for f in (run / "state").glob("*.safetensors"):

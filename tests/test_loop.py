@@ -126,9 +126,13 @@ def test_scheduled_stage_resumes_bit_for_bit(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         fit(interrupted, task, cfg, seed=0, resume_path=tmp_path / "r3.safetensors")
     task.evaluate = real
+    assert (tmp_path / "r3.safetensors").is_file()  # two epochs' resume point
     torch.manual_seed(0)
     resumed = task.build_model()
+    steps, loss = [], task.loss
+    task.loss = lambda model, batch: steps.append(1) or loss(model, batch)
     fit(resumed, task, cfg, seed=0, resume_path=tmp_path / "r3.safetensors")
+    assert len(steps) == sum(1 for _ in task.train_batches(torch.Generator(), 1.0))  # one epoch, the third
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
 

@@ -257,6 +257,7 @@ KILLABLE = textwrap.dedent("""
     plan = topdown.Cascade(ToyNet(), BLOCKS, build_model=ToyNet, metric="error", out=sys.argv[1], seed=3,
                            resume=len(sys.argv) > 2, config=topdown.RunConfig(cascade=topdown.CascadeConfig(candidates=2)))
     for stage in plan:
+        print(f"handed {{stage.index}}.{{stage.candidate}}", flush=True)
         torch.manual_seed(stage.seed)
         my_training(stage.model, stage.trainable_parameters())
         if os.environ.get("KILL_AT") == f"{{stage.index}}.{{stage.candidate}}":
@@ -277,6 +278,8 @@ def test_an_interrupted_plan_resumes_to_the_uninterrupted_result(tmp_path, kill_
     assert read_summary(tmp_path / "resumed")["status"] == "running"
     resumed = run(tmp_path / "resumed", "--resume")
     assert resumed.returncode == 0, resumed.stderr
+    handed = resumed.stdout.split("\n")
+    assert handed[0] == f"handed {kill_at}"  # what finished before the kill is not handed out again
     assert without_seconds(read_summary(tmp_path / "resumed")) == without_seconds(read_summary(tmp_path / "whole"))
     assert not list((tmp_path / "resumed" / "state").glob("*"))
 
