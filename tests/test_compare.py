@@ -235,6 +235,10 @@ def test_finished_runs_made_with_another_config_are_refused_not_reused(tmp_path)
         run_compare(toy_task(), tmp_path, seeds=1, config=CONFIG.updated({"train": {"lr": 0.02}}))
     with pytest.raises(procedures.TopdownError, match=r"its 'preset' \(recorded None, now 'demo'\) differs"):
         run_compare(toy_task(), tmp_path, seeds=1, config=CONFIG, preset="demo")
+    judged_otherwise = toy_task()  # a task whose metric changed since: its stages were accepted by another rule
+    judged_otherwise.metric, judged_otherwise.lower_is_better = "loss", True
+    with pytest.raises(procedures.TopdownError, match=r"cascade-seed0: its 'metric' \(recorded 'error', now 'loss'\) differs"):
+        run_compare(judged_otherwise, tmp_path, seeds=1, config=CONFIG)
     assert (tmp_path / "compare.json").read_text() == before
 
 

@@ -64,9 +64,12 @@ def accept(rule: str, val: float, best: float | None, metric: Metric) -> bool:
     return metric.better(val, best)
 
 
-def run_identity(procedure: str, name: str, preset: str | None, seed: int, config: RunConfig) -> dict[str, Any]:
-    """What identifies a run: a resumed or reused run must match it exactly."""
-    return {"procedure": procedure, "task": name, "preset": preset, "seed": seed, "config": config.as_dict()}
+def run_identity(procedure: str, name: str, preset: str | None, seed: int, config: RunConfig, metric: Metric,
+                 task_info: Mapping[str, Any]) -> dict[str, Any]:
+    """What identifies a run: a resumed run (``Plan``) or a reused one (``run_or_resume``) must match
+    it exactly; ``task_info`` describes the data it trains on, ``metric`` what accepts its stages."""
+    return {"procedure": procedure, "task": name, "preset": preset, "seed": seed, "config": config.as_dict(),
+            "metric": metric.name, "lower_is_better": metric.lower_is_better, "task_info": dict(task_info)}
 
 
 def other_start(summary: Mapping[str, Any], from_checkpoint: str | None) -> str | None:
@@ -226,9 +229,8 @@ class Plan:
         self._refuse_unused_procedure_options()
         self.check()
         self.run = RunDir(out, writer=distributed.is_writer())
-        header = {**run_identity(self.procedure, name, preset, seed, self.config), "blocks": self.blocks.parameter_names(),
-                  "metric": self.metric.name, "lower_is_better": self.metric.lower_is_better, "task_info": self.task_info,
-                  "provenance": provenance(next(model.parameters()).device)}
+        header = {**run_identity(self.procedure, name, preset, seed, self.config, self.metric, self.task_info),
+                  "blocks": self.blocks.parameter_names(), "provenance": provenance(next(model.parameters()).device)}
         self.summary = self._open(header, resume)
         self.blocks.watch_call_order()  # once nothing can refuse the plan: a refused plan leaves no hook on the model
         self._tried: list[dict[str, Any]] = []

@@ -213,14 +213,14 @@ def run_or_resume(procedure: str, task: Task, out: Path, *, config: RunConfig, s
 
     Used by commands that are made of many runs (compare, analyse), so that an interrupted
     one continues without training any finished run again. A finished run is reused only if
-    it was made by the same procedure, task, preset, seed and configuration: anything else
+    it was made by the same procedure, task, preset, seed, configuration and metric: anything else
     would silently mix two experiments; that includes the data it was trained on, as far as the
     task's ``info`` describes it (corpus, sizes, vocabulary, normalisation), and the weights a run
     built on ``from_checkpoint`` loaded. ``weights_needed=False``: the caller reads only the summary,
     so a finished run whose checkpoints were all deleted is reused (``RunDir.verify``)."""
     existing = RunDir(out).read_summary()
     if existing is not None and existing.get("status") == "complete":
-        wanted = {**run_identity(procedure, task.name, preset, seed, config), "task_info": task.info}
+        wanted = run_identity(procedure, task.name, preset, seed, config, task.primary, task.info)
         if reason := recorded_mismatch(existing, wanted, config.option_defaults, kw.get("from_checkpoint")):
             raise TopdownError(f"cannot reuse {out}: {reason}; delete that run's directory to train it again, or choose another --out")
         RunDir(out).verify(existing, weights_needed=weights_needed)
