@@ -157,14 +157,19 @@ def test_best_of_k_never_looks_at_test(tmp_path, monkeypatch):
     assert best["val"] == min(pool_val)
 
 
-def test_a_test_result_that_is_nan_stops_the_comparison_naming_its_run(tmp_path):
-    """NaN has no place in a mean: recorded as null, it is refused where the arms are built, with the run named."""
+def test_a_test_result_that_is_nan_stops_compare_and_analyse_naming_its_run(tmp_path):
+    """NaN has no place in a mean or a plot: recorded as null, it is refused where compare and analyse
+    tabulate the runs, with the run named."""
     task = toy_task()
     evaluate = task.evaluate
     task.evaluate = lambda model, split: {**evaluate(model, split), **({"error": float("nan")} if split == "test" else {})}
     with pytest.raises(procedures.TopdownError, match=r"^cascade-seed0#stage0: the test error .* is NaN or infinite"):
         run_compare(task, tmp_path, seeds=1, config=CONFIG.updated({"cascade": {"splits": [2]}}))
     assert json.loads((tmp_path / "runs" / "cascade-seed0" / "summary.json").read_text())["stages"][0]["test"]["error"] is None
+    from topdown.analyse import run_analyse
+    with pytest.raises(procedures.TopdownError, match=r"^baseline: the test error of stage 0 is NaN or infinite"):
+        run_analyse(task, tmp_path / "analyse", config=CONFIG, subsets=())
+    assert [p.name for p in (tmp_path / "analyse" / "runs").iterdir()] == ["baseline"]  # refused before the splits trained
 
 
 def test_interrupted_compare_resumes_without_redoing_runs(tmp_path, monkeypatch):

@@ -23,13 +23,9 @@ from .errors import ConfigError
 from .jobs import check_jobs, in_parallel
 from .procedures import run_or_resume
 from .metrics import display_scale
-from .report import format_metric, write_record
+from .report import format_metric, stage_result, write_record
 from .runs import atomic_write
 from .task import Task
-
-
-def _metrics(stage: dict[str, Any], metric: str) -> dict[str, float]:
-    return {"val": stage["val"][metric], "test": stage["test"][metric]}
 
 
 # cascade options that only the retrain-feature-extractor runs (cascade stages) would apply, at their
@@ -53,6 +49,7 @@ def split_row(task: Task, out: Path, k: int, config: RunConfig, subsets: tuple[f
     metric = task.primary.name
     common = dict(seed=seed, preset=preset, device=device)
     base = run_or_resume("baseline", task, out / "runs" / "baseline", config=config, **common)
+    baseline = stage_result(base["stages"][0], metric, "baseline")  # refused before this split's runs train
     ckpt = str(out / "runs" / "baseline" / "checkpoints" / "best.safetensors")
     rc = run_or_resume("retrain-classifier", task, out / "runs" / f"retrain-classifier-k{k}",
                        config=config.updated({"procedure": {"split": k}}), from_checkpoint=ckpt, **common)
@@ -60,17 +57,17 @@ def split_row(task: Task, out: Path, k: int, config: RunConfig, subsets: tuple[f
                         config=config.updated({"cascade": {"splits": [k]}}), from_checkpoint=ckpt, **common)
     row = {
         "split": k,
-        "baseline": _metrics(base["stages"][0], metric),
-        "retrain_classifier": _metrics(rc["stages"][1], metric),
-        "retrain_feature_extractor": _metrics(rfe["stages"][1], metric),
+        "baseline": baseline,
+        "retrain_classifier": stage_result(rc["stages"][1], metric, f"retrain-classifier-k{k}"),
+        "retrain_feature_extractor": stage_result(rfe["stages"][1], metric, f"retrain-feature-extractor-k{k}"),
         "subsets": {},
     }
     for fraction in subsets:
         tr = run_or_resume("transfer-classifier", task, out / "runs" / f"transfer-k{k}-subset{fraction:g}",
                            config=config.updated({"procedure": {"split": k, "subset": fraction}}), from_checkpoint=ckpt, **common)
         row["subsets"][f"{fraction:g}"] = {
-            "subset_baseline": _metrics(tr["stages"][1], metric),
-            "transfer_classifier": _metrics(tr["stages"][2], metric),
+            "subset_baseline": stage_result(tr["stages"][1], metric, f"transfer-k{k}-subset{fraction:g}"),
+            "transfer_classifier": stage_result(tr["stages"][2], metric, f"transfer-k{k}-subset{fraction:g}"),
         }
     return row
 

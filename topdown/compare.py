@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 
 from .config import RunConfig
-from .errors import ConfigError, TopdownError
+from .errors import ConfigError
 from .procedures import planned_models, run_or_resume
 from .metrics import Metric, display_scale
-from .report import format_metric, write_record
+from .report import format_metric, stage_result, write_record
 from .seeds import derive_seed
 from .jobs import Workers
 from .runs import atomic_write
@@ -95,15 +95,9 @@ def summarise(values: list[float]) -> dict[str, float | None]:
 
 
 def _entry(chosen: dict[str, Any], trained: list[dict[str, Any]], metric: str, run: str) -> dict[str, Any]:
-    """One arm's result for one seed: the chosen model's metrics and the cost of the stages it trained.
-    ``run`` names the run the chosen model comes from, for the error when its test result is missing."""
-    if chosen["test"].get(metric) is None:
-        why = "is NaN or infinite (recorded as null)" if metric in chosen["test"] else "was not measured"
-        raise TopdownError(f"{run}: the test {metric} of the model its validation chose {why}, so the comparison "
-                           "cannot average it; see `topdown report` of that run, and remove its directory to train it again")
+    """One arm's result for one seed: the chosen model's metrics (from ``run``) and the cost of the stages it trained."""
     return {
-        "test": chosen["test"][metric],
-        "val": chosen["val"][metric],
+        **stage_result(chosen, metric, run),
         "epochs": sum(st["epochs"] for st in trained),
         "seconds": sum(st["seconds"] for st in trained),
     }

@@ -24,6 +24,17 @@ def format_metric(value: float | None, metric: str, sign: bool = True) -> str:
     return f"{value:.4g}"
 
 
+def stage_result(stage: dict[str, Any], metric: str, run: str) -> dict[str, float]:
+    """A recorded stage's validation and test ``metric``, for a command that tabulates many runs
+    (compare, analyse). A test value recorded as null (NaN or infinite when measured) or never
+    measured can be neither averaged nor plotted: refused, naming ``run``."""
+    if stage["test"].get(metric) is None:
+        why = "is NaN or infinite (recorded as null)" if metric in stage["test"] else "was not measured"
+        raise TopdownError(f"{run}: the test {metric} of stage {stage['index']} {why}, so it cannot be tabulated with the others; "
+                           "see `topdown report` of that run, and remove its directory to train it again")
+    return {"val": stage["val"][metric], "test": stage["test"][metric]}
+
+
 def write_record(out: Path, stem: str, record: dict[str, Any], render: Callable[[dict[str, Any]], str],
                  plot: Callable[[dict[str, Any], Path], None]) -> None:
     """Write a multi-run command's ``stem.json``, ``stem.md`` and ``stem.png`` (compare, analyse)."""
