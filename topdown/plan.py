@@ -32,7 +32,7 @@ from .blocks import Blocks, BlockSpec, empty_side
 from .config import RunConfig, TrainConfig
 from .errors import ConfigError, TopdownError, warn
 from .metrics import Metric
-from .runs import RunDir, digest, file_digest, first_difference, load_tensors, provenance, weights_digest
+from .runs import RunDir, file_digest, first_difference, load_tensors, provenance, weights_digest
 from .seeds import check_seed, derive_seed
 
 
@@ -85,7 +85,7 @@ def other_start(summary: Mapping[str, Any], from_checkpoint: str | None) -> str 
     recorded = stages[0].get("source_weights")
     if recorded is None or not Path(from_checkpoint).is_file():
         return None  # nothing to compare (a resume no longer needs the checkpoint once stage 0 is recorded)
-    if recorded == weights_digest(from_checkpoint):
+    if recorded == weights_digest(load_tensors(Path(from_checkpoint))[0]):
         return None
     return f"it started from other weights than {from_checkpoint} (was that checkpoint trained again since?)"
 
@@ -353,7 +353,7 @@ class Plan:
             first = str(e).strip().splitlines()
             raise ConfigError(f"checkpoint {path} does not fit this task's model: {' '.join(first[:3])[:300]}") from None
         self._warn_if_other_data(path, meta)
-        self._source_weights = digest(tensors, {})
+        self._source_weights = weights_digest(tensors)
 
     def _warn_if_other_data(self, path: Path, meta: Mapping[str, Any]) -> None:
         """A model trained on other data may have trained on this run's test set (another split,

@@ -53,10 +53,10 @@ def digest(tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-def weights_digest(path: str | os.PathLike) -> str:
+def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
     """``digest`` of a checkpoint's tensors alone: which weights a run started from (``--from``),
     whatever metadata the file carries."""
-    return digest(load_tensors(Path(path))[0], {})
+    return digest(tensors, {})
 
 
 def file_digest(path: Path) -> str | None:
