@@ -176,10 +176,14 @@ class Blocks:
     def __len__(self) -> int:
         return len(self.modules)
 
+    def out_of_range(self, k: int) -> str | None:
+        """Why ``k`` is no split of these blocks (a feature extractor and a classifier of one block or more), or None."""
+        return None if 1 <= k < len(self) else f"split {k} is out of range: the model has {len(self)} blocks, so 1..{len(self) - 1}"
+
     def split(self, k: int) -> tuple[list[str], list[str]]:
         """Feature extractor (blocks 1..k) and classifier (blocks k+1..L) of split ``k``."""
-        if not 1 <= k < len(self):
-            raise BlockError(f"split {k} is out of range: this model has {len(self)} blocks, so 1..{len(self) - 1}")
+        if reason := self.out_of_range(k):
+            raise BlockError(reason)
         return self.names[:k], self.names[k:]
 
     def parameter_names(self) -> dict[str, list[str]]:

@@ -263,16 +263,12 @@ class Plan:
     def all_blocks(self) -> tuple[str, ...]:
         return tuple(self.blocks.names)
 
-    def check_split_range(self, k: int) -> None:
-        n = len(self.blocks)
-        if not 1 <= k < n:
-            raise ConfigError(f"split {k} is out of range: the model has {n} blocks, so 1..{n - 1}")
-
     def check_split(self, k: int | None, what: str) -> None:
         """A split whose feature extractor and classifier each own a parameter (``blocks.empty_side``)."""
         if k is None:
             raise ConfigError(f"{what} needs a split K in 1..{len(self.blocks) - 1} (procedure.split; --split K)")
-        self.check_split_range(k)
+        if reason := self.blocks.out_of_range(k):
+            raise ConfigError(reason)
         if (empty := empty_side(self.blocks.parameter_names(), k)) is not None:
             side, blocks = empty
             names = " and ".join(blocks) + (" blocks, which own" if len(blocks) > 1 else " block, which owns")
