@@ -44,11 +44,18 @@ def text_lines(path: Path, missing: str = "file not found") -> list[str]:
         raise DataError(f"{path}: cannot read it ({e})") from None
 
 
+def subset_size(size: int, subset: float, least: int = 1) -> int:
+    """How many examples the fixed training ``subset`` holds: the first ``subset`` of ``size``, at
+    least ``least``. Fixed, not drawn, so a transfer and the subset baseline it is compared with
+    train on the same examples whatever their seeds."""
+    return max(least, round(size * subset))
+
+
 def index_batches(size: int, subset: float, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """One epoch of index batches for ``train_batches``: the first ``subset`` of ``size`` examples
     (held in a fixed order, so the same subset whatever the seed), shuffled with ``generator``; a last
     batch of one example is dropped (BatchNorm needs two)."""
-    n = max(1, round(size * subset))
+    n = subset_size(size, subset)
     order = torch.randperm(n, generator=generator)
     for i in range(0, n, batch_size):
         if len(idx := order[i : i + batch_size]) > 1:

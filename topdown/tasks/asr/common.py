@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from ...config import Section, option
 from ...errors import ConfigError, DataError, warn
-from ...task import Task, data_location
+from ...task import Task, data_location, subset_size
 from . import an4, kaldi
 from .ngram import END, WordNgram
 
@@ -483,8 +483,7 @@ def make_task(name: str, cfg: dict[str, Any], data_dir: str | None, build_model,
     decode = cfg["decode"]
 
     def train_batches(generator: torch.Generator, subset: float):
-        n = max(1, round(len(data["train"]) * subset))  # a fixed subset: the first n utterances
-        return batches(data["train"][:n], batch_size, generator)
+        return batches(data["train"][: subset_size(len(data["train"]), subset)], batch_size, generator)
 
     def loss(model: nn.Module, batch: tuple) -> torch.Tensor:
         feats, lengths, targets, target_lengths = batch

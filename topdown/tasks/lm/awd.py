@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ...config import Section, option
-from ...task import Task, data_location
+from ...task import Task, data_location, subset_size
 from . import corpus
 from .model import TIE_MODES, AWDLSTM, detach
 
@@ -146,7 +146,7 @@ def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
     def train_stream(subset: float) -> torch.Tensor:
         """A fixed prefix of the token stream: the same subset for every seed."""
         if subset not in train_streams:
-            n = max(2 * d["batch_size"] + 1, round(len(ids["train"]) * subset))
+            n = subset_size(len(ids["train"]), subset, least=2 * d["batch_size"] + 1)  # each batch column an input and its target
             train_streams[subset] = batchify("train", ids["train"][:n])
         return train_streams[subset]
 
