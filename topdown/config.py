@@ -276,16 +276,9 @@ def _checked(path: str, default: Any, value: Any) -> Any:
         value = value.as_text() if isinstance(default, str) else value.parsed(path)
     if default is None or value is None:
         return value
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    else:
-        ok = isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
-    if not ok:
+    if not _matches(value, type(default)):
         raise ConfigError(f"config key {path!r} expects a {type(default).__name__}, got {value!r}")
-    return value
+    return float(value) if isinstance(default, float) else value
 
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
