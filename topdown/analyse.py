@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .blocks import usable_splits
-from .config import RunConfig
+from .config import CascadeConfig, RunConfig
 from .errors import ConfigError
 from .jobs import check_jobs, in_parallel
 from .procedures import run_or_resume
@@ -28,16 +28,17 @@ from .runs import atomic_write
 from .task import Task
 
 
-# cascade options that only the retrain-feature-extractor runs (cascade stages) would apply, at their
-# defaults (cascade.splits is set per split by analyse itself)
-CASCADE_ONLY = {"candidates": 1, "reinit": True, "finetune_epochs": 0}
+# cascade options that only the retrain-feature-extractor runs (cascade stages) would apply, away from
+# their defaults (cascade.splits is set per split by analyse itself)
+CASCADE_ONLY = ("candidates", "reinit", "finetune_epochs")
 
 
 def check_one_recipe(config: RunConfig) -> None:
     """Retraining the classifier and retraining the feature extractor are set side by side, so both
     must train under one recipe: an option only the second would follow (several candidates, a warm
     start, a fine-tune stage) would tilt the comparison without the table saying so."""
-    changed = [f"cascade.{key}" for key, default in CASCADE_ONLY.items() if getattr(config.cascade, key) != default]
+    defaults = CascadeConfig.defaults()
+    changed = [f"cascade.{key}" for key in CASCADE_ONLY if getattr(config.cascade, key) != defaults[key]]
     if changed:
         raise ConfigError(f"analyse: {', '.join(changed)} would change only the retrain-feature-extractor runs (analyse runs every "
                           "usable split, each side trained alike); leave them at their defaults")

@@ -10,7 +10,7 @@ import importlib
 from types import ModuleType
 from typing import Any
 
-from ..config import RunConfig, merge, method_defaults
+from ..config import METHOD_SECTIONS, RunConfig, merge, method_defaults
 from ..errors import ConfigError
 from ..task import Task
 
@@ -41,6 +41,7 @@ def resolve_config(name: str, preset: str, overrides: dict[str, Any]) -> RunConf
     module = task_module(name)
     if preset not in module.PRESETS:
         raise ConfigError(f"task {name!r} has no preset {preset!r}; presets: {', '.join(module.PRESETS)}")
-    base = {**method_defaults(), **{k: v for k, v in module.DEFAULTS.items() if k not in ("train", "cascade")}}
-    base = merge(base, {k: v for k, v in module.DEFAULTS.items() if k in ("train", "cascade")})
+    # a task's defaults for a method section are checked against it key by key; its own sections it declares whole
+    base = {**method_defaults(), **{k: v for k, v in module.DEFAULTS.items() if k not in METHOD_SECTIONS}}
+    base = merge(base, {k: v for k, v in module.DEFAULTS.items() if k in METHOD_SECTIONS})
     return RunConfig.from_dict(merge(merge(base, module.PRESETS[preset]), overrides), getattr(module, "SECTIONS", None))
