@@ -46,7 +46,9 @@ def write_record(out: Path, stem: str, record: dict[str, Any], render: Callable[
 def stage_table(summary: dict[str, Any]) -> str:
     """The stage table as markdown: one row per stage, the chosen one marked."""
     metric = summary["metric"]
-    extra = [m for m in ("wer", "cer", "error", "ppl", "loss") if m != metric and m in summary["stages"][0]["val"]][:1] if summary["stages"] else []
+    # one more column: the first other metric the task's validation recorded (the built-in tasks list theirs
+    # after the primary one: cer beside wer, loss beside ppl or error)
+    extra = [m for m in summary["stages"][0]["val"] if m != metric][:1] if summary["stages"] else []
     cols = [metric, *extra]
     head = ["stage", "role", "split", "trained blocks", "epochs", *[f"val {m}" for m in cols], *[f"test {m}" for m in cols], "accepted", "seconds"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
