@@ -23,8 +23,7 @@ from .errors import ConfigError
 from .jobs import check_jobs, in_parallel
 from .procedures import run_or_resume
 from .metrics import display_scale
-from .report import format_metric, stage_result, write_record
-from .runs import atomic_write
+from .report import format_metric, save_figure, stage_result, table_head, write_record
 from .task import Task
 
 
@@ -109,8 +108,7 @@ def render(record: dict[str, Any]) -> str:
         "the transfers on the same fixed fraction of the training data. Both retrain columns follow one recipe.",
         "",
         *([f"Note: {record['note']}", ""] if record.get("note") else []),
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
+        *table_head(head),
     ]
 
     def cell(x: dict[str, float]) -> str:
@@ -145,5 +143,4 @@ def plot(record: dict[str, Any], path: Path) -> None:
         b.plot(ks, [scale * r["subsets"][f]["transfer_classifier"]["test"] for r in record["rows"]], marker="o", color=f"C{i}", label=f"{f} transfer classifier")
     b.set(xlabel="split k", ylabel=ylabel, title="(b) classifier from more data", xticks=ks)
     b.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
+    save_figure(fig, path)

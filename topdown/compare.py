@@ -34,10 +34,9 @@ from .config import RunConfig
 from .errors import ConfigError
 from .procedures import planned_models, run_or_resume
 from .metrics import Metric, display_scale
-from .report import format_metric, stage_result, write_record
+from .report import format_metric, save_figure, stage_result, table_head, write_record
 from .seeds import derive_seed
 from .jobs import Workers
-from .runs import atomic_write
 from .task import Task
 
 ARMS = ("baseline", "cascade", "baseline-equal-epochs", "best-of-k")
@@ -260,7 +259,7 @@ def render(record: dict[str, Any]) -> str:
     lines += ["", f"Cascade against each control, paired by seed (cascade minus control; {'negative' if lower else 'positive'} favours the cascade):",
               "", "| control | cascade − control [95 % CI] | p | seeds where the cascade is better/worse |", "|---|---|---|---|"]
     lines += [f"| {arm} | {paired_cells(a['cascade_minus_arm'])} |" for arm, a in record["arms"].items() if arm != "cascade"]
-    lines += ["", "Per seed (test):", "", "| seed | " + " | ".join(record["arms"]) + " |", "|---|" + "---|" * len(record["arms"])]
+    lines += ["", "Per seed (test):", "", *table_head(["seed", *record["arms"]])]
     for s in range(record["seeds"]):
         lines.append(f"| {s} | " + " | ".join(f(a["per_seed"][s]["test"]) for a in record["arms"].values()) + " |")
     return "\n".join(lines) + "\n\n![test metric per arm](compare.png)\n"
@@ -285,5 +284,4 @@ def plot(record: dict[str, Any], path: Path) -> None:
     ax.set_xticks(range(len(arms)), arms)
     ax.set_ylabel(f"test {m}{unit}")
     ax.set_title(f"{record['task']} ({record['preset']}): {record['seeds']} seeds; black = mean ± std")
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
+    save_figure(fig, path)

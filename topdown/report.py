@@ -35,6 +35,17 @@ def stage_result(stage: dict[str, Any], metric: str, run: str) -> dict[str, floa
     return {"val": stage["val"][metric], "test": stage["test"][metric]}
 
 
+def table_head(columns: list[str]) -> list[str]:
+    """A markdown table's header row and rule, for the tables the commands write."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out a matplotlib ``Figure`` and write it as a PNG, atomically."""
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
+
+
 def write_record(out: Path, stem: str, record: dict[str, Any], render: Callable[[dict[str, Any]], str],
                  plot: Callable[[dict[str, Any], Path], None]) -> None:
     """Write a multi-run command's ``stem.json``, ``stem.md`` and ``stem.png`` (compare, analyse)."""
@@ -51,7 +62,7 @@ def stage_table(summary: dict[str, Any]) -> str:
     extra = [m for m in summary["stages"][0]["val"] if m != metric][:1] if summary["stages"] else []
     cols = [metric, *extra]
     head = ["stage", "role", "split", "trained blocks", "epochs", *[f"val {m}" for m in cols], *[f"test {m}" for m in cols], "accepted", "seconds"]
-    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = table_head(head)
     for s in summary["stages"]:
         mark = " (chosen)" if s["index"] == summary["chosen_stage"] else ""
         accepted = "-" if s["accepted"] is None else ("yes" if s["accepted"] else "no")
@@ -80,7 +91,7 @@ def runs_table(runs: Path) -> str:
     """Where each run under ``runs`` stands, for a long comparison in progress: finished, or the
     stage and epoch it has reached, and the chosen model's metrics."""
     head = ["run", "procedure", "status", "stages done", "in progress", "chosen val", "chosen test"]
-    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = table_head(head)
     for run in sorted(p for p in runs.iterdir() if p.is_dir()):
         summary = RunDir(run).read_summary()
         if summary is None:
@@ -141,8 +152,7 @@ def plot_curves(summary: dict[str, Any], metrics: list[dict[str, Any]], path: Pa
     ax_loss.set(xlabel="epoch (stages end to end)", ylabel="training loss", yscale="log" if all(v > 0 for v in losses) else "linear")
     if ax_val.get_legend_handles_labels()[0]:
         ax_val.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
+    save_figure(fig, path)
 
 
 def render(summary: dict[str, Any]) -> str:
