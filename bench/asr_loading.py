@@ -88,7 +88,7 @@ def main() -> None:
             sf.write(str(path), wave.astype(np.float32), rate, subtype="PCM_16")
             scp.write(f"{uid} {path}\n")
             text.write(f"{uid} HELLO\n")
-    fbank_cfg = dict(kaldi.FBANK_DEFAULTS)
+    fbank_cfg = dict(kaldi.Fbank.defaults())
     (utts, facts), t = timed(lambda: kaldi.load_dir(d, fbank_cfg))
     wav_audio_s = sum(durations)
     rows.append((f"Kaldi wav.scp -> 80-dim fbank (soundfile + kaldi-native-fbank), {rate} Hz", len(utts), t, wav_audio_s))

@@ -178,7 +178,7 @@ class CascadeConfig(Section):
     gives none of them. See docs/method.md."""
     SECTION: typing.ClassVar[str] = "cascade"
 
-    splits: list[int] | None = option(None, ge=1)  # strictly descending splits; default L-1, L-2, ..., 1
+    splits: list[int] | None = option(None, ge=1)  # strictly descending; default every split L-1..1 with a parameter on both sides
     epochs: int | None = option(None, ge=1)  # per stage; default train.epochs
     lr: float | None = option(None, ge=0)  # per stage; default train.lr
     reinit: bool = True  # False: warm-start the feature extractor (ablation)
@@ -191,7 +191,7 @@ class CascadeConfig(Section):
     def check_relations(self) -> None:
         s = self.splits
         if s == []:
-            raise ConfigError("cascade.splits is empty: name at least one split, or leave it unset for every split (L-1, ..., 1)")
+            raise ConfigError("cascade.splits is empty: name at least one split, or leave it unset for every usable split (L-1, ..., 1)")
         if s is not None and any(a <= b for a, b in zip(s, s[1:])):
             raise ConfigError(f"cascade.splits must be strictly descending, got {s!r}")
 

@@ -65,7 +65,8 @@ def scheduled_lr(cfg: TrainConfig, base_lr: float, step: int, total_steps: int) 
     loop's per-epoch decay) times the warm-up factor. ``onecycle``: cosine rise from lr/25 to lr over
     the first 30 % of the steps, then cosine fall to lr/25/1e4 (as torch's OneCycleLR); the rise is its
     warm-up, so ``warmup_steps`` is ignored. ``cosine``: the warm-up (``warmup_steps``), then cosine
-    decay from lr to 0 at the last planned step (past it, the last step's lr)."""
+    decay from lr towards 0, which it would reach one step after the last planned one (the last
+    step runs at a small positive lr; past it, that step's lr)."""
     if cfg.schedule == "plateau":
         return base_lr * warmup_factor(step, cfg.warmup_steps)
     t = min(step, total_steps - 1)
@@ -121,7 +122,7 @@ class LoopState:
     done: bool = False
     seconds: float = 0.0
     step: int = 0  # optimizer steps taken (drives the lr warm-up and train.schedule)
-    total_steps: int = 0  # train.schedule other than plateau: the stage's planned steps (recomputed, not stored state)
+    total_steps: int = 0  # train.schedule other than plateau: the stage's planned steps (recomputed when a stage starts or resumes)
 
 
 @dataclass

@@ -129,7 +129,8 @@ class LaterLayerForgetting(Plan):
     the blocks above the split and trains every block, the lower ones on from where the last
     round left them (later-layer forgetting, Zhou et al., ICLR 2022). By default it forgets the
     cascade's first classifier, once per cascade split (the cascade's stages after its baseline), with the cascade's stage
-    recipe: the same budget. Validation chooses among the rounds, as it does among stages."""
+    recipe: the same budget, where the cascade trains one candidate a stage with neither patience nor a fine-tune
+    stage (docs/method.md). Validation chooses among the rounds, as it does among stages."""
 
     procedure = "forget"
     procedure_options = ("split", "rounds")

@@ -325,7 +325,7 @@ def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
                 x = random_crop(x, d["crop_padding"], generator)  # pads with black (the digits' background)
             if d["flip"]:
                 x = random_flip(x, generator)
-            yield (x - mean[:, None, None]) / std[:, None, None], y_train[idx]
+            yield normalise(x), y_train[idx]
 
     def loss(model: nn.Module, batch) -> torch.Tensor:
         x, y = batch

@@ -31,7 +31,6 @@ from .ngram import END, WordNgram
 
 BLANK = 0
 BLANK_SYMBOL = "<blank>"
-VOCAB = len(an4.ALPHABET) + 1  # AN4: CTC blank + space + A-Z
 
 @dataclass(frozen=True)
 class SpecAugment(Section):

@@ -46,9 +46,6 @@ class Fbank(Section):
     snip_edges: bool = True
 
 
-FBANK_DEFAULTS: dict[str, Any] = Fbank.defaults()
-
-
 def read_table(path: Path, *, allow_empty_value: bool = False) -> dict[str, str]:
     """``<key> <value...>`` lines into an ordered dict; blank lines are skipped. A leading UTF-8
     byte order mark (as some Windows editors write) is dropped, not read as part of the first key."""

@@ -110,7 +110,7 @@ class BLSTMLayer(nn.Module):
 
 
 class BLSTMCTC(nn.Module):
-    def __init__(self, inputs: int, hidden: int, layers: int, dropout: float, vocab: int = common.VOCAB,
+    def __init__(self, inputs: int, hidden: int, layers: int, dropout: float, vocab: int = len(common.AN4_VOCAB),
                  subsample: list[int] | None = None):
         super().__init__()
         factors = list(subsample or []) + [1] * (layers - len(subsample or []))
@@ -129,7 +129,7 @@ def block_names(model_cfg: dict[str, Any]) -> list[tuple[str, list[str]]]:
     return [(f"lstm{i + 1}", [f"encoder.{i}"]) for i in range(model_cfg["layers"])] + [("output", ["output"])]
 
 
-def build_model(cfg: dict[str, Any], inputs: int | None = None, vocab: int = common.VOCAB) -> nn.Module:
+def build_model(cfg: dict[str, Any], inputs: int | None = None, vocab: int = len(common.AN4_VOCAB)) -> nn.Module:
     """The model for ``cfg``; ``inputs``/``vocab`` default to the bundled AN4's (13 cepstra, 28 symbols)."""
     m = cfg["model"]
     return BLSTMCTC(inputs or common.feature_dim(cfg["data"]), m["hidden"], m["layers"], m["dropout"], vocab, m["subsample"])

@@ -205,7 +205,7 @@ class ConformerLayer(nn.Module):
 
 class TransformerCTC(nn.Module):
     def __init__(self, inputs: int, d_model: int, heads: int, ff: int, layers: int, channels: int, dropout: float,
-                 vocab: int = common.VOCAB, conv_kernel: int = 0):
+                 vocab: int = len(common.AN4_VOCAB), conv_kernel: int = 0):
         super().__init__()
         self.frontend = ConvSubsampling(inputs, d_model, channels, dropout)
         self.encoder = nn.ModuleList(
@@ -227,7 +227,7 @@ def block_names(model_cfg: dict[str, Any]) -> list[tuple[str, list[str]]]:
             + [("output", ["norm", "output"])])
 
 
-def build_model(cfg: dict[str, Any], inputs: int | None = None, vocab: int = common.VOCAB) -> nn.Module:
+def build_model(cfg: dict[str, Any], inputs: int | None = None, vocab: int = len(common.AN4_VOCAB)) -> nn.Module:
     """The model for ``cfg``; ``inputs``/``vocab`` default to the bundled AN4's (13 cepstra, 28 symbols)."""
     m = cfg["model"]
     return TransformerCTC(inputs or common.feature_dim(cfg["data"]), m["d_model"], m["heads"], m["ff"], m["layers"],
