@@ -532,6 +532,22 @@ def test_spec_augment_masks_within_lengths_and_is_seeded():
     assert torch.equal(a, common.spec_augment(feats, lengths, cfg))
     assert (a == 0).any() and torch.equal(feats, torch.ones(2, 50, 10))
     assert common.spec_augment(feats, lengths, {**cfg, "freq_masks": 0, "time_masks": 0}) is feats
+    # time masks alone: whole frames inside each utterance's length, never its padding, each span at most time_width
+    for masks in (1, 3):
+        zeroed = [False, False]
+        for seed in range(8):
+            torch.manual_seed(seed)
+            t = common.spec_augment(feats, lengths, {**cfg, "freq_masks": 0, "time_masks": masks})
+            frames = (t == 0).all(-1)  # (B, T): a masked frame is zero in every dimension
+            assert torch.equal(t == 0, frames[..., None].expand_as(t)) and ((t == 0) | (t == 1)).all()
+            for b, n in enumerate(lengths.tolist()):
+                assert not frames[b, n:].any(), (masks, seed, b)  # frames beyond the length untouched
+                zeroed[b] |= bool(frames[b, :n].any())
+                if masks == 1:  # one span: its run of masked frames is at most the configured width
+                    assert frames[b].sum() <= cfg["time_width"], (seed, b)
+                    idx = frames[b].nonzero().flatten()
+                    assert len(idx) == 0 or idx[-1] - idx[0] + 1 == len(idx)  # contiguous
+        assert all(zeroed), masks  # each utterance had a frame inside its length masked
 
 
 def test_readme_worked_example_runs(tmp_path, monkeypatch, capsys):
