@@ -11,7 +11,7 @@ from topdown.compare import paired_stats, run_compare, sign_flip_p, t975
 from topdown.config import RunConfig
 from topdown.errors import ConfigError
 
-from conftest import cli, toy_task
+from conftest import cli, toy_task, without_seconds
 
 CONFIG = RunConfig.from_dict({"train": {"epochs": 2, "lr": 0.01}})
 
@@ -154,6 +154,7 @@ def test_best_of_k_never_looks_at_test(tmp_path, monkeypatch):
     best = record["arms"]["best-of-k"]["per_seed"][0]
     assert best["test"] == pytest.approx(1 - best["val"])
     pool_val = [json.loads((tmp_path / "runs" / r.partition("#")[0] / "summary.json").read_text())["stages"][0]["val"]["error"] for r in best["runs"]]
+    assert len(set(pool_val)) == len(pool_val)  # no tie: the choice below is a real one
     assert best["val"] == min(pool_val)
 
 
@@ -182,6 +183,31 @@ def test_interrupted_compare_resumes_without_redoing_runs(tmp_path, monkeypatch)
     assert all(name.endswith(("seed1", "seed1-extra1", "seed1-extra2")) for name in calls) and len(calls) == 4
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     assert record["seeds"] == 2
+
+
+def test_a_run_interrupted_inside_a_comparison_is_resumed_from_where_it_stopped(tmp_path):
+    """Ctrl-C in the middle of a run: the same comparison again continues that run from its last
+    saved epoch (what it logged before stays as it was) and ends as an uninterrupted comparison does."""
+    whole = run_compare(toy_task(), tmp_path / "whole", seeds=1, config=CONFIG)
+    task, calls = toy_task(), []
+    evaluate = task.evaluate
+
+    def interrupted(model, split):
+        calls.append(split)
+        if len(calls) == 6:  # inside the cascade's stage 1, after stage 0 and stage 1's first epoch
+            raise KeyboardInterrupt
+        return evaluate(model, split)
+
+    task.evaluate = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(task, tmp_path / "cut", seeds=1, config=CONFIG)
+    run = tmp_path / "cut" / "runs" / "cascade-seed0"
+    assert [s["index"] for s in json.loads((run / "summary.json").read_text())["stages"]] == [0]
+    before = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(before) >= 3
+    again = run_compare(toy_task(), tmp_path / "cut", seeds=1, config=CONFIG)
+    assert (run / "metrics.jsonl").read_text().splitlines()[: len(before) - 1] == before[:-1]  # seconds included
+    assert without_seconds(again["arms"]) == without_seconds(whole["arms"])
 
 
 def test_a_compare_continues_on_a_new_machine_from_the_committed_summaries(tmp_path, monkeypatch):
