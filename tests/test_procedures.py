@@ -1,5 +1,6 @@
 """The four procedures through the Python API: stage records, acceptance, checkpoints, determinism."""
 
+import dataclasses
 import json
 
 import pytest
@@ -10,7 +11,7 @@ import topdown
 import topdown.procedures as procedures
 from topdown import Blocks, CascadeConfig, ConfigError, TrainConfig
 
-from conftest import read_summary, toy_task, without_seconds
+from conftest import ToyNet, read_summary, toy_task, without_seconds
 
 FAST = TrainConfig(epochs=2, lr=0.01)
 
@@ -69,6 +70,27 @@ def test_reinit_draws_from_the_models_own_initialisation(tmp_path):
     assert not torch.equal(fresh_weight, s0["inp.0.weight"])
     bound = 1 / 8**0.5  # nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
     assert fresh_weight.abs().max() <= bound and fresh_weight.std() > bound / 3
+    # not merely in range: the block is what the model's own builder gives, seeded with the stage's seed ...
+    seed = read_summary(run)["stages"][1]["candidates"][0]["seed"]
+    torch.manual_seed(seed)
+    built = task.build_model().state_dict()
+    for key in ("inp.0.weight", "inp.0.bias", "inp.1.weight", "inp.1.bias"):
+        assert torch.equal(s1[key], built[key]), key
+
+    # ... and a builder with its own, distinctive scheme is followed (not nn.Linear's default)
+    def build_model():
+        model = ToyNet()
+        torch.nn.init.uniform_(model.inp[0].weight, 2.0, 3.0)  # drawn from torch's RNG, far from U(-bound, bound)
+        return model
+
+    custom = dataclasses.replace(task, build_model=build_model)
+    run = tmp_path / "custom"
+    topdown.cascade(custom, run, train=TrainConfig(epochs=1, lr=0.0), cascade=CascadeConfig(splits=[1]), seed=0)
+    s0, s1 = ckpt(run, "stage-0"), ckpt(run, "stage-1")
+    torch.manual_seed(read_summary(run)["stages"][1]["candidates"][0]["seed"])
+    built = build_model().state_dict()
+    assert torch.equal(s1["inp.0.weight"], built["inp.0.weight"]) and torch.equal(s1["inp.0.bias"], built["inp.0.bias"])
+    assert s1["inp.0.weight"].min() >= 2.0 and not torch.equal(s1["inp.0.weight"], s0["inp.0.weight"])
 
 
 def test_worse_stage_is_rejected_and_best_is_kept(tmp_path):
