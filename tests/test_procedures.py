@@ -324,5 +324,9 @@ def test_forget_reinitialises_the_upper_blocks_and_trains_all_round_after_round(
     assert all(stages[chosen]["val"]["error"] <= s["val"]["error"] for s in stages)
     cascade = topdown.cascade(task, tmp_path / "cascade", train=FAST, seed=0)
     assert stages[0]["val"] == cascade["stages"][0]["val"] and sum(s["epochs"] for s in stages) == sum(s["epochs"] for s in cascade["stages"])
+    forget0, cascade0 = ckpt(run, "stage-0"), ckpt(tmp_path / "cascade", "stage-0")
+    assert forget0.keys() == cascade0.keys()
+    for key in forget0:  # the weights themselves, not just their validation metrics
+        assert torch.equal(forget0[key], cascade0[key]), key
     with pytest.raises(ConfigError, match="split 3 is out of range"):
         topdown.forget(task, tmp_path / "bad", split=3, train=FAST)
