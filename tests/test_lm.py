@@ -179,6 +179,17 @@ def test_variable_bptt_covers_the_epoch_in_order():
     assert torch.equal(torch.cat([b[1] for b in batches])[:-1], stream[1:])  # targets are inputs shifted by one
     again = list(task.train_batches(torch.Generator().manual_seed(1), 1.0))
     assert [b[0].shape[0] for b in again] == lengths  # a pure function of the generator
+    # the whole epoch: the corpus prefix the preset keeps, cut into batch_size streams side by side
+    # (the remainder dropped), every token but each stream's first is a target exactly once
+    d = cfg.task["data"]
+    lines = corpus.load_wt2_small()["train"]
+    words = [w for line in lines for w in line.split() + ["<eos>"]]
+    assert len(words) > d["limit_tokens"] > 0
+    steps = d["limit_tokens"] // d["batch_size"]
+    assert sum(b[1].numel() for b in batches) == (steps - 1) * d["batch_size"]
+    vocab = corpus.build_vocab(lines)
+    ids = torch.tensor([vocab.index(w) for w in words[: steps * d["batch_size"]]])
+    assert torch.equal(torch.cat([stream, batches[-1][1][-1:]]), ids.view(d["batch_size"], steps).t())
 
 
 # -- tied weights and blocks ----------------------------------------------------------------------
