@@ -121,8 +121,12 @@ def test_copy_blocks_keeps_a_shared_parameter_with_its_owner():
     model = Tied()
     blocks = Blocks(model, ["embed", "body", "decoder"], shared={"embed.weight": "decoder"})
     tied_before = model.embed.weight.detach().clone()
-    blocks.copy_blocks(Tied(), ["embed", "body"])
+    body_before = {k: v.clone() for k, v in model.body.state_dict().items()}
+    source = Tied()
+    blocks.copy_blocks(source, ["embed", "body"])
     assert torch.equal(model.embed.weight, tied_before)
+    for key, value in model.body.state_dict().items():  # the other named block was copied
+        assert torch.equal(value, source.body.state_dict()[key]) and not torch.equal(value, body_before[key]), key
 
 
 def _forward_hooks(model: nn.Module) -> int:
