@@ -74,6 +74,15 @@ def test_augmentation_is_a_function_of_the_generator_and_keeps_shapes():
         assert any(torch.equal(a[i], padded[:, dy : dy + 4, dx : dx + 4]) for dy in range(3) for dx in range(3))
     f = image.random_flip(x, torch.Generator().manual_seed(0))
     assert all(torch.equal(f[i], x[i]) or torch.equal(f[i], x[i].flip(-1)) for i in range(2))
+    # and they do augment: over a few seeds some crop is shifted, some image is flipped and some is
+    # not, and the result depends on the seed
+    crops = [image.random_crop(x, 1, torch.Generator().manual_seed(s)) for s in range(8)]
+    flips = [image.random_flip(x, torch.Generator().manual_seed(s)) for s in range(8)]
+    assert all(c.shape == x.shape for c in crops) and any(not torch.equal(c[i], x[i]) for c in crops for i in range(2))
+    assert all(torch.equal(f[i], x[i]) or torch.equal(f[i], x[i].flip(-1)) for f in flips for i in range(2))
+    assert any(torch.equal(f[i], x[i].flip(-1)) for f in flips for i in range(2)) and not torch.equal(x, x.flip(-1))
+    assert any(torch.equal(f[i], x[i]) for f in flips for i in range(2))
+    assert any(not torch.equal(c, crops[0]) for c in crops[1:]) and any(not torch.equal(f, flips[0]) for f in flips[1:])
 
     task = image.make(tiny_cfg().task)
     one = [b[0] for b in task.train_batches(torch.Generator().manual_seed(7), 1.0)]
