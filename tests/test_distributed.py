@@ -113,10 +113,19 @@ def _one(task, _):
     return 1
 
 
+def _warning_one(task, _):
+    from topdown.errors import warn
+    warn("said by a worker while it ran")
+    return 1
+
+
 def test_workers_do_not_repeat_what_building_the_task_said(capfd):
     """The main process builds the task (and says what there is to say) before the workers build theirs."""
     assert in_parallel(_one, [(0,), (1,)], toy_task(), 2, _task_with_a_warning) == [1, 1]
     assert "a fact about the data" not in capfd.readouterr().err
+    # what a worker says while it runs does reach stderr: the silence above is not a lost stream
+    assert in_parallel(_warning_one, [(0,), (1,)], toy_task(), 2, _task_with_a_warning) == [1, 1]
+    assert capfd.readouterr().err.count("said by a worker while it ran") == 2
 
 
 def test_ctrl_c_in_one_process_stops_the_runs_still_to_come():

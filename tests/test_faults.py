@@ -1,7 +1,13 @@
 """A small version of the fault campaign (bench/faults.py): a random SIGKILL with --resume, and
 torn or corrupt files that must be recovered from or named in one line, never a traceback."""
 
+import platform
+import re
 import sys
+
+import torch
+
+import topdown
 
 from conftest import ROOT
 
@@ -22,7 +28,9 @@ def test_every_summary_says_where_it_was_made(tmp_path):
 
     cli("baseline", "digits", "--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "run"), check=True)
     made = read_summary(tmp_path / "run")["provenance"]
-    assert made["torch"] and made["cpu"] and made["threads"] == 1 and made["device"] == "cpu" and made["topdown"]
+    assert made["torch"] == torch.__version__ and made["topdown"] == topdown.__version__ and made["python"] == platform.python_version()
+    assert made["cpu"] and made["threads"] == 1 and made["device"] == "cpu" and made["world_size"] == 1 and made["gpu"] is None
+    assert made["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}", made["git_commit"])
 
 
 def test_a_damaged_metrics_line_before_the_last_is_one_line_naming_the_file(tmp_path):
