@@ -24,6 +24,7 @@ from .jobs import check_jobs, in_parallel
 from .procedures import run_or_resume
 from .metrics import display_scale
 from .report import format_metric, save_figure, stage_result, table_head, write_record
+from .runs import RunDir
 from .task import Task
 
 
@@ -50,7 +51,7 @@ def split_row(task: Task, out: Path, k: int, config: RunConfig, subsets: tuple[f
     common = dict(seed=seed, preset=preset, device=device)
     base = run_or_resume("baseline", task, out / "runs" / "baseline", config=config, **common)
     baseline = stage_result(base["stages"][0], metric, "baseline")  # refused before this split's runs train
-    ckpt = str(out / "runs" / "baseline" / "checkpoints" / "best.safetensors")
+    ckpt = str(RunDir(out / "runs" / "baseline").checkpoint("best"))
     rc = run_or_resume("retrain-classifier", task, out / "runs" / f"retrain-classifier-k{k}",
                        config=config.updated({"procedure": {"split": k}}), from_checkpoint=ckpt, **common)
     rfe = run_or_resume("cascade", task, out / "runs" / f"retrain-feature-extractor-k{k}",

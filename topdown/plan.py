@@ -32,7 +32,7 @@ from .blocks import Blocks, BlockSpec, empty_side
 from .config import RunConfig, TrainConfig
 from .errors import ConfigError, TopdownError, warn
 from .metrics import Metric
-from .runs import RunDir, file_digest, first_difference, load_tensors, provenance, weights_digest
+from .runs import RunDir, file_digest, first_difference, load_tensors, provenance, stage_checkpoint, weights_digest
 from .seeds import check_seed, derive_seed
 
 
@@ -317,7 +317,7 @@ class Plan:
         elif spec.start is None:
             self.model.load_state_dict(self._fresh_model(stage.seed).state_dict())
         else:
-            self.model.load_state_dict(self.run.load_model(f"stage-{spec.start}"))
+            self.model.load_state_dict(self.run.load_model(stage_checkpoint(spec.start)))
             if spec.reinit:
                 self.blocks.copy_blocks(self._fresh_model(stage.seed), spec.trained if spec.reinit_blocks is None else spec.reinit_blocks)
         self.blocks.freeze(stage.frozen_blocks, frozen_dropout=self.config.cascade.frozen_dropout)
@@ -338,7 +338,7 @@ class Plan:
 
     def _load(self, path: str) -> None:
         path = Path(path)
-        if path.parent.name == "checkpoints" and (recorded := RunDir(path.parent.parent).read_summary()):
+        if (owner := RunDir.of_checkpoint(path)) and (recorded := owner.read_summary()):
             wanted = (recorded.get("checksums") or {}).get(path.stem)
             if wanted is not None and file_digest(path) != wanted:
                 raise TopdownError(f"checkpoint {path} is corrupt: it does not match the checksum its run recorded in summary.json")
@@ -409,7 +409,7 @@ class Plan:
         }
         meta = {"task": self.summary["task"], "stage": stage.index, "config": self.summary["config"], "task_info": self.task_info}
         checksums = self.summary.setdefault("checksums", {})
-        checksums[f"stage-{stage.index}"] = self.run.save_model(f"stage-{stage.index}", weights, meta)
+        checksums[stage_checkpoint(stage.index)] = self.run.save_model(stage_checkpoint(stage.index), weights, meta)
         if record["accepted"]:
             checksums["best"] = self.run.save_model("best", weights, meta)
             self.summary["chosen_stage"], self.summary["test"] = stage.index, test
@@ -485,8 +485,7 @@ class Plan:
     def _drop_unsaved_metrics(self, next_stage: int) -> None:
         """Forget metric lines of epochs that have no resume point (they will be run again)."""
         kept_epochs: dict[int, float] = {}
-        for f in self.run.state.glob(f"stage-{next_stage}-candidate-*.safetensors"):
-            candidate = int(f.name.split("-candidate-")[1].split(".")[0])
+        for candidate, f in self.run.stage_state(next_stage):
             try:
                 meta = load_tensors(f)[1]  # all of it: a torn file must not stop the run later
             except TopdownError as e:
@@ -517,6 +516,6 @@ class Plan:
             if self.run.writer:
                 report.write(self.run.path)
         self.run.release()
-        best = self.run.checkpoints / "best.safetensors"
+        best = self.run.checkpoint("best")
         if best.is_file():
             self.model.load_state_dict(load_tensors(best)[0])

@@ -177,6 +177,11 @@ def first_difference(recorded: dict[str, Any], wanted: dict[str, Any], defaults:
     return None
 
 
+def stage_checkpoint(index: int) -> str:
+    """The checkpoint name of stage ``index``: ``checkpoints/stage-<i>.safetensors`` (``best`` is the chosen stage's copy)."""
+    return f"stage-{index}"
+
+
 class RunDir:
     """One run's directory. Only rank 0 writes (``writer=False`` elsewhere)."""
 
@@ -245,10 +250,19 @@ class RunDir:
                 return  # nothing to drop (nor a torn last line): write nothing (a finished run may be read-only)
             atomic_write(self.metrics_path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
 
+    def checkpoint(self, name: str) -> Path:
+        """Where checkpoint ``name`` (``best``, or a ``stage_checkpoint``) lies."""
+        return self.checkpoints / f"{name}.safetensors"
+
+    @classmethod
+    def of_checkpoint(cls, path: Path) -> "RunDir | None":
+        """The run a checkpoint file belongs to, if it lies in a run's ``checkpoints/``."""
+        return cls(path.parent.parent) if path.parent.name == "checkpoints" else None
+
     def save_model(self, name: str, state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> str | None:
         """Write checkpoint ``name``; returns its sha256 (recorded in the summary, checked on reuse)."""
         if self.writer:
-            save_tensors(self.checkpoints / f"{name}.safetensors", state, metadata)
+            save_tensors(self.checkpoint(name), state, metadata)
             return digest(state, metadata)
         return None
 
@@ -262,14 +276,14 @@ class RunDir:
         names it: a kill in between leaves a newer ``best`` than the record. It is restored from
         the chosen stage's intact checkpoint; returns what was restored."""
         recorded = summary.get("checksums") or {}
-        if not weights_needed and not any((self.checkpoints / f"{name}.safetensors").exists() for name in recorded):
+        if not weights_needed and not any(self.checkpoint(name).exists() for name in recorded):
             return []
-        bad = [name for name, wanted in recorded.items() if file_digest(self.checkpoints / f"{name}.safetensors") != wanted]
-        chosen = f"stage-{summary.get('chosen_stage')}"
+        bad = [name for name, wanted in recorded.items() if file_digest(self.checkpoint(name)) != wanted]
+        chosen = stage_checkpoint(summary.get("chosen_stage"))
         restored = []
         if "best" in bad and chosen not in bad and recorded.get(chosen) == recorded["best"] and self.writer:
-            source = self.checkpoints / f"{chosen}.safetensors"
-            atomic_write(self.checkpoints / "best.safetensors", lambda p: p.write_bytes(source.read_bytes()))
+            source = self.checkpoint(chosen)
+            atomic_write(self.checkpoint("best"), lambda p: p.write_bytes(source.read_bytes()))
             bad.remove("best")
             restored.append("best")
         if bad:
@@ -329,7 +343,7 @@ class RunDir:
             os.close(fd)
 
     def load_model(self, name: str) -> dict[str, torch.Tensor]:
-        return load_tensors(self.checkpoints / f"{name}.safetensors")[0]
+        return load_tensors(self.checkpoint(name))[0]
 
     def state_file(self, stage: int, candidate: int) -> Path:
         return self.state / f"stage-{stage}-candidate-{candidate}.safetensors"
@@ -349,9 +363,15 @@ class RunDir:
         tensors, meta = load_tensors(path)
         return tensors, meta["candidate"]
 
+    def stage_state(self, stage: int) -> list[tuple[int, Path]]:
+        """The files ``stage`` keeps until it is recorded (its candidates' resume points and finished
+        results), each with its candidate's number."""
+        return [(int(f.name.split("-candidate-")[1].split(".")[0]), f)
+                for f in sorted(self.state.glob(f"stage-{stage}-candidate-*.safetensors"))]
+
     def clear_state(self, stage: int) -> None:
         if self.writer:
-            for f in self.state.glob(f"stage-{stage}-candidate-*.safetensors"):
+            for _, f in self.stage_state(stage):
                 f.unlink()
 
 
