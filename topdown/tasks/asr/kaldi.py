@@ -220,69 +220,79 @@ def load_dir(path: Path, fbank_cfg: dict[str, Any]) -> tuple[list[Utterance], di
     speakers = read_table(spk_path) if spk_path.is_file() else {u: u for u in text}
     if spk_path.is_file():
         _check_same_keys(text, speakers, text_path, spk_path)
-    feats_path, wav_path = path / "feats.scp", path / "wav.scp"
-    utts: list[Utterance] = []
-    silent: list[str] = []
-    facts: dict[str, Any] = {"silent": silent}
-    if feats_path.is_file():
-        import kaldiio
-
-        scp = read_table(feats_path)
-        _check_same_keys(text, scp, text_path, feats_path)
-        facts["source"] = "feats.scp"
-        for uid in text:
-            where = f"{feats_path}: utterance {uid!r}"
-            try:
-                mat = kaldiio.load_mat(scp[uid])
-            except FileNotFoundError as e:
-                raise DataError(f"{where}: {e.filename or scp[uid]} not found") from None
-            except Exception as e:  # kaldiio raises ValueError, OSError, ... on corrupt archives
-                raise DataError(f"{where}: cannot read {scp[uid]!r} ({type(e).__name__}: {' '.join(str(e).split())})") from None
-            mat = np.asarray(mat)
-            if mat.ndim != 2 or mat.shape[0] == 0:
-                raise DataError(f"{where}: expected a non-empty (frames, dims) matrix, got shape {mat.shape}")
-            if (mat == mat[0]).all():
-                silent.append(uid)
-            utts.append(Utterance(uid, speakers[uid], _finite(mat.astype(np.float32), where), text[uid]))
-    elif wav_path.is_file():
-        if (path / "segments").is_file():  # Kaldi's segments cut utterances out of longer recordings; we read whole files
-            raise DataError(f"{path / 'segments'}: segment files are not supported; cut the recordings into one file per utterance "
-                            f"(e.g. with Kaldi's extract-segments) and list those in wav.scp")
-        scp = read_table(wav_path)
-        _check_same_keys(text, scp, text_path, wav_path)
-        facts["source"] = "wav.scp"
-        rate0 = first = opts = None
-        for number, uid in enumerate(text, 1):
-            spec = scp[uid]
-            where = f"{wav_path}: utterance {uid!r}"
-            if spec.endswith("|") or (" " in spec and not _path_like(spec, path)):
-                raise DataError(f"{where}: only plain audio file paths are supported, got {spec!r} (convert piped commands to files first)")
-            if " " in spec:
-                raise DataError(f"{where}: the path {spec!r} has a space, which wav.scp cannot hold (Kaldi splits its lines at spaces); "
-                                f"rename or link the file to a path without spaces")
-            audio = Path(spec)
-            if not audio.is_absolute() and not audio.exists() and (path / spec).exists():
-                audio = path / spec  # Kaldi resolves relative paths from the current directory; we also try the data directory
-            wave, rate = read_audio(audio, where)
-            if wave.min() == wave.max():
-                silent.append(uid)
-            if rate0 is None:
-                rate0, first = rate, uid
-            elif rate != rate0:
-                raise DataError(f"{where}: sample rate {rate} Hz differs from {rate0} Hz of {first!r}; resample the directory to one rate")
-            if opts is None:
-                opts = fbank_options(fbank_cfg, rate, f"{audio}, the first file of {wav_path}")
-            feats = fbank(wave, opts)
-            if len(feats) == 0:
-                raise DataError(f"{where}: audio is shorter than one {fbank_cfg['frame_length_ms']} ms frame")
-            utts.append(Utterance(uid, speakers[uid], _finite(feats, where), text[uid]))
-        facts["sample_rate"] = rate0
+    if (path / "feats.scp").is_file():
+        utts, facts = _read_feats_scp(path / "feats.scp", text_path, text, speakers)
+    elif (path / "wav.scp").is_file():
+        utts, facts = _read_wav_scp(path / "wav.scp", text_path, text, speakers, fbank_cfg)
     else:
         raise DataError(f"{path}: neither feats.scp nor wav.scp found")
     dims = {u.feats.shape[1] for u in utts}
     if len(dims) > 1:
         raise DataError(f"{path}: utterances have different feature dimensions {sorted(dims)}")
     return utts, facts
+
+
+def _read_feats_scp(feats_path: Path, text_path: Path, text: dict[str, str],
+                    speakers: dict[str, str]) -> tuple[list[Utterance], dict[str, Any]]:
+    """The utterances of a directory whose features are given (``feats.scp``, read with kaldiio)."""
+    import kaldiio
+
+    scp = read_table(feats_path)
+    _check_same_keys(text, scp, text_path, feats_path)
+    utts, silent = [], []
+    for uid in text:
+        where = f"{feats_path}: utterance {uid!r}"
+        try:
+            mat = kaldiio.load_mat(scp[uid])
+        except FileNotFoundError as e:
+            raise DataError(f"{where}: {e.filename or scp[uid]} not found") from None
+        except Exception as e:  # kaldiio raises ValueError, OSError, ... on corrupt archives
+            raise DataError(f"{where}: cannot read {scp[uid]!r} ({type(e).__name__}: {' '.join(str(e).split())})") from None
+        mat = np.asarray(mat)
+        if mat.ndim != 2 or mat.shape[0] == 0:
+            raise DataError(f"{where}: expected a non-empty (frames, dims) matrix, got shape {mat.shape}")
+        if (mat == mat[0]).all():
+            silent.append(uid)
+        utts.append(Utterance(uid, speakers[uid], _finite(mat.astype(np.float32), where), text[uid]))
+    return utts, {"silent": silent, "source": "feats.scp"}
+
+
+def _read_wav_scp(wav_path: Path, text_path: Path, text: dict[str, str], speakers: dict[str, str],
+                  fbank_cfg: dict[str, Any]) -> tuple[list[Utterance], dict[str, Any]]:
+    """The utterances of a directory of audio files (``wav.scp``), as filterbank features; all at one sample rate."""
+    path = wav_path.parent
+    if (path / "segments").is_file():  # Kaldi's segments cut utterances out of longer recordings; we read whole files
+        raise DataError(f"{path / 'segments'}: segment files are not supported; cut the recordings into one file per utterance "
+                        f"(e.g. with Kaldi's extract-segments) and list those in wav.scp")
+    scp = read_table(wav_path)
+    _check_same_keys(text, scp, text_path, wav_path)
+    utts, silent = [], []
+    rate0 = first = opts = None
+    for uid in text:
+        spec = scp[uid]
+        where = f"{wav_path}: utterance {uid!r}"
+        if spec.endswith("|") or (" " in spec and not _path_like(spec, path)):
+            raise DataError(f"{where}: only plain audio file paths are supported, got {spec!r} (convert piped commands to files first)")
+        if " " in spec:
+            raise DataError(f"{where}: the path {spec!r} has a space, which wav.scp cannot hold (Kaldi splits its lines at spaces); "
+                            f"rename or link the file to a path without spaces")
+        audio = Path(spec)
+        if not audio.is_absolute() and not audio.exists() and (path / spec).exists():
+            audio = path / spec  # Kaldi resolves relative paths from the current directory; we also try the data directory
+        wave, rate = read_audio(audio, where)
+        if wave.min() == wave.max():
+            silent.append(uid)
+        if rate0 is None:
+            rate0, first = rate, uid
+        elif rate != rate0:
+            raise DataError(f"{where}: sample rate {rate} Hz differs from {rate0} Hz of {first!r}; resample the directory to one rate")
+        if opts is None:
+            opts = fbank_options(fbank_cfg, rate, f"{audio}, the first file of {wav_path}")
+        feats = fbank(wave, opts)
+        if len(feats) == 0:
+            raise DataError(f"{where}: audio is shorter than one {fbank_cfg['frame_length_ms']} ms frame")
+        utts.append(Utterance(uid, speakers[uid], _finite(feats, where), text[uid]))
+    return utts, {"silent": silent, "source": "wav.scp", "sample_rate": rate0}
 
 
 def _finite(x: np.ndarray, where: str) -> np.ndarray:
