@@ -259,6 +259,24 @@ def test_report_of_a_comparison_or_a_directory_of_runs_shows_where_each_run_stan
     assert failed.returncode != 0 and "holds no run" in failed.stderr
 
 
+def test_report_of_a_comparison_in_progress_shows_the_arms_of_the_seeds_so_far(tmp_path):
+    """Per seed whose cascade has finished, each arm whose runs have all finished, with the values compare.json gives."""
+    record = run_compare(toy_task(), tmp_path, seeds=2, config=CONFIG)
+    runs = tmp_path / "runs"
+    for name in ("equal-epochs-seed1", "baseline-seed1-extra2"):  # seed 1's equal-epochs arm and best-of-k not finished
+        summary = json.loads((runs / name / "summary.json").read_text())
+        (runs / name / "summary.json").write_text(json.dumps({**summary, "status": "running"}))
+    out = cli("report", str(tmp_path), check=True).stdout
+    rows = [line for line in out.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
+    per_seed = [[compare.format_metric(record["arms"][arm]["per_seed"][s]["test"], "error") for arm in compare.ARMS] for s in (0, 1)]
+    assert rows[0] == "| 0 | " + " | ".join(per_seed[0]) + " |"
+    assert rows[1] == f"| 1 | {per_seed[1][0]} | {per_seed[1][1]} | - | - |"
+    (runs / "cascade-seed0" / "summary.json").write_text(json.dumps({**json.loads((runs / "cascade-seed0" / "summary.json").read_text()),
+                                                                     "status": "running"}))
+    (runs / "cascade-seed1" / "summary.json").unlink()
+    assert compare.finished_seeds(runs) is None  # no cascade finished: nothing to show
+
+
 def test_finished_runs_made_with_another_config_are_refused_not_reused(tmp_path):
     run_compare(toy_task(), tmp_path, seeds=1, config=CONFIG)
     before = (tmp_path / "compare.json").read_text()

@@ -15,7 +15,7 @@ import torch
 
 from . import distributed, report
 from .analyse import run_analyse
-from .compare import run_compare
+from .compare import finished_seeds, run_compare
 from .config import parse_overrides
 from .devices import default_device, resolve_device
 from .errors import ConfigError, TopdownError
@@ -102,7 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--subsets", type=float, nargs="+", default=[0.25, 0.5], help="training-data fractions (default: 0.25 0.5)")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="run the splits in N processes, threads divided among them unless OMP_NUM_THREADS is set (default: 1)")
     p = sub.add_parser("report", help="re-render report.md and curves.png of a run directory; of a compare or analyse "
-                                      "directory (or any directory of runs), show where each of its runs stands")
+                                      "directory (or any directory of runs), show where each of its runs stands (and, for a "
+                                      "comparison, the arms of each seed so far)")
     p.add_argument("dir", help="run directory, the --out of compare/analyse, or a directory of run directories")
     p = sub.add_parser("list", help="tasks, presets and the blocks of each task's model")
     p.add_argument("--config", metavar="TASK", choices=list(TASKS), help="print this task's resolved config for --preset")
@@ -217,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             args.preset = _default_preset(args)
         if args.command == "report" and (runs := report.runs_of(args.dir)) is not None:
             print(report.runs_table(runs))  # a comparison, analysis or any directory of runs: where each stands
+            if (seeds := finished_seeds(runs)) is not None:
+                print(f"\n{seeds}")
         elif args.command == "report":
             print(report.stage_table(report.read(args.dir)), flush=True)  # shown even where the files cannot be rewritten
             print(f"report: {report.write(args.dir)}")

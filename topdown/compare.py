@@ -35,6 +35,7 @@ from .errors import ConfigError
 from .procedures import planned_models, run_or_resume
 from .metrics import Metric, display_scale
 from .report import format_metric, save_figure, stage_result, table_head, write_record
+from .runs import RunDir
 from .seeds import derive_seed
 from .jobs import Workers
 from .task import Task
@@ -161,28 +162,61 @@ def run_all(task: Task, out: Path, seeds: int, config: RunConfig, preset: str | 
                  **({"forget": forget[s].result()} if forgetting else {})} for s in range(seeds)]
 
 
-def seed_arms(primary: Metric, seed: int, cascade: dict[str, Any], equal: dict[str, Any],
-              extras: list[dict[str, Any]], forget: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """Every arm's result for one seed, from the summaries of its runs."""
+def seed_arms(primary: Metric, seed: int, cascade: dict[str, Any], equal: dict[str, Any] | None,
+              extras: list[dict[str, Any]] | None, forget: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Every arm's result for one seed, from the summaries of its runs. An arm whose runs are not
+    all given (None: a comparison still in progress) is left out."""
     metric = primary.name
     stage0 = cascade["stages"][0]
     chosen = cascade["stages"][cascade["chosen_stage"]]
-    pool = [(stage0, f"cascade-seed{seed}#stage0")] + [(x["stages"][0], f"baseline-seed{seed}-extra{j}") for j, x in enumerate(extras, 1)]
-    best = pool[0]
-    for candidate in pool[1:]:  # chosen on validation only
-        if primary.better(candidate[0]["val"][metric], best[0]["val"][metric]):
-            best = candidate
-    return {
-        "baseline": {**_entry(stage0, [stage0], metric, pool[0][1]), "runs": [pool[0][1]]},
+    arms = {
+        "baseline": {**_entry(stage0, [stage0], metric, f"cascade-seed{seed}#stage0"), "runs": [f"cascade-seed{seed}#stage0"]},
         "cascade": {**_entry(chosen, cascade["stages"], metric, f"cascade-seed{seed}"), "runs": [f"cascade-seed{seed}"]},
-        "baseline-equal-epochs": {**_entry(equal["stages"][0], equal["stages"], metric, f"equal-epochs-seed{seed}"),
-                                  "runs": [f"equal-epochs-seed{seed}"]},
-        "best-of-k": {**_entry(best[0], [p[0] for p in pool], metric, best[1]), "k": len(pool), "chosen_run": best[1],
-                      "runs": [p[1] for p in pool]},
-        **({FORGETTING: {**_entry(forget["stages"][forget["chosen_stage"]], forget["stages"], metric, f"forget-seed{seed}"),
-                         "runs": [f"forget-seed{seed}"]}}
-           if forget is not None else {}),
     }
+    if equal is not None:
+        arms["baseline-equal-epochs"] = {**_entry(equal["stages"][0], equal["stages"], metric, f"equal-epochs-seed{seed}"),
+                                         "runs": [f"equal-epochs-seed{seed}"]}
+    if extras is not None:
+        pool = [(stage0, f"cascade-seed{seed}#stage0")] + [(x["stages"][0], f"baseline-seed{seed}-extra{j}") for j, x in enumerate(extras, 1)]
+        best = pool[0]
+        for candidate in pool[1:]:  # chosen on validation only
+            if primary.better(candidate[0]["val"][metric], best[0]["val"][metric]):
+                best = candidate
+        arms["best-of-k"] = {**_entry(best[0], [p[0] for p in pool], metric, best[1]), "k": len(pool), "chosen_run": best[1],
+                             "runs": [p[1] for p in pool]}
+    if forget is not None:
+        arms[FORGETTING] = {**_entry(forget["stages"][forget["chosen_stage"]], forget["stages"], metric, f"forget-seed{seed}"),
+                            "runs": [f"forget-seed{seed}"]}
+    return arms
+
+
+def finished_seeds(runs: Path) -> str | None:
+    """For a comparison in progress (``runs``: its ``runs/``), per seed whose cascade has finished,
+    the test metric of every arm whose runs have all finished ("-" for the others), as compare.md's
+    per-seed table will show it; None when no cascade has finished. The means, intervals and
+    p-values wait for the comparison itself."""
+    def complete(name: str) -> dict[str, Any] | None:
+        summary = RunDir(runs / name).read_summary() if (runs / name).is_dir() else None
+        return summary if summary and summary.get("status") == "complete" else None
+
+    names = (*ARMS, FORGETTING) if any(runs.glob("forget-seed*")) else ARMS
+    rows, metric = [], None
+    for s in sorted(int(p.name.removeprefix("cascade-seed")) for p in runs.glob("cascade-seed*") if p.name[12:].isdigit()):
+        if (cascade := complete(f"cascade-seed{s}")) is None:
+            continue
+        k = sum(max(1, len(st["candidates"])) for st in cascade["stages"])  # models the cascade trained
+        extras = [complete(f"baseline-seed{s}-extra{j}") for j in range(1, k)]
+        metric = Metric.named(cascade["metric"], cascade["lower_is_better"])
+        rows.append((s, seed_arms(metric, s, cascade, complete(f"equal-epochs-seed{s}"), None if None in extras else extras,
+                                  complete(f"forget-seed{s}") if FORGETTING in names else None)))
+    if not rows:
+        return None
+    m = metric.name
+    lines = [f"Seeds whose cascade has finished: test {m} of each arm whose runs have all finished (the comparison itself",
+             "adds the means, intervals and p-values once every seed has).", "", *table_head(["seed", *names])]
+    lines += [f"| {s} | " + " | ".join(format_metric(arms[a]["test"], m) if a in arms else "-" for a in names) + " |"
+              for s, arms in rows]
+    return "\n".join(lines)
 
 
 def run_compare(task: Task, out: str | Path, *, seeds: int, config: RunConfig, preset: str | None = None, device=None,
