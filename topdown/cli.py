@@ -175,7 +175,8 @@ def _run(args: argparse.Namespace) -> None:
     if not distributed.is_writer():
         return
     print(report.stage_table(summary))
-    print(f"\nchosen stage {summary['chosen_stage']}; test {summary['test']}")
+    test = ", ".join(f"{name} {report.format_metric(value, name)}" for name, value in (summary["test"] or {}).items())
+    print(f"\nchosen stage {summary['chosen_stage']}; test {test or '-'}")
     if summary.get("task_info", {}).get("note"):
         print(f"note: {summary['task_info']['note']}")
     print(f"report: {out / 'report.md'}")
