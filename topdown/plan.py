@@ -444,20 +444,29 @@ class Plan:
         failed_untrained = existing is not None and not resume and self.run.failed_before_saving(existing)
         if failed_untrained:
             warn(f"starting afresh in {self.run.path}: the run there stopped on an error before it saved any training")
-            existing = None
-        if existing is None:
-            if resume:
-                raise TopdownError(f"nothing to resume in {self.run.path} (no summary.json); start a run there without --resume (resume=False)")
-            if self.run.holds_only_debris():  # killed while writing its first summary: nothing was saved yet
-                self._remove_debris()
-            if not failed_untrained and self.run.path.is_dir() and any(self.run.path.iterdir()):
-                raise TopdownError(f"{self.run.path} is not empty and holds no run (no summary.json); choose another output directory (--out)")
-            summary = {**header, "status": "running", "stages": [], "chosen_stage": None, "test": None}
-            self.run.write_summary(summary)
-            self.run.claim()  # the directory exists now
-            return summary
+        if existing is None or failed_untrained:
+            return self._start_record(header, resume, replaces_a_run=failed_untrained)
         if not resume:
             raise TopdownError(f"{self.run.path} already holds a run; resume it (--resume; resume=True) or choose another output directory")
+        return self._continue_record(existing, header)
+
+    def _start_record(self, header: dict[str, Any], resume: bool, replaces_a_run: bool) -> dict[str, Any]:
+        """A new run's first record, in a directory that is new, empty, holds only the debris of a
+        first write, or (``replaces_a_run``) a run that stopped before it saved any training."""
+        if resume:
+            raise TopdownError(f"nothing to resume in {self.run.path} (no summary.json); start a run there without --resume (resume=False)")
+        if self.run.holds_only_debris():  # killed while writing its first summary: nothing was saved yet
+            self._remove_debris()
+        if not replaces_a_run and self.run.path.is_dir() and any(self.run.path.iterdir()):
+            raise TopdownError(f"{self.run.path} is not empty and holds no run (no summary.json); choose another output directory (--out)")
+        summary = {**header, "status": "running", "stages": [], "chosen_stage": None, "test": None}
+        self.run.write_summary(summary)
+        self.run.claim()  # the directory exists now
+        return summary
+
+    def _continue_record(self, existing: dict[str, Any], header: dict[str, Any]) -> dict[str, Any]:
+        """The recorded run, to resume: refused if it is another run (identity, starting weights, number
+        of processes); its checkpoints verified, and what a kill left half-written cleared."""
         identity = {k: v for k, v in header.items() if k != "provenance"}  # another machine may continue a run
         if reason := recorded_mismatch(existing, identity, self.config.option_defaults, self.from_checkpoint):
             raise TopdownError(f"cannot resume {self.run.path}: {reason}")
