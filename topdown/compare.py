@@ -109,6 +109,12 @@ def _run(task: Task, out: Path, procedure: str, name: str, seed: int, config: Ru
                          weights_needed=False)
 
 
+def models_trained(cascade: dict[str, Any]) -> int:
+    """How many models a finished cascade trained (every candidate of every stage, its baseline
+    included): the k of its best-of-k control."""
+    return sum(max(1, len(st["candidates"])) for st in cascade["stages"])
+
+
 def extra_seed(seed: int, j: int) -> int:
     """The seed of best-of-k's j-th fresh baseline for comparison seed ``seed``."""
     return derive_seed(seed, 10_000 + j) % 2**31
@@ -156,7 +162,7 @@ def run_all(task: Task, out: Path, seeds: int, config: RunConfig, preset: str | 
             trained[s] = cascade = done.result()
             equal_cfg = equal_epochs_config(config, sum(st["epochs"] for st in cascade["stages"]))
             equal[s] = workers.submit(_run, out, "baseline", f"equal-epochs-seed{s}", s, equal_cfg, preset, device)
-            k = sum(max(1, len(st["candidates"])) for st in cascade["stages"])  # models the cascade trained
+            k = models_trained(cascade)
             extras[s] = extras[s][:k - 1] + [extra(s, j) for j in range(len(extras[s]) + 1, k)]
         return [{"cascade": trained[s], "equal": equal[s].result(), "extras": [x.result() for x in extras[s]],
                  **({"forget": forget[s].result()} if forgetting else {})} for s in range(seeds)]
@@ -204,7 +210,7 @@ def finished_seeds(runs: Path) -> str | None:
     for s in sorted(int(p.name.removeprefix("cascade-seed")) for p in runs.glob("cascade-seed*") if p.name[12:].isdigit()):
         if (cascade := complete(f"cascade-seed{s}")) is None:
             continue
-        k = sum(max(1, len(st["candidates"])) for st in cascade["stages"])  # models the cascade trained
+        k = models_trained(cascade)
         extras = [complete(f"baseline-seed{s}-extra{j}") for j in range(1, k)]
         metric = Metric.named(cascade["metric"], cascade["lower_is_better"])
         rows.append((s, seed_arms(metric, s, cascade, complete(f"equal-epochs-seed{s}"), None if None in extras else extras,
