@@ -64,11 +64,12 @@ def split_row(task: Task, out: Path, k: int, config: RunConfig, subsets: tuple[f
         "subsets": {},
     }
     for fraction in subsets:
-        tr = run_or_resume("transfer-classifier", task, out / "runs" / f"transfer-k{k}-subset{fraction:g}",
+        name = f"transfer-k{k}-subset{fraction:g}"
+        tr = run_or_resume("transfer-classifier", task, out / "runs" / name,
                            config=config.updated({"procedure": {"split": k, "subset": fraction}}), from_checkpoint=ckpt, **common)
         row["subsets"][f"{fraction:g}"] = {
-            "subset_baseline": stage_result(tr["stages"][1], metric, f"transfer-k{k}-subset{fraction:g}"),
-            "transfer_classifier": stage_result(tr["stages"][2], metric, f"transfer-k{k}-subset{fraction:g}"),
+            "subset_baseline": stage_result(tr["stages"][1], metric, name),
+            "transfer_classifier": stage_result(tr["stages"][2], metric, name),
         }
     return row
 
