@@ -207,7 +207,8 @@ def finished_seeds(runs: Path) -> str | None:
 
     names = (*ARMS, FORGETTING) if any(runs.glob("forget-seed*")) else ARMS
     rows, metric = [], None
-    for s in sorted(int(p.name.removeprefix("cascade-seed")) for p in runs.glob("cascade-seed*") if p.name[12:].isdigit()):
+    seeds = [p.name.removeprefix("cascade-seed") for p in runs.glob("cascade-seed*")]
+    for s in sorted(int(s) for s in seeds if s.isdigit()):
         if (cascade := complete(f"cascade-seed{s}")) is None:
             continue
         k = models_trained(cascade)
