@@ -208,7 +208,7 @@ def finished_seeds(runs: Path) -> str | None:
     names = (*ARMS, FORGETTING) if any(runs.glob("forget-seed*")) else ARMS
     rows, metric = [], None
     seeds = [p.name.removeprefix("cascade-seed") for p in runs.glob("cascade-seed*")]
-    for s in sorted(int(s) for s in seeds if s.isdigit()):
+    for s in sorted(int(n) for n in seeds if n.isdigit()):
         if (cascade := complete(f"cascade-seed{s}")) is None:
             continue
         k = models_trained(cascade)
