@@ -62,6 +62,12 @@ def index_batches(size: int, subset: float, batch_size: int, generator: torch.Ge
             yield idx
 
 
+def cross_entropy_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``Task.loss`` of a classifier whose batches are (inputs, class indices): digits and image."""
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+
 TASK_CALLABLES = {"build_model": (), "train_batches": ("generator", "subset"), "loss": ("model", "batch"), "evaluate": ("model", "split")}
 
 

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from ..config import Section, option
 from ..errors import ConfigError, DataError
-from ..task import Task, index_batches
+from ..task import Task, cross_entropy_loss, index_batches
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "digits" / "digits.npz"
 
@@ -103,10 +103,6 @@ def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
         for idx in index_batches(len(y_train), subset, batch_size, generator):
             yield x_train[idx], y_train[idx]
 
-    def loss(model: nn.Module, batch) -> torch.Tensor:
-        x, y = batch
-        return F.cross_entropy(model(x), y)
-
     def evaluate(model: nn.Module, split: str) -> dict[str, float]:
         x, y = splits[split]
         device = next(model.parameters()).device
@@ -118,7 +114,7 @@ def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
         build_model=lambda: build_model(cfg),
         blocks=block_names(cfg["model"]),
         train_batches=train_batches,
-        loss=loss,
+        loss=cross_entropy_loss,
         evaluate=evaluate,
         metric="error",
         lower_is_better=True,

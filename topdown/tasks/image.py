@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from ..config import Section, option
 from ..errors import ConfigError, DataError
-from ..task import Task, data_location, index_batches
+from ..task import Task, cross_entropy_loss, data_location, index_batches
 from . import digits
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -327,10 +327,6 @@ def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
                 x = random_flip(x, generator)
             yield normalise(x), y_train[idx]
 
-    def loss(model: nn.Module, batch) -> torch.Tensor:
-        x, y = batch
-        return F.cross_entropy(model(x), y)
-
     def evaluate(model: nn.Module, split: str) -> dict[str, float]:
         x, y = splits[split]
         device = next(model.parameters()).device
@@ -356,7 +352,7 @@ def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
         build_model=lambda: build_model(cfg, int(channels), len(classes)),
         blocks=block_names(cfg["model"]),
         train_batches=train_batches,
-        loss=loss,
+        loss=cross_entropy_loss,
         evaluate=evaluate,
         metric="error",
         lower_is_better=True,
