@@ -271,6 +271,11 @@ def test_report_of_a_comparison_in_progress_shows_the_arms_of_the_seeds_so_far(t
     per_seed = [[compare.format_metric(record["arms"][arm]["per_seed"][s]["test"], "error") for arm in compare.ARMS] for s in (0, 1)]
     assert rows[0] == "| 0 | " + " | ".join(per_seed[0]) + " |"
     assert rows[1] == f"| 1 | {per_seed[1][0]} | {per_seed[1][1]} | - | - |"
+    cascade1 = json.loads((runs / "cascade-seed1" / "summary.json").read_text())
+    cascade1["stages"][0]["test"]["error"] = None  # a NaN recorded as null: that seed's row says so, the report goes on
+    (runs / "cascade-seed1" / "summary.json").write_text(json.dumps(cascade1))
+    out = cli("report", str(tmp_path), check=True).stdout
+    assert "| 1 | cascade-seed1#stage0: the test error of stage 0 is NaN or infinite" in out and rows[0] in out
     (runs / "cascade-seed0" / "summary.json").write_text(json.dumps({**json.loads((runs / "cascade-seed0" / "summary.json").read_text()),
                                                                      "status": "running"}))
     (runs / "cascade-seed1" / "summary.json").unlink()

@@ -33,7 +33,7 @@ EPILOG = """examples:
   topdown compare digits --seeds 20              # cascade vs fair baselines over 20 seeds
   topdown compare digits --seeds 20 --forgetting # ... and later-layer forgetting with the cascade's budget
   topdown analyse digits                         # the paper's two observations, every split
-  topdown report runs/digits-compare-demo        # where each run of a comparison stands
+  topdown report runs/digits-compare-demo        # where each run of a comparison stands, and its arms so far
 Config keys: see `topdown list --config TASK`. Run directory contract: docs/run-directory.md."""
 
 HELP = {
@@ -83,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
         help="fair comparison over seeds: baseline, cascade, baseline with equal epochs, best-of-k baselines",
         description="Runs (or resumes) the arms of a fair comparison (README, 'Fair comparisons') for seeds 0..N-1 and writes "
         "DIR/compare.json, DIR/compare.md and DIR/compare.png. Finished runs are never trained again; a finished run "
-        "made with another preset or --set is refused, never mixed in.",
+        "made with another preset or --set, on other data (its task_info) or under another metric is refused, never mixed "
+        "in; a chosen model whose test metric is NaN or missing stops the comparison, naming its run.",
     )
     p.add_argument("--seeds", type=int, required=True, help="number of seeds (0..N-1)")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="run the comparison's runs in N processes, threads divided among them unless OMP_NUM_THREADS is set (default: 1)")
@@ -96,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
         description="From one trained baseline, for every split k: retrain-classifier, retrain-feature-extractor, and "
         "transfer-classifier on each --subsets fraction against a baseline on the same subset. Writes DIR/analyse.json, "
         "DIR/analyse.md and DIR/analyse.png; finished runs are never trained again, and one made with another preset, "
-        "seed or --set is refused.",
+        "seed or --set, on other data (its task_info) or under another metric is refused; a run whose test metric is "
+        "NaN or missing stops the analysis, naming the run.",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the baseline and of every run (default: 0)")
     p.add_argument("--subsets", type=float, nargs="+", default=[0.25, 0.5], help="training-data fractions (default: 0.25 0.5)")

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from .config import RunConfig
-from .errors import ConfigError
+from .errors import ConfigError, TopdownError
 from .procedures import planned_models, run_or_resume
 from .metrics import Metric, display_scale
 from .report import format_metric, save_figure, stage_result, table_head, write_record
@@ -198,9 +198,10 @@ def seed_arms(primary: Metric, seed: int, cascade: dict[str, Any], equal: dict[s
 
 def finished_seeds(runs: Path) -> str | None:
     """For a comparison in progress (``runs``: its ``runs/``), per seed whose cascade has finished,
-    the test metric of every arm whose runs have all finished ("-" for the others), as compare.md's
-    per-seed table will show it; None when no cascade has finished. The means, intervals and
-    p-values wait for the comparison itself."""
+    the test metric of every arm whose runs have all finished ("-" for the others), with the values
+    compare.md's per-seed table will show (a rate with its % sign); None when no cascade has
+    finished. A seed one of whose runs has no test value to show gets that run's error instead of
+    its row. The means, intervals and p-values wait for the comparison itself."""
     def complete(name: str) -> dict[str, Any] | None:
         summary = RunDir(runs / name).read_summary() if (runs / name).is_dir() else None
         return summary if summary and summary.get("status") == "complete" else None
@@ -214,14 +215,18 @@ def finished_seeds(runs: Path) -> str | None:
         k = models_trained(cascade)
         extras = [complete(f"baseline-seed{s}-extra{j}") for j in range(1, k)]
         metric = Metric.named(cascade["metric"], cascade["lower_is_better"])
-        rows.append((s, seed_arms(metric, s, cascade, complete(f"equal-epochs-seed{s}"), None if None in extras else extras,
-                                  complete(f"forget-seed{s}") if FORGETTING in names else None)))
+        try:
+            rows.append((s, seed_arms(metric, s, cascade, complete(f"equal-epochs-seed{s}"), None if None in extras else extras,
+                                      complete(f"forget-seed{s}") if FORGETTING in names else None)))
+        except TopdownError as e:  # a null test value: said in place of the seed's row
+            rows.append((s, str(e)))
     if not rows:
         return None
     m = metric.name
     lines = [f"Seeds whose cascade has finished: test {m} of each arm whose runs have all finished (the comparison itself",
              "adds the means, intervals and p-values once every seed has).", "", *table_head(["seed", *names])]
-    lines += [f"| {s} | " + " | ".join(format_metric(arms[a]["test"], m) if a in arms else "-" for a in names) + " |"
+    lines += [f"| {s} | {arms} |" if isinstance(arms, str) else
+              f"| {s} | " + " | ".join(format_metric(arms[a]["test"], m) if a in arms else "-" for a in names) + " |"
               for s, arms in rows]
     return "\n".join(lines)
 
