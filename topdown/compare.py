@@ -115,6 +115,27 @@ def models_trained(cascade: dict[str, Any]) -> int:
     return sum(max(1, len(st["candidates"])) for st in cascade["stages"])
 
 
+def cascade_run(seed: int | str) -> str:
+    """The name of seed ``seed``'s cascade under ``runs/`` (its stage 0 is the baseline arm);
+    with ``"*"``, like ``forget_run``, a glob of every seed's."""
+    return f"cascade-seed{seed}"
+
+
+def equal_run(seed: int) -> str:
+    """The name of seed ``seed``'s equal-epochs baseline under ``runs/``."""
+    return f"equal-epochs-seed{seed}"
+
+
+def extra_run(seed: int, j: int) -> str:
+    """The name of best-of-k's j-th fresh baseline (j >= 1) for seed ``seed`` under ``runs/``."""
+    return f"baseline-seed{seed}-extra{j}"
+
+
+def forget_run(seed: int | str) -> str:
+    """The name of seed ``seed``'s forgetting run under ``runs/``."""
+    return f"forget-seed{seed}"
+
+
 def extra_seed(seed: int, j: int) -> int:
     """The seed of best-of-k's j-th fresh baseline for comparison seed ``seed``."""
     return derive_seed(seed, 10_000 + j) % 2**31
@@ -148,20 +169,20 @@ def run_all(task: Task, out: Path, seeds: int, config: RunConfig, preset: str | 
     config = config.updated({"procedure": dict.fromkeys(procedure)})
 
     def extra(s: int, j: int) -> Future:
-        return workers.submit(_run, out, "baseline", f"baseline-seed{s}-extra{j}", extra_seed(s, j), config, preset, device)
+        return workers.submit(_run, out, "baseline", extra_run(s, j), extra_seed(s, j), config, preset, device)
 
     with Workers(task, jobs, task_factory) as workers:
-        cascades = {workers.submit(_run, out, "cascade", f"cascade-seed{s}", s, config, preset, device): s for s in range(seeds)}
+        cascades = {workers.submit(_run, out, "cascade", cascade_run(s), s, config, preset, device): s for s in range(seeds)}
         planned = planned_models(task, config) or 1
         extras = {s: [extra(s, j) for j in range(1, planned)] for s in range(seeds)}
-        forget = {s: workers.submit(_run, out, "forget", f"forget-seed{s}", s, forget_config, preset, device)
+        forget = {s: workers.submit(_run, out, "forget", forget_run(s), s, forget_config, preset, device)
                   for s in range(seeds) if forgetting}
         equal, trained = {}, {}
         for done in as_completed(cascades):
             s = cascades[done]
             trained[s] = cascade = done.result()
             equal_cfg = equal_epochs_config(config, sum(st["epochs"] for st in cascade["stages"]))
-            equal[s] = workers.submit(_run, out, "baseline", f"equal-epochs-seed{s}", s, equal_cfg, preset, device)
+            equal[s] = workers.submit(_run, out, "baseline", equal_run(s), s, equal_cfg, preset, device)
             k = models_trained(cascade)
             extras[s] = extras[s][:k - 1] + [extra(s, j) for j in range(len(extras[s]) + 1, k)]
         return [{"cascade": trained[s], "equal": equal[s].result(), "extras": [x.result() for x in extras[s]],
@@ -175,15 +196,16 @@ def seed_arms(primary: Metric, seed: int, cascade: dict[str, Any], equal: dict[s
     metric = primary.name
     stage0 = cascade["stages"][0]
     chosen = cascade["stages"][cascade["chosen_stage"]]
+    baseline = f"{cascade_run(seed)}#stage0"  # the baseline arm is the cascade's stage 0
     arms = {
-        "baseline": {**_entry(stage0, [stage0], metric, f"cascade-seed{seed}#stage0"), "runs": [f"cascade-seed{seed}#stage0"]},
-        "cascade": {**_entry(chosen, cascade["stages"], metric, f"cascade-seed{seed}"), "runs": [f"cascade-seed{seed}"]},
+        "baseline": {**_entry(stage0, [stage0], metric, baseline), "runs": [baseline]},
+        "cascade": {**_entry(chosen, cascade["stages"], metric, cascade_run(seed)), "runs": [cascade_run(seed)]},
     }
     if equal is not None:
-        arms["baseline-equal-epochs"] = {**_entry(equal["stages"][0], equal["stages"], metric, f"equal-epochs-seed{seed}"),
-                                         "runs": [f"equal-epochs-seed{seed}"]}
+        arms["baseline-equal-epochs"] = {**_entry(equal["stages"][0], equal["stages"], metric, equal_run(seed)),
+                                         "runs": [equal_run(seed)]}
     if extras is not None:
-        pool = [(stage0, f"cascade-seed{seed}#stage0")] + [(x["stages"][0], f"baseline-seed{seed}-extra{j}") for j, x in enumerate(extras, 1)]
+        pool = [(stage0, baseline)] + [(x["stages"][0], extra_run(seed, j)) for j, x in enumerate(extras, 1)]
         best = pool[0]
         for candidate in pool[1:]:  # chosen on validation only
             if primary.better(candidate[0]["val"][metric], best[0]["val"][metric]):
@@ -191,8 +213,8 @@ def seed_arms(primary: Metric, seed: int, cascade: dict[str, Any], equal: dict[s
         arms["best-of-k"] = {**_entry(best[0], [p[0] for p in pool], metric, best[1]), "k": len(pool), "chosen_run": best[1],
                              "runs": [p[1] for p in pool]}
     if forget is not None:
-        arms[FORGETTING] = {**_entry(forget["stages"][forget["chosen_stage"]], forget["stages"], metric, f"forget-seed{seed}"),
-                            "runs": [f"forget-seed{seed}"]}
+        arms[FORGETTING] = {**_entry(forget["stages"][forget["chosen_stage"]], forget["stages"], metric, forget_run(seed)),
+                            "runs": [forget_run(seed)]}
     return arms
 
 
@@ -206,18 +228,18 @@ def finished_seeds(runs: Path) -> str | None:
         summary = RunDir(runs / name).read_summary() if (runs / name).is_dir() else None
         return summary if summary and summary.get("status") == "complete" else None
 
-    names = (*ARMS, FORGETTING) if any(runs.glob("forget-seed*")) else ARMS
+    names = (*ARMS, FORGETTING) if any(runs.glob(forget_run("*"))) else ARMS
     rows, metric = [], None
-    seeds = [p.name.removeprefix("cascade-seed") for p in runs.glob("cascade-seed*")]
+    seeds = [p.name.removeprefix(cascade_run("")) for p in runs.glob(cascade_run("*"))]
     for s in sorted(int(n) for n in seeds if n.isdigit()):
-        if (cascade := complete(f"cascade-seed{s}")) is None:
+        if (cascade := complete(cascade_run(s))) is None:
             continue
         k = models_trained(cascade)
-        extras = [complete(f"baseline-seed{s}-extra{j}") for j in range(1, k)]
+        extras = [complete(extra_run(s, j)) for j in range(1, k)]
         metric = Metric.named(cascade["metric"], cascade["lower_is_better"])
         try:
-            rows.append((s, seed_arms(metric, s, cascade, complete(f"equal-epochs-seed{s}"), None if None in extras else extras,
-                                      complete(f"forget-seed{s}") if FORGETTING in names else None)))
+            rows.append((s, seed_arms(metric, s, cascade, complete(equal_run(s)), None if None in extras else extras,
+                                      complete(forget_run(s)) if FORGETTING in names else None)))
         except TopdownError as e:  # a null test value: said in place of the seed's row
             rows.append((s, str(e)))
     if not rows:
