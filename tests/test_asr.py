@@ -297,6 +297,9 @@ def test_vocab_encode_decode():
     assert vocab.decode([0, 2, 0, 3, 1, 4]) == "AB C"
     spelled = common.Vocab.from_texts(["AB"], unk="<unk>")  # one edit for one unseen character, however unk is spelled
     assert spelled.decode([1, 3, 2]) == "A\ufffdB" and common.error_rates(["A\ufffdB"], ["AZB"])["cer"] == pytest.approx(1 / 3)
+    # spaces at an utterance's edge or doubled between words are no character errors (WER does not see them either)
+    assert common.error_rates([" AB  C "], ["AB C"]) == {"wer": 0.0, "cer": 0.0}
+    assert common.error_rates(["AB D"], ["AB C"]) == {"wer": 0.5, "cer": 0.25}
     with pytest.raises(topdown.DataError, match="character 'Z'"):
         common.Vocab.from_texts(["AB"]).encode("AZ", "utt")
 

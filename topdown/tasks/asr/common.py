@@ -456,12 +456,15 @@ def transcribe(outputs: list[tuple], vocab: Vocab, beam: int = 0, prune: float =
 
 def error_rates(hyps: list[str], refs: list[str], suffix: str = "") -> dict[str, float]:
     """Corpus-level WER and CER (edit distance summed over utterances / reference length), named
-    ``wer{suffix}`` and ``cer{suffix}`` (``_beam``, ``_lm``: the decoder that made ``hyps``)."""
-    word_errors = sum(editdistance.eval(h.split(), r.split()) for h, r in zip(hyps, refs))
-    char_errors = sum(editdistance.eval(h, r) for h, r in zip(hyps, refs))
+    ``wer{suffix}`` and ``cer{suffix}`` (``_beam``, ``_lm``: the decoder that made ``hyps``). Both
+    compare the words: CER over the words joined by single spaces, so a space a decoder leaves at an
+    utterance's edge, or twice between words, is not a character error (WER never saw it)."""
+    hyps, refs = [h.split() for h in hyps], [r.split() for r in refs]
+    word_errors = sum(editdistance.eval(h, r) for h, r in zip(hyps, refs))
+    char_errors = sum(editdistance.eval(" ".join(h), " ".join(r)) for h, r in zip(hyps, refs))
     return {
-        f"wer{suffix}": word_errors / max(1, sum(len(r.split()) for r in refs)),
-        f"cer{suffix}": char_errors / max(1, sum(len(r) for r in refs)),
+        f"wer{suffix}": word_errors / max(1, sum(len(r) for r in refs)),
+        f"cer{suffix}": char_errors / max(1, sum(len(" ".join(r)) for r in refs)),
     }
 
 
