@@ -459,12 +459,13 @@ def error_rates(hyps: list[str], refs: list[str], suffix: str = "") -> dict[str,
     ``wer{suffix}`` and ``cer{suffix}`` (``_beam``, ``_lm``: the decoder that made ``hyps``). Both
     compare the words: CER over the words joined by single spaces, so a space a decoder leaves at an
     utterance's edge, or twice between words, is not a character error (WER never saw it)."""
-    hyps, refs = [h.split() for h in hyps], [r.split() for r in refs]
-    word_errors = sum(editdistance.eval(h, r) for h, r in zip(hyps, refs))
-    char_errors = sum(editdistance.eval(" ".join(h), " ".join(r)) for h, r in zip(hyps, refs))
+    hyp_words, ref_words = [h.split() for h in hyps], [r.split() for r in refs]
+    hyp_chars, ref_chars = [" ".join(w) for w in hyp_words], [" ".join(w) for w in ref_words]
+    word_errors = sum(editdistance.eval(h, r) for h, r in zip(hyp_words, ref_words))
+    char_errors = sum(editdistance.eval(h, r) for h, r in zip(hyp_chars, ref_chars))
     return {
-        f"wer{suffix}": word_errors / max(1, sum(len(r) for r in refs)),
-        f"cer{suffix}": char_errors / max(1, sum(len(" ".join(r)) for r in refs)),
+        f"wer{suffix}": word_errors / max(1, sum(map(len, ref_words))),
+        f"cer{suffix}": char_errors / max(1, sum(map(len, ref_chars))),
     }
 
 
