@@ -7,6 +7,11 @@
 #   bench/compare_bench.sh run TASK SEEDS [JOBS [--set K=V ...]]
 #                                                  restore the committed summaries into $OUT, then topdown
 #                                                  compare TASK --preset bench --seeds SEEDS --jobs JOBS --set ...
+#   bench/compare_bench.sh extra TASK SEED J [--set K=V ...]
+#                                                  train only best-of-k's J-th fresh baseline of seed SEED,
+#                                                  as `compare` would (its name, seed and recipe), for a
+#                                                  machine that lives shorter than a cascade: every whole
+#                                                  run it finishes is collected, and `run` reuses it
 #   bench/compare_bench.sh collect TASK            copy every finished run's summary (and compare.*)
 #                                                  from $OUT back under bench/results/TASK-compare-bench/
 #
@@ -14,7 +19,7 @@
 # run stands); PRESET to bench. Each process runs one thread.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-mode=${1:?usage: compare_bench.sh run TASK SEEDS [JOBS [--set K=V ...]] | collect TASK}
+mode=${1:?usage: compare_bench.sh run TASK SEEDS [JOBS [--set K=V ...]] | extra TASK SEED J | collect TASK}
 task=${2:?which task?}
 out=${OUT:-$HOME/bench-compare/$task}
 results=$here/results/$task-compare-bench
@@ -22,21 +27,36 @@ export OMP_NUM_THREADS=1
 
 source "$here/summaries.sh"
 
+# the committed summaries of finished runs, into $OUT where it lacks them (a new machine's)
+restore_finished() {
+  local summary run
+  mkdir -p "$out/runs"
+  for summary in "$results"/runs/*/summary.json; do
+    [ -f "$summary" ] || continue
+    run=$(basename "$(dirname "$summary")")
+    if [ ! -e "$out/runs/$run" ]; then mkdir -p "$out/runs/$run" && cp "$summary" "$out/runs/$run/"; fi
+  done
+}
+
 case $mode in
   run)
     seeds=${3:?how many seeds?}
-    mkdir -p "$out/runs"
-    for summary in "$results"/runs/*/summary.json; do
-      [ -f "$summary" ] || continue
-      run=$(basename "$(dirname "$summary")")
-      if [ ! -e "$out/runs/$run" ]; then mkdir -p "$out/runs/$run" && cp "$summary" "$out/runs/$run/"; fi
-    done
+    restore_finished
     jobs=${4:-1}
     shift $(( $# < 4 ? $# : 4 ))
     cd "$HOME" && exec topdown compare "$task" --preset "${PRESET:-bench}" --seeds "$seeds" --jobs "$jobs" --out "$out" "$@" ;;
+  extra)
+    seed=${3:?which comparison seed?}; j=${4:?which extra baseline (1, 2, ...)?}
+    shift $(( $# < 4 ? $# : 4 ))
+    read -r run run_seed < <(python -c "from topdown.compare import extra_run, extra_seed
+print(extra_run($seed, $j), extra_seed($seed, $j))")
+    restore_finished
+    finished "$out/runs/$run/summary.json" && { echo "$run: finished"; exit 0; }
+    resume=(); [ -f "$out/runs/$run/summary.json" ] && resume=(--resume)
+    cd "$HOME" && exec topdown baseline "$task" --preset "${PRESET:-bench}" --seed "$run_seed" --out "$out/runs/$run" "${resume[@]}" "$@" ;;
   collect)
     copy_finished "$out/runs" "$results/runs"
     for f in compare.json compare.md compare.png; do [ -f "$out/$f" ] && cp "$out/$f" "$results/"; done
     echo "collected into $results: $(ls "$results/runs" 2>/dev/null | wc -l) finished runs" ;;
-  *) echo "compare_bench.sh: unknown mode '$mode' (run or collect)" >&2; exit 2 ;;
+  *) echo "compare_bench.sh: unknown mode '$mode' (run, extra or collect)" >&2; exit 2 ;;
 esac

@@ -50,6 +50,20 @@ def test_a_closed_output_pipe_is_not_a_traceback():
     assert proc.wait() == 1 and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PyTorch advises huge pages on Linux only")
+@pytest.mark.parametrize("setting, page_aligned", [(None, True), ("0", False)])
+def test_large_cpu_tensors_get_huge_pages_unless_the_user_says_otherwise(setting, page_aligned):
+    """PyTorch aligns a large tensor to a page only when it advises huge pages for it (THP_MEM_ALLOC_ENABLE),
+    and reads that setting once: the command line must set it before its first tensor."""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    env.update({"PYTHONPATH": PYTHONPATH, **({"THP_MEM_ALLOC_ENABLE": setting} if setting else {})})
+    probe = ("import contextlib, io, torch; from topdown.cli import main\n"
+             "with contextlib.redirect_stdout(io.StringIO()): main(['list'])\n"
+             "print(torch.empty(1 << 22).data_ptr() % 4096)")
+    offset = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert (int(offset) == 0) == page_aligned
+
+
 def test_forget_runs_from_the_command_line_and_refuses_a_split_out_of_range(tmp_path):
     cli("forget", *TINY_DIGITS, "--split", "2", "--set", "procedure.rounds=1", "--out", str(tmp_path / "f"), check=True)
     summary = json.loads((tmp_path / "f" / "summary.json").read_text())
