@@ -284,6 +284,22 @@ def test_an_interrupted_plan_resumes_to_the_uninterrupted_result(tmp_path, kill_
     assert not list((tmp_path / "resumed" / "state").glob("*"))
 
 
+def test_every_resume_is_recorded_even_one_killed_before_its_stage_finished(tmp_path):
+    """`resumed_on` is where a run was continued (machine, threads, versions): a continuation killed
+    before it finished a stage must still be on record."""
+    script = tmp_path / "loop.py"
+    script.write_text(KILLABLE.format(tests=str(ROOT / "tests")))
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1"}
+    run = lambda *extra, **e: subprocess.run([sys.executable, str(script), str(tmp_path / "run"), *extra], env={**env, **e},  # noqa: E731
+                                             capture_output=True, text=True)
+    assert run(KILL_AT="1.1").returncode == -signal.SIGKILL
+    assert run("--resume", KILL_AT="1.1").returncode == -signal.SIGKILL  # killed again, in the same stage
+    assert len(read_summary(tmp_path / "run")["resumed_on"]) == 1
+    assert run("--resume").returncode == 0
+    summary = read_summary(tmp_path / "run")
+    assert summary["status"] == "complete" and len(summary["resumed_on"]) == 2
+
+
 def test_a_run_in_progress_is_refused_to_a_second_process_until_it_ends(tmp_path):
     """Two processes writing one run would interleave its records and checkpoints (a command
     started again while the first still runs): the second is refused, the first is unharmed."""

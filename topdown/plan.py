@@ -485,6 +485,7 @@ class Plan:
         self._drop_unsaved_metrics(finished)
         if existing["status"] != "complete":
             existing["status"] = "running"
+            self.run.write_summary(existing)  # this continuation on record now, even if it ends before a stage does
         return existing
 
     def _remove_debris(self) -> None:
