@@ -30,14 +30,17 @@ variants() {
       echo "global-cmvn data.cmvn=global"
       echo "plateau train.schedule=plateau train.monitor=loss train.early_stop=5" ;;
     asr-rnn)
-      echo "global-cmvn data.cmvn=global"
-      echo "no-specaugment data.spec_augment.freq_masks=0 data.spec_augment.time_masks=0"
-      echo "dropout-0.1 model.dropout=0.1"
-      echo "hidden-128 model.hidden=128"
-      echo "plateau train.schedule=plateau train.monitor=loss train.early_stop=5"
-      # not leave-one-out: the 40-epoch schedule is not converged (a 160-epoch one reached a validation
-      # WER 3.5 points lower, 2026-12-01); 80 epochs is what might still fit #17's hour on this CPU
-      echo "epochs-80 train.epochs=80" ;;
+      # made on the recipe of 2026-11-28 to 2026-12-01 (40 epochs of at least 50 steps), which each
+      # variant states, so that it still reproduces the committed results now that `bench` is 80 epochs
+      recipe40="train.epochs=40 train.min_epoch_steps=50"
+      echo "global-cmvn data.cmvn=global $recipe40"
+      echo "no-specaugment data.spec_augment.freq_masks=0 data.spec_augment.time_masks=0 $recipe40"
+      echo "dropout-0.1 model.dropout=0.1 $recipe40"
+      echo "hidden-128 model.hidden=128 $recipe40"
+      echo "plateau train.schedule=plateau train.monitor=loss train.early_stop=5 $recipe40"
+      # not leave-one-out: the 40-epoch schedule was not converged (a 160-epoch one reached a validation
+      # WER 3.5 points lower, 2026-12-01); 80 epochs fit #17's hour on this CPU and became `bench`
+      echo "epochs-80 train.epochs=80 train.min_epoch_steps=50" ;;
     lm-awd)
       # no comparison has trained lm-awd's recipe on this CPU yet: "recipe" is the reference run;
       # "nt-asgd" is the recipe before 2026-11-30 (constant lr 30, early stop 5): better on validation

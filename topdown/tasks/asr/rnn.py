@@ -53,14 +53,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"data": {"limit": 48}, "model": {"hidden": 16, "layers": 2}, "train": {"epochs": 2, "min_epoch_steps": 0}, "decode": {"beam": 0}},
     "demo": {},
     # Chosen on validation (bench/RESULTS.md): per-speaker CMVN, SpecAugment for cepstra, dropout
-    # 0.3, 256 cells, 3 stacked frames, and a one-cycle schedule over a fixed 40 epochs (no early
+    # 0.3, 256 cells, 3 stacked frames, and a one-cycle schedule over a fixed 80 epochs (no early
     # stopping; the best epoch on validation WER is kept, CTC's all-blank first epochs cannot be it).
+    # 80 epochs, not 40 (the recipe until 2026-12-01): lower validation WER on both seeds tried (bench/RESULTS.md).
+    # An epoch is at least 25 steps (AN4: 53 batches of 16), so a small corpus gets the 2,000 steps
+    # that the 40-epoch recipe's 50-step epochs gave it (measured there: 20.1 % test WER).
     "bench": {
         "data": {"cmvn": "speaker", "batch_size": 16, "stack": 3,
                  "spec_augment": {"freq_masks": 2, "freq_width": 4, "time_masks": 2, "time_width": 5}},
         "model": {"hidden": 256, "dropout": 0.3},
-        "train": {"epochs": 40, "lr": 0.003, "schedule": "onecycle", "monitor": "wer", "early_stop": 0,
-                  "min_epoch_steps": 50},  # AN4: 53 batches of 16
+        "train": {"epochs": 80, "lr": 0.003, "schedule": "onecycle", "monitor": "wer", "early_stop": 0,
+                  "min_epoch_steps": 25},
     },
     # For a GPU and the real WSJ corpus (si284 / dev93 / eval92 as Kaldi data directories of
     # 80-dim fbank, `--data-dir`); not run here. The paper's abstract gives no sizes: these are

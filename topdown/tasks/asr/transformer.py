@@ -74,7 +74,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # demo: baseline and two cascade stages (classifier = output; = layer3, layer4, output).
     "demo": {"train": {"epochs": 12}, "cascade": {"splits": [5, 3]}},
     # bench: chosen on validation (bench/RESULTS.md): Conformer layers (depthwise kernel 15),
-    # per-speaker CMVN, and asr-rnn's schedule: one-cycle lr over 40 epochs, the epoch with the
+    # per-speaker CMVN, and asr-rnn's kind of schedule: one-cycle lr over 40 epochs, the epoch with the
     # best validation WER kept (no early stopping); cascade stages of 15 epochs, splits 5, 3, 1.
     # Baseline, 2 seeds: 12.2 / 13.1 % test WER greedy (the Transformer layers: 65-70 %).
     "bench": {
