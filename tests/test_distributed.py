@@ -153,17 +153,6 @@ def test_more_jobs_than_cpus_is_warned_about(capfd, monkeypatch):
     assert "--jobs 2 is more than the 1 usable CPUs: the workers take turns" in capfd.readouterr().err
 
 
-def _ignores_ctrl_c(task, i):
-    return signal.getsignal(signal.SIGINT) == signal.SIG_IGN
-
-
-def test_workers_leave_ctrl_c_to_the_main_process():
-    """Only the main process acts on Ctrl-C (it ends the workers): a worker that also raised
-    KeyboardInterrupt could be ended while sending it back, and the command hung (seen once in CI)."""
-    assert in_parallel(_ignores_ctrl_c, [(0,), (1,)], toy_task(), 2, toy_task) == [True, True]
-    assert signal.getsignal(signal.SIGINT) != signal.SIG_IGN  # the main process still stops on Ctrl-C
-
-
 def test_ctrl_c_stops_a_parallel_comparison_at_once_and_says_how_to_continue(tmp_path):
     """Ctrl-C reaches the whole process group; the runs in progress stop at once (each resumes
     from its last saved epoch) instead of the command waiting for them to finish."""

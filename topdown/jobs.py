@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -27,10 +26,6 @@ _worker_task: Task | None = None
 
 def _start_worker(task_factory: Callable[[], Task], threads: int) -> None:
     global _worker_task
-    # Ctrl-C reaches the whole process group; the main process alone acts on it and ends the
-    # workers. A worker that caught it too would send its KeyboardInterrupt back as a result and
-    # could be ended half-way through sending it, which leaves the pool waiting for the rest.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     with muted():  # the main process built the same task and said what there was to say
         _worker_task = task_factory()
