@@ -153,13 +153,19 @@ def test_more_jobs_than_cpus_is_warned_about(capfd, monkeypatch):
     assert "--jobs 2 is more than the 1 usable CPUs: the workers take turns" in capfd.readouterr().err
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """A command started in the background of a script inherits SIGINT ignored (so did this test
+    under such a CI run); the command under test must get it as a terminal's Ctrl-C would."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_a_parallel_comparison_at_once_and_says_how_to_continue(tmp_path):
     """Ctrl-C reaches the whole process group; the runs in progress stop at once (each resumes
     from its last saved epoch) instead of the command waiting for them to finish."""
     env = {**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "topdown.cli", "compare", "digits", "--preset", "tiny", "--seeds", "2", "--jobs", "2",
                              "--set", "train.epochs=100000", "--set", "train.early_stop=0", "--out", str(tmp_path / "cmp")], env=env, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=_ctrl_c_as_in_a_terminal)
     for line in proc.stderr:  # wait until both workers train
         if "epoch 2/" in line:
             break
