@@ -16,14 +16,15 @@
 #                                                  from $OUT back under bench/results/TASK-compare-bench/
 #
 # OUT defaults to ~/bench-compare/TASK, outside the repository (`topdown report OUT` shows where each
-# run stands); PRESET to bench. Each process runs one thread.
+# run stands); PRESET to bench. Each process runs one thread unless OMP_NUM_THREADS says otherwise
+# (two, for a run alone on the machine: a cascade or equal-epochs run that fits a session only so).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 mode=${1:?usage: compare_bench.sh run TASK SEEDS [JOBS [--set K=V ...]] | extra TASK SEED J | collect TASK}
 task=${2:?which task?}
 out=${OUT:-$HOME/bench-compare/$task}
 results=$here/results/$task-compare-bench
-export OMP_NUM_THREADS=1
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 source "$here/summaries.sh"
 
