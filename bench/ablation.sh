@@ -11,7 +11,8 @@
 #
 # OUT defaults to ~/bench-ablation/TASK (`topdown report OUT` shows where each variant stands); a
 # variant trained with SEED=S > 0 lives in OUT/VARIANT-seedS.
-# Each process runs one thread.
+# Each process runs one thread unless OMP_NUM_THREADS says otherwise (two, for a run alone on the
+# machine, as compare_bench.sh).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 mode=${1:?usage: ablation.sh run|collect|list TASK [VARIANT ...]}
@@ -20,7 +21,7 @@ shift 2
 out=${OUT:-$HOME/bench-ablation/$task}
 results=$here/results/$task-ablation
 seed=${SEED:-0}
-export OMP_NUM_THREADS=1
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 # name, then the overrides that undo one choice of the bench preset (topdown/tasks/.../PRESETS)
 variants() {
