@@ -88,7 +88,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo": {"data": {"bptt": 35}, "model": LIGHT_DROPOUT},
     # bench: NT-ASGD's optimizer for 40 epochs under a cosine schedule to lr 0, the best validation epoch kept: a schedule that
     # ends, so the baseline has converged within its budget and the equal-epochs control is the same recipe
-    # over a longer schedule (160 epochs of it reached 145.7 against 159-164: not converged beyond 40).
+    # over a longer schedule (160 epochs of it reached 142-146 against 159-164: not converged beyond 40).
     # NT-ASGD at a constant lr 30 (early stop 5) was 2.4 validation ppl better at epoch 40 but still improving
     # (seed 0: 158.5 against 160.9; bench/RESULTS.md, 2026-11-30 sixth session)
     "bench": {"data": {"bptt": 35}, "model": LIGHT_DROPOUT, "train": {"epochs": 40, "early_stop": 0, "nonmono": 5, "schedule": "cosine"}},
