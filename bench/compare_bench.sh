@@ -13,17 +13,20 @@
 #                                                  machine that lives shorter than a cascade: every whole
 #                                                  run it finishes is collected, and `run` reuses it
 #   bench/compare_bench.sh collect TASK            copy every finished run's summary (and compare.*)
-#                                                  from $OUT back under bench/results/TASK-compare-bench/
+#                                                  from $OUT back under bench/results/NAME-compare-bench/
 #
-# OUT defaults to ~/bench-compare/TASK, outside the repository (`topdown report OUT` shows where each
-# run stands); PRESET to bench. Each process runs one thread unless OMP_NUM_THREADS says otherwise
+# NAME names the comparison, TASK unless set (a second comparison of one task, e.g. the same task's recipe
+# of another length, needs its own: NAME=asr-rnn-e80); OUT defaults to ~/bench-compare/NAME, outside the
+# repository (`topdown report OUT` shows where each run stands), the committed results are
+# bench/results/NAME-compare-bench/; PRESET defaults to bench. Each process runs one thread unless OMP_NUM_THREADS says otherwise
 # (two, for a run alone on the machine: a cascade or equal-epochs run that fits a session only so).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 mode=${1:?usage: compare_bench.sh run TASK SEEDS [JOBS [--set K=V ...]] | extra TASK SEED J | collect TASK}
 task=${2:?which task?}
-out=${OUT:-$HOME/bench-compare/$task}
-results=$here/results/$task-compare-bench
+name=${NAME:-$task}
+out=${OUT:-$HOME/bench-compare/$name}
+results=$here/results/$name-compare-bench
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 source "$here/summaries.sh"
