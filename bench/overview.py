@@ -58,7 +58,9 @@ def panel(ax, record: dict) -> None:
     unit = " (points)" if is_rate(record["metric"]) else ""
     flipped = "" if record["lower_is_better"] else ", sign flipped"
     ax.set_ylabel(f"cascade - control, test {record['metric']}{unit}{flipped}")
-    ax.set_title(f"{record['task']} ({record['preset']}), {record['seeds']} seeds", fontsize=10)
+    # the recipe's epochs in the title: a preset's length can change after a comparison was made on it
+    epochs = record["config"]["train"]["epochs"]
+    ax.set_title(f"{record['task']} ({record['preset']}, {epochs} epochs), {record['seeds']} seeds", fontsize=10)
 
 
 def main() -> None:
