@@ -15,11 +15,12 @@
 #   bench/compare_bench.sh collect TASK            copy every finished run's summary (and compare.*)
 #                                                  from $OUT back under bench/results/NAME-compare-bench/
 #
-# NAME names the comparison, TASK unless set (a second comparison of one task, e.g. the same task's recipe
-# of another length, needs its own: NAME=asr-rnn-e80); OUT defaults to ~/bench-compare/NAME, outside the
-# repository (`topdown report OUT` shows where each run stands), the committed results are
-# bench/results/NAME-compare-bench/; PRESET defaults to bench. Each process runs one thread unless OMP_NUM_THREADS says otherwise
-# (two, for a run alone on the machine: a cascade or equal-epochs run that fits a session only so).
+# NAME names the comparison, TASK unless set (a second comparison of one task, e.g. the same task's
+# recipe of another length, needs its own: NAME=asr-rnn-e80). OUT defaults to ~/bench-compare/NAME,
+# outside the repository (`topdown report OUT` shows where each run stands); the committed results are
+# bench/results/NAME-compare-bench/; PRESET defaults to bench. Each process runs one thread unless
+# OMP_NUM_THREADS says otherwise (two, for a run alone on the machine: a cascade or equal-epochs run
+# that fits a session only so).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 mode=${1:?usage: compare_bench.sh run TASK SEEDS [JOBS [--set K=V ...]] | extra TASK SEED J | collect TASK}
