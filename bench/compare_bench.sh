@@ -12,6 +12,11 @@
 #                                                  as `compare` would (its name, seed and recipe), for a
 #                                                  machine that lives shorter than a cascade: every whole
 #                                                  run it finishes is collected, and `run` reuses it
+#   bench/compare_bench.sh equal TASK SEED [--set K=V ...]
+#                                                  train only seed SEED's equal-epochs baseline, as `compare`
+#                                                  would, once that seed's cascade has finished (its epochs
+#                                                  are the budget): a second process's work while `run`
+#                                                  trains the other seeds' cascades, reused by `run`
 #   bench/compare_bench.sh collect TASK            copy every finished run's summary (and compare.*)
 #                                                  from $OUT back under bench/results/NAME-compare-bench/
 #
@@ -23,7 +28,7 @@
 # that fits a session only so).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-mode=${1:?usage: compare_bench.sh run TASK SEEDS [JOBS [--set K=V ...]] | extra TASK SEED J | collect TASK}
+mode=${1:?usage: compare_bench.sh run TASK SEEDS [JOBS [--set K=V ...]] | extra TASK SEED J | equal TASK SEED | collect TASK}
 task=${2:?which task?}
 name=${NAME:-$task}
 out=${OUT:-$HOME/bench-compare/$name}
@@ -53,15 +58,40 @@ case $mode in
   extra)
     seed=${3:?which comparison seed?}; j=${4:?which extra baseline (1, 2, ...)?}
     shift $(( $# < 4 ? $# : 4 ))
-    read -r run run_seed < <(python -c "from topdown.compare import extra_run, extra_seed
+    line=$(python -c "from topdown.compare import extra_run, extra_seed
 print(extra_run($seed, $j), extra_seed($seed, $j))")
+    read -r run run_seed <<< "$line"
     restore_finished
     finished "$out/runs/$run/summary.json" && { echo "$run: finished"; exit 0; }
     resume=(); [ -f "$out/runs/$run/summary.json" ] && resume=(--resume)
     cd "$HOME" && exec topdown baseline "$task" --preset "${PRESET:-bench}" --seed "$run_seed" --out "$out/runs/$run" "${resume[@]}" "$@" ;;
+  equal)
+    seed=${3:?which comparison seed?}
+    shift $(( $# < 3 ? $# : 3 ))
+    restore_finished
+    cascade=$out/runs/cascade-seed$seed/summary.json
+    finished "$cascade" || { echo "compare_bench.sh: $cascade is not a finished cascade; the equal-epochs baseline needs its epochs" >&2; exit 2; }
+    # the --set flags that turn the preset's recipe into compare's equal-epochs one (equal_epochs_config)
+    # (after the caller's own, which they override where both set a key, as in compare)
+    line=$(python -c "import json, sys
+from topdown.compare import equal_epochs_config, equal_run
+from topdown.config import parse_overrides
+from topdown.tasks import resolve_config
+stages = json.load(open('$cascade'))['stages']
+given = [v for flag, v in zip(sys.argv[1:], sys.argv[2:]) if flag == '--set']
+base = resolve_config('$task', '${PRESET:-bench}', parse_overrides(given))
+equal = equal_epochs_config(base, sum(st['epochs'] for st in stages)).as_dict()
+sets = [f'--set {part}.{k}={v}' for part, d in equal.items() if isinstance(d, dict)
+        for k, v in d.items() if base.as_dict()[part].get(k) != v]
+print(equal_run($seed), ' '.join(sets))" "$@")
+    read -r run budget_sets <<< "$line"
+    finished "$out/runs/$run/summary.json" && { echo "$run: finished"; exit 0; }
+    resume=(); [ -f "$out/runs/$run/summary.json" ] && resume=(--resume)
+    # shellcheck disable=SC2086  # budget_sets is a list of --set K=V words
+    cd "$HOME" && exec topdown baseline "$task" --preset "${PRESET:-bench}" --seed "$seed" --out "$out/runs/$run" "${resume[@]}" "$@" $budget_sets ;;
   collect)
     copy_finished "$out/runs" "$results/runs"
     for f in compare.json compare.md compare.png; do [ -f "$out/$f" ] && cp "$out/$f" "$results/"; done
     echo "collected into $results: $(ls "$results/runs" 2>/dev/null | wc -l) finished runs" ;;
-  *) echo "compare_bench.sh: unknown mode '$mode' (run, extra or collect)" >&2; exit 2 ;;
+  *) echo "compare_bench.sh: unknown mode '$mode' (run, extra, equal or collect)" >&2; exit 2 ;;
 esac
