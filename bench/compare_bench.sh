@@ -76,10 +76,14 @@ print(extra_run($seed, $j), extra_seed($seed, $j))")
     line=$(python -c "import json, sys
 from topdown.compare import equal_epochs_config, equal_run
 from topdown.config import parse_overrides
+from topdown.errors import ConfigError
 from topdown.tasks import resolve_config
 stages = json.load(open('$cascade'))['stages']
 given = [v for flag, v in zip(sys.argv[1:], sys.argv[2:]) if flag == '--set']
-base = resolve_config('$task', '${PRESET:-bench}', parse_overrides(given))
+try:
+    base = resolve_config('$task', '${PRESET:-bench}', parse_overrides(given))
+except ConfigError as e:
+    sys.exit(f'compare_bench.sh: {e}')
 equal = equal_epochs_config(base, sum(st['epochs'] for st in stages)).as_dict()
 sets = [f'--set {part}.{k}={v}' for part, d in equal.items() if isinstance(d, dict)
         for k, v in d.items() if base.as_dict()[part].get(k) != v]
