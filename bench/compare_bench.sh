@@ -68,13 +68,17 @@ print(extra_run($seed, $j), extra_seed($seed, $j))")
   equal)
     seed=${3:?which comparison seed?}
     shift $(( $# < 3 ? $# : 3 ))
+    line=$(python -c "from topdown.compare import cascade_run, equal_run
+print(cascade_run($seed), equal_run($seed))")
+    read -r cascade_name run <<< "$line"
     restore_finished
-    cascade=$out/runs/cascade-seed$seed/summary.json
+    cascade=$out/runs/$cascade_name/summary.json
     finished "$cascade" || { echo "compare_bench.sh: $cascade is not a finished cascade; the equal-epochs baseline needs its epochs" >&2; exit 2; }
+    finished "$out/runs/$run/summary.json" && { echo "$run: finished"; exit 0; }
     # the --set flags that turn the preset's recipe into compare's equal-epochs one (equal_epochs_config)
     # (after the caller's own, which they override where both set a key, as in compare)
-    line=$(python -c "import json, sys
-from topdown.compare import equal_epochs_config, equal_run
+    budget_sets=$(python -c "import json, sys
+from topdown.compare import equal_epochs_config
 from topdown.config import parse_overrides
 from topdown.errors import ConfigError
 from topdown.tasks import resolve_config
@@ -84,12 +88,10 @@ try:
     base = resolve_config('$task', '${PRESET:-bench}', parse_overrides(given))
 except ConfigError as e:
     sys.exit(f'compare_bench.sh: {e}')
+recipe = base.as_dict()
 equal = equal_epochs_config(base, sum(st['epochs'] for st in stages)).as_dict()
-sets = [f'--set {part}.{k}={v}' for part, d in equal.items() if isinstance(d, dict)
-        for k, v in d.items() if base.as_dict()[part].get(k) != v]
-print(equal_run($seed), ' '.join(sets))" "$@")
-    read -r run budget_sets <<< "$line"
-    finished "$out/runs/$run/summary.json" && { echo "$run: finished"; exit 0; }
+print(' '.join(f'--set {part}.{k}={v}' for part, d in equal.items() if isinstance(d, dict)
+               for k, v in d.items() if recipe[part].get(k) != v))" "$@")
     resume=(); [ -f "$out/runs/$run/summary.json" ] && resume=(--resume)
     # shellcheck disable=SC2086  # budget_sets is a list of --set K=V words
     cd "$HOME" && exec topdown baseline "$task" --preset "${PRESET:-bench}" --seed "$seed" --out "$out/runs/$run" "${resume[@]}" "$@" $budget_sets ;;
