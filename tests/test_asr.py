@@ -377,6 +377,24 @@ def test_conformer_layers_ignore_padding_frames():
         resolve_config("asr-transformer", "tiny", {"model": {"conv_kernel": 4}})
 
 
+def test_blstm_layer_is_the_packed_bidirectional_lstm():
+    """Each direction on padded input (the fast CPU kernel) computes what torch's bidirectional
+    LSTM computes on the packed sequences, outputs and gradients, with zeros on padding frames."""
+    torch.manual_seed(0)
+    layer = rnn.BLSTMLayer(inputs=5, hidden=4, dropout=0.0)
+    feats, lengths = torch.randn(3, 9, 5, requires_grad=True), torch.tensor([6, 9, 2])
+    out, out_lengths = layer(feats, lengths)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(feats, lengths, batch_first=True, enforce_sorted=False)
+    reference = torch.nn.utils.rnn.pad_packed_sequence(layer.lstm(packed)[0], batch_first=True, total_length=9)[0]
+    assert out_lengths is lengths and torch.allclose(out, reference, atol=1e-6)
+    assert out[0, 6:].abs().sum() == 0 and out[2, 2:].abs().sum() == 0
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum(), [feats, *layer.parameters()])
+    expected = torch.autograd.grad((reference * weights).sum(), [feats, *layer.parameters()])
+    assert all(torch.allclose(g, e, atol=1e-5) for g, e in zip(grads, expected))
+    assert grads[0][2, 2:].abs().sum() == 0  # padding frames reach nothing
+
+
 def test_pyramidal_blstm_halves_the_frame_rate_and_ignores_padding():
     """model.subsample=[2]: above lstm1 each pair of frames is one (an odd length rounds up), the
     layers above see twice the width, and what a padded utterance's frames hold changes nothing."""

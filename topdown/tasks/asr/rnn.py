@@ -86,7 +86,14 @@ def reduced(frames, factor: int):
 
 class BLSTMLayer(nn.Module):
     """One bidirectional LSTM layer over padded sequences, followed by dropout and, with
-    ``subsample`` > 1, the concatenation of that many adjacent output frames."""
+    ``subsample`` > 1, the concatenation of that many adjacent output frames.
+
+    Each direction runs on padded input instead of a packed sequence: on a CPU a packed sequence
+    takes PyTorch's step-by-step kernel, whose backward pass made a ``bench`` epoch about 3x slower
+    than the fused (oneDNN) kernel that padded input gets (bench/RESULTS.md). The forward direction
+    reads each sequence as it is (its padding comes after its frames, so cannot reach them); the
+    backward direction reads each sequence reversed within its own length, and its outputs are
+    mirrored back. That is the packed layer's function exactly, with its parameters and their names."""
 
     def __init__(self, inputs: int, hidden: int, dropout: float, subsample: int = 1):
         super().__init__()
@@ -94,13 +101,26 @@ class BLSTMLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.subsample = subsample
 
+    def _direction(self, x: torch.Tensor, suffix: str) -> torch.Tensor:
+        """One direction's outputs (batch, time, hidden) for padded ``x``, from zero state."""
+        weights = [getattr(self.lstm, f"{name}_l0{suffix}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        zeros = x.new_zeros(1, x.shape[0], self.lstm.hidden_size)
+        out, _, _ = torch.lstm(x, (zeros, zeros), weights, True, 1, 0.0, self.training, False, True)
+        return out
+
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        steps = torch.arange(x.shape[1], device=x.device)
+        ends = lengths.to(x.device)[:, None]
+        valid = steps < ends
+        # frame t of a sequence of length n is frame n-1-t of its reversal; padding frames stay put
+        mirror = torch.where(valid, ends - 1 - steps, steps)[:, :, None]
         # cuDNN cannot backpropagate through an RNN in eval mode, which is what a frozen
         # layer below a trained one needs; its native kernel can.
         with torch.backends.cudnn.flags(enabled=self.training or not torch.is_grad_enabled()):
-            out, _ = self.lstm(packed)
-        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+            forward = self._direction(x, "")
+            backward = self._direction(x.gather(1, mirror.expand_as(x)), "_reverse")
+        backward = backward.gather(1, mirror.expand_as(backward))
+        out = torch.cat([forward, backward], dim=2) * valid[:, :, None]
         out = self.dropout(out)
         n = self.subsample
         if n == 1:
