@@ -89,8 +89,8 @@ class BLSTMLayer(nn.Module):
     ``subsample`` > 1, the concatenation of that many adjacent output frames.
 
     Each direction runs on padded input instead of a packed sequence: on a CPU a packed sequence
-    takes PyTorch's step-by-step kernel, whose backward pass made a ``bench`` epoch about 3x slower
-    than the fused (oneDNN) kernel that padded input gets (bench/RESULTS.md). The forward direction
+    takes PyTorch's step-by-step kernel, with which a ``bench`` training step took about twice as
+    long as with the fused (oneDNN) kernel that padded input gets (bench/blstm_speed.py). The forward direction
     reads each sequence as it is (its padding comes after its frames, so cannot reach them); the
     backward direction reads each sequence reversed within its own length, and its outputs are
     mirrored back. That is the packed layer's function exactly, with its parameters and their names."""
