@@ -377,11 +377,13 @@ def test_conformer_layers_ignore_padding_frames():
         resolve_config("asr-transformer", "tiny", {"model": {"conv_kernel": 4}})
 
 
-def test_blstm_layer_is_the_packed_bidirectional_lstm():
+@pytest.mark.parametrize("training", [True, False])
+def test_blstm_layer_is_the_packed_bidirectional_lstm(training):
     """Each direction on padded input (the fast CPU kernel) computes what torch's bidirectional
-    LSTM computes on the packed sequences, outputs and gradients, with zeros on padding frames."""
+    LSTM computes on the packed sequences, outputs and gradients, with zeros on padding frames;
+    in eval mode too, as a frozen layer above a trained one runs in a cascade stage."""
     torch.manual_seed(0)
-    layer = rnn.BLSTMLayer(inputs=5, hidden=4, dropout=0.0)
+    layer = rnn.BLSTMLayer(inputs=5, hidden=4, dropout=0.0).train(training)
     feats, lengths = torch.randn(3, 9, 5, requires_grad=True), torch.tensor([6, 9, 2])
     out, out_lengths = layer(feats, lengths)
     packed = torch.nn.utils.rnn.pack_padded_sequence(feats, lengths, batch_first=True, enforce_sorted=False)
