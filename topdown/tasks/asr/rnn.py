@@ -90,10 +90,11 @@ class BLSTMLayer(nn.Module):
 
     Each direction runs on padded input instead of a packed sequence: on a CPU a packed sequence
     takes PyTorch's step-by-step kernel, with which a ``bench`` training step took about twice as
-    long as with the fused (oneDNN) kernel that padded input gets (bench/blstm_speed.py). The forward direction
-    reads each sequence as it is (its padding comes after its frames, so cannot reach them); the
-    backward direction reads each sequence reversed within its own length, and its outputs are
-    mirrored back. That is the packed layer's function exactly, with its parameters and their names."""
+    long as with the fused (oneDNN) kernel that padded input gets (bench/blstm_speed.py). The
+    forward direction reads each sequence as it is (its padding comes after its frames, so cannot
+    reach them); the backward direction reads each sequence reversed within its own length, and its
+    outputs are mirrored back. That is the packed layer's function exactly, with its parameters and
+    their names."""
 
     def __init__(self, inputs: int, hidden: int, dropout: float, subsample: int = 1):
         super().__init__()
@@ -115,7 +116,7 @@ class BLSTMLayer(nn.Module):
         # frame t of a sequence of length n is frame n-1-t of its reversal; padding frames stay put
         mirror = torch.where(valid, ends - 1 - steps, steps)[:, :, None]
         # cuDNN cannot backpropagate through an RNN in eval mode, which is what a frozen
-        # layer below a trained one needs; its native kernel can.
+        # layer above a trained one needs; its native kernel can.
         with torch.backends.cudnn.flags(enabled=self.training or not torch.is_grad_enabled()):
             forward = self._direction(x, "")
             backward = self._direction(x.gather(1, mirror.expand_as(x)), "_reverse")

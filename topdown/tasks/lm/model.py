@@ -95,7 +95,7 @@ class LSTMLayer(nn.Module):
             zeros = x.new_zeros(1, x.shape[1], self.hidden)
             state = (zeros, zeros)
         weights = (self.weight_ih, self.weight_hh(), self.bias_ih, self.bias_hh)
-        # cuDNN cannot backpropagate in eval mode (a frozen layer below a trained one); the native kernel can
+        # cuDNN cannot backpropagate in eval mode (a frozen layer above a trained one); the native kernel can
         with torch.backends.cudnn.flags(enabled=self.training or not torch.is_grad_enabled()):
             out, h, c = torch.lstm(x, state, weights, True, 1, 0.0, self.training, False, False)
         return out, (h, c), self.lockdrop(out)
