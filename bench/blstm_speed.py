@@ -7,9 +7,9 @@ Usage:
 
 The model is the `bench` preset's (3 layers of 256 cells per direction over 117 inputs: 13
 cepstra with deltas, 3 frames stacked), on the first batches of AN4's training set that the
-training loop would draw (16 utterances each, length-sorted within shuffled pools). Both sides share the weights and the batches, and
-alternate step by step, so the machine's load falls on both alike. Prints milliseconds per step
-and the ratio, and checks that both compute the same outputs.
+training loop would draw (16 utterances each, length-sorted within shuffled pools). Both sides
+share the weights and the batches, and alternate step by step, so the machine's load falls on both
+alike. Prints milliseconds per step and the ratio, and checks that both compute the same outputs.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def main() -> None:
         ours, reference = model(feats, lengths)[0], packed_forward(model, feats, lengths)
     valid = (torch.arange(feats.shape[1]) < lengths[:, None])[:, :, None]
     print(f"largest output difference on real frames: {((ours - reference) * valid).abs().max().item():.1e}")
-    sides = {"padded, per direction (ours)": lambda f, n: model(f, n)[0], "packed, bidirectional (before)": lambda f, n: packed_forward(model, f, n)}
+    sides = {"padded, per direction (ours)": lambda f, n: model(f, n)[0],
+             "packed, bidirectional (before)": lambda f, n: packed_forward(model, f, n)}
     times: dict[str, list[float]] = {name: [] for name in sides}
     for i, (feats, lengths) in enumerate(batches):
         for name, forward in sides.items():
