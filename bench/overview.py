@@ -22,7 +22,8 @@ from topdown.compare import ARMS, FORGETTING
 from topdown.metrics import display_scale, is_rate
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# the comparisons made with the current protocol, from each task's strongest recipe (README's table)
+# the comparisons made with the current protocol, from each task's strongest recipe, and asr-rnn's
+# earlier 40-epoch one beside its 80-epoch one (README's table)
 CURRENT = ("digits-compare-demo-full-budget", "image-compare-bench-full-budget", "asr-rnn-compare-bench",
            "asr-rnn-e80-compare-bench", "asr-transformer-compare-bench", "lm-awd-compare-bench")
 CONTROLS = [arm for arm in ARMS if arm != "cascade"] + [FORGETTING]
