@@ -37,7 +37,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--data-dir")
-    parser.add_argument("--stage", type=int, help="decode this stage's model (default: the chosen one, of a finished run)")
+    parser.add_argument(
+        "--stage", type=int, help="decode this stage's model (default: the chosen one, of a finished run)"
+    )
     parser.add_argument("--order", type=int, default=3)
     parser.add_argument("--beam", type=int, default=16)
     parser.add_argument("--weights", type=float, nargs="+", default=[0.25, 0.5, 1.0, 1.5])
@@ -49,7 +51,9 @@ def main() -> None:
     run = RunDir(args.run)
     summary = run.read_summary()
     if summary is None or (args.stage is None and summary.get("status") != "complete"):
-        sys.exit(f"asr_lm_decode: {args.run} holds no finished run (--stage N decodes one stage of a run in progress)")
+        sys.exit(
+            f"asr_lm_decode: {args.run} holds no finished run (--stage N decodes one stage of a run in progress)"
+        )
     stage = summary["chosen_stage"] if args.stage is None else args.stage
     config = {k: v for k, v in summary["config"].items() if k not in ("train", "cascade", "procedure")}
     module = task_module(summary["task"])
@@ -66,8 +70,15 @@ def main() -> None:
         for split in ("val", "test"):
             examples, outputs[split], _ = common.forward_split(model, data[split], batch_size)
             refs = [e.text for e in examples]
-            fixed[split] = refs, {**common.error_rates(common.transcribe(outputs[split], vocab), refs),
-                                  **common.error_rates(common.transcribe(outputs[split], vocab, args.beam, prune), refs, "_beam")}
+            fixed[split] = (
+                refs,
+                {
+                    **common.error_rates(common.transcribe(outputs[split], vocab), refs),
+                    **common.error_rates(
+                        common.transcribe(outputs[split], vocab, args.beam, prune), refs, "_beam"
+                    ),
+                },
+            )
 
     def evaluate(split: str, weight: float, bonus: float, oov_penalty: float) -> dict[str, float]:
         refs, metrics = fixed[split]
@@ -78,17 +89,40 @@ def main() -> None:
     grid = []
     for weight, bonus, penalty in itertools.product(args.weights, args.bonuses, args.oov_penalties):
         val = evaluate("val", weight, bonus, penalty)
-        grid.append({"weight": weight, "bonus": bonus, "oov_penalty": penalty, **{k: round(v, 4) for k, v in val.items()}})
-        print(f"val  weight {weight:<5g} bonus {bonus:<4g} oov penalty {penalty:<4g}  wer {val['wer']:.2%}  beam {val['wer_beam']:.2%}  "
-              f"beam+LM {val['wer_lm']:.2%}", flush=True)
+        grid.append(
+            {
+                "weight": weight,
+                "bonus": bonus,
+                "oov_penalty": penalty,
+                **{k: round(v, 4) for k, v in val.items()},
+            }
+        )
+        print(
+            f"val  weight {weight:<5g} bonus {bonus:<4g} oov penalty {penalty:<4g}  wer {val['wer']:.2%}  beam {val['wer_beam']:.2%}  "
+            f"beam+LM {val['wer_lm']:.2%}",
+            flush=True,
+        )
     best = min(grid, key=lambda g: (g["wer_lm"], g["weight"], g["oov_penalty"]))
     test = evaluate("test", best["weight"], best["bonus"], best["oov_penalty"])
-    print(f"test weight {best['weight']:g} bonus {best['bonus']:g} oov penalty {best['oov_penalty']:g} (chosen on validation): greedy wer {test['wer']:.2%}, "
-          f"beam {test['wer_beam']:.2%}, beam+LM {test['wer_lm']:.2%} (cer {test['cer']:.2%} / {test['cer_beam']:.2%} / {test['cer_lm']:.2%})")
+    print(
+        f"test weight {best['weight']:g} bonus {best['bonus']:g} oov penalty {best['oov_penalty']:g} (chosen on validation): greedy wer {test['wer']:.2%}, "
+        f"beam {test['wer_beam']:.2%}, beam+LM {test['wer_lm']:.2%} (cer {test['cer']:.2%} / {test['cer_beam']:.2%} / {test['cer_lm']:.2%})"
+    )
     if args.out:
-        args.out.write_text(json.dumps({"run": str(args.run), "stage": stage, "order": args.order, "beam": args.beam, "grid": grid,
-                                        "chosen": {k: best[k] for k in ("weight", "bonus", "oov_penalty")},
-                                        "test": {k: round(v, 4) for k, v in test.items()}}, indent=1))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "run": str(args.run),
+                    "stage": stage,
+                    "order": args.order,
+                    "beam": args.beam,
+                    "grid": grid,
+                    "chosen": {k: best[k] for k in ("weight", "bonus", "oov_penalty")},
+                    "test": {k: round(v, 4) for k, v in test.items()},
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from topdown.tasks.asr import an4, common, kaldi  # noqa: E402
 from topdown.tasks import resolve_config  # noqa: E402
+from topdown.tasks.asr import an4, common, kaldi  # noqa: E402
 
 
 def timed(fn, repeat: int = 1):
@@ -68,7 +68,14 @@ def main() -> None:
 
     cfg = resolve_config("asr-rnn", "demo", {})
     (_, info, _), t = timed(lambda: common.prepare(cfg.task["data"], None))
-    rows.append(("AN4 bundle + deltas + CMVN + stacking (common.prepare)", sum(info["utterances"].values()), t, audio_s))
+    rows.append(
+        (
+            "AN4 bundle + deltas + CMVN + stacking (common.prepare)",
+            sum(info["utterances"].values()),
+            t,
+            audio_s,
+        )
+    )
 
     # A Kaldi directory of audio with AN4's utterance durations.
     work = Path(args.work)
@@ -91,7 +98,14 @@ def main() -> None:
     fbank_cfg = dict(kaldi.Fbank.defaults())
     (utts, facts), t = timed(lambda: kaldi.load_dir(d, fbank_cfg))
     wav_audio_s = sum(durations)
-    rows.append((f"Kaldi wav.scp -> 80-dim fbank (soundfile + kaldi-native-fbank), {rate} Hz", len(utts), t, wav_audio_s))
+    rows.append(
+        (
+            f"Kaldi wav.scp -> 80-dim fbank (soundfile + kaldi-native-fbank), {rate} Hz",
+            len(utts),
+            t,
+            wav_audio_s,
+        )
+    )
 
     # The same features as a Kaldi archive, read back with kaldiio.
     f = work / "feats"
@@ -101,13 +115,18 @@ def main() -> None:
     (utts2, _), t = timed(lambda: kaldi.load_dir(f, fbank_cfg), repeat=3)
     rows.append(("Kaldi feats.scp/ark (kaldiio), 80-dim fbank", len(utts2), t, wav_audio_s))
 
-    print(f"# ASR loading throughput ({platform.processor() or platform.machine()}, 1 thread, torch {torch.__version__})\n")
+    print(
+        f"# ASR loading throughput ({platform.processor() or platform.machine()}, 1 thread, torch {torch.__version__})\n"
+    )
     print("| source | utterances | seconds | utterances/s | audio seconds per second |")
     print("|---|---|---|---|---|")
     for name, count, seconds, audio in rows:
         print(f"| {name} | {count} | {seconds:.2f} | {count / seconds:,.0f} | {audio / seconds:,.0f} |")
-    json.dump([dict(zip(("source", "utterances", "seconds", "audio_seconds"), r)) for r in rows],
-              open(work / "results.json", "w"), indent=1)
+    json.dump(
+        [dict(zip(("source", "utterances", "seconds", "audio_seconds"), r)) for r in rows],
+        open(work / "results.json", "w"),
+        indent=1,
+    )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,9 @@ def packed_forward(model: rnn.BLSTMCTC, feats: torch.Tensor, lengths: torch.Tens
     x = feats
     for layer in model.encoder:
         packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-        x = nn.utils.rnn.pad_packed_sequence(layer.lstm(packed)[0], batch_first=True, total_length=x.shape[1])[0]
+        x = nn.utils.rnn.pad_packed_sequence(
+            layer.lstm(packed)[0], batch_first=True, total_length=x.shape[1]
+        )[0]
     return model.output(x)
 
 
@@ -47,16 +49,22 @@ def main() -> None:
     torch.manual_seed(0)
     model = rnn.build_model(cfg).train()
     # the training loop's own batches: length-sorted within shuffled pools, so little padding
-    batches = list(itertools.islice(
-        common.batches(examples, cfg["data"]["batch_size"], torch.Generator().manual_seed(0)), args.reps + 1))
+    batches = list(
+        itertools.islice(
+            common.batches(examples, cfg["data"]["batch_size"], torch.Generator().manual_seed(0)),
+            args.reps + 1,
+        )
+    )
     batches = [(feats, lengths) for feats, lengths, _, _ in batches]
     feats, lengths = batches[0]
     with torch.no_grad():
         ours, reference = model(feats, lengths)[0], packed_forward(model, feats, lengths)
     valid = (torch.arange(feats.shape[1]) < lengths[:, None])[:, :, None]
     print(f"largest output difference on real frames: {((ours - reference) * valid).abs().max().item():.1e}")
-    sides = {"padded, per direction (ours)": lambda f, n: model(f, n)[0],
-             "packed, bidirectional (before)": lambda f, n: packed_forward(model, f, n)}
+    sides = {
+        "padded, per direction (ours)": lambda f, n: model(f, n)[0],
+        "packed, bidirectional (before)": lambda f, n: packed_forward(model, f, n),
+    }
     times: dict[str, list[float]] = {name: [] for name in sides}
     for i, (feats, lengths) in enumerate(batches):
         for name, forward in sides.items():
@@ -69,7 +77,9 @@ def main() -> None:
     for name, ms in medians.items():
         print(f"{name}: {ms:.0f} ms a step (median of {args.reps})")
     before, ours = medians["packed, bidirectional (before)"], medians["padded, per direction (ours)"]
-    print(f"ratio (packed / ours): {before / ours:.2f}x  (threads: {torch.get_num_threads()}, torch {torch.__version__})")
+    print(
+        f"ratio (packed / ours): {before / ours:.2f}x  (threads: {torch.get_num_threads()}, torch {torch.__version__})"
+    )
 
 
 if __name__ == "__main__":

@@ -84,13 +84,17 @@ def measure(name: str, device: torch.device, sync_steps: int, warmup_steps: int 
             counted["examples"] += examples_in(batch)
             yield batch
 
-    _steps(model, task, cfg, opt, params, device, warmup_steps, read_loss=False)  # kernels chosen, memory allocated
+    _steps(
+        model, task, cfg, opt, params, device, warmup_steps, read_loss=False
+    )  # kernels chosen, memory allocated
     task.train_batches = counting
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
     started = time.perf_counter()
-    train_loss = loop._train_epoch(model, task, cfg, opt, params, state, seed=0, subset=1.0, device=device, desc=name)
+    train_loss = loop._train_epoch(
+        model, task, cfg, opt, params, state, seed=0, subset=1.0, device=device, desc=name
+    )
     sync(device)
     seconds = time.perf_counter() - started
     task.train_batches = original
@@ -109,15 +113,23 @@ def measure(name: str, device: torch.device, sync_steps: int, warmup_steps: int 
     sync(device)
     free_ms = 1000 * (time.perf_counter() - started) / max(timed_free, 1)
     return {
-        "task": name, "amp": cfg.amp, "parameters": sum(p.numel() for p in model.parameters()),
-        "steps": counted["steps"], "train_seconds": round(seconds, 2),
+        "task": name,
+        "amp": cfg.amp,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "steps": counted["steps"],
+        "train_seconds": round(seconds, 2),
         "ms_per_step": round(1000 * seconds / counted["steps"], 2),
         "examples_per_second": round(counted["examples"] / seconds, 1),
         "unit": "tokens" if name == "lm-awd" else ("images" if name == "image" else "utterances"),
-        "ms_per_step_item_each_step": round(synced_ms, 2), "ms_per_step_no_item": round(free_ms, 2), "steps_compared": timed,
-        "val_seconds": round(val_seconds, 2), "train_loss": round(train_loss, 4),
+        "ms_per_step_item_each_step": round(synced_ms, 2),
+        "ms_per_step_no_item": round(free_ms, 2),
+        "steps_compared": timed,
+        "val_seconds": round(val_seconds, 2),
+        "train_loss": round(train_loss, 4),
         "val": {k: round(v, 4) for k, v in val.items()},
-        "peak_memory_mib": round(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
+        "peak_memory_mib": round(torch.cuda.max_memory_allocated(device) / 2**20)
+        if device.type == "cuda"
+        else None,
     }
 
 
@@ -129,8 +141,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     device = torch.device(args.device)
-    machine = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    machine = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
     results = []
     for name in args.tasks:
         results.append(measure(name, device, args.sync_steps))

@@ -39,9 +39,27 @@ sys.path.insert(0, str(ROOT))
 
 PLAIN = {
     "data": {"batch_size": 20, "eval_batch_size": 10, "bptt": 35, "variable_bptt": False},
-    "model": {"emsize": 200, "hidden": 200, "layers": 2, "tie": "none", "dropoute": 0.0, "dropouti": 0.2, "dropouth": 0.2, "dropout": 0.2, "wdrop": 0.0},
+    "model": {
+        "emsize": 200,
+        "hidden": 200,
+        "layers": 2,
+        "tie": "none",
+        "dropoute": 0.0,
+        "dropouti": 0.2,
+        "dropouth": 0.2,
+        "dropout": 0.2,
+        "wdrop": 0.0,
+    },
     "loss": {"alpha": 0.0, "beta": 0.0},
-    "train": {"optimizer": "sgd", "lr": 20.0, "momentum": 0.0, "clip": 0.25, "weight_decay": 0.0, "epochs": 1, "early_stop": 0},
+    "train": {
+        "optimizer": "sgd",
+        "lr": 20.0,
+        "momentum": 0.0,
+        "clip": 0.25,
+        "weight_decay": 0.0,
+        "epochs": 1,
+        "early_stop": 0,
+    },
 }
 
 
@@ -52,15 +70,42 @@ def write_data(out: Path) -> None:
     vocab = set(corpus.build_vocab(lines["train"]))
     out.mkdir(parents=True, exist_ok=True)
     for split, name in (("train", "train.txt"), ("val", "valid.txt"), ("test", "test.txt")):
-        text = "".join(" ".join(w if w in vocab else "<unk>" for w in line.split()) + "\n" for line in lines[split])
+        text = "".join(
+            " ".join(w if w in vocab else "<unk>" for w in line.split()) + "\n" for line in lines[split]
+        )
         (out / name).write_text(text)
 
 
 def run_peer(wlm: Path, data: Path) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(wlm / "main.py"), "--data", str(data), "--epochs", "1", "--log-interval", "50",
-           "--save", "/tmp/wlm-bench-model.pt", "--emsize", "200", "--nhid", "200", "--nlayers", "2", "--dropout", "0.2",
-           "--lr", "20", "--clip", "0.25", "--batch_size", "20", "--bptt", "35"]
+    cmd = [
+        sys.executable,
+        str(wlm / "main.py"),
+        "--data",
+        str(data),
+        "--epochs",
+        "1",
+        "--log-interval",
+        "50",
+        "--save",
+        "/tmp/wlm-bench-model.pt",
+        "--emsize",
+        "200",
+        "--nhid",
+        "200",
+        "--nlayers",
+        "2",
+        "--dropout",
+        "0.2",
+        "--lr",
+        "20",
+        "--clip",
+        "0.25",
+        "--batch_size",
+        "20",
+        "--bptt",
+        "35",
+    ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=str(wlm)).stdout
     ms = [float(m) for m in re.findall(r"ms/batch\s+([\d.]+)", out)][1:]
     return 20 * 35 / (statistics.mean(ms) / 1000)
@@ -130,7 +175,9 @@ def run_frozen(fraction: float = 0.3) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--wlm", type=Path, help="directory with word_language_model's main.py, data.py, model.py")
+    ap.add_argument(
+        "--wlm", type=Path, help="directory with word_language_model's main.py, data.py, model.py"
+    )
     ap.add_argument("--data", type=Path, default=Path("/tmp/lm-throughput-data"))
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--only", choices=["peer", "ours", "frozen"], help=argparse.SUPPRESS)
@@ -149,8 +196,14 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
     def child(which: str):
-        cmd = [sys.executable, __file__, "--only", which, "--data", str(args.data)] + (["--wlm", str(args.wlm)] if args.wlm else [])
-        return json.loads(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+        cmd = [sys.executable, __file__, "--only", which, "--data", str(args.data)] + (
+            ["--wlm", str(args.wlm)] if args.wlm else []
+        )
+        return json.loads(
+            subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+            .stdout.strip()
+            .splitlines()[-1]
+        )
 
     results = {"peer": [], "ours": []}
     if args.wlm:

@@ -24,8 +24,14 @@ from topdown.metrics import display_scale, is_rate
 RESULTS = Path(__file__).resolve().parent / "results"
 # the comparisons made with the current protocol, from each task's strongest recipe, and asr-rnn's
 # earlier 40-epoch one beside its 80-epoch one (README's table)
-CURRENT = ("digits-compare-demo-full-budget", "image-compare-bench-full-budget", "asr-rnn-compare-bench",
-           "asr-rnn-e80-compare-bench", "asr-transformer-compare-bench", "lm-awd-compare-bench")
+CURRENT = (
+    "digits-compare-demo-full-budget",
+    "image-compare-bench-full-budget",
+    "asr-rnn-compare-bench",
+    "asr-rnn-e80-compare-bench",
+    "asr-transformer-compare-bench",
+    "lm-awd-compare-bench",
+)
 CONTROLS = [arm for arm in ARMS if arm != "cascade"] + [FORGETTING]
 
 
@@ -51,7 +57,9 @@ def panel(ax, record: dict) -> None:
         ax.scatter([i - 0.12] * len(per_seed), per_seed, s=12, alpha=0.6, color=f"C{i}", zorder=3)
         mean = sum(per_seed) / len(per_seed)
         if ci:
-            ax.errorbar(i + 0.12, mean, yerr=[[mean - ci[0]], [ci[1] - mean]], fmt="o", color="black", capsize=4)
+            ax.errorbar(
+                i + 0.12, mean, yerr=[[mean - ci[0]], [ci[1] - mean]], fmt="o", color="black", capsize=4
+            )
         else:
             ax.plot(i + 0.12, mean, "o", color="black")
     ax.axhline(0, color="grey", lw=0.8)
@@ -61,12 +69,16 @@ def panel(ax, record: dict) -> None:
     ax.set_ylabel(f"cascade - control, test {record['metric']}{unit}{flipped}")
     # the recipe's epochs in the title: a preset's length can change after a comparison was made on it
     epochs = record["config"]["train"]["epochs"]
-    ax.set_title(f"{record['task']} ({record['preset']}, {epochs} epochs), {record['seeds']} seeds", fontsize=10)
+    ax.set_title(
+        f"{record['task']} ({record['preset']}, {epochs} epochs), {record['seeds']} seeds", fontsize=10
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("dirs", nargs="*", type=Path, help="comparison directories (default: the current ones that exist)")
+    parser.add_argument(
+        "dirs", nargs="*", type=Path, help="comparison directories (default: the current ones that exist)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "overview.png")
     args = parser.parse_args()
     dirs = args.dirs or [RESULTS / name for name in CURRENT if (RESULTS / name / "compare.json").is_file()]
@@ -81,8 +93,10 @@ def main() -> None:
     axes = fig.subplots(1, len(records), squeeze=False)[0]
     for ax, record in zip(axes, records):
         panel(ax, record)
-    fig.suptitle("Cascade minus each control, paired by seed (dots);\nmean and 95 % t-interval (black); below 0: the cascade did better",
-                 fontsize=10)
+    fig.suptitle(
+        "Cascade minus each control, paired by seed (dots);\nmean and 95 % t-interval (black); below 0: the cascade did better",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(args.out, dpi=100)
     print(f"wrote {args.out} ({', '.join(r['task'] for r in records)})")

@@ -100,7 +100,9 @@ def read_summary(run: Path) -> dict:
 def cli(*args: str, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess:
     """Run the command-line tool in a subprocess, as a user would."""
     env = {**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "topdown.cli", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "topdown.cli", *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
     if check and proc.returncode != 0:
         raise AssertionError(proc.stderr)
     return proc

@@ -5,8 +5,16 @@ import pytest
 
 from topdown.errors import DataError
 from topdown.tasks.asr.an4 import (
-    ALPHABET, Normalizer, add_deltas, bundled_path, check_text, load_bundle, load_sphinx,
-    read_sphinx_mfc, save_bundle, stack_frames,
+    ALPHABET,
+    Normalizer,
+    add_deltas,
+    bundled_path,
+    check_text,
+    load_bundle,
+    load_sphinx,
+    read_sphinx_mfc,
+    save_bundle,
+    stack_frames,
 )
 
 
@@ -21,15 +29,19 @@ def make_corpus(root, splits=None, seed=0):
     """A tiny fake AN4 layout: {split: [(fileid, transcript line text), ...]}."""
     rng = np.random.default_rng(seed)
     splits = splits or {
-        "train": [("an4_clstk/fash/an1-fash-b", "YES"), ("an4_clstk/fash/an2-fash-b", "<s> GO  NOW </s>"),
-                  ("an4_clstk/mabc/an3-mabc-b", "A B C ONE")],
+        "train": [
+            ("an4_clstk/fash/an1-fash-b", "YES"),
+            ("an4_clstk/fash/an2-fash-b", "<s> GO  NOW </s>"),
+            ("an4_clstk/mabc/an3-mabc-b", "A B C ONE"),
+        ],
         "test": [("an4test_clstk/fxyz/an9-fxyz-b", "ERASE C Q")],
     }
     for split, items in splits.items():
         (root / "etc").mkdir(parents=True, exist_ok=True)
         (root / "etc" / f"an4_{split}.fileids").write_text("".join(f"{fid}\n" for fid, _ in items))
         (root / "etc" / f"an4_{split}.transcription").write_text(
-            "".join(f"{text} ({fid.rsplit('/', 1)[-1]})\n" for fid, text in items))
+            "".join(f"{text} ({fid.rsplit('/', 1)[-1]})\n" for fid, text in items)
+        )
         for fid, _ in items:
             write_mfc(root / "feat" / f"{fid}.mfc", rng.normal(size=(int(rng.integers(3, 20)), 13)))
     return root
@@ -120,7 +132,9 @@ def test_load_sphinx_errors(tmp_path):
     root = make_corpus(tmp_path / "latin1")
     trans = root / "etc" / "an4_train.transcription"
     trans.write_bytes(trans.read_text().replace("YES", "YÉS").encode("latin-1"))
-    with pytest.raises(DataError, match=r"an4_train.transcription: not UTF-8 text \(invalid continuation byte at byte \d+\)"):
+    with pytest.raises(
+        DataError, match=r"an4_train.transcription: not UTF-8 text \(invalid continuation byte at byte \d+\)"
+    ):
         load_sphinx(root)
 
     root = make_corpus(tmp_path / "empty", {"train": [("an4_clstk/fash/an1-fash-b", "YES")], "test": []})
@@ -141,8 +155,12 @@ def test_load_sphinx_errors(tmp_path):
 
 def test_check_text():
     check_text("u", "A B" + ALPHABET)
-    for text, msg in [("", "empty transcript"), ("   ", "empty transcript"), ("yes", "character 'y'"),
-                      ("NO.", r"character '\.'")]:
+    for text, msg in [
+        ("", "empty transcript"),
+        ("   ", "empty transcript"),
+        ("yes", "character 'y'"),
+        ("NO.", r"character '\.'"),
+    ]:
         with pytest.raises(DataError, match=msg):
             check_text("u", text)
 
@@ -153,7 +171,9 @@ def test_add_deltas_on_ramp():
     out = add_deltas(feats, window=2)
     assert out.shape == (10, 6) and out.dtype == np.float32
     np.testing.assert_array_equal(out[:, :2], feats)
-    np.testing.assert_allclose(out[2:-2, 2:4], np.tile([3.0, -1.0], (6, 1)), atol=1e-6)  # interior delta = slope
+    np.testing.assert_allclose(
+        out[2:-2, 2:4], np.tile([3.0, -1.0], (6, 1)), atol=1e-6
+    )  # interior delta = slope
     np.testing.assert_allclose(out[4:-4, 4:6], 0.0, atol=1e-6)  # constant delta -> zero delta-delta
     # at the first frame edge padding gives (1*(x1-x0) + 2*(x2-x0)) / 10 = 5 * slope / 10
     np.testing.assert_allclose(out[0, 2:4], [1.5, -0.5], atol=1e-6)

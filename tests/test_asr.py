@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import cli, read_summary
 from safetensors.torch import load_file
 
 import topdown
@@ -20,24 +21,41 @@ from topdown.cli import main
 from topdown.tasks import resolve_config, task_module
 from topdown.tasks.asr import an4, common, kaldi, ngram, rnn, transformer
 
-from conftest import cli, read_summary
-
 sf = pytest.importorskip("soundfile")
 kaldiio = pytest.importorskip("kaldiio")
 pytest.importorskip("kaldi_native_fbank")
 
-TRAIN = ["YES NO", "NO", "GO", "NO GO", "NO YES", "YES", "GO", "YES GO"]  # a held-out speaker's characters occur elsewhere
+TRAIN = [
+    "YES NO",
+    "NO",
+    "GO",
+    "NO GO",
+    "NO YES",
+    "YES",
+    "GO",
+    "YES GO",
+]  # a held-out speaker's characters occur elsewhere
 TEST = ["NO", "GO YES"]
 
 
 def tone(seconds: float, rate: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * rate)) / rate
-    return (0.3 * np.sin(2 * np.pi * (200 + 40 * seed) * t) + 0.05 * rng.standard_normal(len(t))).astype(np.float32)
+    return (0.3 * np.sin(2 * np.pi * (200 + 40 * seed) * t) + 0.05 * rng.standard_normal(len(t))).astype(
+        np.float32
+    )
 
 
-def kaldi_dir(path: Path, texts: list[str], *, rate: int = 8000, flac_every: int = 3, seconds: float = 1.0,
-              speakers: int = 4, first: int = 0) -> Path:
+def kaldi_dir(
+    path: Path,
+    texts: list[str],
+    *,
+    rate: int = 8000,
+    flac_every: int = 3,
+    seconds: float = 1.0,
+    speakers: int = 4,
+    first: int = 0,
+) -> Path:
     """A Kaldi data directory of generated audio (WAV, every third file FLAC), text and utt2spk."""
     (path / "audio").mkdir(parents=True, exist_ok=True)
     text, scp, spk = [], [], []
@@ -62,7 +80,15 @@ def kaldi_root(root: Path, dev: bool = True, **kw) -> Path:
     return root
 
 
-TINY_T = ["asr-transformer", "--preset", "tiny", "--set", "data.fbank.num_mel_bins=23", "--set", "decode.beam=2"]
+TINY_T = [
+    "asr-transformer",
+    "--preset",
+    "tiny",
+    "--set",
+    "data.fbank.num_mel_bins=23",
+    "--set",
+    "decode.beam=2",
+]
 
 
 def run_main(capsys, *args) -> tuple[int, str]:
@@ -83,7 +109,9 @@ def one_line_error(code: int, err: str, pattern: str) -> None:
 def test_wav_scp_directory_trains_and_stores_vocab_and_statistics(tmp_path, capsys):
     data = kaldi_root(tmp_path / "data")
     run = tmp_path / "r"
-    code, err = run_main(capsys, "baseline", *TINY_T, "--set", "train.epochs=1", "--data-dir", str(data), "--out", str(run))
+    code, err = run_main(
+        capsys, "baseline", *TINY_T, "--set", "train.epochs=1", "--data-dir", str(data), "--out", str(run)
+    )
     assert code == 0, err
     summary = read_summary(run)
     info = summary["task_info"]
@@ -104,22 +132,56 @@ def test_feats_scp_directory_without_dev_holds_out_speakers(tmp_path, capsys):
     for split, texts in (("train", TRAIN), ("test", TEST)):
         d = root / split
         d.mkdir(parents=True)
-        mats = {f"s{i % 4}-u{i}": rng.standard_normal((60 + 3 * i, 20)).astype(np.float32) for i in range(len(texts))}
+        mats = {
+            f"s{i % 4}-u{i}": rng.standard_normal((60 + 3 * i, 20)).astype(np.float32)
+            for i in range(len(texts))
+        }
         kaldiio.save_ark(str(d / "feats.ark"), mats, scp=str(d / "feats.scp"))
         (d / "text").write_text("".join(f"{u} {t}\n" for u, t in zip(mats, texts)))
         (d / "utt2spk").write_text("".join(f"{u} {u.split('-')[0]}\n" for u in mats))
     run = tmp_path / "r"
-    code, err = run_main(capsys, "baseline", "asr-rnn", "--preset", "tiny", "--set", "data.val_speakers=1",
-                         "--data-dir", str(root), "--out", str(run))
+    code, err = run_main(
+        capsys,
+        "baseline",
+        "asr-rnn",
+        "--preset",
+        "tiny",
+        "--set",
+        "data.val_speakers=1",
+        "--data-dir",
+        str(root),
+        "--out",
+        str(run),
+    )
     assert code == 0, err
     info = read_summary(run)["task_info"]
     assert info["features"]["source"] == "feats.scp" and info["features"]["dim"] == 20 * 3 * 4
-    assert info["utterances"] == {"train": 6, "val": 2, "test": 2}  # one of 4 speakers (2 utterances) held out
+    assert info["utterances"] == {
+        "train": 6,
+        "val": 2,
+        "test": 2,
+    }  # one of 4 speakers (2 utterances) held out
     assert "note:" not in err
     # on a corpus of one's own the default preset is the own-corpus recipe, not the demo (bench/RESULTS.md), and it says so
-    code, err = run_main(capsys, "baseline", "asr-rnn", "--set", "data.val_speakers=1", "--set", "model.hidden=4",
-                         "--set", "train.epochs=1", "--set", "train.min_epoch_steps=1", "--set", "decode.beam=0",
-                         "--data-dir", str(root), "--out", str(tmp_path / "own"))
+    code, err = run_main(
+        capsys,
+        "baseline",
+        "asr-rnn",
+        "--set",
+        "data.val_speakers=1",
+        "--set",
+        "model.hidden=4",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.min_epoch_steps=1",
+        "--set",
+        "decode.beam=0",
+        "--data-dir",
+        str(root),
+        "--out",
+        str(tmp_path / "own"),
+    )
     assert code == 0 and "using --preset bench" in err, err
     assert read_summary(tmp_path / "own")["preset"] == "bench"
 
@@ -165,15 +227,21 @@ def damage(root: Path, kind: str) -> str:
         return r"wav\.scp: utterance 's1-u001': audio file .*s1-u001\.wav holds 1 non-finite sample\(s\) \(NaN or inf; first at sample 100\)"
     if kind == "segments":
         (train / "segments").write_text("s0-u000 rec1 0.0 0.2\n")
-        return r"train/segments: segment files are not supported; cut the recordings into one file per utterance"
+        return (
+            r"train/segments: segment files are not supported; cut the recordings into one file per utterance"
+        )
     if kind == "space in path":
         wav = train / "audio" / "s0-u000.wav"
         wav.rename(train / "audio" / "s0 u000.wav")
-        (train / "wav.scp").write_text((train / "wav.scp").read_text().replace(str(wav), str(train / "audio" / "s0 u000.wav")))
+        (train / "wav.scp").write_text(
+            (train / "wav.scp").read_text().replace(str(wav), str(train / "audio" / "s0 u000.wav"))
+        )
         return r"utterance 's0-u000': the path '.*/s0 u000\.wav' has a space, which wav\.scp cannot hold"
     if kind == "command without pipe":
         wav = train / "audio" / "s0-u000.wav"
-        (train / "wav.scp").write_text((train / "wav.scp").read_text().replace(str(wav), f"sox {wav} -t wav -"))
+        (train / "wav.scp").write_text(
+            (train / "wav.scp").read_text().replace(str(wav), f"sox {wav} -t wav -")
+        )
         return r"only plain audio file paths are supported, got 'sox .* -t wav -'"
     if kind == "all silent":
         for audio in (train / "audio").iterdir():
@@ -182,44 +250,126 @@ def damage(root: Path, kind: str) -> str:
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["malformed", "missing audio", "empty text", "empty transcript", "rate mismatch",
-                                  "unseen character", "corrupt audio", "piped", "no text for audio", "nan sample",
-                                  "segments", "space in path", "command without pipe", "all silent"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "malformed",
+        "missing audio",
+        "empty text",
+        "empty transcript",
+        "rate mismatch",
+        "unseen character",
+        "corrupt audio",
+        "piped",
+        "no text for audio",
+        "nan sample",
+        "segments",
+        "space in path",
+        "command without pipe",
+        "all silent",
+    ],
+)
 def test_bad_kaldi_data_is_a_one_line_error(tmp_path, capsys, kind):
     data = kaldi_root(tmp_path / "data", dev=False, seconds=0.3)
     pattern = damage(data, kind)
     run = tmp_path / "r"
-    one_line_error(*run_main(capsys, "baseline", *TINY_T, "--set", "data.val_speakers=1", "--data-dir", str(data), "--out", str(run)), pattern)
+    one_line_error(
+        *run_main(
+            capsys,
+            "baseline",
+            *TINY_T,
+            "--set",
+            "data.val_speakers=1",
+            "--data-dir",
+            str(data),
+            "--out",
+            str(run),
+        ),
+        pattern,
+    )
     assert not run.exists()
 
 
 FBANK_MISFITS = [  # (sample rate, data.fbank settings, the error)
     (4000, {}, r"data\.fbank\.num_mel_bins=80 is too many at 4000 Hz .* allowed: at most (\d+)"),
     (2000, {}, r"data\.fbank\.num_mel_bins=80 is too many at 2000 Hz .* allowed: at most (\d+)"),
-    (16000, {"num_mel_bins": 300}, r"data\.fbank\.num_mel_bins=300 is too many at 16000 Hz .* allowed: at most (\d+)"),
-    (8000, {"high_freq": 7600}, r"data\.fbank\.high_freq=7600 is above the Nyquist frequency 4000 Hz at 8000 Hz .*allowed: low_freq < high_freq <= 4000"),
-    (16000, {"high_freq": 9000}, r"data\.fbank\.high_freq=9000 is above the Nyquist frequency 8000 Hz at 16000 Hz"),
-    (16000, {"low_freq": 9000}, r"data\.fbank\.low_freq=9000 is not below the Nyquist frequency 8000 Hz at 16000 Hz .*allowed: 0 <= low_freq < 8000"),
+    (
+        16000,
+        {"num_mel_bins": 300},
+        r"data\.fbank\.num_mel_bins=300 is too many at 16000 Hz .* allowed: at most (\d+)",
+    ),
+    (
+        8000,
+        {"high_freq": 7600},
+        r"data\.fbank\.high_freq=7600 is above the Nyquist frequency 4000 Hz at 8000 Hz .*allowed: low_freq < high_freq <= 4000",
+    ),
+    (
+        16000,
+        {"high_freq": 9000},
+        r"data\.fbank\.high_freq=9000 is above the Nyquist frequency 8000 Hz at 16000 Hz",
+    ),
+    (
+        16000,
+        {"low_freq": 9000},
+        r"data\.fbank\.low_freq=9000 is not below the Nyquist frequency 8000 Hz at 16000 Hz .*allowed: 0 <= low_freq < 8000",
+    ),
     (16000, {"low_freq": 8000}, r"data\.fbank\.low_freq=8000 is not below the Nyquist frequency 8000 Hz"),
-    (16000, {"high_freq": -9000}, r"data\.fbank\.high_freq=-9000 \(the Nyquist frequency 8000 Hz - 9000 = -1000 Hz\) is not above data\.fbank\.low_freq=20"),
-    (16000, {"low_freq": 300, "high_freq": 200}, r"data\.fbank\.high_freq=200 is not above data\.fbank\.low_freq=300 at 16000 Hz"),
-    (16000, {"frame_length_ms": 0.01}, r"data\.fbank\.frame_length_ms=0\.01 is a window of 0 sample\(s\) at 16000 Hz .*allowed: at least 2 samples"),
-    (16000, {"frame_length_ms": 0.2}, r"data\.fbank\.frame_length_ms=0\.2 is too short for any mel filterbank at 16000 Hz .*allowed: longer frames"),
-    (16000, {"frame_shift_ms": 0.01}, r"data\.fbank\.frame_shift_ms=0\.01 is a shift of 0 samples at 16000 Hz .*allowed: at least 1 sample"),
+    (
+        16000,
+        {"high_freq": -9000},
+        r"data\.fbank\.high_freq=-9000 \(the Nyquist frequency 8000 Hz - 9000 = -1000 Hz\) is not above data\.fbank\.low_freq=20",
+    ),
+    (
+        16000,
+        {"low_freq": 300, "high_freq": 200},
+        r"data\.fbank\.high_freq=200 is not above data\.fbank\.low_freq=300 at 16000 Hz",
+    ),
+    (
+        16000,
+        {"frame_length_ms": 0.01},
+        r"data\.fbank\.frame_length_ms=0\.01 is a window of 0 sample\(s\) at 16000 Hz .*allowed: at least 2 samples",
+    ),
+    (
+        16000,
+        {"frame_length_ms": 0.2},
+        r"data\.fbank\.frame_length_ms=0\.2 is too short for any mel filterbank at 16000 Hz .*allowed: longer frames",
+    ),
+    (
+        16000,
+        {"frame_shift_ms": 0.01},
+        r"data\.fbank\.frame_shift_ms=0\.01 is a shift of 0 samples at 16000 Hz .*allowed: at least 1 sample",
+    ),
     (16000, {"num_mel_bins": 2}, r"data\.fbank\.num_mel_bins.*2.*3"),
 ]
 
 
-@pytest.mark.parametrize("rate, fbank, pattern", FBANK_MISFITS,
-                         ids=[f"{r}Hz-{','.join(f'{k}={v}' for k, v in f.items()) or 'defaults'}" for r, f, _ in FBANK_MISFITS])
-def test_fbank_options_that_do_not_fit_the_sample_rate_are_one_line_errors(tmp_path, capsys, rate, fbank, pattern):
+@pytest.mark.parametrize(
+    "rate, fbank, pattern",
+    FBANK_MISFITS,
+    ids=[f"{r}Hz-{','.join(f'{k}={v}' for k, v in f.items()) or 'defaults'}" for r, f, _ in FBANK_MISFITS],
+)
+def test_fbank_options_that_do_not_fit_the_sample_rate_are_one_line_errors(
+    tmp_path, capsys, rate, fbank, pattern
+):
     """Any one sample rate is accepted, but kaldi-native-fbank's options must fit it: a setting that does
     not is an error naming the option, its value, the rate and what is allowed, before any training."""
     data = kaldi_root(tmp_path / "data", dev=False, rate=rate, seconds=0.3)
     sets = [a for k, v in fbank.items() for a in ("--set", f"data.fbank.{k}={v}")]
     run = tmp_path / "r"
-    code, err = run_main(capsys, "baseline", "asr-rnn", "--preset", "tiny", "--set", "data.val_speakers=1", *sets,
-                         "--data-dir", str(data), "--out", str(run))
+    code, err = run_main(
+        capsys,
+        "baseline",
+        "asr-rnn",
+        "--preset",
+        "tiny",
+        "--set",
+        "data.val_speakers=1",
+        *sets,
+        "--data-dir",
+        str(data),
+        "--out",
+        str(run),
+    )
     one_line_error(code, err, pattern)
     assert not run.exists()
     most = re.search(pattern, err.strip().splitlines()[-1]).groups()
@@ -248,17 +398,35 @@ def test_silent_utterances_are_a_one_line_warning(tmp_path, capsys):
         sf.write(str(data / "train" / "audio" / f"{uid}.wav"), np.zeros(2400, np.float32), 8000)
     kaldi.load_root(data, kaldi.Fbank.defaults())
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"topdown: warning: 2 of 8 utterance(s) in {data / 'train'} are silent (constant audio, e.g. all-zero samples; first: 's1-u001')"]
+    assert err == [
+        f"topdown: warning: 2 of 8 utterance(s) in {data / 'train'} are silent (constant audio, e.g. all-zero samples; first: 's1-u001')"
+    ]
 
 
 def test_messages_name_the_config_key_and_the_directory_given(tmp_path, capsys):
     data = kaldi_root(tmp_path / "data", dev=False, seconds=0.3)
-    one_line_error(*run_main(capsys, "baseline", *TINY_T, "--set", "data.val_speakers=8", "--data-dir", str(data), "--out", str(tmp_path / "r")),
-                   r"data\.val_speakers=8, but the training set has 4 speakers .*allowed: 1 to 3")
+    one_line_error(
+        *run_main(
+            capsys,
+            "baseline",
+            *TINY_T,
+            "--set",
+            "data.val_speakers=8",
+            "--data-dir",
+            str(data),
+            "--out",
+            str(tmp_path / "r"),
+        ),
+        r"data\.val_speakers=8, but the training set has 4 speakers .*allowed: 1 to 3",
+    )
     data = kaldi_root(tmp_path / "dev-data", seconds=0.3)
-    (data / "dev" / "text").write_text((data / "dev" / "text").read_text().replace("s2-u102 GO", "s2-u102 GO!"))
-    one_line_error(*run_main(capsys, "baseline", *TINY_T, "--data-dir", str(data), "--out", str(tmp_path / "r")),
-                   r"error: utterance s2-u102 \(dev\): character '!'")
+    (data / "dev" / "text").write_text(
+        (data / "dev" / "text").read_text().replace("s2-u102 GO", "s2-u102 GO!")
+    )
+    one_line_error(
+        *run_main(capsys, "baseline", *TINY_T, "--data-dir", str(data), "--out", str(tmp_path / "r")),
+        r"error: utterance s2-u102 \(dev\): character '!'",
+    )
 
 
 def test_unseen_characters_map_to_unk_when_configured_and_the_cli_exits_nonzero_otherwise(tmp_path, capsys):
@@ -266,25 +434,51 @@ def test_unseen_characters_map_to_unk_when_configured_and_the_cli_exits_nonzero_
     damage(data, "unseen character")
     proc = cli("baseline", *TINY_T, "--data-dir", str(data), "--out", str(tmp_path / "bad"))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("topdown: error: utterance s1-u201 (test): character '!'")
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("topdown: error: utterance s1-u201 (test): character '!'")
+    )
     run = tmp_path / "r"
-    code, err = run_main(capsys, "baseline", *TINY_T, "--set", "train.epochs=1", "--set", "data.unk=<unk>",
-                         "--data-dir", str(data), "--out", str(run))
+    code, err = run_main(
+        capsys,
+        "baseline",
+        *TINY_T,
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "data.unk=<unk>",
+        "--data-dir",
+        str(data),
+        "--out",
+        str(run),
+    )
     assert code == 0, err
     assert read_summary(run)["task_info"]["vocab"][-1] == "<unk>"
 
 
-def test_remove_tokens_strips_non_linguistic_symbols_and_leaves_out_utterances_with_no_words(tmp_path, capsys):
+def test_remove_tokens_strips_non_linguistic_symbols_and_leaves_out_utterances_with_no_words(
+    tmp_path, capsys
+):
     data = tmp_path / "data"
-    kaldi_dir(data / "train", ["YES <NOISE> NO", "NO", "<NOISE>", "GO", "NO GO", "NO YES", "YES", "GO", "YES GO"])
+    kaldi_dir(
+        data / "train", ["YES <NOISE> NO", "NO", "<NOISE>", "GO", "NO GO", "NO YES", "YES", "GO", "YES GO"]
+    )
     kaldi_dir(data / "dev", TRAIN[:3], first=100)
     kaldi_dir(data / "test", ["<NOISE> NO", "GO YES"], first=200)
-    cfg = resolve_config("asr-rnn", "tiny", {"data": {"remove_tokens": ["<NOISE>"], "fbank": {"num_mel_bins": 23}}}).task["data"]
+    cfg = resolve_config(
+        "asr-rnn", "tiny", {"data": {"remove_tokens": ["<NOISE>"], "fbank": {"num_mel_bins": 23}}}
+    ).task["data"]
     corpus = common.load_corpus(cfg, str(data))
-    assert [u.text for u in corpus.splits["train"]][:3] == ["YES NO", "NO", "GO"] and len(corpus.splits["train"]) == 8
+    assert [u.text for u in corpus.splits["train"]][:3] == ["YES NO", "NO", "GO"] and len(
+        corpus.splits["train"]
+    ) == 8
     assert [u.text for u in corpus.splits["test"]] == ["NO", "GO YES"]
     assert "<" not in "".join(corpus.vocab.symbols[1:]) and corpus.facts["removed_tokens"] == ["<NOISE>"]
-    assert "data.remove_tokens left 1 of 9 utterance(s) of train with no words (first: 's2-u002')" in capsys.readouterr().err
+    assert (
+        "data.remove_tokens left 1 of 9 utterance(s) of train with no words (first: 's2-u002')"
+        in capsys.readouterr().err
+    )
     with pytest.raises(topdown.ConfigError, match="data.remove_tokens must be a list of words"):
         resolve_config("asr-rnn", "tiny", {"data": {"remove_tokens": ["A B"]}})
 
@@ -295,8 +489,12 @@ def test_vocab_encode_decode():
     assert vocab.encode("CAB", "x").tolist() == [4, 2, 3]
     assert vocab.encode("AZ", "x").tolist() == [2, 5]
     assert vocab.decode([0, 2, 0, 3, 1, 4]) == "AB C"
-    spelled = common.Vocab.from_texts(["AB"], unk="<unk>")  # one edit for one unseen character, however unk is spelled
-    assert spelled.decode([1, 3, 2]) == "A\ufffdB" and common.error_rates(["A\ufffdB"], ["AZB"])["cer"] == pytest.approx(1 / 3)
+    spelled = common.Vocab.from_texts(
+        ["AB"], unk="<unk>"
+    )  # one edit for one unseen character, however unk is spelled
+    assert spelled.decode([1, 3, 2]) == "A\ufffdB" and common.error_rates(["A\ufffdB"], ["AZB"])[
+        "cer"
+    ] == pytest.approx(1 / 3)
     # spaces at an utterance's edge or doubled between words are no character errors (WER does not see them either)
     assert common.error_rates([" AB  C "], ["AB C"]) == {"wer": 0.0, "cer": 0.0}
     assert common.error_rates(["AB D"], ["AB C"]) == {"wer": 0.5, "cer": 0.25}
@@ -308,7 +506,9 @@ def test_vocab_encode_decode():
 
 
 def tiny_transformer_task(limit: int = 24, conv_kernel: int = 0) -> topdown.Task:
-    cfg = resolve_config("asr-transformer", "tiny", {"data": {"limit": limit}, "model": {"conv_kernel": conv_kernel}})
+    cfg = resolve_config(
+        "asr-transformer", "tiny", {"data": {"limit": limit}, "model": {"conv_kernel": conv_kernel}}
+    )
     return transformer.make(cfg.task)
 
 
@@ -387,7 +587,9 @@ def test_blstm_layer_is_the_packed_bidirectional_lstm(training):
     feats, lengths = torch.randn(3, 9, 5, requires_grad=True), torch.tensor([6, 9, 2])
     out, out_lengths = layer(feats, lengths)
     packed = torch.nn.utils.rnn.pack_padded_sequence(feats, lengths, batch_first=True, enforce_sorted=False)
-    reference = torch.nn.utils.rnn.pad_packed_sequence(layer.lstm(packed)[0], batch_first=True, total_length=9)[0]
+    reference = torch.nn.utils.rnn.pad_packed_sequence(
+        layer.lstm(packed)[0], batch_first=True, total_length=9
+    )[0]
     assert out_lengths is lengths and torch.allclose(out, reference, atol=1e-6)
     assert out[0, 6:].abs().sum() == 0 and out[2, 2:].abs().sum() == 0
     weights = torch.randn_like(out)
@@ -422,7 +624,9 @@ def test_pyramidal_blstm_halves_the_frame_rate_and_ignores_padding():
 def test_transformer_cascade_keeps_the_classifier_and_reinitialises_the_feature_extractor(tmp_path):
     task = tiny_transformer_task()
     run = tmp_path / "run"
-    topdown.cascade(task, run, train=TrainConfig(epochs=1, lr=0.001), cascade=CascadeConfig(splits=[2]), seed=0)
+    topdown.cascade(
+        task, run, train=TrainConfig(epochs=1, lr=0.001), cascade=CascadeConfig(splits=[2]), seed=0
+    )
     s0, s1 = (load_file(str(run / "checkpoints" / f"stage-{i}.safetensors")) for i in (0, 1))
     blocks = Blocks(task.build_model(), task.blocks)
     for key in blocks.state_keys(["layer2", "output"]):
@@ -436,7 +640,9 @@ def test_paper_presets_build():
     for name, params in (("asr-transformer", 20e6), ("asr-rnn", 8e6)):
         cfg = resolve_config(name, "paper", {}).task
         module = task_module(name)
-        model = module.build_model(cfg, inputs=80 * (3 if cfg["data"]["deltas"] else 1) * cfg["data"]["stack"], vocab=40)
+        model = module.build_model(
+            cfg, inputs=80 * (3 if cfg["data"]["deltas"] else 1) * cfg["data"]["stack"], vocab=40
+        )
         n = sum(p.numel() for p in model.parameters())
         assert 0.5 * params < n < 2 * params, (name, n)
 
@@ -527,7 +733,9 @@ def test_oov_penalty_is_charged_once_per_word_outside_the_lexicon_and_keeps_the_
 
     assert penalty("GO TO B") == penalty("ENTER A") == 0.0
     assert penalty("GO OO A") == 5.0  # "OO" leaves the lexicon at its first letter and is charged once
-    assert penalty("BAC TOO") == 10.0  # "BAC" only begins a word (charged at its end); "TOO" leaves at its last letter
+    assert (
+        penalty("BAC TOO") == 10.0
+    )  # "BAC" only begins a word (charged at its end); "TOO" leaves at its last letter
     lp = spelled("GO TO A", vocab, wrong={3: "O"})
     decode = lambda scorer: vocab.decode(common.prefix_beam_search(lp, beam=8, scorer=scorer))  # noqa: E731
     assert decode(dataclasses.replace(scorer, oov_penalty=0.0)) == "GO OO A"  # weight 0: the acoustics alone
@@ -540,8 +748,19 @@ def test_word_lm_needs_the_beam_search():
 
 
 def test_tiny_run_reports_beam_and_lm_error_rates_next_to_greedy(tmp_path):
-    proc = cli("baseline", "asr-rnn", "--preset", "tiny", "--set", "decode.beam=4", "--set", "decode.lm_order=2",
-               "--out", str(tmp_path / "run"), check=True)
+    proc = cli(
+        "baseline",
+        "asr-rnn",
+        "--preset",
+        "tiny",
+        "--set",
+        "decode.beam=4",
+        "--set",
+        "decode.lm_order=2",
+        "--out",
+        str(tmp_path / "run"),
+        check=True,
+    )
     test = read_summary(tmp_path / "run")["test"]
     assert {"wer", "cer", "wer_beam", "cer_beam", "wer_lm", "cer_lm"} <= set(test), proc.stdout
 
@@ -611,6 +830,10 @@ def test_cmvn_per_speaker_and_per_utterance_use_their_own_statistics():
 def test_spec_augment_bands_cover_the_same_dimensions_of_each_stacked_frame():
     feats, lengths = torch.ones(3, 40, 4 * 6), torch.tensor([40, 30, 20])
     torch.manual_seed(0)
-    a = common.spec_augment(feats, lengths, {"freq_masks": 2, "freq_width": 3, "time_masks": 0, "time_width": 0}, stack=4)
+    a = common.spec_augment(
+        feats, lengths, {"freq_masks": 2, "freq_width": 3, "time_masks": 0, "time_width": 0}, stack=4
+    )
     masked = (a == 0).view(3, 40, 4, 6)
-    assert masked.any() and (masked == masked[:, :, :1]).all()  # the same dims in each of the 4 stacked frames
+    assert (
+        masked.any() and (masked == masked[:, :, :1]).all()
+    )  # the same dims in each of the 4 stacked frames

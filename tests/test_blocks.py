@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from conftest import ToyNet, toy_task
 from torch import nn
 
 import topdown.loop as loop
 from topdown import BlockError, Blocks, TrainConfig
 from topdown.loop import fit
-
-from conftest import ToyNet, toy_task
 
 
 def test_unknown_module_is_an_error():
@@ -42,7 +41,11 @@ def test_shared_parameter_needs_an_owner():
     with pytest.raises(BlockError, match="shared by blocks .*say which block owns it"):
         Blocks(Tied(), ["embed", "body", "decoder"])
     blocks = Blocks(Tied(), ["embed", "body", "decoder"], shared={"decoder.weight": "decoder"})
-    assert blocks.parameter_names() == {"embed": [], "body": ["body.weight", "body.bias"], "decoder": ["embed.weight"]}
+    assert blocks.parameter_names() == {
+        "embed": [],
+        "body": ["body.weight", "body.bias"],
+        "decoder": ["embed.weight"],
+    }
     with pytest.raises(BlockError, match="unknown block"):
         Blocks(Tied(), ["embed", "body", "decoder"], shared={"decoder.weight": "nope"})
 
@@ -126,7 +129,9 @@ def test_copy_blocks_keeps_a_shared_parameter_with_its_owner():
     blocks.copy_blocks(source, ["embed", "body"])
     assert torch.equal(model.embed.weight, tied_before)
     for key, value in model.body.state_dict().items():  # the other named block was copied
-        assert torch.equal(value, source.body.state_dict()[key]) and not torch.equal(value, body_before[key]), key
+        assert torch.equal(value, source.body.state_dict()[key]) and not torch.equal(
+            value, body_before[key]
+        ), key
 
 
 def _forward_hooks(model: nn.Module) -> int:
@@ -138,7 +143,9 @@ def test_blocks_declared_output_to_input_are_refused_on_the_first_forward_pass(t
     import topdown
 
     torch.manual_seed(0)
-    plan = topdown.Cascade(ToyNet(), ["out", "mid", "inp"], build_model=ToyNet, metric="error", out=tmp_path / "run")
+    plan = topdown.Cascade(
+        ToyNet(), ["out", "mid", "inp"], build_model=ToyNet, metric="error", out=tmp_path / "run"
+    )
     stage = next(iter(plan))
     with pytest.raises(BlockError, match="declared output to input.*out, mid, inp|order inp, mid, out"):
         stage.model(torch.randn(4, 8))
@@ -171,6 +178,9 @@ def test_another_order_than_declared_is_a_warning_not_an_error(capsys):
     model = EarlyHead()
     Blocks(model, ["a", "b", "c", "head"]).watch_call_order()
     model(torch.randn(2, 4))  # head runs before c
-    assert "runs the blocks in the order a, b, head, c, not as declared (a, b, c, head)" in capsys.readouterr().err
+    assert (
+        "runs the blocks in the order a, b, head, c, not as declared (a, b, c, head)"
+        in capsys.readouterr().err
+    )
     model(torch.randn(2, 4))
     assert capsys.readouterr().err == ""  # said once

@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
-
 from conftest import PYTHONPATH, ROOT, cli, read_summary, without_seconds
+from safetensors.torch import load_file
 
 TINY_DIGITS = ["digits", "--preset", "tiny"]
 
@@ -28,23 +27,40 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> No
 
 def test_help_and_list():
     out = cli("--help", check=True).stdout
-    commands = re.findall(r"^    ([a-z-]+)", out, re.M)  # argparse's subcommand lines, each a command's name first
-    assert set(commands) == {"baseline", "cascade", "retrain-classifier", "transfer-classifier", "forget", "compare", "analyse",
-                             "report", "list"}
+    commands = re.findall(
+        r"^    ([a-z-]+)", out, re.M
+    )  # argparse's subcommand lines, each a command's name first
+    assert set(commands) == {
+        "baseline",
+        "cascade",
+        "retrain-classifier",
+        "transfer-classifier",
+        "forget",
+        "compare",
+        "analyse",
+        "report",
+        "list",
+    }
     assert "--split" in cli("transfer-classifier", "--help", check=True).stdout
     assert "--forgetting" in cli("compare", "--help", check=True).stdout
     listing = cli("list", check=True).stdout
     assert "asr-rnn" in listing and "lstm1" in listing and "digits" in listing and "layer3" in listing
     assert "lr_patience" in cli("list", "--config", "asr-rnn", check=True).stdout
-    paper = cli("list", "--preset", "paper", check=True).stdout  # digits has no paper preset: said, not an error
+    paper = cli(
+        "list", "--preset", "paper", check=True
+    ).stdout  # digits has no paper preset: said, not an error
     assert "(no paper preset)" in paper and "lstm4" in paper
 
 
 def test_a_closed_output_pipe_is_not_a_traceback():
     """`topdown list | head -1`: the reader leaves before we write; no Python traceback follows."""
     env = {**os.environ, "PYTHONPATH": PYTHONPATH}
-    proc = subprocess.Popen([sys.executable, "-m", "topdown.cli", "list", "--config", "asr-rnn"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "topdown.cli", "list", "--config", "asr-rnn"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     proc.stdout.close()  # the reader is gone before anything is written
     stderr = proc.stderr.read().decode()
     assert proc.wait() == 1 and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
@@ -57,18 +73,34 @@ def test_large_cpu_tensors_get_huge_pages_unless_the_user_says_otherwise(setting
     and reads that setting once: the command line must set it before its first tensor."""
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     env.update({"PYTHONPATH": PYTHONPATH, **({"THP_MEM_ALLOC_ENABLE": setting} if setting else {})})
-    probe = ("import contextlib, io, torch; from topdown.cli import main\n"
-             "with contextlib.redirect_stdout(io.StringIO()): main(['list'])\n"
-             "print(torch.empty(1 << 22).data_ptr() % 4096)")
-    offset = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    probe = (
+        "import contextlib, io, torch; from topdown.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()): main(['list'])\n"
+        "print(torch.empty(1 << 22).data_ptr() % 4096)"
+    )
+    offset = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    ).stdout
     assert (int(offset) == 0) == page_aligned
 
 
 def test_forget_runs_from_the_command_line_and_refuses_a_split_out_of_range(tmp_path):
-    cli("forget", *TINY_DIGITS, "--split", "2", "--set", "procedure.rounds=1", "--out", str(tmp_path / "f"), check=True)
+    cli(
+        "forget",
+        *TINY_DIGITS,
+        "--split",
+        "2",
+        "--set",
+        "procedure.rounds=1",
+        "--out",
+        str(tmp_path / "f"),
+        check=True,
+    )
     summary = json.loads((tmp_path / "f" / "summary.json").read_text())
     assert [s["reinit_blocks"] for s in summary["stages"][1:]] == [["layer3", "output"]]
-    assert_one_line_error(cli("forget", *TINY_DIGITS, "--split", "9", "--out", str(tmp_path / "g")), "split 9 is out of range")
+    assert_one_line_error(
+        cli("forget", *TINY_DIGITS, "--split", "9", "--out", str(tmp_path / "g")), "split 9 is out of range"
+    )
 
 
 def test_unknown_set_key_is_an_error(tmp_path):
@@ -81,7 +113,9 @@ def test_unknown_set_key_is_an_error(tmp_path):
 
 def test_nan_loss_fails_the_stage_and_keeps_earlier_results(tmp_path):
     run = tmp_path / "r"
-    proc = cli("cascade", *TINY_DIGITS, "--out", str(run), "--set", "cascade.lr=1e30", "--set", "train.optimizer=sgd")
+    proc = cli(
+        "cascade", *TINY_DIGITS, "--out", str(run), "--set", "cascade.lr=1e30", "--set", "train.optimizer=sgd"
+    )
     assert_one_line_error(proc, r"stage 1 .*loss is nan")
     summary = read_summary(run)
     assert summary["status"] == "failed" and len(summary["stages"]) == 1 and summary["chosen_stage"] == 0
@@ -160,11 +194,21 @@ def test_bad_asr_data_is_a_one_line_error(tmp_path, damage, pattern):
 def test_bad_from_checkpoint(tmp_path):
     bogus = tmp_path / "x.safetensors"
     bogus.write_bytes(b"not a checkpoint")
-    assert_one_line_error(cli("cascade", *TINY_DIGITS, "--out", str(tmp_path / "r"), "--from", str(bogus)), "not a readable safetensors")
+    assert_one_line_error(
+        cli("cascade", *TINY_DIGITS, "--out", str(tmp_path / "r"), "--from", str(bogus)),
+        "not a readable safetensors",
+    )
     run = tmp_path / "asr"
     data = sphinx_layout(tmp_path / "an4", {"train": ["YES", "NO", "GO", "STOP"] * 2, "test": ["YES", "NO"]})
     cli("baseline", *ASR_TINY, "--data-dir", str(data), "--out", str(run), check=True)
-    proc = cli("cascade", *TINY_DIGITS, "--out", str(tmp_path / "r2"), "--from", str(run / "checkpoints" / "best.safetensors"))
+    proc = cli(
+        "cascade",
+        *TINY_DIGITS,
+        "--out",
+        str(tmp_path / "r2"),
+        "--from",
+        str(run / "checkpoints" / "best.safetensors"),
+    )
     assert_one_line_error(proc, "does not fit this task's model")
 
 
@@ -172,7 +216,15 @@ def test_cascade_from_checkpoint(tmp_path):
     base = tmp_path / "base"
     cli("baseline", *TINY_DIGITS, "--out", str(base), check=True)
     run = tmp_path / "cascade"
-    cli("cascade", *TINY_DIGITS, "--out", str(run), "--from", str(base / "checkpoints" / "best.safetensors"), check=True)
+    cli(
+        "cascade",
+        *TINY_DIGITS,
+        "--out",
+        str(run),
+        "--from",
+        str(base / "checkpoints" / "best.safetensors"),
+        check=True,
+    )
     stages = read_summary(run)["stages"]
     assert stages[0]["role"] == "loaded" and stages[0]["epochs"] == 0
     assert stages[0]["val"] == read_summary(base)["stages"][0]["val"]
@@ -186,7 +238,12 @@ def run_until(args: list[str], lines: int) -> None:
     """Start the CLI and SIGKILL it once metrics.jsonl has ``lines`` lines."""
     out = Path(args[args.index("--out") + 1])
     env = {**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "topdown.cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "topdown.cli", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     metrics = out / "metrics.jsonl"
     while proc.poll() is None:
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= lines:
@@ -214,7 +271,9 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
         assert (run / "metrics.jsonl").read_text().splitlines()[: len(before) - 1] == before[:-1]
         assert without_seconds(read_summary(run)) == without_seconds(read_summary(reference))
         ours = [without_seconds(json.loads(x)) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        theirs = [without_seconds(json.loads(x)) for x in (reference / "metrics.jsonl").read_text().splitlines()]
+        theirs = [
+            without_seconds(json.loads(x)) for x in (reference / "metrics.jsonl").read_text().splitlines()
+        ]
         assert ours == theirs
         for f in (reference / "checkpoints").glob("*.safetensors"):
             a, b = load_file(str(f)), load_file(str(run / "checkpoints" / f.name))
@@ -226,12 +285,23 @@ def test_readme_example_runs(tmp_path):
     readme = (ROOT / "README.md").read_text()
     blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "topdown.Task(" in b]
     assert len(blocks) == 1, "README has no bring-your-own-model example"
-    subprocess.run([sys.executable, "-c", blocks[0]], cwd=tmp_path, check=True, capture_output=True, env={"PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1"})
+    subprocess.run(
+        [sys.executable, "-c", blocks[0]],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        env={"PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1"},
+    )
     assert (tmp_path / "runs" / "toy" / "summary.json").is_file()
 
 
 def test_nothing_unpickles():
     """Checkpoints are safetensors; no project code loads pickles."""
     sources = "\n".join(p.read_text() for p in (ROOT / "topdown").rglob("*.py"))
-    for forbidden in (r"torch\.load\(", r"import (c?pickle|dill|joblib)", r"pickle\.loads?\(", r"allow_pickle\s*=\s*True"):
+    for forbidden in (
+        r"torch\.load\(",
+        r"import (c?pickle|dill|joblib)",
+        r"pickle\.loads?\(",
+        r"allow_pickle\s*=\s*True",
+    ):
         assert not re.search(forbidden, sources), forbidden

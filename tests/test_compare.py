@@ -4,14 +4,13 @@ import json
 import math
 
 import pytest
+from conftest import cli, toy_task, without_seconds
 
 import topdown.compare as compare
 import topdown.procedures as procedures
 from topdown.compare import paired_stats, run_compare, sign_flip_p, t975
 from topdown.config import RunConfig
 from topdown.errors import ConfigError
-
-from conftest import cli, toy_task, without_seconds
 
 CONFIG = RunConfig.from_dict({"train": {"epochs": 2, "lr": 0.01}})
 
@@ -37,14 +36,20 @@ def test_statistics_match_a_hand_computation():
 
 def test_a_one_seed_comparison_writes_strict_json_and_no_spread(tmp_path):
     run_compare(toy_task(), tmp_path, seeds=1, config=CONFIG)
-    json.loads((tmp_path / "compare.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in compare.json"))
+    json.loads(
+        (tmp_path / "compare.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in compare.json")
+    )
     assert "nan" not in (tmp_path / "compare.md").read_text()
 
 
 def test_arms_budgets_reuse_and_selection(tmp_path, monkeypatch):
     calls = []
     real = procedures.run_procedure
-    monkeypatch.setattr(procedures, "run_procedure", lambda proc, task, out, **kw: calls.append((proc, out.name)) or real(proc, task, out, **kw))
+    monkeypatch.setattr(
+        procedures,
+        "run_procedure",
+        lambda proc, task, out, **kw: calls.append((proc, out.name)) or real(proc, task, out, **kw),
+    )
     record = run_compare(toy_task(), tmp_path, seeds=2, config=CONFIG)
     # per seed: one cascade (3 stages, 6 epochs), one equal-epochs baseline, k-1 = 2 extra baselines
     assert sorted(calls) == sorted(
@@ -54,9 +59,16 @@ def test_arms_budgets_reuse_and_selection(tmp_path, monkeypatch):
     )
     # every cascade is queued first, then the extra baselines its plan implies (known before it runs)
     assert calls[:2] == [("cascade", "cascade-seed0"), ("cascade", "cascade-seed1")]
-    assert [c[1] for c in calls[2:6]] == ["baseline-seed0-extra1", "baseline-seed0-extra2", "baseline-seed1-extra1", "baseline-seed1-extra2"]
+    assert [c[1] for c in calls[2:6]] == [
+        "baseline-seed0-extra1",
+        "baseline-seed0-extra2",
+        "baseline-seed1-extra1",
+        "baseline-seed1-extra2",
+    ]
     assert procedures.planned_models(toy_task(), CONFIG) == 3
-    assert procedures.planned_models(toy_task(), CONFIG.updated({"cascade": {"patience": 1}})) is None  # may stop early
+    assert (
+        procedures.planned_models(toy_task(), CONFIG.updated({"cascade": {"patience": 1}})) is None
+    )  # may stop early
     for s in (0, 1):
         cascade = json.loads((tmp_path / "runs" / f"cascade-seed{s}" / "summary.json").read_text())
         equal = json.loads((tmp_path / "runs" / f"equal-epochs-seed{s}" / "summary.json").read_text())
@@ -71,7 +83,9 @@ def test_arms_budgets_reuse_and_selection(tmp_path, monkeypatch):
         vals = {}
         for run in best["runs"]:
             name, _, _ = run.partition("#")
-            vals[run] = json.loads((tmp_path / "runs" / name / "summary.json").read_text())["stages"][0]["val"]["error"]
+            vals[run] = json.loads((tmp_path / "runs" / name / "summary.json").read_text())["stages"][0][
+                "val"
+            ]["error"]
         assert vals[best["chosen_run"]] == min(vals.values())
     assert (tmp_path / "compare.md").is_file() and (tmp_path / "compare.png").is_file()
     saved = json.loads((tmp_path / "compare.json").read_text())["arms"]
@@ -79,7 +93,10 @@ def test_arms_budgets_reuse_and_selection(tmp_path, monkeypatch):
     for arm in ("baseline", "baseline-equal-epochs", "best-of-k"):  # cascade minus control, seed by seed
         diffs = [saved["cascade"]["per_seed"][s]["test"] - saved[arm]["per_seed"][s]["test"] for s in (0, 1)]
         assert saved[arm]["cascade_minus_arm"]["mean"] == pytest.approx(sum(diffs) / 2)
-    assert "| baseline-equal-epochs | " in (tmp_path / "compare.md").read_text().split("Cascade against each control")[1]
+    assert (
+        "| baseline-equal-epochs | "
+        in (tmp_path / "compare.md").read_text().split("Cascade against each control")[1]
+    )
 
 
 def test_the_equal_epochs_arm_trains_the_whole_budget_even_where_the_recipe_stops_early(tmp_path):
@@ -91,9 +108,15 @@ def test_the_equal_epochs_arm_trains_the_whole_budget_even_where_the_recipe_stop
     equal = json.loads((tmp_path / "runs" / "equal-epochs-seed0" / "summary.json").read_text())
     assert [st["epochs"] for st in cascade["stages"]] == [2, 2, 2]
     assert equal["stages"][0]["epochs"] == 6 and equal["config"]["train"]["early_stop"] == 0
-    assert equal["config"]["train"]["min_lr"] == 0.0  # under the plateau schedule the lr floor also ends a run
+    assert (
+        equal["config"]["train"]["min_lr"] == 0.0
+    )  # under the plateau schedule the lr floor also ends a run
     onecycle = compare.equal_epochs_config(config.updated({"train": {"schedule": "onecycle"}}), 9)
-    assert (onecycle.train.epochs, onecycle.train.early_stop, onecycle.train.min_lr) == (9, 0, 1e-3)  # min_lr: no effect there
+    assert (onecycle.train.epochs, onecycle.train.early_stop, onecycle.train.min_lr) == (
+        9,
+        0,
+        1e-3,
+    )  # min_lr: no effect there
 
 
 def test_finished_runs_made_on_other_data_are_not_reused(tmp_path):
@@ -106,7 +129,11 @@ def test_finished_runs_made_on_other_data_are_not_reused(tmp_path):
     again.info = {"data": "corpus A", "mean": [0.1234567 * (1 + 1e-7)]}
     run_compare(again, tmp_path, seeds=1, config=CONFIG)  # read back: nothing differs that matters
     moved = toy_task()
-    moved.info = {"data": "corpus A", "mean": [0.1234567], "data_dir": "/elsewhere"}  # where the data lies is not what it is
+    moved.info = {
+        "data": "corpus A",
+        "mean": [0.1234567],
+        "data_dir": "/elsewhere",
+    }  # where the data lies is not what it is
     run_compare(moved, tmp_path, seeds=1, config=CONFIG)
     other = toy_task()
     other.info = {"data": "corpus B", "mean": [0.1234567]}
@@ -122,22 +149,39 @@ def test_the_forgetting_arm_has_the_cascades_budget_and_baseline(tmp_path):
     cascade = json.loads((tmp_path / "with" / "runs" / "cascade-seed1" / "summary.json").read_text())
     assert forget["procedure"] == "forget" and forget["stages"][0]["val"] == cascade["stages"][0]["val"]
     arm = record["arms"]["forgetting"]
-    assert arm["per_seed"][1]["test"] == forget["test"]["error"] and arm["per_seed"][1]["epochs"] == 6 == record["arms"]["cascade"]["per_seed"][1]["epochs"]
+    assert (
+        arm["per_seed"][1]["test"] == forget["test"]["error"]
+        and arm["per_seed"][1]["epochs"] == 6 == record["arms"]["cascade"]["per_seed"][1]["epochs"]
+    )
     assert arm["cascade_minus_arm"]["n"] == 2
-    assert "| forgetting | " in (tmp_path / "with" / "compare.md").read_text().split("Cascade against each control")[1]
+    assert (
+        "| forgetting | "
+        in (tmp_path / "with" / "compare.md").read_text().split("Cascade against each control")[1]
+    )
     # the other arms are those of the comparison without it
     assert record["arms"]["cascade"]["per_seed"][0]["test"] == plain["arms"]["cascade"]["per_seed"][0]["test"]
 
 
 def test_procedure_options_go_to_the_forgetting_arm_alone(tmp_path):
     config = CONFIG.updated({"procedure": {"split": 1}})
-    with pytest.raises(ConfigError, match=r"compare reads procedure.split only for its forgetting arm \(--forgetting\)"):
+    with pytest.raises(
+        ConfigError, match=r"compare reads procedure.split only for its forgetting arm \(--forgetting\)"
+    ):
         run_compare(toy_task(), tmp_path / "plain", seeds=1, config=config)
     run_compare(toy_task(), tmp_path / "with", seeds=1, config=config, forgetting=True)
-    summaries = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "with" / "runs").glob("*/summary.json")}
-    assert {name: s["stages"][1]["split"] for name, s in summaries.items() if name.startswith(("forget", "cascade"))} == \
-        {"forget-seed0": 1, "cascade-seed0": 2}
-    assert all(s["config"]["procedure"]["split"] is None for name, s in summaries.items() if not name.startswith("forget"))
+    summaries = {
+        p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "with" / "runs").glob("*/summary.json")
+    }
+    assert {
+        name: s["stages"][1]["split"]
+        for name, s in summaries.items()
+        if name.startswith(("forget", "cascade"))
+    } == {"forget-seed0": 1, "cascade-seed0": 2}
+    assert all(
+        s["config"]["procedure"]["split"] is None
+        for name, s in summaries.items()
+        if not name.startswith("forget")
+    )
 
 
 def test_best_of_k_never_looks_at_test(tmp_path, monkeypatch):
@@ -153,7 +197,12 @@ def test_best_of_k_never_looks_at_test(tmp_path, monkeypatch):
     record = run_compare(task, tmp_path, seeds=1, config=CONFIG.updated({"cascade": {"splits": [2]}}))
     best = record["arms"]["best-of-k"]["per_seed"][0]
     assert best["test"] == pytest.approx(1 - best["val"])
-    pool_val = [json.loads((tmp_path / "runs" / r.partition("#")[0] / "summary.json").read_text())["stages"][0]["val"]["error"] for r in best["runs"]]
+    pool_val = [
+        json.loads((tmp_path / "runs" / r.partition("#")[0] / "summary.json").read_text())["stages"][0][
+            "val"
+        ]["error"]
+        for r in best["runs"]
+    ]
     assert len(set(pool_val)) == len(pool_val)  # no tie: the choice below is a real one
     assert best["val"] == min(pool_val)
 
@@ -163,14 +212,29 @@ def test_a_test_result_that_is_nan_stops_compare_and_analyse_naming_its_run(tmp_
     tabulate the runs, with the run named."""
     task = toy_task()
     evaluate = task.evaluate
-    task.evaluate = lambda model, split: {**evaluate(model, split), **({"error": float("nan")} if split == "test" else {})}
-    with pytest.raises(procedures.TopdownError, match=r"^cascade-seed0#stage0: the test error .* is NaN or infinite"):
+    task.evaluate = lambda model, split: {
+        **evaluate(model, split),
+        **({"error": float("nan")} if split == "test" else {}),
+    }
+    with pytest.raises(
+        procedures.TopdownError, match=r"^cascade-seed0#stage0: the test error .* is NaN or infinite"
+    ):
         run_compare(task, tmp_path, seeds=1, config=CONFIG.updated({"cascade": {"splits": [2]}}))
-    assert json.loads((tmp_path / "runs" / "cascade-seed0" / "summary.json").read_text())["stages"][0]["test"]["error"] is None
+    assert (
+        json.loads((tmp_path / "runs" / "cascade-seed0" / "summary.json").read_text())["stages"][0]["test"][
+            "error"
+        ]
+        is None
+    )
     from topdown.analyse import run_analyse
-    with pytest.raises(procedures.TopdownError, match=r"^baseline: the test error of stage 0 is NaN or infinite"):
+
+    with pytest.raises(
+        procedures.TopdownError, match=r"^baseline: the test error of stage 0 is NaN or infinite"
+    ):
         run_analyse(task, tmp_path / "analyse", config=CONFIG, subsets=())
-    assert [p.name for p in (tmp_path / "analyse" / "runs").iterdir()] == ["baseline"]  # refused before the splits trained
+    assert [p.name for p in (tmp_path / "analyse" / "runs").iterdir()] == [
+        "baseline"
+    ]  # refused before the splits trained
 
 
 def test_interrupted_compare_resumes_without_redoing_runs(tmp_path, monkeypatch):
@@ -178,7 +242,11 @@ def test_interrupted_compare_resumes_without_redoing_runs(tmp_path, monkeypatch)
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("summary.json")}
     calls = []
     real = procedures.run_procedure
-    monkeypatch.setattr(procedures, "run_procedure", lambda proc, task, out, **kw: calls.append(out.name) or real(proc, task, out, **kw))
+    monkeypatch.setattr(
+        procedures,
+        "run_procedure",
+        lambda proc, task, out, **kw: calls.append(out.name) or real(proc, task, out, **kw),
+    )
     record = run_compare(toy_task(), tmp_path, seeds=2, config=CONFIG)
     assert all(name.endswith(("seed1", "seed1-extra1", "seed1-extra2")) for name in calls) and len(calls) == 4
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
@@ -206,7 +274,9 @@ def test_a_run_interrupted_inside_a_comparison_is_resumed_from_where_it_stopped(
     before = (run / "metrics.jsonl").read_text().splitlines()
     assert len(before) >= 3
     again = run_compare(toy_task(), tmp_path / "cut", seeds=1, config=CONFIG)
-    assert (run / "metrics.jsonl").read_text().splitlines()[: len(before) - 1] == before[:-1]  # seconds included
+    assert (run / "metrics.jsonl").read_text().splitlines()[: len(before) - 1] == before[
+        :-1
+    ]  # seconds included
     assert without_seconds(again["arms"]) == without_seconds(whole["arms"])
 
 
@@ -222,7 +292,11 @@ def test_a_compare_continues_on_a_new_machine_from_the_committed_summaries(tmp_p
         target.write_bytes(summary.read_bytes())
     calls = []
     real = procedures.run_procedure
-    monkeypatch.setattr(procedures, "run_procedure", lambda proc, task, out, **kw: calls.append(out.name) or real(proc, task, out, **kw))
+    monkeypatch.setattr(
+        procedures,
+        "run_procedure",
+        lambda proc, task, out, **kw: calls.append(out.name) or real(proc, task, out, **kw),
+    )
     again = run_compare(toy_task(), fresh, seeds=2, config=CONFIG)
     assert len(calls) == 4 and all("seed1" in name for name in calls)
     assert again["arms"]["cascade"]["per_seed"][0] == record["arms"]["cascade"]["per_seed"][0]
@@ -232,7 +306,9 @@ def test_a_compare_continues_on_a_new_machine_from_the_committed_summaries(tmp_p
     chosen = json.loads((first / "runs" / "cascade-seed0" / "summary.json").read_text())["chosen_stage"]
     (checkpoints / "best.safetensors").write_bytes(b"torn")
     run_compare(toy_task(), first, seeds=1, config=CONFIG)
-    assert (checkpoints / "best.safetensors").read_bytes() == (checkpoints / f"stage-{chosen}.safetensors").read_bytes()
+    assert (checkpoints / "best.safetensors").read_bytes() == (
+        checkpoints / f"stage-{chosen}.safetensors"
+    ).read_bytes()
     (checkpoints / f"stage-{chosen}.safetensors").write_bytes(b"torn")
     with pytest.raises(procedures.TopdownError, match=f"stage-{chosen} are corrupt or missing"):
         run_compare(toy_task(), first, seeds=1, config=CONFIG)
@@ -247,13 +323,27 @@ def test_report_of_a_comparison_or_a_directory_of_runs_shows_where_each_run_stan
     (runs / "later").mkdir()
     table = cli("report", str(tmp_path), check=True).stdout
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
-    assert set(rows) == {"cascade-seed0", "equal-epochs-seed0", "baseline-seed0-extra1", "baseline-seed0-extra2", "later"}
-    assert "| running | 1 | stage 1, epoch 2 of 2, at most 0.0 h left in it |" in rows["cascade-seed0"]  # the last epoch stage 1 logged
+    assert set(rows) == {
+        "cascade-seed0",
+        "equal-epochs-seed0",
+        "baseline-seed0-extra1",
+        "baseline-seed0-extra2",
+        "later",
+    }
+    assert (
+        "| running | 1 | stage 1, epoch 2 of 2, at most 0.0 h left in it |" in rows["cascade-seed0"]
+    )  # the last epoch stage 1 logged
     assert "| complete | 1 | - |" in rows["equal-epochs-seed0"] and "| not started |" in rows["later"]
-    assert cli("report", str(runs), check=True).stdout == table  # any directory of run directories (e.g. an ablation's)
+    assert (
+        cli("report", str(runs), check=True).stdout == table
+    )  # any directory of run directories (e.g. an ablation's)
     metrics = runs / "cascade-seed0" / "metrics.jsonl"  # as an older topdown wrote it: no budget recorded
-    metrics.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items() if k != "max_epochs"}) + "\n"
-                               for line in metrics.read_text().splitlines()))
+    metrics.write_text(
+        "".join(
+            json.dumps({k: v for k, v in json.loads(line).items() if k != "max_epochs"}) + "\n"
+            for line in metrics.read_text().splitlines()
+        )
+    )
     assert "| running | 1 | stage 1, epoch 2 |" in cli("report", str(runs), check=True).stdout
     failed = cli("report", str(runs / "later"))  # neither a run nor a directory of runs
     assert failed.returncode != 0 and "holds no run" in failed.stderr
@@ -263,21 +353,32 @@ def test_report_of_a_comparison_in_progress_shows_the_arms_of_the_seeds_so_far(t
     """Per seed whose cascade has finished, each arm whose runs have all finished, with the values compare.json gives."""
     record = run_compare(toy_task(), tmp_path, seeds=2, config=CONFIG)
     runs = tmp_path / "runs"
-    for name in ("equal-epochs-seed1", "baseline-seed1-extra2"):  # seed 1's equal-epochs arm and best-of-k not finished
+    for name in (
+        "equal-epochs-seed1",
+        "baseline-seed1-extra2",
+    ):  # seed 1's equal-epochs arm and best-of-k not finished
         summary = json.loads((runs / name / "summary.json").read_text())
         (runs / name / "summary.json").write_text(json.dumps({**summary, "status": "running"}))
     out = cli("report", str(tmp_path), check=True).stdout
     rows = [line for line in out.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
-    per_seed = [[compare.format_metric(record["arms"][arm]["per_seed"][s]["test"], "error") for arm in compare.ARMS] for s in (0, 1)]
+    per_seed = [
+        [compare.format_metric(record["arms"][arm]["per_seed"][s]["test"], "error") for arm in compare.ARMS]
+        for s in (0, 1)
+    ]
     assert rows[0] == "| 0 | " + " | ".join(per_seed[0]) + " |"
     assert rows[1] == f"| 1 | {per_seed[1][0]} | {per_seed[1][1]} | - | - |"
     cascade1 = json.loads((runs / "cascade-seed1" / "summary.json").read_text())
-    cascade1["stages"][0]["test"]["error"] = None  # a NaN recorded as null: that seed's row says so, the report goes on
+    cascade1["stages"][0]["test"]["error"] = (
+        None  # a NaN recorded as null: that seed's row says so, the report goes on
+    )
     (runs / "cascade-seed1" / "summary.json").write_text(json.dumps(cascade1))
     out = cli("report", str(tmp_path), check=True).stdout
-    assert "| 1 | cascade-seed1#stage0: the test error of stage 0 is NaN or infinite" in out and rows[0] in out
-    (runs / "cascade-seed0" / "summary.json").write_text(json.dumps({**json.loads((runs / "cascade-seed0" / "summary.json").read_text()),
-                                                                     "status": "running"}))
+    assert (
+        "| 1 | cascade-seed1#stage0: the test error of stage 0 is NaN or infinite" in out and rows[0] in out
+    )
+    (runs / "cascade-seed0" / "summary.json").write_text(
+        json.dumps({**json.loads((runs / "cascade-seed0" / "summary.json").read_text()), "status": "running"})
+    )
     (runs / "cascade-seed1" / "summary.json").unlink()
     assert compare.finished_seeds(runs) is None  # no cascade finished: nothing to show
 
@@ -289,9 +390,13 @@ def test_finished_runs_made_with_another_config_are_refused_not_reused(tmp_path)
         run_compare(toy_task(), tmp_path, seeds=1, config=CONFIG.updated({"train": {"lr": 0.02}}))
     with pytest.raises(procedures.TopdownError, match=r"its 'preset' \(recorded None, now 'demo'\) differs"):
         run_compare(toy_task(), tmp_path, seeds=1, config=CONFIG, preset="demo")
-    judged_otherwise = toy_task()  # a task whose metric changed since: its stages were accepted by another rule
+    judged_otherwise = (
+        toy_task()
+    )  # a task whose metric changed since: its stages were accepted by another rule
     judged_otherwise.metric, judged_otherwise.lower_is_better = "loss", True
-    with pytest.raises(procedures.TopdownError, match=r"cascade-seed0: its 'metric' \(recorded 'error', now 'loss'\) differs"):
+    with pytest.raises(
+        procedures.TopdownError, match=r"cascade-seed0: its 'metric' \(recorded 'error', now 'loss'\) differs"
+    ):
         run_compare(judged_otherwise, tmp_path, seeds=1, config=CONFIG)
     assert (tmp_path / "compare.json").read_text() == before
 
@@ -304,10 +409,18 @@ def test_analyse_every_split_from_one_baseline(tmp_path, monkeypatch):
     base = json.loads((tmp_path / "runs" / "baseline" / "summary.json").read_text())["stages"][0]
     for row in record["rows"]:
         k = row["split"]
-        for name in (f"retrain-classifier-k{k}", f"retrain-feature-extractor-k{k}", f"transfer-k{k}-subset0.5"):
+        for name in (
+            f"retrain-classifier-k{k}",
+            f"retrain-feature-extractor-k{k}",
+            f"transfer-k{k}-subset0.5",
+        ):
             first = json.loads((tmp_path / "runs" / name / "summary.json").read_text())["stages"][0]
-            assert first["epochs"] == 0 and first["val"] == base["val"], name  # loaded from the baseline, not retrained
-        rfe = json.loads((tmp_path / "runs" / f"retrain-feature-extractor-k{k}" / "summary.json").read_text())["stages"][1]
+            assert first["epochs"] == 0 and first["val"] == base["val"], (
+                name
+            )  # loaded from the baseline, not retrained
+        rfe = json.loads(
+            (tmp_path / "runs" / f"retrain-feature-extractor-k{k}" / "summary.json").read_text()
+        )["stages"][1]
         assert rfe["frozen_blocks"] == ["inp", "mid", "out"][k:]
         assert row["subsets"]["0.5"]["transfer_classifier"]["test"] is not None
     assert (tmp_path / "analyse.md").is_file() and (tmp_path / "analyse.png").is_file()
@@ -318,18 +431,30 @@ def test_analyse_every_split_from_one_baseline(tmp_path, monkeypatch):
 
 def test_analyse_refuses_cascade_options_that_would_train_one_side_differently(tmp_path):
     from topdown.analyse import run_analyse
+
     tilted = CONFIG.updated({"cascade": {"candidates": 3, "reinit": False}})
-    with pytest.raises(ConfigError, match=r"analyse: cascade.candidates, cascade.reinit would change only the retrain-feature-extractor runs"):
+    with pytest.raises(
+        ConfigError,
+        match=r"analyse: cascade.candidates, cascade.reinit would change only the retrain-feature-extractor runs",
+    ):
         run_analyse(toy_task(), tmp_path / "a", config=tilted)
     assert not (tmp_path / "a").exists()
     from topdown.analyse import check_one_recipe
-    check_one_recipe(CONFIG.updated({"cascade": {"splits": [2]}}))  # a preset's splits: analyse sets them per split itself
+
+    check_one_recipe(
+        CONFIG.updated({"cascade": {"splits": [2]}})
+    )  # a preset's splits: analyse sets them per split itself
 
 
-def test_a_comparison_run_that_failed_before_saving_anything_starts_afresh_with_the_corrected_options(tmp_path):
+def test_a_comparison_run_that_failed_before_saving_anything_starts_afresh_with_the_corrected_options(
+    tmp_path,
+):
     with pytest.raises(ConfigError, match="lack 'bleu'"):
         run_compare(toy_task(), tmp_path, seeds=1, config=CONFIG.updated({"train": {"monitor": "bleu"}}))
-    assert run_compare(toy_task(), tmp_path, seeds=1, config=CONFIG)["arms"]["cascade"]["per_seed"][0]["test"] is not None
+    assert (
+        run_compare(toy_task(), tmp_path, seeds=1, config=CONFIG)["arms"]["cascade"]["per_seed"][0]["test"]
+        is not None
+    )
 
 
 def test_the_overview_figure_plots_the_paired_differences_compare_json_holds(tmp_path):
@@ -348,9 +473,22 @@ def test_the_overview_figure_plots_the_paired_differences_compare_json_holds(tmp
     assert list(diffs) == ["baseline", "baseline-equal-epochs", "best-of-k"]
     for arm, (per_seed, ci) in diffs.items():
         summary = record["arms"][arm]["cascade_minus_arm"]
-        assert sum(per_seed) / 3 == pytest.approx(100 * summary["mean"]) and ci == pytest.approx([100 * x for x in summary["ci95"]])
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "overview.py"), str(tmp_path / "cmp"), "--out", str(tmp_path / "o.png")],
-                          capture_output=True, text=True)
+        assert sum(per_seed) / 3 == pytest.approx(100 * summary["mean"]) and ci == pytest.approx(
+            [100 * x for x in summary["ci95"]]
+        )
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "overview.py"),
+            str(tmp_path / "cmp"),
+            "--out",
+            str(tmp_path / "o.png"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0 and (tmp_path / "o.png").stat().st_size > 0
-    missing = subprocess.run([sys.executable, str(ROOT / "bench" / "overview.py"), str(tmp_path)], capture_output=True, text=True)
+    missing = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "overview.py"), str(tmp_path)], capture_output=True, text=True
+    )
     assert missing.returncode != 0 and "no compare.json" in missing.stderr

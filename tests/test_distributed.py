@@ -12,13 +12,23 @@ import textwrap
 import time
 
 import pytest
-
 from conftest import PYTHONPATH, ROOT, cli, read_summary, toy_task
-from topdown.errors import TrainingError
-from topdown.jobs import in_parallel
 from test_cli import assert_one_line_error
 
-DIGITS = ["digits", "--preset", "tiny", "--device", "cpu", "--set", "train.epochs=12", "--set", "cascade.splits=[3]"]
+from topdown.errors import TrainingError
+from topdown.jobs import in_parallel
+
+DIGITS = [
+    "digits",
+    "--preset",
+    "tiny",
+    "--device",
+    "cpu",
+    "--set",
+    "train.epochs=12",
+    "--set",
+    "cascade.splits=[3]",
+]
 
 
 def test_two_processes_give_the_same_stage_table_and_close_numbers(tmp_path):
@@ -27,11 +37,20 @@ def test_two_processes_give_the_same_stage_table_and_close_numbers(tmp_path):
     proc = cli("cascade", *DIGITS, "--out", str(two), "--nproc", "2", check=True)
     assert proc.stdout.count("| 0 ") == 1  # only rank 0 prints the table
     a, b = read_summary(one), read_summary(two)
-    assert b["status"] == "complete" and b["provenance"]["world_size"] == 2 and a["provenance"]["world_size"] == 1
-    shape = lambda s: [(x["index"], x["role"], x["split"], x["trained_blocks"], x["epochs"]) for x in s["stages"]]  # noqa: E731
+    assert (
+        b["status"] == "complete"
+        and b["provenance"]["world_size"] == 2
+        and a["provenance"]["world_size"] == 1
+    )
+    shape = lambda s: [
+        (x["index"], x["role"], x["split"], x["trained_blocks"], x["epochs"]) for x in s["stages"]
+    ]  # noqa: E731
     assert shape(a) == shape(b)
     for x, y in zip(a["stages"], b["stages"]):
-        assert abs(x["val"]["error"] - y["val"]["error"]) < 0.05 and abs(x["test"]["error"] - y["test"]["error"]) < 0.05
+        assert (
+            abs(x["val"]["error"] - y["val"]["error"]) < 0.05
+            and abs(x["test"]["error"] - y["test"]["error"]) < 0.05
+        )
     assert not list(two.rglob("*.tmp")) and not list((two / "state").glob("*"))
 
 
@@ -41,7 +60,10 @@ def test_resume_with_another_number_of_processes_is_refused(tmp_path):
     summary = read_summary(run)
     summary["status"] = "running"  # as a run interrupted mid-stage leaves it
     (run / "summary.json").write_text(json.dumps(summary))
-    assert_one_line_error(cli("baseline", *DIGITS, "--out", str(run), "--resume"), r"trained by 2 process\(es\).*has 1; resume with the same number")
+    assert_one_line_error(
+        cli("baseline", *DIGITS, "--out", str(run), "--resume"),
+        r"trained by 2 process\(es\).*has 1; resume with the same number",
+    )
 
 
 FAILING_RANK = textwrap.dedent("""
@@ -66,11 +88,27 @@ def test_a_rank_that_fails_brings_the_others_down_and_finished_stages_stay(tmp_p
     script.write_text(FAILING_RANK.format(tests=str(ROOT / "tests")))
     env = {**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1", "TOPDOWN_DIST_TIMEOUT": "60"}
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-                           str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(tmp_path / "run"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0 and time.perf_counter() - started < 120
     summary = read_summary(tmp_path / "run")
-    assert summary["stages"][0]["index"] == 0 and (tmp_path / "run" / "checkpoints" / "stage-0.safetensors").is_file()
+    assert (
+        summary["stages"][0]["index"] == 0
+        and (tmp_path / "run" / "checkpoints" / "stage-0.safetensors").is_file()
+    )
 
 
 def test_compare_and_analyse_with_jobs_equal_one_process(tmp_path):
@@ -79,7 +117,10 @@ def test_compare_and_analyse_with_jobs_equal_one_process(tmp_path):
             return {k: strip(v) for k, v in o.items() if k != "seconds"}
         return [strip(v) for v in o] if isinstance(o, list) else o
 
-    for command, extra, record in (("compare", ["--seeds", "2"], "compare.json"), ("analyse", ["--subsets", "0.5"], "analyse.json")):
+    for command, extra, record in (
+        ("compare", ["--seeds", "2"], "compare.json"),
+        ("analyse", ["--subsets", "0.5"], "analyse.json"),
+    ):
         args = [command, "digits", "--preset", "tiny", *extra]
         cli(*args, "--out", str(tmp_path / f"{command}-1"), check=True)
         two_jobs = cli(*args, "--out", str(tmp_path / f"{command}-2"), "--jobs", "2", check=True)
@@ -88,7 +129,9 @@ def test_compare_and_analyse_with_jobs_equal_one_process(tmp_path):
         # the two workers' progress lines stay whole, and each names its run
         runs = {p.name for p in (tmp_path / f"{command}-2" / "runs").iterdir()}
         lines = [line for line in two_jobs.stderr.splitlines() if line.strip()]
-        assert lines and all(line.split(": ", 1)[0] in runs and line.count(" epoch ") <= 1 for line in lines), two_jobs.stderr
+        assert lines and all(
+            line.split(": ", 1)[0] in runs and line.count(" epoch ") <= 1 for line in lines
+        ), two_jobs.stderr
         finished = sorted(line.split(":")[0] for line in lines if ": finished: stage " in line)
         assert finished == sorted(runs)
 
@@ -105,6 +148,7 @@ def test_a_worker_killed_from_outside_is_a_one_line_error_not_a_crash():
 
 def _task_with_a_warning():
     from topdown.errors import warn
+
     warn("a fact about the data, said while building the task")
     return toy_task()
 
@@ -115,6 +159,7 @@ def _one(task, _):
 
 def _warning_one(task, _):
     from topdown.errors import warn
+
     warn("said by a worker while it ran")
     return 1
 
@@ -145,6 +190,7 @@ def test_ctrl_c_in_one_process_stops_the_runs_still_to_come():
 def test_more_jobs_than_cpus_is_warned_about(capfd, monkeypatch):
     """Workers beyond the cores take turns on them and lose throughput in all: worth a line."""
     import topdown.jobs
+
     monkeypatch.setattr(topdown.jobs, "usable_cpus", lambda: 2)
     in_parallel(_one, [(0,), (1,)], toy_task(), 2, toy_task)
     assert "take turns" not in capfd.readouterr().err
@@ -163,9 +209,32 @@ def test_ctrl_c_stops_a_parallel_comparison_at_once_and_says_how_to_continue(tmp
     """Ctrl-C reaches the whole process group; the runs in progress stop at once (each resumes
     from its last saved epoch) instead of the command waiting for them to finish."""
     env = {**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "topdown.cli", "compare", "digits", "--preset", "tiny", "--seeds", "2", "--jobs", "2",
-                             "--set", "train.epochs=100000", "--set", "train.early_stop=0", "--out", str(tmp_path / "cmp")], env=env, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, preexec_fn=_ctrl_c_as_in_a_terminal)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "topdown.cli",
+            "compare",
+            "digits",
+            "--preset",
+            "tiny",
+            "--seeds",
+            "2",
+            "--jobs",
+            "2",
+            "--set",
+            "train.epochs=100000",
+            "--set",
+            "train.early_stop=0",
+            "--out",
+            str(tmp_path / "cmp"),
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=_ctrl_c_as_in_a_terminal,
+    )
     for line in proc.stderr:  # wait until both workers train
         if "epoch 2/" in line:
             break
@@ -175,4 +244,7 @@ def test_ctrl_c_stops_a_parallel_comparison_at_once_and_says_how_to_continue(tmp
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("the comparison went on after Ctrl-C")
-    assert proc.returncode == 130 and "interrupted; finished epochs are saved, run the same command again" in rest
+    assert (
+        proc.returncode == 130
+        and "interrupted; finished epochs are saved, run the same command again" in rest
+    )

@@ -6,10 +6,9 @@ import re
 import sys
 
 import torch
+from conftest import ROOT
 
 import topdown
-
-from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 import faults  # noqa: E402
@@ -26,10 +25,30 @@ def test_fault_campaign_small(tmp_path):
 def test_every_summary_says_where_it_was_made(tmp_path):
     from conftest import cli, read_summary
 
-    cli("baseline", "digits", "--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "run"), check=True)
+    cli(
+        "baseline",
+        "digits",
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "run"),
+        check=True,
+    )
     made = read_summary(tmp_path / "run")["provenance"]
-    assert made["torch"] == torch.__version__ and made["topdown"] == topdown.__version__ and made["python"] == platform.python_version()
-    assert made["cpu"] and made["threads"] == 1 and made["device"] == "cpu" and made["world_size"] == 1 and made["gpu"] is None
+    assert (
+        made["torch"] == torch.__version__
+        and made["topdown"] == topdown.__version__
+        and made["python"] == platform.python_version()
+    )
+    assert (
+        made["cpu"]
+        and made["threads"] == 1
+        and made["device"] == "cpu"
+        and made["world_size"] == 1
+        and made["gpu"] is None
+    )
     assert made["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}", made["git_commit"])
 
 

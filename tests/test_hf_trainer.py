@@ -8,12 +8,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-transformers = pytest.importorskip("transformers")  # not in CI (docs/trainers.md says why); pip install "topdown[hf]"
+transformers = pytest.importorskip(
+    "transformers"
+)  # not in CI (docs/trainers.md says why); pip install "topdown[hf]"
 pytest.importorskip("accelerate")  # the Trainer needs it
 
-import topdown  # noqa: E402
-
 from conftest import read_summary, toy_data  # noqa: E402
+
+import topdown  # noqa: E402
 
 BLOCKS = [("inp", ["inp"]), ("mid", ["mid"]), ("out", ["out"])]
 
@@ -54,22 +56,48 @@ def test_a_transformers_trainer_drives_a_cascade(tmp_path):
     plan = topdown.Cascade(Net(), BLOCKS, build_model=Net, metric="error", out=tmp_path / "run")
     for stage in plan:
         frozen = {n: p.detach().clone() for n, p in stage.model.named_parameters() if not p.requires_grad}
-        buffers = {n: b.clone() for n, b in stage.model.named_buffers() if n.split(".")[0] in stage.frozen_blocks}
+        buffers = {
+            n: b.clone() for n, b in stage.model.named_buffers() if n.split(".")[0] in stage.frozen_blocks
+        }
         args = transformers.TrainingArguments(
-            output_dir=str(tmp_path / "hf" / str(stage.index)), num_train_epochs=2, per_device_train_batch_size=32,
-            per_device_eval_batch_size=32, learning_rate=0.01, seed=stage.seed % 2**32, use_cpu=True, report_to="none",
-            save_strategy="no", eval_strategy="no", logging_strategy="no", disable_tqdm=True)
+            output_dir=str(tmp_path / "hf" / str(stage.index)),
+            num_train_epochs=2,
+            per_device_train_batch_size=32,
+            per_device_eval_batch_size=32,
+            learning_rate=0.01,
+            seed=stage.seed % 2**32,
+            use_cpu=True,
+            report_to="none",
+            save_strategy="no",
+            eval_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=True,
+        )
         optimizer = torch.optim.AdamW(stage.trainable_parameters(), lr=args.learning_rate)
-        trainer = transformers.Trainer(model=stage.model, args=args, train_dataset=train, eval_dataset=val,
-                                       compute_metrics=error, optimizers=(optimizer, None))
+        trainer = transformers.Trainer(
+            model=stage.model,
+            args=args,
+            train_dataset=train,
+            eval_dataset=val,
+            compute_metrics=error,
+            optimizers=(optimizer, None),
+        )
         result = trainer.train()
         assert all(torch.equal(p, frozen[n]) for n, p in stage.model.named_parameters() if n in frozen)
-        assert all(torch.equal(b, buffers[n]) for n, b in stage.model.named_buffers() if n in buffers)  # BatchNorm statistics
+        assert all(
+            torch.equal(b, buffers[n]) for n, b in stage.model.named_buffers() if n in buffers
+        )  # BatchNorm statistics
         val_metrics = trainer.evaluate()
         test_metrics = trainer.evaluate(test, metric_key_prefix="test")
-        stage.finish(val={"error": val_metrics["eval_error"], "loss": val_metrics["eval_loss"]},
-                     test={"error": test_metrics["test_error"], "loss": test_metrics["test_loss"]},
-                     epochs=round(result.metrics["epoch"]))
+        stage.finish(
+            val={"error": val_metrics["eval_error"], "loss": val_metrics["eval_loss"]},
+            test={"error": test_metrics["test_error"], "loss": test_metrics["test_loss"]},
+            epochs=round(result.metrics["epoch"]),
+        )
     summary = read_summary(tmp_path / "run")
     assert summary["status"] == "complete" and [s["epochs"] for s in summary["stages"]] == [2, 2, 2]
-    assert [s["trained_blocks"] for s in summary["stages"]] == [["inp", "mid", "out"], ["inp", "mid"], ["inp"]]
+    assert [s["trained_blocks"] for s in summary["stages"]] == [
+        ["inp", "mid", "out"],
+        ["inp", "mid"],
+        ["inp"],
+    ]

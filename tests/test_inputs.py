@@ -13,15 +13,13 @@ import types
 import typing
 
 import pytest
+from conftest import PYTHONPATH, cli, read_summary, toy_task, without_seconds
+from test_cli import assert_one_line_error
 
 import topdown
 import topdown.runs
 from topdown.config import METHOD_SECTIONS, Section, parse_overrides
 from topdown.tasks import TASKS, resolve_config, task_module
-
-from conftest import PYTHONPATH, read_summary, toy_task, without_seconds
-from test_cli import assert_one_line_error
-from conftest import cli
 
 TINY_DIGITS = ["digits", "--preset", "tiny"]
 
@@ -100,39 +98,62 @@ def test_relations_between_fields():
 def test_set_gives_a_string_option_the_text_as_typed_and_types_the_others():
     """YAML would read `#` as a comment, `?` as a mapping and `*` as an alias: a string option takes the text."""
     for text in ("#", "!", "~", "?", "*", "@", "|", "%", "<UNK>"):
-        assert resolve_config("asr-rnn", "tiny", parse_overrides([f"data.unk={text}"])).task["data"]["unk"] == text
-    assert resolve_config("asr-rnn", "tiny", parse_overrides(["data.unk='#'"])).task["data"]["unk"] == "#"  # YAML quoting still works
-    cfg = resolve_config("digits", "tiny", parse_overrides(["train.lr=1e-3", "cascade.splits=[2,1]", "train.monitor= loss "]))
+        assert (
+            resolve_config("asr-rnn", "tiny", parse_overrides([f"data.unk={text}"])).task["data"]["unk"]
+            == text
+        )
+    assert (
+        resolve_config("asr-rnn", "tiny", parse_overrides(["data.unk='#'"])).task["data"]["unk"] == "#"
+    )  # YAML quoting still works
+    cfg = resolve_config(
+        "digits", "tiny", parse_overrides(["train.lr=1e-3", "cascade.splits=[2,1]", "train.monitor= loss "])
+    )
     assert (cfg.train.lr, cfg.cascade.splits, cfg.train.monitor) == (0.001, [2, 1], "loss")
-    assert resolve_config("asr-rnn", "tiny", parse_overrides(["data.fbank={num_mel_bins: 40}"])).task["data"]["fbank"]["num_mel_bins"] == 40
+    assert (
+        resolve_config("asr-rnn", "tiny", parse_overrides(["data.fbank={num_mel_bins: 40}"])).task["data"][
+            "fbank"
+        ]["num_mel_bins"]
+        == 40
+    )
     with pytest.raises(topdown.ConfigError, match=r"^--set train.epochs: cannot parse value '\*'$"):
         resolve_config("digits", "tiny", parse_overrides(["train.epochs=*"]))
     with pytest.raises(topdown.ConfigError, match="'train.lr' expects a float, got 'abc'"):
         resolve_config("digits", "tiny", parse_overrides(["train.lr=abc"]))
-    with pytest.raises(topdown.ConfigError, match=r"^--set train.lr.x: train.lr was given a value, so it has no keys to set$"):
+    with pytest.raises(
+        topdown.ConfigError, match=r"^--set train.lr.x: train.lr was given a value, so it has no keys to set$"
+    ):
         parse_overrides(["train.lr=1", "train.lr.x=2"])
-    with pytest.raises(topdown.ConfigError, match=r"^--set train: keys under train were set, so it cannot also be given a value$"):
+    with pytest.raises(
+        topdown.ConfigError,
+        match=r"^--set train: keys under train were set, so it cannot also be given a value$",
+    ):
         parse_overrides(["train.lr=1", "train=2"])
 
 
-@pytest.mark.parametrize("args, pattern", [
-    (["--set", "train.lr=-1"], r"train.lr is -1.0; allowed: a finite number >= 0"),
-    (["--set", "train.lr=.nan"], r"train.lr is nan"),
-    (["--set", "data.batch_size=0"], r"data.batch_size is 0; allowed"),
-    (["--seed", "-1"], r"seed must be a non-negative integer"),
-    (["--device", "tpu9"], r"not a device name; available: cpu"),
-    (["--device", "cuda:99"], r"--device cuda:99: .*available: cpu"),
-])
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (["--set", "train.lr=-1"], r"train.lr is -1.0; allowed: a finite number >= 0"),
+        (["--set", "train.lr=.nan"], r"train.lr is nan"),
+        (["--set", "data.batch_size=0"], r"data.batch_size is 0; allowed"),
+        (["--seed", "-1"], r"seed must be a non-negative integer"),
+        (["--device", "tpu9"], r"not a device name; available: cpu"),
+        (["--device", "cuda:99"], r"--device cuda:99: .*available: cpu"),
+    ],
+)
 def test_bad_values_and_devices_are_one_line_errors_before_any_work(tmp_path, args, pattern):
     out = tmp_path / "run"
     assert_one_line_error(cli("baseline", *TINY_DIGITS, "--out", str(out), *args), pattern)
     assert not (out / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("args, pattern", [
-    (["--subsets", "0.5", "1.5"], r"procedure.subset is 1.5; allowed: a finite number > 0 and < 1"),
-    (["--jobs", "0"], r"--jobs must be at least 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (["--subsets", "0.5", "1.5"], r"procedure.subset is 1.5; allowed: a finite number > 0 and < 1"),
+        (["--jobs", "0"], r"--jobs must be at least 1, got 0"),
+    ],
+)
 def test_analyse_refuses_bad_fractions_and_job_counts_before_training_its_baseline(tmp_path, args, pattern):
     out = tmp_path / "analyse"
     assert_one_line_error(cli("analyse", *TINY_DIGITS, "--out", str(out), *args), pattern)
@@ -142,14 +163,23 @@ def test_analyse_refuses_bad_fractions_and_job_counts_before_training_its_baseli
 def test_bad_output_locations(tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("mine")
-    assert_one_line_error(cli("baseline", *TINY_DIGITS, "--out", str(a_file)), "is a file, not a run directory")
-    assert_one_line_error(cli("baseline", *TINY_DIGITS, "--out", str(a_file / "under")), r"cannot write .*file/under/summary.json: Not a directory")
+    assert_one_line_error(
+        cli("baseline", *TINY_DIGITS, "--out", str(a_file)), "is a file, not a run directory"
+    )
+    assert_one_line_error(
+        cli("baseline", *TINY_DIGITS, "--out", str(a_file / "under")),
+        r"cannot write .*file/under/summary.json: Not a directory",
+    )
     assert a_file.read_text() == "mine"
-    assert_one_line_error(cli("baseline", *TINY_DIGITS, "--out", str(tmp_path / "new"), "--resume"), "nothing to resume")
+    assert_one_line_error(
+        cli("baseline", *TINY_DIGITS, "--out", str(tmp_path / "new"), "--resume"), "nothing to resume"
+    )
     corrupt = tmp_path / "corrupt"
     cli("baseline", *TINY_DIGITS, "--out", str(corrupt), check=True)
     (corrupt / "summary.json").write_bytes(b"\xff\xfe{ not json")
-    assert_one_line_error(cli("baseline", *TINY_DIGITS, "--out", str(corrupt), "--resume"), "summary.json is corrupt")
+    assert_one_line_error(
+        cli("baseline", *TINY_DIGITS, "--out", str(corrupt), "--resume"), "summary.json is corrupt"
+    )
     assert_one_line_error(cli("report", str(corrupt)), "summary.json is corrupt")
 
 
@@ -174,15 +204,22 @@ def test_a_read_only_run_still_reports_and_resumes_and_a_new_run_says_why_not(tm
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
 
     def read_only(*args):
-        return subprocess.run([sys.executable, "-c", READ_ONLY, str(tmp_path), *args], capture_output=True, text=True,
-                              env={"PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1"})
+        return subprocess.run(
+            [sys.executable, "-c", READ_ONLY, str(tmp_path), *args],
+            capture_output=True,
+            text=True,
+            env={"PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1"},
+        )
 
     proc = read_only("report", str(run))
     assert "| stage |" in proc.stdout  # the table, although the files cannot be rewritten
     assert_one_line_error(proc, r"cannot write .*run/curves.png: Permission denied")
     resumed = read_only("cascade", *TINY_DIGITS, "--out", str(run), "--resume")
     assert resumed.returncode == 0 and "chosen stage" in resumed.stdout, resumed.stderr
-    assert_one_line_error(read_only("baseline", *TINY_DIGITS, "--out", str(tmp_path / "new")), r"cannot write .*new/summary.json: Permission denied")
+    assert_one_line_error(
+        read_only("baseline", *TINY_DIGITS, "--out", str(tmp_path / "new")),
+        r"cannot write .*new/summary.json: Permission denied",
+    )
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
@@ -214,9 +251,13 @@ def test_a_damaged_compressed_corpus_file_is_a_data_error_naming_it(tmp_path):
     import gzip
 
     from topdown.task import text_lines
+
     whole = gzip.compress(b"a line of text\n" * 200)
-    for name, damaged in (("truncated.gz", whole[:-12]), ("crc.gz", whole[:20] + bytes(20) + whole[40:]),
-                          ("deflate.gz", whole[:10] + b"\xff" * 4 + whole[14:])):  # EOFError, BadGzipFile, zlib.error
+    for name, damaged in (
+        ("truncated.gz", whole[:-12]),
+        ("crc.gz", whole[:20] + bytes(20) + whole[40:]),
+        ("deflate.gz", whole[:10] + b"\xff" * 4 + whole[14:]),
+    ):  # EOFError, BadGzipFile, zlib.error
         (tmp_path / name).write_bytes(damaged)
         with pytest.raises(topdown.DataError, match=rf"{name}: cannot read it \("):
             text_lines(tmp_path / name)

@@ -14,15 +14,20 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 pytest.importorskip("lightning")  # a guard only: CI installs the extra, so this module runs there
 import lightning as L  # noqa: E402
+from conftest import ROOT, read_summary, toy_data  # noqa: E402
 
 import topdown  # noqa: E402
 from topdown.adapters.lightning import _renamed, default_test_monitor, fit_plan  # noqa: E402
 
-from conftest import ROOT, read_summary, toy_data  # noqa: E402
-
 # Lightning's advice for real data loaders, and its own use of a torch API torch now deprecates
-pytestmark = [pytest.mark.filterwarnings(f"ignore:{m}") for m in (
-    ".*does not have many workers", ".*number of training batches", ".*isinstance.treespec, LeafSpec.")]
+pytestmark = [
+    pytest.mark.filterwarnings(f"ignore:{m}")
+    for m in (
+        ".*does not have many workers",
+        ".*number of training batches",
+        ".*isinstance.treespec, LeafSpec.",
+    )
+]
 
 BLOCKS = [("inp", ["inp"]), ("mid", ["mid"]), ("out", ["out"])]
 
@@ -57,19 +62,33 @@ class LitNet(L.LightningModule):
         self._error(batch, "test")
 
     def configure_optimizers(self):
-        params = self.parameters() if self.all_parameters else filter(lambda p: p.requires_grad, self.parameters())
+        params = (
+            self.parameters() if self.all_parameters else filter(lambda p: p.requires_grad, self.parameters())
+        )
         return torch.optim.SGD(params, lr=0.1, momentum=0.9)
 
 
 def loaders():
     x, y = toy_data()
-    make = lambda a, b, shuffle=False: DataLoader(TensorDataset(x[a:b], y[a:b]), batch_size=32, shuffle=shuffle)  # noqa: E731
-    return dict(train_dataloaders=make(0, 128, True), val_dataloaders=make(128, 160), test_dataloaders=make(160, 192))
+    make = lambda a, b, shuffle=False: DataLoader(
+        TensorDataset(x[a:b], y[a:b]), batch_size=32, shuffle=shuffle
+    )  # noqa: E731
+    return dict(
+        train_dataloaders=make(0, 128, True), val_dataloaders=make(128, 160), test_dataloaders=make(160, 192)
+    )
 
 
 def trainer(callbacks=()) -> L.Trainer:
-    return L.Trainer(max_epochs=2, accelerator="cpu", devices=1, enable_progress_bar=False, logger=False,
-                     enable_checkpointing=False, enable_model_summary=False, callbacks=list(callbacks))
+    return L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+    )
 
 
 def new_plan(out, module=LitNet, plan=topdown.Cascade, **kw) -> topdown.Plan:
@@ -93,7 +112,9 @@ class Watch(L.Callback):
         model = stage.model
         self.stage = stage
         self.frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-        self.buffers = {n: b.clone() for n, b in model.named_buffers() if n.split(".")[0] in stage.frozen_blocks}
+        self.buffers = {
+            n: b.clone() for n, b in model.named_buffers() if n.split(".")[0] in stage.frozen_blocks
+        }
         self.batches = 0
 
     def on_train_start(self, trainer, pl_module):
@@ -109,9 +130,15 @@ class Watch(L.Callback):
 
     def on_fit_end(self, trainer, pl_module):
         assert self.batches == 8  # 2 epochs of 4 batches
-        assert self.frozen.keys() == {n for n, p in pl_module.named_parameters() if n.split(".")[0] in self.stage.frozen_blocks}
-        assert all(torch.equal(p, self.frozen[n]) for n, p in pl_module.named_parameters() if n in self.frozen)
-        assert all(torch.equal(b, self.buffers[n]) for n, b in pl_module.named_buffers() if n in self.buffers)  # BatchNorm statistics
+        assert self.frozen.keys() == {
+            n for n, p in pl_module.named_parameters() if n.split(".")[0] in self.stage.frozen_blocks
+        }
+        assert all(
+            torch.equal(p, self.frozen[n]) for n, p in pl_module.named_parameters() if n in self.frozen
+        )
+        assert all(
+            torch.equal(b, self.buffers[n]) for n, b in pl_module.named_buffers() if n in self.buffers
+        )  # BatchNorm statistics
         self.checked = True
 
 
@@ -120,7 +147,9 @@ def test_a_lightning_module_runs_a_cascade_with_frozen_blocks_bit_identical(tmp_
 
     def factory(stage):
         watches.append(Watch(stage))
-        return trainer([Unpin(), watches[-1]])  # our callback runs after both: frozen modules are back in eval mode
+        return trainer(
+            [Unpin(), watches[-1]]
+        )  # our callback runs after both: frozen modules are back in eval mode
 
     summary = fit_plan(plan, factory, monitor="val_error", **loaders())
     assert [w.stage.trained_blocks for w in watches] == [["inp", "mid", "out"], ["inp", "mid"], ["inp"]]
@@ -129,22 +158,33 @@ def test_a_lightning_module_runs_a_cascade_with_frozen_blocks_bit_identical(tmp_
     best = None
     for s in summary["stages"]:
         assert s["epochs"] == 2 and set(s["val"]) == {"error", "loss"} and set(s["test"]) == {"error", "loss"}
-        assert s["accepted"] == (best is None or s["val"]["error"] < best)  # a cascade stage must beat the chosen model
+        assert s["accepted"] == (
+            best is None or s["val"]["error"] < best
+        )  # a cascade stage must beat the chosen model
         best = s["val"]["error"] if s["accepted"] else best
     assert summary["test"] == summary["stages"][summary["chosen_stage"]]["test"]
     # metrics.jsonl as our loop writes it: one line per epoch; the last epoch's validation is the stage's
     lines = topdown.runs.RunDir(tmp_path / "run").read_metrics()
     assert [(r["stage"], r["epoch"]) for r in lines] == [(i, e) for i in range(3) for e in (1, 2)]
-    assert all(r["lr"] == 0.1 and r["train_loss"] > 0 and r["seconds"] > 0 and set(r["val"]) == {"error", "loss"} for r in lines)
-    assert [r["val"] for r in lines if r["epoch"] == 2] == [pytest.approx(s["val"]) for s in summary["stages"]]
-    assert (tmp_path / "run" / "checkpoints" / "best.safetensors").is_file() and (tmp_path / "run" / "report.md").is_file()
+    assert all(
+        r["lr"] == 0.1 and r["train_loss"] > 0 and r["seconds"] > 0 and set(r["val"]) == {"error", "loss"}
+        for r in lines
+    )
+    assert [r["val"] for r in lines if r["epoch"] == 2] == [
+        pytest.approx(s["val"]) for s in summary["stages"]
+    ]
+    assert (tmp_path / "run" / "checkpoints" / "best.safetensors").is_file() and (
+        tmp_path / "run" / "report.md"
+    ).is_file()
     # the validation metric recorded is the one of the weights the plan saved
     stage_1 = topdown.runs.load_tensors(tmp_path / "run" / "checkpoints" / "stage-1.safetensors")[0]
     model = LitNet()
     model.load_state_dict(stage_1)
     x, y = toy_data()
     with torch.no_grad():
-        assert (model.eval()(x[128:160]).argmax(1) != y[128:160]).float().mean().item() == pytest.approx(summary["stages"][1]["val"]["error"])
+        assert (model.eval()(x[128:160]).argmax(1) != y[128:160]).float().mean().item() == pytest.approx(
+            summary["stages"][1]["val"]["error"]
+        )
 
 
 def test_an_optimizer_over_all_parameters_is_refused_in_one_line_and_the_run_resumes(tmp_path):
@@ -152,20 +192,40 @@ def test_an_optimizer_over_all_parameters_is_refused_in_one_line_and_the_run_res
     with pytest.raises(topdown.ConfigError) as error:
         fit_plan(plan, lambda stage: trainer(), monitor="val_error", **loaders())
     message = str(error.value)
-    assert "\n" not in message and message.startswith("stage 1 (cascade)") and "filter(lambda p: p.requires_grad" in message
+    assert (
+        "\n" not in message
+        and message.startswith("stage 1 (cascade)")
+        and "filter(lambda p: p.requires_grad" in message
+    )
     summary = read_summary(tmp_path / "run")
     assert summary["status"] == "failed" and len(summary["stages"]) == 1  # stage 0 (all trainable) was fine
     # fixed, the run continues from stage 1
-    summary = fit_plan(new_plan(tmp_path / "run", resume=True), lambda stage: trainer(), monitor="val_error", **loaders())
+    summary = fit_plan(
+        new_plan(tmp_path / "run", resume=True), lambda stage: trainer(), monitor="val_error", **loaders()
+    )
     assert summary["status"] == "complete" and len(summary["stages"]) == 3
 
 
 def test_a_missing_monitor_names_what_validation_logged_after_the_first_epoch(tmp_path):
     plan = new_plan(tmp_path / "run")
     with pytest.raises(topdown.ConfigError, match=r"logged \['val_error', 'val_loss'\], not 'val_wer'"):
-        fit_plan(plan, lambda stage: L.Trainer(max_epochs=5, accelerator="cpu", devices=1, enable_progress_bar=False, logger=False,
-                                               enable_checkpointing=False, enable_model_summary=False), monitor="val_wer", **loaders())
-    assert (tmp_path / "run" / "metrics.jsonl").exists() is False  # said after the first epoch, before any was logged
+        fit_plan(
+            plan,
+            lambda stage: L.Trainer(
+                max_epochs=5,
+                accelerator="cpu",
+                devices=1,
+                enable_progress_bar=False,
+                logger=False,
+                enable_checkpointing=False,
+                enable_model_summary=False,
+            ),
+            monitor="val_wer",
+            **loaders(),
+        )
+    assert (
+        tmp_path / "run" / "metrics.jsonl"
+    ).exists() is False  # said after the first epoch, before any was logged
 
 
 def test_docs_lightning_example_runs(tmp_path, monkeypatch):
@@ -182,7 +242,12 @@ def test_transfer_classifier_stages_get_their_subset_from_a_function_of_the_stag
     config = topdown.RunConfig(procedure=topdown.ProcedureConfig(split=1, subset=0.5))
     data = loaders()
     with pytest.raises(topdown.ConfigError, match="as a function of the stage"):
-        fit_plan(new_plan(tmp_path / "a", plan=topdown.TransferClassifier, config=config), lambda stage: trainer(), monitor="val_error", **data)
+        fit_plan(
+            new_plan(tmp_path / "a", plan=topdown.TransferClassifier, config=config),
+            lambda stage: trainer(),
+            monitor="val_error",
+            **data,
+        )
     train = data.pop("train_dataloaders").dataset
     sizes = []
 
@@ -190,15 +255,35 @@ def test_transfer_classifier_stages_get_their_subset_from_a_function_of_the_stag
         sizes.append(int(stage.subset * len(train)))
         return DataLoader(Subset(train, range(sizes[-1])), batch_size=32, shuffle=True)
 
-    summary = fit_plan(new_plan(tmp_path / "b", plan=topdown.TransferClassifier, config=config), lambda stage: trainer(),
-                       monitor="val_error", train_dataloaders=train_dataloaders, **data)
-    assert sizes == [128, 64, 64] and [s["role"] for s in summary["stages"]] == ["full-data baseline", "subset baseline", "transfer"]
+    summary = fit_plan(
+        new_plan(tmp_path / "b", plan=topdown.TransferClassifier, config=config),
+        lambda stage: trainer(),
+        monitor="val_error",
+        train_dataloaders=train_dataloaders,
+        **data,
+    )
+    assert sizes == [128, 64, 64] and [s["role"] for s in summary["stages"]] == [
+        "full-data baseline",
+        "subset baseline",
+        "transfer",
+    ]
 
 
 def test_a_test_metric_logged_under_another_name_is_an_error_not_an_empty_column():
-    for val, test in (("val_error", "test_error"), ("valid/error", "test/error"), ("validation.error", "test.error"),
-                      ("val-error", "test-error"), ("validity", None), ("error", None)):
+    for val, test in (
+        ("val_error", "test_error"),
+        ("valid/error", "test/error"),
+        ("validation.error", "test.error"),
+        ("val-error", "test-error"),
+        ("validity", None),
+        ("error", None),
+    ):
         assert default_test_monitor(val) == test
-    assert _renamed({"test_error": 0.25, "test_loss": 1.0}, "test_error", "error", validation=False) == {"error": 0.25, "loss": 1.0}
-    with pytest.raises(topdown.ConfigError, match=r"the test metrics logged \(test_err\) lack 'test_error': .*test_monitor="):
+    assert _renamed({"test_error": 0.25, "test_loss": 1.0}, "test_error", "error", validation=False) == {
+        "error": 0.25,
+        "loss": 1.0,
+    }
+    with pytest.raises(
+        topdown.ConfigError, match=r"the test metrics logged \(test_err\) lack 'test_error': .*test_monitor="
+    ):
         _renamed({"test_err": 0.25}, "test_error", "error", validation=False)

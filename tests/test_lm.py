@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from conftest import cli
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import cli
 from topdown import Task
 from topdown.blocks import Blocks
 from topdown.config import TrainConfig
@@ -17,7 +17,6 @@ from topdown.procedures import run_procedure
 from topdown.tasks import resolve_config
 from topdown.tasks.lm import awd, corpus
 from topdown.tasks.lm.model import AWDLSTM, LSTMLayer
-
 
 
 def tiny_cfg(**model):
@@ -43,9 +42,14 @@ def test_wt2_small_is_the_documented_split():
     assert lines["val"][1] == " = Robert <unk> = "
 
 
-@pytest.mark.parametrize("layout", [("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"), ("train.txt", "valid.txt", "test.txt")])
+@pytest.mark.parametrize(
+    "layout",
+    [("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"), ("train.txt", "valid.txt", "test.txt")],
+)
 def test_standard_layouts_and_unk(tmp_path, layout):
-    root = write_corpus(tmp_path / "c", layout, [" the cat <unk> sat \n\n a dog \n", " the dog sat \n", " a zebra sat \n"])
+    root = write_corpus(
+        tmp_path / "c", layout, [" the cat <unk> sat \n\n a dog \n", " the dog sat \n", " a zebra sat \n"]
+    )
     lines = corpus.load_standard(corpus.standard_paths(root))
     vocab = corpus.build_vocab(lines["train"])
     assert vocab == ["the", "cat", "<unk>", "sat", "<eos>", "a", "dog"]  # first appearance, <eos> per line
@@ -56,39 +60,73 @@ def test_standard_layouts_and_unk(tmp_path, layout):
 def test_a_leading_byte_order_mark_is_not_a_word(tmp_path):
     """A UTF-8 BOM made '\\ufeffthe' (or '\\ufeff') a vocabulary word."""
     texts = ["the cat sat\n a dog\n", "the dog\n", "a cat\n"]
-    plain = corpus.load_standard(corpus.standard_paths(write_corpus(tmp_path / "plain", ("train.txt", "valid.txt", "test.txt"), texts)))
+    plain = corpus.load_standard(
+        corpus.standard_paths(write_corpus(tmp_path / "plain", ("train.txt", "valid.txt", "test.txt"), texts))
+    )
     root = tmp_path / "bom"
     root.mkdir()
-    for name, text in zip(("train.txt", "valid.txt", "test.txt"), ["\ufeff" + texts[0], "\ufeff" + texts[1], "\ufeff \n" + texts[2]]):
+    for name, text in zip(
+        ("train.txt", "valid.txt", "test.txt"),
+        ["\ufeff" + texts[0], "\ufeff" + texts[1], "\ufeff \n" + texts[2]],
+    ):
         (root / name).write_bytes(text.encode("utf-8"))
     bom = corpus.load_standard(corpus.standard_paths(root))
-    assert corpus.build_vocab(bom["train"]) == corpus.build_vocab(plain["train"]) == ["the", "cat", "sat", "<eos>", "a", "dog"]
+    assert (
+        corpus.build_vocab(bom["train"])
+        == corpus.build_vocab(plain["train"])
+        == ["the", "cat", "sat", "<eos>", "a", "dog"]
+    )
     assert bom["val"] == plain["val"] and bom["test"][1:] == plain["test"]
 
 
 def test_unseen_word_without_unk_and_empty_corpus_are_data_errors(tmp_path):
-    root = write_corpus(tmp_path / "c", ("train.txt", "valid.txt", "test.txt"), ["the cat\n", "the cat\n", "the zebra\n"])
+    root = write_corpus(
+        tmp_path / "c", ("train.txt", "valid.txt", "test.txt"), ["the cat\n", "the cat\n", "the zebra\n"]
+    )
     vocab = corpus.build_vocab(corpus.load_standard(corpus.standard_paths(root))["train"])
-    with pytest.raises(DataError, match=r"test split, line 1: word 'zebra' is not in the training vocabulary"):
+    with pytest.raises(
+        DataError, match=r"test split, line 1: word 'zebra' is not in the training vocabulary"
+    ):
         corpus.encode(["the zebra"], vocab, "test")
     with pytest.raises(DataError, match="empty"):
         corpus.encode(["", "  "], vocab, "val")
     with pytest.raises(DataError, match="missing test.txt"):
-        corpus.load_standard(corpus.standard_paths(write_corpus(tmp_path / "d", ("train.txt", "valid.txt"), ["a\n", "a\n"])))
+        corpus.load_standard(
+            corpus.standard_paths(write_corpus(tmp_path / "d", ("train.txt", "valid.txt"), ["a\n", "a\n"]))
+        )
 
 
 def test_cli_reports_bad_corpora_in_one_line(tmp_path):
-    root = write_corpus(tmp_path / "c", ("train.txt", "valid.txt", "test.txt"), ["the cat\n" * 50, "the cat\n" * 50, "the zebra\n"])
-    proc = cli("baseline", "lm-awd", "--preset", "tiny", "--data-dir", str(root), "--out", str(tmp_path / "r"))
+    root = write_corpus(
+        tmp_path / "c",
+        ("train.txt", "valid.txt", "test.txt"),
+        ["the cat\n" * 50, "the cat\n" * 50, "the zebra\n"],
+    )
+    proc = cli(
+        "baseline", "lm-awd", "--preset", "tiny", "--data-dir", str(root), "--out", str(tmp_path / "r")
+    )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"topdown: error: the test split ({root / 'test.txt'}), line 1: word 'zebra'")
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"topdown: error: the test split ({root / 'test.txt'}), line 1: word 'zebra'")
+    )
     empty = write_corpus(tmp_path / "e", ("train.txt", "valid.txt", "test.txt"), ["\n", "a\n", "a\n"])
-    proc = cli("baseline", "lm-awd", "--preset", "tiny", "--data-dir", str(empty), "--out", str(tmp_path / "r2"))
-    assert proc.stderr.strip().splitlines()[-1] == f"topdown: error: the train split ({empty / 'train.txt'}) is empty (no words)"
+    proc = cli(
+        "baseline", "lm-awd", "--preset", "tiny", "--data-dir", str(empty), "--out", str(tmp_path / "r2")
+    )
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == f"topdown: error: the train split ({empty / 'train.txt'}) is empty (no words)"
+    )
 
 
 def test_an_empty_split_names_its_file(tmp_path):
-    root = write_corpus(tmp_path / "c", ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"), ["a b\n" * 20, " \n\n", "a\n"])
+    root = write_corpus(
+        tmp_path / "c",
+        ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"),
+        ["a b\n" * 20, " \n\n", "a\n"],
+    )
     with pytest.raises(DataError) as e:
         awd.make(tiny_cfg().task, str(root))
     assert str(e.value) == f"the val split ({root / 'wiki.valid.tokens'}) is empty (no words)"
@@ -97,16 +135,33 @@ def test_an_empty_split_names_its_file(tmp_path):
 LONG = "a b c\n" * 5  # 20 tokens with <eos>: enough for the tiny preset's batch sizes of 4
 
 
-@pytest.mark.parametrize("texts, limit, message", [
-    # the reviewer's case: "4 tokens are too few for batch size 4" named no split, file or option
-    ((LONG, "a b c\n", LONG), 0, "the val split ({root}/valid.txt) has 4 tokens, too few for data.eval_batch_size 4 "
-                                 "(at least 8: 2 per stream); lower data.eval_batch_size"),
-    (("a b c d e\n", LONG, LONG), 0, "the train split ({root}/train.txt) has 6 tokens, too few for data.batch_size 4 "
-                                     "(at least 8: 2 per stream); lower data.batch_size"),
-    ((LONG, LONG, LONG), 6, "the train split ({root}/train.txt) has 6 tokens, too few for data.batch_size 4 "
-                            "(at least 8: 2 per stream); lower data.batch_size, or raise data.limit_tokens (6)"),
-])
-def test_a_split_too_short_for_its_batch_size_names_the_split_file_and_options(tmp_path, texts, limit, message):
+@pytest.mark.parametrize(
+    "texts, limit, message",
+    [
+        # the reviewer's case: "4 tokens are too few for batch size 4" named no split, file or option
+        (
+            (LONG, "a b c\n", LONG),
+            0,
+            "the val split ({root}/valid.txt) has 4 tokens, too few for data.eval_batch_size 4 "
+            "(at least 8: 2 per stream); lower data.eval_batch_size",
+        ),
+        (
+            ("a b c d e\n", LONG, LONG),
+            0,
+            "the train split ({root}/train.txt) has 6 tokens, too few for data.batch_size 4 "
+            "(at least 8: 2 per stream); lower data.batch_size",
+        ),
+        (
+            (LONG, LONG, LONG),
+            6,
+            "the train split ({root}/train.txt) has 6 tokens, too few for data.batch_size 4 "
+            "(at least 8: 2 per stream); lower data.batch_size, or raise data.limit_tokens (6)",
+        ),
+    ],
+)
+def test_a_split_too_short_for_its_batch_size_names_the_split_file_and_options(
+    tmp_path, texts, limit, message
+):
     """Raised when the task is built, before any training (the training split's too)."""
     root = write_corpus(tmp_path / "c", ("train.txt", "valid.txt", "test.txt"), texts)
     cfg = resolve_config("lm-awd", "tiny", {"data": {"limit_tokens": limit}}).task
@@ -138,7 +193,12 @@ def test_weight_drop_drops_hidden_weights_in_training_only_and_registers_them_on
     # in eval it is exactly an LSTM with the raw weights (the kernel nn.LSTM uses)
     ref = nn.LSTM(6, 8)
     with torch.no_grad():
-        for a, b in [("weight_ih_l0", "weight_ih"), ("weight_hh_l0", "weight_hh_raw"), ("bias_ih_l0", "bias_ih"), ("bias_hh_l0", "bias_hh")]:
+        for a, b in [
+            ("weight_ih_l0", "weight_ih"),
+            ("weight_hh_l0", "weight_hh_raw"),
+            ("bias_ih_l0", "bias_ih"),
+            ("bias_hh_l0", "bias_hh"),
+        ]:
             getattr(ref, a).copy_(getattr(layer, b))
     assert torch.allclose(layer(x)[0], ref(x)[0], atol=1e-6)
 
@@ -176,7 +236,9 @@ def test_variable_bptt_covers_the_epoch_in_order():
     assert len(set(lengths)) > 1 and min(lengths) >= 1
     assert [b[2] for b in batches] == [True] + [False] * (len(batches) - 1)
     stream = torch.cat([b[0] for b in batches])
-    assert torch.equal(torch.cat([b[1] for b in batches])[:-1], stream[1:])  # targets are inputs shifted by one
+    assert torch.equal(
+        torch.cat([b[1] for b in batches])[:-1], stream[1:]
+    )  # targets are inputs shifted by one
     again = list(task.train_batches(torch.Generator().manual_seed(1), 1.0))
     assert [b[0].shape[0] for b in again] == lengths  # a pure function of the generator
     # the whole epoch: the corpus prefix the preset keeps, cut into batch_size streams side by side
@@ -198,16 +260,26 @@ def test_variable_bptt_covers_the_epoch_in_order():
 def test_tied_weights_across_a_split_are_an_error_unless_tie_is_given():
     model = AWDLSTM(50, 8, 12, 2, tie="classifier")
     spec = awd.block_names({"layers": 2})
-    with pytest.raises(BlockError, match=r"encoder.weight = decoder.weight is shared by blocks \['decoder', 'embedding'\]"):
+    with pytest.raises(
+        BlockError, match=r"encoder.weight = decoder.weight is shared by blocks \['decoder', 'embedding'\]"
+    ):
         Blocks(model, spec)
     blocks = Blocks(model, spec, {"decoder.weight": "decoder"})
-    assert blocks.parameter_names()["embedding"] == [] and "encoder.weight" in blocks.parameter_names()["decoder"]
+    assert (
+        blocks.parameter_names()["embedding"] == []
+        and "encoder.weight" in blocks.parameter_names()["decoder"]
+    )
     with pytest.raises(ConfigError, match="model.tie is ''.*'classifier'.*'untie'.*'none'"):
         awd.make(tiny_cfg(tie="").task)
     proc = cli("cascade", "lm-awd", "--preset", "tiny", "--set", "model.tie=", "--out", "/nonexistent/never")
-    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("topdown: error: model.tie is")
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith(
+        "topdown: error: model.tie is"
+    )
     cfg = tiny_cfg().updated({"cascade": {"splits": [3, 1]}})
-    with pytest.raises(ConfigError, match="split 1: the feature extractor is only the embedding block, which owns no parameter"):
+    with pytest.raises(
+        ConfigError,
+        match="split 1: the feature extractor is only the embedding block, which owns no parameter",
+    ):
         run_procedure("cascade", awd.make(cfg.task), "/nonexistent/never", config=cfg)
 
 
@@ -231,14 +303,30 @@ def test_tiny_cascade_end_to_end_with_frozen_blocks_bit_identical(tmp_path):
     run = tmp_path / "run"
     summary = run_procedure("cascade", task, run, config=cfg, seed=0, preset="tiny")
     assert summary["status"] == "complete" and summary["metric"] == "ppl"
-    assert [s["split"] for s in summary["stages"]] == [None, 3, 2]  # embedding owns nothing: split 1 is skipped
-    assert summary["config"]["cascade"]["splits"] is None  # the task states its constraint; it does not edit the config
+    assert [s["split"] for s in summary["stages"]] == [
+        None,
+        3,
+        2,
+    ]  # embedding owns nothing: split 1 is skipped
+    assert (
+        summary["config"]["cascade"]["splits"] is None
+    )  # the task states its constraint; it does not edit the config
     info = summary["task_info"]
-    assert "NOT comparable with published WikiText-2" in info["note"] and len(info["vocab"]) == info["vocab_size"]
+    assert (
+        "NOT comparable with published WikiText-2" in info["note"]
+        and len(info["vocab"]) == info["vocab_size"]
+    )
     assert "NOT comparable" in (run / "report.md").read_text()
-    keys = {"embedding": [], "lstm1": [k for k in load_file(str(run / "checkpoints/stage-0.safetensors")) if k.startswith("rnns.0.")],
-            "lstm2": [k for k in load_file(str(run / "checkpoints/stage-0.safetensors")) if k.startswith("rnns.1.")],
-            "decoder": ["decoder.weight", "decoder.bias", "encoder.weight"]}
+    keys = {
+        "embedding": [],
+        "lstm1": [
+            k for k in load_file(str(run / "checkpoints/stage-0.safetensors")) if k.startswith("rnns.0.")
+        ],
+        "lstm2": [
+            k for k in load_file(str(run / "checkpoints/stage-0.safetensors")) if k.startswith("rnns.1.")
+        ],
+        "decoder": ["decoder.weight", "decoder.bias", "encoder.weight"],
+    }
     for index in (1, 2):
         _frozen_equal(run, summary, index, keys)
     for s in summary["stages"]:
@@ -247,8 +335,15 @@ def test_tiny_cascade_end_to_end_with_frozen_blocks_bit_identical(tmp_path):
     # tie=untie from the same baseline: the embedding is retrained, the decoder's matrix stays frozen
     ucfg = tiny_cfg(tie="untie")
     urun = tmp_path / "untie"
-    usum = run_procedure("cascade", awd.make(ucfg.task), urun, config=ucfg, seed=0, preset="tiny",
-                         from_checkpoint=str(run / "checkpoints" / "stage-0.safetensors"))
+    usum = run_procedure(
+        "cascade",
+        awd.make(ucfg.task),
+        urun,
+        config=ucfg,
+        seed=0,
+        preset="tiny",
+        from_checkpoint=str(run / "checkpoints" / "stage-0.safetensors"),
+    )
     assert [s["split"] for s in usum["stages"]] == [None, 3, 2, 1]
     ukeys = {**keys, "embedding": ["encoder.weight"], "decoder": ["decoder.weight", "decoder.bias"]}
     for index in (1, 2, 3):
@@ -278,8 +373,13 @@ def scalar_task(script):
         return {"loss": script[len(seen) - 1]}
 
     task = Task(
-        name="scalar", build_model=Scalar, blocks=[],
-        train_batches=lambda g, s: iter([0, 1]), loss=lambda model, batch: model.w.sum(), evaluate=evaluate, metric="loss",
+        name="scalar",
+        build_model=Scalar,
+        blocks=[],
+        train_batches=lambda g, s: iter([0, 1]),
+        loss=lambda model, batch: model.w.sum(),
+        evaluate=evaluate,
+        metric="loss",
     )
     return task, seen
 
@@ -287,7 +387,16 @@ def scalar_task(script):
 def test_ntasgd_switches_on_the_non_monotone_condition_and_evaluates_averaged_weights():
     task, seen = scalar_task([5.0, 4.0, 3.0, 6.0, 7.0])
     model = Scalar()
-    cfg = TrainConfig(epochs=5, optimizer="ntasgd", lr=0.1, momentum=0.0, clip=0.0, lr_decay=1.0, nonmono=2, restore_best=False)
+    cfg = TrainConfig(
+        epochs=5,
+        optimizer="ntasgd",
+        lr=0.1,
+        momentum=0.0,
+        clip=0.0,
+        lr_decay=1.0,
+        nonmono=2,
+        restore_best=False,
+    )
     fit(model, task, cfg, seed=0)
     # epochs 1-4 validate the raw iterate (0.8, 0.6, 0.4, 0.2); epoch 4 (6.0 > min(5.0), the epochs before the
     # last two) switches on averaging, so epoch 5 validates the mean of the iterates 0.2, 0.1, 0.0
@@ -299,7 +408,16 @@ def test_ntasgd_switches_on_the_non_monotone_condition_and_evaluates_averaged_we
 
 
 def test_ntasgd_resume_matches_an_uninterrupted_run(tmp_path):
-    cfg = TrainConfig(epochs=6, optimizer="ntasgd", lr=0.1, momentum=0.0, clip=0.0, lr_decay=1.0, nonmono=1, restore_best=False)
+    cfg = TrainConfig(
+        epochs=6,
+        optimizer="ntasgd",
+        lr=0.1,
+        momentum=0.0,
+        clip=0.0,
+        lr_decay=1.0,
+        nonmono=1,
+        restore_best=False,
+    )
     script = [5.0, 4.0, 6.0, 7.0, 8.0, 9.0]
     task, seen = scalar_task(script)
     whole = Scalar()
@@ -319,10 +437,14 @@ def test_ntasgd_resume_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_retrain_and_transfer_classifier_run(tmp_path):
-    cfg = resolve_config("lm-awd", "tiny", {"model": {"tie": "untie"}, "procedure": {"split": 2}, "train": {"epochs": 1}})
+    cfg = resolve_config(
+        "lm-awd", "tiny", {"model": {"tie": "untie"}, "procedure": {"split": 2}, "train": {"epochs": 1}}
+    )
     task = awd.make(cfg.task)
-    for procedure, subset, roles in (("retrain-classifier", None, ["baseline", "retrain-classifier"]),
-                                     ("transfer-classifier", 0.5, ["full-data baseline", "subset baseline", "transfer"])):
+    for procedure, subset, roles in (
+        ("retrain-classifier", None, ["baseline", "retrain-classifier"]),
+        ("transfer-classifier", 0.5, ["full-data baseline", "subset baseline", "transfer"]),
+    ):
         config = cfg.updated({"procedure": {"subset": subset}})
         summary = run_procedure(procedure, task, tmp_path / procedure, config=config, seed=1, preset="tiny")
         assert [s["role"] for s in summary["stages"]] == roles

@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from conftest import toy_task
 
 import topdown.loop as loop
 from topdown import ConfigError, TrainConfig
 from topdown.loop import fit
 from topdown.runs import load_tensors, save_tensors
-
-from conftest import toy_task
 
 
 def recorded_lrs(monkeypatch, cfg: TrainConfig, task=None) -> list[float]:
@@ -40,7 +39,9 @@ def test_plateau_decay_and_early_stop(monkeypatch):
     cfg = TrainConfig(epochs=10, lr=0.01, lr_decay=0.5, lr_patience=1, early_stop=3)
     lrs = recorded_lrs(monkeypatch, cfg, toy_task(metric_script=script))
     per_epoch = lrs[::4]  # 4 batches an epoch
-    assert per_epoch == pytest.approx([0.01, 0.01, 0.005, 0.0025])  # decays after each epoch without improvement
+    assert per_epoch == pytest.approx(
+        [0.01, 0.01, 0.005, 0.0025]
+    )  # decays after each epoch without improvement
     task = toy_task(metric_script=script)
     torch.manual_seed(0)
     result = fit(task.build_model(), task, cfg, seed=0)
@@ -52,7 +53,9 @@ def test_bf16_autocast_trains(monkeypatch):
     task = toy_task()
     dtypes = []
     loss = task.loss
-    task.loss = lambda model, batch: (dtypes.append(model.out(torch.zeros(1, 16)).dtype), loss(model, batch))[1]
+    task.loss = lambda model, batch: (dtypes.append(model.out(torch.zeros(1, 16)).dtype), loss(model, batch))[
+        1
+    ]
     torch.manual_seed(0)
     result = fit(task.build_model(), task, TrainConfig(epochs=1, lr=0.01, amp="bf16"), seed=0)
     assert set(dtypes) == {torch.bfloat16} and 0 <= result.val["error"] <= 1
@@ -75,14 +78,23 @@ def test_what_a_task_hands_the_loop_is_checked_with_a_one_line_error():
 
     task = toy_task()
     as_float = dataclasses.replace(task, loss=lambda model, batch: task.loss(model, batch).detach().item())
-    with pytest.raises(ConfigError, match=r"^task toy: loss\(model, batch\) must return a one-element tensor .*got float$"):
+    with pytest.raises(
+        ConfigError, match=r"^task toy: loss\(model, batch\) must return a one-element tensor .*got float$"
+    ):
         fit(task.build_model(), as_float, TrainConfig(epochs=1), seed=0)
-    shaped = dataclasses.replace(task, loss=lambda model, batch: task.loss(model, batch).reshape(1))  # one element: a loss
+    shaped = dataclasses.replace(
+        task, loss=lambda model, batch: task.loss(model, batch).reshape(1)
+    )  # one element: a loss
     assert 0 <= fit(task.build_model(), shaped, TrainConfig(epochs=1), seed=0).val["error"] <= 1
     scalar = dataclasses.replace(task, evaluate=lambda model, split: 0.5)
-    with pytest.raises(ConfigError, match=r"^task toy: evaluate\(model, 'val'\) must return a dict of metrics .*got float$"):
+    with pytest.raises(
+        ConfigError, match=r"^task toy: evaluate\(model, 'val'\) must return a dict of metrics .*got float$"
+    ):
         fit(task.build_model(), scalar, TrainConfig(epochs=1), seed=0)
-    with pytest.raises(ConfigError, match=r"^task toy: train_batches must take 2 positional argument\(s\), as train_batches\(generator, subset\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^task toy: train_batches must take 2 positional argument\(s\), as train_batches\(generator, subset\)",
+    ):
         dataclasses.replace(task, train_batches=lambda generator: [])
 
 
@@ -93,7 +105,9 @@ def test_onecycle_and_cosine_are_pure_functions_of_the_step(monkeypatch):
     for schedule in ("onecycle", "cosine"):
         cfg = TrainConfig(epochs=4, lr=0.01, schedule=schedule, warmup_steps=2 if schedule == "cosine" else 0)
         lrs = recorded_lrs(monkeypatch, cfg, toy_task(metric_script=script))
-        assert lrs == pytest.approx([loop.scheduled_lr(cfg, 0.01, s, 16) for s in range(16)])  # 4 batches x 4 epochs
+        assert lrs == pytest.approx(
+            [loop.scheduled_lr(cfg, 0.01, s, 16) for s in range(16)]
+        )  # 4 batches x 4 epochs
         assert max(lrs) == pytest.approx(0.01, rel=0.05) and lrs[-1] < 0.01 * 0.05
     onecycle = TrainConfig(lr=0.01, schedule="onecycle")
     assert loop.scheduled_lr(onecycle, 0.01, 0, 100) == pytest.approx(0.01 / 25)
@@ -145,14 +159,18 @@ def test_min_epoch_steps_passes_a_small_training_set_again(monkeypatch):
     assert len(lrs) == 24  # 2 epochs x 3 passes x 4 batches
     assert lrs == pytest.approx([loop.scheduled_lr(cfg, 0.01, s, 24) for s in range(24)])
     assert len(recorded_lrs(monkeypatch, TrainConfig(epochs=2, lr=0.01, min_epoch_steps=0))) == 8
-    assert len(recorded_lrs(monkeypatch, TrainConfig(epochs=2, lr=0.01, min_epoch_steps=4))) == 8  # already 4 steps a pass
+    assert (
+        len(recorded_lrs(monkeypatch, TrainConfig(epochs=2, lr=0.01, min_epoch_steps=4))) == 8
+    )  # already 4 steps a pass
     passes = list(loop.epoch_batches(toy_task(), cfg, torch.Generator().manual_seed(0), 1.0))
     assert len(passes) == 12 and not torch.equal(passes[0][1], passes[4][1])  # the second pass is reshuffled
     with pytest.raises(ConfigError, match="min_epoch_steps"):
         TrainConfig(min_epoch_steps=-1)
 
 
-def _fit_recording_weights(cfg: TrainConfig, script: list[float], resume_path=None, fail_at: int | None = None):
+def _fit_recording_weights(
+    cfg: TrainConfig, script: list[float], resume_path=None, fail_at: int | None = None
+):
     """Fit the toy task with a scripted validation metric; returns the model and the weights each
     validation call saw (``fail_at``: the k-th call is interrupted)."""
     task = toy_task(metric_script=script)
@@ -185,9 +203,15 @@ def test_average_best_keeps_the_average_of_the_best_epochs_unless_worse():
     assert result.val["error"] == 0.3
     for name, value in model.state_dict().items():
         assert torch.equal(value, seen[3][name])  # epoch 4, the best
-    assert loop.average_weights([{"n": torch.tensor(3), "w": torch.tensor([1.0, 2.0])},
-                                 {"n": torch.tensor(5), "w": torch.tensor([3.0, 6.0])}]) == {"n": 3, "w": pytest.approx([2.0, 4.0])}
-    frozen = torch.rand(1000)  # the same in every kept epoch: kept bit for bit, where (x + x + x) / 3 may not be x
+    assert loop.average_weights(
+        [
+            {"n": torch.tensor(3), "w": torch.tensor([1.0, 2.0])},
+            {"n": torch.tensor(5), "w": torch.tensor([3.0, 6.0])},
+        ]
+    ) == {"n": 3, "w": pytest.approx([2.0, 4.0])}
+    frozen = torch.rand(
+        1000
+    )  # the same in every kept epoch: kept bit for bit, where (x + x + x) / 3 may not be x
     assert torch.equal(loop.average_weights([{"w": frozen.clone()} for _ in range(3)])["w"], frozen)
     with pytest.raises(ConfigError, match="average_best"):
         TrainConfig(average_best=0)
@@ -216,7 +240,7 @@ def test_a_resume_point_of_the_earlier_format_resumes_to_the_same_weights(tmp_pa
         _fit_recording_weights(cfg, script, resume_path=path, fail_at=3)
     tensors, meta = load_tensors(path)
     assert [epoch for _, epoch in meta["kept"]] == [2]
-    old = {("best." + k[len("kept0."):] if k.startswith("kept0.") else k): v for k, v in tensors.items()}
+    old = {("best." + k[len("kept0.") :] if k.startswith("kept0.") else k): v for k, v in tensors.items()}
     save_tensors(path, old, {**meta, "kept": []})
     resumed, result, _ = _fit_recording_weights(cfg, script[2:], resume_path=path)
     assert result.epochs == 4 and result.val["error"] == 0.3

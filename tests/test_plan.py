@@ -12,14 +12,13 @@ import textwrap
 
 import pytest
 import torch
+from conftest import PYTHONPATH, ROOT, ToyNet, read_summary, toy_data, toy_task, without_seconds
 from torch import nn
 from torch.nn import functional as F
 
 import topdown
 from topdown import CascadeConfig, RunConfig, TrainConfig
 from topdown.loop import fit
-
-from conftest import PYTHONPATH, ROOT, ToyNet, read_summary, toy_data, toy_task, without_seconds
 
 BLOCKS = [("inp", ["inp"]), ("mid", ["mid"]), ("out", ["out"])]
 
@@ -57,20 +56,26 @@ def test_a_hand_written_loop_drives_a_cascade_with_frozen_blocks_truly_frozen(tm
         frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
         buffers = {n: b.clone() for n, b in model.named_buffers() if n.split(".")[0] in stage.frozen_blocks}
         trainable = {id(p) for p in stage.trainable_parameters()}
-        assert trainable == {id(p) for n, p in model.named_parameters() if n.split(".")[0] in stage.trained_blocks}
+        assert trainable == {
+            id(p) for n, p in model.named_parameters() if n.split(".")[0] in stage.trained_blocks
+        }
         my_training(model, stage.trainable_parameters())
         model.train()  # frozen normalisation and dropout stay in eval mode anyway
         for block in stage.frozen_blocks:
             assert all(not m.training for m in getattr(model, block).modules())
         assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
-        assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers() if n in buffers)  # BatchNorm statistics
+        assert all(
+            torch.equal(b, buffers[n]) for n, b in model.named_buffers() if n in buffers
+        )  # BatchNorm statistics
         record = stage.finish(val={"error": val_error(model)})
         assert record["accepted"] == stage.accepted and record["index"] == stage.index
         seen.append((stage.index, stage.trained_blocks))
     assert seen == [(0, ["inp", "mid", "out"]), (1, ["inp", "mid"]), (2, ["inp"])]
     summary = read_summary(tmp_path / "run")
     assert summary == plan.summary and summary["status"] == "complete" and summary["procedure"] == "cascade"
-    assert (tmp_path / "run" / "checkpoints" / "best.safetensors").is_file() and (tmp_path / "run" / "report.md").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "best.safetensors").is_file() and (
+        tmp_path / "run" / "report.md"
+    ).is_file()
     # the model comes back as the chosen one, every block trainable again
     best = topdown.runs.load_tensors(tmp_path / "run" / "checkpoints" / "best.safetensors")[0]
     assert all(torch.equal(v, best[k]) for k, v in plan.model.state_dict().items())
@@ -98,7 +103,13 @@ def test_a_higher_is_better_metric_is_known_by_its_name(tmp_path):
         topdown.Cascade(ToyNet(), BLOCKS, build_model=ToyNet, metric="my_score", out=tmp_path / "x")
     # a variant of a known metric (another decoder's WER, a dev-set BLEU) takes its base's direction and unit
     from topdown.metrics import Metric, display_scale, is_rate
-    assert [Metric.named(n).lower_is_better for n in ("wer_beam", "cer_lm", "ctc_loss", "bleu_dev")] == [True, True, True, False]
+
+    assert [Metric.named(n).lower_is_better for n in ("wer_beam", "cer_lm", "ctc_loss", "bleu_dev")] == [
+        True,
+        True,
+        True,
+        False,
+    ]
     assert [is_rate(n) for n in ("wer_beam", "error", "ppl", "loss")] == [True, True, False, False]
     assert [display_scale(n) for n in ("cer_lm", "ppl")] == [(100, " (%)"), (1, "")]
 
@@ -116,32 +127,59 @@ def test_unfinished_stage_and_missing_metric_are_errors(tmp_path):
 def test_what_a_loop_hands_back_is_checked_where_it_is_handed(tmp_path):
     """A loop's mistakes are one-line TopdownErrors at the call that makes them, never a bare
     traceback later nor a silently wrong record."""
-    plan = new_plan(tmp_path / "run", config={"cascade": {"splits": [2]}})  # a plain dict configures the plan too
+    plan = new_plan(
+        tmp_path / "run", config={"cascade": {"splits": [2]}}
+    )  # a plain dict configures the plan too
     stages = iter(plan)
     first = next(stages)
-    with pytest.raises(topdown.ConfigError, match=r"stage.log needs 'epoch' \(an int\) and 'val'.*got \{'epoch': None, 'val': None\}"):
+    with pytest.raises(
+        topdown.ConfigError,
+        match=r"stage.log needs 'epoch' \(an int\) and 'val'.*got \{'epoch': None, 'val': None\}",
+    ):
         first.log({"val_error": 0.5})
     with pytest.raises(topdown.ConfigError, match=r"metric 'confusion' is a tensor or array of 4 values"):
         first.log({"epoch": 1, "val": {"error": 0.5}, "confusion": torch.zeros(2, 2)})
-    with pytest.raises(topdown.ConfigError, match=r"the test metrics \['loss'\] lack the plan's metric 'error'"):
+    with pytest.raises(
+        topdown.ConfigError, match=r"the test metrics \['loss'\] lack the plan's metric 'error'"
+    ):
         first.finish(val={"error": 0.5}, test={"loss": 1.0})
     with pytest.raises(topdown.TopdownError, match="validation error is NaN or infinite: the stage diverged"):
-        first.finish(val={"error": float("nan")})  # a NaN would lose every comparison, and an infinity could be chosen
+        first.finish(
+            val={"error": float("nan")}
+        )  # a NaN would lose every comparison, and an infinity could be chosen
     with pytest.raises(topdown.ConfigError, match="validation error must be a number, got 'low'"):
         first.finish(val={"error": "low"})
-    first.log({"epoch": torch.tensor(1), "val": {"error": torch.tensor(0.25)}, "train_loss": torch.tensor(1.5)})
-    first.finish(val={"error": torch.tensor(0.25)}, test={"error": torch.tensor(0.5), "loss": float("inf")})  # torchmetrics hands tensors
+    first.log(
+        {"epoch": torch.tensor(1), "val": {"error": torch.tensor(0.25)}, "train_loss": torch.tensor(1.5)}
+    )
+    first.finish(
+        val={"error": torch.tensor(0.25)}, test={"error": torch.tensor(0.5), "loss": float("inf")}
+    )  # torchmetrics hands tensors
     second = next(stages)
     second.finish(val={"error": 0.5})
-    assert list(stages) == [] and plan.summary["test"] == {"error": 0.5, "loss": None}  # strict JSON: no NaN or Infinity
+    assert list(stages) == [] and plan.summary["test"] == {
+        "error": 0.5,
+        "loss": None,
+    }  # strict JSON: no NaN or Infinity
     assert read_summary(tmp_path / "run")["stages"][0]["test"] == {"error": 0.5, "loss": None}
-    assert '"epoch": 1, "val": {"error": 0.25}, "train_loss": 1.5' in (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert (
+        '"epoch": 1, "val": {"error": 0.25}, "train_loss": 1.5'
+        in (tmp_path / "run" / "metrics.jsonl").read_text()
+    )
 
 
 def test_a_plan_refuses_what_cannot_work_before_any_stage(tmp_path):
     with pytest.raises(topdown.ConfigError, match="declared over another model than the plan's"):
-        topdown.Cascade(ToyNet(), topdown.Blocks(ToyNet(), BLOCKS), build_model=ToyNet, metric="error", out=tmp_path / "other")
-    with pytest.raises(topdown.ConfigError, match="build_model must be a function that returns a freshly built model"):
+        topdown.Cascade(
+            ToyNet(),
+            topdown.Blocks(ToyNet(), BLOCKS),
+            build_model=ToyNet,
+            metric="error",
+            out=tmp_path / "other",
+        )
+    with pytest.raises(
+        topdown.ConfigError, match="build_model must be a function that returns a freshly built model"
+    ):
         topdown.Cascade(ToyNet(), BLOCKS, build_model=ToyNet(), metric="error", out=tmp_path / "a")
 
     class Wider(ToyNet):
@@ -150,22 +188,40 @@ def test_a_plan_refuses_what_cannot_work_before_any_stage(tmp_path):
             self.mid[0] = nn.Linear(16, 17)
 
     plan = topdown.Cascade(ToyNet(), BLOCKS, build_model=Wider, metric="error", out=tmp_path / "b")
-    with pytest.raises(topdown.ConfigError, match=r"build_model\(\) must return a model like the plan's, with mid.0.weight \(16, 16\); got mid.0.weight \(17, 16\)"):
+    with pytest.raises(
+        topdown.ConfigError,
+        match=r"build_model\(\) must return a model like the plan's, with mid.0.weight \(16, 16\); got mid.0.weight \(17, 16\)",
+    ):
         next(iter(plan))
+
     class WithSoftmax(ToyNet):
         def __init__(self):
             super().__init__()
             self.softmax = nn.LogSoftmax(-1)
 
     softmax = [*BLOCKS, ("softmax", ["softmax"])]  # a parameterless top block cannot be a frozen classifier
-    with pytest.raises(topdown.ConfigError, match="split 3: the classifier is only the softmax block, which owns no parameter"):
-        topdown.Cascade(WithSoftmax(), softmax, build_model=WithSoftmax, metric="error", out=tmp_path / "c",
-                        config={"cascade": {"splits": [3]}})
-    default = topdown.Cascade(WithSoftmax(), softmax, build_model=WithSoftmax, metric="error", out=tmp_path / "d")
+    with pytest.raises(
+        topdown.ConfigError,
+        match="split 3: the classifier is only the softmax block, which owns no parameter",
+    ):
+        topdown.Cascade(
+            WithSoftmax(),
+            softmax,
+            build_model=WithSoftmax,
+            metric="error",
+            out=tmp_path / "c",
+            config={"cascade": {"splits": [3]}},
+        )
+    default = topdown.Cascade(
+        WithSoftmax(), softmax, build_model=WithSoftmax, metric="error", out=tmp_path / "d"
+    )
     assert default.splits() == [2, 1]  # the default splits leave it out
     two = [("body", ["inp", "mid", "out"]), ("softmax", ["softmax"])]  # no split has parameters on both sides
     for plan in (topdown.Cascade, topdown.LaterLayerForgetting):
-        with pytest.raises(topdown.ConfigError, match=r"no split of the blocks \['body', 'softmax'\] has a parameter on both sides"):
+        with pytest.raises(
+            topdown.ConfigError,
+            match=r"no split of the blocks \['body', 'softmax'\] has a parameter on both sides",
+        ):
             plan(WithSoftmax(), two, build_model=WithSoftmax, metric="error", out=tmp_path / plan.__name__)
 
 
@@ -178,7 +234,13 @@ class ForgetTwice(topdown.Plan):
     def stages(self):
         yield self.stage_zero()
         for _ in range(2):
-            yield topdown.StageSpec("forget", self.all_blocks(), start=self.best_index, reinit_blocks=("mid", "out"), accept="always")
+            yield topdown.StageSpec(
+                "forget",
+                self.all_blocks(),
+                start=self.best_index,
+                reinit_blocks=("mid", "out"),
+                accept="always",
+            )
 
 
 class BottomUpReinit(topdown.Plan):
@@ -189,7 +251,9 @@ class BottomUpReinit(topdown.Plan):
     def stages(self):
         yield self.stage_zero()
         for k in range(1, len(self.blocks)):
-            yield topdown.StageSpec("bottom-up", tuple(self.blocks.split(k)[1]), start=self.best_index, split=k)
+            yield topdown.StageSpec(
+                "bottom-up", tuple(self.blocks.split(k)[1]), start=self.best_index, split=k
+            )
 
 
 def test_neighbours_of_the_cascade_are_plans_of_a_few_lines(tmp_path):
@@ -197,14 +261,23 @@ def test_neighbours_of_the_cascade_are_plans_of_a_few_lines(tmp_path):
     plan = ForgetTwice(ToyNet(), BLOCKS, build_model=ToyNet, metric="error", out=tmp_path / "forget")
     for stage in plan:
         if stage.index > 0:  # the lower block starts from the chosen model, the upper ones afresh; all train
-            chosen = topdown.runs.load_tensors(tmp_path / "forget" / "checkpoints" / f"stage-{plan.best_index}.safetensors")[0]
+            chosen = topdown.runs.load_tensors(
+                tmp_path / "forget" / "checkpoints" / f"stage-{plan.best_index}.safetensors"
+            )[0]
             state = stage.model.state_dict()
-            assert all(torch.equal(state[k], v) == k.startswith("inp.") for k, v in chosen.items() if v.is_floating_point() and v.dim())
+            assert all(
+                torch.equal(state[k], v) == k.startswith("inp.")
+                for k, v in chosen.items()
+                if v.is_floating_point() and v.dim()
+            )
             assert len(stage.trainable_parameters()) == len(list(stage.model.parameters()))
         my_training(stage.model, stage.trainable_parameters())
         stage.finish(val={"error": val_error(stage.model)})
     assert [(s["trained_blocks"], s.get("reinit_blocks")) for s in plan.summary["stages"]] == [
-        (["inp", "mid", "out"], None), (["inp", "mid", "out"], ["mid", "out"]), (["inp", "mid", "out"], ["mid", "out"])]
+        (["inp", "mid", "out"], None),
+        (["inp", "mid", "out"], ["mid", "out"]),
+        (["inp", "mid", "out"], ["mid", "out"]),
+    ]
     assert plan.summary["chosen_stage"] == 2 and plan.summary["procedure"] == "forget-twice"
 
     torch.manual_seed(0)
@@ -213,7 +286,10 @@ def test_neighbours_of_the_cascade_are_plans_of_a_few_lines(tmp_path):
         my_training(stage.model, stage.trainable_parameters())
         stage.finish(val={"error": val_error(stage.model)})
     assert [(s["trained_blocks"], s["frozen_blocks"]) for s in plan.summary["stages"]] == [
-        (["inp", "mid", "out"], []), (["mid", "out"], ["inp"]), (["out"], ["inp", "mid"])]
+        (["inp", "mid", "out"], []),
+        (["mid", "out"], ["inp"]),
+        (["out"], ["inp", "mid"]),
+    ]
 
 
 def test_a_stage_naming_an_unknown_block_is_refused_before_it_trains(tmp_path):
@@ -236,10 +312,20 @@ def test_our_loop_is_one_executor_of_the_same_plan(tmp_path):
     task, train = toy_task(), TrainConfig(epochs=2, lr=0.01)
     ours = topdown.cascade(task, tmp_path / "ours", train=train, cascade=CascadeConfig(candidates=2), seed=5)
     torch.manual_seed(topdown.seeds.derive_seed(5, 0, 0))
-    plan = topdown.Cascade(task.build_model(), task.blocks, build_model=task.build_model, metric="error", out=tmp_path / "mine",
-                           config=RunConfig(train=train, cascade=CascadeConfig(candidates=2)), seed=5, name="toy")
+    plan = topdown.Cascade(
+        task.build_model(),
+        task.blocks,
+        build_model=task.build_model,
+        metric="error",
+        out=tmp_path / "mine",
+        config=RunConfig(train=train, cascade=CascadeConfig(candidates=2)),
+        seed=5,
+        name="toy",
+    )
     for stage in plan:
-        result = fit(stage.model, task, stage.train, seed=stage.seed, desc=stage.describe(), on_epoch=stage.log)
+        result = fit(
+            stage.model, task, stage.train, seed=stage.seed, desc=stage.describe(), on_epoch=stage.log
+        )
         stage.model.eval()
         with torch.no_grad():
             test = task.evaluate(stage.model, "test")
@@ -271,7 +357,9 @@ def test_an_interrupted_plan_resumes_to_the_uninterrupted_result(tmp_path, kill_
     script = tmp_path / "loop.py"
     script.write_text(KILLABLE.format(tests=str(ROOT / "tests")))
     env = {**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1"}
-    run = lambda out, *extra, **e: subprocess.run([sys.executable, str(script), str(out), *extra], env={**env, **e}, capture_output=True, text=True)  # noqa: E731
+    run = lambda out, *extra, **e: subprocess.run(
+        [sys.executable, str(script), str(out), *extra], env={**env, **e}, capture_output=True, text=True
+    )  # noqa: E731
     assert run(tmp_path / "whole").returncode == 0
     killed = run(tmp_path / "resumed", KILL_AT=kill_at)
     assert killed.returncode == -signal.SIGKILL
@@ -280,7 +368,9 @@ def test_an_interrupted_plan_resumes_to_the_uninterrupted_result(tmp_path, kill_
     assert resumed.returncode == 0, resumed.stderr
     handed = resumed.stdout.split("\n")
     assert handed[0] == f"handed {kill_at}"  # what finished before the kill is not handed out again
-    assert without_seconds(read_summary(tmp_path / "resumed")) == without_seconds(read_summary(tmp_path / "whole"))
+    assert without_seconds(read_summary(tmp_path / "resumed")) == without_seconds(
+        read_summary(tmp_path / "whole")
+    )
     assert not list((tmp_path / "resumed" / "state").glob("*"))
 
 
@@ -290,8 +380,12 @@ def test_every_resume_is_recorded_even_one_killed_before_its_stage_finished(tmp_
     script = tmp_path / "loop.py"
     script.write_text(KILLABLE.format(tests=str(ROOT / "tests")))
     env = {**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1"}
-    run = lambda *extra, **e: subprocess.run([sys.executable, str(script), str(tmp_path / "run"), *extra], env={**env, **e},  # noqa: E731
-                                             capture_output=True, text=True)
+    run = lambda *extra, **e: subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "run"), *extra],
+        env={**env, **e},  # noqa: E731
+        capture_output=True,
+        text=True,
+    )
     assert run(KILL_AT="1.1").returncode == -signal.SIGKILL
     assert run("--resume", KILL_AT="1.1").returncode == -signal.SIGKILL  # killed again, in the same stage
     assert len(read_summary(tmp_path / "run")["resumed_on"]) == 1
@@ -305,15 +399,29 @@ def test_a_run_in_progress_is_refused_to_a_second_process_until_it_ends(tmp_path
     started again while the first still runs): the second is refused, the first is unharmed."""
     script = tmp_path / "loop.py"
     script.write_text(KILLABLE.format(tests=str(ROOT / "tests")))
-    second = lambda: subprocess.run([sys.executable, str(script), str(tmp_path / "run"), "--resume"], capture_output=True, text=True,  # noqa: E731
-                                    env={**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1"})
+    second = lambda: subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "run"), "--resume"],
+        capture_output=True,
+        text=True,  # noqa: E731
+        env={**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1"},
+    )
     torch.manual_seed(0)
-    plan = topdown.Cascade(ToyNet(), BLOCKS, build_model=ToyNet, metric="error", out=tmp_path / "run", seed=3,
-                           config=RunConfig(cascade=CascadeConfig(candidates=2)))
+    plan = topdown.Cascade(
+        ToyNet(),
+        BLOCKS,
+        build_model=ToyNet,
+        metric="error",
+        out=tmp_path / "run",
+        seed=3,
+        config=RunConfig(cascade=CascadeConfig(candidates=2)),
+    )
     for stage in plan:
         if stage.index == 1:
             refused = second()
-            assert refused.returncode != 0 and "is in use: another process is training the run there" in refused.stderr
+            assert (
+                refused.returncode != 0
+                and "is in use: another process is training the run there" in refused.stderr
+            )
         torch.manual_seed(stage.seed)
         my_training(stage.model, stage.trainable_parameters())
         stage.finish(val={"error": val_error(stage.model)}, test={"error": 0.0})

@@ -5,13 +5,12 @@ import json
 
 import pytest
 import torch
+from conftest import ToyNet, read_summary, toy_task, without_seconds
 from safetensors.torch import load_file
 
 import topdown
 import topdown.procedures as procedures
 from topdown import Blocks, CascadeConfig, ConfigError, TrainConfig
-
-from conftest import ToyNet, read_summary, toy_task, without_seconds
 
 FAST = TrainConfig(epochs=2, lr=0.01)
 
@@ -32,7 +31,16 @@ def test_cascade_record_and_checkpoints(tmp_path, task):
     assert [s["trained_blocks"] for s in stages] == [["inp", "mid", "out"], ["inp", "mid"], ["inp"]]
     assert [s["frozen_blocks"] for s in stages] == [[], ["out"], ["mid", "out"]]
     for s in stages:
-        assert set(s) >= {"index", "split", "trained_blocks", "frozen_blocks", "epochs", "val", "accepted", "seconds"}
+        assert set(s) >= {
+            "index",
+            "split",
+            "trained_blocks",
+            "frozen_blocks",
+            "epochs",
+            "val",
+            "accepted",
+            "seconds",
+        }
         assert s["epochs"] == 2 and 0 <= s["val"]["error"] <= 1
         assert (run / "checkpoints" / f"stage-{s['index']}.safetensors").is_file()
     # acceptance follows validation, and the chosen stage is the best accepted one
@@ -42,7 +50,9 @@ def test_cascade_record_and_checkpoints(tmp_path, task):
         best = min(best, s["val"]["error"]) if s["accepted"] else best
     chosen = summary["chosen_stage"]
     assert stages[chosen]["val"]["error"] == best and summary["test"] == stages[chosen]["test"]
-    assert all(torch.equal(a, b) for a, b in zip(ckpt(run, "best").values(), ckpt(run, f"stage-{chosen}").values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(ckpt(run, "best").values(), ckpt(run, f"stage-{chosen}").values())
+    )
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 6
     assert (run / "report.md").is_file() and (run / "curves.png").stat().st_size > 1000
     assert not list((run / "state").glob("*"))  # resume points are removed once stages are recorded
@@ -80,16 +90,22 @@ def test_reinit_draws_from_the_models_own_initialisation(tmp_path):
     # ... and a builder with its own, distinctive scheme is followed (not nn.Linear's default)
     def build_model():
         model = ToyNet()
-        torch.nn.init.uniform_(model.inp[0].weight, 2.0, 3.0)  # drawn from torch's RNG, far from U(-bound, bound)
+        torch.nn.init.uniform_(
+            model.inp[0].weight, 2.0, 3.0
+        )  # drawn from torch's RNG, far from U(-bound, bound)
         return model
 
     custom = dataclasses.replace(task, build_model=build_model)
     run = tmp_path / "custom"
-    topdown.cascade(custom, run, train=TrainConfig(epochs=1, lr=0.0), cascade=CascadeConfig(splits=[1]), seed=0)
+    topdown.cascade(
+        custom, run, train=TrainConfig(epochs=1, lr=0.0), cascade=CascadeConfig(splits=[1]), seed=0
+    )
     s0, s1 = ckpt(run, "stage-0"), ckpt(run, "stage-1")
     torch.manual_seed(read_summary(run)["stages"][1]["candidates"][0]["seed"])
     built = build_model().state_dict()
-    assert torch.equal(s1["inp.0.weight"], built["inp.0.weight"]) and torch.equal(s1["inp.0.bias"], built["inp.0.bias"])
+    assert torch.equal(s1["inp.0.weight"], built["inp.0.weight"]) and torch.equal(
+        s1["inp.0.bias"], built["inp.0.bias"]
+    )
     assert s1["inp.0.weight"].min() >= 2.0 and not torch.equal(s1["inp.0.weight"], s0["inp.0.weight"])
 
 
@@ -124,7 +140,13 @@ def test_candidates_and_finetune(tmp_path, task):
 
 def test_warm_start_ablation_keeps_lower_blocks(tmp_path, task):
     run = tmp_path / "run"
-    topdown.cascade(task, run, train=TrainConfig(epochs=1, lr=0.0), cascade=CascadeConfig(splits=[1], reinit=False), seed=0)
+    topdown.cascade(
+        task,
+        run,
+        train=TrainConfig(epochs=1, lr=0.0),
+        cascade=CascadeConfig(splits=[1], reinit=False),
+        seed=0,
+    )
     s0, s1 = ckpt(run, "stage-0"), ckpt(run, "stage-1")
     assert torch.equal(s0["inp.0.weight"], s1["inp.0.weight"])
 
@@ -133,7 +155,11 @@ def test_retrain_classifier_freezes_the_feature_extractor(tmp_path, task):
     run = tmp_path / "run"
     summary = topdown.retrain_classifier(task, run, split=1, train=FAST, seed=0)
     s1 = summary["stages"][1]
-    assert s1["role"] == "retrain-classifier" and s1["trained_blocks"] == ["mid", "out"] and s1["frozen_blocks"] == ["inp"]
+    assert (
+        s1["role"] == "retrain-classifier"
+        and s1["trained_blocks"] == ["mid", "out"]
+        and s1["frozen_blocks"] == ["inp"]
+    )
     a, b = ckpt(run, "stage-0"), ckpt(run, "stage-1")
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("inp."))
     assert not torch.equal(a["out.weight"], b["out.weight"])
@@ -161,7 +187,10 @@ def test_same_seed_same_summary(tmp_path, task):
 def test_option_errors_come_before_training(tmp_path, task):
     for kw, match in [
         (lambda: dict(cascade=CascadeConfig(splits=[1, 2])), "strictly descending"),
-        (lambda: dict(cascade=CascadeConfig(splits=[3])), r"split 3 is out of range: the model has 3 blocks, so 1..2"),
+        (
+            lambda: dict(cascade=CascadeConfig(splits=[3])),
+            r"split 3 is out of range: the model has 3 blocks, so 1..2",
+        ),
         (lambda: dict(cascade=CascadeConfig(candidates=0)), "candidates"),
     ]:
         with pytest.raises(ConfigError, match=match):  # refused when the option is declared, or by the plan
@@ -216,7 +245,10 @@ def test_running_out_of_memory_is_the_users_to_fix_and_the_run_resumes(tmp_path,
         return loss(model, batch)
 
     task.loss = hungry
-    with pytest.raises(topdown.TrainingError, match=r"^out of memory on cpu \(CUDA out of memory. Tried to allocate 20.00 GiB\); a smaller data.batch_size"):
+    with pytest.raises(
+        topdown.TrainingError,
+        match=r"^out of memory on cpu \(CUDA out of memory. Tried to allocate 20.00 GiB\); a smaller data.batch_size",
+    ):
         topdown.cascade(task, tmp_path / "run", train=FAST)
     summary = read_summary(tmp_path / "run")
     assert summary["status"] == "failed" and len(summary["stages"]) == 1
@@ -225,7 +257,9 @@ def test_running_out_of_memory_is_the_users_to_fix_and_the_run_resumes(tmp_path,
 
 
 def test_a_monitor_of_unknown_direction_is_refused_before_the_run_directory_is_written(tmp_path, task):
-    with pytest.raises(ConfigError, match=r"train.monitor 'null': not a metric whose direction is known .*leave it empty"):
+    with pytest.raises(
+        ConfigError, match=r"train.monitor 'null': not a metric whose direction is known .*leave it empty"
+    ):
         topdown.baseline(task, tmp_path / "run", train=TrainConfig(epochs=1, monitor="null"))
     assert not (tmp_path / "run").exists()
 
@@ -235,12 +269,29 @@ def test_a_procedure_option_the_plan_does_not_read_is_refused_not_ignored(tmp_pa
     from topdown.config import RunConfig
 
     model = task.build_model()
-    with pytest.raises(ConfigError, match=r"cascade does not use procedure.split \(it uses no procedure.\* option\); a cascade's splits are cascade.splits"):
-        topdown.Cascade(model, task.blocks, build_model=task.build_model, metric="error", out=tmp_path / "c",
-                        config={"procedure": {"split": 1}})
-    with pytest.raises(ConfigError, match=r"retrain-classifier does not use procedure.subset \(it uses procedure.split\)"):
-        procedures.RetrainClassifier(model, task.blocks, build_model=task.build_model, metric="error", out=tmp_path / "r",
-                                     config=RunConfig.from_dict({"procedure": {"split": 1, "subset": 0.5}}))
+    with pytest.raises(
+        ConfigError,
+        match=r"cascade does not use procedure.split \(it uses no procedure.\* option\); a cascade's splits are cascade.splits",
+    ):
+        topdown.Cascade(
+            model,
+            task.blocks,
+            build_model=task.build_model,
+            metric="error",
+            out=tmp_path / "c",
+            config={"procedure": {"split": 1}},
+        )
+    with pytest.raises(
+        ConfigError, match=r"retrain-classifier does not use procedure.subset \(it uses procedure.split\)"
+    ):
+        procedures.RetrainClassifier(
+            model,
+            task.blocks,
+            build_model=task.build_model,
+            metric="error",
+            out=tmp_path / "r",
+            config=RunConfig.from_dict({"procedure": {"split": 1, "subset": 0.5}}),
+        )
     assert not (tmp_path / "c").exists() and not (tmp_path / "r").exists()
 
 
@@ -258,9 +309,16 @@ def test_starting_from_a_checkpoint_trained_on_other_data_is_said(tmp_path, task
 def test_a_checkpoint_saved_by_another_tool_is_a_starting_point(tmp_path, task):
     """safetensors files written elsewhere carry plain-string metadata (e.g. {"format": "pt"}), not our JSON."""
     from safetensors.torch import save_file
+
     path = tmp_path / "theirs.safetensors"
-    save_file({k: v.contiguous() for k, v in task.build_model().state_dict().items()}, str(path), metadata={"format": "pt"})
-    summary = topdown.retrain_classifier(task, tmp_path / "rc", split=2, train=FAST, from_checkpoint=str(path))
+    save_file(
+        {k: v.contiguous() for k, v in task.build_model().state_dict().items()},
+        str(path),
+        metadata={"format": "pt"},
+    )
+    summary = topdown.retrain_classifier(
+        task, tmp_path / "rc", split=2, train=FAST, from_checkpoint=str(path)
+    )
     assert summary["status"] == "complete" and summary["stages"][0]["source"] == str(path)
 
 
@@ -273,23 +331,44 @@ def test_a_run_built_on_a_checkpoint_is_not_continued_or_reused_from_other_weigh
     run = tmp_path / "rc"
     config = topdown.RunConfig.from_dict({"train": {"epochs": 2, "lr": 0.01}, "procedure": {"split": 2}})
     procedures.run_or_resume("retrain-classifier", task, run, config=config, from_checkpoint=a)
-    assert procedures.run_or_resume("retrain-classifier", task, run, config=config, from_checkpoint=a)["status"] == "complete"
-    with pytest.raises(topdown.TopdownError, match=r"cannot reuse .*: it started from other weights than .*b/checkpoints/best.safetensors"):
+    assert (
+        procedures.run_or_resume("retrain-classifier", task, run, config=config, from_checkpoint=a)["status"]
+        == "complete"
+    )
+    with pytest.raises(
+        topdown.TopdownError,
+        match=r"cannot reuse .*: it started from other weights than .*b/checkpoints/best.safetensors",
+    ):
         procedures.run_or_resume("retrain-classifier", task, run, config=config, from_checkpoint=b)
     with pytest.raises(topdown.TopdownError, match="cannot resume .*: it started from other weights"):
         topdown.retrain_classifier(task, run, split=2, train=config.train, from_checkpoint=b, resume=True)
-    (tmp_path / "a" / "checkpoints" / "best.safetensors").rename(tmp_path / "moved.safetensors")  # stage 0 is recorded: not needed
-    assert topdown.retrain_classifier(task, run, split=2, train=config.train, from_checkpoint=a, resume=True)["status"] == "complete"
+    (tmp_path / "a" / "checkpoints" / "best.safetensors").rename(
+        tmp_path / "moved.safetensors"
+    )  # stage 0 is recorded: not needed
+    assert (
+        topdown.retrain_classifier(task, run, split=2, train=config.train, from_checkpoint=a, resume=True)[
+            "status"
+        ]
+        == "complete"
+    )
     # nor is a run that trained its own baseline taken for one built on a checkpoint
     topdown.retrain_classifier(task, tmp_path / "own", split=2, train=config.train)
-    with pytest.raises(topdown.TopdownError, match=r"cannot resume .*own: it trained its own baseline, not the model in .*b/checkpoints"):
-        topdown.retrain_classifier(task, tmp_path / "own", split=2, train=config.train, from_checkpoint=b, resume=True)
+    with pytest.raises(
+        topdown.TopdownError,
+        match=r"cannot resume .*own: it trained its own baseline, not the model in .*b/checkpoints",
+    ):
+        topdown.retrain_classifier(
+            task, tmp_path / "own", split=2, train=config.train, from_checkpoint=b, resume=True
+        )
 
 
 def test_only_the_data_description_tolerates_float_rounding():
     """task_info statistics may differ in their last bits on another CPU; an option's value may not."""
     from topdown.runs import first_difference
-    assert first_difference({"task_info": {"mean": [0.5]}}, {"task_info": {"mean": [0.5 * (1 + 1e-7)]}}) is None
+
+    assert (
+        first_difference({"task_info": {"mean": [0.5]}}, {"task_info": {"mean": [0.5 * (1 + 1e-7)]}}) is None
+    )
     assert first_difference({"config": {"wd": 1.2e-6}}, {"config": {"wd": 1.15e-6}}) == "'config' (wd)"
     assert first_difference({"config": {"lr": 30.0}}, {"config": {"lr": 30.0003}}) == "'config' (lr)"
 
@@ -309,21 +388,30 @@ def test_a_run_recorded_before_an_option_existed_resumes_at_that_options_default
 
 def test_forget_reinitialises_the_upper_blocks_and_trains_all_round_after_round(tmp_path, task):
     run = tmp_path / "run"
-    summary = topdown.forget(task, run, train=FAST, seed=0)  # defaults: the cascade's first split (2) and stages (2)
+    summary = topdown.forget(
+        task, run, train=FAST, seed=0
+    )  # defaults: the cascade's first split (2) and stages (2)
     stages = summary["stages"]
     assert [(s["role"], s["split"], s.get("reinit_blocks")) for s in stages] == [
-        ("baseline", None, None), ("forget", 2, ["out"]), ("forget", 2, ["out"])]
+        ("baseline", None, None),
+        ("forget", 2, ["out"]),
+        ("forget", 2, ["out"]),
+    ]
     assert all(s["trained_blocks"] == ["inp", "mid", "out"] and not s["frozen_blocks"] for s in stages)
     # each round starts from the round before (the lower blocks go on learning; lr 0 keeps them as they started)
     still = tmp_path / "still"
     topdown.forget(task, still, train=TrainConfig(epochs=1, lr=0.0), seed=0, rounds=1)
     s0, s1 = ckpt(still, "stage-0"), ckpt(still, "stage-1")
-    assert torch.equal(s0["mid.0.weight"], s1["mid.0.weight"]) and not torch.equal(s0["out.weight"], s1["out.weight"])
+    assert torch.equal(s0["mid.0.weight"], s1["mid.0.weight"]) and not torch.equal(
+        s0["out.weight"], s1["out.weight"]
+    )
     # validation chooses among the rounds, and the baseline is the cascade's stage 0, bit for bit
     chosen = summary["chosen_stage"]
     assert all(stages[chosen]["val"]["error"] <= s["val"]["error"] for s in stages)
     cascade = topdown.cascade(task, tmp_path / "cascade", train=FAST, seed=0)
-    assert stages[0]["val"] == cascade["stages"][0]["val"] and sum(s["epochs"] for s in stages) == sum(s["epochs"] for s in cascade["stages"])
+    assert stages[0]["val"] == cascade["stages"][0]["val"] and sum(s["epochs"] for s in stages) == sum(
+        s["epochs"] for s in cascade["stages"]
+    )
     forget0, cascade0 = ckpt(run, "stage-0"), ckpt(tmp_path / "cascade", "stage-0")
     assert forget0.keys() == cascade0.keys()
     for key in forget0:  # the weights themselves, not just their validation metrics

@@ -49,14 +49,22 @@ def main() -> int:
     corpus = load_bundle(bundled_path())
     train_pool, test_pool = by_speaker(corpus["train"]), by_speaker(corpus["test"])
     if args.train_speakers + args.dev_speakers > len(train_pool) or args.test_speakers > len(test_pool):
-        print(f"make_small_corpus: AN4 has {len(train_pool)} training and {len(test_pool)} test speakers", file=sys.stderr)
+        print(
+            f"make_small_corpus: AN4 has {len(train_pool)} training and {len(test_pool)} test speakers",
+            file=sys.stderr,
+        )
         return 1
     rng = np.random.default_rng(args.seed)
     drawn = [str(s) for s in rng.permutation(sorted(train_pool))]
     tested = [str(s) for s in rng.permutation(sorted(test_pool))[: args.test_speakers]]
-    splits = {"train": drawn[: args.train_speakers], "dev": drawn[args.train_speakers : args.train_speakers + args.dev_speakers],
-              "test": tested}
-    lines = [f"Few-speaker corpus drawn from the bundled AN4 cepstra by tools/make_small_corpus.py (seed {args.seed})."]
+    splits = {
+        "train": drawn[: args.train_speakers],
+        "dev": drawn[args.train_speakers : args.train_speakers + args.dev_speakers],
+        "test": tested,
+    }
+    lines = [
+        f"Few-speaker corpus drawn from the bundled AN4 cepstra by tools/make_small_corpus.py (seed {args.seed})."
+    ]
     for split, speakers in splits.items():
         pool = test_pool if split == "test" else train_pool
         utts = [u for s in speakers for u in pool[s]]

@@ -28,8 +28,11 @@ def main() -> int:
         again = load_bundle(bundle)
         for split, utts in corpus.items():
             for a, b in zip(utts, again[split], strict=True):
-                if (a.uid, a.speaker, a.text) != (b.uid, b.speaker, b.text) \
-                        or a.feats.tobytes() != b.feats.tobytes():
+                if (a.uid, a.speaker, a.text) != (
+                    b.uid,
+                    b.speaker,
+                    b.text,
+                ) or a.feats.tobytes() != b.feats.tobytes():
                     raise DataError(f"{bundle}: round trip differs at {a.uid}")
         for name in ("LICENSE", "README"):
             if not (args.src / name).is_file():

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .errors import BlockError, warn
+from topdown.errors import BlockError, warn
 
 BlockSpec = Sequence[str | tuple[str, Sequence[str]]] | Mapping[str, Sequence[str]]
 
@@ -149,6 +149,7 @@ class Blocks:
                     seen.append(block)
                     if len(seen) == len(self.modules):
                         judge()
+
             return hook
 
         for block, module_names in self.modules.items():
@@ -162,10 +163,14 @@ class Blocks:
         if seen == declared:
             return
         if len(seen) == len(self) and seen == declared[::-1]:
-            raise BlockError(f"the blocks are declared output to input: the model's forward pass runs them in the order "
-                             f"{', '.join(seen)}; declare them input to output")
-        warn(f"the model's forward pass runs the blocks in the order {', '.join(seen)}, not as declared "
-             f"({', '.join(declared)}); the method takes the declared order as input to output")
+            raise BlockError(
+                f"the blocks are declared output to input: the model's forward pass runs them in the order "
+                f"{', '.join(seen)}; declare them input to output"
+            )
+        warn(
+            f"the model's forward pass runs the blocks in the order {', '.join(seen)}, not as declared "
+            f"({', '.join(declared)}); the method takes the declared order as input to output"
+        )
 
     # -- queries ------------------------------------------------------------------------
 
@@ -178,7 +183,11 @@ class Blocks:
 
     def out_of_range(self, k: int) -> str | None:
         """Why ``k`` is no split of these blocks (a feature extractor and a classifier of one block or more), or None."""
-        return None if 1 <= k < len(self) else f"split {k} is out of range: the model has {len(self)} blocks, so 1..{len(self) - 1}"
+        return (
+            None
+            if 1 <= k < len(self)
+            else f"split {k} is out of range: the model has {len(self)} blocks, so 1..{len(self) - 1}"
+        )
 
     def split(self, k: int) -> tuple[list[str], list[str]]:
         """Feature extractor (blocks 1..k) and classifier (blocks k+1..L) of split ``k``."""

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, report
-from .analyse import run_analyse
-from .compare import finished_seeds, run_compare
-from .config import parse_overrides
-from .devices import default_device, resolve_device
-from .errors import ConfigError, TopdownError
-from .procedures import run_procedure
-from .tasks import PRESET_NAMES, TASKS, make_task, resolve_config, task_module
+from topdown import distributed, report
+from topdown.analyse import run_analyse
+from topdown.compare import finished_seeds, run_compare
+from topdown.config import parse_overrides
+from topdown.devices import default_device, resolve_device
+from topdown.errors import ConfigError, TopdownError
+from topdown.procedures import run_procedure
+from topdown.tasks import PRESET_NAMES, TASKS, make_task, resolve_config, task_module
 
 EPILOG = """examples:
   topdown cascade asr-rnn                       # the default job: demo preset, bundled AN4
@@ -55,28 +55,57 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("task", choices=list(TASKS), help="the task (model family and data)")
-    common.add_argument("--preset", choices=PRESET_NAMES,
-                        help="size preset (default: demo; with --data-dir, the task's recipe for a corpus of your own where "
-                             "it has one: bench for the ASR tasks)")
+    common.add_argument(
+        "--preset",
+        choices=PRESET_NAMES,
+        help="size preset (default: demo; with --data-dir, the task's recipe for a corpus of your own where "
+        "it has one: bench for the ASR tasks)",
+    )
     common.add_argument("--out", help="output directory (default: runs/TASK-COMMAND-PRESET[-seedN])")
-    common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.lr=0.01 (repeatable)")
+    common.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. train.lr=0.01 (repeatable)",
+    )
     common.add_argument("--data-dir", help="read the corpus from this directory instead of the bundled copy")
     common.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    common.add_argument("--nproc", type=int, default=1, metavar="N",
-                        help="train every stage data-parallel in N processes on this machine (torchrun; gloo on CPU, NCCL on CUDA)")
+    common.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train every stage data-parallel in N processes on this machine (torchrun; gloo on CPU, NCCL on CUDA)",
+    )
     single = argparse.ArgumentParser(add_help=False)
-    single.add_argument("--seed", type=int, default=0, help="run seed: initialisation, shuffling, dropout (default: 0)")
-    single.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed epoch")
+    single.add_argument(
+        "--seed", type=int, default=0, help="run seed: initialisation, shuffling, dropout (default: 0)"
+    )
+    single.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last completed epoch"
+    )
     for name, text in HELP.items():
         p = sub.add_parser(name, parents=[common, single], help=text, description=text)
         if name != "baseline":
-            p.add_argument("--from", dest="from_checkpoint", metavar="CKPT", help="start from this checkpoint instead of training a baseline (transfer-classifier: the full-data model)")
+            p.add_argument(
+                "--from",
+                dest="from_checkpoint",
+                metavar="CKPT",
+                help="start from this checkpoint instead of training a baseline (transfer-classifier: the full-data model)",
+            )
         if name in ("retrain-classifier", "transfer-classifier"):
-            p.add_argument("--split", type=int, required=True, help="K: blocks 1..K are the feature extractor")
+            p.add_argument(
+                "--split", type=int, required=True, help="K: blocks 1..K are the feature extractor"
+            )
         if name == "forget":
-            p.add_argument("--split", type=int, help="K: forget the blocks above K (default: the cascade's first split)")
+            p.add_argument(
+                "--split", type=int, help="K: forget the blocks above K (default: the cascade's first split)"
+            )
         if name == "transfer-classifier":
-            p.add_argument("--subset", type=float, required=True, help="fraction of the training data, in (0, 1)")
+            p.add_argument(
+                "--subset", type=float, required=True, help="fraction of the training data, in (0, 1)"
+            )
     p = sub.add_parser(
         "compare",
         parents=[common],
@@ -87,9 +116,18 @@ def _parser() -> argparse.ArgumentParser:
         "in; a chosen model whose test metric is NaN or missing stops the comparison, naming its run.",
     )
     p.add_argument("--seeds", type=int, required=True, help="number of seeds (0..N-1)")
-    p.add_argument("--jobs", type=int, default=1, metavar="N", help="run the comparison's runs in N processes, threads divided among them unless OMP_NUM_THREADS is set (default: 1)")
-    p.add_argument("--forgetting", action="store_true",
-                   help="add an arm: later-layer forgetting (the forget command) with the cascade's budget, per seed")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the comparison's runs in N processes, threads divided among them unless OMP_NUM_THREADS is set (default: 1)",
+    )
+    p.add_argument(
+        "--forgetting",
+        action="store_true",
+        help="add an arm: later-layer forgetting (the forget command) with the cascade's budget, per seed",
+    )
     p = sub.add_parser(
         "analyse",
         parents=[common],
@@ -101,14 +139,33 @@ def _parser() -> argparse.ArgumentParser:
         "NaN or missing stops the analysis, naming the run.",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the baseline and of every run (default: 0)")
-    p.add_argument("--subsets", type=float, nargs="+", default=[0.25, 0.5], help="training-data fractions (default: 0.25 0.5)")
-    p.add_argument("--jobs", type=int, default=1, metavar="N", help="run the splits in N processes, threads divided among them unless OMP_NUM_THREADS is set (default: 1)")
-    p = sub.add_parser("report", help="re-render report.md and curves.png of a run directory; of a compare or analyse "
-                                      "directory (or any directory of runs), show where each of its runs stands (and, for a "
-                                      "comparison, the arms of each seed so far)")
-    p.add_argument("dir", help="run directory, the --out of compare/analyse, or a directory of run directories")
+    p.add_argument(
+        "--subsets",
+        type=float,
+        nargs="+",
+        default=[0.25, 0.5],
+        help="training-data fractions (default: 0.25 0.5)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the splits in N processes, threads divided among them unless OMP_NUM_THREADS is set (default: 1)",
+    )
+    p = sub.add_parser(
+        "report",
+        help="re-render report.md and curves.png of a run directory; of a compare or analyse "
+        "directory (or any directory of runs), show where each of its runs stands (and, for a "
+        "comparison, the arms of each seed so far)",
+    )
+    p.add_argument(
+        "dir", help="run directory, the --out of compare/analyse, or a directory of run directories"
+    )
     p = sub.add_parser("list", help="tasks, presets and the blocks of each task's model")
-    p.add_argument("--config", metavar="TASK", choices=list(TASKS), help="print this task's resolved config for --preset")
+    p.add_argument(
+        "--config", metavar="TASK", choices=list(TASKS), help="print this task's resolved config for --preset"
+    )
     p.add_argument("--preset", default="demo", choices=PRESET_NAMES)
     return parser
 
@@ -130,9 +187,15 @@ def _list(args: argparse.Namespace) -> None:
         model = module.build_model(cfg)
         print(f"  blocks ({args.preset} preset, input to output):")
         blocks = module.block_names(cfg["model"])
-        params = {b: {id(p): p for m in mods for p in model.get_submodule(m).parameters()} for b, mods in blocks}
+        params = {
+            b: {id(p): p for m in mods for p in model.get_submodule(m).parameters()} for b, mods in blocks
+        }
         for block, modules in blocks:
-            shared = sum(p.numel() for i, p in params[block].items() if any(i in params[o] for o, _ in blocks if o != block))
+            shared = sum(
+                p.numel()
+                for i, p in params[block].items()
+                if any(i in params[o] for o, _ in blocks if o != block)
+            )
             count = sum(p.numel() for p in params[block].values())
             note = f"; {shared:,} of them tied with another block" if shared else ""
             print(f"    {block:<12} {count:>10,} parameters  ({', '.join(modules)}{note})")
@@ -142,8 +205,17 @@ def _compare(args: argparse.Namespace) -> None:
     cfg = resolve_config(args.task, args.preset, parse_overrides(args.set))
     out = Path(args.out or f"runs/{args.task}-compare-{args.preset}")
     factory = functools.partial(make_task, args.task, cfg.task, args.data_dir)
-    run_compare(factory(), out, seeds=args.seeds, config=cfg, preset=args.preset, device=args.device, jobs=args.jobs, task_factory=factory,
-                forgetting=args.forgetting)
+    run_compare(
+        factory(),
+        out,
+        seeds=args.seeds,
+        config=cfg,
+        preset=args.preset,
+        device=args.device,
+        jobs=args.jobs,
+        task_factory=factory,
+        forgetting=args.forgetting,
+    )
     print((out / "compare.md").read_text())
 
 
@@ -151,13 +223,26 @@ def _analyse(args: argparse.Namespace) -> None:
     cfg = resolve_config(args.task, args.preset, parse_overrides(args.set))
     out = Path(args.out or f"runs/{args.task}-analyse-{args.preset}-seed{args.seed}")
     factory = functools.partial(make_task, args.task, cfg.task, args.data_dir)
-    run_analyse(factory(), out, config=cfg, seed=args.seed, subsets=tuple(args.subsets), preset=args.preset, device=args.device,
-                jobs=args.jobs, task_factory=factory)
+    run_analyse(
+        factory(),
+        out,
+        config=cfg,
+        seed=args.seed,
+        subsets=tuple(args.subsets),
+        preset=args.preset,
+        device=args.device,
+        jobs=args.jobs,
+        task_factory=factory,
+    )
     print((out / "analyse.md").read_text())
 
 
 def _run(args: argparse.Namespace) -> None:
-    flags = {k: v for k, v in (("split", getattr(args, "split", None)), ("subset", getattr(args, "subset", None))) if v is not None}
+    flags = {
+        k: v
+        for k, v in (("split", getattr(args, "split", None)), ("subset", getattr(args, "subset", None)))
+        if v is not None
+    }
     cfg = resolve_config(args.task, args.preset, parse_overrides(args.set))
     if flags:  # --split/--subset are procedure.split/subset, set last
         cfg = cfg.updated({"procedure": flags})
@@ -177,7 +262,9 @@ def _run(args: argparse.Namespace) -> None:
     if not distributed.is_writer():
         return
     print(report.stage_table(summary))
-    test = ", ".join(f"{name} {report.format_metric(value, name)}" for name, value in (summary["test"] or {}).items())
+    test = ", ".join(
+        f"{name} {report.format_metric(value, name)}" for name, value in (summary["test"] or {}).items()
+    )
     print(f"\nchosen stage {summary['chosen_stage']}; test {test or '-'}")
     if summary.get("task_info", {}).get("note"):
         print(f"note: {summary['task_info']['note']}")
@@ -187,9 +274,22 @@ def _run(args: argparse.Namespace) -> None:
 def _launch(argv: list[str], nproc: int, device: torch.device) -> int:
     """``topdown ... --nproc N``: the same command in N processes under torch.distributed.run (torchrun)."""
     if device.type == "cuda" and nproc > torch.cuda.device_count():
-        raise ConfigError(f"--nproc {nproc} on CUDA needs a GPU per process; {torch.cuda.device_count()} visible (use --device cpu for gloo processes)")
-    rest = [a for i, a in enumerate(argv) if not (a.startswith("--nproc") or (i and argv[i - 1] == "--nproc"))]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "topdown.cli", *rest]
+        raise ConfigError(
+            f"--nproc {nproc} on CUDA needs a GPU per process; {torch.cuda.device_count()} visible (use --device cpu for gloo processes)"
+        )
+    rest = [
+        a for i, a in enumerate(argv) if not (a.startswith("--nproc") or (i and argv[i - 1] == "--nproc"))
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "topdown.cli",
+        *rest,
+    ]
     return subprocess.run(cmd).returncode
 
 
@@ -197,12 +297,19 @@ def _default_preset(args: argparse.Namespace) -> str:
     """``demo`` is a short demonstration sized for the bundled corpus; on a corpus of the user's own it
     over-fits (60 % against bench's 20 % test WER on a 20-speaker corpus, bench/RESULTS.md), so
     ``--data-dir`` without ``--preset`` starts from the task's own-corpus recipe where it has one."""
-    own = getattr(task_module(args.task), "OWN_CORPUS_PRESET", None) if getattr(args, "data_dir", None) else None
+    own = (
+        getattr(task_module(args.task), "OWN_CORPUS_PRESET", None)
+        if getattr(args, "data_dir", None)
+        else None
+    )
     if own is None:
         return "demo"
     if distributed.speaks():
-        print(f"note: --data-dir without --preset: using --preset {own}, the recipe for a corpus of your own "
-              f"(the task's page under docs/; --preset demo for the short demonstration)", file=sys.stderr)
+        print(
+            f"note: --data-dir without --preset: using --preset {own}, the recipe for a corpus of your own "
+            f"(the task's page under docs/; --preset demo for the short demonstration)",
+            file=sys.stderr,
+        )
     return own
 
 
@@ -231,11 +338,15 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "task") and args.preset is None:
             args.preset = _default_preset(args)
         if args.command == "report" and (runs := report.runs_of(args.dir)) is not None:
-            print(report.runs_table(runs))  # a comparison, analysis or any directory of runs: where each stands
+            print(
+                report.runs_table(runs)
+            )  # a comparison, analysis or any directory of runs: where each stands
             if (seeds := finished_seeds(runs)) is not None:
                 print(f"\n{seeds}")
         elif args.command == "report":
-            print(report.stage_table(report.read(args.dir)), flush=True)  # shown even where the files cannot be rewritten
+            print(
+                report.stage_table(report.read(args.dir)), flush=True
+            )  # shown even where the files cannot be rewritten
             print(f"report: {report.write(args.dir)}")
         elif args.command == "list":
             _list(args)
@@ -250,7 +361,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"topdown: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        again = "run the same command again" if args.command in ("compare", "analyse") else "continue with --resume"
+        again = (
+            "run the same command again"
+            if args.command in ("compare", "analyse")
+            else "continue with --resume"
+        )
         print(f"topdown: interrupted; finished epochs are saved, {again}", file=sys.stderr)
         return 130
     except BrokenPipeError:
@@ -260,8 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Exception:  # not the user's input: a bug in topdown (or below it)
         traceback.print_exc()
-        print("topdown: internal error: this is a bug, not your input; please report it with the command and the traceback above",
-              file=sys.stderr)
+        print(
+            "topdown: internal error: this is a bug, not your input; please report it with the command and the traceback above",
+            file=sys.stderr,
+        )
         return 2
     return 0
 

@@ -30,22 +30,52 @@ from typing import Any
 
 import numpy as np
 
-from .config import RunConfig
-from .errors import ConfigError, TopdownError
-from .procedures import planned_models, run_or_resume
-from .metrics import Metric, display_scale
-from .report import format_metric, save_figure, stage_result, table_head, write_record
-from .runs import RunDir
-from .seeds import derive_seed
-from .jobs import Workers
-from .task import Task
+from topdown.config import RunConfig
+from topdown.errors import ConfigError, TopdownError
+from topdown.jobs import Workers
+from topdown.metrics import Metric, display_scale
+from topdown.procedures import planned_models, run_or_resume
+from topdown.report import format_metric, save_figure, stage_result, table_head, write_record
+from topdown.runs import RunDir
+from topdown.seeds import derive_seed
+from topdown.task import Task
 
 ARMS = ("baseline", "cascade", "baseline-equal-epochs", "best-of-k")
 FORGETTING = "forgetting"  # the optional arm
 
 # Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom.
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+_T975 = [
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+]
 
 
 def t975(df: int) -> float:
@@ -86,8 +116,15 @@ def paired_stats(values: list[float], reference: list[float]) -> dict[str, Any]:
         sd = float(np.std(diffs, ddof=1))
         half = t975(n - 1) * sd / math.sqrt(n)
         ci = [mean - half, mean + half]
-    return {"n": n, "mean": mean, "std": sd, "ci95": ci, "p_sign_flip": sign_flip_p(diffs),
-            "lower": sum(d < 0 for d in diffs), "higher": sum(d > 0 for d in diffs)}
+    return {
+        "n": n,
+        "mean": mean,
+        "std": sd,
+        "ci95": ci,
+        "p_sign_flip": sign_flip_p(diffs),
+        "lower": sum(d < 0 for d in diffs),
+        "higher": sum(d > 0 for d in diffs),
+    }
 
 
 def summarise(values: list[float]) -> dict[str, float | None]:
@@ -103,10 +140,20 @@ def _entry(chosen: dict[str, Any], trained: list[dict[str, Any]], metric: str, r
     }
 
 
-def _run(task: Task, out: Path, procedure: str, name: str, seed: int, config: RunConfig, preset: str | None, device) -> dict[str, Any]:
+def _run(
+    task: Task, out: Path, procedure: str, name: str, seed: int, config: RunConfig, preset: str | None, device
+) -> dict[str, Any]:
     """One run of the comparison, ``out/runs/name`` (a worker's unit of work); only its summary is read."""
-    return run_or_resume(procedure, task, out / "runs" / name, config=config, seed=seed, preset=preset, device=device,
-                         weights_needed=False)
+    return run_or_resume(
+        procedure,
+        task,
+        out / "runs" / name,
+        config=config,
+        seed=seed,
+        preset=preset,
+        device=device,
+        weights_needed=False,
+    )
 
 
 def models_trained(cascade: dict[str, Any]) -> int:
@@ -152,8 +199,17 @@ def equal_epochs_config(config: RunConfig, budget: int) -> RunConfig:
     return config.updated({"train": train})
 
 
-def run_all(task: Task, out: Path, seeds: int, config: RunConfig, preset: str | None, device, jobs: int,
-            task_factory: Callable[[], Task] | None, forgetting: bool = False) -> list[dict[str, Any]]:
+def run_all(
+    task: Task,
+    out: Path,
+    seeds: int,
+    config: RunConfig,
+    preset: str | None,
+    device,
+    jobs: int,
+    task_factory: Callable[[], Task] | None,
+    forgetting: bool = False,
+) -> list[dict[str, Any]]:
     """Per seed, the summaries of its runs: ``cascade``, ``equal`` (the equal-epochs baseline),
     ``extras`` (best-of-k's fresh baselines) and, with ``forgetting``, ``forget``.
 
@@ -169,14 +225,22 @@ def run_all(task: Task, out: Path, seeds: int, config: RunConfig, preset: str | 
     config = config.updated({"procedure": dict.fromkeys(procedure)})
 
     def extra(s: int, j: int) -> Future:
-        return workers.submit(_run, out, "baseline", extra_run(s, j), extra_seed(s, j), config, preset, device)
+        return workers.submit(
+            _run, out, "baseline", extra_run(s, j), extra_seed(s, j), config, preset, device
+        )
 
     with Workers(task, jobs, task_factory) as workers:
-        cascades = {workers.submit(_run, out, "cascade", cascade_run(s), s, config, preset, device): s for s in range(seeds)}
+        cascades = {
+            workers.submit(_run, out, "cascade", cascade_run(s), s, config, preset, device): s
+            for s in range(seeds)
+        }
         planned = planned_models(task, config) or 1
         extras = {s: [extra(s, j) for j in range(1, planned)] for s in range(seeds)}
-        forget = {s: workers.submit(_run, out, "forget", forget_run(s), s, forget_config, preset, device)
-                  for s in range(seeds) if forgetting}
+        forget = {
+            s: workers.submit(_run, out, "forget", forget_run(s), s, forget_config, preset, device)
+            for s in range(seeds)
+            if forgetting
+        }
         equal, trained = {}, {}
         for done in as_completed(cascades):
             s = cascades[done]
@@ -184,13 +248,26 @@ def run_all(task: Task, out: Path, seeds: int, config: RunConfig, preset: str | 
             equal_cfg = equal_epochs_config(config, sum(st["epochs"] for st in cascade["stages"]))
             equal[s] = workers.submit(_run, out, "baseline", equal_run(s), s, equal_cfg, preset, device)
             k = models_trained(cascade)
-            extras[s] = extras[s][:k - 1] + [extra(s, j) for j in range(len(extras[s]) + 1, k)]
-        return [{"cascade": trained[s], "equal": equal[s].result(), "extras": [x.result() for x in extras[s]],
-                 **({"forget": forget[s].result()} if forgetting else {})} for s in range(seeds)]
+            extras[s] = extras[s][: k - 1] + [extra(s, j) for j in range(len(extras[s]) + 1, k)]
+        return [
+            {
+                "cascade": trained[s],
+                "equal": equal[s].result(),
+                "extras": [x.result() for x in extras[s]],
+                **({"forget": forget[s].result()} if forgetting else {}),
+            }
+            for s in range(seeds)
+        ]
 
 
-def seed_arms(primary: Metric, seed: int, cascade: dict[str, Any], equal: dict[str, Any] | None,
-              extras: list[dict[str, Any]] | None, forget: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+def seed_arms(
+    primary: Metric,
+    seed: int,
+    cascade: dict[str, Any],
+    equal: dict[str, Any] | None,
+    extras: list[dict[str, Any]] | None,
+    forget: dict[str, Any] | None = None,
+) -> dict[str, dict[str, Any]]:
     """Every arm's result for one seed, from the summaries of its runs. An arm whose runs are not
     all given (None: a comparison still in progress) is left out."""
     metric = primary.name
@@ -199,22 +276,33 @@ def seed_arms(primary: Metric, seed: int, cascade: dict[str, Any], equal: dict[s
     baseline = f"{cascade_run(seed)}#stage0"  # the baseline arm is the cascade's stage 0
     arms = {
         "baseline": {**_entry(stage0, [stage0], metric, baseline), "runs": [baseline]},
-        "cascade": {**_entry(chosen, cascade["stages"], metric, cascade_run(seed)), "runs": [cascade_run(seed)]},
+        "cascade": {
+            **_entry(chosen, cascade["stages"], metric, cascade_run(seed)),
+            "runs": [cascade_run(seed)],
+        },
     }
     if equal is not None:
-        arms["baseline-equal-epochs"] = {**_entry(equal["stages"][0], equal["stages"], metric, equal_run(seed)),
-                                         "runs": [equal_run(seed)]}
+        arms["baseline-equal-epochs"] = {
+            **_entry(equal["stages"][0], equal["stages"], metric, equal_run(seed)),
+            "runs": [equal_run(seed)],
+        }
     if extras is not None:
         pool = [(stage0, baseline)] + [(x["stages"][0], extra_run(seed, j)) for j, x in enumerate(extras, 1)]
         best = pool[0]
         for candidate in pool[1:]:  # chosen on validation only
             if primary.better(candidate[0]["val"][metric], best[0]["val"][metric]):
                 best = candidate
-        arms["best-of-k"] = {**_entry(best[0], [p[0] for p in pool], metric, best[1]), "k": len(pool), "chosen_run": best[1],
-                             "runs": [p[1] for p in pool]}
+        arms["best-of-k"] = {
+            **_entry(best[0], [p[0] for p in pool], metric, best[1]),
+            "k": len(pool),
+            "chosen_run": best[1],
+            "runs": [p[1] for p in pool],
+        }
     if forget is not None:
-        arms[FORGETTING] = {**_entry(forget["stages"][forget["chosen_stage"]], forget["stages"], metric, forget_run(seed)),
-                            "runs": [forget_run(seed)]}
+        arms[FORGETTING] = {
+            **_entry(forget["stages"][forget["chosen_stage"]], forget["stages"], metric, forget_run(seed)),
+            "runs": [forget_run(seed)],
+        }
     return arms
 
 
@@ -224,6 +312,7 @@ def finished_seeds(runs: Path) -> str | None:
     compare.md's per-seed table will show (a rate with its % sign); None when no cascade has
     finished. A seed one of whose runs has no test value to show gets that run's error instead of
     its row. The means, intervals and p-values wait for the comparison itself."""
+
     def complete(name: str) -> dict[str, Any] | None:
         summary = RunDir(runs / name).read_summary() if (runs / name).is_dir() else None
         return summary if summary and summary.get("status") == "complete" else None
@@ -238,23 +327,53 @@ def finished_seeds(runs: Path) -> str | None:
         extras = [complete(extra_run(s, j)) for j in range(1, k)]
         metric = Metric.named(cascade["metric"], cascade["lower_is_better"])
         try:
-            rows.append((s, seed_arms(metric, s, cascade, complete(equal_run(s)), None if None in extras else extras,
-                                      complete(forget_run(s)) if FORGETTING in names else None)))
+            rows.append(
+                (
+                    s,
+                    seed_arms(
+                        metric,
+                        s,
+                        cascade,
+                        complete(equal_run(s)),
+                        None if None in extras else extras,
+                        complete(forget_run(s)) if FORGETTING in names else None,
+                    ),
+                )
+            )
         except TopdownError as e:  # a null test value: said in place of the seed's row
             rows.append((s, str(e)))
     if not rows:
         return None
     m = metric.name
-    lines = [f"Seeds whose cascade has finished: test {m} of each arm whose runs have all finished (the comparison itself",
-             "adds the means, intervals and p-values once every seed has).", "", *table_head(["seed", *names])]
-    lines += [f"| {s} | {arms} |" if isinstance(arms, str) else
-              f"| {s} | " + " | ".join(format_metric(arms[a]["test"], m) if a in arms else "-" for a in names) + " |"
-              for s, arms in rows]
+    lines = [
+        f"Seeds whose cascade has finished: test {m} of each arm whose runs have all finished (the comparison itself",
+        "adds the means, intervals and p-values once every seed has).",
+        "",
+        *table_head(["seed", *names]),
+    ]
+    lines += [
+        f"| {s} | {arms} |"
+        if isinstance(arms, str)
+        else f"| {s} | "
+        + " | ".join(format_metric(arms[a]["test"], m) if a in arms else "-" for a in names)
+        + " |"
+        for s, arms in rows
+    ]
     return "\n".join(lines)
 
 
-def run_compare(task: Task, out: str | Path, *, seeds: int, config: RunConfig, preset: str | None = None, device=None,
-                jobs: int = 1, task_factory: Callable[[], Task] | None = None, forgetting: bool = False) -> dict[str, Any]:
+def run_compare(
+    task: Task,
+    out: str | Path,
+    *,
+    seeds: int,
+    config: RunConfig,
+    preset: str | None = None,
+    device=None,
+    jobs: int = 1,
+    task_factory: Callable[[], Task] | None = None,
+    forgetting: bool = False,
+) -> dict[str, Any]:
     """Run (or resume) every arm for seeds 0..seeds-1; write ``compare.json``, ``compare.md``, ``compare.png``.
     ``jobs`` > 1 runs the runs in that many processes, each building its task with ``task_factory``;
     ``forgetting`` adds the later-layer-forgetting arm."""
@@ -280,11 +399,18 @@ def run_compare(task: Task, out: str | Path, *, seeds: int, config: RunConfig, p
             "cascade_minus_arm": paired_stats(tests["cascade"], tests[arm]) if arm != "cascade" else None,
             "per_seed": [results[arm][s] for s in range(seeds)],
         }
-    record = {"task": task.name, "preset": preset, "seeds": seeds, "metric": metric, "lower_is_better": lower,
-              "config": config.as_dict(), "arms": arms, "note": task.info.get("note")}
+    record = {
+        "task": task.name,
+        "preset": preset,
+        "seeds": seeds,
+        "metric": metric,
+        "lower_is_better": lower,
+        "config": config.as_dict(),
+        "arms": arms,
+        "note": task.info.get("note"),
+    }
     write_record(out, "compare", record, render, plot)
     return record
-
 
 
 def render(record: dict[str, Any]) -> str:
@@ -303,7 +429,11 @@ def render(record: dict[str, Any]) -> str:
         "seconds: the cost of all the arm's training runs. Arms: the cascade's own stage 0 (baseline); the cascade;",
         "one baseline trained for all the cascade's epochs, early stopping off (baseline-equal-epochs); the best on",
         "validation of as many baselines as the cascade trained models (best-of-k)"
-        + ("; later-layer forgetting with the cascade's budget (forgetting)." if "forgetting" in record["arms"] else "."),
+        + (
+            "; later-layer forgetting with the cascade's budget (forgetting)."
+            if "forgetting" in record["arms"]
+            else "."
+        ),
         "",
         *([f"Note: {record['note']}", ""] if record.get("note") else []),
         f"| arm | test {m} mean ± std | diff vs baseline [95 % CI] | p | better/worse seeds | epochs | seconds |",
@@ -322,14 +452,27 @@ def render(record: dict[str, Any]) -> str:
     for arm, a in record["arms"].items():
         t = a["test"]
         spread = f" ± {f(t['std'])}" if t["std"] is not None else ""
-        lines.append(f"| {arm} | {f(t['mean'])}{spread} | {paired_cells(a['vs_baseline'])} | "
-                     f"{a['epochs']['mean']:.1f} | {a['seconds']['mean']:.1f} |")
-    lines += ["", f"Cascade against each control, paired by seed (cascade minus control; {'negative' if lower else 'positive'} favours the cascade):",
-              "", "| control | cascade − control [95 % CI] | p | seeds where the cascade is better/worse |", "|---|---|---|---|"]
-    lines += [f"| {arm} | {paired_cells(a['cascade_minus_arm'])} |" for arm, a in record["arms"].items() if arm != "cascade"]
+        lines.append(
+            f"| {arm} | {f(t['mean'])}{spread} | {paired_cells(a['vs_baseline'])} | "
+            f"{a['epochs']['mean']:.1f} | {a['seconds']['mean']:.1f} |"
+        )
+    lines += [
+        "",
+        f"Cascade against each control, paired by seed (cascade minus control; {'negative' if lower else 'positive'} favours the cascade):",
+        "",
+        "| control | cascade − control [95 % CI] | p | seeds where the cascade is better/worse |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {arm} | {paired_cells(a['cascade_minus_arm'])} |"
+        for arm, a in record["arms"].items()
+        if arm != "cascade"
+    ]
     lines += ["", "Per seed (test):", "", *table_head(["seed", *record["arms"]])]
     for s in range(record["seeds"]):
-        lines.append(f"| {s} | " + " | ".join(f(a["per_seed"][s]["test"]) for a in record["arms"].values()) + " |")
+        lines.append(
+            f"| {s} | " + " | ".join(f(a["per_seed"][s]["test"]) for a in record["arms"].values()) + " |"
+        )
     return "\n".join(lines) + "\n\n![test metric per arm](compare.png)\n"
 
 
@@ -342,13 +485,19 @@ def plot(record: dict[str, Any], path: Path) -> None:
     ax = fig.subplots()
     arms = list(record["arms"])
     n = record["seeds"]
-    offsets = np.linspace(-0.15, 0.15, n) if n > 1 else np.zeros(1)  # seed j sits at the same offset in every arm
-    ys = np.array([[scale * e["test"] for e in record["arms"][arm]["per_seed"]] for arm in arms])  # (arms, seeds)
+    offsets = (
+        np.linspace(-0.15, 0.15, n) if n > 1 else np.zeros(1)
+    )  # seed j sits at the same offset in every arm
+    ys = np.array(
+        [[scale * e["test"] for e in record["arms"][arm]["per_seed"]] for arm in arms]
+    )  # (arms, seeds)
     for j in range(n):  # thin lines pair each seed across arms
         ax.plot(np.arange(len(arms)) + offsets[j], ys[:, j], color="grey", lw=0.3, alpha=0.5)
     for i in range(len(arms)):
         ax.scatter(i + offsets, ys[i], s=14, alpha=0.7, color=f"C{i}", zorder=3)
-        ax.errorbar(i + 0.3, ys[i].mean(), yerr=ys[i].std(ddof=1) if n > 1 else 0, fmt="o", color="black", capsize=4)
+        ax.errorbar(
+            i + 0.3, ys[i].mean(), yerr=ys[i].std(ddof=1) if n > 1 else 0, fmt="o", color="black", capsize=4
+        )
     ax.set_xticks(range(len(arms)), arms)
     ax.set_ylabel(f"test {m}{unit}")
     ax.set_title(f"{record['task']} ({record['preset']}): {record['seeds']} seeds; black = mean ± std")

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from topdown.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,11 @@ class Check:
     def allowed(self) -> str:
         if self.choices is not None:
             return "one of " + ", ".join(repr(c) for c in self.choices)
-        parts = [f"{op} {bound:g}" for op, bound in ((">", self.gt), (">=", self.ge), ("<", self.lt), ("<=", self.le)) if bound is not None]
+        parts = [
+            f"{op} {bound:g}"
+            for op, bound in ((">", self.gt), (">=", self.ge), ("<", self.lt), ("<=", self.le))
+            if bound is not None
+        ]
         return "a finite number" + (" " + " and ".join(parts) if parts else "")
 
     def accepts(self, value: Any) -> bool:
@@ -57,12 +61,23 @@ class Check:
             return True  # the type check speaks for non-numbers
         x = float(value)
         return math.isfinite(x) and (
-            (self.gt is None or x > self.gt) and (self.ge is None or x >= self.ge)
-            and (self.lt is None or x < self.lt) and (self.le is None or x <= self.le)
+            (self.gt is None or x > self.gt)
+            and (self.ge is None or x >= self.ge)
+            and (self.lt is None or x < self.lt)
+            and (self.le is None or x <= self.le)
         )
 
 
-def option(default: Any = dataclasses.MISSING, *, gt=None, ge=None, lt=None, le=None, choices=None, default_factory=dataclasses.MISSING):
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    gt=None,
+    ge=None,
+    lt=None,
+    le=None,
+    choices=None,
+    default_factory=dataclasses.MISSING,
+):
     """A dataclass field with its constraint (see ``Check``)."""
     check = Check(gt, ge, lt, le, tuple(choices) if choices is not None else None)
     return field(default=default, default_factory=default_factory, metadata={"check": check})
@@ -109,7 +124,10 @@ class Section:
 
     def __post_init__(self) -> None:
         for f in fields(self):  # ints are accepted for floats; store them as floats
-            if typing.get_type_hints(type(self))[f.name] in (float, float | None) and type(getattr(self, f.name)) is int:
+            if (
+                typing.get_type_hints(type(self))[f.name] in (float, float | None)
+                and type(getattr(self, f.name)) is int
+            ):
                 object.__setattr__(self, f.name, float(getattr(self, f.name)))
         validate(self, self.SECTION)
         self.check_relations()
@@ -126,9 +144,17 @@ class Section:
         hints = typing.get_type_hints(cls)
         known = {f.name for f in fields(cls)}
         if unknown := sorted(set(values) - known):
-            raise ConfigError(f"unknown config key {cls.SECTION}.{unknown[0]!r}; known keys here: {', '.join(sorted(known))}")
-        return cls(**{k: hints[k].from_dict(v) if isinstance(hints[k], type) and issubclass(hints[k], Section) and isinstance(v, Mapping) else v
-                      for k, v in values.items()})
+            raise ConfigError(
+                f"unknown config key {cls.SECTION}.{unknown[0]!r}; known keys here: {', '.join(sorted(known))}"
+            )
+        return cls(
+            **{
+                k: hints[k].from_dict(v)
+                if isinstance(hints[k], type) and issubclass(hints[k], Section) and isinstance(v, Mapping)
+                else v
+                for k, v in values.items()
+            }
+        )
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
@@ -140,6 +166,7 @@ class TrainConfig(Section):
     """One stage's training recipe: by default the learning rate decays on validation plateaus
     (``schedule``: or follows a one-cycle or cosine curve over the planned steps), and the weights of
     the best validation epoch end the stage."""
+
     SECTION: typing.ClassVar[str] = "train"
 
     epochs: int = option(10, ge=1)  # at most this many epochs
@@ -147,12 +174,16 @@ class TrainConfig(Section):
     # again (reshuffled) within the epoch, so that a recipe's epochs, patience and schedule mean
     # the same amount of training on a corpus of any size; 0 = one pass
     min_epoch_steps: int = option(0, ge=0)
-    optimizer: str = option("adam", choices=("adam", "adamw", "sgd", "ntasgd"))  # ntasgd: sgd, then averaged sgd once validation stops improving
+    optimizer: str = option(
+        "adam", choices=("adam", "adamw", "sgd", "ntasgd")
+    )  # ntasgd: sgd, then averaged sgd once validation stops improving
     lr: float = option(1e-3, ge=0)  # 0 trains nothing (a control that keeps the starting weights)
     weight_decay: float = option(0.0, ge=0)
     momentum: float = option(0.9, ge=0, lt=1)  # sgd only
     clip: float = option(5.0, ge=0)  # gradient-norm clipping; 0 turns it off
-    lr_decay: float = option(0.5, gt=0, le=1)  # multiply the lr by this after `lr_patience` epochs without improvement
+    lr_decay: float = option(
+        0.5, gt=0, le=1
+    )  # multiply the lr by this after `lr_patience` epochs without improvement
     lr_patience: int = option(1, ge=1)
     min_lr: float = option(0.0, ge=0)  # stop once the lr falls below this
     early_stop: int = option(0, ge=0)  # stop after this many epochs without improvement; 0 = never
@@ -161,10 +192,18 @@ class TrainConfig(Section):
     # on validation (as ESPnet averages its best checkpoints), kept only if validation finds the
     # average no worse than the best epoch
     average_best: int = option(1, ge=1)
-    monitor: str = ""  # validation metric for the best epoch, lr decay and early stopping; "" = the task's metric
-    nonmono: int = option(5, ge=0)  # ntasgd: start averaging once validation is worse than the best of all epochs but the last `nonmono`
-    amp: str = option("", choices=("", "bf16"))  # "bf16": mixed precision (autocast) for the training forward pass
-    warmup_steps: int = option(0, ge=0)  # > 0: the lr ramps linearly from lr/warmup_steps to lr over this many batches (per stage); plateau and cosine only (onecycle rises over its first 30 %)
+    monitor: str = (
+        ""  # validation metric for the best epoch, lr decay and early stopping; "" = the task's metric
+    )
+    nonmono: int = option(
+        5, ge=0
+    )  # ntasgd: start averaging once validation is worse than the best of all epochs but the last `nonmono`
+    amp: str = option(
+        "", choices=("", "bf16")
+    )  # "bf16": mixed precision (autocast) for the training forward pass
+    warmup_steps: int = option(
+        0, ge=0
+    )  # > 0: the lr ramps linearly from lr/warmup_steps to lr over this many batches (per stage); plateau and cosine only (onecycle rises over its first 30 %)
     # lr schedule: "plateau" = decay by lr_decay on validation plateaus (min_lr ends the stage);
     # "onecycle" / "cosine" = lr a pure function of the step over the stage's planned steps
     # (epochs x batches), no plateau decay; onecycle: up from lr/25 over 30 %, then down to ~0;
@@ -176,9 +215,12 @@ class TrainConfig(Section):
 class CascadeConfig(Section):
     """Options of the top-down cascade. Defaults are ours, not the paper's: its abstract
     gives none of them. See docs/method.md."""
+
     SECTION: typing.ClassVar[str] = "cascade"
 
-    splits: list[int] | None = option(None, ge=1)  # strictly descending; default every split L-1..1 with a parameter on both sides
+    splits: list[int] | None = option(
+        None, ge=1
+    )  # strictly descending; default every split L-1..1 with a parameter on both sides
     epochs: int | None = option(None, ge=1)  # per stage; default train.epochs
     lr: float | None = option(None, ge=0)  # per stage; default train.lr
     reinit: bool = True  # False: warm-start the feature extractor (ablation)
@@ -191,7 +233,9 @@ class CascadeConfig(Section):
     def check_relations(self) -> None:
         s = self.splits
         if s == []:
-            raise ConfigError("cascade.splits is empty: name at least one split, or leave it unset for every usable split (L-1, ..., 1)")
+            raise ConfigError(
+                "cascade.splits is empty: name at least one split, or leave it unset for every usable split (L-1, ..., 1)"
+            )
         if s is not None and any(a <= b for a, b in zip(s, s[1:])):
             raise ConfigError(f"cascade.splits must be strictly descending, got {s!r}")
 
@@ -199,9 +243,13 @@ class CascadeConfig(Section):
 @dataclass(frozen=True)
 class ProcedureConfig(Section):
     SECTION: typing.ClassVar[str] = "procedure"
-    split: int | None = option(None, ge=1)  # retrain-classifier, transfer-classifier, forget (default: the cascade's first split)
+    split: int | None = option(
+        None, ge=1
+    )  # retrain-classifier, transfer-classifier, forget (default: the cascade's first split)
     subset: float | None = option(None, gt=0, lt=1)  # transfer-classifier: fraction of the training data
-    rounds: int | None = option(None, ge=1)  # forget: rounds of forgetting (default: as many as the cascade has splits)
+    rounds: int | None = option(
+        None, ge=1
+    )  # forget: rounds of forgetting (default: as many as the cascade has splits)
 
 
 METHOD_SECTIONS = {cls.SECTION: cls for cls in (TrainConfig, CascadeConfig, ProcedureConfig)}
@@ -221,31 +269,53 @@ class RunConfig:
     task: Mapping[str, Any] = field(default_factory=dict)
     # every declared option's default (method and task sections): a run recorded before an
     # option existed behaved as its default, so resuming it with that default is no change
-    option_defaults: Mapping[str, Any] = field(default_factory=lambda: {n: c.defaults() for n, c in METHOD_SECTIONS.items()},
-                                               compare=False, repr=False)
+    option_defaults: Mapping[str, Any] = field(
+        default_factory=lambda: {n: c.defaults() for n, c in METHOD_SECTIONS.items()},
+        compare=False,
+        repr=False,
+    )
 
     @classmethod
-    def from_dict(cls, config: Mapping[str, Any], task_sections: Mapping[str, type[Section]] | None = None) -> "RunConfig":
+    def from_dict(
+        cls, config: Mapping[str, Any], task_sections: Mapping[str, type[Section]] | None = None
+    ) -> RunConfig:
         """Type a resolved nested dict (missing method sections take their defaults); the task's
         sections are checked against ``task_sections`` (the task's declared options), if given."""
-        sections = {name: section_cls.from_dict(config.get(name) or {}) for name, section_cls in METHOD_SECTIONS.items()}
+        sections = {
+            name: section_cls.from_dict(config.get(name) or {})
+            for name, section_cls in METHOD_SECTIONS.items()
+        }
         for name, section_cls in (task_sections or {}).items():
             section_cls.from_dict(config.get(name) or {})
-        defaults = {name: section_cls.defaults() for name, section_cls in {**METHOD_SECTIONS, **(task_sections or {})}.items()}
-        return cls(**sections, task=copy.deepcopy({k: v for k, v in config.items() if k not in METHOD_SECTIONS}),
-                   option_defaults=defaults)
+        defaults = {
+            name: section_cls.defaults()
+            for name, section_cls in {**METHOD_SECTIONS, **(task_sections or {})}.items()
+        }
+        return cls(
+            **sections,
+            task=copy.deepcopy({k: v for k, v in config.items() if k not in METHOD_SECTIONS}),
+            option_defaults=defaults,
+        )
 
     def as_dict(self) -> dict[str, Any]:
         """The nested dict recorded in ``summary.json`` and in every checkpoint."""
-        return {**{name: asdict(getattr(self, name)) for name in METHOD_SECTIONS}, **copy.deepcopy(dict(self.task))}
+        return {
+            **{name: asdict(getattr(self, name)) for name in METHOD_SECTIONS},
+            **copy.deepcopy(dict(self.task)),
+        }
 
-    def updated(self, overrides: Mapping[str, Any]) -> "RunConfig":
+    def updated(self, overrides: Mapping[str, Any]) -> RunConfig:
         """A copy with nested ``overrides`` applied (unknown keys are errors), validated again."""
-        return dataclasses.replace(RunConfig.from_dict(merge(self.as_dict(), dict(overrides))), option_defaults=self.option_defaults)
+        return dataclasses.replace(
+            RunConfig.from_dict(merge(self.as_dict(), dict(overrides))), option_defaults=self.option_defaults
+        )
 
     def stage_train(self) -> TrainConfig:
         """The recipe of a cascade-type stage: the cascade's epochs and lr override the baseline's."""
-        return self.train.replace(epochs=self.cascade.epochs or self.train.epochs, lr=self.cascade.lr if self.cascade.lr is not None else self.train.lr)
+        return self.train.replace(
+            epochs=self.cascade.epochs or self.train.epochs,
+            lr=self.cascade.lr if self.cascade.lr is not None else self.train.lr,
+        )
 
 
 def method_defaults() -> dict[str, Any]:
@@ -326,7 +396,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         for depth, part in enumerate(parents, 1):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {'.'.join(parents[:depth])} was given a value, so it has no keys to set")
+                raise ConfigError(
+                    f"--set {key}: {'.'.join(parents[:depth])} was given a value, so it has no keys to set"
+                )
         if isinstance(node.get(leaf), dict):
             raise ConfigError(f"--set {key}: keys under {key} were set, so it cannot also be given a value")
         node[leaf] = CommandLineValue(raw)

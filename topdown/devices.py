@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import ConfigError
+from topdown.errors import ConfigError
 
 
 def available_devices() -> list[str]:
@@ -39,5 +39,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
         try:
             torch.empty(1, device=d)
         except Exception as e:  # whatever the backend raises, the user's answer is the same
-            raise ConfigError(f"--device {device}: this PyTorch cannot use it ({str(e).splitlines()[0][:120]}); available: {available}") from None
+            raise ConfigError(
+                f"--device {device}: this PyTorch cannot use it ({str(e).splitlines()[0][:120]}); available: {available}"
+            ) from None
     return d

@@ -25,10 +25,12 @@ import torch
 from torch import distributed as dist
 from torch import nn
 
-from .errors import ConfigError
+from topdown.errors import ConfigError
 
 T = TypeVar("T")
-TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("TOPDOWN_DIST_TIMEOUT", "300")))  # a dead peer ends a collective by then
+TIMEOUT = datetime.timedelta(
+    seconds=int(os.environ.get("TOPDOWN_DIST_TIMEOUT", "300"))
+)  # a dead peer ends a collective by then
 
 
 def active() -> bool:
@@ -65,8 +67,10 @@ def setup(device: torch.device | None) -> torch.device | None:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device is not None and device.type == "cuda":
         if local >= torch.cuda.device_count():
-            raise ConfigError(f"process {local} of this machine has no GPU of its own: {torch.cuda.device_count()} visible, "
-                              f"{os.environ.get('LOCAL_WORLD_SIZE', '?')} processes; start at most that many, or use --device cpu")
+            raise ConfigError(
+                f"process {local} of this machine has no GPU of its own: {torch.cuda.device_count()} visible, "
+                f"{os.environ.get('LOCAL_WORLD_SIZE', '?')} processes; start at most that many, or use --device cpu"
+            )
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     backend = "nccl" if device is not None and device.type == "cuda" else "gloo"

@@ -10,7 +10,7 @@ _muted = False
 
 def warn(message: str) -> None:
     """``topdown: message`` on stderr, once per run (rank 0 of a data-parallel run)."""
-    from . import distributed  # here, not at the top: distributed imports this module
+    from topdown import distributed  # here, not at the top: distributed imports this module
 
     if distributed.speaks() and not _muted:
         print(f"topdown: {message}", file=sys.stderr)

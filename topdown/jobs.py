@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError, TrainingError, muted, warn
-from .task import Task
+from topdown.errors import ConfigError, TrainingError, muted, warn
+from topdown.task import Task
 
 _worker_task: Task | None = None
 
@@ -65,12 +65,22 @@ class Workers:
     def __enter__(self) -> Workers:
         if self.jobs > 1:
             if self.jobs > (cpus := usable_cpus()):
-                warn(f"--jobs {self.jobs} is more than the {cpus} usable CPUs: the workers take turns on the cores, which costs "
-                     "throughput (six one-thread trainings on two cores did a fifth less work in all than two; bench/RESULTS.md)")
-            threads = max(1, torch.get_num_threads() // self.jobs) if "OMP_NUM_THREADS" not in os.environ else torch.get_num_threads()
+                warn(
+                    f"--jobs {self.jobs} is more than the {cpus} usable CPUs: the workers take turns on the cores, which costs "
+                    "throughput (six one-thread trainings on two cores did a fifth less work in all than two; bench/RESULTS.md)"
+                )
+            threads = (
+                max(1, torch.get_num_threads() // self.jobs)
+                if "OMP_NUM_THREADS" not in os.environ
+                else torch.get_num_threads()
+            )
             context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked threads or locks
-            self.pool = ProcessPoolExecutor(max_workers=self.jobs, mp_context=context, initializer=_start_worker,
-                                            initargs=(self.task_factory, threads))
+            self.pool = ProcessPoolExecutor(
+                max_workers=self.jobs,
+                mp_context=context,
+                initializer=_start_worker,
+                initargs=(self.task_factory, threads),
+            )
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
@@ -79,15 +89,19 @@ class Workers:
                 self._terminate_workers()
             self.pool.shutdown(wait=True, cancel_futures=error is not None)
         if isinstance(error, BrokenProcessPool):
-            raise TrainingError("a worker process ended abruptly (killed from outside, e.g. for want of memory); finished runs "
-                                "are kept and unfinished ones resume from their last epoch: run the same command again") from error
+            raise TrainingError(
+                "a worker process ended abruptly (killed from outside, e.g. for want of memory); finished runs "
+                "are kept and unfinished ones resume from their last epoch: run the same command again"
+            ) from error
 
     def _terminate_workers(self) -> None:
         """End every worker at once; a run in progress resumes from its last saved epoch."""
         if hasattr(self.pool, "terminate_workers"):  # Python >= 3.14
             self.pool.terminate_workers()
             return
-        for process in list(getattr(self.pool, "_processes", {}).values()):  # earlier: the pool's own record of its workers
+        for process in list(
+            getattr(self.pool, "_processes", {}).values()
+        ):  # earlier: the pool's own record of its workers
             process.terminate()
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
@@ -101,8 +115,13 @@ class Workers:
         return done
 
 
-def in_parallel(fn: Callable[..., Any], calls: Sequence[tuple], task: Task, jobs: int,
-                task_factory: Callable[[], Task] | None) -> list[Any]:
+def in_parallel(
+    fn: Callable[..., Any],
+    calls: Sequence[tuple],
+    task: Task,
+    jobs: int,
+    task_factory: Callable[[], Task] | None,
+) -> list[Any]:
     """``[fn(task, *args) for args in calls]``, in ``jobs`` worker processes when ``jobs`` > 1."""
     with Workers(task, min(jobs, max(len(calls), 1)), task_factory) as workers:  # no more workers than calls
         futures = [workers.submit(fn, *args) for args in calls]

@@ -25,15 +25,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed
-from .config import TrainConfig
-from .errors import ConfigError, TrainingError
-from .metrics import HIGHER_IS_BETTER, LOWER_IS_BETTER, Metric
-from .optim import NTASGD
-from .runs import load_tensors, prefixed, save_tensors, unprefixed
-from .seeds import derive_seed
-from .task import Task
-
+from topdown import distributed
+from topdown.config import TrainConfig
+from topdown.errors import ConfigError, TrainingError
+from topdown.metrics import HIGHER_IS_BETTER, LOWER_IS_BETTER, Metric
+from topdown.optim import NTASGD
+from topdown.runs import load_tensors, prefixed, save_tensors, unprefixed
+from topdown.seeds import derive_seed
+from topdown.task import Task
 
 LOSS_CHECK_STEPS = 50  # on an accelerator, how often the summed training loss is read (a host-device sync)
 
@@ -91,7 +90,9 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "ntasgd":
-        return NTASGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nonmono=cfg.nonmono)
+        return NTASGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nonmono=cfg.nonmono
+        )
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
@@ -103,8 +104,10 @@ def monitored_metric(cfg: TrainConfig, task: Task) -> Metric:
     try:
         return Metric.named(name)
     except ConfigError:
-        raise ConfigError(f"train.monitor {name!r}: not a metric whose direction is known ({', '.join(LOWER_IS_BETTER + HIGHER_IS_BETTER)}, "
-                          f"a variant of one such as wer_beam, or a name ending in _loss); leave it empty for the task's metric ({task.metric!r})") from None
+        raise ConfigError(
+            f"train.monitor {name!r}: not a metric whose direction is known ({', '.join(LOWER_IS_BETTER + HIGHER_IS_BETTER)}, "
+            f"a variant of one such as wer_beam, or a name ending in _loss); leave it empty for the task's metric ({task.metric!r})"
+        ) from None
 
 
 @dataclass
@@ -161,15 +164,26 @@ def fit(
     # task whose batch count varies with the draw (lm-awd's random BPTT lengths) gets an estimate, so its
     # schedule reaches its end a little before or after the last step
     if cfg.schedule != "plateau":
-        state.total_steps = cfg.epochs * sum(1 for _ in epoch_batches(task, cfg, torch.Generator().manual_seed(0), subset))
-    validated = getattr(opt, "averaged", nullcontext)  # the weights validation sees and keeps (NT-ASGD: the average)
+        state.total_steps = cfg.epochs * sum(
+            1 for _ in epoch_batches(task, cfg, torch.Generator().manual_seed(0), subset)
+        )
+    validated = getattr(
+        opt, "averaged", nullcontext
+    )  # the weights validation sees and keeps (NT-ASGD: the average)
 
     while not state.done:
         started = time.perf_counter()
-        train_loss = _train_epoch(trained, task, cfg, opt, params, state, seed=seed, subset=subset, device=device, desc=desc)
+        train_loss = _train_epoch(
+            trained, task, cfg, opt, params, state, seed=seed, subset=subset, device=device, desc=desc
+        )
         with validated():
             val = _validate(model, task, monitor, f"{desc}: epoch {state.epoch + 1}")
-            record = {"epoch": state.epoch + 1, "lr": state.lr if cfg.schedule == "plateau" else opt.param_groups[0]["lr"], "train_loss": train_loss, "val": val}
+            record = {
+                "epoch": state.epoch + 1,
+                "lr": state.lr if cfg.schedule == "plateau" else opt.param_groups[0]["lr"],
+                "train_loss": train_loss,
+                "val": val,
+            }
             improved = _advance(state, cfg, val, monitor)
             if keep and _ranks_among(kept, val[monitor.name], monitor, keep):
                 weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -178,8 +192,10 @@ def fit(
             say(f"{desc}: validation stopped improving, averaging from epoch {state.epoch + 1} (NT-ASGD)")
         state.seconds += time.perf_counter() - started
         on_epoch({**record, "max_epochs": cfg.epochs, "seconds": state.seconds})
-        say(f"{desc} epoch {state.epoch}/{cfg.epochs}: train loss {train_loss:.4f}, val {monitor.name} "
-            f"{val[monitor.name]:.4g}{' *' if improved else ''}, lr {record['lr']:.3g}, {state.seconds:.1f}s")
+        say(
+            f"{desc} epoch {state.epoch}/{cfg.epochs}: train loss {train_loss:.4f}, val {monitor.name} "
+            f"{val[monitor.name]:.4g}{' *' if improved else ''}, lr {record['lr']:.3g}, {state.seconds:.1f}s"
+        )
         if resume_path is not None and distributed.is_writer():
             _save_resume_point(resume_path, model, opt, state, kept)
 
@@ -223,8 +239,9 @@ def average_weights(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Te
     return out
 
 
-def _average_if_no_worse(model: nn.Module, task: Task, monitor: Metric, kept: list, best_val: dict[str, float],
-                         desc: str) -> dict[str, float]:
+def _average_if_no_worse(
+    model: nn.Module, task: Task, monitor: Metric, kept: list, best_val: dict[str, float], desc: str
+) -> dict[str, float]:
     """Load the average of the kept epochs' weights if validation finds it no worse than the best
     epoch, ``kept[0]`` (then return its metrics); otherwise leave the best epoch's weights."""
     model.load_state_dict(average_weights([w for _, _, w in kept]))
@@ -232,16 +249,31 @@ def _average_if_no_worse(model: nn.Module, task: Task, monitor: Metric, kept: li
     epochs = ", ".join(str(e) for _, e, _ in sorted(kept, key=lambda k: k[1]))
     if monitor.better(best_val[monitor.name], val[monitor.name]):
         model.load_state_dict(kept[0][2])
-        say(f"{desc}: the average of epochs {epochs} (val {monitor.name} {val[monitor.name]:.4g}) is worse than the best epoch's "
-            f"{best_val[monitor.name]:.4g}; kept the best epoch")
+        say(
+            f"{desc}: the average of epochs {epochs} (val {monitor.name} {val[monitor.name]:.4g}) is worse than the best epoch's "
+            f"{best_val[monitor.name]:.4g}; kept the best epoch"
+        )
         return best_val
-    say(f"{desc}: averaged the weights of epochs {epochs}: val {monitor.name} {val[monitor.name]:.4g} "
-        f"(best epoch {best_val[monitor.name]:.4g})")
+    say(
+        f"{desc}: averaged the weights of epochs {epochs}: val {monitor.name} {val[monitor.name]:.4g} "
+        f"(best epoch {best_val[monitor.name]:.4g})"
+    )
     return val
 
 
-def _train_epoch(model: nn.Module, task: Task, cfg: TrainConfig, opt: torch.optim.Optimizer, params: list[nn.Parameter],
-                 state: LoopState, *, seed: int, subset: float, device: torch.device, desc: str) -> float:
+def _train_epoch(
+    model: nn.Module,
+    task: Task,
+    cfg: TrainConfig,
+    opt: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    state: LoopState,
+    *,
+    seed: int,
+    subset: float,
+    device: torch.device,
+    desc: str,
+) -> float:
     """One epoch of training (see ``epoch_batches``); returns the mean training loss."""
     torch.manual_seed(derive_seed(seed, state.epoch, 1))
     generator = torch.Generator().manual_seed(derive_seed(seed, state.epoch, 2))
@@ -253,14 +285,22 @@ def _train_epoch(model: nn.Module, task: Task, cfg: TrainConfig, opt: torch.opti
     check_every = 1 if device.type == "cpu" else LOSS_CHECK_STEPS
     total, count = torch.zeros((), device=device), 0
     batches = epoch_batches(task, cfg, generator, subset)
-    bar = tqdm(batches, desc=f"{_label.get()}{desc} epoch {state.epoch + 1}", leave=False, unit="batch", disable=None if distributed.is_writer() else True)
+    bar = tqdm(
+        batches,
+        desc=f"{_label.get()}{desc} epoch {state.epoch + 1}",
+        leave=False,
+        unit="batch",
+        disable=None if distributed.is_writer() else True,
+    )
     for batch in bar:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
             loss = task.loss(model, move_to(batch, device))
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""
-            raise ConfigError(f"task {task.name}: loss(model, batch) must return a one-element tensor (that backward() runs "
-                              f"through), got {type(loss).__name__}{shape}")
+            raise ConfigError(
+                f"task {task.name}: loss(model, batch) must return a one-element tensor (that backward() runs "
+                f"through), got {type(loss).__name__}{shape}"
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip > 0:
@@ -296,7 +336,9 @@ def epoch_batches(task: Task, cfg: TrainConfig, generator: torch.Generator, subs
 def _check_finite(total: torch.Tensor, desc: str, state: LoopState) -> None:
     """Fail the stage once a loss was non-finite (the sum since the epoch began is then too)."""
     if not torch.isfinite(total):
-        raise TrainingError(f"{desc}: loss is {total.item()} at epoch {state.epoch + 1} (lr {state.lr:g}); the stage failed")
+        raise TrainingError(
+            f"{desc}: loss is {total.item()} at epoch {state.epoch + 1} (lr {state.lr:g}); the stage failed"
+        )
 
 
 @contextmanager
@@ -326,8 +368,10 @@ def evaluate(model: nn.Module, task: Task, split: str) -> dict[str, float]:
         with torch.no_grad():
             metrics = task.evaluate(model, split)
             if not isinstance(metrics, Mapping):
-                raise ConfigError(f"task {task.name}: evaluate(model, {split!r}) must return a dict of metrics "
-                                  f"(e.g. {{{task.metric!r}: 0.12}}), got {type(metrics).__name__}")
+                raise ConfigError(
+                    f"task {task.name}: evaluate(model, {split!r}) must return a dict of metrics "
+                    f"(e.g. {{{task.metric!r}: 0.12}}), got {type(metrics).__name__}"
+                )
             val = {k: float(v) for k, v in metrics.items()}
     return distributed.same_on_every_rank(val)
 
@@ -335,8 +379,10 @@ def evaluate(model: nn.Module, task: Task, split: str) -> dict[str, float]:
 def _validate(model: nn.Module, task: Task, monitor: Metric, where: str) -> dict[str, float]:
     val = evaluate(model, task, "val")
     if monitor.name not in val:
-        raise ConfigError(f"the validation metrics of {task.name} ({', '.join(val)}) lack {monitor.name!r} "
-                          "(the task's metric, or train.monitor where set): its evaluate() must return it")
+        raise ConfigError(
+            f"the validation metrics of {task.name} ({', '.join(val)}) lack {monitor.name!r} "
+            "(the task's metric, or train.monitor where set): its evaluate() must return it"
+        )
     if not math.isfinite(val[monitor.name]):
         raise TrainingError(f"{where}: validation {monitor.name} is {val[monitor.name]}")
     return val
@@ -366,7 +412,9 @@ def _advance(state: LoopState, cfg: TrainConfig, val: dict[str, float], monitor:
     return improved
 
 
-def _save_resume_point(path: Path, model: nn.Module, opt: torch.optim.Optimizer, state: LoopState, kept: list) -> None:
+def _save_resume_point(
+    path: Path, model: nn.Module, opt: torch.optim.Optimizer, state: LoopState, kept: list
+) -> None:
     sd = opt.state_dict()
     tensors, scalars = {}, {}  # optimizer state: tensors to safetensors, the rest to JSON metadata
     for pid, st in sd["state"].items():
@@ -374,10 +422,16 @@ def _save_resume_point(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
             (tensors if isinstance(value, torch.Tensor) else scalars)[f"{pid}.{key}"] = value
     save_tensors(
         path,
-        {**prefixed("model.", model.state_dict()), **prefixed("optim.", tensors),
-         **{k: v for i, (_, _, w) in enumerate(kept) for k, v in prefixed(f"kept{i}.", w).items()}},
-        {"loop": asdict(state), "optimizer": {"param_groups": sd["param_groups"], "scalars": scalars},
-         "kept": [[value, epoch] for value, epoch, _ in kept]},
+        {
+            **prefixed("model.", model.state_dict()),
+            **prefixed("optim.", tensors),
+            **{k: v for i, (_, _, w) in enumerate(kept) for k, v in prefixed(f"kept{i}.", w).items()},
+        },
+        {
+            "loop": asdict(state),
+            "optimizer": {"param_groups": sd["param_groups"], "scalars": scalars},
+            "kept": [[value, epoch] for value, epoch, _ in kept],
+        },
     )
 
 
@@ -391,7 +445,12 @@ def _load_resume_point(path: Path, model: nn.Module, opt: torch.optim.Optimizer)
     opt.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
     known = {f.name for f in fields(LoopState)}  # resume points of older versions may hold more
     state = LoopState(**{k: v for k, v in meta["loop"].items() if k in known})
-    kept = [(value, epoch, unprefixed(f"kept{i}.", tensors)) for i, (value, epoch) in enumerate(meta.get("kept", []))]
-    if not kept and unprefixed("best.", tensors):  # resume points of earlier versions hold the best epoch as "best."
+    kept = [
+        (value, epoch, unprefixed(f"kept{i}.", tensors))
+        for i, (value, epoch) in enumerate(meta.get("kept", []))
+    ]
+    if not kept and unprefixed(
+        "best.", tensors
+    ):  # resume points of earlier versions hold the best epoch as "best."
         kept = [(state.best, state.best_epoch, unprefixed("best.", tensors))]
     return state, kept

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from topdown.errors import ConfigError
 
 LOWER_IS_BETTER = ("loss", "error", "wer", "cer", "ppl", "per", "ter")
 HIGHER_IS_BETTER = ("accuracy", "acc", "top1", "top5", "f1", "bleu", "auc", "map", "precision", "recall")
@@ -35,7 +35,7 @@ class Metric:
     lower_is_better: bool
 
     @classmethod
-    def named(cls, name: str, lower_is_better: bool | None = None) -> "Metric":
+    def named(cls, name: str, lower_is_better: bool | None = None) -> Metric:
         """The metric ``name`` with its direction: as given, else known by its name or its base's."""
         if lower_is_better is None:
             if base_name(name) in LOWER_IS_BETTER or name.endswith("_loss"):
@@ -43,7 +43,9 @@ class Metric:
             elif base_name(name) in HIGHER_IS_BETTER:
                 lower_is_better = False
             else:
-                raise ConfigError(f"metric {name!r}: its direction is unknown; say whether lower is better (lower_is_better=...)")
+                raise ConfigError(
+                    f"metric {name!r}: its direction is unknown; say whether lower is better (lower_is_better=...)"
+                )
         return cls(name, bool(lower_is_better))
 
     def better(self, a: float, b: float | None) -> bool:

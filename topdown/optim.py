@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .metrics import Metric
+from topdown.metrics import Metric
 
 
 class NTASGD(torch.optim.SGD):
@@ -39,7 +39,9 @@ class NTASGD(torch.optim.SGD):
         if group["nt_averaged_steps"]:
             group["nt_averaged_steps"] += 1
             params = self._params()
-            torch._foreach_lerp_([self.state[p]["ax"] for p in params], params, 1.0 / group["nt_averaged_steps"])
+            torch._foreach_lerp_(
+                [self.state[p]["ax"] for p in params], params, 1.0 / group["nt_averaged_steps"]
+            )
         return loss
 
     def observe(self, value: float, metric: Metric) -> bool:

@@ -27,13 +27,21 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from . import distributed, report
-from .blocks import Blocks, BlockSpec, empty_side
-from .config import RunConfig, TrainConfig
-from .errors import ConfigError, TopdownError, warn
-from .metrics import Metric
-from .runs import RunDir, file_digest, first_difference, load_tensors, provenance, stage_checkpoint, weights_digest
-from .seeds import check_seed, derive_seed
+from topdown import distributed, report
+from topdown.blocks import Blocks, BlockSpec, empty_side
+from topdown.config import RunConfig, TrainConfig
+from topdown.errors import ConfigError, TopdownError, warn
+from topdown.metrics import Metric
+from topdown.runs import (
+    RunDir,
+    file_digest,
+    first_difference,
+    load_tensors,
+    provenance,
+    stage_checkpoint,
+    weights_digest,
+)
+from topdown.seeds import check_seed, derive_seed
 
 
 @dataclass(frozen=True)
@@ -64,12 +72,27 @@ def accept(rule: str, val: float, best: float | None, metric: Metric) -> bool:
     return metric.better(val, best)
 
 
-def run_identity(procedure: str, name: str, preset: str | None, seed: int, config: RunConfig, metric: Metric,
-                 task_info: Mapping[str, Any]) -> dict[str, Any]:
+def run_identity(
+    procedure: str,
+    name: str,
+    preset: str | None,
+    seed: int,
+    config: RunConfig,
+    metric: Metric,
+    task_info: Mapping[str, Any],
+) -> dict[str, Any]:
     """What identifies a run: a resumed run (``Plan``) or a reused one (``run_or_resume``) must match
     it exactly; ``task_info`` describes the data it trains on, ``metric`` what accepts its stages."""
-    return {"procedure": procedure, "task": name, "preset": preset, "seed": seed, "config": config.as_dict(),
-            "metric": metric.name, "lower_is_better": metric.lower_is_better, "task_info": dict(task_info)}
+    return {
+        "procedure": procedure,
+        "task": name,
+        "preset": preset,
+        "seed": seed,
+        "config": config.as_dict(),
+        "metric": metric.name,
+        "lower_is_better": metric.lower_is_better,
+        "task_info": dict(task_info),
+    }
 
 
 def other_start(summary: Mapping[str, Any], from_checkpoint: str | None) -> str | None:
@@ -90,8 +113,12 @@ def other_start(summary: Mapping[str, Any], from_checkpoint: str | None) -> str 
     return f"it started from other weights than {from_checkpoint} (was that checkpoint trained again since?)"
 
 
-def recorded_mismatch(summary: Mapping[str, Any], identity: Mapping[str, Any], option_defaults: Mapping[str, Any],
-                      from_checkpoint: str | None) -> str | None:
+def recorded_mismatch(
+    summary: Mapping[str, Any],
+    identity: Mapping[str, Any],
+    option_defaults: Mapping[str, Any],
+    from_checkpoint: str | None,
+) -> str | None:
     """Why the run recorded in ``summary`` is not the one ``identity`` and ``from_checkpoint``
     describe (so it may be neither continued nor reused), or None."""
     if difference := first_difference(summary, identity, {"config": option_defaults}):
@@ -110,7 +137,9 @@ def _numbers(values: Mapping[str, Any]) -> dict[str, Any]:
         elif hasattr(value, "item") and hasattr(value, "dtype"):  # a torch tensor, a numpy array or scalar
             size = value.numel() if isinstance(value, torch.Tensor) else getattr(value, "size", 1)
             if size != 1:
-                raise ConfigError(f"metric {key!r} is a tensor or array of {size} values; a stage records numbers (log one value per key)")
+                raise ConfigError(
+                    f"metric {key!r} is a tensor or array of {size} values; a stage records numbers (log one value per key)"
+                )
             value = value.item()
         if isinstance(value, float) and not math.isfinite(value):
             value = None
@@ -120,14 +149,17 @@ def _numbers(values: Mapping[str, Any]) -> dict[str, Any]:
 
 def _metrics(values: Mapping[str, Any]) -> dict[str, Any]:
     """A stage's val or test metrics: ``_numbers``, and every number a float (as our loop gives them)."""
-    return {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in _numbers(values).items()}
+    return {
+        k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+        for k, v in _numbers(values).items()
+    }
 
 
 class Stage:
     """One candidate of one stage, handed to the training loop: train ``model``'s trainable
     parameters, then call ``finish`` with the validation metrics."""
 
-    def __init__(self, plan: "Plan", index: int, candidate: int, spec: StageSpec):
+    def __init__(self, plan: Plan, index: int, candidate: int, spec: StageSpec):
         self.plan, self.index, self.candidate, self.spec = plan, index, candidate, spec
         self.seed = derive_seed(plan.seed, index, candidate)
         self.record: dict[str, Any] | None = None  # the stage record, once its last candidate finished
@@ -166,12 +198,19 @@ class Stage:
         record = _numbers(record)
         epoch, val = record.get("epoch"), record.get("val")
         if isinstance(epoch, bool) or not isinstance(epoch, int) or not isinstance(val, Mapping):
-            raise ConfigError(f"{self.describe()}: stage.log needs 'epoch' (an int) and 'val' (a dict of validation "
-                              f"metrics), got {{'epoch': {epoch!r}, 'val': {val!r}}}")
+            raise ConfigError(
+                f"{self.describe()}: stage.log needs 'epoch' (an int) and 'val' (a dict of validation "
+                f"metrics), got {{'epoch': {epoch!r}, 'val': {val!r}}}"
+            )
         self.plan.run.log_metrics({"stage": self.index, "candidate": self.candidate, **record})
 
-    def finish(self, val: Mapping[str, float], test: Mapping[str, float] | None = None, epochs: int = 0,
-               seconds: float | None = None) -> dict[str, Any] | None:
+    def finish(
+        self,
+        val: Mapping[str, float],
+        test: Mapping[str, float] | None = None,
+        epochs: int = 0,
+        seconds: float | None = None,
+    ) -> dict[str, Any] | None:
         """Hand back the model's validation metrics (and, to report, test metrics). After the
         stage's last candidate this decides acceptance and records the stage; returns its record."""
         if self.finished:
@@ -179,11 +218,19 @@ class Stage:
         metric = self.plan.metric.name
         val, test = distributed.same_on_every_rank((_metrics(val), _metrics(test or {})))  # rank 0's decide
         for split, values in (("validation", val), ("test", test)):
-            if (values or split == "validation") and metric not in values:  # the test metrics are optional, not partial
-                raise ConfigError(f"{self.describe()}: the {split} metrics {sorted(values)} lack the plan's metric {metric!r}")
-        if val[metric] is None:  # _metrics' NaN or infinity: a NaN would win no comparison, and an infinity could be chosen
-            raise TopdownError(f"{self.describe()}: validation {metric} is NaN or infinite: the stage diverged; "
-                               "it was not recorded (the stages before it are saved)")
+            if (
+                values or split == "validation"
+            ) and metric not in values:  # the test metrics are optional, not partial
+                raise ConfigError(
+                    f"{self.describe()}: the {split} metrics {sorted(values)} lack the plan's metric {metric!r}"
+                )
+        if (
+            val[metric] is None
+        ):  # _metrics' NaN or infinity: a NaN would win no comparison, and an infinity could be chosen
+            raise TopdownError(
+                f"{self.describe()}: validation {metric} is NaN or infinite: the stage diverged; "
+                "it was not recorded (the stages before it are saved)"
+            )
         if not isinstance(val[metric], float):  # _metrics made every other number a float
             raise ConfigError(f"{self.describe()}: validation {metric} must be a number, got {val[metric]!r}")
         seconds = time.perf_counter() - self._started if seconds is None else seconds
@@ -206,20 +253,45 @@ class Plan:
     # (None: not declared, nothing refused, as for a plan of the user's own)
     procedure_options: ClassVar[tuple[str, ...] | None] = None
 
-    def __init__(self, model: nn.Module, blocks: Blocks | BlockSpec, *, build_model: Callable[[], nn.Module],
-                 out: str | Path, metric: str, lower_is_better: bool | None = None, config: RunConfig | Mapping[str, Any] | None = None,
-                 seed: int = 0, shared: Mapping[str, str] | None = None, resume: bool = False, name: str = "custom",
-                 preset: str | None = None, task_info: Mapping[str, Any] | None = None, from_checkpoint: str | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: Blocks | BlockSpec,
+        *,
+        build_model: Callable[[], nn.Module],
+        out: str | Path,
+        metric: str,
+        lower_is_better: bool | None = None,
+        config: RunConfig | Mapping[str, Any] | None = None,
+        seed: int = 0,
+        shared: Mapping[str, str] | None = None,
+        resume: bool = False,
+        name: str = "custom",
+        preset: str | None = None,
+        task_info: Mapping[str, Any] | None = None,
+        from_checkpoint: str | None = None,
+    ):
         if isinstance(build_model, nn.Module) or not callable(build_model):
-            raise ConfigError(f"build_model must be a function that returns a freshly built model (e.g. lambda: MyNet()), "
-                              f"got {type(build_model).__name__}")
-        self.model, self.build_model, self.seed, self.from_checkpoint = model, build_model, check_seed(seed), from_checkpoint
+            raise ConfigError(
+                f"build_model must be a function that returns a freshly built model (e.g. lambda: MyNet()), "
+                f"got {type(build_model).__name__}"
+            )
+        self.model, self.build_model, self.seed, self.from_checkpoint = (
+            model,
+            build_model,
+            check_seed(seed),
+            from_checkpoint,
+        )
         if isinstance(blocks, Blocks):
             if blocks.model is not model:
-                raise ConfigError("the Blocks given were declared over another model than the plan's: declare them over this model, "
-                                  "or pass the block spec itself")
+                raise ConfigError(
+                    "the Blocks given were declared over another model than the plan's: declare them over this model, "
+                    "or pass the block spec itself"
+                )
             if shared:
-                raise ConfigError("shared= is for a block spec; a Blocks already has its owners of shared parameters (Blocks(model, spec, shared))")
+                raise ConfigError(
+                    "shared= is for a block spec; a Blocks already has its owners of shared parameters (Blocks(model, spec, shared))"
+                )
             self.blocks = blocks
         else:
             self.blocks = Blocks(model, blocks, shared)
@@ -229,8 +301,11 @@ class Plan:
         self._refuse_unused_procedure_options()
         self.check()
         self.run = RunDir(out, writer=distributed.is_writer())
-        header = {**run_identity(self.procedure, name, preset, seed, self.config, self.metric, self.task_info),
-                  "blocks": self.blocks.parameter_names(), "provenance": provenance(next(model.parameters()).device)}
+        header = {
+            **run_identity(self.procedure, name, preset, seed, self.config, self.metric, self.task_info),
+            "blocks": self.blocks.parameter_names(),
+            "provenance": provenance(next(model.parameters()).device),
+        }
         self.summary = self._open(header, resume)
         self.blocks.watch_call_order()  # once nothing can refuse the plan: a refused plan leaves no hook on the model
         self._tried: list[dict[str, Any]] = []
@@ -251,7 +326,11 @@ class Plan:
         given = {k: v for k, v in self.config.as_dict()["procedure"].items() if v is not None}
         if unused := [f"procedure.{k}" for k in given if k not in self.procedure_options]:
             uses = ", ".join(f"procedure.{k}" for k in self.procedure_options) or "no procedure.* option"
-            hint = "; a cascade's splits are cascade.splits" if self.procedure == "cascade" and "split" in given else ""
+            hint = (
+                "; a cascade's splits are cascade.splits"
+                if self.procedure == "cascade" and "split" in given
+                else ""
+            )
             raise ConfigError(f"{self.procedure} does not use {', '.join(unused)} (it uses {uses}){hint}")
 
     # -- helpers for procedures ----------------------------------------------------------
@@ -266,19 +345,29 @@ class Plan:
     def check_split(self, k: int | None, what: str) -> None:
         """A split whose feature extractor and classifier each own a parameter (``blocks.empty_side``)."""
         if k is None:
-            raise ConfigError(f"{what} needs a split K in 1..{len(self.blocks) - 1} (procedure.split; --split K)")
+            raise ConfigError(
+                f"{what} needs a split K in 1..{len(self.blocks) - 1} (procedure.split; --split K)"
+            )
         if reason := self.blocks.out_of_range(k):
             raise ConfigError(reason)
         if (empty := empty_side(self.blocks.parameter_names(), k)) is not None:
             side, blocks = empty
             names = " and ".join(blocks) + (" blocks, which own" if len(blocks) > 1 else " block, which owns")
             hint = " (a tied weight belongs to a block above)" if side == "feature extractor" else ""
-            raise ConfigError(f"split {k}: the {side} is only the {names} no parameter{hint}; choose another split")
+            raise ConfigError(
+                f"split {k}: the {side} is only the {names} no parameter{hint}; choose another split"
+            )
 
     def stage_zero(self, role: str = "baseline", accept: str = "always") -> StageSpec:
         """The trained baseline, or the ``from_checkpoint`` model (evaluated, not trained)."""
         if self.from_checkpoint is not None:
-            return StageSpec("loaded" if role == "baseline" else role, (), accept=accept, reinit=False, source=self.from_checkpoint)
+            return StageSpec(
+                "loaded" if role == "baseline" else role,
+                (),
+                accept=accept,
+                reinit=False,
+                source=self.from_checkpoint,
+            )
         return StageSpec(role, self.all_blocks(), accept=accept, train=self.config.train)
 
     # -- iteration ------------------------------------------------------------------------
@@ -303,7 +392,9 @@ class Plan:
                     stage = self._prepare(index, c, spec)
                     yield stage
                     if not stage.finished:
-                        raise TopdownError(f"{stage.describe()} was not finished: call stage.finish(val=...) before asking for the next stage")
+                        raise TopdownError(
+                            f"{stage.describe()} was not finished: call stage.finish(val=...) before asking for the next stage"
+                        )
                 record = self.summary["stages"][index]
             index += 1
         self._complete()
@@ -319,7 +410,10 @@ class Plan:
         else:
             self.model.load_state_dict(self.run.load_model(stage_checkpoint(spec.start)))
             if spec.reinit:
-                self.blocks.copy_blocks(self._fresh_model(stage.seed), spec.trained if spec.reinit_blocks is None else spec.reinit_blocks)
+                self.blocks.copy_blocks(
+                    self._fresh_model(stage.seed),
+                    spec.trained if spec.reinit_blocks is None else spec.reinit_blocks,
+                )
         self.blocks.freeze(stage.frozen_blocks, frozen_dropout=self.config.cascade.frozen_dropout)
         stage._started = time.perf_counter()
         return stage
@@ -328,12 +422,16 @@ class Plan:
         torch.manual_seed(seed)
         fresh = self.build_model()
         if not isinstance(fresh, nn.Module):
-            raise ConfigError(f"build_model() must return a model like the plan's, got {type(fresh).__name__}")
+            raise ConfigError(
+                f"build_model() must return a model like the plan's, got {type(fresh).__name__}"
+            )
         ours, theirs = self.model.state_dict(), fresh.state_dict()
         for key, tensor in ours.items():
             if key not in theirs or theirs[key].shape != tensor.shape:
                 got = f"{key} {tuple(theirs[key].shape)}" if key in theirs else f"no {key}"
-                raise ConfigError(f"build_model() must return a model like the plan's, with {key} {tuple(tensor.shape)}; got {got}")
+                raise ConfigError(
+                    f"build_model() must return a model like the plan's, with {key} {tuple(tensor.shape)}; got {got}"
+                )
         return fresh
 
     def _load(self, path: str) -> None:
@@ -341,13 +439,17 @@ class Plan:
         if (owner := RunDir.of_checkpoint(path)) and (recorded := owner.read_summary()):
             wanted = (recorded.get("checksums") or {}).get(path.stem)
             if wanted is not None and file_digest(path) != wanted:
-                raise TopdownError(f"checkpoint {path} is corrupt: it does not match the checksum its run recorded in summary.json")
+                raise TopdownError(
+                    f"checkpoint {path} is corrupt: it does not match the checksum its run recorded in summary.json"
+                )
         tensors, meta = load_tensors(path)
         try:
             self.model.load_state_dict(tensors)
         except RuntimeError as e:
             first = str(e).strip().splitlines()
-            raise ConfigError(f"checkpoint {path} does not fit this task's model: {' '.join(first[:3])[:300]}") from None
+            raise ConfigError(
+                f"checkpoint {path} does not fit this task's model: {' '.join(first[:3])[:300]}"
+            ) from None
         self._warn_if_other_data(path, meta)
         self._source_weights = weights_digest(tensors)
 
@@ -360,21 +462,30 @@ class Plan:
         if "task_info" in meta and (d := first_difference(meta, {"task_info": self.task_info})):
             differences.append(d)
         theirs, ours = meta.get("config") or {}, self.config.as_dict()
-        if "data" in theirs and "data" in ours and (d := first_difference(theirs, {"data": ours["data"]}, self.config.option_defaults)):
+        if (
+            "data" in theirs
+            and "data" in ours
+            and (d := first_difference(theirs, {"data": ours["data"]}, self.config.option_defaults))
+        ):
             differences.append(f"config {d}")
         if differences:
-            warn(f"checkpoint {path} was trained on other data than this run ({'; '.join(differences)} differ): this run's "
-                 "test numbers are held out only if that data left its test set out")
+            warn(
+                f"checkpoint {path} was trained on other data than this run ({'; '.join(differences)} differ): this run's "
+                "test numbers are held out only if that data left its test set out"
+            )
 
     # -- candidates and stages ------------------------------------------------------------
 
-    def _candidate_finished(self, stage: Stage, val: dict[str, float], test: dict[str, float], epochs: int,
-                            seconds: float) -> dict[str, Any] | None:
+    def _candidate_finished(
+        self, stage: Stage, val: dict[str, float], test: dict[str, float], epochs: int, seconds: float
+    ) -> dict[str, Any] | None:
         weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         tried = {"seed": stage.seed, "epochs": epochs, "val": val}
         last = stage.candidate == stage.spec.candidates - 1
         if not last:  # a resumed run picks finished candidates up from here
-            self.run.save_candidate(stage.index, stage.candidate, weights, {**tried, "test": test, "seconds": seconds})
+            self.run.save_candidate(
+                stage.index, stage.candidate, weights, {**tried, "test": test, "seconds": seconds}
+            )
         self._keep_candidate(tried, test, seconds, weights)
         return self._record_stage(stage) if last else None
 
@@ -385,10 +496,13 @@ class Plan:
         weights, meta = saved
         return {k: meta[k] for k in ("seed", "epochs", "val")}, meta["test"], meta["seconds"], weights
 
-    def _keep_candidate(self, tried: dict[str, Any], test: dict[str, float], seconds: float,
-                        weights: dict[str, torch.Tensor]) -> None:
+    def _keep_candidate(
+        self, tried: dict[str, Any], test: dict[str, float], seconds: float, weights: dict[str, torch.Tensor]
+    ) -> None:
         self._tried.append({**tried, "seconds": seconds})
-        if self._best is None or self.metric.better(tried["val"][self.metric.name], self._best[0][self.metric.name]):
+        if self._best is None or self.metric.better(
+            tried["val"][self.metric.name], self._best[0][self.metric.name]
+        ):
             self._best = (tried["val"], test, weights)
 
     def _record_stage(self, stage: Stage) -> dict[str, Any]:
@@ -399,17 +513,38 @@ class Plan:
         chosen = self.best_index
         best_val = self.summary["stages"][chosen]["val"][self.metric.name] if chosen is not None else None
         record = {
-            "index": stage.index, "role": spec.role, "split": spec.split, "trained_blocks": list(spec.trained),
-            "frozen_blocks": stage.frozen_blocks, "reinit": spec.source is None and (spec.start is None or spec.reinit),
-            "subset": spec.subset, "epochs": sum(t["epochs"] for t in self._tried),
-            "candidates": [] if spec.source else [{k: t[k] for k in ("seed", "epochs", "val")} for t in self._tried],
-            "val": val, "test": test, "accepted": accept(spec.accept, val[self.metric.name], best_val, self.metric),
-            "seconds": sum(t["seconds"] for t in self._tried), **({"source": spec.source, "source_weights": self._source_weights} if spec.source else {}),
-            **({"reinit_blocks": list(spec.reinit_blocks)} if spec.reinit_blocks is not None and spec.reinit else {}),
+            "index": stage.index,
+            "role": spec.role,
+            "split": spec.split,
+            "trained_blocks": list(spec.trained),
+            "frozen_blocks": stage.frozen_blocks,
+            "reinit": spec.source is None and (spec.start is None or spec.reinit),
+            "subset": spec.subset,
+            "epochs": sum(t["epochs"] for t in self._tried),
+            "candidates": []
+            if spec.source
+            else [{k: t[k] for k in ("seed", "epochs", "val")} for t in self._tried],
+            "val": val,
+            "test": test,
+            "accepted": accept(spec.accept, val[self.metric.name], best_val, self.metric),
+            "seconds": sum(t["seconds"] for t in self._tried),
+            **({"source": spec.source, "source_weights": self._source_weights} if spec.source else {}),
+            **(
+                {"reinit_blocks": list(spec.reinit_blocks)}
+                if spec.reinit_blocks is not None and spec.reinit
+                else {}
+            ),
         }
-        meta = {"task": self.summary["task"], "stage": stage.index, "config": self.summary["config"], "task_info": self.task_info}
+        meta = {
+            "task": self.summary["task"],
+            "stage": stage.index,
+            "config": self.summary["config"],
+            "task_info": self.task_info,
+        }
         checksums = self.summary.setdefault("checksums", {})
-        checksums[stage_checkpoint(stage.index)] = self.run.save_model(stage_checkpoint(stage.index), weights, meta)
+        checksums[stage_checkpoint(stage.index)] = self.run.save_model(
+            stage_checkpoint(stage.index), weights, meta
+        )
         if record["accepted"]:
             checksums["best"] = self.run.save_model("best", weights, meta)
             self.summary["chosen_stage"], self.summary["test"] = stage.index, test
@@ -438,27 +573,37 @@ class Plan:
 
     def _open_here(self, header: dict[str, Any], resume: bool) -> dict[str, Any]:
         if self.run.path.exists() and not self.run.path.is_dir():
-            raise TopdownError(f"{self.run.path} is a file, not a run directory; choose another output directory (--out)")
+            raise TopdownError(
+                f"{self.run.path} is a file, not a run directory; choose another output directory (--out)"
+            )
         self.run.claim()
         existing = self.run.read_summary()
         failed_untrained = existing is not None and not resume and self.run.failed_before_saving(existing)
         if failed_untrained:
-            warn(f"starting afresh in {self.run.path}: the run there stopped on an error before it saved any training")
+            warn(
+                f"starting afresh in {self.run.path}: the run there stopped on an error before it saved any training"
+            )
         if existing is None or failed_untrained:
             return self._start_record(header, resume, replaces_a_run=failed_untrained)
         if not resume:
-            raise TopdownError(f"{self.run.path} already holds a run; resume it (--resume; resume=True) or choose another output directory")
+            raise TopdownError(
+                f"{self.run.path} already holds a run; resume it (--resume; resume=True) or choose another output directory"
+            )
         return self._continue_record(existing, header)
 
     def _start_record(self, header: dict[str, Any], resume: bool, replaces_a_run: bool) -> dict[str, Any]:
         """A new run's first record, in a directory that is new, empty, holds only the debris of a
         first write, or (``replaces_a_run``) a run that stopped before it saved any training."""
         if resume:
-            raise TopdownError(f"nothing to resume in {self.run.path} (no summary.json); start a run there without --resume (resume=False)")
+            raise TopdownError(
+                f"nothing to resume in {self.run.path} (no summary.json); start a run there without --resume (resume=False)"
+            )
         if self.run.holds_only_debris():  # killed while writing its first summary: nothing was saved yet
             self._remove_debris()
         if not replaces_a_run and self.run.path.is_dir() and any(self.run.path.iterdir()):
-            raise TopdownError(f"{self.run.path} is not empty and holds no run (no summary.json); choose another output directory (--out)")
+            raise TopdownError(
+                f"{self.run.path} is not empty and holds no run (no summary.json); choose another output directory (--out)"
+            )
         summary = {**header, "status": "running", "stages": [], "chosen_stage": None, "test": None}
         self.run.write_summary(summary)
         self.run.claim()  # the directory exists now
@@ -467,25 +612,33 @@ class Plan:
     def _continue_record(self, existing: dict[str, Any], header: dict[str, Any]) -> dict[str, Any]:
         """The recorded run, to resume: refused if it is another run (identity, starting weights, number
         of processes); its checkpoints verified, and what a kill left half-written cleared."""
-        identity = {k: v for k, v in header.items() if k != "provenance"}  # another machine may continue a run
+        identity = {
+            k: v for k, v in header.items() if k != "provenance"
+        }  # another machine may continue a run
         if reason := recorded_mismatch(existing, identity, self.config.option_defaults, self.from_checkpoint):
             raise TopdownError(f"cannot resume {self.run.path}: {reason}")
         for name in self.run.verify(existing):
-            warn(f"restored {name}.safetensors from the chosen stage's checkpoint (a kill came between writing it and the record)")
+            warn(
+                f"restored {name}.safetensors from the chosen stage's checkpoint (a kill came between writing it and the record)"
+            )
         self._remove_debris()
         finished = len(existing["stages"])
         if existing["status"] != "complete":
             last = (existing.get("resumed_on") or [existing.get("provenance", {})])[-1]
             if last.get("world_size", 1) != header["provenance"]["world_size"]:
-                raise TopdownError(f"cannot resume {self.run.path}: it was trained by {last.get('world_size', 1)} process(es) and this "
-                                   f"command has {header['provenance']['world_size']}; resume with the same number (--nproc)")
+                raise TopdownError(
+                    f"cannot resume {self.run.path}: it was trained by {last.get('world_size', 1)} process(es) and this "
+                    f"command has {header['provenance']['world_size']}; resume with the same number (--nproc)"
+                )
             existing.setdefault("resumed_on", []).append(header["provenance"])
         for index in range(finished):
             self.run.clear_state(index)  # left behind if a kill came right after the stage was recorded
         self._drop_unsaved_metrics(finished)
         if existing["status"] != "complete":
             existing["status"] = "running"
-            self.run.write_summary(existing)  # this continuation on record now, even if it ends before a stage does
+            self.run.write_summary(
+                existing
+            )  # this continuation on record now, even if it ends before a stage does
         return existing
 
     def _remove_debris(self) -> None:
@@ -499,13 +652,20 @@ class Plan:
             try:
                 meta = load_tensors(f)[1]  # all of it: a torn file must not stop the run later
             except TopdownError as e:
-                warn(f"{e}; stage {next_stage} candidate {candidate} starts again (finished stages are intact)")
+                warn(
+                    f"{e}; stage {next_stage} candidate {candidate} starts again (finished stages are intact)"
+                )
                 f.unlink()
                 continue
-            epoch = meta["loop"]["epoch"] if "loop" in meta else float("inf")  # a finished candidate keeps all its lines
+            epoch = (
+                meta["loop"]["epoch"] if "loop" in meta else float("inf")
+            )  # a finished candidate keeps all its lines
             kept_epochs[candidate] = max(kept_epochs.get(candidate, 0), epoch)
         self.run.keep_metrics(
-            lambda r: r["stage"] < next_stage or (r["stage"] == next_stage and r["epoch"] <= kept_epochs.get(r["candidate"], 0))
+            lambda r: (
+                r["stage"] < next_stage
+                or (r["stage"] == next_stage and r["epoch"] <= kept_epochs.get(r["candidate"], 0))
+            )
         )
 
     def fail(self) -> None:

@@ -15,17 +15,17 @@ from typing import Any
 
 import torch
 
-from .config import CascadeConfig, ProcedureConfig, RunConfig, TrainConfig
-from .devices import resolve_device
-from .errors import ConfigError, TopdownError, TrainingError
-from . import distributed
-from .blocks import Blocks, usable_splits
-from .loop import evaluate, fit, monitored_metric, progress_label, say
-from .plan import Plan, StageSpec, recorded_mismatch, run_identity
-from .report import format_metric
-from .runs import RunDir
-from .seeds import check_seed, derive_seed
-from .task import Task
+from topdown import distributed
+from topdown.blocks import Blocks, usable_splits
+from topdown.config import CascadeConfig, ProcedureConfig, RunConfig, TrainConfig
+from topdown.devices import resolve_device
+from topdown.errors import ConfigError, TopdownError, TrainingError
+from topdown.loop import evaluate, fit, monitored_metric, progress_label, say
+from topdown.plan import Plan, StageSpec, recorded_mismatch, run_identity
+from topdown.report import format_metric
+from topdown.runs import RunDir
+from topdown.seeds import check_seed, derive_seed
+from topdown.task import Task
 
 
 class Baseline(Plan):
@@ -36,7 +36,9 @@ class Baseline(Plan):
 
     def check(self) -> None:
         if self.from_checkpoint is not None:
-            raise ConfigError("baseline trains from scratch; a starting checkpoint (--from; from_checkpoint) is for cascade, retrain-classifier, transfer-classifier and forget")
+            raise ConfigError(
+                "baseline trains from scratch; a starting checkpoint (--from; from_checkpoint) is for cascade, retrain-classifier, transfer-classifier and forget"
+            )
 
     def stages(self) -> Iterator[StageSpec]:
         yield self.stage_zero()
@@ -47,8 +49,10 @@ def cascade_splits(config: RunConfig, blocks: Blocks) -> list[int]:
     if config.cascade.splits is not None:
         return config.cascade.splits
     if not (splits := usable_splits(blocks.parameter_names())):
-        raise ConfigError(f"no split of the blocks {blocks.names} has a parameter on both sides (feature extractor and "
-                          "classifier): declare more blocks")
+        raise ConfigError(
+            f"no split of the blocks {blocks.names} has a parameter on both sides (feature extractor and "
+            "classifier): declare more blocks"
+        )
     return splits
 
 
@@ -57,7 +61,11 @@ def planned_models(task: Task, config: RunConfig) -> int | None:
     split), known before it runs; None with ``cascade.patience``, which can end it early."""
     if config.cascade.patience is not None:
         return None
-    return 1 + len(cascade_splits(config, Blocks(task.build_model(), task.blocks, task.shared))) * config.cascade.candidates
+    return (
+        1
+        + len(cascade_splits(config, Blocks(task.build_model(), task.blocks, task.shared)))
+        * config.cascade.candidates
+    )
 
 
 class Cascade(Plan):
@@ -71,7 +79,9 @@ class Cascade(Plan):
         return cascade_splits(self.config, self.blocks)
 
     def check(self) -> None:
-        for k in self.splits():  # descending is CascadeConfig's to check; the range and both sides' parameters, the model's
+        for k in (
+            self.splits()
+        ):  # descending is CascadeConfig's to check; the range and both sides' parameters, the model's
             self.check_split(k, "cascade.splits")
 
     def stages(self) -> Iterator[StageSpec]:
@@ -79,15 +89,27 @@ class Cascade(Plan):
         yield self.stage_zero()
         rejected_in_a_row = 0
         for k in self.splits():
-            record = yield StageSpec("cascade", tuple(self.blocks.split(k)[0]), start=self.best_index, reinit=cc.reinit,
-                                     split=k, train=train, candidates=cc.candidates)
+            record = yield StageSpec(
+                "cascade",
+                tuple(self.blocks.split(k)[0]),
+                start=self.best_index,
+                reinit=cc.reinit,
+                split=k,
+                train=train,
+                candidates=cc.candidates,
+            )
             rejected_in_a_row = 0 if record["accepted"] else rejected_in_a_row + 1
             if cc.patience is not None and rejected_in_a_row >= cc.patience:
                 break
         if cc.finetune_epochs > 0:
             lr = cc.finetune_lr if cc.finetune_lr is not None else 0.1 * train.lr
-            yield StageSpec("finetune", self.all_blocks(), start=self.best_index, reinit=False,
-                            train=train.replace(epochs=cc.finetune_epochs, lr=lr))
+            yield StageSpec(
+                "finetune",
+                self.all_blocks(),
+                start=self.best_index,
+                reinit=False,
+                train=train.replace(epochs=cc.finetune_epochs, lr=lr),
+            )
 
 
 class RetrainClassifier(Plan):
@@ -102,7 +124,9 @@ class RetrainClassifier(Plan):
     def stages(self) -> Iterator[StageSpec]:
         k = self.config.procedure.split
         yield self.stage_zero()
-        yield StageSpec(self.procedure, tuple(self.blocks.split(k)[1]), start=0, split=k, train=self.config.stage_train())
+        yield StageSpec(
+            self.procedure, tuple(self.blocks.split(k)[1]), start=0, split=k, train=self.config.stage_train()
+        )
 
 
 class TransferClassifier(Plan):
@@ -115,13 +139,24 @@ class TransferClassifier(Plan):
     def check(self) -> None:
         self.check_split(self.config.procedure.split, self.procedure)
         if self.config.procedure.subset is None:
-            raise ConfigError("transfer-classifier needs a subset, a fraction in (0, 1) of the training data (procedure.subset; --subset)")
+            raise ConfigError(
+                "transfer-classifier needs a subset, a fraction in (0, 1) of the training data (procedure.subset; --subset)"
+            )
 
     def stages(self) -> Iterator[StageSpec]:
         k, subset = self.config.procedure.split, self.config.procedure.subset
         yield self.stage_zero("full-data baseline", accept="never")
-        yield StageSpec("subset baseline", self.all_blocks(), subset=subset, accept="always", train=self.config.train)
-        yield StageSpec("transfer", tuple(self.blocks.split(k)[0]), start=0, split=k, subset=subset, train=self.config.stage_train())
+        yield StageSpec(
+            "subset baseline", self.all_blocks(), subset=subset, accept="always", train=self.config.train
+        )
+        yield StageSpec(
+            "transfer",
+            tuple(self.blocks.split(k)[0]),
+            start=0,
+            split=k,
+            subset=subset,
+            train=self.config.stage_train(),
+        )
 
 
 class LaterLayerForgetting(Plan):
@@ -149,11 +184,19 @@ class LaterLayerForgetting(Plan):
         k = self.split()
         yield self.stage_zero()
         for r in range(self.rounds()):  # round r + 1 starts from round r's model, accepted or not
-            yield StageSpec("forget", self.all_blocks(), start=r, reinit_blocks=tuple(self.blocks.split(k)[1]), split=k,
-                            train=self.config.stage_train())
+            yield StageSpec(
+                "forget",
+                self.all_blocks(),
+                start=r,
+                reinit_blocks=tuple(self.blocks.split(k)[1]),
+                split=k,
+                train=self.config.stage_train(),
+            )
 
 
-PLANS: dict[str, type[Plan]] = {p.procedure: p for p in (Baseline, Cascade, RetrainClassifier, TransferClassifier, LaterLayerForgetting)}
+PLANS: dict[str, type[Plan]] = {
+    p.procedure: p for p in (Baseline, Cascade, RetrainClassifier, TransferClassifier, LaterLayerForgetting)
+}
 PROCEDURES = tuple(PLANS)
 
 
@@ -162,13 +205,27 @@ def train_plan(plan: Plan, task: Task, device: torch.device) -> dict[str, Any]:
     for stage in plan:
         epochs, seconds = 0, 0.0
         if stage.trained_blocks:
-            result = fit(stage.model, task, stage.train, seed=stage.seed, subset=stage.subset, resume_path=stage.resume_path,
-                         on_epoch=stage.log, desc=stage.describe(), device=device)
+            result = fit(
+                stage.model,
+                task,
+                stage.train,
+                seed=stage.seed,
+                subset=stage.subset,
+                resume_path=stage.resume_path,
+                on_epoch=stage.log,
+                desc=stage.describe(),
+                device=device,
+            )
             val, epochs, seconds = result.val, result.epochs, result.seconds
         else:
             val = evaluate(stage.model, task, "val")
         started = time.perf_counter()
-        stage.finish(val=val, test=evaluate(stage.model, task, "test"), epochs=epochs, seconds=seconds + time.perf_counter() - started)
+        stage.finish(
+            val=val,
+            test=evaluate(stage.model, task, "test"),
+            epochs=epochs,
+            seconds=seconds + time.perf_counter() - started,
+        )
     return plan.summary
 
 
@@ -188,28 +245,58 @@ def run_procedure(
     if procedure not in PLANS:
         raise ConfigError(f"unknown procedure {procedure!r} ({', '.join(PROCEDURES)})")
     config = config if isinstance(config, RunConfig) else RunConfig.from_dict(config or {})
-    monitored_metric(config.train, task)  # a monitor the loop cannot rank is refused before the run directory is written
+    monitored_metric(
+        config.train, task
+    )  # a monitor the loop cannot rank is refused before the run directory is written
     torch.manual_seed(derive_seed(check_seed(seed), 0, 0))
     model = task.build_model()
     # Default: where build_model put the model (a task's evaluate may hold its data there).
-    device = distributed.setup(resolve_device(device) if device is not None else next(model.parameters()).device)
+    device = distributed.setup(
+        resolve_device(device) if device is not None else next(model.parameters()).device
+    )
     model = model.to(device)
-    plan = PLANS[procedure](model, task.blocks, build_model=task.build_model, out=out, metric=task.primary.name,
-                            lower_is_better=task.primary.lower_is_better, config=config, seed=seed, shared=task.shared,
-                            resume=resume, name=task.name, preset=preset, task_info=task.info, from_checkpoint=from_checkpoint)
+    plan = PLANS[procedure](
+        model,
+        task.blocks,
+        build_model=task.build_model,
+        out=out,
+        metric=task.primary.name,
+        lower_is_better=task.primary.lower_is_better,
+        config=config,
+        seed=seed,
+        shared=task.shared,
+        resume=resume,
+        name=task.name,
+        preset=preset,
+        task_info=task.info,
+        from_checkpoint=from_checkpoint,
+    )
     try:
         return train_plan(plan, task, device)
     except TopdownError:
         plan.fail()
         raise
-    except torch.OutOfMemoryError as e:  # the user's to fix (a batch too large for the device), not a bug of ours
+    except (
+        torch.OutOfMemoryError
+    ) as e:  # the user's to fix (a batch too large for the device), not a bug of ours
         plan.fail()
-        raise TrainingError(f"out of memory on {device} ({str(e).splitlines()[0][:160]}); a smaller data.batch_size or model "
-                            "fits, and --resume continues from the last saved epoch") from None
+        raise TrainingError(
+            f"out of memory on {device} ({str(e).splitlines()[0][:160]}); a smaller data.batch_size or model "
+            "fits, and --resume continues from the last saved epoch"
+        ) from None
 
 
-def run_or_resume(procedure: str, task: Task, out: Path, *, config: RunConfig, seed: int = 0, preset: str | None = None,
-                  weights_needed: bool = True, **kw) -> dict[str, Any]:
+def run_or_resume(
+    procedure: str,
+    task: Task,
+    out: Path,
+    *,
+    config: RunConfig,
+    seed: int = 0,
+    preset: str | None = None,
+    weights_needed: bool = True,
+    **kw,
+) -> dict[str, Any]:
     """The summary of the run in ``out``: read back if complete, otherwise run or resume it.
 
     Used by commands that are made of many runs (compare, analyse), so that an interrupted
@@ -223,22 +310,34 @@ def run_or_resume(procedure: str, task: Task, out: Path, *, config: RunConfig, s
     if existing is not None and existing.get("status") == "complete":
         wanted = run_identity(procedure, task.name, preset, seed, config, task.primary, task.info)
         if reason := recorded_mismatch(existing, wanted, config.option_defaults, kw.get("from_checkpoint")):
-            raise TopdownError(f"cannot reuse {out}: {reason}; delete that run's directory to train it again, or choose another --out")
+            raise TopdownError(
+                f"cannot reuse {out}: {reason}; delete that run's directory to train it again, or choose another --out"
+            )
         RunDir(out).verify(existing, weights_needed=weights_needed)
         return existing
     with progress_label(out.name):  # several runs may train at once (--jobs): every line names its run
         # a run that stopped on an error before saving anything starts afresh (Plan), e.g. after a corrected --set
         resume = existing is not None and not RunDir(out).failed_before_saving(existing)
         say(f"{'resuming' if resume else 'starting'} {procedure} in {out}")
-        summary = run_procedure(procedure, task, out, config=config, seed=seed, preset=preset, resume=resume, **kw)
+        summary = run_procedure(
+            procedure, task, out, config=config, seed=seed, preset=preset, resume=resume, **kw
+        )
         m, chosen = summary["metric"], summary["stages"][summary["chosen_stage"]]
-        say(f"finished: stage {chosen['index']} chosen, val {m} {format_metric(chosen['val'][m], m)}, "
-            f"test {m} {format_metric(chosen['test'].get(m), m)}")
+        say(
+            f"finished: stage {chosen['index']} chosen, val {m} {format_metric(chosen['val'][m], m)}, "
+            f"test {m} {format_metric(chosen['test'].get(m), m)}"
+        )
         return summary
 
 
-def _config(train: TrainConfig | None, cascade: CascadeConfig | None = None, procedure: ProcedureConfig | None = None) -> RunConfig:
-    return RunConfig(train=train or TrainConfig(), cascade=cascade or CascadeConfig(), procedure=procedure or ProcedureConfig())
+def _config(
+    train: TrainConfig | None, cascade: CascadeConfig | None = None, procedure: ProcedureConfig | None = None
+) -> RunConfig:
+    return RunConfig(
+        train=train or TrainConfig(),
+        cascade=cascade or CascadeConfig(),
+        procedure=procedure or ProcedureConfig(),
+    )
 
 
 def baseline(task: Task, out: str | Path, *, train: TrainConfig | None = None, **kw) -> dict[str, Any]:
@@ -246,23 +345,52 @@ def baseline(task: Task, out: str | Path, *, train: TrainConfig | None = None, *
     return run_procedure("baseline", task, out, config=_config(train), **kw)
 
 
-def cascade(task: Task, out: str | Path, *, train: TrainConfig | None = None, cascade: CascadeConfig | None = None, **kw) -> dict[str, Any]:
+def cascade(
+    task: Task,
+    out: str | Path,
+    *,
+    train: TrainConfig | None = None,
+    cascade: CascadeConfig | None = None,
+    **kw,
+) -> dict[str, Any]:
     """Top-down cascade: baseline (or ``from_checkpoint``), then one stage per split, accepted on validation."""
     return run_procedure("cascade", task, out, config=_config(train, cascade), **kw)
 
 
-def retrain_classifier(task: Task, out: str | Path, split: int, *, train: TrainConfig | None = None, **kw) -> dict[str, Any]:
+def retrain_classifier(
+    task: Task, out: str | Path, split: int, *, train: TrainConfig | None = None, **kw
+) -> dict[str, Any]:
     """From the baseline, freeze blocks 1..split and train fresh blocks above them."""
-    return run_procedure("retrain-classifier", task, out, config=_config(train, procedure=ProcedureConfig(split=split)), **kw)
+    return run_procedure(
+        "retrain-classifier", task, out, config=_config(train, procedure=ProcedureConfig(split=split)), **kw
+    )
 
 
-def forget(task: Task, out: str | Path, split: int | None = None, rounds: int | None = None, *, train: TrainConfig | None = None,
-           cascade: CascadeConfig | None = None, **kw) -> dict[str, Any]:
+def forget(
+    task: Task,
+    out: str | Path,
+    split: int | None = None,
+    rounds: int | None = None,
+    *,
+    train: TrainConfig | None = None,
+    cascade: CascadeConfig | None = None,
+    **kw,
+) -> dict[str, Any]:
     """Later-layer forgetting, the cascade's neighbour: rounds of re-initialising the blocks above
     ``split`` and training every block (defaults: the cascade's first split, its number of stages)."""
-    return run_procedure("forget", task, out, config=_config(train, cascade, ProcedureConfig(split=split, rounds=rounds)), **kw)
+    return run_procedure(
+        "forget", task, out, config=_config(train, cascade, ProcedureConfig(split=split, rounds=rounds)), **kw
+    )
 
 
-def transfer_classifier(task: Task, out: str | Path, split: int, subset: float, *, train: TrainConfig | None = None, **kw) -> dict[str, Any]:
+def transfer_classifier(
+    task: Task, out: str | Path, split: int, subset: float, *, train: TrainConfig | None = None, **kw
+) -> dict[str, Any]:
     """Classifier of a full-data model, fresh feature extractor trained on a subset, against a subset baseline."""
-    return run_procedure("transfer-classifier", task, out, config=_config(train, procedure=ProcedureConfig(split=split, subset=subset)), **kw)
+    return run_procedure(
+        "transfer-classifier",
+        task,
+        out,
+        config=_config(train, procedure=ProcedureConfig(split=split, subset=subset)),
+        **kw,
+    )

@@ -7,11 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import TopdownError
-from .metrics import display_scale
-from .runs import RunDir, atomic_write, write_json
-
-
+from topdown.errors import TopdownError
+from topdown.metrics import display_scale
+from topdown.runs import RunDir, atomic_write, write_json
 
 
 def format_metric(value: float | None, metric: str, sign: bool = True) -> str:
@@ -30,8 +28,10 @@ def stage_result(stage: dict[str, Any], metric: str, run: str) -> dict[str, floa
     measured can be neither averaged nor plotted: refused, naming ``run``."""
     if stage["test"].get(metric) is None:
         why = "is NaN or infinite (recorded as null)" if metric in stage["test"] else "was not measured"
-        raise TopdownError(f"{run}: the test {metric} of stage {stage['index']} {why}, so it cannot be tabulated with the others; "
-                           "see `topdown report` of that run, and remove its directory to train it again")
+        raise TopdownError(
+            f"{run}: the test {metric} of stage {stage['index']} {why}, so it cannot be tabulated with the others; "
+            "see `topdown report` of that run, and remove its directory to train it again"
+        )
     return {"val": stage["val"][metric], "test": stage["test"][metric]}
 
 
@@ -46,8 +46,13 @@ def save_figure(fig: Any, path: Path) -> None:
     atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
 
 
-def write_record(out: Path, stem: str, record: dict[str, Any], render: Callable[[dict[str, Any]], str],
-                 plot: Callable[[dict[str, Any], Path], None]) -> None:
+def write_record(
+    out: Path,
+    stem: str,
+    record: dict[str, Any],
+    render: Callable[[dict[str, Any]], str],
+    plot: Callable[[dict[str, Any], Path], None],
+) -> None:
     """Write a multi-run command's ``stem.json``, ``stem.md`` and ``stem.png`` (compare, analyse)."""
     write_json(out / f"{stem}.json", record)
     atomic_write(out / f"{stem}.md", lambda p: p.write_text(render(record)))
@@ -61,16 +66,31 @@ def stage_table(summary: dict[str, Any]) -> str:
     # after the primary one: cer beside wer, loss beside ppl or error)
     extra = [m for m in summary["stages"][0]["val"] if m != metric][:1] if summary["stages"] else []
     cols = [metric, *extra]
-    head = ["stage", "role", "split", "trained blocks", "epochs", *[f"val {m}" for m in cols], *[f"test {m}" for m in cols], "accepted", "seconds"]
+    head = [
+        "stage",
+        "role",
+        "split",
+        "trained blocks",
+        "epochs",
+        *[f"val {m}" for m in cols],
+        *[f"test {m}" for m in cols],
+        "accepted",
+        "seconds",
+    ]
     rows = table_head(head)
     for s in summary["stages"]:
         mark = " (chosen)" if s["index"] == summary["chosen_stage"] else ""
         accepted = "-" if s["accepted"] is None else ("yes" if s["accepted"] else "no")
         cells = [
-            f"{s['index']}{mark}", s["role"], "-" if s["split"] is None else str(s["split"]),
-            ", ".join(s["trained_blocks"]) or "-", str(s["epochs"]),
-            *[format_metric(s["val"].get(m), m) for m in cols], *[format_metric(s["test"].get(m), m) for m in cols],
-            accepted, f"{s['seconds']:.1f}",
+            f"{s['index']}{mark}",
+            s["role"],
+            "-" if s["split"] is None else str(s["split"]),
+            ", ".join(s["trained_blocks"]) or "-",
+            str(s["epochs"]),
+            *[format_metric(s["val"].get(m), m) for m in cols],
+            *[format_metric(s["test"].get(m), m) for m in cols],
+            accepted,
+            f"{s['seconds']:.1f}",
         ]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -100,10 +120,18 @@ def runs_table(runs: Path) -> str:
         done, metric = summary["stages"], summary["metric"]
         at = "-"
         if summary["status"] != "complete":
-            at = _stage_progress(len(done), [r for r in RunDir(run).read_metrics() if r.get("stage") == len(done)])
+            at = _stage_progress(
+                len(done), [r for r in RunDir(run).read_metrics() if r.get("stage") == len(done)]
+            )
         chosen = done[summary["chosen_stage"]] if summary["chosen_stage"] is not None else None
-        val, test = ((format_metric(chosen[split].get(metric), metric) for split in ("val", "test")) if chosen else ("-", "-"))
-        rows.append(f"| {run.name} | {summary['procedure']} | {summary['status']} | {len(done)} | {at} | {val} | {test} |")
+        val, test = (
+            (format_metric(chosen[split].get(metric), metric) for split in ("val", "test"))
+            if chosen
+            else ("-", "-")
+        )
+        rows.append(
+            f"| {run.name} | {summary['procedure']} | {summary['status']} | {len(done)} | {at} | {val} | {test} |"
+        )
     return "\n".join(rows)
 
 
@@ -114,9 +142,15 @@ def _stage_progress(stage: int, lines: list[dict[str, Any]]) -> str:
         return f"stage {stage}, starting"
     last = max(lines, key=lambda r: (r.get("candidate", 0), r["epoch"]))
     where = f"stage {stage}" + (f" (candidate {last['candidate'] + 1})" if last.get("candidate") else "")
-    if "max_epochs" not in last or "seconds" not in last:  # a loop of the user's own, or an older topdown, wrote it
+    if (
+        "max_epochs" not in last or "seconds" not in last
+    ):  # a loop of the user's own, or an older topdown, wrote it
         return f"{where}, epoch {last['epoch']}"
-    seconds = {r["epoch"]: r["seconds"] for r in lines if r.get("candidate") == last.get("candidate") and "seconds" in r}
+    seconds = {
+        r["epoch"]: r["seconds"]
+        for r in lines
+        if r.get("candidate") == last.get("candidate") and "seconds" in r
+    }
     epochs = sorted(seconds)  # a resumed run logs an epoch again: its later line wins
     durations = [seconds[b] - seconds[a] for a, b in zip(epochs, epochs[1:]) if b == a + 1][-5:]
     # the median of the last five epochs: one epoch slowed by another process does not set the estimate
@@ -146,10 +180,18 @@ def plot_curves(summary: dict[str, Any], metrics: list[dict[str, Any]], path: Pa
             losses += [v for v in loss if v is not None]
             ax_loss.plot(x, loss, marker=".", color=color, label=label)
         offset += max([r["epoch"] for r in metrics if r["stage"] == stage["index"]], default=0)
-    ax_val.set(xlabel="epoch (stages end to end)", ylabel=f"validation {metric}", title=f"{summary['task']}: {summary['procedure']}")
+    ax_val.set(
+        xlabel="epoch (stages end to end)",
+        ylabel=f"validation {metric}",
+        title=f"{summary['task']}: {summary['procedure']}",
+    )
     # a log scale shows the loss's decay, but a loss of 0 (or below, with a regulariser) has no
     # logarithm: matplotlib then warns on stderr and drops the points, so such a plot stays linear
-    ax_loss.set(xlabel="epoch (stages end to end)", ylabel="training loss", yscale="log" if all(v > 0 for v in losses) else "linear")
+    ax_loss.set(
+        xlabel="epoch (stages end to end)",
+        ylabel="training loss",
+        yscale="log" if all(v > 0 for v in losses) else "linear",
+    )
     if ax_val.get_legend_handles_labels()[0]:
         ax_val.legend(fontsize=8)
     save_figure(fig, path)
@@ -158,7 +200,9 @@ def plot_curves(summary: dict[str, Any], metrics: list[dict[str, Any]], path: Pa
 def render(summary: dict[str, Any]) -> str:
     metric = summary["metric"]
     chosen = summary["chosen_stage"]
-    preset = "" if summary["preset"] is None else f"preset {summary['preset']}, "  # a plan driven by one's own loop has none
+    preset = (
+        "" if summary["preset"] is None else f"preset {summary['preset']}, "
+    )  # a plan driven by one's own loop has none
     lines = [
         f"# {summary['procedure']} on {summary['task']} ({preset}seed {summary['seed']})",
         "",

@@ -19,19 +19,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from safetensors import safe_open
 
-from .errors import TopdownError
-from .task import DATA_DIR
+from topdown.errors import TopdownError
+from topdown.task import DATA_DIR
 
 try:
     import fcntl
 except ImportError:  # not on Windows: no directory locks there
     fcntl = None
 
-_claimed: dict[str, int] = {}  # run directories this process writes: resolved path -> the descriptor holding the lock
+_claimed: dict[
+    str, int
+] = {}  # run directories this process writes: resolved path -> the descriptor holding the lock
 
 
 class WriteError(TopdownError):
@@ -94,7 +95,9 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n"))
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
+def save_tensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None
+) -> None:
     """Save tensors (copied to contiguous CPU memory, so tied weights save fine) as safetensors;
     ``metadata`` is stored as JSON strings in the file header."""
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
@@ -136,7 +139,7 @@ def prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 
 def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 _ABSENT = object()
@@ -155,7 +158,9 @@ def _close(a: Any, b: Any) -> bool:
 LOCATION_KEYS = (DATA_DIR,)  # task_info keys that say where the data is, not what it is
 
 
-def first_difference(recorded: dict[str, Any], wanted: dict[str, Any], defaults: dict[str, Any] | None = None) -> str | None:
+def first_difference(
+    recorded: dict[str, Any], wanted: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> str | None:
     """The first key of ``wanted`` whose value the run record does not share, named for an error
     message (with the dotted paths that differ inside a nested dict, e.g. ``'config' (train.lr)``);
     None if the record matches. ``defaults`` (shaped like ``wanted``, possibly sparse) gives the
@@ -163,17 +168,29 @@ def first_difference(recorded: dict[str, Any], wanted: dict[str, Any], defaults:
     ``task_info`` describes the data: its floats match to 1e-5 (``_close``) and where the data
     lies (``LOCATION_KEYS``) is not compared, so a run continues on another machine or after its
     corpus moved; everything else must be equal."""
+
     def paths(a: Any, b: Any, default: Any, prefix: str, data: bool) -> list[str]:
         if a is _ABSENT:
             a = default
         if isinstance(a, dict) and isinstance(b, dict):
             default = default if isinstance(default, dict) else {}
-            return [p for k in sorted(set(a) | set(b), key=str) if not (data and k in LOCATION_KEYS)
-                    for p in paths(a.get(k, _ABSENT), b.get(k), default.get(k), f"{prefix}{k}.", data)]
+            return [
+                p
+                for k in sorted(set(a) | set(b), key=str)
+                if not (data and k in LOCATION_KEYS)
+                for p in paths(a.get(k, _ABSENT), b.get(k), default.get(k), f"{prefix}{k}.", data)
+            ]
         return [] if (_close(a, b) if data else a == b) else [prefix.rstrip(".")]
+
     for key, value in wanted.items():
-        if inner := paths(recorded.get(key, _ABSENT), value, (defaults or {}).get(key), "", key == "task_info"):
-            return f"{key!r} ({', '.join(inner)})" if inner != [""] else f"{key!r} (recorded {recorded.get(key)!r}, now {value!r})"
+        if inner := paths(
+            recorded.get(key, _ABSENT), value, (defaults or {}).get(key), "", key == "task_info"
+        ):
+            return (
+                f"{key!r} ({', '.join(inner)})"
+                if inner != [""]
+                else f"{key!r} (recorded {recorded.get(key)!r}, now {value!r})"
+            )
     return None
 
 
@@ -205,7 +222,9 @@ class RunDir:
         try:
             return json.loads(self.summary_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise TopdownError(f"{self.summary_path} is corrupt, not a run record ({str(e).splitlines()[0][:120]})") from None
+            raise TopdownError(
+                f"{self.summary_path} is corrupt, not a run record ({str(e).splitlines()[0][:120]})"
+            ) from None
         except OSError as e:
             raise TopdownError(f"cannot read {self.summary_path}: {_reason(e)}") from None
 
@@ -229,7 +248,9 @@ class RunDir:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
                 if i < len(lines) - 1:
-                    raise TopdownError(f"{self.metrics_path}: line {i + 1} is not a JSON record (the file is damaged)") from None
+                    raise TopdownError(
+                        f"{self.metrics_path}: line {i + 1} is not a JSON record (the file is damaged)"
+                    ) from None
         return records, len(lines)
 
     def log_metrics(self, record: dict[str, Any]) -> None:
@@ -248,14 +269,16 @@ class RunDir:
             kept = [r for r in records if keep(r)]
             if len(kept) == lines:
                 return  # nothing to drop (nor a torn last line): write nothing (a finished run may be read-only)
-            atomic_write(self.metrics_path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
+            atomic_write(
+                self.metrics_path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            )
 
     def checkpoint(self, name: str) -> Path:
         """Where checkpoint ``name`` (``best``, or a ``stage_checkpoint``) lies."""
         return self.checkpoints / f"{name}.safetensors"
 
     @classmethod
-    def of_checkpoint(cls, path: Path) -> "RunDir | None":
+    def of_checkpoint(cls, path: Path) -> RunDir | None:
         """The run a checkpoint file belongs to, if it lies in a run's ``checkpoints/``."""
         return cls(path.parent.parent) if path.parent.name == "checkpoints" else None
 
@@ -288,8 +311,10 @@ class RunDir:
             restored.append("best")
         if bad:
             intact = [name for name in recorded if name not in bad]
-            raise TopdownError(f"{self.path}: checkpoints {', '.join(bad)} are corrupt or missing (they do not match the checksums "
-                               f"in summary.json); intact: {', '.join(intact) or 'none'}. Start the run again in another directory")
+            raise TopdownError(
+                f"{self.path}: checkpoints {', '.join(bad)} are corrupt or missing (they do not match the checksums "
+                f"in summary.json); intact: {', '.join(intact) or 'none'}. Start the run again in another directory"
+            )
         return restored
 
     def failed_before_saving(self, summary: dict[str, Any]) -> bool:
@@ -330,8 +355,10 @@ class RunDir:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise TopdownError(f"{self.path} is in use: another process is training the run there; let it finish (or stop it), "
-                               "or choose another output directory") from None
+            raise TopdownError(
+                f"{self.path} is in use: another process is training the run there; let it finish (or stop it), "
+                "or choose another output directory"
+            ) from None
         except OSError:
             os.close(fd)
             return
@@ -351,12 +378,16 @@ class RunDir:
     def candidate_file(self, stage: int, candidate: int) -> Path:
         return self.state / f"stage-{stage}-candidate-{candidate}.result.safetensors"
 
-    def save_candidate(self, stage: int, candidate: int, weights: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    def save_candidate(
+        self, stage: int, candidate: int, weights: dict[str, torch.Tensor], meta: dict[str, Any]
+    ) -> None:
         """A finished candidate of a stage with several (its weights and results), until the stage is recorded."""
         if self.writer:
             save_tensors(self.candidate_file(stage, candidate), weights, {"candidate": meta})
 
-    def load_candidate(self, stage: int, candidate: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    def load_candidate(
+        self, stage: int, candidate: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         path = self.candidate_file(stage, candidate)
         if not path.is_file():
             return None
@@ -366,8 +397,10 @@ class RunDir:
     def stage_state(self, stage: int) -> list[tuple[int, Path]]:
         """The files ``stage`` keeps until it is recorded (its candidates' resume points and finished
         results), each with its candidate's number."""
-        return [(int(f.name.split("-candidate-")[1].split(".")[0]), f)
-                for f in sorted(self.state.glob(f"stage-{stage}-candidate-*.safetensors"))]
+        return [
+            (int(f.name.split("-candidate-")[1].split(".")[0]), f)
+            for f in sorted(self.state.glob(f"stage-{stage}-candidate-*.safetensors"))
+        ]
 
     def clear_state(self, stage: int) -> None:
         if self.writer:
@@ -382,8 +415,16 @@ def loaded_commit() -> str | None:
     import subprocess
 
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
-                              timeout=5).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                cwd=Path(__file__).parent,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -393,7 +434,7 @@ def provenance(device: torch.device | None = None) -> dict[str, Any]:
     thread counts and library versions, so every run record says which."""
     import platform
 
-    from . import __version__, distributed
+    from topdown import __version__, distributed
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -403,7 +444,13 @@ def provenance(device: torch.device | None = None) -> dict[str, Any]:
         pass
     device = device or torch.device("cpu")
     return {
-        "topdown": __version__, "git_commit": loaded_commit(), "torch": torch.__version__, "python": platform.python_version(),
-        "device": str(device), "cpu": cpu, "threads": torch.get_num_threads(), "world_size": distributed.world_size(),
+        "topdown": __version__,
+        "git_commit": loaded_commit(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "world_size": distributed.world_size(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }

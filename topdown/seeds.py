@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import ConfigError
+from topdown.errors import ConfigError
 
 
 def check_seed(seed: object) -> int:

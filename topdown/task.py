@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blocks import BlockSpec
-from .errors import ConfigError, DataError
-from .metrics import Metric
+from topdown.blocks import BlockSpec
+from topdown.errors import ConfigError, DataError
+from topdown.metrics import Metric
 
 DATA_DIR = "data_dir"  # the ``info`` key saying where a corpus lies (``data_location``)
 
@@ -51,7 +51,9 @@ def subset_size(size: int, subset: float, least: int = 1) -> int:
     return max(least, round(size * subset))
 
 
-def index_batches(size: int, subset: float, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+def index_batches(
+    size: int, subset: float, batch_size: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
     """One epoch of index batches for ``train_batches``: the first ``subset`` of ``size`` examples
     (held in a fixed order, so the same subset whatever the seed), shuffled with ``generator``; a last
     batch of one example is dropped (BatchNorm needs two)."""
@@ -68,7 +70,12 @@ def cross_entropy_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor
     return nn.functional.cross_entropy(model(x), y)
 
 
-TASK_CALLABLES = {"build_model": (), "train_batches": ("generator", "subset"), "loss": ("model", "batch"), "evaluate": ("model", "split")}
+TASK_CALLABLES = {
+    "build_model": (),
+    "train_batches": ("generator", "subset"),
+    "loss": ("model", "batch"),
+    "evaluate": ("model", "split"),
+}
 
 
 @dataclass
@@ -114,8 +121,10 @@ class Task:
             try:
                 inspect.signature(fn).bind(*arguments)
             except TypeError:
-                raise ConfigError(f"task {self.name}: {name} must take {len(arguments)} positional argument(s), "
-                                  f"as {name}({', '.join(arguments)}); it is {name}{inspect.signature(fn)}") from None
+                raise ConfigError(
+                    f"task {self.name}: {name} must take {len(arguments)} positional argument(s), "
+                    f"as {name}({', '.join(arguments)}); it is {name}{inspect.signature(fn)}"
+                ) from None
             except ValueError:
                 pass  # a builtin without a readable signature: trusted
 

@@ -22,14 +22,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, TopdownError, TrainingError
-from ..plan import Plan, Stage
+from topdown.errors import ConfigError, TopdownError, TrainingError
+from topdown.plan import Plan, Stage
 
 try:
     import lightning.pytorch as pl
     from lightning.pytorch.utilities.model_helpers import is_overridden
 except ImportError as e:  # pragma: no cover - the extra is not installed
-    raise ImportError('topdown.adapters.lightning needs PyTorch Lightning: pip install "topdown[lightning]"') from e
+    raise ImportError(
+        'topdown.adapters.lightning needs PyTorch Lightning: pip install "topdown[lightning]"'
+    ) from e
 
 
 class PlanCallback(pl.Callback):
@@ -53,14 +55,20 @@ class PlanCallback(pl.Callback):
         frozen = {id(p) for p in pl_module.parameters() if not p.requires_grad}
         for opt in trainer.optimizers:
             if any(id(p) in frozen for group in opt.param_groups for p in group["params"]):
-                raise ConfigError(f"{self.stage.describe()}: configure_optimizers gave the optimizer a frozen parameter; build it "
-                                  "from the parameters that require grad, e.g. filter(lambda p: p.requires_grad, self.parameters())")
+                raise ConfigError(
+                    f"{self.stage.describe()}: configure_optimizers gave the optimizer a frozen parameter; build it "
+                    "from the parameters that require grad, e.g. filter(lambda p: p.requires_grad, self.parameters())"
+                )
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         for m in self.eval_modules:
             m.training = False
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if isinstance(loss, torch.Tensor):
             self.losses.append(loss.detach())
@@ -70,13 +78,26 @@ class PlanCallback(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # validation has ended by now, and what the module logs in its own on_validation_epoch_end is in
-        if self.validated:  # a misnamed monitor is said after the first epoch, not after the stage's whole fit
+        if (
+            self.validated
+        ):  # a misnamed monitor is said after the first epoch, not after the stage's whole fit
             _check_monitor(self.stage, trainer.callback_metrics, self.monitor)
-        val = _renamed(trainer.callback_metrics, self.monitor, self.stage.plan.metric.name, validation=True) if self.validated else {}
+        val = (
+            _renamed(trainer.callback_metrics, self.monitor, self.stage.plan.metric.name, validation=True)
+            if self.validated
+            else {}
+        )
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
         loss = torch.stack(self.losses).float().mean().item() if self.losses else None
-        self.stage.log({"epoch": trainer.current_epoch + 1, "lr": lr, "train_loss": loss, "val": val,
-                        "seconds": time.perf_counter() - self.started})
+        self.stage.log(
+            {
+                "epoch": trainer.current_epoch + 1,
+                "lr": lr,
+                "train_loss": loss,
+                "val": val,
+                "seconds": time.perf_counter() - self.started,
+            }
+        )
         self.validated, self.losses = False, []
 
 
@@ -117,33 +138,66 @@ def fit_plan(
         test_monitor = default_test_monitor(monitor)
     subset_ok = callable(train_dataloaders) or callable(datamodule)
     try:
-        if plan.procedure == "transfer-classifier" and not subset_ok:  # before the full-data baseline is trained
-            raise ConfigError("transfer-classifier trains stages on a subset of the training data: pass train_dataloaders "
-                              "(or datamodule) as a function of the stage that returns its first stage.subset")
+        if (
+            plan.procedure == "transfer-classifier" and not subset_ok
+        ):  # before the full-data baseline is trained
+            raise ConfigError(
+                "transfer-classifier trains stages on a subset of the training data: pass train_dataloaders "
+                "(or datamodule) as a function of the stage that returns its first stage.subset"
+            )
         for stage in plan:
             if stage.trained_blocks and stage.subset < 1 and not subset_ok:  # another plan with subsets
-                raise ConfigError(f"{stage.describe()} trains on the first {stage.subset:g} of the training data: pass "
-                                  "train_dataloaders (or datamodule) as a function of the stage that returns that subset")
-            data = {k: v(stage) if callable(v) else v for k, v in
-                    dict(train=train_dataloaders, val=val_dataloaders, test=test_dataloaders, dm=datamodule).items()}
+                raise ConfigError(
+                    f"{stage.describe()} trains on the first {stage.subset:g} of the training data: pass "
+                    "train_dataloaders (or datamodule) as a function of the stage that returns that subset"
+                )
+            data = {
+                k: v(stage) if callable(v) else v
+                for k, v in dict(
+                    train=train_dataloaders, val=val_dataloaders, test=test_dataloaders, dm=datamodule
+                ).items()
+            }
             trainer = trainer_factory(stage)
             pl.seed_everything(stage.seed % 2**32, workers=True)  # numpy's seeds are 32-bit
             model = stage.model
             if stage.trained_blocks:
                 model.train()  # Lightning keeps the modes it finds; the plan's frozen modules stay in eval mode
-                trainer.callbacks.append(PlanCallback(stage, [m for m in model.modules() if not m.training], monitor))
+                trainer.callbacks.append(
+                    PlanCallback(stage, [m for m in model.modules() if not m.training], monitor)
+                )
                 with warnings.catch_warnings():  # frozen blocks are in eval mode on purpose
-                    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
-                    trainer.fit(model, train_dataloaders=data["train"], val_dataloaders=data["val"], datamodule=data["dm"])
+                    warnings.filterwarnings(
+                        "ignore", message=r".*module\(s\) in eval mode at the start of training"
+                    )
+                    trainer.fit(
+                        model,
+                        train_dataloaders=data["train"],
+                        val_dataloaders=data["val"],
+                        datamodule=data["dm"],
+                    )
                 if trainer.interrupted:
-                    raise TrainingError(f"{stage.describe()} was interrupted; continue the run with resume=True")
-            logged = _merged(trainer.validate(model, dataloaders=data["val"], datamodule=data["dm"], verbose=False))
+                    raise TrainingError(
+                        f"{stage.describe()} was interrupted; continue the run with resume=True"
+                    )
+            logged = _merged(
+                trainer.validate(model, dataloaders=data["val"], datamodule=data["dm"], verbose=False)
+            )
             _check_monitor(stage, logged, monitor)
             val = _renamed(logged, monitor, metric, validation=True)
             test = {}
-            if data["test"] is not None or is_overridden("test_dataloader", data["dm"]) or is_overridden("test_dataloader", model):
-                test = _renamed(_merged(trainer.test(model, dataloaders=data["test"], datamodule=data["dm"], verbose=False)),
-                                test_monitor, metric, validation=False)
+            if (
+                data["test"] is not None
+                or is_overridden("test_dataloader", data["dm"])
+                or is_overridden("test_dataloader", model)
+            ):
+                test = _renamed(
+                    _merged(
+                        trainer.test(model, dataloaders=data["test"], datamodule=data["dm"], verbose=False)
+                    ),
+                    test_monitor,
+                    metric,
+                    validation=False,
+                )
             stage.finish(val=val, test=test, epochs=trainer.current_epoch if stage.trained_blocks else 0)
     except TopdownError:
         plan.fail()
@@ -164,23 +218,31 @@ def _merged(results: list[Mapping[str, float]]) -> dict[str, float]:
 
 def _check_monitor(stage: Stage, logged: Mapping[str, Any], monitor: str) -> None:
     if monitor not in logged:
-        names = sorted(k for k in logged if k.startswith("val")) or sorted(logged)  # callback_metrics also hold training metrics
-        raise ConfigError(f"{stage.describe()}: validation logged {names}, not {monitor!r}; "
-                          f"log it in validation_step (self.log({monitor!r}, ...)) or pass monitor=")
+        names = sorted(k for k in logged if k.startswith("val")) or sorted(
+            logged
+        )  # callback_metrics also hold training metrics
+        raise ConfigError(
+            f"{stage.describe()}: validation logged {names}, not {monitor!r}; "
+            f"log it in validation_step (self.log({monitor!r}, ...)) or pass monitor="
+        )
 
 
 def _renamed(logged: Mapping[str, Any], key: str | None, metric: str, validation: bool) -> dict[str, float]:
     """Logged metrics under the plan's names: ``key`` (``val_wer``) becomes ``metric`` (``wer``)
     and the names with the same prefix lose it (``val_loss`` -> ``loss``). Of validation, only
     those (``callback_metrics`` also holds training metrics); of testing, all."""
-    if not validation and key is not None and logged and key not in logged:  # else the report's test column is silently empty
-        raise ConfigError(f"the test metrics logged ({', '.join(sorted(logged))}) lack {key!r}: log it in test_step, "
-                          "or name the logged one with test_monitor=")
+    if (
+        not validation and key is not None and logged and key not in logged
+    ):  # else the report's test column is silently empty
+        raise ConfigError(
+            f"the test metrics logged ({', '.join(sorted(logged))}) lack {key!r}: log it in test_step, "
+            "or name the logged one with test_monitor="
+        )
     prefix = key[: -len(metric)] if key and key.endswith(metric) else None
     out = {}
     for k, v in logged.items():
         if prefix and k.startswith(prefix):
-            out[k[len(prefix):]] = float(v)
+            out[k[len(prefix) :]] = float(v)
         elif not validation and k != key:
             out[k] = float(v)
     if key in logged:

@@ -10,9 +10,9 @@ import importlib
 from types import ModuleType
 from typing import Any
 
-from ..config import METHOD_SECTIONS, RunConfig, merge, method_defaults
-from ..errors import ConfigError
-from ..task import Task
+from topdown.config import METHOD_SECTIONS, RunConfig, merge, method_defaults
+from topdown.errors import ConfigError
+from topdown.task import Task
 
 TASKS = {
     "asr-rnn": "topdown.tasks.asr.rnn",
@@ -44,4 +44,6 @@ def resolve_config(name: str, preset: str, overrides: dict[str, Any]) -> RunConf
     # a task's defaults for a method section are checked against it key by key; its own sections it declares whole
     base = {**method_defaults(), **{k: v for k, v in module.DEFAULTS.items() if k not in METHOD_SECTIONS}}
     base = merge(base, {k: v for k, v in module.DEFAULTS.items() if k in METHOD_SECTIONS})
-    return RunConfig.from_dict(merge(merge(base, module.PRESETS[preset]), overrides), getattr(module, "SECTIONS", None))
+    return RunConfig.from_dict(
+        merge(merge(base, module.PRESETS[preset]), overrides), getattr(module, "SECTIONS", None)
+    )

@@ -16,11 +16,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..config import Section, option
-from ..errors import ConfigError, DataError
-from ..task import Task, cross_entropy_loss, index_batches
+from topdown.config import Section, option
+from topdown.errors import ConfigError, DataError
+from topdown.task import Task, cross_entropy_loss, index_batches
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "digits" / "digits.npz"
+
 
 @dataclass(frozen=True)
 class Data(Section):
@@ -31,7 +32,9 @@ class Data(Section):
 
     def check_relations(self) -> None:
         if self.val_fraction + self.test_fraction >= 1:
-            raise ConfigError(f"data.val_fraction + data.test_fraction must be below 1 (got {self.val_fraction} + {self.test_fraction})")
+            raise ConfigError(
+                f"data.val_fraction + data.test_fraction must be below 1 (got {self.val_fraction} + {self.test_fraction})"
+            )
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,8 @@ class MLP(nn.Module):
         super().__init__()
         sizes = [64] + [hidden] * layers
         self.hidden = nn.ModuleList(
-            nn.Sequential(nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU(), nn.Dropout(dropout)) for a, b in zip(sizes, sizes[1:])
+            nn.Sequential(nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU(), nn.Dropout(dropout))
+            for a, b in zip(sizes, sizes[1:])
         )
         self.output = nn.Linear(hidden, 10)
 
@@ -88,7 +92,9 @@ def load_splits(data_cfg: dict[str, Any], path: Path = DATA) -> dict[str, tuple[
     n_test, n_val = int(len(y) * data_cfg["test_fraction"]), int(len(y) * data_cfg["val_fraction"])
     parts = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
     if any(len(idx) == 0 for idx in parts.values()):
-        raise DataError(f"digits: fractions {data_cfg['val_fraction']}/{data_cfg['test_fraction']} leave an empty split")
+        raise DataError(
+            f"digits: fractions {data_cfg['val_fraction']}/{data_cfg['test_fraction']} leave an empty split"
+        )
     return {k: (torch.from_numpy(x[idx]), torch.from_numpy(y[idx])) for k, idx in parts.items()}
 
 
@@ -107,7 +113,10 @@ def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
         x, y = splits[split]
         device = next(model.parameters()).device
         logits = model(x.to(device)).cpu()
-        return {"error": (logits.argmax(1) != y).float().mean().item(), "loss": F.cross_entropy(logits, y).item()}
+        return {
+            "error": (logits.argmax(1) != y).float().mean().item(),
+            "loss": F.cross_entropy(logits, y).item(),
+        }
 
     return Task(
         name="digits",

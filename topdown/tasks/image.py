@@ -21,17 +21,22 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..config import Section, option
-from ..errors import ConfigError, DataError
-from ..task import Task, cross_entropy_loss, data_location, index_batches
-from . import digits
+from topdown.config import Section, option
+from topdown.errors import ConfigError, DataError
+from topdown.task import Task, cross_entropy_loss, data_location, index_batches
+from topdown.tasks import digits
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
 SPLIT_DIRS = ("train", "val", "test")  # the only directories an image-folder corpus may hold at its top
-SYSTEM_DIRS = ("__MACOSX", "lost+found")  # left by unzipping on macOS, and by a file system's root: never a split
+SYSTEM_DIRS = (
+    "__MACOSX",
+    "lost+found",
+)  # left by unzipping on macOS, and by a file system's root: never a split
 VAL_ALIASES = ("valid", "validation", "dev")  # other corpora's names for val/: told where the images go
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
-WIDE_RANGE = 65535  # 16-bit grayscale (Pillow opens it as "I;16", older Pillows as "I"): the value that maps to 255
+WIDE_RANGE = (
+    65535  # 16-bit grayscale (Pillow opens it as "I;16", older Pillows as "I"): the value that maps to 255
+)
 HOLDOUT_SEED = 12345  # the held-out validation images (no val/ directory): fixed whatever the run's seed
 
 
@@ -52,7 +57,9 @@ class Data(digits.Data):
 class Model(Section):
     SECTION: ClassVar[str] = "model"
     width: int = option(16, ge=1)  # channels of the stem and the first stage; each later stage doubles them
-    stages: int = option(3, ge=1)  # residual stages (each a block); every stage after the first halves the resolution
+    stages: int = option(
+        3, ge=1
+    )  # residual stages (each a block); every stage after the first halves the resolution
     depth: int = option(1, ge=1)  # basic blocks per stage
     dropout: float = option(0.0, ge=0, lt=1)  # in the head, before the linear layer
 
@@ -65,8 +72,16 @@ DEFAULTS: dict[str, Any] = {
     # The validation loss picks the epoch: 359 digits move the error in steps of 0.28 points,
     # so it ties often. Stage acceptance still compares the error (the task's metric).
     "train": {
-        "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "clip": 0.0,
-        "epochs": 40, "lr_decay": 0.3, "lr_patience": 3, "early_stop": 8, "monitor": "loss",
+        "optimizer": "sgd",
+        "lr": 0.05,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "clip": 0.0,
+        "epochs": 40,
+        "lr_decay": 0.3,
+        "lr_patience": 3,
+        "early_stop": 8,
+        "monitor": "loss",
     },
 }
 PRESETS: dict[str, dict[str, Any]] = {
@@ -78,7 +93,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         "data": {"batch_size": 128, "crop_padding": 4, "flip": True},
         "model": {"width": 64, "stages": 4, "depth": 2},
-        "train": {"lr": 0.1, "epochs": 200, "lr_decay": 0.2, "lr_patience": 10, "early_stop": 25, "amp": "bf16"},
+        "train": {
+            "lr": 0.1,
+            "epochs": 200,
+            "lr_decay": 0.2,
+            "lr_patience": 10,
+            "early_stop": 25,
+            "amp": "bf16",
+        },
     },
 }
 
@@ -94,7 +116,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.shortcut = nn.Sequential()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -104,13 +128,28 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     def __init__(self, in_channels: int, classes: int, channels: list[int], depth: int, dropout: float):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, channels[0], 3, 1, 1, bias=False), nn.BatchNorm2d(channels[0]), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, channels[0], 3, 1, 1, bias=False), nn.BatchNorm2d(channels[0]), nn.ReLU()
+        )
         stages, c_in = [], channels[0]
         for i, c in enumerate(channels):
-            stages.append(nn.Sequential(*(BasicBlock(c_in if j == 0 else c, c, 2 if i > 0 and j == 0 else 1) for j in range(depth))))
+            stages.append(
+                nn.Sequential(
+                    *(
+                        BasicBlock(c_in if j == 0 else c, c, 2 if i > 0 and j == 0 else 1)
+                        for j in range(depth)
+                    )
+                )
+            )
             c_in = c
         self.stages = nn.ModuleList(stages)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.BatchNorm1d(c_in), nn.Dropout(dropout), nn.Linear(c_in, classes))
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.BatchNorm1d(c_in),
+            nn.Dropout(dropout),
+            nn.Linear(c_in, classes),
+        )
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -130,14 +169,18 @@ def block_names(model_cfg: dict[str, Any]) -> list[tuple[str, list[str]]]:
 def build_model(cfg: dict[str, Any], in_channels: int = 1, classes: int = 10) -> ResNet:
     """Without data (``topdown list``): the digits' shape, one channel and ten classes."""
     m = cfg["model"]
-    return ResNet(in_channels, classes, [m["width"] * 2**i for i in range(m["stages"])], m["depth"], m["dropout"])
+    return ResNet(
+        in_channels, classes, [m["width"] * 2**i for i in range(m["stages"])], m["depth"], m["dropout"]
+    )
 
 
 # -- data ----------------------------------------------------------------------------------------
 
 
 def _unreadable(path: Path, root: Path, e: Exception) -> DataError:
-    return DataError(f"cannot read image {path.relative_to(root)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    return DataError(
+        f"cannot read image {path.relative_to(root)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    )
 
 
 def _to_8bit(im, path: Path, root: Path):
@@ -149,16 +192,22 @@ def _to_8bit(im, path: Path, root: Path):
 
     where = f"image {path.relative_to(root)}"
     if im.mode == "F":
-        raise DataError(f"{where}: mode F (32-bit float pixels) is not supported; save it as 8- or 16-bit grayscale")
+        raise DataError(
+            f"{where}: mode F (32-bit float pixels) is not supported; save it as 8- or 16-bit grayscale"
+        )
     if im.mode != "I" and not im.mode.startswith("I;16"):
         return im
     a = np.asarray(im).astype(np.int64)
     if im.mode == "I":
         if a.size and (a.min() < 0 or a.max() > 255):
-            raise DataError(f"{where}: mode I (32-bit integer) pixels range {a.min()}..{a.max()}, whose full scale is unknown; "
-                            f"save it as 8- or 16-bit grayscale")
+            raise DataError(
+                f"{where}: mode I (32-bit integer) pixels range {a.min()}..{a.max()}, whose full scale is unknown; "
+                f"save it as 8- or 16-bit grayscale"
+            )
         return Image.fromarray(a.astype(np.uint8))
-    return Image.fromarray(((a * 255 + WIDE_RANGE // 2) // WIDE_RANGE).astype(np.uint8))  # 2-D uint8: mode "L"
+    return Image.fromarray(
+        ((a * 255 + WIDE_RANGE // 2) // WIDE_RANGE).astype(np.uint8)
+    )  # 2-D uint8: mode "L"
 
 
 def _read(path: Path, root: Path, color: str, resize: int) -> np.ndarray:
@@ -184,7 +233,11 @@ def _list_split(root: Path, split: str) -> dict[str, list[Path]]:
         raise DataError(f"the {split} split is empty: {folder} has no class directories")
     out = {}
     for c in classes:
-        files = sorted(p for p in c.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES and not p.name.startswith("."))
+        files = sorted(
+            p
+            for p in c.iterdir()
+            if p.is_file() and p.suffix.lower() in SUFFIXES and not p.name.startswith(".")
+        )
         if not files:
             raise DataError(f"class directory {split}/{c.name} has no images ({', '.join(SUFFIXES)})")
         out[c.name] = files
@@ -208,22 +261,36 @@ def _check_layout(root: Path, data_cfg: dict[str, Any]) -> None:
     """Refuse what would be silently ignored: a directory beside train/, val/, test/ (a valid/
     would leave its images unused and hold out part of train/ instead), and the fraction
     options that these folders make meaningless."""
-    unknown = sorted(p.name for p in root.iterdir()
-                     if p.is_dir() and not p.name.startswith(".") and p.name not in SPLIT_DIRS and p.name not in SYSTEM_DIRS)
+    unknown = sorted(
+        p.name
+        for p in root.iterdir()
+        if p.is_dir()
+        and not p.name.startswith(".")
+        and p.name not in SPLIT_DIRS
+        and p.name not in SYSTEM_DIRS
+    )
     if unknown:
         hint = "; validation images go in val/" if any(n.lower() in VAL_ALIASES for n in unknown) else ""
-        raise DataError(f"{root}: unknown director{'y' if len(unknown) == 1 else 'ies'} {', '.join(n + '/' for n in unknown)}"
-                        f" (expected only train/, test/ and an optional val/){hint}")
+        raise DataError(
+            f"{root}: unknown director{'y' if len(unknown) == 1 else 'ies'} {', '.join(n + '/' for n in unknown)}"
+            f" (expected only train/, test/ and an optional val/){hint}"
+        )
     ignored = {"test_fraction": "test/ holds the test images (the fraction splits the bundled digits only)"}
     if (root / "val").is_dir():
-        ignored["val_fraction"] = "val/ holds the validation images (the fraction holds out part of train/ only without val/)"
+        ignored["val_fraction"] = (
+            "val/ holds the validation images (the fraction holds out part of train/ only without val/)"
+        )
     defaults = Data.defaults()
     for key, why in ignored.items():
         if data_cfg[key] != defaults[key]:
-            raise ConfigError(f"data.{key}={data_cfg[key]} has no effect with --data-dir {root}: {why}; leave it at its default {defaults[key]}")
+            raise ConfigError(
+                f"data.{key}={data_cfg[key]} has no effect with --data-dir {root}: {why}; leave it at its default {defaults[key]}"
+            )
 
 
-def load_folders(data_cfg: dict[str, Any], data_dir: str) -> tuple[list[str], dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
+def load_folders(
+    data_cfg: dict[str, Any], data_dir: str
+) -> tuple[list[str], dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
     """Classes (train's class directories, sorted: label = index), uint8 (N, C, H, W) images and
     labels per split, and facts for ``task_info``. The training images are in a fixed shuffled
     order (so that a subset, a prefix, samples every class), the same whatever the seed."""
@@ -241,11 +308,15 @@ def load_folders(data_cfg: dict[str, Any], data_dir: str) -> tuple[list[str], di
     listed = {split: _list_split(root, split) for split in SPLIT_DIRS if (root / split).is_dir()}
     classes = sorted(listed["train"])
     if len(classes) < 2:  # one class trains to loss 0 and 0 % error: a "success" that means nothing
-        raise DataError(f"{root / 'train'}: only one class directory ({classes[0]!r}); classification needs at least 2")
+        raise DataError(
+            f"{root / 'train'}: only one class directory ({classes[0]!r}); classification needs at least 2"
+        )
     index = {c: i for i, c in enumerate(classes)}
     for split in ("val", "test"):
         if unknown := sorted(set(listed.get(split, {})) - set(index)):
-            raise DataError(f"the {split} split has class {unknown[0]!r}, which is not in train (classes: {', '.join(classes)})")
+            raise DataError(
+                f"the {split} split has class {unknown[0]!r}, which is not in train (classes: {', '.join(classes)})"
+            )
     every = [p for split in listed.values() for files in split.values() for p in files]
     color = data_cfg["color"] if data_cfg["color"] != "auto" else _color_of(every, root)
     splits, first = {}, None
@@ -257,8 +328,10 @@ def load_folders(data_cfg: dict[str, Any], data_dir: str) -> tuple[list[str], di
                 if first is None:
                     first = (path, a.shape)
                 elif a.shape != first[1]:
-                    raise DataError(f"images differ in size ({first[0].relative_to(root)} is {first[1][1]}x{first[1][0]}, "
-                                    f"{path.relative_to(root)} is {a.shape[1]}x{a.shape[0]}); set data.resize=N to resize every image to NxN")
+                    raise DataError(
+                        f"images differ in size ({first[0].relative_to(root)} is {first[1][1]}x{first[1][0]}, "
+                        f"{path.relative_to(root)} is {a.shape[1]}x{a.shape[0]}); set data.resize=N to resize every image to NxN"
+                    )
                 images.append(a)
                 labels.append(index[c])
         x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
@@ -270,17 +343,33 @@ def load_folders(data_cfg: dict[str, Any], data_dir: str) -> tuple[list[str], di
     if "val" not in splits:
         n_val = int(len(y) * data_cfg["val_fraction"])
         if n_val == 0 or n_val == len(y):
-            raise DataError(f"the val split is empty: no val/ directory, and data.val_fraction {data_cfg['val_fraction']} of {len(y)} training images holds out none")
+            raise DataError(
+                f"the val split is empty: no val/ directory, and data.val_fraction {data_cfg['val_fraction']} of {len(y)} training images holds out none"
+            )
         splits["val"], source = (x[:n_val], y[:n_val]), f"a fixed {data_cfg['val_fraction']:g} of train/"
         x, y = x[n_val:], y[n_val:]
     splits["train"] = (x, y)
-    return classes, splits, {"data": "image folders", **data_location(data_dir), "val_from": source, "color": color}
+    return (
+        classes,
+        splits,
+        {"data": "image folders", **data_location(data_dir), "val_from": source, "color": color},
+    )
 
 
-def load_digits(data_cfg: dict[str, Any]) -> tuple[list[str], dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
+def load_digits(
+    data_cfg: dict[str, Any],
+) -> tuple[list[str], dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
     """The digits task's fixed split, as (N, 1, 8, 8) images in [0, 1]."""
     splits = {k: (x.reshape(-1, 1, 8, 8), y) for k, (x, y) in digits.load_splits(data_cfg).items()}
-    return [str(i) for i in range(10)], splits, {"data": "digits (bundled, the digits task's fixed split)", "val_from": "digits split", "color": "gray"}
+    return (
+        [str(i) for i in range(10)],
+        splits,
+        {
+            "data": "digits (bundled, the digits task's fixed split)",
+            "val_from": "digits split",
+            "color": "gray",
+        },
+    )
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
@@ -295,7 +384,9 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> to
     dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
     rows = (dy[:, None] + torch.arange(h))[:, :, None]  # (B, H, 1)
     cols = (dx[:, None] + torch.arange(w))[:, None, :]  # (B, 1, W)
-    crops = padded[torch.arange(b)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+    crops = padded[torch.arange(b)[:, None, None], :, rows, cols].permute(
+        0, 3, 1, 2
+    )  # (B, H, W, C) -> (B, C, H, W)
     # copied into a plain (NCHW) tensor: with one channel the permuted view already counts as
     # contiguous, but its strides are channels-last, and torch's CPU convolution backward then
     # corrupts memory for some widths (torch 2.13, 4 channels: "corrupted double-linked list")
@@ -313,7 +404,10 @@ def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
     x_train, y_train = splits["train"]
     channels, height, width = x_train.shape[1:]
     pixels = to_float(x_train)
-    mean, std = pixels.mean(dim=(0, 2, 3)), pixels.std(dim=(0, 2, 3)).clamp_min(1e-3)  # per channel, training images
+    mean, std = (
+        pixels.mean(dim=(0, 2, 3)),
+        pixels.std(dim=(0, 2, 3)).clamp_min(1e-3),
+    )  # per channel, training images
 
     def normalise(x: torch.Tensor) -> torch.Tensor:
         return (to_float(x) - mean[:, None, None]) / std[:, None, None]
@@ -343,7 +437,9 @@ def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
         "classes": classes,
         "image_size": [int(height), int(width)],
         "channels": int(channels),
-        "mean": [float(v) for v in mean],  # per channel, of the training images in [0, 1]: the input normalisation
+        "mean": [
+            float(v) for v in mean
+        ],  # per channel, of the training images in [0, 1]: the input normalisation
         "std": [float(v) for v in std],
         "images": {split: len(y) for split, (_, y) in splits.items()},
     }

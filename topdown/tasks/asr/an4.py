@@ -61,8 +61,10 @@ def read_sphinx_mfc(path) -> np.ndarray:
     count = int(np.frombuffer(data, dtype=">i4", count=1)[0])
     have = (len(data) - 4) / 4
     if count != have:
-        raise DataError(f"{path}: header says {count} floats but the file holds {have:g} "
-                        "(truncated, or not a big-endian Sphinx cepstra file)")
+        raise DataError(
+            f"{path}: header says {count} floats but the file holds {have:g} "
+            "(truncated, or not a big-endian Sphinx cepstra file)"
+        )
     if count % N_CEPS:
         raise DataError(f"{path}: {count} floats is not a multiple of {N_CEPS} coefficients")
     if count == 0:
@@ -87,8 +89,9 @@ def _load_split(root: Path, split: str) -> list[Utterance]:
     if not fileids:
         raise DataError(f"{root}: split '{split}' is empty")
     if len(fileids) != len(lines):
-        raise DataError(f"{root}: split '{split}' has {len(fileids)} fileids "
-                        f"but {len(lines)} transcription lines")
+        raise DataError(
+            f"{root}: split '{split}' has {len(fileids)} fileids but {len(lines)} transcription lines"
+        )
     utts = []
     for fileid, line in zip(fileids, lines):
         m = _TRANSCRIPT_LINE.match(line)
@@ -140,11 +143,20 @@ def load_bundle(path) -> dict[str, list[Utterance]]:
             feats, offsets = arrays[f"{split}_feats"], arrays[f"{split}_offsets"]
             uids, spks, texts = (arrays[f"{split}_{k}"] for k in ("uids", "speakers", "texts"))
             n = len(uids)
-            if n == 0 or len(offsets) != n + 1 or len(spks) != n or len(texts) != n \
-                    or offsets[0] != 0 or offsets[-1] != len(feats) or (np.diff(offsets) <= 0).any():
+            if (
+                n == 0
+                or len(offsets) != n + 1
+                or len(spks) != n
+                or len(texts) != n
+                or offsets[0] != 0
+                or offsets[-1] != len(feats)
+                or (np.diff(offsets) <= 0).any()
+            ):
                 raise DataError(f"{path}: split '{split}' is empty or its arrays are inconsistent")
-            corpus[split] = [Utterance(str(uids[i]), str(spks[i]), feats[offsets[i]:offsets[i + 1]],
-                                       str(texts[i])) for i in range(n)]
+            corpus[split] = [
+                Utterance(str(uids[i]), str(spks[i]), feats[offsets[i] : offsets[i + 1]], str(texts[i]))
+                for i in range(n)
+            ]
     except KeyError as e:
         raise DataError(f"{path}: bundle lacks array {e}") from None
     return corpus
@@ -159,15 +171,19 @@ def _deltas(x: np.ndarray, window: int) -> np.ndarray:
     """Regression deltas d_t = sum_n n (x_{t+n} - x_{t-n}) / (2 sum_n n^2), edges repeated."""
     t = len(x)
     padded = np.pad(x, ((window, window), (0, 0)), mode="edge")
-    num = sum(n * (padded[window + n:window + n + t] - padded[window - n:window - n + t])
-              for n in range(1, window + 1))
+    num = sum(
+        n * (padded[window + n : window + n + t] - padded[window - n : window - n + t])
+        for n in range(1, window + 1)
+    )
     return num / (2 * sum(n * n for n in range(1, window + 1)))
 
 
 def add_deltas(feats: np.ndarray, window: int = 2) -> np.ndarray:
     """Append delta and delta-delta coefficients: (T, D) -> (T, 3D), the usual cepstral front end."""
     if feats.ndim != 2 or window < 1:
-        raise ValueError(f"add_deltas needs a (frames, dims) array and window >= 1, got {feats.shape}, {window}")
+        raise ValueError(
+            f"add_deltas needs a (frames, dims) array and window >= 1, got {feats.shape}, {window}"
+        )
     x = feats.astype(np.float64)
     d = _deltas(x, window)
     return np.concatenate([x, d, _deltas(d, window)], axis=1).astype(np.float32)
@@ -196,7 +212,7 @@ class Normalizer:
     std: np.ndarray
 
     @classmethod
-    def fit(cls, arrays: list[np.ndarray]) -> "Normalizer":
+    def fit(cls, arrays: list[np.ndarray]) -> Normalizer:
         """Statistics over all frames of all arrays (a constant dimension gets std 1)."""
         x = np.concatenate(arrays).astype(np.float64)
         std = x.std(axis=0)

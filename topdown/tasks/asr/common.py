@@ -23,18 +23,20 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ...config import Section, option
-from ...errors import ConfigError, DataError, warn
-from ...task import Task, data_location, subset_size
-from . import an4, kaldi
-from .ngram import END, WordNgram
+from topdown.config import Section, option
+from topdown.errors import ConfigError, DataError, warn
+from topdown.task import Task, data_location, subset_size
+from topdown.tasks.asr import an4, kaldi
+from topdown.tasks.asr.ngram import END, WordNgram
 
 BLANK = 0
 BLANK_SYMBOL = "<blank>"
 
+
 @dataclass(frozen=True)
 class SpecAugment(Section):
     """SpecAugment-style masking of the (normalised) training features; 0 masks = off."""
+
     SECTION: ClassVar[str] = "data.spec_augment"
     freq_masks: int = option(0, ge=0)
     freq_width: int = option(0, ge=0)
@@ -45,14 +47,18 @@ class SpecAugment(Section):
 @dataclass(frozen=True)
 class Data(Section):
     SECTION: ClassVar[str] = "data"
-    val_speakers: int = option(8, ge=1)  # training speakers held out for validation when there is no dev set (never test speakers)
+    val_speakers: int = option(
+        8, ge=1
+    )  # training speakers held out for validation when there is no dev set (never test speakers)
     deltas: bool = True  # append deltas and delta-deltas to the input features
     # mean/variance normalisation (after deltas): "global" = training-set statistics;
     # "speaker" = each speaker's own statistics (per split; utterances without a speaker are
     # their own), as Kaldi's apply-cmvn with spk2utt; "utterance" = each utterance's own
     cmvn: str = option("global", choices=("global", "speaker", "utterance"))
     stack: int = option(4, ge=1)  # stack this many frames and keep every n-th (100 fps -> 25 fps)
-    batch_size: int = option(8, ge=1)  # small batches: more updates per epoch get CTC past its all-blank phase sooner
+    batch_size: int = option(
+        8, ge=1
+    )  # small batches: more updates per epoch get CTC past its all-blank phase sooner
     limit: int = option(0, ge=0)  # use only the first N utterances of each split (0 = all); for tiny presets
     unk: str = ""  # Kaldi data: "" = a character unseen in training is an error; else unseen characters map to this symbol
     # words removed from every transcript before training and scoring: non-linguistic symbols such as
@@ -63,21 +69,35 @@ class Data(Section):
 
     def check_relations(self) -> None:
         if not all(isinstance(t, str) and t and not any(c.isspace() for c in t) for t in self.remove_tokens):
-            raise ConfigError(f"data.remove_tokens must be a list of words (no spaces), e.g. [<NOISE>], got {self.remove_tokens!r}")
+            raise ConfigError(
+                f"data.remove_tokens must be a list of words (no spaces), e.g. [<NOISE>], got {self.remove_tokens!r}"
+            )
 
 
 @dataclass(frozen=True)
 class Decode(Section):
     SECTION: ClassVar[str] = "decode"
-    beam: int = option(8, ge=0)  # CTC prefix beam search width for wer_beam/cer_beam next to greedy wer/cer; 0 = greedy only
-    on_val: bool = False  # also beam-decode every validation pass (slower); test is always beam-decoded when beam > 0
-    prune: float = option(10.0, gt=0)  # per frame, extend prefixes only by symbols within this many nats of the frame's best
+    beam: int = option(
+        8, ge=0
+    )  # CTC prefix beam search width for wer_beam/cer_beam next to greedy wer/cer; 0 = greedy only
+    on_val: bool = (
+        False  # also beam-decode every validation pass (slower); test is always beam-decoded when beam > 0
+    )
+    prune: float = option(
+        10.0, gt=0
+    )  # per frame, extend prefixes only by symbols within this many nats of the frame's best
     # A word n-gram LM trained on the training transcripts, fused into a second beam search whose
     # wer_lm/cer_lm are reported next to greedy and plain beam (never instead of them); 0 = none.
     lm_order: int = option(0, ge=0)
-    lm_weight: float = option(0.5, ge=0)  # LM log-probability weight; choose it on validation (decode.on_val=true)
-    word_bonus: float = option(3.0)  # added per word, against the LM's preference for fewer words (3.0 and lm_weight 0.5: AN4 validation)
-    oov_penalty: float = option(0.0, ge=0)  # subtracted once per word outside the training transcripts' words (the lexicon)
+    lm_weight: float = option(
+        0.5, ge=0
+    )  # LM log-probability weight; choose it on validation (decode.on_val=true)
+    word_bonus: float = option(
+        3.0
+    )  # added per word, against the LM's preference for fewer words (3.0 and lm_weight 0.5: AN4 validation)
+    oov_penalty: float = option(
+        0.0, ge=0
+    )  # subtracted once per word outside the training transcripts' words (the lexicon)
 
     def check_relations(self) -> None:
         if self.lm_order and not self.beam:
@@ -109,10 +129,12 @@ class Vocab:
         self.index = {s: i for i, s in enumerate(self.symbols)}
 
     @classmethod
-    def from_texts(cls, texts: list[str], unk: str = "") -> "Vocab":
+    def from_texts(cls, texts: list[str], unk: str = "") -> Vocab:
         chars = sorted({c for t in texts for c in t})
         if unk and unk in chars:
-            raise DataError(f"data.unk {unk!r} occurs in the training transcripts; choose a symbol that does not")
+            raise DataError(
+                f"data.unk {unk!r} occurs in the training transcripts; choose a symbol that does not"
+            )
         return cls(chars, unk)
 
     def __len__(self) -> int:
@@ -124,7 +146,9 @@ class Vocab:
             i = self.index.get(c)
             if i is None or i == BLANK:
                 if not self.unk:
-                    raise DataError(f"{where}: character {c!r} does not occur in the training transcripts (set data.unk=SYMBOL to map unseen characters to SYMBOL)")
+                    raise DataError(
+                        f"{where}: character {c!r} does not occur in the training transcripts (set data.unk=SYMBOL to map unseen characters to SYMBOL)"
+                    )
                 i = self.index[self.unk]
             ids.append(i)
         return torch.tensor(ids, dtype=torch.int64)
@@ -132,7 +156,11 @@ class Vocab:
     def decode(self, ids: list[int]) -> str:
         """Text for scoring. The unknown symbol is one character, U+FFFD, whatever its spelling
         (``<unk>``): it stands for one unseen reference character, so CER counts one edit, not five."""
-        return "".join(UNKNOWN_CHAR if self.unk and i == self.index[self.unk] else self.symbols[i] for i in ids if i != BLANK)
+        return "".join(
+            UNKNOWN_CHAR if self.unk and i == self.index[self.unk] else self.symbols[i]
+            for i in ids
+            if i != BLANK
+        )
 
 
 AN4_VOCAB = Vocab(list(an4.ALPHABET))
@@ -147,7 +175,9 @@ class Corpus:
     splits: dict[str, list[an4.Utterance]]  # train, val, test
     vocab: Vocab
     facts: dict[str, Any]  # where the data came from
-    origins: dict[str, str]  # split -> where its utterances are, for messages: a Kaldi root's validation set is its dev/ directory
+    origins: dict[
+        str, str
+    ]  # split -> where its utterances are, for messages: a Kaldi root's validation set is its dev/ directory
 
 
 def load_corpus(data_cfg: dict[str, Any], data_dir: str | None) -> Corpus:
@@ -165,7 +195,9 @@ def load_corpus(data_cfg: dict[str, Any], data_dir: str | None) -> Corpus:
         elif not root.is_dir():
             raise DataError(f"{root}: data directory not found")
         else:
-            raise DataError(f"{root}: expected Kaldi data directories ({root}/train, {root}/test, optional {root}/dev) or an AN4-style Sphinx layout with etc/ and feat/")
+            raise DataError(
+                f"{root}: expected Kaldi data directories ({root}/train, {root}/test, optional {root}/dev) or an AN4-style Sphinx layout with etc/ and feat/"
+            )
     if data_cfg["remove_tokens"]:
         raw = {name: _without_tokens(utts, data_cfg["remove_tokens"], name) for name, utts in raw.items()}
         facts = {**facts, "removed_tokens": list(data_cfg["remove_tokens"])}
@@ -200,8 +232,10 @@ def _without_tokens(utts: list[an4.Utterance], tokens: list[str], split: str) ->
         text = " ".join(w for w in u.text.split() if w not in drop)
         (kept if text else emptied).append(dataclasses.replace(u, text=text))
     if emptied:
-        warn(f"data.remove_tokens left {len(emptied)} of {len(utts)} utterance(s) of {split} with no words (first: "
-             f"{emptied[0].uid!r}); they are left out")
+        warn(
+            f"data.remove_tokens left {len(emptied)} of {len(utts)} utterance(s) of {split} with no words (first: "
+            f"{emptied[0].uid!r}); they are left out"
+        )
     return kept
 
 
@@ -209,14 +243,17 @@ def split_speakers(train: list[an4.Utterance], n_val: int) -> tuple[list[an4.Utt
     """Hold out ``n_val`` whole training speakers, chosen by a fixed RNG (the same for every run seed)."""
     speakers = sorted({u.speaker for u in train})
     if not 0 < n_val < len(speakers):
-        raise DataError(f"data.val_speakers={n_val}, but the training set has {len(speakers)} speakers (and there is no dev set); "
-                        f"allowed: 1 to {len(speakers) - 1}, or a dev/ directory")
+        raise DataError(
+            f"data.val_speakers={n_val}, but the training set has {len(speakers)} speakers (and there is no dev set); "
+            f"allowed: 1 to {len(speakers) - 1}, or a dev/ directory"
+        )
     held = set(np.random.default_rng(0).choice(speakers, n_val, replace=False).tolist())
     return [u for u in train if u.speaker not in held], [u for u in train if u.speaker in held]
 
 
-def prepare(data_cfg: dict[str, Any], data_dir: str | None, out_length: Callable[[int], int] | None = None
-            ) -> tuple[dict[str, list[Example]], dict[str, Any], Vocab]:
+def prepare(
+    data_cfg: dict[str, Any], data_dir: str | None, out_length: Callable[[int], int] | None = None
+) -> tuple[dict[str, list[Example]], dict[str, Any], Vocab]:
     """Features (deltas, training-set normalisation, frame stacking) and targets for
     train/val/test, the facts the model depends on (vocabulary, feature statistics) and the vocabulary."""
     corpus = load_corpus(data_cfg, data_dir)
@@ -237,27 +274,40 @@ def prepare(data_cfg: dict[str, Any], data_dir: str | None, out_length: Callable
             target = corpus.vocab.encode(u.text, where)
             repeats = int((target[1:] == target[:-1]).sum())
             if out_length(len(feats)) < len(target) + repeats:
-                raise DataError(f"{where}: {len(u.feats)} frames give the model {out_length(len(feats))} output frames, "
-                                f"too few for its {len(target)} characters (CTC needs {len(target) + repeats}: one per character, "
-                                f"one more per repeated character)")
+                raise DataError(
+                    f"{where}: {len(u.feats)} frames give the model {out_length(len(feats))} output frames, "
+                    f"too few for its {len(target)} characters (CTC needs {len(target) + repeats}: one per character, "
+                    f"one more per repeated character)"
+                )
             examples.append(Example(u.uid, feats, target, u.text))
         out[name] = examples
     raw_dim = corpus.splits["train"][0].feats.shape[1]
     info = {
         "vocab": corpus.vocab.symbols,
         "unk": corpus.vocab.unk,
-        "features": {**corpus.facts, "raw_dim": int(raw_dim), "deltas": data_cfg["deltas"], "stack": data_cfg["stack"],
-                     "dim": feature_dim(data_cfg, raw_dim),
-                     **({"fbank": data_cfg["fbank"]} if corpus.facts.get("source") == "wav.scp" else {})},
+        "features": {
+            **corpus.facts,
+            "raw_dim": int(raw_dim),
+            "deltas": data_cfg["deltas"],
+            "stack": data_cfg["stack"],
+            "dim": feature_dim(data_cfg, raw_dim),
+            **({"fbank": data_cfg["fbank"]} if corpus.facts.get("source") == "wav.scp" else {}),
+        },
         # mean/variance normalisation: the mode, and the statistics of the training set (after
         # deltas, before stacking), which are what is applied when the mode is "global"
-        "cmvn": {"mode": data_cfg["cmvn"], "mean": [float(x) for x in norm.mean], "std": [float(x) for x in norm.std]},
+        "cmvn": {
+            "mode": data_cfg["cmvn"],
+            "mean": [float(x) for x in norm.mean],
+            "std": [float(x) for x in norm.std],
+        },
         "utterances": {k: len(v) for k, v in out.items()},
     }
     return out, info, corpus.vocab
 
 
-def normalise(utts: list[an4.Utterance], feats: list[np.ndarray], mode: str, train_norm: an4.Normalizer) -> list[np.ndarray]:
+def normalise(
+    utts: list[an4.Utterance], feats: list[np.ndarray], mode: str, train_norm: an4.Normalizer
+) -> list[np.ndarray]:
     """Mean/variance normalised features of one split's utterances: with the training set's
     statistics (``global``), each speaker's own within this split (``speaker``), or each utterance's own."""
     if mode == "global":
@@ -278,7 +328,12 @@ def collate(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.
     """Padded features (B, T, D), their lengths, concatenated targets, target lengths."""
     lengths = torch.tensor([len(e.feats) for e in examples])
     feats = nn.utils.rnn.pad_sequence([e.feats for e in examples], batch_first=True)
-    return feats, lengths, torch.cat([e.target for e in examples]), torch.tensor([len(e.target) for e in examples])
+    return (
+        feats,
+        lengths,
+        torch.cat([e.target for e in examples]),
+        torch.tensor([len(e.target) for e in examples]),
+    )
 
 
 def batches(examples: list[Example], batch_size: int, generator: torch.Generator | None) -> Iterator[tuple]:
@@ -299,7 +354,9 @@ def batches(examples: list[Example], batch_size: int, generator: torch.Generator
         yield collate([examples[i] for i in group])
 
 
-def spec_augment(feats: torch.Tensor, lengths: torch.Tensor, cfg: dict[str, int], stack: int = 1) -> torch.Tensor:
+def spec_augment(
+    feats: torch.Tensor, lengths: torch.Tensor, cfg: dict[str, int], stack: int = 1
+) -> torch.Tensor:
     """SpecAugment-style masking (no time warping): per utterance, ``freq_masks`` bands of up to
     ``freq_width`` feature dimensions and ``time_masks`` spans of up to ``time_width`` frames are
     set to 0 (the mean, as features are normalised). With ``stack`` frames stacked into one, a
@@ -317,13 +374,21 @@ def spec_augment(feats: torch.Tensor, lengths: torch.Tensor, cfg: dict[str, int]
             f0 = int(torch.randint(0, max(1, dims - w), ()).item())
             feats[b, :, :, f0 : f0 + w] = 0
         for _ in range(cfg["time_masks"] if cfg["time_width"] else 0):
-            w = min(int(torch.randint(0, cfg["time_width"] + 1, ()).item()), n // 5)  # never more than a fifth of the utterance per mask
+            w = min(
+                int(torch.randint(0, cfg["time_width"] + 1, ()).item()), n // 5
+            )  # never more than a fifth of the utterance per mask
             t0 = int(torch.randint(0, max(1, n - w), ()).item())
             feats[b, t0 : t0 + w] = 0
     return feats.view(shape)
 
 
-def ctc(logits: torch.Tensor, out_lengths: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def ctc(
+    logits: torch.Tensor,
+    out_lengths: torch.Tensor,
+    targets: torch.Tensor,
+    target_lengths: torch.Tensor,
+    reduction: str = "mean",
+) -> torch.Tensor:
     log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (T, B, V)
     return F.ctc_loss(log_probs, targets, out_lengths, target_lengths, blank=BLANK, reduction=reduction)
 
@@ -331,7 +396,9 @@ def ctc(logits: torch.Tensor, out_lengths: torch.Tensor, targets: torch.Tensor, 
 def greedy_decode(logits: torch.Tensor, lengths: torch.Tensor, vocab: Vocab = AN4_VOCAB) -> list[str]:
     """Best path: argmax per frame, merge repeats, drop blanks."""
     best = logits.argmax(-1).cpu()
-    return [vocab.decode(torch.unique_consecutive(seq[:n]).tolist()) for seq, n in zip(best, lengths.tolist())]
+    return [
+        vocab.decode(torch.unique_consecutive(seq[:n]).tolist()) for seq, n in zip(best, lengths.tolist())
+    ]
 
 
 def _logadd(a: float, b: float) -> float:
@@ -366,7 +433,9 @@ class WordScorer:
             return words, longer, score - self.oov_penalty if left_lexicon else score
         if not partial:
             return state
-        if self.oov_penalty and partial in self.lm.prefixes and partial not in self.lm.words:  # a lexicon word's beginning only
+        if (
+            self.oov_penalty and partial in self.lm.prefixes and partial not in self.lm.words
+        ):  # a lexicon word's beginning only
             score -= self.oov_penalty
         return (*words, partial), "", score + self.weight * self.lm.logprob(words, partial) + self.bonus
 
@@ -376,8 +445,13 @@ class WordScorer:
         return score + self.weight * self.lm.logprob(words, END)
 
 
-def prefix_beam_search(log_probs: np.ndarray, beam: int, prune: float = 10.0, blank: int = BLANK,
-                       scorer: WordScorer | None = None) -> list[int]:
+def prefix_beam_search(
+    log_probs: np.ndarray,
+    beam: int,
+    prune: float = 10.0,
+    blank: int = BLANK,
+    scorer: WordScorer | None = None,
+) -> list[int]:
     """CTC prefix beam search over one utterance's (frames, symbols) log-probabilities.
 
     Each hypothesis is a label prefix with two scores: the log-probability of all paths
@@ -413,10 +487,16 @@ def prefix_beam_search(log_probs: np.ndarray, beam: int, prune: float = 10.0, bl
                     e[1] = _logadd(e[1], pnb + p)
                 longer = prefix + (s,)
                 e = nxt.setdefault(longer, [neg, neg])
-                e[1] = _logadd(e[1], (pb if s == last else total) + p)  # a repeat is a new symbol only after a blank
+                e[1] = _logadd(
+                    e[1], (pb if s == last else total) + p
+                )  # a repeat is a new symbol only after a blank
                 if scorer is not None and longer not in lm_state:
                     lm_state[longer] = scorer.extend(lm_state[prefix], s)
-        rank = (lambda kv: _logadd(*kv[1])) if scorer is None else (lambda kv: _logadd(*kv[1]) + lm_state[kv[0]][2])
+        rank = (
+            (lambda kv: _logadd(*kv[1]))
+            if scorer is None
+            else (lambda kv: _logadd(*kv[1]) + lm_state[kv[0]][2])
+        )
         hyps = {k: (v[0], v[1]) for k, v in sorted(nxt.items(), key=rank, reverse=True)[:beam]}
         if scorer is not None:
             lm_state = {k: lm_state[k] for k in hyps}
@@ -425,13 +505,24 @@ def prefix_beam_search(log_probs: np.ndarray, beam: int, prune: float = 10.0, bl
     return list(max(hyps.items(), key=lambda kv: _logadd(*kv[1]) + scorer.final(lm_state[kv[0]]))[0])
 
 
-def beam_decode(logits: torch.Tensor, lengths: torch.Tensor, vocab: Vocab, beam: int, prune: float = 10.0,
-                scorer: WordScorer | None = None) -> list[str]:
+def beam_decode(
+    logits: torch.Tensor,
+    lengths: torch.Tensor,
+    vocab: Vocab,
+    beam: int,
+    prune: float = 10.0,
+    scorer: WordScorer | None = None,
+) -> list[str]:
     log_probs = logits.float().log_softmax(-1).cpu().numpy()
-    return [vocab.decode(prefix_beam_search(lp[:n], beam, prune, scorer=scorer)) for lp, n in zip(log_probs, lengths.tolist())]
+    return [
+        vocab.decode(prefix_beam_search(lp[:n], beam, prune, scorer=scorer))
+        for lp, n in zip(log_probs, lengths.tolist())
+    ]
 
 
-def forward_split(model: nn.Module, examples: list[Example], batch_size: int) -> tuple[list[Example], list[tuple], float]:
+def forward_split(
+    model: nn.Module, examples: list[Example], batch_size: int
+) -> tuple[list[Example], list[tuple], float]:
     """The model's outputs over ``examples`` in length order: the examples in that order, one
     (logits, output lengths) per batch, and the mean CTC loss per utterance. Decoding with any
     settings (``transcribe``) then needs no second forward pass."""
@@ -446,12 +537,16 @@ def forward_split(model: nn.Module, examples: list[Example], batch_size: int) ->
     return examples, outputs, total / len(examples)
 
 
-def transcribe(outputs: list[tuple], vocab: Vocab, beam: int = 0, prune: float = 10.0, scorer: WordScorer | None = None) -> list[str]:
+def transcribe(
+    outputs: list[tuple], vocab: Vocab, beam: int = 0, prune: float = 10.0, scorer: WordScorer | None = None
+) -> list[str]:
     """Hypotheses for ``forward_split``'s outputs: greedy (``beam`` 0) or prefix beam search (with
     a word LM when ``scorer`` is given)."""
     if not beam:
         return [h for logits, lengths in outputs for h in greedy_decode(logits, lengths, vocab)]
-    return [h for logits, lengths in outputs for h in beam_decode(logits, lengths, vocab, beam, prune, scorer)]
+    return [
+        h for logits, lengths in outputs for h in beam_decode(logits, lengths, vocab, beam, prune, scorer)
+    ]
 
 
 def error_rates(hyps: list[str], refs: list[str], suffix: str = "") -> dict[str, float]:
@@ -469,15 +564,30 @@ def error_rates(hyps: list[str], refs: list[str], suffix: str = "") -> dict[str,
     }
 
 
-def word_scorer(train: list[Example], vocab: Vocab, order: int, weight: float, bonus: float, oov_penalty: float = 0.0) -> WordScorer:
+def word_scorer(
+    train: list[Example], vocab: Vocab, order: int, weight: float, bonus: float, oov_penalty: float = 0.0
+) -> WordScorer:
     """Shallow fusion of a word ``order``-gram trained on the training transcripts (its lexicon: their words)."""
     if " " not in vocab.index:
         raise DataError("decode.lm_order: the training transcripts hold no spaces, so no words for a word LM")
-    return WordScorer(WordNgram([e.text for e in train], order=order), vocab.symbols, vocab.index[" "], weight, bonus, oov_penalty)
+    return WordScorer(
+        WordNgram([e.text for e in train], order=order),
+        vocab.symbols,
+        vocab.index[" "],
+        weight,
+        bonus,
+        oov_penalty,
+    )
 
 
-def make_task(name: str, cfg: dict[str, Any], data_dir: str | None, build_model, block_names,
-              out_length: Callable[[int], int] | None = None) -> Task:
+def make_task(
+    name: str,
+    cfg: dict[str, Any],
+    data_dir: str | None,
+    build_model,
+    block_names,
+    out_length: Callable[[int], int] | None = None,
+) -> Task:
     """A ``Task`` for a CTC model over the prepared data. ``build_model(cfg, inputs=, vocab=)``."""
     data, info, vocab = prepare(cfg["data"], data_dir, out_length)
     batch_size = cfg["data"]["batch_size"]
@@ -492,8 +602,18 @@ def make_task(name: str, cfg: dict[str, Any], data_dir: str | None, build_model,
         feats, lengths, targets, target_lengths = batch
         return ctc(*model(spec_augment(feats, lengths, augment, stack), lengths), targets, target_lengths)
 
-    scorer = (word_scorer(data["train"], vocab, decode["lm_order"], decode["lm_weight"], decode["word_bonus"], decode["oov_penalty"])
-              if decode["lm_order"] else None)
+    scorer = (
+        word_scorer(
+            data["train"],
+            vocab,
+            decode["lm_order"],
+            decode["lm_weight"],
+            decode["word_bonus"],
+            decode["oov_penalty"],
+        )
+        if decode["lm_order"]
+        else None
+    )
 
     def evaluate(model: nn.Module, split: str) -> dict[str, float]:
         beam = decode["beam"] if split == "test" or decode["on_val"] else 0
@@ -503,7 +623,9 @@ def make_task(name: str, cfg: dict[str, Any], data_dir: str | None, build_model,
         if beam:
             metrics.update(error_rates(transcribe(outputs, vocab, beam, decode["prune"]), refs, "_beam"))
         if beam and scorer:
-            metrics.update(error_rates(transcribe(outputs, vocab, beam, decode["prune"], scorer), refs, "_lm"))
+            metrics.update(
+                error_rates(transcribe(outputs, vocab, beam, decode["prune"], scorer), refs, "_lm")
+            )
         return metrics
 
     return Task(

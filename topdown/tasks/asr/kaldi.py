@@ -27,13 +27,15 @@ import numpy as np
 from topdown.config import Section, option
 from topdown.errors import ConfigError, DataError, warn
 from topdown.task import text_lines
-
-from .an4 import Utterance
+from topdown.tasks.asr.an4 import Utterance
 
 SPLITS = ("train", "dev", "test")
+
+
 @dataclass(frozen=True)
 class Fbank(Section):
     """The log-mel filterbank front end for ``wav.scp`` audio (kaldi-native-fbank's options)."""
+
     SECTION: ClassVar[str] = "data.fbank"
     num_mel_bins: int = option(80, ge=3)  # kaldi-native-fbank needs at least 3
     frame_length_ms: float = option(25.0, gt=0)
@@ -42,7 +44,9 @@ class Fbank(Section):
     high_freq: float = 0.0  # 0 = Nyquist; negative = Nyquist minus this
     dither: float = option(0.0, ge=0)  # Kaldi's default is 1.0; 0 keeps features deterministic
     preemph_coeff: float = option(0.97, ge=0, le=1)
-    window_type: str = option("povey", choices=("povey", "hamming", "hanning", "rectangular", "blackman", "sine"))
+    window_type: str = option(
+        "povey", choices=("povey", "hamming", "hanning", "rectangular", "blackman", "sine")
+    )
     snip_edges: bool = True
 
 
@@ -108,34 +112,52 @@ def fbank_options(cfg: dict[str, Any], rate: int, where: str):
     at = f"at {rate} Hz ({where})"
     length, shift = cfg["frame_length_ms"], cfg["frame_shift_ms"]
     if _samples(rate, length) < 2:
-        raise ConfigError(f"data.fbank.frame_length_ms={length:g} is a window of {_samples(rate, length)} sample(s) {at}; "
-                          f"allowed: at least 2 samples ({2000 / rate:.4g} ms; 25 is usual)")
+        raise ConfigError(
+            f"data.fbank.frame_length_ms={length:g} is a window of {_samples(rate, length)} sample(s) {at}; "
+            f"allowed: at least 2 samples ({2000 / rate:.4g} ms; 25 is usual)"
+        )
     if _samples(rate, shift) < 1:
-        raise ConfigError(f"data.fbank.frame_shift_ms={shift:g} is a shift of 0 samples {at}; "
-                          f"allowed: at least 1 sample ({1000 / rate:.4g} ms; 10 is usual)")
+        raise ConfigError(
+            f"data.fbank.frame_shift_ms={shift:g} is a shift of 0 samples {at}; "
+            f"allowed: at least 1 sample ({1000 / rate:.4g} ms; 10 is usual)"
+        )
     nyquist, low, high = rate / 2, cfg["low_freq"], cfg["high_freq"]
-    band = high if high > 0 else nyquist + high  # Kaldi: 0 = the Nyquist frequency, negative = below it by that much
+    band = (
+        high if high > 0 else nyquist + high
+    )  # Kaldi: 0 = the Nyquist frequency, negative = below it by that much
     if low >= nyquist:
-        raise ConfigError(f"data.fbank.low_freq={low:g} is not below the Nyquist frequency {nyquist:g} Hz {at}; "
-                          f"allowed: 0 <= low_freq < {nyquist:g}")
+        raise ConfigError(
+            f"data.fbank.low_freq={low:g} is not below the Nyquist frequency {nyquist:g} Hz {at}; "
+            f"allowed: 0 <= low_freq < {nyquist:g}"
+        )
     if high > nyquist:
-        raise ConfigError(f"data.fbank.high_freq={high:g} is above the Nyquist frequency {nyquist:g} Hz {at}; "
-                          f"allowed: low_freq < high_freq <= {nyquist:g}, or 0 for the Nyquist frequency, or a negative offset from it")
+        raise ConfigError(
+            f"data.fbank.high_freq={high:g} is above the Nyquist frequency {nyquist:g} Hz {at}; "
+            f"allowed: low_freq < high_freq <= {nyquist:g}, or 0 for the Nyquist frequency, or a negative offset from it"
+        )
     if band <= low:
         meaning = f" (the Nyquist frequency {nyquist:g} Hz - {-high:g} = {band:g} Hz)" if high <= 0 else ""
-        raise ConfigError(f"data.fbank.high_freq={high:g}{meaning} is not above data.fbank.low_freq={low:g} {at}; "
-                          f"allowed: high_freq in ({low:g}, {nyquist:g}], or 0, or a negative offset above {low - nyquist:g}")
+        raise ConfigError(
+            f"data.fbank.high_freq={high:g}{meaning} is not above data.fbank.low_freq={low:g} {at}; "
+            f"allowed: high_freq in ({low:g}, {nyquist:g}], or 0, or a negative offset above {low - nyquist:g}"
+        )
     bins = int(cfg["num_mel_bins"])
     refusal = _refusal(cfg, rate, bins)  # building the mel filters is where the rest is checked
     if refusal and "mel" not in refusal:
-        raise ConfigError(f"kaldi-native-fbank refuses the data.fbank options {at}: {refusal} (options: {cfg})")
+        raise ConfigError(
+            f"kaldi-native-fbank refuses the data.fbank options {at}: {refusal} (options: {cfg})"
+        )
     if refusal:
         fits = next((n for n in range(bins - 1, 2, -1) if _refusal(cfg, rate, n) is None), None)
         if fits is None:
-            raise ConfigError(f"data.fbank.frame_length_ms={length:g} is too short for any mel filterbank {at}: no filter gets an FFT bin; "
-                              f"allowed: longer frames (25 is usual)")
-        raise ConfigError(f"data.fbank.num_mel_bins={bins} is too many {at} with {length:g} ms frames and a {low:g}-{band:g} Hz band "
-                          f"(some filters would get no FFT bin); allowed: at most {fits}, or longer frames (data.fbank.frame_length_ms)")
+            raise ConfigError(
+                f"data.fbank.frame_length_ms={length:g} is too short for any mel filterbank {at}: no filter gets an FFT bin; "
+                f"allowed: longer frames (25 is usual)"
+            )
+        raise ConfigError(
+            f"data.fbank.num_mel_bins={bins} is too many {at} with {length:g} ms frames and a {low:g}-{band:g} Hz band "
+            f"(some filters would get no FFT bin); allowed: at most {fits}, or longer frames (data.fbank.frame_length_ms)"
+        )
     return _knf_options(cfg, rate)
 
 
@@ -183,8 +205,10 @@ def read_audio(path: Path, where: str) -> tuple[np.ndarray, int]:
         raise DataError(f"{where}: audio file {path} holds no samples")
     bad = np.flatnonzero(~np.isfinite(wave[:, 0]))
     if len(bad):  # a float WAV can hold NaN or inf, which would make every feature of the file NaN
-        raise DataError(f"{where}: audio file {path} holds {len(bad)} non-finite sample(s) (NaN or inf; first at sample {bad[0]}); "
-                        f"samples must be finite")
+        raise DataError(
+            f"{where}: audio file {path} holds {len(bad)} non-finite sample(s) (NaN or inf; first at sample {bad[0]}); "
+            f"samples must be finite"
+        )
     return wave[:, 0], int(rate)
 
 
@@ -196,16 +220,24 @@ def _path_like(spec: str, data_dir: Path) -> bool:
     if "|" in spec:
         return False
     suffix = Path(spec).suffix.lstrip(".").lower()
-    return Path(spec).exists() or (data_dir / spec).exists() or suffix in {f.lower() for f in sf.available_formats()}
+    return (
+        Path(spec).exists()
+        or (data_dir / spec).exists()
+        or suffix in {f.lower() for f in sf.available_formats()}
+    )
 
 
 def _check_same_keys(text: dict[str, str], other: dict[str, str], text_path: Path, other_path: Path) -> None:
     missing = [u for u in text if u not in other]
     if missing:
-        raise DataError(f"{other_path}: no entry for {len(missing)} utterance(s) of {text_path.name} (first: {missing[0]!r})")
+        raise DataError(
+            f"{other_path}: no entry for {len(missing)} utterance(s) of {text_path.name} (first: {missing[0]!r})"
+        )
     extra = [u for u in other if u not in text]
     if extra:
-        raise DataError(f"{text_path}: no transcript for {len(extra)} utterance(s) of {other_path.name} (first: {extra[0]!r})")
+        raise DataError(
+            f"{text_path}: no transcript for {len(extra)} utterance(s) of {other_path.name} (first: {extra[0]!r})"
+        )
 
 
 def load_dir(path: Path, fbank_cfg: dict[str, Any]) -> tuple[list[Utterance], dict[str, Any]]:
@@ -232,8 +264,9 @@ def load_dir(path: Path, fbank_cfg: dict[str, Any]) -> tuple[list[Utterance], di
     return utts, facts
 
 
-def _read_feats_scp(feats_path: Path, text_path: Path, text: dict[str, str],
-                    speakers: dict[str, str]) -> tuple[list[Utterance], dict[str, Any]]:
+def _read_feats_scp(
+    feats_path: Path, text_path: Path, text: dict[str, str], speakers: dict[str, str]
+) -> tuple[list[Utterance], dict[str, Any]]:
     """The utterances of a directory whose features are given (``feats.scp``, read with kaldiio)."""
     import kaldiio
 
@@ -247,7 +280,9 @@ def _read_feats_scp(feats_path: Path, text_path: Path, text: dict[str, str],
         except FileNotFoundError as e:
             raise DataError(f"{where}: {e.filename or scp[uid]} not found") from None
         except Exception as e:  # kaldiio raises ValueError, OSError, ... on corrupt archives
-            raise DataError(f"{where}: cannot read {scp[uid]!r} ({type(e).__name__}: {' '.join(str(e).split())})") from None
+            raise DataError(
+                f"{where}: cannot read {scp[uid]!r} ({type(e).__name__}: {' '.join(str(e).split())})"
+            ) from None
         mat = np.asarray(mat)
         if mat.ndim != 2 or mat.shape[0] == 0:
             raise DataError(f"{where}: expected a non-empty (frames, dims) matrix, got shape {mat.shape}")
@@ -257,13 +292,18 @@ def _read_feats_scp(feats_path: Path, text_path: Path, text: dict[str, str],
     return utts, {"silent": silent, "source": "feats.scp"}
 
 
-def _read_wav_scp(wav_path: Path, text_path: Path, text: dict[str, str], speakers: dict[str, str],
-                  fbank_cfg: dict[str, Any]) -> tuple[list[Utterance], dict[str, Any]]:
+def _read_wav_scp(
+    wav_path: Path, text_path: Path, text: dict[str, str], speakers: dict[str, str], fbank_cfg: dict[str, Any]
+) -> tuple[list[Utterance], dict[str, Any]]:
     """The utterances of a directory of audio files (``wav.scp``), as filterbank features; all at one sample rate."""
     path = wav_path.parent
-    if (path / "segments").is_file():  # Kaldi's segments cut utterances out of longer recordings; we read whole files
-        raise DataError(f"{path / 'segments'}: segment files are not supported; cut the recordings into one file per utterance "
-                        f"(e.g. with Kaldi's extract-segments) and list those in wav.scp")
+    if (
+        path / "segments"
+    ).is_file():  # Kaldi's segments cut utterances out of longer recordings; we read whole files
+        raise DataError(
+            f"{path / 'segments'}: segment files are not supported; cut the recordings into one file per utterance "
+            f"(e.g. with Kaldi's extract-segments) and list those in wav.scp"
+        )
     scp = read_table(wav_path)
     _check_same_keys(text, scp, text_path, wav_path)
     utts, silent = [], []
@@ -272,20 +312,28 @@ def _read_wav_scp(wav_path: Path, text_path: Path, text: dict[str, str], speaker
         spec = scp[uid]
         where = f"{wav_path}: utterance {uid!r}"
         if spec.endswith("|") or (" " in spec and not _path_like(spec, path)):
-            raise DataError(f"{where}: only plain audio file paths are supported, got {spec!r} (convert piped commands to files first)")
+            raise DataError(
+                f"{where}: only plain audio file paths are supported, got {spec!r} (convert piped commands to files first)"
+            )
         if " " in spec:
-            raise DataError(f"{where}: the path {spec!r} has a space, which wav.scp cannot hold (Kaldi splits its lines at spaces); "
-                            f"rename or link the file to a path without spaces")
+            raise DataError(
+                f"{where}: the path {spec!r} has a space, which wav.scp cannot hold (Kaldi splits its lines at spaces); "
+                f"rename or link the file to a path without spaces"
+            )
         audio = Path(spec)
         if not audio.is_absolute() and not audio.exists() and (path / spec).exists():
-            audio = path / spec  # Kaldi resolves relative paths from the current directory; we also try the data directory
+            audio = (
+                path / spec
+            )  # Kaldi resolves relative paths from the current directory; we also try the data directory
         wave, rate = read_audio(audio, where)
         if wave.min() == wave.max():
             silent.append(uid)
         if rate0 is None:
             rate0, first = rate, uid
         elif rate != rate0:
-            raise DataError(f"{where}: sample rate {rate} Hz differs from {rate0} Hz of {first!r}; resample the directory to one rate")
+            raise DataError(
+                f"{where}: sample rate {rate} Hz differs from {rate0} Hz of {first!r}; resample the directory to one rate"
+            )
         if opts is None:
             opts = fbank_options(fbank_cfg, rate, f"{audio}, the first file of {wav_path}")
         feats = fbank(wave, opts)
@@ -306,10 +354,14 @@ def _report_silence(path: Path, silent: list[str], total: int, source: str, *, t
     nothing else cannot teach the model anything (an error)."""
     if not silent:
         return
-    what = "constant audio, e.g. all-zero samples" if source == "wav.scp" else "every frame's features identical"
+    what = (
+        "constant audio, e.g. all-zero samples" if source == "wav.scp" else "every frame's features identical"
+    )
     if train and len(silent) == total:
         raise DataError(f"{path}: all {total} utterances are silent ({what}); there is no speech to train on")
-    warn(f"warning: {len(silent)} of {total} utterance(s) in {path} are silent ({what}; first: {silent[0]!r})")
+    warn(
+        f"warning: {len(silent)} of {total} utterance(s) in {path} are silent ({what}; first: {silent[0]!r})"
+    )
 
 
 def load_root(root: Path, fbank_cfg: dict[str, Any]) -> tuple[dict[str, list[Utterance]], dict[str, Any]]:
@@ -320,14 +372,18 @@ def load_root(root: Path, fbank_cfg: dict[str, Any]) -> tuple[dict[str, list[Utt
         if split == "dev" and not (root / split).is_dir():
             continue
         if not (root / split).is_dir():
-            raise DataError(f"{root}: no {split}/ data directory (expected {root}/train, {root}/test and optionally {root}/dev)")
+            raise DataError(
+                f"{root}: no {split}/ data directory (expected {root}/train, {root}/test and optionally {root}/dev)"
+            )
         corpus[split], facts[split] = load_dir(root / split, fbank_cfg)
     sources = {f["source"] for f in facts.values()}
     if len(sources) > 1:
         raise DataError(f"{root}: data directories mix feats.scp and wav.scp")
     rates = {s: f["sample_rate"] for s, f in facts.items() if "sample_rate" in f}
     if len(set(rates.values())) > 1:
-        raise DataError(f"{root}: sample rates differ between data directories ({', '.join(f'{s} {r} Hz' for s, r in rates.items())})")
+        raise DataError(
+            f"{root}: sample rates differ between data directories ({', '.join(f'{s} {r} Hz' for s, r in rates.items())})"
+        )
     dims = {s: u[0].feats.shape[1] for s, u in corpus.items()}
     if len(set(dims.values())) > 1:
         raise DataError(f"{root}: feature dimensions differ between data directories ({dims})")

@@ -39,7 +39,7 @@ class WordNgram:
         """Natural log of P(word | the last order - 1 words of history); a history shorter than
         that is the start of a sentence."""
         n = self.order - 1
-        context = ((START,) * n + tuple(history))[len(history):] if n else ()
+        context = ((START,) * n + tuple(history))[len(history) :] if n else ()
         key = (context, word)
         if key not in self._cache:
             p = self.uniform
@@ -48,6 +48,9 @@ class WordNgram:
                 if ctx not in self.totals[k]:
                     break  # an unseen context: no higher order has seen it either
                 total, types = self.totals[k][ctx]
-                p = max(self.counts[k][ctx][word] - self.discount, 0.0) / total + self.discount * types / total * p
+                p = (
+                    max(self.counts[k][ctx][word] - self.discount, 0.0) / total
+                    + self.discount * types / total * p
+                )
             self._cache[key] = math.log(p)
         return self._cache[key]

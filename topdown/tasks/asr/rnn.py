@@ -16,9 +16,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ...config import ConfigError, Section, option
-from ...task import Task
-from . import common
+from topdown.config import ConfigError, Section, option
+from topdown.task import Task
+from topdown.tasks.asr import common
+
 
 @dataclass(frozen=True)
 class Model(Section):
@@ -44,13 +45,25 @@ DEFAULTS: dict[str, Any] = {
     # schedule and early stopping watch the validation CTC loss, which moves from the start.
     # An epoch is at least 100 optimizer steps (AN4 has 106 batches of 8), so that a corpus of a
     # few dozen utterances is trained as long as AN4 rather than stopped in CTC's blank phase.
-    "train": {"epochs": 8, "lr": 0.002, "lr_patience": 1, "early_stop": 3, "monitor": "loss", "min_epoch_steps": 100},
+    "train": {
+        "epochs": 8,
+        "lr": 0.002,
+        "lr_patience": 1,
+        "early_stop": 3,
+        "monitor": "loss",
+        "min_epoch_steps": 100,
+    },
 }
 # The default preset with --data-dir (a corpus of the user's own; the CLI says it uses it):
 # measured on a 20-speaker corpus: bench 20.1 % test WER, demo 60.3 % (bench/RESULTS.md).
 OWN_CORPUS_PRESET = "bench"
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"data": {"limit": 48}, "model": {"hidden": 16, "layers": 2}, "train": {"epochs": 2, "min_epoch_steps": 0}, "decode": {"beam": 0}},
+    "tiny": {
+        "data": {"limit": 48},
+        "model": {"hidden": 16, "layers": 2},
+        "train": {"epochs": 2, "min_epoch_steps": 0},
+        "decode": {"beam": 0},
+    },
     "demo": {},
     # Chosen on validation (bench/RESULTS.md): per-speaker CMVN, SpecAugment for cepstra, dropout
     # 0.3, 256 cells, 3 stacked frames, and a one-cycle schedule over a fixed 80 epochs (no early
@@ -59,21 +72,43 @@ PRESETS: dict[str, dict[str, Any]] = {
     # An epoch is at least 25 steps (AN4: 53 batches of 16), so a small corpus gets the 2,000 steps
     # that the 40-epoch recipe's 50-step epochs gave it (measured there: 20.1 % test WER).
     "bench": {
-        "data": {"cmvn": "speaker", "batch_size": 16, "stack": 3,
-                 "spec_augment": {"freq_masks": 2, "freq_width": 4, "time_masks": 2, "time_width": 5}},
+        "data": {
+            "cmvn": "speaker",
+            "batch_size": 16,
+            "stack": 3,
+            "spec_augment": {"freq_masks": 2, "freq_width": 4, "time_masks": 2, "time_width": 5},
+        },
         "model": {"hidden": 256, "dropout": 0.3},
-        "train": {"epochs": 80, "lr": 0.003, "schedule": "onecycle", "monitor": "wer", "early_stop": 0,
-                  "min_epoch_steps": 25},
+        "train": {
+            "epochs": 80,
+            "lr": 0.003,
+            "schedule": "onecycle",
+            "monitor": "wer",
+            "early_stop": 0,
+            "min_epoch_steps": 25,
+        },
     },
     # For a GPU and the real WSJ corpus (si284 / dev93 / eval92 as Kaldi data directories of
     # 80-dim fbank, `--data-dir`); not run here. The paper's abstract gives no sizes: these are
     # an ASSUMED, typical WSJ character-CTC BLSTM (4 layers x 320 cells per direction, as in
     # common WSJ CTC recipes), not the paper's numbers. See docs/asr.md.
     "paper": {
-        "data": {"deltas": False, "stack": 3, "batch_size": 32, "val_speakers": 10,
-                 "spec_augment": {"freq_masks": 2, "freq_width": 27, "time_masks": 2, "time_width": 40}},
+        "data": {
+            "deltas": False,
+            "stack": 3,
+            "batch_size": 32,
+            "val_speakers": 10,
+            "spec_augment": {"freq_masks": 2, "freq_width": 27, "time_masks": 2, "time_width": 40},
+        },
         "model": {"hidden": 320, "layers": 4, "dropout": 0.3},
-        "train": {"min_epoch_steps": 0, "epochs": 30, "lr": 0.001, "early_stop": 4, "min_lr": 1e-5, "amp": "bf16"},
+        "train": {
+            "min_epoch_steps": 0,
+            "epochs": 30,
+            "lr": 0.001,
+            "early_stop": 4,
+            "min_lr": 1e-5,
+            "amp": "bf16",
+        },
         "decode": {"beam": 16},
     },
 }
@@ -104,7 +139,10 @@ class BLSTMLayer(nn.Module):
 
     def _direction(self, x: torch.Tensor, suffix: str) -> torch.Tensor:
         """One direction's outputs (batch, time, hidden) for padded ``x``, from zero state."""
-        weights = [getattr(self.lstm, f"{name}_l0{suffix}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        weights = [
+            getattr(self.lstm, f"{name}_l0{suffix}")
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        ]
         zeros = x.new_zeros(1, x.shape[0], self.lstm.hidden_size)
         out, _, _ = torch.lstm(x, (zeros, zeros), weights, True, 1, 0.0, self.training, False, True)
         return out
@@ -134,8 +172,15 @@ class BLSTMLayer(nn.Module):
 
 
 class BLSTMCTC(nn.Module):
-    def __init__(self, inputs: int, hidden: int, layers: int, dropout: float, vocab: int = len(common.AN4_VOCAB),
-                 subsample: list[int] | None = None):
+    def __init__(
+        self,
+        inputs: int,
+        hidden: int,
+        layers: int,
+        dropout: float,
+        vocab: int = len(common.AN4_VOCAB),
+        subsample: list[int] | None = None,
+    ):
         super().__init__()
         factors = list(subsample or []) + [1] * (layers - len(subsample or []))
         sizes = [inputs] + [2 * hidden * n for n in factors]
@@ -153,10 +198,19 @@ def block_names(model_cfg: dict[str, Any]) -> list[tuple[str, list[str]]]:
     return [(f"lstm{i + 1}", [f"encoder.{i}"]) for i in range(model_cfg["layers"])] + [("output", ["output"])]
 
 
-def build_model(cfg: dict[str, Any], inputs: int | None = None, vocab: int = len(common.AN4_VOCAB)) -> nn.Module:
+def build_model(
+    cfg: dict[str, Any], inputs: int | None = None, vocab: int = len(common.AN4_VOCAB)
+) -> nn.Module:
     """The model for ``cfg``; ``inputs``/``vocab`` default to the bundled AN4's (13 cepstra, 28 symbols)."""
     m = cfg["model"]
-    return BLSTMCTC(inputs or common.feature_dim(cfg["data"]), m["hidden"], m["layers"], m["dropout"], vocab, m["subsample"])
+    return BLSTMCTC(
+        inputs or common.feature_dim(cfg["data"]),
+        m["hidden"],
+        m["layers"],
+        m["dropout"],
+        vocab,
+        m["subsample"],
+    )
 
 
 def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:

@@ -23,10 +23,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ...config import Section, option
-from ...errors import ConfigError
-from ...task import Task
-from . import common
+from topdown.config import Section, option
+from topdown.errors import ConfigError
+from topdown.task import Task
+from topdown.tasks.asr import common
+
 
 @dataclass(frozen=True)
 class Model(Section):
@@ -43,23 +44,39 @@ class Model(Section):
 
     def check_relations(self) -> None:
         if self.d_model % self.heads:
-            raise ConfigError(f"model.d_model ({self.d_model}) must be a multiple of model.heads ({self.heads})")
+            raise ConfigError(
+                f"model.d_model ({self.d_model}) must be a multiple of model.heads ({self.heads})"
+            )
         if self.conv_kernel and self.conv_kernel % 2 == 0:
-            raise ConfigError(f"model.conv_kernel must be odd (a centred convolution), got {self.conv_kernel}")
+            raise ConfigError(
+                f"model.conv_kernel must be odd (a centred convolution), got {self.conv_kernel}"
+            )
 
 
 SECTIONS = common.sections(Model)
 DEFAULTS: dict[str, Any] = {
     # AN4: 13 cepstra + deltas + delta-deltas at 100 frames/s; the convolutional front end
     # does the subsampling (to 25 frames/s), so no frame stacking.
-    "data": {**common.Data.defaults(), "stack": 1, "batch_size": 8,
-             "spec_augment": {"freq_masks": 2, "freq_width": 5, "time_masks": 2, "time_width": 20}},
+    "data": {
+        **common.Data.defaults(),
+        "stack": 1,
+        "batch_size": 8,
+        "spec_augment": {"freq_masks": 2, "freq_width": 5, "time_masks": 2, "time_width": 20},
+    },
     "decode": common.Decode.defaults(),
     "model": Model.defaults(),
     # As for asr-rnn: CTC emits only blanks for a while, so the schedule watches the
     # validation CTC loss. Warm-up over ~1.4 epochs (106 batches of 8 per epoch on AN4).
-    "train": {"epochs": 40, "lr": 0.002, "lr_patience": 2, "early_stop": 5, "monitor": "loss", "min_lr": 1e-5, "warmup_steps": 150,
-              "min_epoch_steps": 100},  # as asr-rnn: a small corpus is passed over more than once per epoch
+    "train": {
+        "epochs": 40,
+        "lr": 0.002,
+        "lr_patience": 2,
+        "early_stop": 5,
+        "monitor": "loss",
+        "min_lr": 1e-5,
+        "warmup_steps": 150,
+        "min_epoch_steps": 100,
+    },  # as asr-rnn: a small corpus is passed over more than once per epoch
 }
 # The default preset with --data-dir (a corpus of the user's own; the CLI says it uses it):
 # demo is sized for the bundled AN4 demonstration; bench is the strongest recipe chosen on validation.
@@ -89,10 +106,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 256, 4 heads, feed-forward 2048, conv2d subsampling by 4, 25k warm-up steps), with a
     # CTC output instead of an attention decoder. See docs/asr.md.
     "paper": {
-        "data": {"deltas": False, "batch_size": 32, "val_speakers": 10,
-                 "spec_augment": {"freq_masks": 2, "freq_width": 30, "time_masks": 2, "time_width": 40}},
+        "data": {
+            "deltas": False,
+            "batch_size": 32,
+            "val_speakers": 10,
+            "spec_augment": {"freq_masks": 2, "freq_width": 30, "time_masks": 2, "time_width": 40},
+        },
         "model": {"d_model": 256, "heads": 4, "ff": 2048, "layers": 12, "channels": 256, "dropout": 0.1},
-        "train": {"min_epoch_steps": 0, "epochs": 100, "lr": 0.001, "early_stop": 5, "lr_patience": 2, "clip": 5.0, "amp": "bf16", "warmup_steps": 25000},
+        "train": {
+            "min_epoch_steps": 0,
+            "epochs": 100,
+            "lr": 0.001,
+            "early_stop": 5,
+            "lr_patience": 2,
+            "clip": 5.0,
+            "amp": "bf16",
+            "warmup_steps": 25000,
+        },
         "decode": {"beam": 16},
     },
 }
@@ -107,7 +137,9 @@ def out_length(n: int | torch.Tensor) -> Any:
 def positions(length: int, width: int, device: torch.device) -> torch.Tensor:
     """Sinusoidal position encodings (length, width) (Vaswani et al., 2017)."""
     pos = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(1)
-    freq = torch.exp(torch.arange(0, width, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / width))
+    freq = torch.exp(
+        torch.arange(0, width, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / width)
+    )
     pe = torch.zeros(length, width, device=device)
     pe[:, 0::2] = torch.sin(pos * freq)
     pe[:, 1::2] = torch.cos(pos * freq[: width // 2])
@@ -122,7 +154,9 @@ class ConvSubsampling(nn.Module):
         freq = out_length(inputs)
         if freq < 1:
             raise ValueError(f"the convolutional front end needs at least 7 feature dimensions, got {inputs}")
-        self.conv = nn.Sequential(nn.Conv2d(1, channels, 3, 2), nn.ReLU(), nn.Conv2d(channels, channels, 3, 2), nn.ReLU())
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, channels, 3, 2), nn.ReLU(), nn.Conv2d(channels, channels, 3, 2), nn.ReLU()
+        )
         self.proj = nn.Linear(channels * freq, d_model)
         self.dropout = nn.Dropout(dropout)
         self.scale = math.sqrt(d_model)
@@ -135,7 +169,9 @@ class ConvSubsampling(nn.Module):
         return self.dropout(x), out_length(lengths).clamp(min=1)
 
 
-def self_attention(norm: nn.LayerNorm, attn: nn.MultiheadAttention, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+def self_attention(
+    norm: nn.LayerNorm, attn: nn.MultiheadAttention, x: torch.Tensor, padding: torch.Tensor
+) -> torch.Tensor:
     """The pre-LN self-attention branch of both layer kinds, MHA(LN(x)) with padding frames
     masked as keys. A function, not a module, so that both layers keep their parameter names."""
     h = norm(x)
@@ -150,7 +186,9 @@ class EncoderLayer(nn.Module):
         self.attn_norm = nn.LayerNorm(d_model)
         self.attn = nn.MultiheadAttention(d_model, heads, dropout=dropout, batch_first=True)
         self.ff_norm = nn.LayerNorm(d_model)
-        self.ff = nn.Sequential(nn.Linear(d_model, ff), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ff, d_model))
+        self.ff = nn.Sequential(
+            nn.Linear(d_model, ff), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ff, d_model)
+        )
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
@@ -186,8 +224,14 @@ class ConformerLayer(nn.Module):
         super().__init__()
 
         def feed_forward() -> nn.Sequential:
-            return nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, ff), nn.SiLU(), nn.Dropout(dropout),
-                                 nn.Linear(ff, d_model), nn.Dropout(dropout))
+            return nn.Sequential(
+                nn.LayerNorm(d_model),
+                nn.Linear(d_model, ff),
+                nn.SiLU(),
+                nn.Dropout(dropout),
+                nn.Linear(ff, d_model),
+                nn.Dropout(dropout),
+            )
 
         self.ff_in, self.ff_out = feed_forward(), feed_forward()
         self.attn_norm = nn.LayerNorm(d_model)
@@ -204,13 +248,26 @@ class ConformerLayer(nn.Module):
 
 
 class TransformerCTC(nn.Module):
-    def __init__(self, inputs: int, d_model: int, heads: int, ff: int, layers: int, channels: int, dropout: float,
-                 vocab: int = len(common.AN4_VOCAB), conv_kernel: int = 0):
+    def __init__(
+        self,
+        inputs: int,
+        d_model: int,
+        heads: int,
+        ff: int,
+        layers: int,
+        channels: int,
+        dropout: float,
+        vocab: int = len(common.AN4_VOCAB),
+        conv_kernel: int = 0,
+    ):
         super().__init__()
         self.frontend = ConvSubsampling(inputs, d_model, channels, dropout)
         self.encoder = nn.ModuleList(
-            ConformerLayer(d_model, heads, ff, dropout, conv_kernel) if conv_kernel else EncoderLayer(d_model, heads, ff, dropout)
-            for _ in range(layers))
+            ConformerLayer(d_model, heads, ff, dropout, conv_kernel)
+            if conv_kernel
+            else EncoderLayer(d_model, heads, ff, dropout)
+            for _ in range(layers)
+        )
         self.norm = nn.LayerNorm(d_model)
         self.output = nn.Linear(d_model, vocab)
 
@@ -223,15 +280,29 @@ class TransformerCTC(nn.Module):
 
 
 def block_names(model_cfg: dict[str, Any]) -> list[tuple[str, list[str]]]:
-    return ([("frontend", ["frontend"])] + [(f"layer{i + 1}", [f"encoder.{i}"]) for i in range(model_cfg["layers"])]
-            + [("output", ["norm", "output"])])
+    return (
+        [("frontend", ["frontend"])]
+        + [(f"layer{i + 1}", [f"encoder.{i}"]) for i in range(model_cfg["layers"])]
+        + [("output", ["norm", "output"])]
+    )
 
 
-def build_model(cfg: dict[str, Any], inputs: int | None = None, vocab: int = len(common.AN4_VOCAB)) -> nn.Module:
+def build_model(
+    cfg: dict[str, Any], inputs: int | None = None, vocab: int = len(common.AN4_VOCAB)
+) -> nn.Module:
     """The model for ``cfg``; ``inputs``/``vocab`` default to the bundled AN4's (13 cepstra, 28 symbols)."""
     m = cfg["model"]
-    return TransformerCTC(inputs or common.feature_dim(cfg["data"]), m["d_model"], m["heads"], m["ff"], m["layers"],
-                          m["channels"], m["dropout"], vocab, m["conv_kernel"])
+    return TransformerCTC(
+        inputs or common.feature_dim(cfg["data"]),
+        m["d_model"],
+        m["heads"],
+        m["ff"],
+        m["layers"],
+        m["channels"],
+        m["dropout"],
+        vocab,
+        m["conv_kernel"],
+    )
 
 
 def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ...config import Section, option
-from ...task import Task, data_location, subset_size
-from . import corpus
-from .model import TIE_MODES, AWDLSTM, detach
+from topdown.config import Section, option
+from topdown.task import Task, data_location, subset_size
+from topdown.tasks.lm import corpus
+from topdown.tasks.lm.model import AWDLSTM, TIE_MODES, detach
 
 LIGHT_DROPOUT = {"dropouti": 0.4, "dropouth": 0.2, "dropout": 0.3, "wdrop": 0.3}
 
@@ -30,6 +30,7 @@ LIGHT_DROPOUT = {"dropouti": 0.4, "dropouth": 0.2, "dropout": 0.3, "wdrop": 0.3}
 @dataclass(frozen=True)
 class Data(Section):
     """bptt 70, eval batch 10 and variable-length BPTT as AWD-LSTM; batch 20 (AWD-LSTM: 80) for a CPU."""
+
     SECTION: ClassVar[str] = "data"
     batch_size: int = option(20, ge=1)
     eval_batch_size: int = option(10, ge=1)
@@ -45,6 +46,7 @@ def _dropout(p: float):
 @dataclass(frozen=True)
 class Model(Section):
     """AWD-LSTM's regularisation defaults; CPU sizes (the paper's are the `paper` preset)."""
+
     SECTION: ClassVar[str] = "model"
     emsize: int = option(64, ge=1)
     hidden: int = option(128, ge=1)
@@ -74,8 +76,15 @@ DEFAULTS: dict[str, Any] = {
     # 1.2e-6, nonmono 5, no plateau decay; early stopping on validation perplexity ends each
     # stage (AWD-LSTM trains one run for 750 epochs instead)
     "train": {
-        "optimizer": "ntasgd", "nonmono": 5, "lr": 30.0, "momentum": 0.0, "clip": 0.25, "weight_decay": 1.2e-6,
-        "lr_decay": 1.0, "epochs": 2, "early_stop": 2,
+        "optimizer": "ntasgd",
+        "nonmono": 5,
+        "lr": 30.0,
+        "momentum": 0.0,
+        "clip": 0.25,
+        "weight_decay": 1.2e-6,
+        "lr_decay": 1.0,
+        "epochs": 2,
+        "early_stop": 2,
     },
 }
 PRESETS: dict[str, dict[str, Any]] = {
@@ -91,7 +100,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # over a longer schedule (160 epochs of it reached 142-146 against 159-164: not converged beyond 40).
     # NT-ASGD at a constant lr 30 (early stop 5) was 2.4 validation ppl better at epoch 40 but still improving
     # (seed 0: 158.5 against 160.9; bench/RESULTS.md, 2026-11-30 sixth session)
-    "bench": {"data": {"bptt": 35}, "model": LIGHT_DROPOUT, "train": {"epochs": 40, "early_stop": 0, "nonmono": 5, "schedule": "cosine"}},
+    "bench": {
+        "data": {"bptt": 35},
+        "model": LIGHT_DROPOUT,
+        "train": {"epochs": 40, "early_stop": 0, "nonmono": 5, "schedule": "cosine"},
+    },
     # Merity et al.'s WikiText-2 recipe (3 layers, 400/1150, tied, dropouth 0.2, batch 80,
     # 750 epochs): for a GPU and the full corpus (--data-dir); not run here.
     "paper": {
@@ -111,12 +124,22 @@ def build_model(cfg: dict[str, Any], vocab_size: int | None = None) -> AWDLSTM:
     m = cfg["model"]
     vocab_size = vocab_size or 13777  # without a corpus (`topdown list`): the WT2-small vocabulary's size
     return AWDLSTM(
-        vocab_size, m["emsize"], m["hidden"], m["layers"], tie=m["tie"],
-        dropoute=m["dropoute"], dropouti=m["dropouti"], dropouth=m["dropouth"], dropout=m["dropout"], wdrop=m["wdrop"],
+        vocab_size,
+        m["emsize"],
+        m["hidden"],
+        m["layers"],
+        tie=m["tie"],
+        dropoute=m["dropoute"],
+        dropouti=m["dropouti"],
+        dropouth=m["dropouth"],
+        dropout=m["dropout"],
+        wdrop=m["wdrop"],
     )
 
 
-def load_corpus(data_cfg: dict[str, Any], data_dir: str | None) -> tuple[list[str], dict[str, torch.Tensor], dict[str, Path]]:
+def load_corpus(
+    data_cfg: dict[str, Any], data_dir: str | None
+) -> tuple[list[str], dict[str, torch.Tensor], dict[str, Path]]:
     """Vocabulary (from training), the token streams of the three splits, and each split's file
     for error messages (none for the bundled corpus, whose splits are cut from two files)."""
     paths = {} if data_dir is None else corpus.standard_paths(data_dir)
@@ -147,7 +170,9 @@ def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
     def train_stream(subset: float) -> torch.Tensor:
         """A fixed prefix of the token stream: the same subset for every seed."""
         if subset not in train_streams:
-            n = subset_size(len(ids["train"]), subset, least=2 * d["batch_size"] + 1)  # each batch column an input and its target
+            n = subset_size(
+                len(ids["train"]), subset, least=2 * d["batch_size"] + 1
+            )  # each batch column an input and its target
             train_streams[subset] = batchify("train", ids["train"][:n])
         return train_streams[subset]
 
@@ -163,7 +188,9 @@ def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
         i, first = 0, True
         while i < len(data) - 1:
             seq_len = bptt
-            if d["variable_bptt"]:  # AWD-LSTM: bptt, or bptt/2 with probability 0.05, plus N(0, 5) jitter, at least 5
+            if d[
+                "variable_bptt"
+            ]:  # AWD-LSTM: bptt, or bptt/2 with probability 0.05, plus N(0, 5) jitter, at least 5
                 base = bptt if torch.rand((), generator=generator).item() < 0.95 else bptt / 2
                 seq_len = max(5, int(base + 5 * torch.randn((), generator=generator).item()))
             seq_len = min(seq_len, len(data) - 1 - i)
@@ -192,7 +219,9 @@ def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
             n = min(bptt, len(data) - 1 - i)
             x, y = data[i : i + n].to(device), data[i + 1 : i + 1 + n].to(device)
             logits, state, _, _ = model(x, state)
-            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
+            total += F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"
+            ).item()
             count += y.numel()
         mean = total / count
         return {"ppl": math.exp(min(mean, 700.0)), "loss": mean}

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ...errors import DataError
-from ...task import text_lines
+from topdown.errors import DataError
+from topdown.task import text_lines
 
 BUNDLED = Path(__file__).resolve().parents[2] / "data" / "wikitext2"
 EOS, UNK = "<eos>", "<unk>"
@@ -36,7 +36,9 @@ def split_at_middle_article(lines: list[str]) -> tuple[list[str], list[str]]:
         tokens += len(line.split()) + 1
     heads = [i for i, line in enumerate(lines) if _HEADING.match(line) and i > 0]
     if not heads:
-        raise DataError("cannot split the test file: it has no article heading (a line ' = Title = ') after its first line")
+        raise DataError(
+            "cannot split the test file: it has no article heading (a line ' = Title = ') after its first line"
+        )
     cut = min(heads, key=lambda i: abs(counts[i] - tokens / 2))
     return lines[:cut], lines[cut:]
 
@@ -55,13 +57,17 @@ def standard_paths(data_dir: str | Path) -> dict[str, Path]:
     if not root.is_dir():
         raise DataError(f"--data-dir {root}: not a directory")
     for pattern in ("wiki.{}.tokens", "{}.txt"):
-        paths = {split: root / pattern.format(name) for split, name in zip(SPLITS, ("train", "valid", "test"))}
+        paths = {
+            split: root / pattern.format(name) for split, name in zip(SPLITS, ("train", "valid", "test"))
+        }
         if any(p.is_file() for p in paths.values()):
             missing = [p.name for p in paths.values() if not p.is_file()]
             if missing:
                 raise DataError(f"--data-dir {root}: missing {', '.join(missing)}")
             return paths
-    raise DataError(f"--data-dir {root}: expected wiki.{{train,valid,test}}.tokens or {{train,valid,test}}.txt")
+    raise DataError(
+        f"--data-dir {root}: expected wiki.{{train,valid,test}}.tokens or {{train,valid,test}}.txt"
+    )
 
 
 def load_standard(paths: Mapping[str, Path]) -> dict[str, list[str]]:
@@ -96,18 +102,28 @@ def encode(lines: list[str], vocab: list[str], split: str, path: Path | None = N
         for word in line.split():
             i = index.get(word, unk)
             if i is None:
-                raise DataError(f"{describe(split, path)}, line {number}: word {word!r} is not in the training vocabulary and the corpus has no {UNK}")
+                raise DataError(
+                    f"{describe(split, path)}, line {number}: word {word!r} is not in the training vocabulary and the corpus has no {UNK}"
+                )
             ids.append(i)
         ids.append(index[EOS])
     return torch.tensor(ids, dtype=torch.long)
 
 
-def batchify(ids: torch.Tensor, batch_size: int, what: str = "the token stream", key: str = "the batch size", fix: str = "") -> torch.Tensor:
+def batchify(
+    ids: torch.Tensor,
+    batch_size: int,
+    what: str = "the token stream",
+    key: str = "the batch size",
+    fix: str = "",
+) -> torch.Tensor:
     """(T, B): ``batch_size`` contiguous streams side by side; the remainder is dropped. Too short
     a stream is an error naming ``what`` it is, the option ``key`` that sets the batch size, and
     any other ``fix``: a bare "too few tokens" leaves the user guessing which split and option."""
     steps = len(ids) // batch_size
     if steps < 2:
-        raise DataError(f"{what} has {len(ids)} tokens, too few for {key} {batch_size} "
-                        f"(at least {2 * batch_size}: 2 per stream); lower {key}{fix}")
+        raise DataError(
+            f"{what} has {len(ids)} tokens, too few for {key} {batch_size} "
+            f"(at least {2 * batch_size}: 2 per stream); lower {key}{fix}"
+        )
     return ids[: steps * batch_size].view(batch_size, steps).t().contiguous()

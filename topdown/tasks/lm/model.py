@@ -103,8 +103,18 @@ class LSTMLayer(nn.Module):
 
 class AWDLSTM(nn.Module):
     def __init__(
-        self, vocab: int, emsize: int, hidden: int, layers: int, *, tie: str = "classifier",
-        dropoute: float = 0.1, dropouti: float = 0.65, dropouth: float = 0.3, dropout: float = 0.4, wdrop: float = 0.5,
+        self,
+        vocab: int,
+        emsize: int,
+        hidden: int,
+        layers: int,
+        *,
+        tie: str = "classifier",
+        dropoute: float = 0.1,
+        dropouti: float = 0.65,
+        dropouth: float = 0.3,
+        dropout: float = 0.4,
+        wdrop: float = 0.5,
     ):
         super().__init__()
         if tie not in TIE_MODES:
@@ -116,7 +126,8 @@ class AWDLSTM(nn.Module):
         sizes = [emsize] + [hidden] * (layers - 1) + [last]
         self.encoder = Embedding(vocab, emsize, dropoute, dropouti)
         self.rnns = nn.ModuleList(
-            LSTMLayer(a, b, wdrop, dropouth if i < layers - 1 else dropout) for i, (a, b) in enumerate(zip(sizes, sizes[1:]))
+            LSTMLayer(a, b, wdrop, dropouth if i < layers - 1 else dropout)
+            for i, (a, b) in enumerate(zip(sizes, sizes[1:]))
         )
         self.decoder = nn.Linear(last, vocab)
         nn.init.zeros_(self.decoder.bias)
