@@ -793,14 +793,14 @@ def test_spec_augment_masks_within_lengths_and_is_seeded():
 
 
 def test_readme_worked_example_runs(tmp_path, monkeypatch, capsys):
-    """The README's worked example (a Kaldi corpus of generated audio) is real code and a real command."""
+    """docs/asr.md's worked example (a Kaldi corpus of generated audio) is real code and a real command."""
     import shlex
     import subprocess
     import sys
 
     from conftest import ROOT
 
-    doc = (ROOT / "README.md").read_text()
+    doc = (ROOT / "docs" / "asr.md").read_text()
     example = doc.split("### Worked example", 1)[1]
     code = re.findall(r"```python\n(.*?)```", example, re.S)[0]
     command = re.findall(r"```\n(topdown .*?)\n```", example, re.S)[0]

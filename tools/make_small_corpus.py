@@ -1,6 +1,7 @@
 """Build a few-speaker ASR corpus from the bundled AN4 cepstra, as Kaldi data directories.
 
-Usage: python tools/make_small_corpus.py OUT [--train-speakers 6] [--dev-speakers 2] [--test-speakers 3] [--seed 0]
+Usage: python tools/make_small_corpus.py OUT [--train-speakers 6] [--dev-speakers 2]
+                                            [--test-speakers 3] [--seed 0]
 
 A stand-in for "a user's own small corpus": a handful of speakers, the same small vocabulary,
 read by `--data-dir OUT` as `feats.scp` directories. Training and development speakers are
@@ -63,7 +64,8 @@ def main() -> int:
         "test": tested,
     }
     lines = [
-        f"Few-speaker corpus drawn from the bundled AN4 cepstra by tools/make_small_corpus.py (seed {args.seed})."
+        "Few-speaker corpus drawn from the bundled AN4 cepstra by tools/make_small_corpus.py"
+        f" (seed {args.seed})."
     ]
     for split, speakers in splits.items():
         pool = test_pool if split == "test" else train_pool
