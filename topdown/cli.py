@@ -15,7 +15,8 @@ import torch
 
 from topdown import distributed, report
 from topdown.analyse import run_analyse
-from topdown.compare import finished_seeds, run_compare
+from topdown.archive import restore_runs
+from topdown.compare import finished_seeds, run_compare, run_only
 from topdown.config import parse_overrides
 from topdown.devices import default_device, resolve_device
 from topdown.errors import ConfigError, TopdownError
@@ -32,6 +33,8 @@ EPILOG = """examples:
   topdown report runs/x                          # re-render runs/x/report.md
   topdown compare digits --seeds 20              # cascade vs fair baselines over 20 seeds
   topdown compare digits --seeds 20 --forgetting # ... and later-layer forgetting with the cascade's budget
+  topdown compare digits --seeds 20 --out x --runs-from bench/results/digits-compare-demo/runs.tar.xz
+                                                 # rebuild a committed comparison from its runs, no training
   topdown analyse digits                         # the paper's two observations, every split
   topdown report runs/digits-compare-demo        # where each run of a comparison stands, and its arms so far
 Config keys: see `topdown list --config TASK`. Run directory contract: docs/run-directory.md."""
@@ -128,6 +131,18 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="add an arm: later-layer forgetting (the forget command) with the cascade's budget, per seed",
     )
+    p.add_argument(
+        "--runs-from",
+        metavar="ARCHIVE",
+        help="first restore into DIR/runs each finished run it lacks from ARCHIVE (a comparison's "
+        "runs.tar.xz, or a directory of run directories): the comparison reuses them, training none again",
+    )
+    p.add_argument(
+        "--only",
+        metavar="RUN[,RUN...]",
+        help="train (or resume) only these runs of the comparison, as it would (e.g. equal-epochs-seed2, "
+        "baseline-seed0-extra1), and write no compare.*",
+    )
     p = sub.add_parser(
         "analyse",
         parents=[common],
@@ -204,10 +219,11 @@ def _list(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     cfg = resolve_config(args.task, args.preset, parse_overrides(args.set))
     out = Path(args.out or f"runs/{args.task}-compare-{args.preset}")
+    if args.runs_from:
+        restored = restore_runs(args.runs_from, out / "runs")
+        print(f"restored {len(restored)} finished runs from {args.runs_from} into {out / 'runs'}")
     factory = functools.partial(make_task, args.task, cfg.task, args.data_dir)
-    run_compare(
-        factory(),
-        out,
+    kw = dict(
         seeds=args.seeds,
         config=cfg,
         preset=args.preset,
@@ -216,6 +232,13 @@ def _compare(args: argparse.Namespace) -> None:
         task_factory=factory,
         forgetting=args.forgetting,
     )
+    if args.only:
+        for name, summary in run_only(factory(), out, [n for n in args.only.split(",") if n], **kw).items():
+            m = summary["metric"]
+            test = report.format_metric(summary["stages"][summary["chosen_stage"]]["test"].get(m), m)
+            print(f"{name}: finished in {out / 'runs' / name}, test {m} {test}")
+        return
+    run_compare(factory(), out, **kw)
     print((out / "compare.md").read_text())
 
 
