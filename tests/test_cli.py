@@ -334,5 +334,6 @@ def test_a_comparison_rebuilds_from_its_runs_archive_without_training(tmp_path):
         )
     assert_one_line_error(
         cli(*compare, "--out", str(made), "--only", "cascade-seed3"),
-        r"--only cascade-seed3: not a run of this comparison \(cascade-seed0, equal-epochs-seed0, baseline-seed0-extra1",
+        r"--only cascade-seed3: not a run of this comparison "
+        r"\(cascade-seed0, equal-epochs-seed0, baseline-seed0-extra1",
     )

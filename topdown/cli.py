@@ -33,18 +33,23 @@ EPILOG = """examples:
   topdown report runs/x                          # re-render runs/x/report.md
   topdown compare digits --seeds 20              # cascade vs fair baselines over 20 seeds
   topdown compare digits --seeds 20 --forgetting # ... and later-layer forgetting with the cascade's budget
-  topdown compare digits --seeds 20 --out x --runs-from bench/results/digits-compare-demo/runs.tar.xz
+  topdown compare digits --seeds 20 --forgetting --out x \\
+      --runs-from bench/results/digits-compare-demo-full-budget/runs.tar.xz
                                                  # rebuild a committed comparison from its runs, no training
+  topdown compare digits --seeds 20 --only equal-epochs-seed3  # only that run of the comparison
   topdown analyse digits                         # the paper's two observations, every split
   topdown report runs/digits-compare-demo        # where each run of a comparison stands, and its arms so far
 Config keys: see `topdown list --config TASK`. Run directory contract: docs/run-directory.md."""
 
 HELP = {
     "baseline": "train all blocks jointly (stage 0 only)",
-    "cascade": "top-down cascade: baseline, then re-train the feature extractor under a frozen classifier, split by split",
+    "cascade": "top-down cascade: baseline, then re-train the feature extractor under a frozen classifier, "
+    "split by split",
     "retrain-classifier": "from the baseline, freeze blocks 1..K and train a fresh classifier above them",
-    "transfer-classifier": "freeze the classifier of a full-data model, train a fresh feature extractor on a subset",
-    "forget": "a control for the cascade: from the baseline, re-initialise the blocks above K and train every block, round after round",
+    "transfer-classifier": "freeze the classifier of a full-data model, train a fresh feature extractor on a "
+    "subset",
+    "forget": "a control for the cascade: from the baseline, re-initialise the blocks above K and train "
+    "every block, round after round",
 }
 
 
@@ -79,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="train every stage data-parallel in N processes on this machine (torchrun; gloo on CPU, NCCL on CUDA)",
+        help="train every stage data-parallel in N processes on this machine (torchrun; gloo on CPU, NCCL "
+        "on CUDA)",
     )
     single = argparse.ArgumentParser(add_help=False)
     single.add_argument(
@@ -95,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
                 "--from",
                 dest="from_checkpoint",
                 metavar="CKPT",
-                help="start from this checkpoint instead of training a baseline (transfer-classifier: the full-data model)",
+                help="start from this checkpoint instead of training a baseline (transfer-classifier: the "
+                "full-data model)",
             )
         if name in ("retrain-classifier", "transfer-classifier"):
             p.add_argument(
@@ -113,10 +120,11 @@ def _parser() -> argparse.ArgumentParser:
         "compare",
         parents=[common],
         help="fair comparison over seeds: baseline, cascade, baseline with equal epochs, best-of-k baselines",
-        description="Runs (or resumes) the arms of a fair comparison (README, 'Fair comparisons') for seeds 0..N-1 and writes "
-        "DIR/compare.json, DIR/compare.md and DIR/compare.png. Finished runs are never trained again; a finished run "
-        "made with another preset or --set, on other data (its task_info) or under another metric is refused, never mixed "
-        "in; a chosen model whose test metric is NaN or missing stops the comparison, naming its run.",
+        description="Runs (or resumes) the arms of a fair comparison (README, 'Fair comparisons') for "
+        "seeds 0..N-1 and writes DIR/compare.json, DIR/compare.md and DIR/compare.png. Finished runs are "
+        "never trained again; a finished run made with another preset or --set, on other data (its "
+        "task_info) or under another metric is refused, never mixed in; a chosen model whose test metric is "
+        "NaN or missing stops the comparison, naming its run.",
     )
     p.add_argument("--seeds", type=int, required=True, help="number of seeds (0..N-1)")
     p.add_argument(
@@ -124,7 +132,8 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="run the comparison's runs in N processes, threads divided among them unless OMP_NUM_THREADS is set (default: 1)",
+        help="run the comparison's runs in N processes, threads divided among them unless OMP_NUM_THREADS "
+        "is set (default: 1)",
     )
     p.add_argument(
         "--forgetting",
@@ -146,12 +155,14 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "analyse",
         parents=[common],
-        help="the paper's two observations for every split: retrain classifier vs feature extractor; classifier transfer from more data",
-        description="From one trained baseline, for every split k: retrain-classifier, retrain-feature-extractor, and "
-        "transfer-classifier on each --subsets fraction against a baseline on the same subset. Writes DIR/analyse.json, "
-        "DIR/analyse.md and DIR/analyse.png; finished runs are never trained again, and one made with another preset, "
-        "seed or --set, on other data (its task_info) or under another metric is refused; a run whose test metric is "
-        "NaN or missing stops the analysis, naming the run.",
+        help="the paper's two observations for every split: retrain classifier vs feature extractor; "
+        "classifier transfer from more data",
+        description="From one trained baseline, for every split k: retrain-classifier, "
+        "retrain-feature-extractor, and transfer-classifier on each --subsets fraction against a baseline "
+        "on the same subset. Writes DIR/analyse.json, DIR/analyse.md and DIR/analyse.png; finished runs are "
+        "never trained again, and one made with another preset, seed or --set, on other data (its "
+        "task_info) or under another metric is refused; a run whose test metric is NaN or missing stops the "
+        "analysis, naming the run.",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the baseline and of every run (default: 0)")
     p.add_argument(
@@ -166,7 +177,8 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="run the splits in N processes, threads divided among them unless OMP_NUM_THREADS is set (default: 1)",
+        help="run the splits in N processes, threads divided among them unless OMP_NUM_THREADS is set "
+        "(default: 1)",
     )
     p = sub.add_parser(
         "report",
@@ -298,7 +310,8 @@ def _launch(argv: list[str], nproc: int, device: torch.device) -> int:
     """``topdown ... --nproc N``: the same command in N processes under torch.distributed.run (torchrun)."""
     if device.type == "cuda" and nproc > torch.cuda.device_count():
         raise ConfigError(
-            f"--nproc {nproc} on CUDA needs a GPU per process; {torch.cuda.device_count()} visible (use --device cpu for gloo processes)"
+            f"--nproc {nproc} on CUDA needs a GPU per process; {torch.cuda.device_count()} visible (use "
+            "--device cpu for gloo processes)"
         )
     rest = [
         a for i, a in enumerate(argv) if not (a.startswith("--nproc") or (i and argv[i - 1] == "--nproc"))
@@ -399,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:  # not the user's input: a bug in topdown (or below it)
         traceback.print_exc()
         print(
-            "topdown: internal error: this is a bug, not your input; please report it with the command and the traceback above",
+            "topdown: internal error: this is a bug, not your input; please report it with the command and "
+            "the traceback above",
             file=sys.stderr,
         )
         return 2

@@ -134,7 +134,8 @@ def summarise(values: list[float]) -> dict[str, float | None]:
 
 
 def _entry(chosen: dict[str, Any], trained: list[dict[str, Any]], metric: str, run: str) -> dict[str, Any]:
-    """One arm's result for one seed: the chosen model's metrics (from ``run``) and the cost of the stages it trained."""
+    """One arm's result for one seed: the chosen model's metrics (from ``run``) and the cost of the
+    stages it trained."""
     return {
         **stage_result(chosen, metric, run),
         "epochs": sum(st["epochs"] for st in trained),
@@ -201,13 +202,13 @@ def equal_epochs_config(config: RunConfig, budget: int) -> RunConfig:
     return config.updated({"train": train})
 
 
-def _arm_configs(config: RunConfig, forgetting: bool) -> tuple[RunConfig, RunConfig]:
-    """The configuration of the cascade and baseline runs, and that of the forgetting run:
-    ``procedure.split``/``rounds`` are the forgetting arm's alone (refused without it)."""
+def _arm_configs(config: RunConfig, forgetting: bool) -> tuple[RunConfig, RunConfig | None]:
+    """The configuration of the cascade and baseline runs, and that of the forgetting run (None
+    without that arm): ``procedure.split``/``rounds`` are the forgetting arm's alone."""
     procedure = config.as_dict()["procedure"]
     if not forgetting and (given := [f"procedure.{k}" for k, v in procedure.items() if v is not None]):
         raise ConfigError(f"compare reads {', '.join(given)} only for its forgetting arm (--forgetting)")
-    return config.updated({"procedure": dict.fromkeys(procedure)}), config
+    return config.updated({"procedure": dict.fromkeys(procedure)}), config if forgetting else None
 
 
 def seed_runs(
@@ -252,7 +253,7 @@ def run_all(
     changes nothing."""
     config, forget_config = _arm_configs(config, forgetting)
     planned = planned_models(task, config) or 1
-    runs = {s: seed_runs(s, config, forget_config if forgetting else None, planned) for s in range(seeds)}
+    runs = {s: seed_runs(s, config, forget_config, planned) for s in range(seeds)}
     futures: dict[str, Future] = {}
 
     def queue(s: int, names) -> None:
@@ -274,7 +275,7 @@ def run_all(
             s = cascades[done]
             trained[s] = cascade = done.result()
             k[s] = models_trained(cascade)
-            runs[s] = seed_runs(s, config, forget_config if forgetting else None, k[s], cascade)
+            runs[s] = seed_runs(s, config, forget_config, k[s], cascade)
             queue(s, runs[s])
         return [
             {
@@ -312,7 +313,7 @@ def run_only(
     for s in range(seeds):
         cascade = _complete(out / "runs", cascade_run(s))
         k = models_trained(cascade) if cascade else planned
-        runs |= seed_runs(s, config, forget_config if forgetting else None, k, cascade)
+        runs |= seed_runs(s, config, forget_config, k, cascade)
     waiting = {equal_run(s): cascade_run(s) for s in range(seeds) if equal_run(s) not in runs}
     for name in names:
         if name in waiting:
@@ -418,7 +419,8 @@ def finished_seeds(runs: Path) -> str | None:
         return None
     m = metric.name
     lines = [
-        f"Seeds whose cascade has finished: test {m} of each arm whose runs have all finished (the comparison itself",
+        f"Seeds whose cascade has finished: test {m} of each arm whose runs have all finished (the "
+        "comparison itself",
         "adds the means, intervals and p-values once every seed has).",
         "",
         *table_head(["seed", *names]),
@@ -446,7 +448,8 @@ def run_compare(
     task_factory: Callable[[], Task] | None = None,
     forgetting: bool = False,
 ) -> dict[str, Any]:
-    """Run (or resume) every arm for seeds 0..seeds-1; write ``compare.json``, ``compare.md``, ``compare.png``.
+    """Run (or resume) every arm for seeds 0..seeds-1; write ``compare.json``, ``compare.md``,
+    ``compare.png``.
     ``jobs`` > 1 runs the runs in that many processes, each building its task with ``task_factory``;
     ``forgetting`` adds the later-layer-forgetting arm."""
     if seeds < 1:
@@ -495,11 +498,16 @@ def render(record: dict[str, Any]) -> str:
     lines = [
         f"# Fair comparison on {record['task']} (preset {record['preset']}, {record['seeds']} seeds)",
         "",
-        f"Test {m}{unit} of the model each arm's validation chose; differences are arm minus baseline, paired by seed",
-        f"({'lower' if record['lower_is_better'] else 'higher'} is better). CI: 95 % Student-t interval of the mean paired",
-        "difference; p: two-sided sign-flip test (exact up to 20 seeds, else 200,000 random sign patterns). Epochs and",
-        "seconds: the cost of all the arm's training runs. Arms: the cascade's own stage 0 (baseline); the cascade;",
-        "one baseline trained for all the cascade's epochs, early stopping off (baseline-equal-epochs); the best on",
+        f"Test {m}{unit} of the model each arm's validation chose; differences are arm minus baseline, "
+        "paired by seed",
+        f"({'lower' if record['lower_is_better'] else 'higher'} is better). CI: 95 % Student-t interval of "
+        "the mean paired",
+        "difference; p: two-sided sign-flip test (exact up to 20 seeds, else 200,000 random sign patterns). "
+        "Epochs and",
+        "seconds: the cost of all the arm's training runs. Arms: the cascade's own stage 0 (baseline); the "
+        "cascade;",
+        "one baseline trained for all the cascade's epochs, early stopping off (baseline-equal-epochs); the "
+        "best on",
         "validation of as many baselines as the cascade trained models (best-of-k)"
         + (
             "; later-layer forgetting with the cascade's budget (forgetting)."
@@ -508,7 +516,8 @@ def render(record: dict[str, Any]) -> str:
         ),
         "",
         *([f"Note: {record['note']}", ""] if record.get("note") else []),
-        f"| arm | test {m} mean ± std | diff vs baseline [95 % CI] | p | better/worse seeds | epochs | seconds |",
+        f"| arm | test {m} mean ± std | diff vs baseline [95 % CI] | p | better/worse seeds | epochs | "
+        "seconds |",
         "|---|---|---|---|---|---|---|",
     ]
     lower = record["lower_is_better"]
@@ -530,7 +539,8 @@ def render(record: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        f"Cascade against each control, paired by seed (cascade minus control; {'negative' if lower else 'positive'} favours the cascade):",
+        "Cascade against each control, paired by seed (cascade minus control; "
+        f"{'negative' if lower else 'positive'} favours the cascade):",
         "",
         "| control | cascade − control [95 % CI] | p | seeds where the cascade is better/worse |",
         "|---|---|---|---|",
