@@ -1,12 +1,13 @@
 #!/bin/bash
-# Leave-one-out ablations of a task's `bench` recipe (#17): each variant undoes (or, for a longer
+# Leave-one-out ablations of a task's `bench` recipe: each variant undoes (or, for a longer
 # schedule, extends) one of the recipe's choices and trains seed 0 (SEED=S for another), so its
 # validation WER can be set beside the recipe's own run of that seed (made on the same CPU: the same
 # seed gives other numbers on another CPU). Runs live outside the repository and resume where they
-# stopped; only their summaries are committed.
+# stopped; only their summaries and per-epoch metrics are committed, as one archive.
 #
 #   bench/ablation.sh run TASK [VARIANT ...]    train the variants (default: all of TASK's); rerun to continue
-#   bench/ablation.sh collect TASK              copy the finished variants' summaries under bench/results/TASK-ablation/
+#   bench/ablation.sh collect TASK              pack the finished variants' summaries and metrics into
+#                                               bench/results/TASK-ablation/runs.tar.xz (bench/pack_runs.py)
 #   bench/ablation.sh list TASK                 the variants and their --set overrides
 #
 # OUT defaults to ~/bench-ablation/TASK (`topdown report OUT` shows where each variant stands); a
@@ -30,7 +31,7 @@ variants() {
       echo "no-conformer model.conv_kernel=0"
       echo "global-cmvn data.cmvn=global"
       echo "plateau train.schedule=plateau train.monitor=loss train.early_stop=5"
-      # not leave-one-out: whether the 40-epoch schedule converges (#12: it did not; validation still
+      # not leave-one-out: whether the 40-epoch schedule converges (it did not; validation still
       # falling at epoch 160, 2026-12-05)
       echo "epochs-160 train.epochs=160" ;;
     asr-rnn)
@@ -43,7 +44,7 @@ variants() {
       echo "hidden-128 model.hidden=128 $recipe40"
       echo "plateau train.schedule=plateau train.monitor=loss train.early_stop=5 $recipe40"
       # not leave-one-out: the 40-epoch schedule was not converged (a 160-epoch one reached a validation
-      # WER 3.5 points lower, 2026-12-01); 80 epochs fit #17's hour on this CPU and became `bench`
+      # WER 3.5 points lower, 2026-12-01); 80 epochs fit an hour on this CPU and became `bench`
       echo "epochs-80 train.epochs=80 train.min_epoch_steps=50" ;;
     lm-awd)
       # no comparison has trained lm-awd's recipe on this CPU yet: "recipe" is the reference run;
@@ -57,7 +58,7 @@ variants() {
   esac
 }
 
-source "$here/summaries.sh"
+finished() { [ -f "$1" ] && grep -q '"status": "complete"' "$1"; }
 
 case $mode in
   list) variants ;;
@@ -72,8 +73,6 @@ case $mode in
       echo "== $task $name (seed $seed): ${overrides}"
       topdown baseline "$task" --preset bench --seed "$seed" "${sets[@]}" --out "$out/$name" "${resume[@]}"
     done ;;
-  collect)
-    copy_finished "$out" "$results"
-    echo "collected into $results: $(ls "$results" 2>/dev/null | wc -l) finished variants" ;;
+  collect) python "$here/pack_runs.py" "$out" "$results/runs.tar.xz" ;;
   *) echo "ablation.sh: unknown mode '$mode' (run, collect or list)" >&2; exit 2 ;;
 esac

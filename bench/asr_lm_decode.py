@@ -1,4 +1,5 @@
-"""Word-LM beam search on a finished ASR run: weight, word bonus and OOV penalty chosen on validation, then test once.
+"""Word-LM beam search on a finished ASR run: weight, word bonus and OOV penalty chosen on validation,
+then test once.
 
 Usage:
 
@@ -34,7 +35,7 @@ from topdown.tasks.asr import common  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--data-dir")
     parser.add_argument(
@@ -52,7 +53,8 @@ def main() -> None:
     summary = run.read_summary()
     if summary is None or (args.stage is None and summary.get("status") != "complete"):
         sys.exit(
-            f"asr_lm_decode: {args.run} holds no finished run (--stage N decodes one stage of a run in progress)"
+            f"asr_lm_decode: {args.run} holds no finished run (--stage N decodes one stage of a run in "
+            "progress)"
         )
     stage = summary["chosen_stage"] if args.stage is None else args.stage
     config = {k: v for k, v in summary["config"].items() if k not in ("train", "cascade", "procedure")}
@@ -98,15 +100,18 @@ def main() -> None:
             }
         )
         print(
-            f"val  weight {weight:<5g} bonus {bonus:<4g} oov penalty {penalty:<4g}  wer {val['wer']:.2%}  beam {val['wer_beam']:.2%}  "
+            f"val  weight {weight:<5g} bonus {bonus:<4g} oov penalty {penalty:<4g}  wer {val['wer']:.2%}  "
+            f"beam {val['wer_beam']:.2%}  "
             f"beam+LM {val['wer_lm']:.2%}",
             flush=True,
         )
     best = min(grid, key=lambda g: (g["wer_lm"], g["weight"], g["oov_penalty"]))
     test = evaluate("test", best["weight"], best["bonus"], best["oov_penalty"])
     print(
-        f"test weight {best['weight']:g} bonus {best['bonus']:g} oov penalty {best['oov_penalty']:g} (chosen on validation): greedy wer {test['wer']:.2%}, "
-        f"beam {test['wer_beam']:.2%}, beam+LM {test['wer_lm']:.2%} (cer {test['cer']:.2%} / {test['cer_beam']:.2%} / {test['cer_lm']:.2%})"
+        f"test weight {best['weight']:g} bonus {best['bonus']:g} oov penalty {best['oov_penalty']:g} "
+        f"(chosen on validation): greedy wer {test['wer']:.2%}, "
+        f"beam {test['wer_beam']:.2%}, beam+LM {test['wer_lm']:.2%} (cer {test['cer']:.2%} / "
+        f"{test['cer_beam']:.2%} / {test['cer_lm']:.2%})"
     )
     if args.out:
         args.out.write_text(

@@ -116,7 +116,8 @@ def main() -> None:
     rows.append(("Kaldi feats.scp/ark (kaldiio), 80-dim fbank", len(utts2), t, wav_audio_s))
 
     print(
-        f"# ASR loading throughput ({platform.processor() or platform.machine()}, 1 thread, torch {torch.__version__})\n"
+        f"# ASR loading throughput ({platform.processor() or platform.machine()}, 1 thread, torch "
+        f"{torch.__version__})\n"
     )
     print("| source | utterances | seconds | utterances/s | audio seconds per second |")
     print("|---|---|---|---|---|")

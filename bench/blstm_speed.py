@@ -78,7 +78,8 @@ def main() -> None:
         print(f"{name}: {ms:.0f} ms a step (median of {args.reps})")
     before, ours = medians["packed, bidirectional (before)"], medians["padded, per direction (ours)"]
     print(
-        f"ratio (packed / ours): {before / ours:.2f}x  (threads: {torch.get_num_threads()}, torch {torch.__version__})"
+        f"ratio (packed / ours): {before / ours:.2f}x  (threads: {torch.get_num_threads()}, torch "
+        f"{torch.__version__})"
     )
 
 

@@ -39,7 +39,8 @@ def topdown(*args: str, background: bool = False):
 
 
 def record(run: Path) -> dict:
-    """What must match an uninterrupted run: the summary and metrics without wall-clock fields, and the checkpoints."""
+    """What must match an uninterrupted run: the summary and metrics without wall-clock fields, and the
+    checkpoints."""
     from safetensors.torch import load_file
 
     def strip(o):

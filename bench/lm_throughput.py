@@ -4,7 +4,9 @@ Usage (1 thread, the same data for both sides):
 
     # pytorch/examples is NOT vendored: extract its word_language_model outside the repository, e.g.
     #   G=<git dir of github.com/pytorch/examples>; mkdir -p /tmp/wlm
-    #   for f in main.py data.py model.py; do git --git-dir=$G show HEAD:word_language_model/$f > /tmp/wlm/$f; done
+    #   for f in main.py data.py model.py; do
+    #     git --git-dir=$G show HEAD:word_language_model/$f > /tmp/wlm/$f
+    #   done
     OMP_NUM_THREADS=1 python bench/lm_throughput.py --wlm /tmp/wlm --reps 2
 
 What is measured:

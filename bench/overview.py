@@ -1,8 +1,8 @@
-"""One figure for every fair comparison of bench/RESULTS.md (#12): per task, the cascade minus each
+"""One figure for every fair comparison of bench/RESULTS.md: per task, the cascade minus each
 control, paired by seed (dots), with the mean difference and its 95 % t-interval (black), read from
-each comparison's committed ``compare.json``. Below the zero line the cascade did better: every
-task's metric here is lower-is-better (error, WER, perplexity); a higher-is-better one is flipped,
-and its panel says so.
+each comparison's committed ``compare.json`` (its runs are in ``runs.tar.xz`` beside it). Below the
+zero line the cascade did better: every task's metric here is lower-is-better (error, WER,
+perplexity); a higher-is-better one is flipped, and its panel says so.
 
     python bench/overview.py [COMPARE_DIR ...]   # default: the current comparisons (CURRENT) that exist
 
@@ -94,7 +94,8 @@ def main() -> None:
     for ax, record in zip(axes, records):
         panel(ax, record)
     fig.suptitle(
-        "Cascade minus each control, paired by seed (dots);\nmean and 95 % t-interval (black); below 0: the cascade did better",
+        "Cascade minus each control, paired by seed (dots);\nmean and 95 % t-interval (black); below 0: the "
+        "cascade did better",
         fontsize=10,
     )
     fig.tight_layout()

@@ -305,3 +305,35 @@ def test_nothing_unpickles():
         r"allow_pickle\s*=\s*True",
     ):
         assert not re.search(forbidden, sources), forbidden
+
+
+def test_a_comparison_rebuilds_from_its_runs_archive_without_training(tmp_path):
+    """What bench/results keeps of a comparison (compare.* and runs.tar.xz) rebuilds it: `compare
+    --runs-from` restores the finished runs and trains none; `--only` trains a part of one alone."""
+    compare = ["compare", *TINY_DIGITS, "--seeds", "1"]
+    made, archive = tmp_path / "made", tmp_path / "runs.tar.xz"
+    cli(*compare, "--out", str(made), "--only", "baseline-seed0-extra1", check=True)
+    assert [p.name for p in (made / "runs").iterdir()] == ["baseline-seed0-extra1"]
+    assert not (made / "compare.json").exists()
+    cli(*compare, "--out", str(made), check=True)
+    pack = [sys.executable, str(ROOT / "bench" / "pack_runs.py"), str(made / "runs"), str(archive)]
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
+    subprocess.run([*pack, "--prefix", "runs/"], env=env, check=True, capture_output=True)
+    rebuilt = cli(*compare, "--out", str(tmp_path / "rebuilt"), "--runs-from", str(archive), check=True)
+    assert "starting" not in rebuilt.stdout + rebuilt.stderr
+    assert not list((tmp_path / "rebuilt" / "runs").glob("*/checkpoints"))
+    assert json.loads((tmp_path / "rebuilt" / "compare.json").read_text()) == json.loads(
+        (made / "compare.json").read_text()
+    )
+    for source, pattern in [
+        (tmp_path / "none.tar.xz", "no such archive or directory"),
+        (made / "compare.json", "not a readable runs archive"),
+    ]:
+        assert_one_line_error(
+            cli(*compare, "--out", str(tmp_path / "x"), "--runs-from", str(source)), pattern
+        )
+    assert_one_line_error(
+        cli(*compare, "--out", str(made), "--only", "cascade-seed3"),
+        r"--only cascade-seed3: not a run of this comparison "
+        r"\(cascade-seed0, equal-epochs-seed0, baseline-seed0-extra1",
+    )

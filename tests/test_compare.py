@@ -8,9 +8,19 @@ from conftest import cli, toy_task, without_seconds
 
 import topdown.compare as compare
 import topdown.procedures as procedures
-from topdown.compare import paired_stats, run_compare, sign_flip_p, t975
+from topdown.archive import pack_runs, read_archive, restore_runs, run_record, write_archive
+from topdown.compare import (
+    cascade_run,
+    equal_run,
+    extra_run,
+    paired_stats,
+    run_compare,
+    run_only,
+    sign_flip_p,
+    t975,
+)
 from topdown.config import RunConfig
-from topdown.errors import ConfigError
+from topdown.errors import ConfigError, DataError
 
 CONFIG = RunConfig.from_dict({"train": {"epochs": 2, "lr": 0.01}})
 
@@ -350,7 +360,8 @@ def test_report_of_a_comparison_or_a_directory_of_runs_shows_where_each_run_stan
 
 
 def test_report_of_a_comparison_in_progress_shows_the_arms_of_the_seeds_so_far(tmp_path):
-    """Per seed whose cascade has finished, each arm whose runs have all finished, with the values compare.json gives."""
+    """Per seed whose cascade has finished, each arm whose runs have all finished, with the values
+    compare.json gives."""
     record = run_compare(toy_task(), tmp_path, seeds=2, config=CONFIG)
     runs = tmp_path / "runs"
     for name in (
@@ -435,7 +446,8 @@ def test_analyse_refuses_cascade_options_that_would_train_one_side_differently(t
     tilted = CONFIG.updated({"cascade": {"candidates": 3, "reinit": False}})
     with pytest.raises(
         ConfigError,
-        match=r"analyse: cascade.candidates, cascade.reinit would change only the retrain-feature-extractor runs",
+        match=r"analyse: cascade.candidates, cascade.reinit would change only the "
+        r"retrain-feature-extractor runs",
     ):
         run_analyse(toy_task(), tmp_path / "a", config=tilted)
     assert not (tmp_path / "a").exists()
@@ -458,7 +470,8 @@ def test_a_comparison_run_that_failed_before_saving_anything_starts_afresh_with_
 
 
 def test_the_overview_figure_plots_the_paired_differences_compare_json_holds(tmp_path):
-    """bench/overview.py draws README's comparisons from their compare.json: its differences are those files' numbers."""
+    """bench/overview.py draws README's comparisons from their compare.json: its differences are those
+    files' numbers."""
     import subprocess
     import sys
 
@@ -492,3 +505,96 @@ def test_the_overview_figure_plots_the_paired_differences_compare_json_holds(tmp
         [sys.executable, str(ROOT / "bench" / "overview.py"), str(tmp_path)], capture_output=True, text=True
     )
     assert missing.returncode != 0 and "no compare.json" in missing.stderr
+
+
+def test_only_trains_the_named_runs_as_the_comparison_would(tmp_path, monkeypatch):
+    """``--only``: a part of the comparison trained alone (its name, seed, recipe and budget), which
+    the whole comparison then reuses; an equal-epochs run waits for its seed's cascade."""
+    calls = []
+    real = procedures.run_procedure
+    monkeypatch.setattr(
+        procedures,
+        "run_procedure",
+        lambda proc, task, out, **kw: calls.append((proc, out.name)) or real(proc, task, out, **kw),
+    )
+    with pytest.raises(ConfigError, match="equal-epochs-seed0 needs cascade-seed0 finished first"):
+        run_only(toy_task(), tmp_path / "cmp", [equal_run(0)], seeds=1, config=CONFIG)
+    with pytest.raises(
+        ConfigError, match=r"--only baseline-seed1-extra1: not a run of this comparison \(cascade-seed0, "
+    ):
+        run_only(toy_task(), tmp_path / "cmp", [extra_run(1, 1)], seeds=1, config=CONFIG)
+    assert calls == [] and not (tmp_path / "cmp").exists()
+    done = run_only(toy_task(), tmp_path / "cmp", [extra_run(0, 2), cascade_run(0)], seeds=1, config=CONFIG)
+    assert calls == [("baseline", "baseline-seed0-extra2"), ("cascade", "cascade-seed0")]
+    assert (
+        done[extra_run(0, 2)]["seed"] == compare.extra_seed(0, 2)
+        and not (tmp_path / "cmp" / "compare.json").exists()
+    )
+    run_only(toy_task(), tmp_path / "cmp", [equal_run(0)], seeds=1, config=CONFIG)
+    assert calls[-1] == ("baseline", "equal-epochs-seed0")
+    calls.clear()
+    record = run_compare(toy_task(), tmp_path / "cmp", seeds=1, config=CONFIG)
+    assert calls == [("baseline", "baseline-seed0-extra1")]  # the rest reused
+    whole = run_compare(toy_task(), tmp_path / "whole", seeds=1, config=CONFIG)
+    assert without_seconds(record["arms"]) == without_seconds(whole["arms"])
+
+
+def test_a_runs_archive_is_deterministic_and_restores_the_finished_runs_a_comparison_lacks(
+    tmp_path, monkeypatch
+):
+    made = run_compare(toy_task(), tmp_path / "made", seeds=1, config=CONFIG)
+    runs, archive = tmp_path / "made" / "runs", tmp_path / "runs.tar.xz"
+    unfinished = runs / "cascade-seed7"  # not finished: never packed
+    unfinished.mkdir()
+    (unfinished / "summary.json").write_text(json.dumps({"status": "running"}))
+    assert cascade_run(7) not in pack_runs(runs, archive, "runs/")
+    first = archive.read_bytes()
+    pack_runs(runs, tmp_path / "again.tar.xz", "runs/")
+    pack_runs(runs, archive, "runs/")  # packing again into the archive: the same bytes
+    assert (tmp_path / "again.tar.xz").read_bytes() == first == archive.read_bytes()
+    members = read_archive(archive)
+    assert set(members) == {
+        f"runs/{run.name}/{name}" for run in runs.iterdir() if run != unfinished for name in run_record(run)
+    }
+    assert {name.rsplit("/", 1)[1] for name in members} == {"summary.json", "metrics.jsonl", "report.md"}
+
+    rebuilt = tmp_path / "rebuilt"
+    (rebuilt / "runs" / cascade_run(0)).mkdir(parents=True)  # a run it holds is left as it is
+    (rebuilt / "runs" / cascade_run(0) / "summary.json").write_bytes(
+        (runs / cascade_run(0) / "summary.json").read_bytes()
+    )
+    assert cascade_run(0) not in restore_runs(archive, rebuilt / "runs")
+    monkeypatch.setattr(procedures, "run_procedure", lambda *a, **kw: pytest.fail("trained a run"))
+    again = run_compare(toy_task(), rebuilt, seeds=1, config=CONFIG)
+    assert again["arms"] == made["arms"]  # seconds included: every number read from the archive
+
+    for bad, pattern in [
+        ({"runs/../x/summary.json": b"{}"}, "is not a plain file inside the archive"),
+        ({"cascade-seed0/summary.json": b"{}"}, "is not runs/RUN/FILE"),
+        ({"runs/cascade-seed0/summary.json": b"{"}, "not a readable summary.json"),
+    ]:
+        write_archive(tmp_path / "bad.tar.xz", bad)
+        with pytest.raises(DataError, match=pattern):
+            restore_runs(tmp_path / "bad.tar.xz", tmp_path / "x" / "runs")
+    with pytest.raises(DataError, match="not a readable runs archive"):
+        restore_runs(tmp_path / "made" / "compare.json", tmp_path / "x" / "runs")
+    with pytest.raises(DataError, match="no such archive or directory"):
+        restore_runs(tmp_path / "none.tar.xz", tmp_path / "x" / "runs")
+    with pytest.raises(DataError, match="no runs in it"):
+        restore_runs(tmp_path / "made", tmp_path / "x" / "runs")  # the comparison, not its runs/
+    assert restore_runs(runs, tmp_path / "x" / "runs")  # a directory of runs is a source too
+
+
+def test_committed_comparisons_reproduce_from_their_archives():
+    """A committed comparison is its compare.* and one runs.tar.xz, from which it rebuilds without
+    training."""
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import check_archives
+
+    assert (
+        check_archives.check(ROOT / "bench" / "results" / "digits-compare-demo-full-budget") == "same numbers"
+    )

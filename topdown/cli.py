@@ -15,7 +15,8 @@ import torch
 
 from topdown import distributed, report
 from topdown.analyse import run_analyse
-from topdown.compare import finished_seeds, run_compare
+from topdown.archive import restore_runs
+from topdown.compare import finished_seeds, run_compare, run_only
 from topdown.config import parse_overrides
 from topdown.devices import default_device, resolve_device
 from topdown.errors import ConfigError, TopdownError
@@ -32,16 +33,23 @@ EPILOG = """examples:
   topdown report runs/x                          # re-render runs/x/report.md
   topdown compare digits --seeds 20              # cascade vs fair baselines over 20 seeds
   topdown compare digits --seeds 20 --forgetting # ... and later-layer forgetting with the cascade's budget
+  topdown compare digits --seeds 20 --forgetting --out x \\
+      --runs-from bench/results/digits-compare-demo-full-budget/runs.tar.xz
+                                                 # rebuild a committed comparison from its runs, no training
+  topdown compare digits --seeds 20 --only equal-epochs-seed3  # only that run of the comparison
   topdown analyse digits                         # the paper's two observations, every split
   topdown report runs/digits-compare-demo        # where each run of a comparison stands, and its arms so far
 Config keys: see `topdown list --config TASK`. Run directory contract: docs/run-directory.md."""
 
 HELP = {
     "baseline": "train all blocks jointly (stage 0 only)",
-    "cascade": "top-down cascade: baseline, then re-train the feature extractor under a frozen classifier, split by split",
+    "cascade": "top-down cascade: baseline, then re-train the feature extractor under a frozen classifier, "
+    "split by split",
     "retrain-classifier": "from the baseline, freeze blocks 1..K and train a fresh classifier above them",
-    "transfer-classifier": "freeze the classifier of a full-data model, train a fresh feature extractor on a subset",
-    "forget": "a control for the cascade: from the baseline, re-initialise the blocks above K and train every block, round after round",
+    "transfer-classifier": "freeze the classifier of a full-data model, train a fresh feature extractor on a "
+    "subset",
+    "forget": "a control for the cascade: from the baseline, re-initialise the blocks above K and train "
+    "every block, round after round",
 }
 
 
@@ -76,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="train every stage data-parallel in N processes on this machine (torchrun; gloo on CPU, NCCL on CUDA)",
+        help="train every stage data-parallel in N processes on this machine (torchrun; gloo on CPU, NCCL "
+        "on CUDA)",
     )
     single = argparse.ArgumentParser(add_help=False)
     single.add_argument(
@@ -92,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
                 "--from",
                 dest="from_checkpoint",
                 metavar="CKPT",
-                help="start from this checkpoint instead of training a baseline (transfer-classifier: the full-data model)",
+                help="start from this checkpoint instead of training a baseline (transfer-classifier: the "
+                "full-data model)",
             )
         if name in ("retrain-classifier", "transfer-classifier"):
             p.add_argument(
@@ -110,10 +120,11 @@ def _parser() -> argparse.ArgumentParser:
         "compare",
         parents=[common],
         help="fair comparison over seeds: baseline, cascade, baseline with equal epochs, best-of-k baselines",
-        description="Runs (or resumes) the arms of a fair comparison (README, 'Fair comparisons') for seeds 0..N-1 and writes "
-        "DIR/compare.json, DIR/compare.md and DIR/compare.png. Finished runs are never trained again; a finished run "
-        "made with another preset or --set, on other data (its task_info) or under another metric is refused, never mixed "
-        "in; a chosen model whose test metric is NaN or missing stops the comparison, naming its run.",
+        description="Runs (or resumes) the arms of a fair comparison (README, 'Fair comparisons') for "
+        "seeds 0..N-1 and writes DIR/compare.json, DIR/compare.md and DIR/compare.png. Finished runs are "
+        "never trained again; a finished run made with another preset or --set, on other data (its "
+        "task_info) or under another metric is refused, never mixed in; a chosen model whose test metric is "
+        "NaN or missing stops the comparison, naming its run.",
     )
     p.add_argument("--seeds", type=int, required=True, help="number of seeds (0..N-1)")
     p.add_argument(
@@ -121,22 +132,37 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="run the comparison's runs in N processes, threads divided among them unless OMP_NUM_THREADS is set (default: 1)",
+        help="run the comparison's runs in N processes, threads divided among them unless OMP_NUM_THREADS "
+        "is set (default: 1)",
     )
     p.add_argument(
         "--forgetting",
         action="store_true",
         help="add an arm: later-layer forgetting (the forget command) with the cascade's budget, per seed",
     )
+    p.add_argument(
+        "--runs-from",
+        metavar="ARCHIVE",
+        help="first restore into DIR/runs each finished run it lacks from ARCHIVE (a comparison's "
+        "runs.tar.xz, or a directory of run directories): the comparison reuses them, training none again",
+    )
+    p.add_argument(
+        "--only",
+        metavar="RUN[,RUN...]",
+        help="train (or resume) only these runs of the comparison, as it would (e.g. equal-epochs-seed2, "
+        "baseline-seed0-extra1), and write no compare.*",
+    )
     p = sub.add_parser(
         "analyse",
         parents=[common],
-        help="the paper's two observations for every split: retrain classifier vs feature extractor; classifier transfer from more data",
-        description="From one trained baseline, for every split k: retrain-classifier, retrain-feature-extractor, and "
-        "transfer-classifier on each --subsets fraction against a baseline on the same subset. Writes DIR/analyse.json, "
-        "DIR/analyse.md and DIR/analyse.png; finished runs are never trained again, and one made with another preset, "
-        "seed or --set, on other data (its task_info) or under another metric is refused; a run whose test metric is "
-        "NaN or missing stops the analysis, naming the run.",
+        help="the paper's two observations for every split: retrain classifier vs feature extractor; "
+        "classifier transfer from more data",
+        description="From one trained baseline, for every split k: retrain-classifier, "
+        "retrain-feature-extractor, and transfer-classifier on each --subsets fraction against a baseline "
+        "on the same subset. Writes DIR/analyse.json, DIR/analyse.md and DIR/analyse.png; finished runs are "
+        "never trained again, and one made with another preset, seed or --set, on other data (its "
+        "task_info) or under another metric is refused; a run whose test metric is NaN or missing stops the "
+        "analysis, naming the run.",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the baseline and of every run (default: 0)")
     p.add_argument(
@@ -151,7 +177,8 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="run the splits in N processes, threads divided among them unless OMP_NUM_THREADS is set (default: 1)",
+        help="run the splits in N processes, threads divided among them unless OMP_NUM_THREADS is set "
+        "(default: 1)",
     )
     p = sub.add_parser(
         "report",
@@ -204,10 +231,11 @@ def _list(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     cfg = resolve_config(args.task, args.preset, parse_overrides(args.set))
     out = Path(args.out or f"runs/{args.task}-compare-{args.preset}")
+    if args.runs_from:
+        restored = restore_runs(args.runs_from, out / "runs")
+        print(f"restored {len(restored)} finished runs from {args.runs_from} into {out / 'runs'}")
     factory = functools.partial(make_task, args.task, cfg.task, args.data_dir)
-    run_compare(
-        factory(),
-        out,
+    kw = dict(
         seeds=args.seeds,
         config=cfg,
         preset=args.preset,
@@ -216,6 +244,13 @@ def _compare(args: argparse.Namespace) -> None:
         task_factory=factory,
         forgetting=args.forgetting,
     )
+    if args.only:
+        for name, summary in run_only(factory(), out, [n for n in args.only.split(",") if n], **kw).items():
+            m = summary["metric"]
+            test = report.format_metric(summary["stages"][summary["chosen_stage"]]["test"].get(m), m)
+            print(f"{name}: finished in {out / 'runs' / name}, test {m} {test}")
+        return
+    run_compare(factory(), out, **kw)
     print((out / "compare.md").read_text())
 
 
@@ -275,7 +310,8 @@ def _launch(argv: list[str], nproc: int, device: torch.device) -> int:
     """``topdown ... --nproc N``: the same command in N processes under torch.distributed.run (torchrun)."""
     if device.type == "cuda" and nproc > torch.cuda.device_count():
         raise ConfigError(
-            f"--nproc {nproc} on CUDA needs a GPU per process; {torch.cuda.device_count()} visible (use --device cpu for gloo processes)"
+            f"--nproc {nproc} on CUDA needs a GPU per process; {torch.cuda.device_count()} visible (use "
+            "--device cpu for gloo processes)"
         )
     rest = [
         a for i, a in enumerate(argv) if not (a.startswith("--nproc") or (i and argv[i - 1] == "--nproc"))
@@ -376,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:  # not the user's input: a bug in topdown (or below it)
         traceback.print_exc()
         print(
-            "topdown: internal error: this is a bug, not your input; please report it with the command and the traceback above",
+            "topdown: internal error: this is a bug, not your input; please report it with the command and "
+            "the traceback above",
             file=sys.stderr,
         )
         return 2

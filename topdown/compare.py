@@ -17,7 +17,9 @@ model validation chose:
 Every run is an ordinary run directory under ``DIR/runs/``; finished runs are read back and
 unfinished ones resumed, so an interrupted comparison continues where it stopped. Only their
 summaries are read, so a finished run whose checkpoints were deleted still counts: a comparison
-longer than a machine's life continues elsewhere from the committed ``runs/*/summary.json``.
+longer than a machine's life continues elsewhere from its finished runs' records (``topdown compare
+--runs-from``, ``topdown.archive``), and is rebuilt from them without training. ``run_only`` trains
+some of its runs alone, for a machine or process that takes on part of it.
 """
 
 from __future__ import annotations
@@ -132,7 +134,8 @@ def summarise(values: list[float]) -> dict[str, float | None]:
 
 
 def _entry(chosen: dict[str, Any], trained: list[dict[str, Any]], metric: str, run: str) -> dict[str, Any]:
-    """One arm's result for one seed: the chosen model's metrics (from ``run``) and the cost of the stages it trained."""
+    """One arm's result for one seed: the chosen model's metrics (from ``run``) and the cost of the
+    stages it trained."""
     return {
         **stage_result(chosen, metric, run),
         "epochs": sum(st["epochs"] for st in trained),
@@ -199,6 +202,36 @@ def equal_epochs_config(config: RunConfig, budget: int) -> RunConfig:
     return config.updated({"train": train})
 
 
+def _arm_configs(config: RunConfig, forgetting: bool) -> tuple[RunConfig, RunConfig | None]:
+    """The configuration of the cascade and baseline runs, and that of the forgetting run (None
+    without that arm): ``procedure.split``/``rounds`` are the forgetting arm's alone."""
+    procedure = config.as_dict()["procedure"]
+    if not forgetting and (given := [f"procedure.{k}" for k, v in procedure.items() if v is not None]):
+        raise ConfigError(f"compare reads {', '.join(given)} only for its forgetting arm (--forgetting)")
+    return config.updated({"procedure": dict.fromkeys(procedure)}), config if forgetting else None
+
+
+def seed_runs(
+    seed: int,
+    config: RunConfig,
+    forget_config: RunConfig | None,
+    k: int,
+    cascade: dict[str, Any] | None = None,
+) -> dict[str, tuple[str, int, RunConfig]]:
+    """The runs seed ``seed`` of a comparison needs, name -> (procedure, seed, config): its cascade;
+    once ``cascade`` (that run's summary) has finished, the baseline given its epochs; best-of-k's
+    k-1 fresh baselines; with ``forget_config``, the forgetting run. The one definition of each run,
+    for ``run_all`` and ``run_only`` alike."""
+    runs = {cascade_run(seed): ("cascade", seed, config)}
+    if cascade is not None:
+        budget = sum(st["epochs"] for st in cascade["stages"])
+        runs[equal_run(seed)] = ("baseline", seed, equal_epochs_config(config, budget))
+    runs.update({extra_run(seed, j): ("baseline", extra_seed(seed, j), config) for j in range(1, k)})
+    if forget_config is not None:
+        runs[forget_run(seed)] = ("forget", seed, forget_config)
+    return runs
+
+
 def run_all(
     task: Task,
     out: Path,
@@ -218,46 +251,84 @@ def run_all(
     (and any extra baseline the plan could not foresee), so ``jobs`` workers stay busy even with
     fewer seeds than jobs. Every run depends only on its own seed and configuration, so the order
     changes nothing."""
-    forget_config = config  # procedure.split / rounds are the forgetting arm's; the other arms read none
-    procedure = config.as_dict()["procedure"]
-    if not forgetting and (given := [f"procedure.{k}" for k, v in procedure.items() if v is not None]):
-        raise ConfigError(f"compare reads {', '.join(given)} only for its forgetting arm (--forgetting)")
-    config = config.updated({"procedure": dict.fromkeys(procedure)})
+    config, forget_config = _arm_configs(config, forgetting)
+    planned = planned_models(task, config) or 1
+    runs = {s: seed_runs(s, config, forget_config, planned) for s in range(seeds)}
+    futures: dict[str, Future] = {}
 
-    def extra(s: int, j: int) -> Future:
-        return workers.submit(
-            _run, out, "baseline", extra_run(s, j), extra_seed(s, j), config, preset, device
-        )
+    def queue(s: int, names) -> None:
+        for name in names:
+            if name not in futures:
+                procedure, seed, cfg = runs[s][name]
+                futures[name] = workers.submit(_run, out, procedure, name, seed, cfg, preset, device)
 
     with Workers(task, jobs, task_factory) as workers:
-        cascades = {
-            workers.submit(_run, out, "cascade", cascade_run(s), s, config, preset, device): s
-            for s in range(seeds)
-        }
-        planned = planned_models(task, config) or 1
-        extras = {s: [extra(s, j) for j in range(1, planned)] for s in range(seeds)}
-        forget = {
-            s: workers.submit(_run, out, "forget", forget_run(s), s, forget_config, preset, device)
-            for s in range(seeds)
-            if forgetting
-        }
-        equal, trained = {}, {}
+        for s in range(seeds):
+            queue(s, [cascade_run(s)])
+        for s in range(seeds):  # the extra baselines (the forget runs after them)
+            queue(s, [name for name in runs[s] if name != forget_run(s)])
+        for s in range(seeds):
+            queue(s, runs[s])
+        cascades = {futures[cascade_run(s)]: s for s in range(seeds)}
+        trained, k = {}, {}
         for done in as_completed(cascades):
             s = cascades[done]
             trained[s] = cascade = done.result()
-            equal_cfg = equal_epochs_config(config, sum(st["epochs"] for st in cascade["stages"]))
-            equal[s] = workers.submit(_run, out, "baseline", equal_run(s), s, equal_cfg, preset, device)
-            k = models_trained(cascade)
-            extras[s] = extras[s][: k - 1] + [extra(s, j) for j in range(len(extras[s]) + 1, k)]
+            k[s] = models_trained(cascade)
+            runs[s] = seed_runs(s, config, forget_config, k[s], cascade)
+            queue(s, runs[s])
         return [
             {
                 "cascade": trained[s],
-                "equal": equal[s].result(),
-                "extras": [x.result() for x in extras[s]],
-                **({"forget": forget[s].result()} if forgetting else {}),
+                "equal": futures[equal_run(s)].result(),
+                "extras": [futures[extra_run(s, j)].result() for j in range(1, k[s])],
+                **({"forget": futures[forget_run(s)].result()} if forgetting else {}),
             }
             for s in range(seeds)
         ]
+
+
+def run_only(
+    task: Task,
+    out: str | Path,
+    names: list[str],
+    *,
+    seeds: int,
+    config: RunConfig,
+    preset: str | None = None,
+    device=None,
+    jobs: int = 1,
+    task_factory: Callable[[], Task] | None = None,
+    forgetting: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Train (or resume, or read back) only the runs ``names`` of the comparison ``run_compare`` would
+    make with these arguments, each as it would (name, seed, recipe, budget), and write no
+    ``compare.*``: a machine that lives shorter than the whole comparison, or a second process,
+    takes on a part of it, and ``run_compare`` reuses what they finished. An equal-epochs baseline
+    needs its seed's finished cascade (its epochs are the budget). Returns each run's summary."""
+    out = Path(out)
+    config, forget_config = _arm_configs(config, forgetting)
+    planned = planned_models(task, config) or 1
+    runs: dict[str, tuple[str, int, RunConfig]] = {}
+    for s in range(seeds):
+        cascade = _complete(out / "runs", cascade_run(s))
+        k = models_trained(cascade) if cascade else planned
+        runs |= seed_runs(s, config, forget_config, k, cascade)
+    waiting = {equal_run(s): cascade_run(s) for s in range(seeds) if equal_run(s) not in runs}
+    for name in names:
+        if name in waiting:
+            raise ConfigError(
+                f"{name} needs {waiting[name]} finished first in {out / 'runs'} (its epochs are the budget)"
+            )
+        if name not in runs:
+            valid = ", ".join([*runs, *waiting])
+            raise ConfigError(f"--only {name}: not a run of this comparison ({valid})")
+    with Workers(task, jobs, task_factory) as workers:
+        futures = {}
+        for name in dict.fromkeys(names):
+            procedure, seed, cfg = runs[name]
+            futures[name] = workers.submit(_run, out, procedure, name, seed, cfg, preset, device)
+        return {name: future.result() for name, future in futures.items()}
 
 
 def seed_arms(
@@ -306,6 +377,12 @@ def seed_arms(
     return arms
 
 
+def _complete(runs: Path, name: str) -> dict[str, Any] | None:
+    """The summary of ``runs/name`` if that run has finished, else None."""
+    summary = RunDir(runs / name).read_summary() if (runs / name).is_dir() else None
+    return summary if summary and summary.get("status") == "complete" else None
+
+
 def finished_seeds(runs: Path) -> str | None:
     """For a comparison in progress (``runs``: its ``runs/``), per seed whose cascade has finished,
     the test metric of every arm whose runs have all finished ("-" for the others), with the values
@@ -313,18 +390,14 @@ def finished_seeds(runs: Path) -> str | None:
     finished. A seed one of whose runs has no test value to show gets that run's error instead of
     its row. The means, intervals and p-values wait for the comparison itself."""
 
-    def complete(name: str) -> dict[str, Any] | None:
-        summary = RunDir(runs / name).read_summary() if (runs / name).is_dir() else None
-        return summary if summary and summary.get("status") == "complete" else None
-
     names = (*ARMS, FORGETTING) if any(runs.glob(forget_run("*"))) else ARMS
     rows, metric = [], None
     seeds = [p.name.removeprefix(cascade_run("")) for p in runs.glob(cascade_run("*"))]
     for s in sorted(int(n) for n in seeds if n.isdigit()):
-        if (cascade := complete(cascade_run(s))) is None:
+        if (cascade := _complete(runs, cascade_run(s))) is None:
             continue
         k = models_trained(cascade)
-        extras = [complete(extra_run(s, j)) for j in range(1, k)]
+        extras = [_complete(runs, extra_run(s, j)) for j in range(1, k)]
         metric = Metric.named(cascade["metric"], cascade["lower_is_better"])
         try:
             rows.append(
@@ -334,9 +407,9 @@ def finished_seeds(runs: Path) -> str | None:
                         metric,
                         s,
                         cascade,
-                        complete(equal_run(s)),
+                        _complete(runs, equal_run(s)),
                         None if None in extras else extras,
-                        complete(forget_run(s)) if FORGETTING in names else None,
+                        _complete(runs, forget_run(s)) if FORGETTING in names else None,
                     ),
                 )
             )
@@ -346,7 +419,8 @@ def finished_seeds(runs: Path) -> str | None:
         return None
     m = metric.name
     lines = [
-        f"Seeds whose cascade has finished: test {m} of each arm whose runs have all finished (the comparison itself",
+        f"Seeds whose cascade has finished: test {m} of each arm whose runs have all finished (the "
+        "comparison itself",
         "adds the means, intervals and p-values once every seed has).",
         "",
         *table_head(["seed", *names]),
@@ -374,7 +448,8 @@ def run_compare(
     task_factory: Callable[[], Task] | None = None,
     forgetting: bool = False,
 ) -> dict[str, Any]:
-    """Run (or resume) every arm for seeds 0..seeds-1; write ``compare.json``, ``compare.md``, ``compare.png``.
+    """Run (or resume) every arm for seeds 0..seeds-1; write ``compare.json``, ``compare.md``,
+    ``compare.png``.
     ``jobs`` > 1 runs the runs in that many processes, each building its task with ``task_factory``;
     ``forgetting`` adds the later-layer-forgetting arm."""
     if seeds < 1:
@@ -423,11 +498,16 @@ def render(record: dict[str, Any]) -> str:
     lines = [
         f"# Fair comparison on {record['task']} (preset {record['preset']}, {record['seeds']} seeds)",
         "",
-        f"Test {m}{unit} of the model each arm's validation chose; differences are arm minus baseline, paired by seed",
-        f"({'lower' if record['lower_is_better'] else 'higher'} is better). CI: 95 % Student-t interval of the mean paired",
-        "difference; p: two-sided sign-flip test (exact up to 20 seeds, else 200,000 random sign patterns). Epochs and",
-        "seconds: the cost of all the arm's training runs. Arms: the cascade's own stage 0 (baseline); the cascade;",
-        "one baseline trained for all the cascade's epochs, early stopping off (baseline-equal-epochs); the best on",
+        f"Test {m}{unit} of the model each arm's validation chose; differences are arm minus baseline, "
+        "paired by seed",
+        f"({'lower' if record['lower_is_better'] else 'higher'} is better). CI: 95 % Student-t interval of "
+        "the mean paired",
+        "difference; p: two-sided sign-flip test (exact up to 20 seeds, else 200,000 random sign patterns). "
+        "Epochs and",
+        "seconds: the cost of all the arm's training runs. Arms: the cascade's own stage 0 (baseline); the "
+        "cascade;",
+        "one baseline trained for all the cascade's epochs, early stopping off (baseline-equal-epochs); the "
+        "best on",
         "validation of as many baselines as the cascade trained models (best-of-k)"
         + (
             "; later-layer forgetting with the cascade's budget (forgetting)."
@@ -436,7 +516,8 @@ def render(record: dict[str, Any]) -> str:
         ),
         "",
         *([f"Note: {record['note']}", ""] if record.get("note") else []),
-        f"| arm | test {m} mean ± std | diff vs baseline [95 % CI] | p | better/worse seeds | epochs | seconds |",
+        f"| arm | test {m} mean ± std | diff vs baseline [95 % CI] | p | better/worse seeds | epochs | "
+        "seconds |",
         "|---|---|---|---|---|---|---|",
     ]
     lower = record["lower_is_better"]
@@ -458,7 +539,8 @@ def render(record: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        f"Cascade against each control, paired by seed (cascade minus control; {'negative' if lower else 'positive'} favours the cascade):",
+        "Cascade against each control, paired by seed (cascade minus control; "
+        f"{'negative' if lower else 'positive'} favours the cascade):",
         "",
         "| control | cascade − control [95 % CI] | p | seeds where the cascade is better/worse |",
         "|---|---|---|---|",

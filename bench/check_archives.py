@@ -1,0 +1,106 @@
+"""Rebuild each committed comparison from its ``runs.tar.xz`` in a temporary directory, without
+training, and check that the rebuilt ``compare.json`` holds the committed one's numbers.
+
+The rebuild is ``topdown compare --runs-from`` with the task, preset, seeds, configuration and arms
+the committed ``compare.json`` records (its ``config`` is the recipe as it was then: a preset
+changed since is no obstacle). A run the archive lacks, or one whose recorded configuration does not
+fit the current code's definition of its arm, stops that comparison's rebuild with the reason.
+
+    python bench/check_archives.py [RESULTS_DIR ...]   # default: every committed comparison
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import topdown.procedures as procedures
+from topdown.archive import restore_runs
+from topdown.compare import FORGETTING, run_compare
+from topdown.errors import TopdownError
+from topdown.tasks import make_task, resolve_config
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _refuse_training(procedure: str, task, out: Path, **kw) -> None:
+    raise TopdownError(f"{out.name} is not a finished run of the archive: rebuilding would train it")
+
+
+def archive_of(results: Path) -> Path | None:
+    """The runs archive of the comparison in ``results``: its own, or, for a second comparison made
+    from the same runs (a subdirectory, such as one without the forgetting arm), its parent's."""
+    return next((a for a in (results / "runs.tar.xz", results.parent / "runs.tar.xz") if a.is_file()), None)
+
+
+def rebuild(results: Path, into: Path) -> dict[str, Any]:
+    """The comparison ``results/compare.json`` rebuilt into ``into`` from its runs archive."""
+    record = json.loads((results / "compare.json").read_text())
+    config = resolve_config(record["task"], record["preset"], record["config"])
+    restore_runs(archive_of(results), into / "runs")
+    train, procedures.run_procedure = procedures.run_procedure, _refuse_training
+    try:
+        return run_compare(
+            make_task(record["task"], config.task, None),
+            into,
+            seeds=record["seeds"],
+            config=config,
+            preset=record["preset"],
+            forgetting=FORGETTING in record["arms"],
+        )
+    finally:
+        procedures.run_procedure = train
+
+
+def differences(committed: dict[str, Any], rebuilt: dict[str, Any]) -> list[str]:
+    """The keys whose values differ, as dotted paths (lists by index)."""
+    if isinstance(committed, dict) and isinstance(rebuilt, dict):
+        return [
+            f"{key}{'.' + sub if sub else ''}"
+            for key in sorted(set(committed) | set(rebuilt), key=str)
+            for sub in differences(committed.get(key), rebuilt.get(key))
+        ]
+    if isinstance(committed, list) and isinstance(rebuilt, list) and len(committed) == len(rebuilt):
+        return [
+            f"{i}{'.' + sub if sub else ''}"
+            for i, (c, r) in enumerate(zip(committed, rebuilt))
+            for sub in differences(c, r)
+        ]
+    return [] if committed == rebuilt else [""]
+
+
+def check(results: Path) -> str:
+    """One line: does the comparison in ``results`` rebuild from its runs archive with the same numbers?"""
+    if not (results / "compare.json").is_file() or archive_of(results) is None:
+        return "no compare.json and runs.tar.xz to rebuild from"
+    committed = json.loads((results / "compare.json").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            rebuilt = json.loads(json.dumps(rebuild(results, Path(tmp))))
+        except TopdownError as e:
+            return f"not rebuilt: {str(e).replace(tmp + '/', '')}"
+    diff = differences(committed, rebuilt)
+    numbers = [k for k in diff if not k.startswith(("config.", "note"))]
+    recorded = f" (recorded differently: {', '.join(k for k in diff if k not in numbers)})"
+    return ("differs in " + ", ".join(numbers) if numbers else "same numbers") + (
+        recorded if len(diff) > len(numbers) else ""
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("dirs", nargs="*", type=Path, help="results directories (default: every one)")
+    args = parser.parse_args()
+    dirs = args.dirs or sorted(p.parent for p in RESULTS.glob("**/compare.json") if archive_of(p.parent))
+    lines = {d: check(d) for d in dirs}
+    for d, line in lines.items():
+        print(f"{d.relative_to(RESULTS) if d.is_relative_to(RESULTS) else d}: {line}")
+    sys.exit(any(not line.startswith("same numbers") for line in lines.values()))
+
+
+if __name__ == "__main__":
+    main()
