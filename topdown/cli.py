@@ -120,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
         "compare",
         parents=[common],
         help="fair comparison over seeds: baseline, cascade, baseline with equal epochs, best-of-k baselines",
-        description="Runs (or resumes) the arms of a fair comparison (README, 'Fair comparisons') for "
+        description="Runs (or resumes) the arms of a fair comparison (docs/usage.md, 'Fair comparisons') for "
         "seeds 0..N-1 and writes DIR/compare.json, DIR/compare.md and DIR/compare.png. Finished runs are "
         "never trained again; a finished run made with another preset or --set, on other data (its "
         "task_info) or under another metric is refused, never mixed in; a chosen model whose test metric is "

@@ -1,4 +1,4 @@
-"""Fair comparison of the cascade against baselines, over seeds (README, "Fair comparisons").
+"""Fair comparison of the cascade against baselines, over seeds (docs/usage.md, "Fair comparisons").
 
 Per seed s, four arms (five with the forgetting control), each measured on the test set of the
 model validation chose:
