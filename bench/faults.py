@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from topdown.runs import file_digest
+from topdown.files import file_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ["cascade", "digits", "--preset", "tiny", "--set", "cascade.candidates=2"]

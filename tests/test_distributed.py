@@ -147,7 +147,7 @@ def test_a_worker_killed_from_outside_is_a_one_line_error_not_a_crash():
 
 
 def _task_with_a_warning():
-    from topdown.errors import warn
+    from topdown.console import warn
 
     warn("a fact about the data, said while building the task")
     return toy_task()
@@ -158,7 +158,7 @@ def _one(task, _):
 
 
 def _warning_one(task, _):
-    from topdown.errors import warn
+    from topdown.console import warn
 
     warn("said by a worker while it ran")
     return 1

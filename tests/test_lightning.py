@@ -177,7 +177,7 @@ def test_a_lightning_module_runs_a_cascade_with_frozen_blocks_bit_identical(tmp_
         tmp_path / "run" / "report.md"
     ).is_file()
     # the validation metric recorded is the one of the weights the plan saved
-    stage_1 = topdown.runs.load_tensors(tmp_path / "run" / "checkpoints" / "stage-1.safetensors")[0]
+    stage_1 = topdown.files.load_tensors(tmp_path / "run" / "checkpoints" / "stage-1.safetensors")[0]
     model = LitNet()
     model.load_state_dict(stage_1)
     x, y = toy_data()

@@ -77,7 +77,7 @@ def test_a_hand_written_loop_drives_a_cascade_with_frozen_blocks_truly_frozen(tm
         tmp_path / "run" / "report.md"
     ).is_file()
     # the model comes back as the chosen one, every block trainable again
-    best = topdown.runs.load_tensors(tmp_path / "run" / "checkpoints" / "best.safetensors")[0]
+    best = topdown.files.load_tensors(tmp_path / "run" / "checkpoints" / "best.safetensors")[0]
     assert all(torch.equal(v, best[k]) for k, v in plan.model.state_dict().items())
     assert all(p.requires_grad for p in plan.model.parameters())
 
@@ -261,7 +261,7 @@ def test_neighbours_of_the_cascade_are_plans_of_a_few_lines(tmp_path):
     plan = ForgetTwice(ToyNet(), BLOCKS, build_model=ToyNet, metric="error", out=tmp_path / "forget")
     for stage in plan:
         if stage.index > 0:  # the lower block starts from the chosen model, the upper ones afresh; all train
-            chosen = topdown.runs.load_tensors(
+            chosen = topdown.files.load_tensors(
                 tmp_path / "forget" / "checkpoints" / f"stage-{plan.best_index}.safetensors"
             )[0]
             state = stage.model.state_dict()

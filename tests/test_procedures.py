@@ -364,7 +364,7 @@ def test_a_run_built_on_a_checkpoint_is_not_continued_or_reused_from_other_weigh
 
 def test_only_the_data_description_tolerates_float_rounding():
     """task_info statistics may differ in their last bits on another CPU; an option's value may not."""
-    from topdown.runs import first_difference
+    from topdown.identity import first_difference
 
     assert (
         first_difference({"task_info": {"mean": [0.5]}}, {"task_info": {"mean": [0.5 * (1 + 1e-7)]}}) is None

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from topdown.errors import ConfigError, TrainingError, muted, warn
+from topdown.console import muted, warn
+from topdown.errors import ConfigError, TrainingError
 from topdown.task import Task
 
 _worker_task: Task | None = None

@@ -18,13 +18,16 @@ import torch
 from topdown import distributed
 from topdown.blocks import Blocks, usable_splits
 from topdown.config import CascadeConfig, ProcedureConfig, RunConfig, TrainConfig
+from topdown.console import progress_label, say
 from topdown.devices import resolve_device
 from topdown.errors import ConfigError, TopdownError, TrainingError
-from topdown.loop import evaluate, fit, monitored_metric, progress_label, say
-from topdown.plan import Plan, StageSpec, recorded_mismatch, run_identity
+from topdown.identity import recorded_mismatch, run_identity
+from topdown.loop import evaluate, fit, monitored_metric
+from topdown.plan import Plan
 from topdown.report import format_metric
 from topdown.runs import RunDir
 from topdown.seeds import check_seed, derive_seed
+from topdown.stage import Accept, StageSpec
 from topdown.task import Task
 
 
@@ -145,9 +148,9 @@ class TransferClassifier(Plan):
 
     def stages(self) -> Iterator[StageSpec]:
         k, subset = self.config.procedure.split, self.config.procedure.subset
-        yield self.stage_zero("full-data baseline", accept="never")
+        yield self.stage_zero("full-data baseline", accept=Accept.NEVER)
         yield StageSpec(
-            "subset baseline", self.all_blocks(), subset=subset, accept="always", train=self.config.train
+            "subset baseline", self.all_blocks(), subset=subset, accept=Accept.ALWAYS, train=self.config.train
         )
         yield StageSpec(
             "transfer",

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from topdown.errors import ConfigError, TopdownError, TrainingError
-from topdown.plan import Plan, Stage
+from topdown.plan import Plan
+from topdown.stage import Stage
 
 try:
     import lightning.pytorch as pl
