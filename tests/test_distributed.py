@@ -42,9 +42,10 @@ def test_two_processes_give_the_same_stage_table_and_close_numbers(tmp_path):
         and b["provenance"]["world_size"] == 2
         and a["provenance"]["world_size"] == 1
     )
-    shape = lambda s: [
-        (x["index"], x["role"], x["split"], x["trained_blocks"], x["epochs"]) for x in s["stages"]
-    ]  # noqa: E731
+
+    def shape(s):
+        return [(x["index"], x["role"], x["split"], x["trained_blocks"], x["epochs"]) for x in s["stages"]]
+
     assert shape(a) == shape(b)
     for x, y in zip(a["stages"], b["stages"]):
         assert (

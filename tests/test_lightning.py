@@ -70,9 +70,10 @@ class LitNet(L.LightningModule):
 
 def loaders():
     x, y = toy_data()
-    make = lambda a, b, shuffle=False: DataLoader(
-        TensorDataset(x[a:b], y[a:b]), batch_size=32, shuffle=shuffle
-    )  # noqa: E731
+
+    def make(a, b, shuffle=False):
+        return DataLoader(TensorDataset(x[a:b], y[a:b]), batch_size=32, shuffle=shuffle)
+
     return dict(
         train_dataloaders=make(0, 128, True), val_dataloaders=make(128, 160), test_dataloaders=make(160, 192)
     )
