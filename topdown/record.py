@@ -39,8 +39,6 @@ class Record:
     """A plan's record kept in memory: ``summary`` has the same content as a run directory's
     ``summary.json`` (without checksums), and nothing is written anywhere."""
 
-    path: Path | None = None  # the run directory, if the record has one
-
     def __init__(self) -> None:
         self.summary: dict[str, Any] = {}
         self._weights: dict[int, dict[str, torch.Tensor]] = {}
