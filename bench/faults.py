@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from topdown.runs import file_digest
+from topdown.files import file_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ["cascade", "digits", "--preset", "tiny", "--set", "cascade.candidates=2"]
@@ -39,8 +39,8 @@ def topdown(*args: str, background: bool = False):
 
 
 def record(run: Path) -> dict:
-    """What must match an uninterrupted run: the summary and metrics without wall-clock fields, and the
-    checkpoints."""
+    """What must match an uninterrupted run: the summary and metrics without wall-clock fields, the
+    checkpoints, and which files the run directory holds (a report written, no debris left)."""
     from safetensors.torch import load_file
 
     def strip(o):
@@ -57,6 +57,7 @@ def record(run: Path) -> dict:
         "summary": strip(json.loads((run / "summary.json").read_text())),
         "metrics": metrics,
         "checkpoints": ckpts,
+        "files": sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()),
     }
 
 

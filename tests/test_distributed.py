@@ -42,9 +42,10 @@ def test_two_processes_give_the_same_stage_table_and_close_numbers(tmp_path):
         and b["provenance"]["world_size"] == 2
         and a["provenance"]["world_size"] == 1
     )
-    shape = lambda s: [
-        (x["index"], x["role"], x["split"], x["trained_blocks"], x["epochs"]) for x in s["stages"]
-    ]  # noqa: E731
+
+    def shape(s):
+        return [(x["index"], x["role"], x["split"], x["trained_blocks"], x["epochs"]) for x in s["stages"]]
+
     assert shape(a) == shape(b)
     for x, y in zip(a["stages"], b["stages"]):
         assert (
@@ -147,7 +148,7 @@ def test_a_worker_killed_from_outside_is_a_one_line_error_not_a_crash():
 
 
 def _task_with_a_warning():
-    from topdown.errors import warn
+    from topdown.console import warn
 
     warn("a fact about the data, said while building the task")
     return toy_task()
@@ -158,7 +159,7 @@ def _one(task, _):
 
 
 def _warning_one(task, _):
-    from topdown.errors import warn
+    from topdown.console import warn
 
     warn("said by a worker while it ran")
     return 1

@@ -17,7 +17,7 @@ from conftest import PYTHONPATH, cli, read_summary, toy_task, without_seconds
 from test_cli import assert_one_line_error
 
 import topdown
-import topdown.runs
+import topdown.files
 from topdown.config import METHOD_SECTIONS, Section, parse_overrides
 from topdown.tasks import TASKS, resolve_config, task_module
 
@@ -185,13 +185,13 @@ def test_bad_output_locations(tmp_path):
 
 READ_ONLY = """
 import errno, os, sys, tempfile
-import topdown.runs
+import topdown.files
 real = tempfile.mkstemp
 def refuse(*a, dir=None, **k):
     if str(dir).startswith(sys.argv[1]):
         raise PermissionError(errno.EACCES, "Permission denied")
     return real(*a, dir=dir, **k)
-topdown.runs.tempfile.mkstemp = refuse
+topdown.files.tempfile.mkstemp = refuse
 from topdown.cli import main
 sys.exit(main(sys.argv[2:]))
 """
@@ -226,7 +226,7 @@ def test_a_read_only_run_still_reports_and_resumes_and_a_new_run_says_why_not(tm
 def test_a_full_disk_mid_run_keeps_what_was_saved_and_resume_finishes_identically(tmp_path, monkeypatch):
     train = topdown.TrainConfig(epochs=2, lr=0.01)
     reference = topdown.cascade(toy_task(), tmp_path / "reference", train=train, seed=1)
-    real, calls = topdown.runs.save_file, {"n": 0}
+    real, calls = topdown.files.save_file, {"n": 0}
 
     def fills_up(*args, **kw):
         calls["n"] += 1
@@ -234,14 +234,14 @@ def test_a_full_disk_mid_run_keeps_what_was_saved_and_resume_finishes_identicall
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*args, **kw)
 
-    monkeypatch.setattr(topdown.runs, "save_file", fills_up)
+    monkeypatch.setattr(topdown.files, "save_file", fills_up)
     run = tmp_path / "run"
     with pytest.raises(topdown.TopdownError, match=r"cannot write .*\.safetensors: No space left on device"):
         topdown.cascade(toy_task(), run, train=train, seed=1)
     saved = read_summary(run)
     assert saved["stages"] and saved["status"] in ("running", "failed")
     assert not list(run.rglob("*.tmp"))
-    monkeypatch.setattr(topdown.runs, "save_file", real)  # space freed
+    monkeypatch.setattr(topdown.files, "save_file", real)  # space freed
     resumed = topdown.cascade(toy_task(), run, train=train, seed=1, resume=True)
     assert without_seconds(resumed) == without_seconds(reference)
 

@@ -70,9 +70,10 @@ class LitNet(L.LightningModule):
 
 def loaders():
     x, y = toy_data()
-    make = lambda a, b, shuffle=False: DataLoader(
-        TensorDataset(x[a:b], y[a:b]), batch_size=32, shuffle=shuffle
-    )  # noqa: E731
+
+    def make(a, b, shuffle=False):
+        return DataLoader(TensorDataset(x[a:b], y[a:b]), batch_size=32, shuffle=shuffle)
+
     return dict(
         train_dataloaders=make(0, 128, True), val_dataloaders=make(128, 160), test_dataloaders=make(160, 192)
     )
@@ -177,7 +178,7 @@ def test_a_lightning_module_runs_a_cascade_with_frozen_blocks_bit_identical(tmp_
         tmp_path / "run" / "report.md"
     ).is_file()
     # the validation metric recorded is the one of the weights the plan saved
-    stage_1 = topdown.runs.load_tensors(tmp_path / "run" / "checkpoints" / "stage-1.safetensors")[0]
+    stage_1 = topdown.files.load_tensors(tmp_path / "run" / "checkpoints" / "stage-1.safetensors")[0]
     model = LitNet()
     model.load_state_dict(stage_1)
     x, y = toy_data()

@@ -6,8 +6,8 @@ from conftest import toy_task
 
 import topdown.loop as loop
 from topdown import ConfigError, TrainConfig
+from topdown.files import load_tensors, save_tensors
 from topdown.loop import fit
-from topdown.runs import load_tensors, save_tensors
 
 
 def recorded_lrs(monkeypatch, cfg: TrainConfig, task=None) -> list[float]:

@@ -77,9 +77,55 @@ def test_a_hand_written_loop_drives_a_cascade_with_frozen_blocks_truly_frozen(tm
         tmp_path / "run" / "report.md"
     ).is_file()
     # the model comes back as the chosen one, every block trainable again
-    best = topdown.runs.load_tensors(tmp_path / "run" / "checkpoints" / "best.safetensors")[0]
+    best = topdown.files.load_tensors(tmp_path / "run" / "checkpoints" / "best.safetensors")[0]
     assert all(torch.equal(v, best[k]) for k, v in plan.model.state_dict().items())
     assert all(p.requires_grad for p in plan.model.parameters())
+
+
+def test_a_plan_without_a_run_directory_runs_in_memory_and_writes_nothing(tmp_path, monkeypatch):
+    """Without ``out`` the plan is the method alone: the same stages, decisions and record as a
+    plan that writes a run directory, later stages starting from weights kept in memory."""
+    (tmp_path / "in-memory").mkdir()
+    monkeypatch.chdir(tmp_path / "in-memory")  # where a relative path would land
+    plans = {}
+    for out in (None, tmp_path / "on-disk"):
+        plan = plans[out is None] = new_plan(out, config={"cascade": {"candidates": 2}})
+        for stage in plan:
+            assert (stage.resume_path is None) == (out is None)
+            if stage.index > 0:  # the frozen classifier is the chosen stage's, from memory or from disk
+                chosen = plan.record.stage_weights(plan.best_index)
+                state = stage.model.state_dict()
+                assert all(torch.equal(state[k], chosen[k]) for k in chosen if k.startswith("out."))
+            torch.manual_seed(stage.seed)
+            my_training(stage.model, stage.trainable_parameters(), epochs=1)
+            stage.log({"epoch": 1, "val": {"error": val_error(stage.model)}})
+            stage.finish(val={"error": val_error(stage.model)}, test={"error": 0.5})
+    memory, disk = plans[True], plans[False]
+    assert list((tmp_path / "in-memory").iterdir()) == [] and len(list(tmp_path.iterdir())) == 2
+    assert memory.summary["status"] == "complete" and "checksums" not in memory.summary
+    assert without_seconds(memory.summary) == without_seconds(
+        {k: v for k, v in read_summary(tmp_path / "on-disk").items() if k != "checksums"}
+    )
+    assert all(torch.equal(v, disk.model.state_dict()[k]) for k, v in memory.model.state_dict().items())
+    with pytest.raises(topdown.ConfigError, match=r"resume=True continues a run directory.*\(out=\.\.\.\)"):
+        new_plan(None, resume=True)
+
+
+def test_an_accept_rule_is_named_and_a_misspelt_one_is_refused(tmp_path):
+    assert topdown.StageSpec("x", (), accept="always").accept is topdown.Accept.ALWAYS
+    assert topdown.StageSpec("x", ()).accept is topdown.Accept.BETTER
+
+    class Misspelt(topdown.Plan):
+        def stages(self):
+            yield topdown.StageSpec("baseline", self.all_blocks(), accept="alwyas")
+
+    torch.manual_seed(0)
+    plan = Misspelt(ToyNet(), BLOCKS, build_model=ToyNet, metric="error")
+    with pytest.raises(
+        topdown.ConfigError,
+        match=r"^unknown accept rule 'alwyas'; a stage's accept is one of 'better', 'always', 'never'$",
+    ):
+        next(iter(plan))
 
 
 def test_acceptance_and_rejection_follow_the_reported_validation_metric(tmp_path):
@@ -190,7 +236,8 @@ def test_a_plan_refuses_what_cannot_work_before_any_stage(tmp_path):
     plan = topdown.Cascade(ToyNet(), BLOCKS, build_model=Wider, metric="error", out=tmp_path / "b")
     with pytest.raises(
         topdown.ConfigError,
-        match=r"build_model\(\) must return a model like the plan's, with mid.0.weight \(16, 16\); got mid.0.weight \(17, 16\)",
+        match=r"build_model\(\) must return a model like the plan's, with mid.0.weight \(16, 16\); "
+        r"got mid.0.weight \(17, 16\)",
     ):
         next(iter(plan))
 
@@ -261,7 +308,7 @@ def test_neighbours_of_the_cascade_are_plans_of_a_few_lines(tmp_path):
     plan = ForgetTwice(ToyNet(), BLOCKS, build_model=ToyNet, metric="error", out=tmp_path / "forget")
     for stage in plan:
         if stage.index > 0:  # the lower block starts from the chosen model, the upper ones afresh; all train
-            chosen = topdown.runs.load_tensors(
+            chosen = topdown.files.load_tensors(
                 tmp_path / "forget" / "checkpoints" / f"stage-{plan.best_index}.safetensors"
             )[0]
             state = stage.model.state_dict()
@@ -341,7 +388,8 @@ KILLABLE = textwrap.dedent("""
     from test_plan import BLOCKS, my_training, val_error
     torch.manual_seed(0)
     plan = topdown.Cascade(ToyNet(), BLOCKS, build_model=ToyNet, metric="error", out=sys.argv[1], seed=3,
-                           resume=len(sys.argv) > 2, config=topdown.RunConfig(cascade=topdown.CascadeConfig(candidates=2)))
+                           resume=len(sys.argv) > 2,
+                           config=topdown.RunConfig(cascade=topdown.CascadeConfig(candidates=2)))
     for stage in plan:
         print(f"handed {{stage.index}}.{{stage.candidate}}", flush=True)
         torch.manual_seed(stage.seed)
@@ -357,9 +405,12 @@ def test_an_interrupted_plan_resumes_to_the_uninterrupted_result(tmp_path, kill_
     script = tmp_path / "loop.py"
     script.write_text(KILLABLE.format(tests=str(ROOT / "tests")))
     env = {**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1"}
-    run = lambda out, *extra, **e: subprocess.run(
-        [sys.executable, str(script), str(out), *extra], env={**env, **e}, capture_output=True, text=True
-    )  # noqa: E731
+
+    def run(out, *extra, **e):
+        return subprocess.run(
+            [sys.executable, str(script), str(out), *extra], env={**env, **e}, capture_output=True, text=True
+        )
+
     assert run(tmp_path / "whole").returncode == 0
     killed = run(tmp_path / "resumed", KILL_AT=kill_at)
     assert killed.returncode == -signal.SIGKILL
@@ -380,12 +431,15 @@ def test_every_resume_is_recorded_even_one_killed_before_its_stage_finished(tmp_
     script = tmp_path / "loop.py"
     script.write_text(KILLABLE.format(tests=str(ROOT / "tests")))
     env = {**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1"}
-    run = lambda *extra, **e: subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "run"), *extra],
-        env={**env, **e},  # noqa: E731
-        capture_output=True,
-        text=True,
-    )
+
+    def run(*extra, **e):
+        return subprocess.run(
+            [sys.executable, str(script), str(tmp_path / "run"), *extra],
+            env={**env, **e},
+            capture_output=True,
+            text=True,
+        )
+
     assert run(KILL_AT="1.1").returncode == -signal.SIGKILL
     assert run("--resume", KILL_AT="1.1").returncode == -signal.SIGKILL  # killed again, in the same stage
     assert len(read_summary(tmp_path / "run")["resumed_on"]) == 1
@@ -399,12 +453,15 @@ def test_a_run_in_progress_is_refused_to_a_second_process_until_it_ends(tmp_path
     started again while the first still runs): the second is refused, the first is unharmed."""
     script = tmp_path / "loop.py"
     script.write_text(KILLABLE.format(tests=str(ROOT / "tests")))
-    second = lambda: subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "run"), "--resume"],
-        capture_output=True,
-        text=True,  # noqa: E731
-        env={**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1"},
-    )
+
+    def second():
+        return subprocess.run(
+            [sys.executable, str(script), str(tmp_path / "run"), "--resume"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1"},
+        )
+
     torch.manual_seed(0)
     plan = topdown.Cascade(
         ToyNet(),

@@ -247,7 +247,8 @@ def test_running_out_of_memory_is_the_users_to_fix_and_the_run_resumes(tmp_path,
     task.loss = hungry
     with pytest.raises(
         topdown.TrainingError,
-        match=r"^out of memory on cpu \(CUDA out of memory. Tried to allocate 20.00 GiB\); a smaller data.batch_size",
+        match=r"^out of memory on cpu \(CUDA out of memory. Tried to allocate 20.00 GiB\); "
+        r"a smaller data.batch_size",
     ):
         topdown.cascade(task, tmp_path / "run", train=FAST)
     summary = read_summary(tmp_path / "run")
@@ -271,7 +272,8 @@ def test_a_procedure_option_the_plan_does_not_read_is_refused_not_ignored(tmp_pa
     model = task.build_model()
     with pytest.raises(
         ConfigError,
-        match=r"cascade does not use procedure.split \(it uses no procedure.\* option\); a cascade's splits are cascade.splits",
+        match=r"cascade does not use procedure.split \(it uses no procedure.\* option\); "
+        r"a cascade's splits are cascade.splits",
     ):
         topdown.Cascade(
             model,
@@ -307,7 +309,8 @@ def test_starting_from_a_checkpoint_trained_on_other_data_is_said(tmp_path, task
 
 
 def test_a_checkpoint_saved_by_another_tool_is_a_starting_point(tmp_path, task):
-    """safetensors files written elsewhere carry plain-string metadata (e.g. {"format": "pt"}), not our JSON."""
+    """safetensors files written elsewhere carry plain-string metadata (e.g. {"format": "pt"}), not
+    our JSON."""
     from safetensors.torch import save_file
 
     path = tmp_path / "theirs.safetensors"
@@ -364,7 +367,7 @@ def test_a_run_built_on_a_checkpoint_is_not_continued_or_reused_from_other_weigh
 
 def test_only_the_data_description_tolerates_float_rounding():
     """task_info statistics may differ in their last bits on another CPU; an option's value may not."""
-    from topdown.runs import first_difference
+    from topdown.identity import first_difference
 
     assert (
         first_difference({"task_info": {"mean": [0.5]}}, {"task_info": {"mean": [0.5 * (1 + 1e-7)]}}) is None
@@ -398,7 +401,8 @@ def test_forget_reinitialises_the_upper_blocks_and_trains_all_round_after_round(
         ("forget", 2, ["out"]),
     ]
     assert all(s["trained_blocks"] == ["inp", "mid", "out"] and not s["frozen_blocks"] for s in stages)
-    # each round starts from the round before (the lower blocks go on learning; lr 0 keeps them as they started)
+    # each round starts from the round before (the lower blocks go on learning; lr 0 keeps them as
+    # they started)
     still = tmp_path / "still"
     topdown.forget(task, still, train=TrainConfig(epochs=1, lr=0.0), seed=0, rounds=1)
     s0, s1 = ckpt(still, "stage-0"), ckpt(still, "stage-1")

@@ -24,8 +24,8 @@ def curves_of(losses):
 
 @pytest.mark.parametrize("losses", [[0.0, 0.0], [0.5, 0.0], [0.5, -0.1], [0.5, 0.2]])
 def test_curves_plot_raises_no_warning_for_zero_or_negative_training_loss(tmp_path, monkeypatch, losses):
-    """A one-class corpus trains to loss 0: the log-scaled loss plot warned on stderr ("Data has no positive values").
-    Positive losses keep the log scale; any other loss makes the plot linear."""
+    """A one-class corpus trains to loss 0: the log-scaled loss plot warned on stderr ("Data has no
+    positive values"). Positive losses keep the log scale; any other loss makes the plot linear."""
     scales, savefig = [], Figure.savefig
     monkeypatch.setattr(
         Figure,

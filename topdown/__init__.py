@@ -1,8 +1,9 @@
 """topdown: top-down (classifier-first) cascade training of neural networks.
 
 The method is model-agnostic. Drive a plan of stages from any training loop
-(``topdown.Cascade(model, blocks, ...)``; see ``topdown.plan``), or describe the model and
-data as a ``Task`` and let our loop train every stage (``topdown.cascade(task, out)``).
+(``topdown.Cascade(model, blocks, ...)``; see ``topdown.plan``), recorded in a run directory
+(``out=``) or in memory, or describe the model and data as a ``Task`` and let our loop train
+every stage (``topdown.cascade(task, out)``).
 """
 
 from topdown.blocks import Blocks
@@ -10,7 +11,7 @@ from topdown.config import CascadeConfig, ProcedureConfig, RunConfig, TrainConfi
 from topdown.errors import BlockError, ConfigError, DataError, TopdownError, TrainingError
 from topdown.metrics import Metric
 from topdown.optim import NTASGD
-from topdown.plan import Plan, Stage, StageSpec
+from topdown.plan import Plan
 from topdown.procedures import (
     Baseline,
     Cascade,
@@ -25,9 +26,12 @@ from topdown.procedures import (
     train_plan,
     transfer_classifier,
 )
+from topdown.stage import Accept, Stage, StageSpec
 from topdown.task import Task
+from topdown.version import __version__
 
 __all__ = [
+    "__version__",
     "Blocks",
     "Task",
     "TrainConfig",
@@ -39,6 +43,7 @@ __all__ = [
     "Plan",
     "Stage",
     "StageSpec",
+    "Accept",
     "Baseline",
     "Cascade",
     "RetrainClassifier",
@@ -57,4 +62,3 @@ __all__ = [
     "DataError",
     "TrainingError",
 ]
-__version__ = "0.1.0"

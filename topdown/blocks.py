@@ -16,7 +16,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from topdown.errors import BlockError, warn
+from topdown.console import warn
+from topdown.errors import BlockError
 
 BlockSpec = Sequence[str | tuple[str, Sequence[str]]] | Mapping[str, Sequence[str]]
 

@@ -68,8 +68,9 @@ def setup(device: torch.device | None) -> torch.device | None:
     if device is not None and device.type == "cuda":
         if local >= torch.cuda.device_count():
             raise ConfigError(
-                f"process {local} of this machine has no GPU of its own: {torch.cuda.device_count()} visible, "
-                f"{os.environ.get('LOCAL_WORLD_SIZE', '?')} processes; start at most that many, or use --device cpu"
+                f"process {local} of this machine has no GPU of its own: {torch.cuda.device_count()} "
+                f"visible, {os.environ.get('LOCAL_WORLD_SIZE', '?')} processes; start at most that many, "
+                "or use --device cpu"
             )
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from topdown.errors import ConfigError, TrainingError, muted, warn
+from topdown.console import muted, warn
+from topdown.errors import ConfigError, TrainingError
 from topdown.task import Task
 
 _worker_task: Task | None = None
@@ -66,8 +67,9 @@ class Workers:
         if self.jobs > 1:
             if self.jobs > (cpus := usable_cpus()):
                 warn(
-                    f"--jobs {self.jobs} is more than the {cpus} usable CPUs: the workers take turns on the cores, which costs "
-                    "throughput (six one-thread trainings on two cores did a fifth less work in all than two; bench/RESULTS.md)"
+                    f"--jobs {self.jobs} is more than the {cpus} usable CPUs: the workers take turns on the "
+                    "cores, which costs throughput (six one-thread trainings on two cores did a fifth less "
+                    "work in all than two; bench/RESULTS.md)"
                 )
             threads = (
                 max(1, torch.get_num_threads() // self.jobs)
@@ -90,8 +92,8 @@ class Workers:
             self.pool.shutdown(wait=True, cancel_futures=error is not None)
         if isinstance(error, BrokenProcessPool):
             raise TrainingError(
-                "a worker process ended abruptly (killed from outside, e.g. for want of memory); finished runs "
-                "are kept and unfinished ones resume from their last epoch: run the same command again"
+                "a worker process ended abruptly (killed from outside, e.g. for want of memory); finished "
+                "runs are kept and unfinished ones resume from their last epoch: run the same command again"
             ) from error
 
     def _terminate_workers(self) -> None:
@@ -110,7 +112,7 @@ class Workers:
         done: Future = Future()
         try:
             done.set_result(fn(self.task, *args))
-        except Exception as e:  # noqa: BLE001 - handed to whoever reads the future, as a pool would; Ctrl-C is not
+        except Exception as e:  # noqa: BLE001 - handed to the future's reader, as a pool would; Ctrl-C is not
             done.set_exception(e)
         return done
 

@@ -12,11 +12,9 @@ loop writes a resume point (weights, optimizer, best weights and loop state) ato
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
-from contextvars import ContextVar
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -27,16 +25,15 @@ from tqdm.auto import tqdm
 
 from topdown import distributed
 from topdown.config import TrainConfig
+from topdown.console import label, say
 from topdown.errors import ConfigError, TrainingError
+from topdown.files import load_tensors, prefixed, save_tensors, unprefixed
 from topdown.metrics import HIGHER_IS_BETTER, LOWER_IS_BETTER, Metric
 from topdown.optim import NTASGD
-from topdown.runs import load_tensors, prefixed, save_tensors, unprefixed
 from topdown.seeds import derive_seed
 from topdown.task import Task
 
 LOSS_CHECK_STEPS = 50  # on an accelerator, how often the summed training loss is read (a host-device sync)
-
-_label: ContextVar[str] = ContextVar("progress_label", default="")
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
@@ -287,7 +284,7 @@ def _train_epoch(
     batches = epoch_batches(task, cfg, generator, subset)
     bar = tqdm(
         batches,
-        desc=f"{_label.get()}{desc} epoch {state.epoch + 1}",
+        desc=f"{label()}{desc} epoch {state.epoch + 1}",
         leave=False,
         unit="batch",
         disable=None if distributed.is_writer() else True,
@@ -339,24 +336,6 @@ def _check_finite(total: torch.Tensor, desc: str, state: LoopState) -> None:
         raise TrainingError(
             f"{desc}: loss is {total.item()} at epoch {state.epoch + 1} (lr {state.lr:g}); the stage failed"
         )
-
-
-@contextmanager
-def progress_label(label: str) -> Iterator[None]:
-    """Begin the progress lines of the enclosed training with ``label``: which run they belong
-    to, when a comparison trains several at once."""
-    token = _label.set(f"{label}: ")
-    try:
-        yield
-    finally:
-        _label.reset(token)
-
-
-def say(message: str) -> None:
-    """A progress line on stderr (rank 0 only), kept clear of the progress bars. The line and
-    its newline go out in one write, so lines of parallel workers do not run into each other."""
-    if distributed.is_writer():
-        tqdm.write(f"{_label.get()}{message}\n", file=sys.stderr, end="")
 
 
 def evaluate(model: nn.Module, task: Task, split: str) -> dict[str, float]:

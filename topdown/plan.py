@@ -10,242 +10,45 @@ The plan is the method; the loop is not. Before it hands a stage out, the plan l
 weights the stage starts from, re-initialises the blocks it trains (by copying them from a
 model freshly built with the stage's seed, so the model's own init scheme is kept) and
 freezes the others (no gradients, eval-mode normalisation). ``finish`` decides acceptance on
-validation (``accept``), writes the checkpoints and then the run record. A plan opened on a
-run directory with ``resume=True`` skips the stages it finished and hands out the next one.
+validation (``Accept``) and hands the stage to the plan's record (``record.py``): a run
+directory given as ``out`` (checkpoints, summary, report; ``resume=True`` skips the stages it
+finished and hands out the next one), or, without ``out``, memory only: nothing is written.
 Our own loop (``procedures.train_plan``) is one executor of the same plans.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from topdown import distributed, report
 from topdown.blocks import Blocks, BlockSpec, empty_side
-from topdown.config import RunConfig, TrainConfig
-from topdown.errors import ConfigError, TopdownError, warn
+from topdown.config import RunConfig
+from topdown.console import warn
+from topdown.errors import ConfigError, TopdownError
+from topdown.files import weights_digest
+from topdown.identity import first_difference, run_identity
 from topdown.metrics import Metric
-from topdown.runs import (
-    RunDir,
-    file_digest,
-    first_difference,
-    load_tensors,
-    provenance,
-    stage_checkpoint,
-    weights_digest,
-)
-from topdown.seeds import check_seed, derive_seed
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """What one stage does; a plan's ``stages()`` yields these."""
-
-    role: str  # baseline, cascade, finetune, retrain-classifier, ... (recorded as is)
-    trained: tuple[str, ...]  # the blocks it trains; the others are frozen
-    start: int | None = None  # the stage whose weights it starts from; None: a freshly built model
-    reinit: bool = True  # re-initialise the trained blocks when starting from a stage
-    # with reinit, re-initialise these blocks instead of the trained ones: e.g. forget the upper
-    # blocks while every block trains (later-layer forgetting), a neighbour of the cascade
-    reinit_blocks: tuple[str, ...] | None = None
-    split: int | None = None
-    subset: float = 1.0  # fraction of the training data (transfer-classifier)
-    candidates: int = 1  # models trained (different seeds); the best on validation is the stage's
-    accept: str = "better"  # better: replaces the chosen model only if better; always; never (a reference)
-    train: TrainConfig | None = None  # the recipe, for executors that take one (ours)
-    source: str | None = None  # a checkpoint the stage loads (``--from``); it then trains nothing
-
-
-def accept(rule: str, val: float, best: float | None, metric: Metric) -> bool:
-    """Does a finished stage replace the chosen model? The cascade's one decision."""
-    if rule == "always":
-        return True
-    if rule == "never":
-        return False
-    return metric.better(val, best)
-
-
-def run_identity(
-    procedure: str,
-    name: str,
-    preset: str | None,
-    seed: int,
-    config: RunConfig,
-    metric: Metric,
-    task_info: Mapping[str, Any],
-) -> dict[str, Any]:
-    """What identifies a run: a resumed run (``Plan``) or a reused one (``run_or_resume``) must match
-    it exactly; ``task_info`` describes the data it trains on, ``metric`` what accepts its stages."""
-    return {
-        "procedure": procedure,
-        "task": name,
-        "preset": preset,
-        "seed": seed,
-        "config": config.as_dict(),
-        "metric": metric.name,
-        "lower_is_better": metric.lower_is_better,
-        "task_info": dict(task_info),
-    }
-
-
-def other_start(summary: Mapping[str, Any], from_checkpoint: str | None) -> str | None:
-    """Why the recorded run did not start from ``from_checkpoint``'s weights, or None if it did
-    (or recorded none: runs made before ``source_weights`` existed). A run built on a checkpoint
-    that was trained again since must not be continued or reused as if it were built on the new one,
-    nor a run that trained its own baseline as if it were built on a checkpoint."""
-    stages = summary.get("stages") or []
-    if from_checkpoint is None or not stages:
-        return None
-    if "source" not in stages[0]:
-        return f"it trained its own baseline, not the model in {from_checkpoint}"
-    recorded = stages[0].get("source_weights")
-    if recorded is None or not Path(from_checkpoint).is_file():
-        return None  # nothing to compare (a resume no longer needs the checkpoint once stage 0 is recorded)
-    if recorded == weights_digest(load_tensors(Path(from_checkpoint))[0]):
-        return None
-    return f"it started from other weights than {from_checkpoint} (was that checkpoint trained again since?)"
-
-
-def recorded_mismatch(
-    summary: Mapping[str, Any],
-    identity: Mapping[str, Any],
-    option_defaults: Mapping[str, Any],
-    from_checkpoint: str | None,
-) -> str | None:
-    """Why the run recorded in ``summary`` is not the one ``identity`` and ``from_checkpoint``
-    describe (so it may be neither continued nor reused), or None."""
-    if difference := first_difference(summary, identity, {"config": option_defaults}):
-        return f"its {difference} differs from this command's"
-    return other_start(summary, from_checkpoint)
-
-
-def _numbers(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Metrics as JSON numbers: numbers, one-element tensors and numpy scalars become floats; NaN and
-    infinities, which strict JSON cannot hold, become None. Nested dicts (``val``) likewise; a tensor
-    or array of several values is refused (a record holds numbers); other values unchanged."""
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, Mapping):
-            value = _numbers(value)
-        elif hasattr(value, "item") and hasattr(value, "dtype"):  # a torch tensor, a numpy array or scalar
-            size = value.numel() if isinstance(value, torch.Tensor) else getattr(value, "size", 1)
-            if size != 1:
-                raise ConfigError(
-                    f"metric {key!r} is a tensor or array of {size} values; a stage records numbers (log one value per key)"
-                )
-            value = value.item()
-        if isinstance(value, float) and not math.isfinite(value):
-            value = None
-        out[key] = value
-    return out
-
-
-def _metrics(values: Mapping[str, Any]) -> dict[str, Any]:
-    """A stage's val or test metrics: ``_numbers``, and every number a float (as our loop gives them)."""
-    return {
-        k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v
-        for k, v in _numbers(values).items()
-    }
-
-
-class Stage:
-    """One candidate of one stage, handed to the training loop: train ``model``'s trainable
-    parameters, then call ``finish`` with the validation metrics."""
-
-    def __init__(self, plan: Plan, index: int, candidate: int, spec: StageSpec):
-        self.plan, self.index, self.candidate, self.spec = plan, index, candidate, spec
-        self.seed = derive_seed(plan.seed, index, candidate)
-        self.record: dict[str, Any] | None = None  # the stage record, once its last candidate finished
-        self.finished = False
-
-    model = property(lambda self: self.plan.model)
-    role = property(lambda self: self.spec.role)
-    split = property(lambda self: self.spec.split)
-    subset = property(lambda self: self.spec.subset)
-    train = property(lambda self: self.spec.train or self.plan.config.train)
-    trained_blocks = property(lambda self: list(self.spec.trained))
-    frozen_blocks = property(lambda self: [b for b in self.plan.blocks.names if b not in self.spec.trained])
-    accepted = property(lambda self: None if self.record is None else self.record["accepted"])
-
-    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Exactly the parameters this stage trains: give these, and only these, to the optimizer."""
-        return [p for _, p in self.named_trainable_parameters()]
-
-    @property
-    def resume_path(self) -> Path:
-        """Where a loop that can resume mid-stage keeps this candidate's resume point."""
-        return self.plan.run.state_file(self.index, self.candidate)
-
-    def describe(self) -> str:
-        n = self.spec.candidates
-        return f"stage {self.index} ({self.role}{'' if n == 1 else f', candidate {self.candidate + 1}/{n}'})"
-
-    def log(self, record: Mapping[str, Any]) -> None:
-        """Append one epoch's metrics (``epoch``, ``val``, ``train_loss``, ...) to ``metrics.jsonl``.
-
-        ``epoch`` (an int) and ``val`` (a dict of validation metrics) are required: resume and the
-        report read them. Tensors are stored as numbers."""
-        record = _numbers(record)
-        epoch, val = record.get("epoch"), record.get("val")
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or not isinstance(val, Mapping):
-            raise ConfigError(
-                f"{self.describe()}: stage.log needs 'epoch' (an int) and 'val' (a dict of validation "
-                f"metrics), got {{'epoch': {epoch!r}, 'val': {val!r}}}"
-            )
-        self.plan.run.log_metrics({"stage": self.index, "candidate": self.candidate, **record})
-
-    def finish(
-        self,
-        val: Mapping[str, float],
-        test: Mapping[str, float] | None = None,
-        epochs: int = 0,
-        seconds: float | None = None,
-    ) -> dict[str, Any] | None:
-        """Hand back the model's validation metrics (and, to report, test metrics). After the
-        stage's last candidate this decides acceptance and records the stage; returns its record."""
-        if self.finished:
-            raise TopdownError(f"{self.describe()} is already finished")
-        metric = self.plan.metric.name
-        val, test = distributed.same_on_every_rank((_metrics(val), _metrics(test or {})))  # rank 0's decide
-        for split, values in (("validation", val), ("test", test)):
-            if (
-                values or split == "validation"
-            ) and metric not in values:  # the test metrics are optional, not partial
-                raise ConfigError(
-                    f"{self.describe()}: the {split} metrics {sorted(values)} lack the plan's metric {metric!r}"
-                )
-        if (
-            val[metric] is None
-        ):  # _metrics' NaN or infinity: a NaN would win no comparison, and an infinity could be chosen
-            raise TopdownError(
-                f"{self.describe()}: validation {metric} is NaN or infinite: the stage diverged; "
-                "it was not recorded (the stages before it are saved)"
-            )
-        if not isinstance(val[metric], float):  # _metrics made every other number a float
-            raise ConfigError(f"{self.describe()}: validation {metric} must be a number, got {val[metric]!r}")
-        seconds = time.perf_counter() - self._started if seconds is None else seconds
-        self.finished = True
-        self.record = self.plan._candidate_finished(self, val, test, epochs, seconds)
-        return self.record
+from topdown.provenance import provenance
+from topdown.record import Record, RunRecord
+from topdown.runs import RunDir
+from topdown.seeds import check_seed
+from topdown.stage import Accept, Stage, StageSpec
 
 
 class Plan:
-    """A procedure's stages over one model and run directory (see the module docstring).
+    """A procedure's stages over one model (see the module docstring).
 
     ``blocks``: a ``Blocks`` or a block spec. ``build_model()`` returns a freshly initialised
     model of the same shape (re-initialising a block copies it from one). ``metric``: the
     validation metric that decides; its direction comes from ``lower_is_better`` or its name.
-    ``from_checkpoint``: stage 0 loads this model instead of training a baseline.
+    ``out``: the run directory the plan records into (None: in memory, nothing written);
+    ``resume``: continue the run there. ``from_checkpoint``: stage 0 loads this model instead of
+    training a baseline. ``summary`` is the run record (``summary.json``'s content).
     """
 
     procedure: ClassVar[str] = "custom"
@@ -259,7 +62,7 @@ class Plan:
         blocks: Blocks | BlockSpec,
         *,
         build_model: Callable[[], nn.Module],
-        out: str | Path,
+        out: str | Path | None = None,
         metric: str,
         lower_is_better: bool | None = None,
         config: RunConfig | Mapping[str, Any] | None = None,
@@ -285,12 +88,13 @@ class Plan:
         if isinstance(blocks, Blocks):
             if blocks.model is not model:
                 raise ConfigError(
-                    "the Blocks given were declared over another model than the plan's: declare them over this model, "
-                    "or pass the block spec itself"
+                    "the Blocks given were declared over another model than the plan's: declare them over "
+                    "this model, or pass the block spec itself"
                 )
             if shared:
                 raise ConfigError(
-                    "shared= is for a block spec; a Blocks already has its owners of shared parameters (Blocks(model, spec, shared))"
+                    "shared= is for a block spec; a Blocks already has its owners of shared parameters "
+                    "(Blocks(model, spec, shared))"
                 )
             self.blocks = blocks
         else:
@@ -300,16 +104,18 @@ class Plan:
         self.task_info = dict(task_info or {})
         self._refuse_unused_procedure_options()
         self.check()
-        self.run = RunDir(out, writer=distributed.is_writer())
+        self.record = RunRecord(out) if out is not None else Record()
         header = {
             **run_identity(self.procedure, name, preset, seed, self.config, self.metric, self.task_info),
             "blocks": self.blocks.parameter_names(),
             "provenance": provenance(next(model.parameters()).device),
         }
-        self.summary = self._open(header, resume)
-        self.blocks.watch_call_order()  # once nothing can refuse the plan: a refused plan leaves no hook on the model
+        self.record.open(header, resume, self.config.option_defaults, from_checkpoint)
+        # once nothing can refuse the plan: a refused plan leaves no hook on the model
+        self.blocks.watch_call_order()
         self._tried: list[dict[str, Any]] = []
-        self._best: tuple[dict[str, float], dict[str, float], dict[str, torch.Tensor]] | None = None
+        # the stage's best candidate so far: its results (seed, epochs, val), test metrics, weights
+        self._best: tuple[dict[str, Any], dict[str, float], dict[str, torch.Tensor]] | None = None
 
     # -- what a procedure defines -------------------------------------------------------
 
@@ -336,6 +142,11 @@ class Plan:
     # -- helpers for procedures ----------------------------------------------------------
 
     @property
+    def summary(self) -> dict[str, Any]:
+        """The run record: identity, provenance, a record per finished stage, the chosen stage."""
+        return self.record.summary
+
+    @property
     def best_index(self) -> int | None:
         return self.summary["chosen_stage"]
 
@@ -358,7 +169,7 @@ class Plan:
                 f"split {k}: the {side} is only the {names} no parameter{hint}; choose another split"
             )
 
-    def stage_zero(self, role: str = "baseline", accept: str = "always") -> StageSpec:
+    def stage_zero(self, role: str = "baseline", accept: Accept | str = Accept.ALWAYS) -> StageSpec:
         """The trained baseline, or the ``from_checkpoint`` model (evaluated, not trained)."""
         if self.from_checkpoint is not None:
             return StageSpec(
@@ -386,14 +197,15 @@ class Plan:
             else:
                 self._tried, self._best = [], None
                 for c in range(spec.candidates):
-                    if (saved := self._saved_candidate(index, c)) is not None:
+                    if (saved := self.record.saved_candidate(index, c)) is not None:
                         self._keep_candidate(*saved)
                         continue
                     stage = self._prepare(index, c, spec)
                     yield stage
                     if not stage.finished:
                         raise TopdownError(
-                            f"{stage.describe()} was not finished: call stage.finish(val=...) before asking for the next stage"
+                            f"{stage.describe()} was not finished: call stage.finish(val=...) before "
+                            "asking for the next stage"
                         )
                 record = self.summary["stages"][index]
             index += 1
@@ -408,7 +220,7 @@ class Plan:
         elif spec.start is None:
             self.model.load_state_dict(self._fresh_model(stage.seed).state_dict())
         else:
-            self.model.load_state_dict(self.run.load_model(stage_checkpoint(spec.start)))
+            self.model.load_state_dict(self.record.stage_weights(spec.start))
             if spec.reinit:
                 self.blocks.copy_blocks(
                     self._fresh_model(stage.seed),
@@ -430,19 +242,14 @@ class Plan:
             if key not in theirs or theirs[key].shape != tensor.shape:
                 got = f"{key} {tuple(theirs[key].shape)}" if key in theirs else f"no {key}"
                 raise ConfigError(
-                    f"build_model() must return a model like the plan's, with {key} {tuple(tensor.shape)}; got {got}"
+                    f"build_model() must return a model like the plan's, with {key} "
+                    f"{tuple(tensor.shape)}; got {got}"
                 )
         return fresh
 
     def _load(self, path: str) -> None:
         path = Path(path)
-        if (owner := RunDir.of_checkpoint(path)) and (recorded := owner.read_summary()):
-            wanted = (recorded.get("checksums") or {}).get(path.stem)
-            if wanted is not None and file_digest(path) != wanted:
-                raise TopdownError(
-                    f"checkpoint {path} is corrupt: it does not match the checksum its run recorded in summary.json"
-                )
-        tensors, meta = load_tensors(path)
+        tensors, meta = RunDir.load_checkpoint(path)
         try:
             self.model.load_state_dict(tensors)
         except RuntimeError as e:
@@ -470,44 +277,46 @@ class Plan:
             differences.append(f"config {d}")
         if differences:
             warn(
-                f"checkpoint {path} was trained on other data than this run ({'; '.join(differences)} differ): this run's "
-                "test numbers are held out only if that data left its test set out"
+                f"checkpoint {path} was trained on other data than this run ({'; '.join(differences)} "
+                "differ): this run's test numbers are held out only if that data left its test set out"
             )
 
     # -- candidates and stages ------------------------------------------------------------
 
     def _candidate_finished(
-        self, stage: Stage, val: dict[str, float], test: dict[str, float], epochs: int, seconds: float
+        self,
+        stage: Stage,
+        val: dict[str, float],
+        test: dict[str, float],
+        epochs: int,
+        seconds: float,
+        kept_epoch: int | None,
     ) -> dict[str, Any] | None:
         weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         tried = {"seed": stage.seed, "epochs": epochs, "val": val}
+        if kept_epoch is not None:
+            tried["kept_epoch"] = kept_epoch
         last = stage.candidate == stage.spec.candidates - 1
         if not last:  # a resumed run picks finished candidates up from here
-            self.run.save_candidate(
+            self.record.save_candidate(
                 stage.index, stage.candidate, weights, {**tried, "test": test, "seconds": seconds}
             )
         self._keep_candidate(tried, test, seconds, weights)
         return self._record_stage(stage) if last else None
-
-    def _saved_candidate(self, index: int, candidate: int):
-        saved = self.run.load_candidate(index, candidate)
-        if saved is None:
-            return None
-        weights, meta = saved
-        return {k: meta[k] for k in ("seed", "epochs", "val")}, meta["test"], meta["seconds"], weights
 
     def _keep_candidate(
         self, tried: dict[str, Any], test: dict[str, float], seconds: float, weights: dict[str, torch.Tensor]
     ) -> None:
         self._tried.append({**tried, "seconds": seconds})
         if self._best is None or self.metric.better(
-            tried["val"][self.metric.name], self._best[0][self.metric.name]
+            tried["val"][self.metric.name], self._best[0]["val"][self.metric.name]
         ):
-            self._best = (tried["val"], test, weights)
+            self._best = (tried, test, weights)
 
     def _record_stage(self, stage: Stage) -> dict[str, Any]:
         """Decide acceptance, then save checkpoints before the summary that points at them."""
-        spec, (val, test, weights) = stage.spec, self._best
+        spec, (best, test, weights) = stage.spec, self._best
+        val = best["val"]
         self.blocks.unfreeze()
         self.model.load_state_dict(weights)
         chosen = self.best_index
@@ -526,8 +335,9 @@ class Plan:
             else [{k: t[k] for k in ("seed", "epochs", "val")} for t in self._tried],
             "val": val,
             "test": test,
-            "accepted": accept(spec.accept, val[self.metric.name], best_val, self.metric),
+            "accepted": spec.accept.accepts(val[self.metric.name], best_val, self.metric),
             "seconds": sum(t["seconds"] for t in self._tried),
+            **({"kept_epoch": best["kept_epoch"]} if "kept_epoch" in best else {}),
             **({"source": spec.source, "source_weights": self._source_weights} if spec.source else {}),
             **(
                 {"reinit_blocks": list(spec.reinit_blocks)}
@@ -541,151 +351,18 @@ class Plan:
             "config": self.summary["config"],
             "task_info": self.task_info,
         }
-        checksums = self.summary.setdefault("checksums", {})
-        checksums[stage_checkpoint(stage.index)] = self.run.save_model(
-            stage_checkpoint(stage.index), weights, meta
-        )
-        if record["accepted"]:
-            checksums["best"] = self.run.save_model("best", weights, meta)
-            self.summary["chosen_stage"], self.summary["test"] = stage.index, test
-        self.summary["stages"].append(record)
-        self.run.write_summary(self.summary)
-        self.run.clear_state(stage.index)
-        distributed.barrier()  # the next stage may start from this stage's checkpoint, on every rank
+        self.record.add_stage(record, weights, meta)
         return record
 
-    # -- the run record -------------------------------------------------------------------
-
-    def _open(self, header: dict[str, Any], resume: bool) -> dict[str, Any]:
-        """Start a new run record, or continue the one in the directory (``resume``). Under DDP
-        rank 0 decides, and every rank gets its record (or its error)."""
-        outcome = None
-        if self.run.writer:
-            try:
-                outcome = ("record", self._open_here(header, resume))
-            except TopdownError as e:
-                self.run.release()
-                outcome = ("error", str(e))
-        kind, value = distributed.same_on_every_rank(outcome)
-        if kind == "error":
-            raise TopdownError(value)
-        return value
-
-    def _open_here(self, header: dict[str, Any], resume: bool) -> dict[str, Any]:
-        if self.run.path.exists() and not self.run.path.is_dir():
-            raise TopdownError(
-                f"{self.run.path} is a file, not a run directory; choose another output directory (--out)"
-            )
-        self.run.claim()
-        existing = self.run.read_summary()
-        failed_untrained = existing is not None and not resume and self.run.failed_before_saving(existing)
-        if failed_untrained:
-            warn(
-                f"starting afresh in {self.run.path}: the run there stopped on an error before it saved any training"
-            )
-        if existing is None or failed_untrained:
-            return self._start_record(header, resume, replaces_a_run=failed_untrained)
-        if not resume:
-            raise TopdownError(
-                f"{self.run.path} already holds a run; resume it (--resume; resume=True) or choose another output directory"
-            )
-        return self._continue_record(existing, header)
-
-    def _start_record(self, header: dict[str, Any], resume: bool, replaces_a_run: bool) -> dict[str, Any]:
-        """A new run's first record, in a directory that is new, empty, holds only the debris of a
-        first write, or (``replaces_a_run``) a run that stopped before it saved any training."""
-        if resume:
-            raise TopdownError(
-                f"nothing to resume in {self.run.path} (no summary.json); start a run there without --resume (resume=False)"
-            )
-        if self.run.holds_only_debris():  # killed while writing its first summary: nothing was saved yet
-            self._remove_debris()
-        if not replaces_a_run and self.run.path.is_dir() and any(self.run.path.iterdir()):
-            raise TopdownError(
-                f"{self.run.path} is not empty and holds no run (no summary.json); choose another output directory (--out)"
-            )
-        summary = {**header, "status": "running", "stages": [], "chosen_stage": None, "test": None}
-        self.run.write_summary(summary)
-        self.run.claim()  # the directory exists now
-        return summary
-
-    def _continue_record(self, existing: dict[str, Any], header: dict[str, Any]) -> dict[str, Any]:
-        """The recorded run, to resume: refused if it is another run (identity, starting weights, number
-        of processes); its checkpoints verified, and what a kill left half-written cleared."""
-        identity = {
-            k: v for k, v in header.items() if k != "provenance"
-        }  # another machine may continue a run
-        if reason := recorded_mismatch(existing, identity, self.config.option_defaults, self.from_checkpoint):
-            raise TopdownError(f"cannot resume {self.run.path}: {reason}")
-        for name in self.run.verify(existing):
-            warn(
-                f"restored {name}.safetensors from the chosen stage's checkpoint (a kill came between writing it and the record)"
-            )
-        self._remove_debris()
-        finished = len(existing["stages"])
-        if existing["status"] != "complete":
-            last = (existing.get("resumed_on") or [existing.get("provenance", {})])[-1]
-            if last.get("world_size", 1) != header["provenance"]["world_size"]:
-                raise TopdownError(
-                    f"cannot resume {self.run.path}: it was trained by {last.get('world_size', 1)} process(es) and this "
-                    f"command has {header['provenance']['world_size']}; resume with the same number (--nproc)"
-                )
-            existing.setdefault("resumed_on", []).append(header["provenance"])
-        for index in range(finished):
-            self.run.clear_state(index)  # left behind if a kill came right after the stage was recorded
-        self._drop_unsaved_metrics(finished)
-        if existing["status"] != "complete":
-            existing["status"] = "running"
-            self.run.write_summary(
-                existing
-            )  # this continuation on record now, even if it ends before a stage does
-        return existing
-
-    def _remove_debris(self) -> None:
-        for f in self.run.remove_debris():
-            warn(f"removed {f}, left by an interrupted write")
-
-    def _drop_unsaved_metrics(self, next_stage: int) -> None:
-        """Forget metric lines of epochs that have no resume point (they will be run again)."""
-        kept_epochs: dict[int, float] = {}
-        for candidate, f in self.run.stage_state(next_stage):
-            try:
-                meta = load_tensors(f)[1]  # all of it: a torn file must not stop the run later
-            except TopdownError as e:
-                warn(
-                    f"{e}; stage {next_stage} candidate {candidate} starts again (finished stages are intact)"
-                )
-                f.unlink()
-                continue
-            epoch = (
-                meta["loop"]["epoch"] if "loop" in meta else float("inf")
-            )  # a finished candidate keeps all its lines
-            kept_epochs[candidate] = max(kept_epochs.get(candidate, 0), epoch)
-        self.run.keep_metrics(
-            lambda r: (
-                r["stage"] < next_stage
-                or (r["stage"] == next_stage and r["epoch"] <= kept_epochs.get(r["candidate"], 0))
-            )
-        )
+    # -- the end --------------------------------------------------------------------------
 
     def fail(self) -> None:
         """Record, if the disk still lets us, that the run stopped on an error (it can be resumed)."""
-        self.summary["status"] = "failed"
-        try:
-            self.run.write_summary(self.summary)
-        except TopdownError:
-            pass  # the error being raised says why; the last good record stays on disk
-        self.run.release()
+        self.record.fail()
 
     def _complete(self) -> None:
-        """Mark the run complete, render its report, and leave the chosen model in ``model``."""
+        """Mark the run complete (its record renders the report) and leave the chosen model in ``model``."""
         self.blocks.unfreeze()
-        if self.summary["status"] != "complete":
-            self.summary["status"] = "complete"
-            self.run.write_summary(self.summary)
-            if self.run.writer:
-                report.write(self.run.path)
-        self.run.release()
-        best = self.run.checkpoint("best")
-        if best.is_file():
-            self.model.load_state_dict(load_tensors(best)[0])
+        self.record.complete()
+        if (chosen := self.record.chosen_weights()) is not None:
+            self.model.load_state_dict(chosen)

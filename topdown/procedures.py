@@ -18,13 +18,16 @@ import torch
 from topdown import distributed
 from topdown.blocks import Blocks, usable_splits
 from topdown.config import CascadeConfig, ProcedureConfig, RunConfig, TrainConfig
+from topdown.console import progress_label, say
 from topdown.devices import resolve_device
 from topdown.errors import ConfigError, TopdownError, TrainingError
-from topdown.loop import evaluate, fit, monitored_metric, progress_label, say
-from topdown.plan import Plan, StageSpec, recorded_mismatch, run_identity
+from topdown.identity import recorded_mismatch, run_identity
+from topdown.loop import evaluate, fit, monitored_metric
+from topdown.plan import Plan
 from topdown.report import format_metric
 from topdown.runs import RunDir
 from topdown.seeds import check_seed, derive_seed
+from topdown.stage import Accept, StageSpec
 from topdown.task import Task
 
 
@@ -37,7 +40,8 @@ class Baseline(Plan):
     def check(self) -> None:
         if self.from_checkpoint is not None:
             raise ConfigError(
-                "baseline trains from scratch; a starting checkpoint (--from; from_checkpoint) is for cascade, retrain-classifier, transfer-classifier and forget"
+                "baseline trains from scratch; a starting checkpoint (--from; from_checkpoint) is for "
+                "cascade, retrain-classifier, transfer-classifier and forget"
             )
 
     def stages(self) -> Iterator[StageSpec]:
@@ -45,7 +49,7 @@ class Baseline(Plan):
 
 
 def cascade_splits(config: RunConfig, blocks: Blocks) -> list[int]:
-    """``cascade.splits``, or every split L-1..1 whose feature extractor and classifier each own a parameter."""
+    """``cascade.splits``, or every split L-1..1 with a parameter on each side (extractor, classifier)."""
     if config.cascade.splits is not None:
         return config.cascade.splits
     if not (splits := usable_splits(blocks.parameter_names())):
@@ -79,9 +83,8 @@ class Cascade(Plan):
         return cascade_splits(self.config, self.blocks)
 
     def check(self) -> None:
-        for k in (
-            self.splits()
-        ):  # descending is CascadeConfig's to check; the range and both sides' parameters, the model's
+        # descending is CascadeConfig's to check; the range and both sides' parameters, the model's
+        for k in self.splits():
             self.check_split(k, "cascade.splits")
 
     def stages(self) -> Iterator[StageSpec]:
@@ -140,14 +143,15 @@ class TransferClassifier(Plan):
         self.check_split(self.config.procedure.split, self.procedure)
         if self.config.procedure.subset is None:
             raise ConfigError(
-                "transfer-classifier needs a subset, a fraction in (0, 1) of the training data (procedure.subset; --subset)"
+                "transfer-classifier needs a subset, a fraction in (0, 1) of the training data "
+                "(procedure.subset; --subset)"
             )
 
     def stages(self) -> Iterator[StageSpec]:
         k, subset = self.config.procedure.split, self.config.procedure.subset
-        yield self.stage_zero("full-data baseline", accept="never")
+        yield self.stage_zero("full-data baseline", accept=Accept.NEVER)
         yield StageSpec(
-            "subset baseline", self.all_blocks(), subset=subset, accept="always", train=self.config.train
+            "subset baseline", self.all_blocks(), subset=subset, accept=Accept.ALWAYS, train=self.config.train
         )
         yield StageSpec(
             "transfer",
@@ -163,9 +167,10 @@ class LaterLayerForgetting(Plan):
     """A neighbour of the cascade, as its control: after the baseline, each round re-initialises
     the blocks above the split and trains every block, the lower ones on from where the last
     round left them (later-layer forgetting, Zhou et al., ICLR 2022). By default it forgets the
-    cascade's first classifier, once per cascade split (the cascade's stages after its baseline), with the cascade's stage
-    recipe: the same budget, where the cascade trains one candidate a stage with neither patience nor a fine-tune
-    stage (docs/method.md). Validation chooses among the rounds, as it does among stages."""
+    cascade's first classifier, once per cascade split (the cascade's stages after its baseline),
+    with the cascade's stage recipe: the same budget, where the cascade trains one candidate a
+    stage with neither patience nor a fine-tune stage (docs/method.md). Validation chooses among
+    the rounds, as it does among stages."""
 
     procedure = "forget"
     procedure_options = ("split", "rounds")
@@ -245,9 +250,8 @@ def run_procedure(
     if procedure not in PLANS:
         raise ConfigError(f"unknown procedure {procedure!r} ({', '.join(PROCEDURES)})")
     config = config if isinstance(config, RunConfig) else RunConfig.from_dict(config or {})
-    monitored_metric(
-        config.train, task
-    )  # a monitor the loop cannot rank is refused before the run directory is written
+    # a monitor the loop cannot rank is refused before the run directory is written
+    monitored_metric(config.train, task)
     torch.manual_seed(derive_seed(check_seed(seed), 0, 0))
     model = task.build_model()
     # Default: where build_model put the model (a task's evaluate may hold its data there).
@@ -276,9 +280,7 @@ def run_procedure(
     except TopdownError:
         plan.fail()
         raise
-    except (
-        torch.OutOfMemoryError
-    ) as e:  # the user's to fix (a batch too large for the device), not a bug of ours
+    except torch.OutOfMemoryError as e:  # the user's to fix (a batch too large for the device), not our bug
         plan.fail()
         raise TrainingError(
             f"out of memory on {device} ({str(e).splitlines()[0][:160]}); a smaller data.batch_size or model "
@@ -311,12 +313,14 @@ def run_or_resume(
         wanted = run_identity(procedure, task.name, preset, seed, config, task.primary, task.info)
         if reason := recorded_mismatch(existing, wanted, config.option_defaults, kw.get("from_checkpoint")):
             raise TopdownError(
-                f"cannot reuse {out}: {reason}; delete that run's directory to train it again, or choose another --out"
+                f"cannot reuse {out}: {reason}; delete that run's directory to train it again, or choose "
+                "another --out"
             )
         RunDir(out).verify(existing, weights_needed=weights_needed)
         return existing
     with progress_label(out.name):  # several runs may train at once (--jobs): every line names its run
-        # a run that stopped on an error before saving anything starts afresh (Plan), e.g. after a corrected --set
+        # a run that stopped on an error before saving anything starts afresh (Plan), e.g. after a
+        # corrected --set
         resume = existing is not None and not RunDir(out).failed_before_saving(existing)
         say(f"{'resuming' if resume else 'starting'} {procedure} in {out}")
         summary = run_procedure(
@@ -353,7 +357,7 @@ def cascade(
     cascade: CascadeConfig | None = None,
     **kw,
 ) -> dict[str, Any]:
-    """Top-down cascade: baseline (or ``from_checkpoint``), then one stage per split, accepted on validation."""
+    """Top-down cascade: stage 0 (or ``from_checkpoint``), then a stage per split, accepted on validation."""
     return run_procedure("cascade", task, out, config=_config(train, cascade), **kw)
 
 
@@ -386,11 +390,6 @@ def forget(
 def transfer_classifier(
     task: Task, out: str | Path, split: int, subset: float, *, train: TrainConfig | None = None, **kw
 ) -> dict[str, Any]:
-    """Classifier of a full-data model, fresh feature extractor trained on a subset, against a subset baseline."""
-    return run_procedure(
-        "transfer-classifier",
-        task,
-        out,
-        config=_config(train, procedure=ProcedureConfig(split=split, subset=subset)),
-        **kw,
-    )
+    """A full-data model's classifier over a feature extractor trained on a subset, vs a subset baseline."""
+    config = _config(train, procedure=ProcedureConfig(split=split, subset=subset))
+    return run_procedure("transfer-classifier", task, out, config=config, **kw)

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from topdown.errors import TopdownError
+from topdown.files import atomic_write, os_reason, write_json
 from topdown.metrics import display_scale
-from topdown.runs import RunDir, atomic_write, write_json
+from topdown.runs import RunDir
 
 
 def format_metric(value: float | None, metric: str, sign: bool = True) -> str:
@@ -29,8 +30,8 @@ def stage_result(stage: dict[str, Any], metric: str, run: str) -> dict[str, floa
     if stage["test"].get(metric) is None:
         why = "is NaN or infinite (recorded as null)" if metric in stage["test"] else "was not measured"
         raise TopdownError(
-            f"{run}: the test {metric} of stage {stage['index']} {why}, so it cannot be tabulated with the others; "
-            "see `topdown report` of that run, and remove its directory to train it again"
+            f"{run}: the test {metric} of stage {stage['index']} {why}, so it cannot be tabulated with the "
+            "others; see `topdown report` of that run, and remove its directory to train it again"
         )
     return {"val": stage["val"][metric], "test": stage["test"][metric]}
 
@@ -100,11 +101,14 @@ def runs_of(path: str | Path) -> Path | None:
     """The directory holding the runs of ``path`` when it is not a run itself: a comparison's or
     analysis's ``runs/``, or any directory of run directories (e.g. an ablation's); else None."""
     path = Path(path)
-    if (path / "summary.json").exists() or not path.is_dir():
-        return None
-    if (path / "runs").is_dir():
-        return path / "runs"
-    return path if any((p / "summary.json").is_file() for p in path.iterdir()) else None
+    try:
+        if (path / "summary.json").exists() or not path.is_dir():
+            return None
+        if (path / "runs").is_dir():
+            return path / "runs"
+        return path if any((p / "summary.json").is_file() for p in path.iterdir()) else None
+    except OSError as e:  # a directory that may not be entered
+        raise TopdownError(f"cannot read {path}: {os_reason(e)}") from None
 
 
 def runs_table(runs: Path) -> str:
@@ -129,9 +133,8 @@ def runs_table(runs: Path) -> str:
             if chosen
             else ("-", "-")
         )
-        rows.append(
-            f"| {run.name} | {summary['procedure']} | {summary['status']} | {len(done)} | {at} | {val} | {test} |"
-        )
+        cells = [run.name, summary["procedure"], summary["status"], str(len(done)), at, val, test]
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -200,13 +203,14 @@ def plot_curves(summary: dict[str, Any], metrics: list[dict[str, Any]], path: Pa
 def render(summary: dict[str, Any]) -> str:
     metric = summary["metric"]
     chosen = summary["chosen_stage"]
+    direction = "lower" if summary["lower_is_better"] else "higher"
     preset = (
         "" if summary["preset"] is None else f"preset {summary['preset']}, "
     )  # a plan driven by one's own loop has none
     lines = [
         f"# {summary['procedure']} on {summary['task']} ({preset}seed {summary['seed']})",
         "",
-        f"Status: {summary['status']}. Primary metric: {metric} ({'lower' if summary['lower_is_better'] else 'higher'} is better).",
+        f"Status: {summary['status']}. Primary metric: {metric} ({direction} is better).",
         "Stages are accepted or rejected on validation; the test column is reported, never used to choose.",
         "",
         *([f"Note: {note}", ""] if (note := summary.get("task_info", {}).get("note")) else []),

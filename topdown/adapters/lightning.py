@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from topdown.errors import ConfigError, TopdownError, TrainingError
-from topdown.plan import Plan, Stage
+from topdown.plan import Plan
+from topdown.stage import Stage
 
 try:
     import lightning.pytorch as pl
@@ -56,8 +57,9 @@ class PlanCallback(pl.Callback):
         for opt in trainer.optimizers:
             if any(id(p) in frozen for group in opt.param_groups for p in group["params"]):
                 raise ConfigError(
-                    f"{self.stage.describe()}: configure_optimizers gave the optimizer a frozen parameter; build it "
-                    "from the parameters that require grad, e.g. filter(lambda p: p.requires_grad, self.parameters())"
+                    f"{self.stage.describe()}: configure_optimizers gave the optimizer a frozen parameter; "
+                    "build it from the parameters that require grad, e.g. "
+                    "filter(lambda p: p.requires_grad, self.parameters())"
                 )
 
     def on_train_batch_start(
@@ -122,10 +124,10 @@ def fit_plan(
     names lose the same prefix (``val_loss`` -> ``loss``). If test data is given (or your
     datamodule or module defines ``test_dataloader``), ``trainer.test`` gives the reported test
     metrics the same way, the metric read from ``test_monitor`` (default: ``monitor`` with
-    its ``val``/``valid``/``validation`` prefix replaced by ``test``). The data arguments are passed to ``fit``/``validate``/``test``
-    as Lightning takes them, or may be functions of the stage (``stage -> dataloader``); a
-    transfer-classifier stage trains on the first ``stage.subset`` of the training data, so
-    its training data must be such a function.
+    its ``val``/``valid``/``validation`` prefix replaced by ``test``). The data arguments are
+    passed to ``fit``/``validate``/``test`` as Lightning takes them, or may be functions of the
+    stage (``stage -> dataloader``); a transfer-classifier stage trains on the first
+    ``stage.subset`` of the training data, so its training data must be such a function.
 
     Each stage is seeded with ``stage.seed`` (a resumed run repeats an interrupted stage
     exactly); stages that train nothing (a ``from_checkpoint`` model) are only evaluated.
@@ -161,7 +163,8 @@ def fit_plan(
             pl.seed_everything(stage.seed % 2**32, workers=True)  # numpy's seeds are 32-bit
             model = stage.model
             if stage.trained_blocks:
-                model.train()  # Lightning keeps the modes it finds; the plan's frozen modules stay in eval mode
+                # Lightning keeps the modes it finds; the plan's frozen modules stay in eval mode
+                model.train()
                 trainer.callbacks.append(
                     PlanCallback(stage, [m for m in model.modules() if not m.training], monitor)
                 )

@@ -24,7 +24,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from topdown.config import Section, option
-from topdown.errors import ConfigError, DataError, warn
+from topdown.console import warn
+from topdown.errors import ConfigError, DataError
 from topdown.task import Task, data_location, subset_size
 from topdown.tasks.asr import an4, kaldi
 from topdown.tasks.asr.ngram import END, WordNgram

@@ -25,7 +25,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from topdown.config import Section, option
-from topdown.errors import ConfigError, DataError, warn
+from topdown.console import warn
+from topdown.errors import ConfigError, DataError
 from topdown.task import text_lines
 from topdown.tasks.asr.an4 import Utterance
 

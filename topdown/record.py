@@ -1,0 +1,317 @@
+"""The run record a plan writes through: in memory, or in a run directory.
+
+A plan (``plan.py``) is the method: which stages, what they train, which one is accepted. What
+it has decided goes to its record: ``Record`` keeps it in memory (a plan given no ``out``: nothing
+is written, the weights later stages start from are kept as CPU state dicts), ``RunRecord``
+writes it to a run directory (``runs.RunDir``, docs/run-directory.md) and can continue it there
+(``resume``): identity, checkpoints and their checksums, finished candidates, resume points, the
+report. Under DDP only rank 0 writes; every rank reads what rank 0 decided.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from topdown import distributed, lock, report
+from topdown.console import warn
+from topdown.errors import ConfigError, TopdownError
+from topdown.files import load_tensors, os_reason
+from topdown.identity import recorded_mismatch
+from topdown.runs import RunDir, stage_checkpoint
+
+REPORT_FILES = ("report.md", "curves.png")  # what ``report.write`` renders; a complete run has both
+
+# A finished candidate of a stage with several: its results (seed, epochs, val), test metrics,
+# seconds and weights, until the stage's last candidate decides which one is the stage's.
+Candidate = tuple[dict[str, Any], dict[str, float], float, dict[str, torch.Tensor]]
+
+
+def new_summary(header: dict[str, Any]) -> dict[str, Any]:
+    """A new run's record: its ``header`` (identity, blocks, provenance), no stage yet."""
+    return {**header, "status": "running", "stages": [], "chosen_stage": None, "test": None}
+
+
+class Record:
+    """A plan's record kept in memory: ``summary`` has the same content as a run directory's
+    ``summary.json`` (without checksums), and nothing is written anywhere."""
+
+    def __init__(self) -> None:
+        self.summary: dict[str, Any] = {}
+        self._weights: dict[int, dict[str, torch.Tensor]] = {}
+
+    def open(
+        self,
+        header: dict[str, Any],
+        resume: bool,
+        option_defaults: Mapping[str, Any],
+        from_checkpoint: str | None,
+    ) -> None:
+        """Start the record with ``header`` (the run's identity and provenance)."""
+        if resume:
+            raise ConfigError("resume=True continues a run directory: give the plan one (out=...)")
+        self.summary = new_summary(header)
+
+    def log(self, line: dict[str, Any]) -> None:
+        """One epoch's metrics (``metrics.jsonl`` in a run directory)."""
+
+    def resume_point(self, stage: int, candidate: int) -> Path | None:
+        """Where a loop that can resume mid-stage keeps a candidate's resume point (none in memory)."""
+        return None
+
+    def saved_candidate(self, stage: int, candidate: int) -> Candidate | None:
+        """A candidate finished before the run was resumed (none in memory)."""
+        return None
+
+    def save_candidate(
+        self, stage: int, candidate: int, weights: dict[str, torch.Tensor], meta: dict[str, Any]
+    ) -> None:
+        """Keep a finished candidate (not the stage's last) for a resumed run (nothing to keep in memory)."""
+
+    def add_stage(
+        self, record: dict[str, Any], weights: dict[str, torch.Tensor], meta: dict[str, Any]
+    ) -> None:
+        """Record a finished stage and its model (``meta`` describes it in a checkpoint's header)."""
+        self._weights[record["index"]] = {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
+        self._append(record)
+
+    def _append(self, record: dict[str, Any]) -> None:
+        if record["accepted"]:
+            self.summary["chosen_stage"], self.summary["test"] = record["index"], record["test"]
+        self.summary["stages"].append(record)
+
+    def stage_weights(self, index: int) -> dict[str, torch.Tensor]:
+        """The model stage ``index`` ended with: a later stage starts from it."""
+        return self._weights[index]
+
+    def chosen_weights(self) -> dict[str, torch.Tensor] | None:
+        """The chosen model (None while no stage was accepted)."""
+        chosen = self.summary["chosen_stage"]
+        return None if chosen is None else self._weights[chosen]
+
+    def fail(self) -> None:
+        """The run stopped on an error."""
+        self.summary["status"] = "failed"
+
+    def complete(self) -> None:
+        """Every stage is recorded."""
+        self.summary["status"] = "complete"
+
+
+class RunRecord(Record):
+    """A plan's record in the run directory ``path``, written atomically after every stage (rank 0
+    writes, under DDP). ``open`` starts it, or continues the one there (``resume``)."""
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        self.run = RunDir(path, writer=distributed.is_writer())
+        self.path = self.run.path
+
+    # -- opening --------------------------------------------------------------------------
+
+    def open(
+        self,
+        header: dict[str, Any],
+        resume: bool,
+        option_defaults: Mapping[str, Any],
+        from_checkpoint: str | None,
+    ) -> None:
+        """Start a new run record, or continue the one in the directory (``resume``), refused if
+        it is another run. Rank 0 decides, and every rank gets its record (or its error)."""
+        outcome = None
+        if self.run.writer:
+            try:
+                outcome = ("record", self._open_here(header, resume, option_defaults, from_checkpoint))
+            except OSError as e:  # a directory above the run's that may not be entered
+                self._release()
+                outcome = ("error", f"cannot open {self.path}: {os_reason(e)}")
+            except TopdownError as e:
+                self._release()
+                outcome = ("error", str(e))
+        kind, value = distributed.same_on_every_rank(outcome)
+        if kind == "error":
+            raise TopdownError(value)
+        self.summary = value
+
+    def _open_here(
+        self,
+        header: dict[str, Any],
+        resume: bool,
+        option_defaults: Mapping[str, Any],
+        from_checkpoint: str | None,
+    ) -> dict[str, Any]:
+        if self.path.exists() and not self.path.is_dir():
+            raise TopdownError(
+                f"{self.path} is a file, not a run directory; choose another output directory (--out)"
+            )
+        lock.claim(self.path)
+        existing = self.run.read_summary()
+        failed_untrained = existing is not None and not resume and self.run.failed_before_saving(existing)
+        if failed_untrained:
+            warn(
+                f"starting afresh in {self.path}: the run there stopped on an error before it saved "
+                "any training"
+            )
+        if existing is None or failed_untrained:
+            return self._start(header, resume, replaces_a_run=failed_untrained)
+        if not resume:
+            raise TopdownError(
+                f"{self.path} already holds a run; resume it (--resume; resume=True) or choose another "
+                "output directory"
+            )
+        return self._continue(existing, header, option_defaults, from_checkpoint)
+
+    def _start(self, header: dict[str, Any], resume: bool, replaces_a_run: bool) -> dict[str, Any]:
+        """A new run's first record, in a directory that is new, empty, holds only the debris of a
+        first write, or (``replaces_a_run``) a run that stopped before it saved any training."""
+        if resume:
+            raise TopdownError(
+                f"nothing to resume in {self.path} (no summary.json); start a run there without "
+                "--resume (resume=False)"
+            )
+        if self.run.holds_only_debris():  # killed while writing its first summary: nothing was saved yet
+            self._remove_debris()
+        if not replaces_a_run and self.path.is_dir() and any(self.path.iterdir()):
+            raise TopdownError(
+                f"{self.path} is not empty and holds no run (no summary.json); choose another output "
+                "directory (--out)"
+            )
+        summary = new_summary(header)
+        self.run.write_summary(summary)
+        lock.claim(self.path)  # the directory exists now
+        return summary
+
+    def _continue(
+        self,
+        existing: dict[str, Any],
+        header: dict[str, Any],
+        option_defaults: Mapping[str, Any],
+        from_checkpoint: str | None,
+    ) -> dict[str, Any]:
+        """The recorded run, to resume: refused if it is another run (identity, starting weights, number
+        of processes); its checkpoints verified, and what a kill left half-written cleared."""
+        identity = {k: v for k, v in header.items() if k != "provenance"}  # another machine may continue
+        if reason := recorded_mismatch(existing, identity, option_defaults, from_checkpoint):
+            raise TopdownError(f"cannot resume {self.path}: {reason}")
+        for name in self.run.verify(existing):
+            warn(
+                f"restored {name}.safetensors from the chosen stage's checkpoint (a kill came between "
+                "writing it and the record)"
+            )
+        self._remove_debris()
+        finished = len(existing["stages"])
+        if existing["status"] != "complete":
+            last = (existing.get("resumed_on") or [existing.get("provenance", {})])[-1]
+            if last.get("world_size", 1) != header["provenance"]["world_size"]:
+                raise TopdownError(
+                    f"cannot resume {self.path}: it was trained by {last.get('world_size', 1)} process(es) "
+                    f"and this command has {header['provenance']['world_size']}; resume with the same "
+                    "number (--nproc)"
+                )
+            existing.setdefault("resumed_on", []).append(header["provenance"])
+        for index in range(finished):
+            self.run.clear_state(index)  # left behind if a kill came right after the stage was recorded
+        self._drop_unsaved_metrics(finished)
+        if existing["status"] != "complete":
+            existing["status"] = "running"
+            self.run.write_summary(
+                existing
+            )  # this continuation on record now, even if it ends before a stage
+        return existing
+
+    def _remove_debris(self) -> None:
+        for f in self.run.remove_debris():
+            warn(f"removed {f}, left by an interrupted write")
+
+    def _drop_unsaved_metrics(self, next_stage: int) -> None:
+        """Forget metric lines of epochs that have no resume point (they will be run again)."""
+        kept_epochs: dict[int, float] = {}
+        for candidate, f in self.run.stage_state(next_stage):
+            try:
+                meta = load_tensors(f)[1]  # all of it: a torn file must not stop the run later
+            except TopdownError as e:
+                warn(
+                    f"{e}; stage {next_stage} candidate {candidate} starts again (finished stages are intact)"
+                )
+                f.unlink()
+                continue
+            # a finished candidate keeps all its lines
+            epoch = meta["loop"]["epoch"] if "loop" in meta else float("inf")
+            kept_epochs[candidate] = max(kept_epochs.get(candidate, 0), epoch)
+        self.run.keep_metrics(
+            lambda r: (
+                r["stage"] < next_stage
+                or (r["stage"] == next_stage and r["epoch"] <= kept_epochs.get(r["candidate"], 0))
+            )
+        )
+
+    # -- while the stages run ---------------------------------------------------------------
+
+    def log(self, line: dict[str, Any]) -> None:
+        self.run.log_metrics(line)
+
+    def resume_point(self, stage: int, candidate: int) -> Path:
+        return self.run.state_file(stage, candidate)
+
+    def saved_candidate(self, stage: int, candidate: int) -> Candidate | None:
+        saved = self.run.load_candidate(stage, candidate)
+        if saved is None:
+            return None
+        weights, meta = saved
+        tried = {k: meta[k] for k in ("seed", "epochs", "val", "kept_epoch") if k in meta}
+        return tried, meta["test"], meta["seconds"], weights
+
+    def save_candidate(
+        self, stage: int, candidate: int, weights: dict[str, torch.Tensor], meta: dict[str, Any]
+    ) -> None:
+        self.run.save_candidate(stage, candidate, weights, meta)
+
+    def add_stage(
+        self, record: dict[str, Any], weights: dict[str, torch.Tensor], meta: dict[str, Any]
+    ) -> None:
+        """Save the stage's checkpoint (and ``best``, if accepted) before the summary that points at them."""
+        index = record["index"]
+        checksums = self.summary.setdefault("checksums", {})
+        checksums[stage_checkpoint(index)] = self.run.save_model(stage_checkpoint(index), weights, meta)
+        if record["accepted"]:
+            checksums["best"] = self.run.save_model("best", weights, meta)
+        self._append(record)
+        self.run.write_summary(self.summary)
+        self.run.clear_state(index)
+        distributed.barrier()  # the next stage may start from this stage's checkpoint, on every rank
+
+    def stage_weights(self, index: int) -> dict[str, torch.Tensor]:
+        return self.run.load_model(stage_checkpoint(index))
+
+    def chosen_weights(self) -> dict[str, torch.Tensor] | None:
+        best = self.run.checkpoint("best")
+        return load_tensors(best)[0] if best.is_file() else None
+
+    # -- the end ------------------------------------------------------------------------------
+
+    def fail(self) -> None:
+        """Record, if the disk still lets us, that the run stopped on an error (it can be resumed)."""
+        super().fail()
+        try:
+            self.run.write_summary(self.summary)
+        except TopdownError:
+            pass  # the error being raised says why; the last good record stays on disk
+        self._release()
+
+    def complete(self) -> None:
+        """Mark the run complete and render its report. A run killed after it was marked complete
+        but before its report was written gets the report now: a resumed run's directory holds
+        every file an uninterrupted one does."""
+        was_complete = self.summary["status"] == "complete"
+        if not was_complete:
+            super().complete()
+            self.run.write_summary(self.summary)
+        if self.run.writer and not (was_complete and all((self.path / f).is_file() for f in REPORT_FILES)):
+            report.write(self.path)
+        self._release()
+
+    def _release(self) -> None:
+        lock.release(self.path)
