@@ -1,22 +1,46 @@
-"""NT-ASGD (Merity et al.'s non-monotonically triggered averaged SGD) as an optimizer, so that
+"""How an optimizer takes part in validation (``ValidationHooks``, the loop's one hook into it),
+and NT-ASGD (Merity et al.'s non-monotonically triggered averaged SGD) as an optimizer, so that
 any loop can use it: plain SGD until validation stops improving, then SGD that also keeps the
 running average of its iterates; the average is what is validated and kept."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 
 from topdown.metrics import Metric
 
 
-class NTASGD(torch.optim.SGD):
-    """SGD plus the trigger and the average. After each epoch's validation call ``observe``;
-    validate (and save) inside ``averaged()``; at the end ``keep_average()`` if the model is to
-    be the average. The trigger's history and the average live in the optimizer's state dict,
-    so a resume point carries them."""
+class ValidationHooks:
+    """What the loop asks of an optimizer around each epoch's validation. These defaults are a
+    plain optimizer's (the weights as trained, nothing learnt from validation); an optimizer that
+    inherits this class as well overrides what it needs (``validation_hooks`` finds it)."""
+
+    def validated(self) -> AbstractContextManager[None]:
+        """The weights validation sees (and the loop keeps) are in the model for the duration."""
+        return nullcontext()
+
+    def on_validation(self, value: float, metric: Metric) -> str | None:
+        """An epoch's validation ``value`` of ``metric`` (``train.monitor``); returns a line for
+        the progress log when the optimizer changes course."""
+        return None
+
+    def keep_validated(self) -> None:
+        """At the end of a stage that keeps its last epoch: leave the validated weights in the model."""
+
+
+def validation_hooks(opt: torch.optim.Optimizer) -> ValidationHooks:
+    """``opt``'s hooks, or a plain optimizer's."""
+    return opt if isinstance(opt, ValidationHooks) else ValidationHooks()
+
+
+class NTASGD(torch.optim.SGD, ValidationHooks):
+    """SGD plus the trigger and the average. After each epoch's validation call ``observe``
+    (``on_validation``); validate (and save) inside ``averaged()`` (``validated``); at the end
+    ``keep_average()`` (``keep_validated``) if the model is to be the average. The trigger's
+    history and the average live in the optimizer's state dict, so a resume point carries them."""
 
     def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, nonmono: int = 5):
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -59,6 +83,17 @@ class NTASGD(torch.optim.SGD):
             group["nt_averaged_steps"] = 1
         history.append(value)
         return started
+
+    def on_validation(self, value: float, metric: Metric) -> str | None:
+        if self.observe(value, metric):
+            return "validation stopped improving, averaging from here (NT-ASGD)"
+        return None
+
+    def validated(self) -> AbstractContextManager[None]:
+        return self.averaged()
+
+    def keep_validated(self) -> None:
+        self.keep_average()
 
     @contextmanager
     def averaged(self) -> Iterator[None]:

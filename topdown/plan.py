@@ -210,9 +210,11 @@ class Stage:
         test: Mapping[str, float] | None = None,
         epochs: int = 0,
         seconds: float | None = None,
+        kept_epoch: int | None = None,
     ) -> dict[str, Any] | None:
-        """Hand back the model's validation metrics (and, to report, test metrics). After the
-        stage's last candidate this decides acceptance and records the stage; returns its record."""
+        """Hand back the model's validation metrics (and, to report, test metrics; and the epoch
+        whose weights the model holds, if one does). After the stage's last candidate this decides
+        acceptance and records the stage; returns its record."""
         if self.finished:
             raise TopdownError(f"{self.describe()} is already finished")
         metric = self.plan.metric.name
@@ -235,7 +237,7 @@ class Stage:
             raise ConfigError(f"{self.describe()}: validation {metric} must be a number, got {val[metric]!r}")
         seconds = time.perf_counter() - self._started if seconds is None else seconds
         self.finished = True
-        self.record = self.plan._candidate_finished(self, val, test, epochs, seconds)
+        self.record = self.plan._candidate_finished(self, val, test, epochs, seconds, kept_epoch)
         return self.record
 
 
@@ -309,7 +311,9 @@ class Plan:
         self.summary = self._open(header, resume)
         self.blocks.watch_call_order()  # once nothing can refuse the plan: a refused plan leaves no hook on the model
         self._tried: list[dict[str, Any]] = []
-        self._best: tuple[dict[str, float], dict[str, float], dict[str, torch.Tensor]] | None = None
+        self._best: tuple[dict[str, float], dict[str, float], dict[str, torch.Tensor], int | None] | None = (
+            None
+        )
 
     # -- what a procedure defines -------------------------------------------------------
 
@@ -477,10 +481,16 @@ class Plan:
     # -- candidates and stages ------------------------------------------------------------
 
     def _candidate_finished(
-        self, stage: Stage, val: dict[str, float], test: dict[str, float], epochs: int, seconds: float
+        self,
+        stage: Stage,
+        val: dict[str, float],
+        test: dict[str, float],
+        epochs: int,
+        seconds: float,
+        kept_epoch: int | None = None,
     ) -> dict[str, Any] | None:
         weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        tried = {"seed": stage.seed, "epochs": epochs, "val": val}
+        tried = {"seed": stage.seed, "epochs": epochs, "val": val, "kept_epoch": kept_epoch}
         last = stage.candidate == stage.spec.candidates - 1
         if not last:  # a resumed run picks finished candidates up from here
             self.run.save_candidate(
@@ -494,7 +504,8 @@ class Plan:
         if saved is None:
             return None
         weights, meta = saved
-        return {k: meta[k] for k in ("seed", "epochs", "val")}, meta["test"], meta["seconds"], weights
+        tried = {k: meta[k] for k in ("seed", "epochs", "val")}
+        return {**tried, "kept_epoch": meta.get("kept_epoch")}, meta["test"], meta["seconds"], weights
 
     def _keep_candidate(
         self, tried: dict[str, Any], test: dict[str, float], seconds: float, weights: dict[str, torch.Tensor]
@@ -503,11 +514,11 @@ class Plan:
         if self._best is None or self.metric.better(
             tried["val"][self.metric.name], self._best[0][self.metric.name]
         ):
-            self._best = (tried["val"], test, weights)
+            self._best = (tried["val"], test, weights, tried.get("kept_epoch"))
 
     def _record_stage(self, stage: Stage) -> dict[str, Any]:
         """Decide acceptance, then save checkpoints before the summary that points at them."""
-        spec, (val, test, weights) = stage.spec, self._best
+        spec, (val, test, weights, kept_epoch) = stage.spec, self._best
         self.blocks.unfreeze()
         self.model.load_state_dict(weights)
         chosen = self.best_index
@@ -526,6 +537,7 @@ class Plan:
             else [{k: t[k] for k in ("seed", "epochs", "val")} for t in self._tried],
             "val": val,
             "test": test,
+            "kept_epoch": kept_epoch,
             "accepted": accept(spec.accept, val[self.metric.name], best_val, self.metric),
             "seconds": sum(t["seconds"] for t in self._tried),
             **({"source": spec.source, "source_weights": self._source_weights} if spec.source else {}),
