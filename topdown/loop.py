@@ -315,8 +315,7 @@ def _train_epoch(
             shape = f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""
             raise ConfigError(
                 f"task {task.name}: loss(model, batch) must return a one-element tensor (that backward() "
-                "runs "
-                f"through), got {type(loss).__name__}{shape}"
+                f"runs through), got {type(loss).__name__}{shape}"
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()

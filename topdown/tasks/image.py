@@ -202,8 +202,7 @@ def _to_8bit(im, path: Path, root: Path):
         if a.size and (a.min() < 0 or a.max() > 255):
             raise DataError(
                 f"{where}: mode I (32-bit integer) pixels range {a.min()}..{a.max()}, whose full scale is "
-                "unknown; "
-                f"save it as 8- or 16-bit grayscale"
+                "unknown; save it as 8- or 16-bit grayscale"
             )
         return Image.fromarray(a.astype(np.uint8))
     return Image.fromarray(

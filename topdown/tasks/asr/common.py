@@ -239,8 +239,7 @@ def _without_tokens(utts: list[an4.Utterance], tokens: list[str], split: str) ->
     if emptied:
         warn(
             f"data.remove_tokens left {len(emptied)} of {len(utts)} utterance(s) of {split} with no words "
-            "(first: "
-            f"{emptied[0].uid!r}); they are left out"
+            f"(first: {emptied[0].uid!r}); they are left out"
         )
     return kept
 
@@ -251,8 +250,7 @@ def split_speakers(train: list[an4.Utterance], n_val: int) -> tuple[list[an4.Utt
     if not 0 < n_val < len(speakers):
         raise DataError(
             f"data.val_speakers={n_val}, but the training set has {len(speakers)} speakers (and there is no "
-            "dev set); "
-            f"allowed: 1 to {len(speakers) - 1}, or a dev/ directory"
+            f"dev set); allowed: 1 to {len(speakers) - 1}, or a dev/ directory"
         )
     held = set(np.random.default_rng(0).choice(speakers, n_val, replace=False).tolist())
     return [u for u in train if u.speaker not in held], [u for u in train if u.speaker in held]
@@ -284,8 +282,7 @@ def prepare(
                 raise DataError(
                     f"{where}: {len(u.feats)} frames give the model {out_length(len(feats))} output frames, "
                     f"too few for its {len(target)} characters (CTC needs {len(target) + repeats}: one per "
-                    "character, "
-                    f"one more per repeated character)"
+                    "character, one more per repeated character)"
                 )
             examples.append(Example(u.uid, feats, target, u.text))
         out[name] = examples

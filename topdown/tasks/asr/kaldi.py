@@ -155,15 +155,13 @@ def fbank_options(cfg: Fbank, rate: int, where: str):
         fits = next((n for n in range(bins - 1, 2, -1) if _refusal(cfg, rate, n) is None), None)
         if fits is None:
             raise ConfigError(
-                f"data.fbank.frame_length_ms={length:g} is too short for any mel filterbank {at}: no filter "
-                "gets an FFT bin; "
-                f"allowed: longer frames (25 is usual)"
+                f"data.fbank.frame_length_ms={length:g} is too short for any mel filterbank {at}: "
+                "no filter gets an FFT bin; allowed: longer frames (25 is usual)"
             )
         raise ConfigError(
             f"data.fbank.num_mel_bins={bins} is too many {at} with {length:g} ms frames and a "
-            f"{low:g}-{band:g} Hz band "
-            f"(some filters would get no FFT bin); allowed: at most {fits}, or longer frames "
-            "(data.fbank.frame_length_ms)"
+            f"{low:g}-{band:g} Hz band (some filters would get no FFT bin); allowed: at most {fits}, "
+            "or longer frames (data.fbank.frame_length_ms)"
         )
     return _knf_options(cfg, rate)
 
@@ -215,8 +213,7 @@ def read_audio(path: Path, where: str) -> tuple[np.ndarray, int]:
     if len(bad):  # a float WAV can hold NaN or inf, which would make every feature of the file NaN
         raise DataError(
             f"{where}: audio file {path} holds {len(bad)} non-finite sample(s) (NaN or inf; first at sample "
-            f"{bad[0]}); "
-            f"samples must be finite"
+            f"{bad[0]}); samples must be finite"
         )
     return wave[:, 0], int(rate)
 
@@ -314,8 +311,7 @@ def _read_wav_scp(
     ).is_file():  # Kaldi's segments cut utterances out of longer recordings; we read whole files
         raise DataError(
             f"{path / 'segments'}: segment files are not supported; cut the recordings into one file per "
-            "utterance "
-            f"(e.g. with Kaldi's extract-segments) and list those in wav.scp"
+            "utterance (e.g. with Kaldi's extract-segments) and list those in wav.scp"
         )
     scp = read_table(wav_path)
     _check_same_keys(text, scp, text_path, wav_path)
@@ -332,8 +328,7 @@ def _read_wav_scp(
         if " " in spec:
             raise DataError(
                 f"{where}: the path {spec!r} has a space, which wav.scp cannot hold (Kaldi splits its lines "
-                "at spaces); "
-                f"rename or link the file to a path without spaces"
+                "at spaces); rename or link the file to a path without spaces"
             )
         audio = Path(spec)
         if not audio.is_absolute() and not audio.exists() and (path / spec).exists():

@@ -24,8 +24,7 @@ SPLITS = ("train", "val", "test")
 _HEADING = re.compile(r"^ = [^=].* = $")  # a top-level article title; sections are " = = ... = = "
 NOT_COMPARABLE = (
     "WT2-small (train on WikiText-2's validation split, validate and test on the two halves of its test "
-    "split): "
-    "these perplexities are NOT comparable with published WikiText-2 perplexities."
+    "split): these perplexities are NOT comparable with published WikiText-2 perplexities."
 )
 
 
