@@ -210,7 +210,8 @@ def fit(
         on_epoch({**record, "max_epochs": cfg.epochs, "seconds": state.seconds})
         say(
             f"{desc} epoch {state.epoch}/{cfg.epochs}: train loss {train_loss:.4f}, val {monitor.name} "
-            f"{val[monitor.name]:.4g}{' *' if improved else ''}, lr {record['lr']:.3g}, {state.seconds:.1f}s"
+            f"{val[monitor.name]:.4g}{' *' if improved else ''}{_also(val, ranking.first, monitor)}, "
+            f"lr {record['lr']:.3g}, {state.seconds:.1f}s"
         )
         if resume_path is not None and distributed.is_writer():
             _save_resume_point(resume_path, model, opt, state, kept, ranking)
@@ -225,6 +226,11 @@ def fit(
         return FitResult(epochs=state.epoch, val=val, seconds=state.seconds, kept_epoch=kept_epoch)
     hooks.keep_validated()  # the stage's model is the one validated (NT-ASGD: the average)
     return FitResult(epochs=state.epoch, val=state.last_val, seconds=state.seconds, kept_epoch=state.epoch)
+
+
+def _also(val: Mapping[str, float], metric: Metric, monitor: Metric) -> str:
+    """The task's metric for the progress line, where the monitored one is another."""
+    return "" if metric.name == monitor.name else f", {metric.name} {val[metric.name]:.4g}"
 
 
 def _ranks_among(kept: list, val: Mapping[str, float], ranking: Ranking, n: int) -> bool:
