@@ -185,7 +185,7 @@ def plot_curves(summary: dict[str, Any], metrics: list[dict[str, Any]], path: Pa
                     row["val"].get(metric),
                     marker="*",
                     markersize=13,
-                    color=color,
+                    markerfacecolor="white",  # on its stage's curve; one look in the legend
                     markeredgecolor="black",
                     linestyle="none",
                     label=kept_label,
