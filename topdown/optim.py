@@ -37,10 +37,10 @@ def validation_hooks(opt: torch.optim.Optimizer) -> ValidationHooks:
 
 
 class NTASGD(torch.optim.SGD, ValidationHooks):
-    """SGD plus the trigger and the average. After each epoch's validation call ``observe``
-    (``on_validation``); validate (and save) inside ``averaged()`` (``validated``); at the end
-    ``keep_average()`` (``keep_validated``) if the model is to be the average. The trigger's
-    history and the average live in the optimizer's state dict, so a resume point carries them."""
+    """SGD plus the trigger and the average, through the validation hooks: after each epoch's
+    validation call ``on_validation``; validate (and save) inside ``validated()``; at the end
+    ``keep_validated()`` if the model is to be the average. The trigger's history and the average
+    live in the optimizer's state dict, so a resume point carries them."""
 
     def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, nonmono: int = 5):
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -68,12 +68,12 @@ class NTASGD(torch.optim.SGD, ValidationHooks):
             )
         return loss
 
-    def observe(self, value: float, metric: Metric) -> bool:
-        """An epoch's validation value; starts averaging (returns True) once it is worse than the
+    def on_validation(self, value: float, metric: Metric) -> str | None:
+        """The trigger: averaging starts once an epoch's validation ``value`` is worse than the
         best of all epochs but the last ``nonmono``."""
         group = self.param_groups[0]
         if self.averaging:
-            return False
+            return None
         history = group["nt_history"]
         older = history[: -self.nonmono] if self.nonmono > 0 else history
         started = bool(older) and metric.better(metric.best(older), value)
@@ -82,22 +82,11 @@ class NTASGD(torch.optim.SGD, ValidationHooks):
                 self.state[p]["ax"] = p.detach().clone()
             group["nt_averaged_steps"] = 1
         history.append(value)
-        return started
-
-    def on_validation(self, value: float, metric: Metric) -> str | None:
-        if self.observe(value, metric):
-            return "validation stopped improving, averaging from here (NT-ASGD)"
-        return None
-
-    def validated(self) -> AbstractContextManager[None]:
-        return self.averaged()
-
-    def keep_validated(self) -> None:
-        self.keep_average()
+        return "validation stopped improving, averaging from here (NT-ASGD)" if started else None
 
     @contextmanager
-    def averaged(self) -> Iterator[None]:
-        """The averaged weights in the model for the duration (the raw iterates otherwise)."""
+    def validated(self) -> Iterator[None]:
+        """The averaged weights in the model for the duration (the raw iterates before averaging)."""
         if not self.averaging:
             yield
             return
@@ -111,7 +100,8 @@ class NTASGD(torch.optim.SGD, ValidationHooks):
             with torch.no_grad():
                 torch._foreach_copy_(params, raw)
 
-    def keep_average(self) -> None:
+    def keep_validated(self) -> None:
+        """The averaged weights, once averaging has started, stay in the model."""
         if self.averaging:
             params = self._params()
             with torch.no_grad():
