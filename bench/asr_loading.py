@@ -67,7 +67,7 @@ def main() -> None:
         rows.append(("AN4 Sphinx layout (.mfc files)", sum(len(v) for v in corpus2.values()), t, audio_s))
 
     cfg = resolve_config("asr-rnn", "demo", {})
-    (_, info, _), t = timed(lambda: common.prepare(cfg.task["data"], None))
+    (_, info, _), t = timed(lambda: common.prepare(cfg.task.data, None))
     rows.append(
         (
             "AN4 bundle + deltas + CMVN + stacking (common.prepare)",
@@ -95,7 +95,7 @@ def main() -> None:
             sf.write(str(path), wave.astype(np.float32), rate, subtype="PCM_16")
             scp.write(f"{uid} {path}\n")
             text.write(f"{uid} HELLO\n")
-    fbank_cfg = dict(kaldi.Fbank.defaults())
+    fbank_cfg = kaldi.Fbank()
     (utts, facts), t = timed(lambda: kaldi.load_dir(d, fbank_cfg))
     wav_audio_s = sum(durations)
     rows.append(

@@ -45,13 +45,13 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10, help="steps timed per side (default 10)")
     args = parser.parse_args()
     cfg = resolve_config("asr-rnn", "bench", {"model": {"dropout": 0.0}}).task
-    examples = common.prepare(cfg["data"], None)[0]["train"]
+    examples = common.prepare(cfg.data, None)[0]["train"]
     torch.manual_seed(0)
     model = rnn.build_model(cfg).train()
     # the training loop's own batches: length-sorted within shuffled pools, so little padding
     batches = list(
         itertools.islice(
-            common.batches(examples, cfg["data"]["batch_size"], torch.Generator().manual_seed(0)),
+            common.batches(examples, cfg.data.batch_size, torch.Generator().manual_seed(0)),
             args.reps + 1,
         )
     )

@@ -68,7 +68,7 @@ def _steps(model, task, cfg, opt, params, device, n: int, *, read_loss: bool) ->
 
 def measure(name: str, device: torch.device, sync_steps: int, warmup_steps: int = 5) -> dict:
     config = resolve_config(name, "paper", {"train": {"epochs": 1}})
-    task = make_task(name, dict(config.task), None)
+    task = make_task(name, config.task, None)
     torch.manual_seed(0)
     model = task.build_model().to(device)
     params = [p for p in model.parameters() if p.requires_grad]

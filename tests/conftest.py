@@ -41,9 +41,10 @@ def toy_data(n: int = 192, seed: int = 0):
     return x, y
 
 
-def toy_task(metric_script: list[float] | None = None) -> Task:
+def toy_task(metric_script: list[float] | None = None, loss_script: list[float] | None = None) -> Task:
     """A small classification task; with ``metric_script`` the validation metric of the
-    k-th evaluation is scripted (to force acceptances and rejections)."""
+    k-th evaluation is scripted (to force acceptances and rejections), with ``loss_script`` its
+    validation loss."""
     x, y = toy_data()
     splits = {"train": (x[:128], y[:128]), "val": (x[128:160], y[128:160]), "test": (x[160:], y[160:])}
     calls = {"val": 0}
@@ -62,10 +63,15 @@ def toy_task(metric_script: list[float] | None = None) -> Task:
     def evaluate(model, split):
         xs, ys = splits[split]
         error = (model(xs).argmax(1) != ys).float().mean().item()
-        if metric_script is not None and split == "val":
-            error = metric_script[min(calls["val"], len(metric_script) - 1)]
+        cross_entropy = F.cross_entropy(model(xs), ys).item()
+        if split == "val":
+            k = calls["val"]
             calls["val"] += 1
-        return {"error": error, "loss": F.cross_entropy(model(xs), ys).item()}
+            if metric_script is not None:
+                error = metric_script[min(k, len(metric_script) - 1)]
+            if loss_script is not None:
+                cross_entropy = loss_script[min(k, len(loss_script) - 1)]
+        return {"error": error, "loss": cross_entropy}
 
     return Task(
         name="toy",

@@ -162,7 +162,8 @@ def test_feats_scp_directory_without_dev_holds_out_speakers(tmp_path, capsys):
         "test": 2,
     }  # one of 4 speakers (2 utterances) held out
     assert "note:" not in err
-    # on a corpus of one's own the default preset is the own-corpus recipe, not the demo (bench/RESULTS.md), and it says so
+    # on a corpus of one's own the default preset is the own-corpus recipe, not the demo
+    # (bench/RESULTS.md), and it says so
     code, err = run_main(
         capsys,
         "baseline",
@@ -224,7 +225,10 @@ def damage(root: Path, kind: str) -> str:
         wave = tone(0.3, 8000, 1)
         wave[100] = np.nan
         sf.write(str(wav), wave, 8000, subtype="FLOAT")
-        return r"wav\.scp: utterance 's1-u001': audio file .*s1-u001\.wav holds 1 non-finite sample\(s\) \(NaN or inf; first at sample 100\)"
+        return (
+            r"wav\.scp: utterance 's1-u001': audio file .*s1-u001\.wav holds 1 non-finite sample\(s\) "
+            r"\(NaN or inf; first at sample 100\)"
+        )
     if kind == "segments":
         (train / "segments").write_text("s0-u000 rec1 0.0 0.2\n")
         return (
@@ -301,7 +305,8 @@ FBANK_MISFITS = [  # (sample rate, data.fbank settings, the error)
     (
         8000,
         {"high_freq": 7600},
-        r"data\.fbank\.high_freq=7600 is above the Nyquist frequency 4000 Hz at 8000 Hz .*allowed: low_freq < high_freq <= 4000",
+        r"data\.fbank\.high_freq=7600 is above the Nyquist frequency 4000 Hz at 8000 Hz .*allowed: low_freq "
+        r"< high_freq <= 4000",
     ),
     (
         16000,
@@ -311,13 +316,15 @@ FBANK_MISFITS = [  # (sample rate, data.fbank settings, the error)
     (
         16000,
         {"low_freq": 9000},
-        r"data\.fbank\.low_freq=9000 is not below the Nyquist frequency 8000 Hz at 16000 Hz .*allowed: 0 <= low_freq < 8000",
+        r"data\.fbank\.low_freq=9000 is not below the Nyquist frequency 8000 Hz at 16000 Hz .*allowed: 0 <= "
+        r"low_freq < 8000",
     ),
     (16000, {"low_freq": 8000}, r"data\.fbank\.low_freq=8000 is not below the Nyquist frequency 8000 Hz"),
     (
         16000,
         {"high_freq": -9000},
-        r"data\.fbank\.high_freq=-9000 \(the Nyquist frequency 8000 Hz - 9000 = -1000 Hz\) is not above data\.fbank\.low_freq=20",
+        r"data\.fbank\.high_freq=-9000 \(the Nyquist frequency 8000 Hz - 9000 = -1000 Hz\) is not above "
+        r"data\.fbank\.low_freq=20",
     ),
     (
         16000,
@@ -327,12 +334,14 @@ FBANK_MISFITS = [  # (sample rate, data.fbank settings, the error)
     (
         16000,
         {"frame_length_ms": 0.01},
-        r"data\.fbank\.frame_length_ms=0\.01 is a window of 0 sample\(s\) at 16000 Hz .*allowed: at least 2 samples",
+        r"data\.fbank\.frame_length_ms=0\.01 is a window of 0 sample\(s\) at 16000 Hz .*allowed: at least 2 "
+        r"samples",
     ),
     (
         16000,
         {"frame_length_ms": 0.2},
-        r"data\.fbank\.frame_length_ms=0\.2 is too short for any mel filterbank at 16000 Hz .*allowed: longer frames",
+        r"data\.fbank\.frame_length_ms=0\.2 is too short for any mel filterbank at 16000 Hz .*allowed: "
+        r"longer frames",
     ),
     (
         16000,
@@ -374,32 +383,34 @@ def test_fbank_options_that_do_not_fit_the_sample_rate_are_one_line_errors(
     assert not run.exists()
     most = re.search(pattern, err.strip().splitlines()[-1]).groups()
     if most:  # the largest filterbank the message allows is accepted
-        corpus, _ = kaldi.load_root(data, {**kaldi.Fbank.defaults(), **fbank, "num_mel_bins": int(most[0])})
+        corpus, _ = kaldi.load_root(data, kaldi.Fbank.from_dict({**fbank, "num_mel_bins": int(most[0])}))
         assert corpus["train"][0].feats.shape[1] == int(most[0])
 
 
 def test_kaldi_files_with_a_byte_order_mark_load_as_without(tmp_path):
     """A UTF-8 byte order mark at the start of a Kaldi file is not part of the first utterance id."""
     data = kaldi_root(tmp_path / "data", dev=False, seconds=0.3)
-    plain, facts = kaldi.load_root(data, kaldi.Fbank.defaults())
+    plain, facts = kaldi.load_root(data, kaldi.Fbank())
     for name in ("text", "utt2spk", "wav.scp"):
         path = data / "train" / name
         path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
-    marked, marked_facts = kaldi.load_root(data, kaldi.Fbank.defaults())
+    marked, marked_facts = kaldi.load_root(data, kaldi.Fbank())
     assert marked_facts == facts
     for a, b in zip(plain["train"], marked["train"], strict=True):
         assert (a.uid, a.speaker, a.text) == (b.uid, b.speaker, b.text) and np.array_equal(a.feats, b.feats)
 
 
 def test_silent_utterances_are_a_one_line_warning(tmp_path, capsys):
-    """A few silent files can be legitimate, so they are counted in a warning (all of train silent is an error)."""
+    """A few silent files can be legitimate, so they are counted in a warning (all of train silent
+    is an error)."""
     data = kaldi_root(tmp_path / "data", dev=False, seconds=0.3)
     for uid in ("s1-u001", "s3-u003"):
         sf.write(str(data / "train" / "audio" / f"{uid}.wav"), np.zeros(2400, np.float32), 8000)
-    kaldi.load_root(data, kaldi.Fbank.defaults())
+    kaldi.load_root(data, kaldi.Fbank())
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        f"topdown: warning: 2 of 8 utterance(s) in {data / 'train'} are silent (constant audio, e.g. all-zero samples; first: 's1-u001')"
+        f"topdown: warning: 2 of 8 utterance(s) in {data / 'train'} are silent (constant audio, e.g. "
+        "all-zero samples; first: 's1-u001')"
     ]
 
 
@@ -468,7 +479,7 @@ def test_remove_tokens_strips_non_linguistic_symbols_and_leaves_out_utterances_w
     kaldi_dir(data / "test", ["<NOISE> NO", "GO YES"], first=200)
     cfg = resolve_config(
         "asr-rnn", "tiny", {"data": {"remove_tokens": ["<NOISE>"], "fbank": {"num_mel_bins": 23}}}
-    ).task["data"]
+    ).task.data
     corpus = common.load_corpus(cfg, str(data))
     assert [u.text for u in corpus.splits["train"]][:3] == ["YES NO", "NO", "GO"] and len(
         corpus.splits["train"]
@@ -495,7 +506,8 @@ def test_vocab_encode_decode():
     assert spelled.decode([1, 3, 2]) == "A\ufffdB" and common.error_rates(["A\ufffdB"], ["AZB"])[
         "cer"
     ] == pytest.approx(1 / 3)
-    # spaces at an utterance's edge or doubled between words are no character errors (WER does not see them either)
+    # spaces at an utterance's edge or doubled between words are no character errors (WER does not
+    # see them either)
     assert common.error_rates([" AB  C "], ["AB C"]) == {"wer": 0.0, "cer": 0.0}
     assert common.error_rates(["AB D"], ["AB C"]) == {"wer": 0.5, "cer": 0.25}
     with pytest.raises(topdown.DataError, match="character 'Z'"):
@@ -515,7 +527,7 @@ def tiny_transformer_task(limit: int = 24, conv_kernel: int = 0) -> topdown.Task
 def test_transformer_blocks_cover_the_model_and_match_the_subsampling():
     cfg = resolve_config("asr-transformer", "tiny", {}).task
     model = transformer.build_model(cfg, inputs=39, vocab=28)
-    blocks = Blocks(model, transformer.block_names(cfg["model"]))
+    blocks = Blocks(model, transformer.block_names(cfg.model))
     assert blocks.names == ["frontend", "layer1", "layer2", "output"]
     assert blocks.parameter_names()["output"] == ["norm.weight", "norm.bias", "output.weight", "output.bias"]
     feats, lengths = torch.randn(3, 41, 39), torch.tensor([41, 30, 7])
@@ -604,7 +616,7 @@ def test_pyramidal_blstm_halves_the_frame_rate_and_ignores_padding():
     layers above see twice the width, and what a padded utterance's frames hold changes nothing."""
     cfg = resolve_config("asr-rnn", "tiny", {"model": {"subsample": [2]}}).task
     model = rnn.build_model(cfg, inputs=39, vocab=28).eval()
-    hidden = cfg["model"]["hidden"]
+    hidden = cfg.model.hidden
     assert model.encoder[1].lstm.input_size == 4 * hidden and model.output.in_features == 2 * hidden
     feats, lengths = torch.randn(2, 41, 39), torch.tensor([41, 30])
     logits, out = model(feats, lengths)
@@ -640,9 +652,7 @@ def test_paper_presets_build():
     for name, params in (("asr-transformer", 20e6), ("asr-rnn", 8e6)):
         cfg = resolve_config(name, "paper", {}).task
         module = task_module(name)
-        model = module.build_model(
-            cfg, inputs=80 * (3 if cfg["data"]["deltas"] else 1) * cfg["data"]["stack"], vocab=40
-        )
+        model = module.build_model(cfg, inputs=80 * (3 if cfg.data.deltas else 1) * cfg.data.stack, vocab=40)
         n = sum(p.numel() for p in model.parameters())
         assert 0.5 * params < n < 2 * params, (name, n)
 
@@ -767,26 +777,27 @@ def test_tiny_run_reports_beam_and_lm_error_rates_next_to_greedy(tmp_path):
 
 def test_spec_augment_masks_within_lengths_and_is_seeded():
     feats, lengths = torch.ones(2, 50, 10), torch.tensor([50, 20])
-    cfg = {"freq_masks": 2, "freq_width": 3, "time_masks": 2, "time_width": 10}
+    cfg = common.SpecAugment(freq_masks=2, freq_width=3, time_masks=2, time_width=10)
     torch.manual_seed(0)
     a = common.spec_augment(feats, lengths, cfg)
     torch.manual_seed(0)
     assert torch.equal(a, common.spec_augment(feats, lengths, cfg))
     assert (a == 0).any() and torch.equal(feats, torch.ones(2, 50, 10))
-    assert common.spec_augment(feats, lengths, {**cfg, "freq_masks": 0, "time_masks": 0}) is feats
-    # time masks alone: whole frames inside each utterance's length, never its padding, each span at most time_width
+    assert common.spec_augment(feats, lengths, cfg.replace(freq_masks=0, time_masks=0)) is feats
+    # time masks alone: whole frames inside each utterance's length, never its padding, each span at
+    # most time_width
     for masks in (1, 3):
         zeroed = [False, False]
         for seed in range(8):
             torch.manual_seed(seed)
-            t = common.spec_augment(feats, lengths, {**cfg, "freq_masks": 0, "time_masks": masks})
+            t = common.spec_augment(feats, lengths, cfg.replace(freq_masks=0, time_masks=masks))
             frames = (t == 0).all(-1)  # (B, T): a masked frame is zero in every dimension
             assert torch.equal(t == 0, frames[..., None].expand_as(t)) and ((t == 0) | (t == 1)).all()
             for b, n in enumerate(lengths.tolist()):
                 assert not frames[b, n:].any(), (masks, seed, b)  # frames beyond the length untouched
                 zeroed[b] |= bool(frames[b, :n].any())
                 if masks == 1:  # one span: its run of masked frames is at most the configured width
-                    assert frames[b].sum() <= cfg["time_width"], (seed, b)
+                    assert frames[b].sum() <= cfg.time_width, (seed, b)
                     idx = frames[b].nonzero().flatten()
                     assert len(idx) == 0 or idx[-1] - idx[0] + 1 == len(idx)  # contiguous
         assert all(zeroed), masks  # each utterance had a frame inside its length masked
@@ -830,9 +841,7 @@ def test_cmvn_per_speaker_and_per_utterance_use_their_own_statistics():
 def test_spec_augment_bands_cover_the_same_dimensions_of_each_stacked_frame():
     feats, lengths = torch.ones(3, 40, 4 * 6), torch.tensor([40, 30, 20])
     torch.manual_seed(0)
-    a = common.spec_augment(
-        feats, lengths, {"freq_masks": 2, "freq_width": 3, "time_masks": 0, "time_width": 0}, stack=4
-    )
+    a = common.spec_augment(feats, lengths, common.SpecAugment(freq_masks=2, freq_width=3), stack=4)
     masked = (a == 0).view(3, 40, 4, 6)
     assert (
         masked.any() and (masked == masked[:, :, :1]).all()

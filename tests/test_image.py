@@ -42,7 +42,7 @@ LAYOUT = {"train": {"cat": 6, "dog": 6, "owl": 4}, "test": {"cat": 2, "dog": 2}}
 def test_blocks_partition_the_model_and_every_block_has_batchnorm():
     cfg = tiny_cfg().task
     model = image.build_model(cfg)
-    spec = image.block_names(cfg["model"])
+    spec = image.block_names(cfg.model)
     assert [name for name, _ in spec] == ["stem", "stage1", "stage2", "head"]
     blocks = Blocks(model, spec)
     assert len(blocks) == 4
@@ -56,12 +56,12 @@ def test_blocks_partition_the_model_and_every_block_has_batchnorm():
 
 def test_paper_preset_is_resnet18_sized():
     cfg = resolve_config("image", "paper", {}).task
-    assert (cfg["model"]["width"], cfg["model"]["stages"], cfg["model"]["depth"]) == (64, 4, 2)
+    assert (cfg.model.width, cfg.model.stages, cfg.model.depth) == (64, 4, 2)
     model = image.build_model(cfg, in_channels=3, classes=10)
     assert [s[0].conv1.out_channels for s in model.stages] == [64, 128, 256, 512]
     n = sum(p.numel() for p in model.parameters())
     assert 11_100_000 < n < 11_250_000  # CIFAR ResNet-18: 11.17 M, plus the head's BatchNorm
-    assert [b for b, _ in image.block_names(cfg["model"])] == [
+    assert [b for b, _ in image.block_names(cfg.model)] == [
         "stem",
         "stage1",
         "stage2",
@@ -117,12 +117,12 @@ def test_augmentation_is_a_function_of_the_generator_and_keeps_shapes():
 def test_image_folders_load_with_a_fixed_held_out_validation_set(tmp_path):
     root = write_images(tmp_path / "d", LAYOUT)
     cfg = tiny_cfg({"data": {"val_fraction": 0.25}}).task
-    classes, splits, facts = image.load_folders(cfg["data"], str(root))
+    classes, splits, facts = image.load_folders(cfg.data, str(root))
     assert classes == ["cat", "dog", "owl"]
     assert {k: len(v[1]) for k, v in splits.items()} == {"train": 12, "val": 4, "test": 4}
     assert splits["train"][0].shape == (12, 1, 8, 8) and splits["train"][0].dtype == torch.uint8
     assert sorted(splits["test"][1].tolist()) == [0, 0, 1, 1]
-    again = image.load_folders(cfg["data"], str(root))[1]
+    again = image.load_folders(cfg.data, str(root))[1]
     assert torch.equal(again["val"][0], splits["val"][0])  # the held-out images never depend on the run
     task = image.make(cfg, str(root))
     assert (
@@ -135,7 +135,7 @@ def test_image_folders_load_with_a_fixed_held_out_validation_set(tmp_path):
     write_images(
         root, {"val": {"dog": 3}}, mode="RGB"
     )  # a val/ directory is used as given; one RGB image makes all RGB
-    classes, splits, facts = image.load_folders(tiny_cfg().task["data"], str(root))
+    classes, splits, facts = image.load_folders(tiny_cfg().task.data, str(root))
     assert {k: len(v[1]) for k, v in splits.items()} == {"train": 16, "val": 3, "test": 4}
     assert (
         facts["color"] == "rgb" and splits["test"][0].shape[1] == 3 and splits["val"][1].tolist() == [1, 1, 1]
@@ -190,16 +190,19 @@ def bad(tmp_path, kind):
         ),
         (
             "sizes",
-            r"^images differ in size \(train/cat/0.png is 8x8, train/dog/big.png is 10x10\); set data.resize=N",
+            r"^images differ in size \(train/cat/0.png is 8x8, train/dog/big.png is 10x10\); set "
+            r"data.resize=N",
         ),
         ("empty split", r"^the test split is empty"),
         (
             "valid dir",
-            r"^\S+/d: unknown directory valid/ \(expected only train/, test/ and an optional val/\); validation images go in val/$",
+            r"^\S+/d: unknown directory valid/ \(expected only train/, test/ and an optional val/\); "
+            r"validation images go in val/$",
         ),
         (
             "unknown dirs",
-            r"^\S+/d: unknown directories extra/, more/ \(expected only train/, test/ and an optional val/\)$",
+            r"^\S+/d: unknown directories extra/, more/ \(expected only train/, test/ and an optional "
+            r"val/\)$",
         ),
         ("one class", r"^\S+/d/train: only one class directory \('cat'\); classification needs at least 2$"),
     ],
@@ -228,7 +231,7 @@ def test_16_bit_grayscale_is_scaled_to_8_bits_not_clipped(tmp_path):
     assert (
         small.mode == "I" and np.asarray(image._to_8bit(small, root, root))[0].tolist() == [0, 63, 255, 7] * 2
     )
-    _, splits, facts = image.load_folders(tiny_cfg().task["data"], str(root))
+    _, splits, facts = image.load_folders(tiny_cfg().task.data, str(root))
     assert facts["color"] == "gray" and splits["train"][0].max() == 255
 
 
@@ -238,12 +241,14 @@ def test_16_bit_grayscale_is_scaled_to_8_bits_not_clipped(tmp_path):
         (
             "F",
             [0.0, 0.5],
-            r"^image train/a/odd.png: mode F \(32-bit float pixels\) is not supported; save it as 8- or 16-bit grayscale$",
+            r"^image train/a/odd.png: mode F \(32-bit float pixels\) is not supported; save it as 8- or "
+            r"16-bit grayscale$",
         ),
         (
             "I",
             [0, 300],
-            r"^image train/a/odd.png: mode I \(32-bit integer\) pixels range 0..300, whose full scale is unknown",
+            r"^image train/a/odd.png: mode I \(32-bit integer\) pixels range 0..300, whose full scale is "
+            r"unknown",
         ),
     ],
 )
@@ -264,7 +269,8 @@ def test_float_and_out_of_range_wide_images_are_refused_in_one_line(tmp_path, mo
     "key, value, with_val", [("test_fraction", 0.3, False), ("val_fraction", 0.25, True)]
 )
 def test_fractions_that_image_folders_ignore_are_refused(tmp_path, key, value, with_val):
-    """data.test_fraction splits only the bundled digits, and data.val_fraction has no effect when val/ exists."""
+    """data.test_fraction splits only the bundled digits, and data.val_fraction has no effect when
+    val/ exists."""
     root = write_images(tmp_path / "d", LAYOUT)
     if with_val:
         write_images(root, {"val": {"cat": 2}})

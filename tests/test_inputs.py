@@ -96,23 +96,21 @@ def test_relations_between_fields():
 
 
 def test_set_gives_a_string_option_the_text_as_typed_and_types_the_others():
-    """YAML would read `#` as a comment, `?` as a mapping and `*` as an alias: a string option takes the text."""
+    """YAML would read `#` as a comment, `?` as a mapping and `*` as an alias: a string option
+    takes the text."""
     for text in ("#", "!", "~", "?", "*", "@", "|", "%", "<UNK>"):
-        assert (
-            resolve_config("asr-rnn", "tiny", parse_overrides([f"data.unk={text}"])).task["data"]["unk"]
-            == text
-        )
+        assert resolve_config("asr-rnn", "tiny", parse_overrides([f"data.unk={text}"])).task.data.unk == text
     assert (
-        resolve_config("asr-rnn", "tiny", parse_overrides(["data.unk='#'"])).task["data"]["unk"] == "#"
+        resolve_config("asr-rnn", "tiny", parse_overrides(["data.unk='#'"])).task.data.unk == "#"
     )  # YAML quoting still works
     cfg = resolve_config(
         "digits", "tiny", parse_overrides(["train.lr=1e-3", "cascade.splits=[2,1]", "train.monitor= loss "])
     )
     assert (cfg.train.lr, cfg.cascade.splits, cfg.train.monitor) == (0.001, [2, 1], "loss")
     assert (
-        resolve_config("asr-rnn", "tiny", parse_overrides(["data.fbank={num_mel_bins: 40}"])).task["data"][
-            "fbank"
-        ]["num_mel_bins"]
+        resolve_config(
+            "asr-rnn", "tiny", parse_overrides(["data.fbank={num_mel_bins: 40}"])
+        ).task.data.fbank.num_mel_bins
         == 40
     )
     with pytest.raises(topdown.ConfigError, match=r"^--set train.epochs: cannot parse value '\*'$"):
@@ -247,7 +245,8 @@ def test_a_full_disk_mid_run_keeps_what_was_saved_and_resume_finishes_identicall
 
 
 def test_a_damaged_compressed_corpus_file_is_a_data_error_naming_it(tmp_path):
-    """The bundled WikiText splits are .gz files: a truncated or corrupted copy is one line, not a zlib traceback."""
+    """The bundled WikiText splits are .gz files: a truncated or corrupted copy is one line, not a
+    zlib traceback."""
     import gzip
 
     from topdown.task import text_lines

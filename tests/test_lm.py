@@ -221,8 +221,7 @@ def test_dropouts_are_off_in_eval_and_ar_tar_enter_the_loss():
     with torch.no_grad():
         assert torch.equal(model(batch[0])[0], model(batch[0])[0])
         with_reg = task.loss(model, batch)
-        cfg.task["loss"].update(alpha=0.0, beta=0.0)
-        plain = task.loss(model, batch)
+        plain = awd.make(cfg.updated({"loss": {"alpha": 0.0, "beta": 0.0}}).task).loss(model, batch)
         logits = model(batch[0])[0]
         ce = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[1].reshape(-1))
     assert torch.allclose(plain, ce * batch[3]) and with_reg > plain
@@ -243,15 +242,15 @@ def test_variable_bptt_covers_the_epoch_in_order():
     assert [b[0].shape[0] for b in again] == lengths  # a pure function of the generator
     # the whole epoch: the corpus prefix the preset keeps, cut into batch_size streams side by side
     # (the remainder dropped), every token but each stream's first is a target exactly once
-    d = cfg.task["data"]
+    d = cfg.task.data
     lines = corpus.load_wt2_small()["train"]
     words = [w for line in lines for w in line.split() + ["<eos>"]]
-    assert len(words) > d["limit_tokens"] > 0
-    steps = d["limit_tokens"] // d["batch_size"]
-    assert sum(b[1].numel() for b in batches) == (steps - 1) * d["batch_size"]
+    assert len(words) > d.limit_tokens > 0
+    steps = d.limit_tokens // d.batch_size
+    assert sum(b[1].numel() for b in batches) == (steps - 1) * d.batch_size
     vocab = corpus.build_vocab(lines)
-    ids = torch.tensor([vocab.index(w) for w in words[: steps * d["batch_size"]]])
-    assert torch.equal(torch.cat([stream, batches[-1][1][-1:]]), ids.view(d["batch_size"], steps).t())
+    ids = torch.tensor([vocab.index(w) for w in words[: steps * d.batch_size]])
+    assert torch.equal(torch.cat([stream, batches[-1][1][-1:]]), ids.view(d.batch_size, steps).t())
 
 
 # -- tied weights and blocks ----------------------------------------------------------------------
@@ -259,7 +258,7 @@ def test_variable_bptt_covers_the_epoch_in_order():
 
 def test_tied_weights_across_a_split_are_an_error_unless_tie_is_given():
     model = AWDLSTM(50, 8, 12, 2, tie="classifier")
-    spec = awd.block_names({"layers": 2})
+    spec = awd.block_names(awd.Model(layers=2))
     with pytest.raises(
         BlockError, match=r"encoder.weight = decoder.weight is shared by blocks \['decoder', 'embedding'\]"
     ):

@@ -8,6 +8,7 @@ import topdown.loop as loop
 from topdown import ConfigError, TrainConfig
 from topdown.files import load_tensors, save_tensors
 from topdown.loop import fit
+from topdown.schedule import LrSchedule
 
 
 def recorded_lrs(monkeypatch, cfg: TrainConfig, task=None) -> list[float]:
@@ -93,26 +94,27 @@ def test_what_a_task_hands_the_loop_is_checked_with_a_one_line_error():
         fit(task.build_model(), scalar, TrainConfig(epochs=1), seed=0)
     with pytest.raises(
         ConfigError,
-        match=r"^task toy: train_batches must take 2 positional argument\(s\), as train_batches\(generator, subset\)",
+        match=r"^task toy: train_batches must take 2 positional argument\(s\), "
+        r"as train_batches\(generator, subset\)",
     ):
         dataclasses.replace(task, train_batches=lambda generator: [])
 
 
 def test_onecycle_and_cosine_are_pure_functions_of_the_step(monkeypatch):
-    """train.schedule=onecycle/cosine: the lr of every step follows scheduled_lr over the stage's
+    """train.schedule=onecycle/cosine: the lr of every step follows LrSchedule.lr over the stage's
     planned steps (epochs x batches), and validation plateaus do not decay it."""
     script = [0.5, 0.6, 0.6, 0.6]  # plateaus that would halve a plateau schedule's lr
     for schedule in ("onecycle", "cosine"):
         cfg = TrainConfig(epochs=4, lr=0.01, schedule=schedule, warmup_steps=2 if schedule == "cosine" else 0)
         lrs = recorded_lrs(monkeypatch, cfg, toy_task(metric_script=script))
         assert lrs == pytest.approx(
-            [loop.scheduled_lr(cfg, 0.01, s, 16) for s in range(16)]
+            [LrSchedule(cfg, 16).lr(s, 0.01) for s in range(16)]
         )  # 4 batches x 4 epochs
         assert max(lrs) == pytest.approx(0.01, rel=0.05) and lrs[-1] < 0.01 * 0.05
     onecycle = TrainConfig(lr=0.01, schedule="onecycle")
-    assert loop.scheduled_lr(onecycle, 0.01, 0, 100) == pytest.approx(0.01 / 25)
-    assert loop.scheduled_lr(onecycle, 0.01, 30, 100) == pytest.approx(0.01)
-    assert loop.scheduled_lr(onecycle, 0.01, 99, 100) == pytest.approx(0.01 / 25 / 1e4)
+    assert LrSchedule(onecycle, 100).lr(0, 0.01) == pytest.approx(0.01 / 25)
+    assert LrSchedule(onecycle, 100).lr(30, 0.01) == pytest.approx(0.01)
+    assert LrSchedule(onecycle, 100).lr(99, 0.01) == pytest.approx(0.01 / 25 / 1e4)
     with pytest.raises(ConfigError, match="train.schedule"):
         TrainConfig(schedule="step")
 
@@ -157,7 +159,7 @@ def test_min_epoch_steps_passes_a_small_training_set_again(monkeypatch):
     cfg = TrainConfig(epochs=2, lr=0.01, min_epoch_steps=10, schedule="onecycle")
     lrs = recorded_lrs(monkeypatch, cfg)
     assert len(lrs) == 24  # 2 epochs x 3 passes x 4 batches
-    assert lrs == pytest.approx([loop.scheduled_lr(cfg, 0.01, s, 24) for s in range(24)])
+    assert lrs == pytest.approx([LrSchedule(cfg, 24).lr(s, 0.01) for s in range(24)])
     assert len(recorded_lrs(monkeypatch, TrainConfig(epochs=2, lr=0.01, min_epoch_steps=0))) == 8
     assert (
         len(recorded_lrs(monkeypatch, TrainConfig(epochs=2, lr=0.01, min_epoch_steps=4))) == 8
@@ -251,3 +253,67 @@ def test_a_resume_point_of_the_earlier_format_resumes_to_the_same_weights(tmp_pa
     assert result.val["error"] == 0.4  # the best epoch, 2, restored from "best."
     for name, value in resumed.state_dict().items():
         assert torch.equal(value, seen[1][name])
+
+
+# -- the kept epoch: ranked by the task's metric, whatever train.monitor watches ------------------
+
+
+def test_the_kept_epoch_is_the_best_by_the_tasks_metric_even_when_train_monitor_is_the_loss():
+    """train.monitor=loss drives lr decay and early stopping; the weights the stage ends with are
+    those of the epoch with the best task metric (which decides acceptance), not the lowest loss."""
+    errors, losses = [0.5, 0.3, 0.4, 0.45], [0.9, 0.8, 0.7, 0.6]  # they disagree: epoch 2 vs 4
+    cfg = TrainConfig(epochs=4, lr=0.01, monitor="loss", lr_patience=1)
+    task = toy_task(metric_script=errors, loss_script=losses)
+    records, seen, real = [], [], task.evaluate
+
+    def evaluate(model, split):
+        if split == "val":
+            seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real(model, split)
+
+    task.evaluate = evaluate
+    torch.manual_seed(0)
+    model = task.build_model()
+    result = fit(model, task, cfg, seed=0, on_epoch=records.append)
+    assert result.kept_epoch == 2 and result.val["error"] == 0.3 and result.val["loss"] == 0.8
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, seen[1][name])
+    assert [r["lr"] for r in records] == [0.01] * 4  # the loss improved every epoch: no plateau decay
+    # equal on the task's metric: train.monitor breaks the tie (the later epoch's lower loss)
+    task = toy_task(metric_script=[0.5, 0.3, 0.3, 0.4], loss_script=losses)
+    torch.manual_seed(0)
+    assert fit(task.build_model(), task, cfg, seed=0).kept_epoch == 3
+    # without restore_best the stage keeps its last epoch
+    task = toy_task(metric_script=errors, loss_script=losses)
+    torch.manual_seed(0)
+    last = fit(task.build_model(), task, cfg.replace(restore_best=False), seed=0)
+    assert last.kept_epoch == 4 and last.val["error"] == 0.45
+
+
+def test_a_kept_average_of_epochs_is_no_single_epoch():
+    cfg = TrainConfig(epochs=4, lr=0.01, average_best=2)
+    _, result, _ = _fit_recording_weights(cfg, [0.5, 0.4, 0.45, 0.3, 0.3])  # the average ties: kept
+    assert result.kept_epoch is None
+    _, result, _ = _fit_recording_weights(cfg, [0.5, 0.4, 0.45, 0.3, 0.35])  # the average is worse
+    assert result.kept_epoch == 4
+
+
+def test_the_stage_record_carries_the_kept_epoch_and_the_curves_mark_it(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from topdown.config import RunConfig
+    from topdown.procedures import run_procedure
+    from topdown.report import plot_curves
+    from topdown.runs import RunDir
+
+    task = toy_task(metric_script=[0.5, 0.3, 0.4, 0.45, 0.3], loss_script=[0.9, 0.8, 0.7, 0.6, 0.8])
+    config = RunConfig.from_dict({"train": {"epochs": 4, "lr": 0.01, "monitor": "loss"}})
+    summary = run_procedure("baseline", task, tmp_path / "run", config=config, seed=0)
+    stage = summary["stages"][0]
+    assert stage["kept_epoch"] == 2 and stage["val"]["error"] == 0.3
+    stars, plot = [], Axes.plot
+    monkeypatch.setattr(
+        Axes, "plot", lambda ax, *a, **k: (k.get("marker") == "*" and stars.append(a), plot(ax, *a, **k))[1]
+    )
+    plot_curves(summary, RunDir(tmp_path / "run").read_metrics(), tmp_path / "curves.png")
+    assert stars == [(2, 0.3)] and (tmp_path / "curves.png").stat().st_size > 0

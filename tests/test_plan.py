@@ -376,7 +376,7 @@ def test_our_loop_is_one_executor_of_the_same_plan(tmp_path):
         stage.model.eval()
         with torch.no_grad():
             test = task.evaluate(stage.model, "test")
-        stage.finish(val=result.val, test=test, epochs=result.epochs)
+        stage.finish(val=result.val, test=test, epochs=result.epochs, kept_epoch=result.kept_epoch)
     assert without_seconds(plan.summary) == without_seconds(ours)
 
 

@@ -40,8 +40,8 @@ def check_one_recipe(config: RunConfig) -> None:
     changed = [f"cascade.{key}" for key in CASCADE_ONLY if getattr(config.cascade, key) != defaults[key]]
     if changed:
         raise ConfigError(
-            f"analyse: {', '.join(changed)} would change only the retrain-feature-extractor runs (analyse runs every "
-            "usable split, each side trained alike); leave them at their defaults"
+            f"analyse: {', '.join(changed)} would change only the retrain-feature-extractor runs "
+            "(analyse runs every usable split, each side trained alike); leave them at their defaults"
         )
 
 
@@ -127,7 +127,8 @@ def run_analyse(
     base = run_or_resume(
         "baseline", task, out / "runs" / "baseline", config=config, seed=seed, preset=preset, device=device
     )
-    # splits with a side that owns no parameter (e.g. lm-awd's embedding with tie=classifier) have nothing to train
+    # splits with a side that owns no parameter (e.g. lm-awd's embedding with tie=classifier) have
+    # nothing to train
     splits = sorted(usable_splits(base["blocks"]))
     rows = in_parallel(
         split_row, [(out, k, config, subsets, seed, preset, device) for k in splits], task, jobs, task_factory
@@ -162,15 +163,18 @@ def render(record: dict[str, Any]) -> str:
         f"# Analysis on {record['task']} (preset {record['preset']}, seed {record['seed']})",
         "",
         f"Test {m}{display_scale(m)[1]} (validation in brackets). Retrained classifiers, retrained feature",
-        "extractors and transfers start from the same trained baseline; subset baselines train from scratch, and they and",
-        "the transfers on the same fixed fraction of the training data. Both retrain columns follow one recipe.",
+        "extractors and transfers start from the same trained baseline; subset baselines train from "
+        "scratch, and they and",
+        "the transfers on the same fixed fraction of the training data. Both retrain columns follow one "
+        "recipe.",
         "",
         *([f"Note: {record['note']}", ""] if record.get("note") else []),
         *table_head(head),
     ]
 
     def cell(x: dict[str, float]) -> str:
-        return f"{format_metric(x['test'], m, sign=False)} ({format_metric(x['val'], m, sign=False)})"  # test (val)
+        test, val = format_metric(x["test"], m, sign=False), format_metric(x["val"], m, sign=False)
+        return f"{test} ({val})"
 
     for row in record["rows"]:
         k = row["split"]

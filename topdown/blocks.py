@@ -183,7 +183,8 @@ class Blocks:
         return len(self.modules)
 
     def out_of_range(self, k: int) -> str | None:
-        """Why ``k`` is no split of these blocks (a feature extractor and a classifier of one block or more), or None."""
+        """Why ``k`` is no split of these blocks (a feature extractor and a classifier of one block
+        or more), or None."""
         return (
             None
             if 1 <= k < len(self)

@@ -213,7 +213,7 @@ def _list(args: argparse.Namespace) -> None:
         cfg = resolve_config(name, args.preset, {}).task
         model = module.build_model(cfg)
         print(f"  blocks ({args.preset} preset, input to output):")
-        blocks = module.block_names(cfg["model"])
+        blocks = module.block_names(cfg.model)
         params = {
             b: {id(p): p for m in mods for p in model.get_submodule(m).parameters()} for b, mods in blocks
         }

@@ -39,6 +39,7 @@ from topdown.metrics import Metric, display_scale
 from topdown.procedures import planned_models, run_or_resume
 from topdown.report import format_metric, save_figure, stage_result, table_head, write_record
 from topdown.runs import RunDir
+from topdown.schedule import LrSchedule
 from topdown.seeds import derive_seed
 from topdown.task import Task
 
@@ -196,10 +197,7 @@ def equal_epochs_config(config: RunConfig, budget: int) -> RunConfig:
     (early stopping; under the plateau schedule, the lr floor ``min_lr``): with them, a baseline
     that stopped early would stop at the same epoch again, and the arm would only repeat the
     baseline instead of asking whether the cascade's extra epochs, spent on the baseline, do as well."""
-    train: dict[str, Any] = {"epochs": budget, "early_stop": 0}
-    if config.train.schedule == "plateau":
-        train["min_lr"] = 0.0
-    return config.updated({"train": train})
+    return config.updated({"train": LrSchedule.to_the_last_epoch(config.train, budget)})
 
 
 def _arm_configs(config: RunConfig, forgetting: bool) -> tuple[RunConfig, RunConfig | None]:

@@ -6,20 +6,20 @@ dataclasses, plus the task's own sections (``data``, ``model``, ...). Every fiel
 its constraint once, where it is declared (``option(default, ge=..., choices=...)``); a value
 outside it is refused when the object is built, naming the key, the value and what is allowed.
 
-On the command line the configuration is layered as nested dicts (method defaults, the
-task's defaults, its preset, ``--set`` overrides: ``merge``), then typed once. Only keys that
-already exist can be set, so a typo is an error rather than a silently ignored option.
+A configuration is changed only through its typed sections (``RunConfig.updated``: each section
+rebuilt by ``dataclasses.replace`` and checked again); on the command line the layers (the task's
+defaults, its preset, ``--set`` overrides) are applied so, one after the other. Only keys that
+exist can be set, so a typo is an error rather than a silently ignored option.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -84,20 +84,25 @@ def option(
 
 
 def validate(obj: Any, section: str) -> None:
-    """Check every field of the dataclass ``obj`` against its type and its ``Check``."""
+    """Check every field of the dataclass ``obj`` against its type and its ``Check``: the one
+    place a configuration value is checked."""
     hints = typing.get_type_hints(type(obj))
     for f in fields(obj):
         value = getattr(obj, f.name)
         key = f"{section}.{f.name}"
         check = f.metadata.get("check", Check())
         if check.choices is None and not _matches(value, hints[f.name]):
-            raise ConfigError(f"{key} expects {_type_name(hints[f.name])}, got {value!r}")
+            raise ConfigError(f"config key {key!r} expects a {_type_name(hints[f.name])}, got {value!r}")
         if not check.accepts(value):
             raise ConfigError(f"{key} is {value!r}; allowed: {check.allowed()}")
 
 
 def _type_name(hint: Any) -> str:
-    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
+    return hint.__name__ if isinstance(hint, type) else str(hint)
 
 
 def _matches(value: Any, hint: Any) -> bool:
@@ -138,23 +143,40 @@ class Section:
     def replace(self, **changes: Any):
         return dataclasses.replace(self, **changes)
 
+    def updated(self, changes: Mapping[str, Any] | Section, where: str | None = None):
+        """A copy with nested ``changes`` applied (nested sections updated in turn), checked again.
+        A key the section does not declare is an error; a ``--set`` value (``CommandLineValue``)
+        is read as the type its key declares."""
+        where = where or self.SECTION
+        if isinstance(changes, CommandLineValue):  # --set data.fbank={num_mel_bins: 40}
+            changes = changes.parsed(where)
+        if isinstance(changes, Section):
+            if type(changes) is not type(self):
+                raise ConfigError(f"config key {where!r} is a {type(self).__name__}, got {changes!r}")
+            return changes
+        if not isinstance(changes, Mapping):
+            raise ConfigError(f"config key {where!r} is a section, not a value")
+        hints, known = typing.get_type_hints(type(self)), sorted(f.name for f in fields(self))
+        if unknown := sorted(set(changes) - set(known), key=str):
+            raise ConfigError(
+                f"unknown config key '{where}.{unknown[0]}'; known keys here: {', '.join(known)}"
+            )
+        new = {}
+        for key, value in changes.items():
+            current = getattr(self, key)
+            if isinstance(current, Section):
+                new[key] = current.updated(value, f"{where}.{key}")
+            elif isinstance(value, CommandLineValue):
+                new[key] = value.as_text() if hints[key] is str else value.parsed(f"{where}.{key}")
+            else:
+                new[key] = value
+        return self.replace(**new)
+
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]):
-        """Build the section (nested sections included) from a dict: unknown keys and bad values are errors."""
-        hints = typing.get_type_hints(cls)
-        known = {f.name for f in fields(cls)}
-        if unknown := sorted(set(values) - known):
-            raise ConfigError(
-                f"unknown config key {cls.SECTION}.{unknown[0]!r}; known keys here: {', '.join(sorted(known))}"
-            )
-        return cls(
-            **{
-                k: hints[k].from_dict(v)
-                if isinstance(hints[k], type) and issubclass(hints[k], Section) and isinstance(v, Mapping)
-                else v
-                for k, v in values.items()
-            }
-        )
+        """Build the section (nested sections included) from a dict: unknown keys and bad values
+        are errors."""
+        return cls().updated(values)
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
@@ -165,7 +187,7 @@ class Section:
 class TrainConfig(Section):
     """One stage's training recipe: by default the learning rate decays on validation plateaus
     (``schedule``: or follows a one-cycle or cosine curve over the planned steps), and the weights of
-    the best validation epoch end the stage."""
+    the best validation epoch, by the task's metric, end the stage."""
 
     SECTION: typing.ClassVar[str] = "train"
 
@@ -174,40 +196,40 @@ class TrainConfig(Section):
     # again (reshuffled) within the epoch, so that a recipe's epochs, patience and schedule mean
     # the same amount of training on a corpus of any size; 0 = one pass
     min_epoch_steps: int = option(0, ge=0)
-    optimizer: str = option(
-        "adam", choices=("adam", "adamw", "sgd", "ntasgd")
-    )  # ntasgd: sgd, then averaged sgd once validation stops improving
+    # ntasgd: sgd, then averaged sgd once validation stops improving
+    optimizer: str = option("adam", choices=("adam", "adamw", "sgd", "ntasgd"))
     lr: float = option(1e-3, ge=0)  # 0 trains nothing (a control that keeps the starting weights)
     weight_decay: float = option(0.0, ge=0)
     momentum: float = option(0.9, ge=0, lt=1)  # sgd only
     clip: float = option(5.0, ge=0)  # gradient-norm clipping; 0 turns it off
-    lr_decay: float = option(
-        0.5, gt=0, le=1
-    )  # multiply the lr by this after `lr_patience` epochs without improvement
+    # multiply the lr by this after `lr_patience` epochs without improvement of `monitor`
+    lr_decay: float = option(0.5, gt=0, le=1)
     lr_patience: int = option(1, ge=1)
     min_lr: float = option(0.0, ge=0)  # stop once the lr falls below this
     early_stop: int = option(0, ge=0)  # stop after this many epochs without improvement; 0 = never
-    restore_best: bool = True  # end the stage with its best-on-validation epoch's weights
+    # end the stage with the weights of its best epoch on validation: ranked by the task's metric
+    # (the one that decides acceptance), ties by `monitor`; false: with its last epoch's
+    restore_best: bool = True
     # > 1 (with restore_best): end the stage with the average of the weights of its N best epochs
     # on validation (as ESPnet averages its best checkpoints), kept only if validation finds the
     # average no worse than the best epoch
     average_best: int = option(1, ge=1)
-    monitor: str = (
-        ""  # validation metric for the best epoch, lr decay and early stopping; "" = the task's metric
-    )
-    nonmono: int = option(
-        5, ge=0
-    )  # ntasgd: start averaging once validation is worse than the best of all epochs but the last `nonmono`
-    amp: str = option(
-        "", choices=("", "bf16")
-    )  # "bf16": mixed precision (autocast) for the training forward pass
-    warmup_steps: int = option(
-        0, ge=0
-    )  # > 0: the lr ramps linearly from lr/warmup_steps to lr over this many batches (per stage); plateau and cosine only (onecycle rises over its first 30 %)
+    # the validation metric that drives lr decay (lr_patience) and early stopping, and breaks ties
+    # between epochs equal on the task's metric; "" = the task's metric. It does not pick the kept
+    # epoch: the task's metric does, as it decides acceptance (ASR watches the CTC loss, as WER sits
+    # at 100 % through CTC's first, all-blank epochs; see loop.Ranking)
+    monitor: str = ""
+    # ntasgd: start averaging once validation is worse than the best of all epochs but the last `nonmono`
+    nonmono: int = option(5, ge=0)
+    # "bf16": mixed precision (autocast) for the training forward pass
+    amp: str = option("", choices=("", "bf16"))
+    # > 0: the lr ramps linearly from lr/warmup_steps to lr over this many batches (per stage);
+    # plateau and cosine only (onecycle rises over its first 30 %)
+    warmup_steps: int = option(0, ge=0)
     # lr schedule: "plateau" = decay by lr_decay on validation plateaus (min_lr ends the stage);
     # "onecycle" / "cosine" = lr a pure function of the step over the stage's planned steps
     # (epochs x batches), no plateau decay; onecycle: up from lr/25 over 30 %, then down to ~0;
-    # cosine: warmup_steps, then down to 0. See loop.scheduled_lr.
+    # cosine: warmup_steps, then down to 0. See schedule.LrSchedule.
     schedule: str = option("plateau", choices=("plateau", "onecycle", "cosine"))
 
 
@@ -234,7 +256,8 @@ class CascadeConfig(Section):
         s = self.splits
         if s == []:
             raise ConfigError(
-                "cascade.splits is empty: name at least one split, or leave it unset for every usable split (L-1, ..., 1)"
+                "cascade.splits is empty: name at least one split, or leave it unset for every usable split "
+                "(L-1, ..., 1)"
             )
         if s is not None and any(a <= b for a, b in zip(s, s[1:])):
             raise ConfigError(f"cascade.splits must be strictly descending, got {s!r}")
@@ -255,18 +278,46 @@ class ProcedureConfig(Section):
 METHOD_SECTIONS = {cls.SECTION: cls for cls in (TrainConfig, CascadeConfig, ProcedureConfig)}
 
 
+class TaskSections(Mapping[str, Section]):
+    """A task's own typed sections (``data``, ``model``, ...), by name: ``cfg.model.hidden``
+    (or ``cfg["model"]``). What a task module's ``make``, ``build_model`` and ``block_names`` read."""
+
+    def __init__(self, sections: Mapping[str, Section] | None = None):
+        self._sections = dict(sections or {})
+
+    def __getattr__(self, name: str) -> Section:
+        if name.startswith("_"):  # pickling looks for dunders before __init__ has run
+            raise AttributeError(name)
+        try:
+            return self._sections[name]
+        except KeyError:
+            raise AttributeError(f"the task has no config section {name!r}") from None
+
+    def __getitem__(self, name: str) -> Section:
+        return self._sections[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sections)
+
+    def __len__(self) -> int:
+        return len(self._sections)
+
+    def __repr__(self) -> str:
+        return f"TaskSections({self._sections!r})"
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything a run is configured by: the method's typed sections and the task's own sections.
 
-    ``task`` holds the task's sections (``data``, ``model``, ...) as resolved from its defaults
-    and preset; ``from_dict(..., task_sections=...)`` checks them against the task's typed sections
-    (``tasks.resolve_config`` does; a config built by hand is checked only where the task reads it)."""
+    ``task`` holds the task's sections (``data``, ``model``, ...), typed as the task declares
+    them (its ``SECTIONS``); ``from_dict(..., task_sections=...)`` types them from a nested dict
+    (``tasks.resolve_config`` does)."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
     procedure: ProcedureConfig = field(default_factory=ProcedureConfig)
-    task: Mapping[str, Any] = field(default_factory=dict)
+    task: TaskSections = field(default_factory=TaskSections)
     # every declared option's default (method and task sections): a run recorded before an
     # option existed behaved as its default, so resuming it with that default is no change
     option_defaults: Mapping[str, Any] = field(
@@ -279,76 +330,42 @@ class RunConfig:
     def from_dict(
         cls, config: Mapping[str, Any], task_sections: Mapping[str, type[Section]] | None = None
     ) -> RunConfig:
-        """Type a resolved nested dict (missing method sections take their defaults); the task's
-        sections are checked against ``task_sections`` (the task's declared options), if given."""
-        sections = {
-            name: section_cls.from_dict(config.get(name) or {})
-            for name, section_cls in METHOD_SECTIONS.items()
-        }
-        for name, section_cls in (task_sections or {}).items():
-            section_cls.from_dict(config.get(name) or {})
-        defaults = {
-            name: section_cls.defaults()
-            for name, section_cls in {**METHOD_SECTIONS, **(task_sections or {})}.items()
+        """Type a nested dict (a missing section or key takes its default); the task's sections are
+        typed as ``task_sections`` (the task's ``SECTIONS``) declares them. A section that is
+        neither the method's nor declared is an error."""
+        declared = {**METHOD_SECTIONS, **(task_sections or {})}
+        if unknown := sorted(set(config) - set(declared), key=str):
+            raise ConfigError(f"unknown config section {unknown[0]!r}; sections here: {', '.join(declared)}")
+        typed = {
+            name: section_cls.from_dict(config.get(name) or {}) for name, section_cls in declared.items()
         }
         return cls(
-            **sections,
-            task=copy.deepcopy({k: v for k, v in config.items() if k not in METHOD_SECTIONS}),
-            option_defaults=defaults,
+            **{name: typed[name] for name in METHOD_SECTIONS},
+            task=TaskSections({name: typed[name] for name in task_sections or {}}),
+            option_defaults={name: section_cls.defaults() for name, section_cls in declared.items()},
         )
 
     def as_dict(self) -> dict[str, Any]:
         """The nested dict recorded in ``summary.json`` and in every checkpoint."""
         return {
             **{name: asdict(getattr(self, name)) for name in METHOD_SECTIONS},
-            **copy.deepcopy(dict(self.task)),
+            **{name: asdict(section) for name, section in self.task.items()},
         }
 
-    def updated(self, overrides: Mapping[str, Any]) -> RunConfig:
-        """A copy with nested ``overrides`` applied (unknown keys are errors), validated again."""
-        return dataclasses.replace(
-            RunConfig.from_dict(merge(self.as_dict(), dict(overrides))), option_defaults=self.option_defaults
-        )
-
-    def stage_train(self) -> TrainConfig:
-        """The recipe of a cascade-type stage: the cascade's epochs and lr override the baseline's."""
-        return self.train.replace(
-            epochs=self.cascade.epochs or self.train.epochs,
-            lr=self.cascade.lr if self.cascade.lr is not None else self.train.lr,
-        )
-
-
-def method_defaults() -> dict[str, Any]:
-    return RunConfig().as_dict()
-
-
-def merge(base: dict[str, Any], update: dict[str, Any], where: str = "") -> dict[str, Any]:
-    """A copy of ``base`` with ``update`` applied; keys absent from ``base`` are errors."""
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        path = f"{where}{key}"
-        if key not in out:
-            raise ConfigError(f"unknown config key {path!r}; known keys here: {', '.join(sorted(out))}")
-        if isinstance(out[key], dict):
-            if isinstance(value, CommandLineValue):  # --set data.fbank={num_mel_bins: 40}
-                value = value.parsed(path)
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key {path!r} is a section, not a value")
-            out[key] = merge(out[key], value, path + ".")
-        else:
-            out[key] = _checked(path, out[key], value)
-    return out
-
-
-def _checked(path: str, default: Any, value: Any) -> Any:
-    """``value`` if it has the type of ``default`` (ints are accepted for floats)."""
-    if isinstance(value, CommandLineValue):
-        value = value.as_text() if isinstance(default, str) else value.parsed(path)
-    if default is None or value is None:
-        return value
-    if not _matches(value, type(default)):
-        raise ConfigError(f"config key {path!r} expects a {type(default).__name__}, got {value!r}")
-    return float(value) if isinstance(default, float) else value
+    def updated(self, changes: Mapping[str, Any]) -> RunConfig:
+        """A copy with ``changes`` applied: per section, a nested dict of keys to change or a whole
+        section (``{"train": {"lr": 0.01}}``, ``{"train": train}``), each section rebuilt and checked
+        again (``Section.updated``); an unknown section or key is an error."""
+        method, task = {}, dict(self.task)
+        for name, section_changes in changes.items():
+            if name in METHOD_SECTIONS:
+                method[name] = getattr(self, name).updated(section_changes, name)
+            elif name in task:
+                task[name] = task[name].updated(section_changes, name)
+            else:
+                known = ", ".join([*METHOD_SECTIONS, *task])
+                raise ConfigError(f"unknown config key {name!r}; known keys here: {known}")
+        return dataclasses.replace(self, **method, task=TaskSections(task))
 
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -385,7 +402,7 @@ class CommandLineValue:
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """``["train.lr=0.01", "cascade.splits=[3,1]"]`` -> nested dict of ``CommandLineValue``s, typed
-    when merged into the configuration (``merge``), where each key's type is known."""
+    when applied to the configuration (``RunConfig.updated``), where each key's type is known."""
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")

@@ -40,6 +40,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
             torch.empty(1, device=d)
         except Exception as e:  # whatever the backend raises, the user's answer is the same
             raise ConfigError(
-                f"--device {device}: this PyTorch cannot use it ({str(e).splitlines()[0][:120]}); available: {available}"
+                f"--device {device}: this PyTorch cannot use it ({str(e).splitlines()[0][:120]}); available: "
+                f"{available}"
             ) from None
     return d

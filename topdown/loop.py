@@ -1,6 +1,11 @@
 """Our training loop, one executor of a plan's stages: epochs (sized in steps for small data),
-validation, lr schedules, early stopping, averaging of the best epochs, clipping, warm-up, bf16
-autocast, resume.
+validation, the lr schedule (``schedule.LrSchedule``), early stopping, the kept epoch (or the
+average of the best epochs), clipping, bf16 autocast, resume.
+
+Two metrics steer a stage. ``train.monitor`` (default the task's metric) drives plateau lr decay
+and early stopping; the epoch the stage keeps is ranked by the task's metric, the one that decides
+acceptance, with ``train.monitor`` breaking its ties (``Ranking``): a stage is judged by the
+weights it keeps, so they are chosen by what it is judged on.
 
 The loop trains exactly the parameters that require gradients (the plan froze the rest).
 Randomness is a pure function of ``(seed, epoch)``: each epoch reseeds the global RNG
@@ -14,7 +19,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -29,7 +33,8 @@ from topdown.console import label, say
 from topdown.errors import ConfigError, TrainingError
 from topdown.files import load_tensors, prefixed, save_tensors, unprefixed
 from topdown.metrics import HIGHER_IS_BETTER, LOWER_IS_BETTER, Metric
-from topdown.optim import NTASGD
+from topdown.optim import NTASGD, validation_hooks
+from topdown.schedule import LrSchedule
 from topdown.seeds import derive_seed
 from topdown.task import Task
 
@@ -50,34 +55,6 @@ def move_to(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def warmup_factor(step: int, warmup_steps: int) -> float:
-    """The lr multiplier of optimizer step ``step`` (0-based): linear warm-up, then 1."""
-    return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
-
-
-def scheduled_lr(cfg: TrainConfig, base_lr: float, step: int, total_steps: int) -> float:
-    """The lr of optimizer step ``step`` (0-based) of a stage planned as ``total_steps`` steps,
-    a pure function of the step (resume needs no scheduler state). ``plateau``: ``base_lr`` (the
-    loop's per-epoch decay) times the warm-up factor. ``onecycle``: cosine rise from lr/25 to lr over
-    the first 30 % of the steps, then cosine fall to lr/25/1e4 (as torch's OneCycleLR); the rise is its
-    warm-up, so ``warmup_steps`` is ignored. ``cosine``: the warm-up (``warmup_steps``), then cosine
-    decay from lr towards 0, which it would reach one step after the last planned one (the last
-    step runs at a small positive lr; past it, that step's lr)."""
-    if cfg.schedule == "plateau":
-        return base_lr * warmup_factor(step, cfg.warmup_steps)
-    t = min(step, total_steps - 1)
-    if cfg.schedule == "onecycle":
-        up = max(1, round(0.3 * total_steps))
-        lo, hi, end = cfg.lr / 25, cfg.lr, cfg.lr / 25 / 1e4
-        if t < up:
-            return hi + (lo - hi) * (1 + math.cos(math.pi * t / up)) / 2
-        return end + (hi - end) * (1 + math.cos(math.pi * (t - up) / max(1, total_steps - 1 - up))) / 2
-    w = cfg.warmup_steps
-    if t < w:
-        return cfg.lr * warmup_factor(t, w)
-    return cfg.lr * (1 + math.cos(math.pi * (t - w) / max(1, total_steps - w))) / 2
-
-
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     """A fresh optimizer over exactly the trainable parameters (frozen ones are never in it)."""
     if not params:
@@ -94,7 +71,8 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
 
 
 def monitored_metric(cfg: TrainConfig, task: Task) -> Metric:
-    """The metric that picks the best epoch and drives lr decay and early stopping."""
+    """The metric that drives plateau lr decay and early stopping (and breaks ties between epochs
+    equal on the task's metric)."""
     name = cfg.monitor or task.metric
     if name == task.metric:
         return task.primary
@@ -102,9 +80,39 @@ def monitored_metric(cfg: TrainConfig, task: Task) -> Metric:
         return Metric.named(name)
     except ConfigError:
         raise ConfigError(
-            f"train.monitor {name!r}: not a metric whose direction is known ({', '.join(LOWER_IS_BETTER + HIGHER_IS_BETTER)}, "
-            f"a variant of one such as wer_beam, or a name ending in _loss); leave it empty for the task's metric ({task.metric!r})"
+            f"train.monitor {name!r}: not a metric whose direction is known "
+            f"({', '.join(LOWER_IS_BETTER + HIGHER_IS_BETTER)}, a variant of one such as wer_beam, "
+            f"or a name ending in _loss); leave it empty for the task's metric ({task.metric!r})"
         ) from None
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """How a stage ranks its epochs for the weights it keeps: by ``first`` (the task's metric,
+    which decides acceptance), equal values by ``then`` (``train.monitor``, where it differs)."""
+
+    first: Metric
+    then: Metric | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in (self.first, self.then) if m is not None]
+
+    def better(self, a: Mapping[str, float], b: Mapping[str, float]) -> bool:
+        """Is the epoch with validation metrics ``a`` strictly better than the one with ``b``?"""
+        for metric in (self.first, self.then):
+            if metric is None or a[metric.name] == b[metric.name]:
+                continue
+            return metric.better(a[metric.name], b[metric.name])
+        return False
+
+    def describe(self, val: Mapping[str, float]) -> str:
+        return ", ".join(f"{name} {val[name]:.4g}" for name in self.names)
+
+    @classmethod
+    def of(cls, task: Task, monitor: Metric) -> Ranking:
+        """A stage's ranking: the task's metric, ties broken by ``monitor`` (``train.monitor``)."""
+        return cls(task.primary, monitor if monitor.name != task.primary.name else None)
 
 
 @dataclass
@@ -122,14 +130,19 @@ class LoopState:
     done: bool = False
     seconds: float = 0.0
     step: int = 0  # optimizer steps taken (drives the lr warm-up and train.schedule)
-    total_steps: int = 0  # train.schedule other than plateau: the stage's planned steps (recomputed when a stage starts or resumes)
+    # train.schedule other than plateau: the stage's planned steps (recomputed when a stage
+    # starts or resumes)
+    total_steps: int = 0
 
 
 @dataclass
 class FitResult:
     epochs: int
-    val: dict[str, float]
+    val: dict[str, float]  # the validation metrics of the weights the model ends with
     seconds: float
+    # the epoch whose weights the model ends with (ranked by the task's metric, or the last one
+    # without train.restore_best); None when it ends with an average of epochs (train.average_best)
+    kept_epoch: int | None = None
 
 
 def fit(
@@ -145,18 +158,22 @@ def fit(
     device: torch.device | None = None,
 ) -> FitResult:
     """Train ``model``'s trainable parameters with ``cfg``; returns the validation metrics of
-    the epoch whose weights the model ends with. Resumes from ``resume_path`` if it exists."""
+    the epoch whose weights the model ends with, and that epoch. Resumes from ``resume_path`` if
+    it exists."""
     device = device or next(model.parameters()).device
     monitor = monitored_metric(cfg, task)
+    ranking = Ranking.of(task, monitor)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
+    hooks = validation_hooks(opt)  # NT-ASGD validates (and keeps) its averaged weights
     trained = distributed.wrap(model, device)  # built now that the frozen blocks are frozen
-    # The weights of the best `keep` epochs, best first, as (value, epoch, weights): kept[0] is the
-    # best epoch, restored at the end; more than one are averaged (train.average_best).
+    # The weights of the best `keep` epochs, best first, as (validation metrics, epoch, weights):
+    # kept[0] is the epoch restored at the end; more than one are averaged (train.average_best).
     keep = cfg.average_best if cfg.restore_best else 0
     state, kept = LoopState(lr=cfg.lr), []
     if resume_path is not None and resume_path.is_file():
-        state, kept = _load_resume_point(resume_path, model, opt)
+        state, kept, ranked_by = _load_resume_point(resume_path, model, opt)
+        ranking, kept = _resumed_ranking(kept, ranked_by, state, task, monitor)
     # the stage's planned steps: epochs x the batches of one epoch as drawn with a fixed generator; a
     # task whose batch count varies with the draw (lm-awd's random BPTT lengths) gets an estimate, so its
     # schedule reaches its end a little before or after the last step
@@ -164,60 +181,63 @@ def fit(
         state.total_steps = cfg.epochs * sum(
             1 for _ in epoch_batches(task, cfg, torch.Generator().manual_seed(0), subset)
         )
-    validated = getattr(
-        opt, "averaged", nullcontext
-    )  # the weights validation sees and keeps (NT-ASGD: the average)
+    schedule = LrSchedule(cfg, state.total_steps)
 
     while not state.done:
         started = time.perf_counter()
         train_loss = _train_epoch(
             trained, task, cfg, opt, params, state, seed=seed, subset=subset, device=device, desc=desc
         )
-        with validated():
-            val = _validate(model, task, monitor, f"{desc}: epoch {state.epoch + 1}")
+        with hooks.validated():
+            val = _validate(model, task, ranking.names + [monitor.name], f"{desc}: epoch {state.epoch + 1}")
             record = {
                 "epoch": state.epoch + 1,
-                "lr": state.lr if cfg.schedule == "plateau" else opt.param_groups[0]["lr"],
+                "lr": schedule.epoch_lr(state.step, state.lr),
                 "train_loss": train_loss,
                 "val": val,
             }
-            improved = _advance(state, cfg, val, monitor)
-            if keep and _ranks_among(kept, val[monitor.name], monitor, keep):
+            improved = _advance(state, schedule, val, monitor)
+            if keep and _ranks_among(kept, val, ranking, keep):
                 weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                _keep(kept, (val[monitor.name], state.epoch, weights), monitor, keep)
-        if isinstance(opt, NTASGD) and opt.observe(val[monitor.name], monitor):
-            say(f"{desc}: validation stopped improving, averaging from epoch {state.epoch + 1} (NT-ASGD)")
+                _keep(kept, (val, state.epoch, weights), ranking, keep)
+        if note := hooks.on_validation(val[monitor.name], monitor):
+            say(f"{desc}, epoch {state.epoch}: {note}")
         state.seconds += time.perf_counter() - started
         on_epoch({**record, "max_epochs": cfg.epochs, "seconds": state.seconds})
         say(
             f"{desc} epoch {state.epoch}/{cfg.epochs}: train loss {train_loss:.4f}, val {monitor.name} "
-            f"{val[monitor.name]:.4g}{' *' if improved else ''}, lr {record['lr']:.3g}, {state.seconds:.1f}s"
+            f"{val[monitor.name]:.4g}{' *' if improved else ''}{_also(val, ranking.first, monitor)}, "
+            f"lr {record['lr']:.3g}, {state.seconds:.1f}s"
         )
         if resume_path is not None and distributed.is_writer():
-            _save_resume_point(resume_path, model, opt, state, kept)
+            _save_resume_point(resume_path, model, opt, state, kept, ranking)
 
     if cfg.restore_best:
-        model.load_state_dict(kept[0][2])
-        val = state.best_val
+        val, kept_epoch, weights = kept[0]
+        model.load_state_dict(weights)
         if len(kept) > 1:
             started = time.perf_counter()
-            val = _average_if_no_worse(model, task, monitor, kept, val, desc)
+            val, kept_epoch = _average_if_no_worse(model, task, ranking, kept, desc)
             state.seconds += time.perf_counter() - started
-        return FitResult(epochs=state.epoch, val=val, seconds=state.seconds)
-    if isinstance(opt, NTASGD):
-        opt.keep_average()  # the stage's model is the averaged one, as validated
-    return FitResult(epochs=state.epoch, val=state.last_val, seconds=state.seconds)
+        return FitResult(epochs=state.epoch, val=val, seconds=state.seconds, kept_epoch=kept_epoch)
+    hooks.keep_validated()  # the stage's model is the one validated (NT-ASGD: the average)
+    return FitResult(epochs=state.epoch, val=state.last_val, seconds=state.seconds, kept_epoch=state.epoch)
 
 
-def _ranks_among(kept: list, value: float, monitor: Metric, n: int) -> bool:
-    """Would an epoch with validation ``value`` be among the ``n`` best kept so far?"""
-    return len(kept) < n or monitor.better(value, kept[-1][0])
+def _also(val: Mapping[str, float], metric: Metric, monitor: Metric) -> str:
+    """The task's metric for the progress line, where the monitored one is another."""
+    return "" if metric.name == monitor.name else f", {metric.name} {val[metric.name]:.4g}"
 
 
-def _keep(kept: list, entry: tuple[float, int, dict[str, torch.Tensor]], monitor: Metric, n: int) -> None:
-    """Insert ``(value, epoch, weights)`` into ``kept``, ordered best first, at most ``n`` long
-    (an equal value ranks after the earlier epoch)."""
-    at = next((i for i, (v, _, _) in enumerate(kept) if monitor.better(entry[0], v)), len(kept))
+def _ranks_among(kept: list, val: Mapping[str, float], ranking: Ranking, n: int) -> bool:
+    """Would an epoch with validation metrics ``val`` be among the ``n`` best kept so far?"""
+    return len(kept) < n or ranking.better(val, kept[-1][0])
+
+
+def _keep(kept: list, entry: tuple[dict[str, float], int, dict[str, torch.Tensor]], ranking: Ranking, n: int):
+    """Insert ``(validation metrics, epoch, weights)`` into ``kept``, ordered best first, at most
+    ``n`` long (an equal epoch ranks after the earlier one)."""
+    at = next((i for i, (v, _, _) in enumerate(kept) if ranking.better(entry[0], v)), len(kept))
     kept.insert(at, entry)
     del kept[n:]
 
@@ -237,25 +257,27 @@ def average_weights(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Te
 
 
 def _average_if_no_worse(
-    model: nn.Module, task: Task, monitor: Metric, kept: list, best_val: dict[str, float], desc: str
-) -> dict[str, float]:
+    model: nn.Module, task: Task, ranking: Ranking, kept: list, desc: str
+) -> tuple[dict[str, float], int | None]:
     """Load the average of the kept epochs' weights if validation finds it no worse than the best
-    epoch, ``kept[0]`` (then return its metrics); otherwise leave the best epoch's weights."""
+    epoch, ``kept[0]`` (then return its metrics, and no epoch); otherwise leave the best epoch's
+    weights (and return its metrics and epoch)."""
+    best_val, best_epoch, best_weights = kept[0]
     model.load_state_dict(average_weights([w for _, _, w in kept]))
-    val = _validate(model, task, monitor, f"{desc}: average")
+    val = _validate(model, task, ranking.names, f"{desc}: average")
     epochs = ", ".join(str(e) for _, e, _ in sorted(kept, key=lambda k: k[1]))
-    if monitor.better(best_val[monitor.name], val[monitor.name]):
-        model.load_state_dict(kept[0][2])
+    if ranking.better(best_val, val):
+        model.load_state_dict(best_weights)
         say(
-            f"{desc}: the average of epochs {epochs} (val {monitor.name} {val[monitor.name]:.4g}) is worse than the best epoch's "
-            f"{best_val[monitor.name]:.4g}; kept the best epoch"
+            f"{desc}: the average of epochs {epochs} (val {ranking.describe(val)}) is worse than the "
+            f"best epoch's ({ranking.describe(best_val)}); kept the best epoch"
         )
-        return best_val
+        return best_val, best_epoch
     say(
-        f"{desc}: averaged the weights of epochs {epochs}: val {monitor.name} {val[monitor.name]:.4g} "
-        f"(best epoch {best_val[monitor.name]:.4g})"
+        f"{desc}: averaged the weights of epochs {epochs}: val {ranking.describe(val)} "
+        f"(best epoch {ranking.describe(best_val)})"
     )
-    return val
+    return val, None
 
 
 def _train_epoch(
@@ -274,8 +296,7 @@ def _train_epoch(
     """One epoch of training (see ``epoch_batches``); returns the mean training loss."""
     torch.manual_seed(derive_seed(seed, state.epoch, 1))
     generator = torch.Generator().manual_seed(derive_seed(seed, state.epoch, 2))
-    for group in opt.param_groups:
-        group["lr"] = state.lr
+    schedule = LrSchedule(cfg, state.total_steps)
     model.train()
     # The loss is summed on the device: reading it (``.item()``) waits for the GPU, so that happens
     # only every ``check_every`` steps (every step on a CPU, where it costs nothing).
@@ -295,16 +316,15 @@ def _train_epoch(
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""
             raise ConfigError(
-                f"task {task.name}: loss(model, batch) must return a one-element tensor (that backward() runs "
-                f"through), got {type(loss).__name__}{shape}"
+                f"task {task.name}: loss(model, batch) must return a one-element tensor (that backward() "
+                f"runs through), got {type(loss).__name__}{shape}"
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-        if cfg.warmup_steps > 0 or cfg.schedule != "plateau":
-            for group in opt.param_groups:
-                group["lr"] = scheduled_lr(cfg, state.lr, state.step, state.total_steps)
+        for group in opt.param_groups:  # the one place the lr is set
+            group["lr"] = schedule.lr(state.step, state.lr)
         total, count = total + loss.detach().float(), count + 1
         if count % check_every == 0:
             _check_finite(total, desc, state)
@@ -355,21 +375,25 @@ def evaluate(model: nn.Module, task: Task, split: str) -> dict[str, float]:
     return distributed.same_on_every_rank(val)
 
 
-def _validate(model: nn.Module, task: Task, monitor: Metric, where: str) -> dict[str, float]:
+def _validate(model: nn.Module, task: Task, needed: list[str], where: str) -> dict[str, float]:
+    """The validation metrics, which must hold the ``needed`` ones (the task's metric and
+    ``train.monitor``), finite."""
     val = evaluate(model, task, "val")
-    if monitor.name not in val:
-        raise ConfigError(
-            f"the validation metrics of {task.name} ({', '.join(val)}) lack {monitor.name!r} "
-            "(the task's metric, or train.monitor where set): its evaluate() must return it"
-        )
-    if not math.isfinite(val[monitor.name]):
-        raise TrainingError(f"{where}: validation {monitor.name} is {val[monitor.name]}")
+    for name in dict.fromkeys(needed):
+        if name not in val:
+            raise ConfigError(
+                f"the validation metrics of {task.name} ({', '.join(val)}) lack {name!r} "
+                "(the task's metric, or train.monitor where set): its evaluate() must return it"
+            )
+        if not math.isfinite(val[name]):
+            raise TrainingError(f"{where}: validation {name} is {val[name]}")
     return val
 
 
-def _advance(state: LoopState, cfg: TrainConfig, val: dict[str, float], monitor: Metric) -> bool:
-    """One epoch's bookkeeping: best so far, plateau lr decay, early stopping, end of stage.
-    Returns whether this epoch is the best so far."""
+def _advance(state: LoopState, schedule: LrSchedule, val: dict[str, float], monitor: Metric) -> bool:
+    """One epoch's bookkeeping by ``train.monitor``: best so far, plateau lr decay, early stopping,
+    end of stage. Returns whether this epoch is the best so far."""
+    cfg = schedule.train
     state.epoch += 1
     state.last_val = val
     value = val[monitor.name]
@@ -379,20 +403,17 @@ def _advance(state: LoopState, cfg: TrainConfig, val: dict[str, float], monitor:
         state.bad_epochs = state.plateau = 0
     else:
         state.bad_epochs += 1
-        state.plateau += 1
-        if state.plateau >= cfg.lr_patience and cfg.lr_decay < 1 and cfg.schedule == "plateau":
-            state.lr *= cfg.lr_decay
-            state.plateau = 0
+        state.lr, state.plateau = schedule.after_epoch(state.lr, state.plateau + 1)
     state.done = (
         state.epoch >= cfg.epochs
         or (cfg.early_stop > 0 and state.bad_epochs >= cfg.early_stop)
-        or (cfg.schedule == "plateau" and state.lr < cfg.min_lr)
+        or schedule.exhausted(state.lr)
     )
     return improved
 
 
 def _save_resume_point(
-    path: Path, model: nn.Module, opt: torch.optim.Optimizer, state: LoopState, kept: list
+    path: Path, model: nn.Module, opt: torch.optim.Optimizer, state: LoopState, kept: list, ranking: Ranking
 ) -> None:
     sd = opt.state_dict()
     tensors, scalars = {}, {}  # optimizer state: tensors to safetensors, the rest to JSON metadata
@@ -409,12 +430,18 @@ def _save_resume_point(
         {
             "loop": asdict(state),
             "optimizer": {"param_groups": sd["param_groups"], "scalars": scalars},
-            "kept": [[value, epoch] for value, epoch, _ in kept],
+            "kept": [[val, epoch] for val, epoch, _ in kept],
+            "ranked_by": ranking.names,
         },
     )
 
 
-def _load_resume_point(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[LoopState, list]:
+def _load_resume_point(
+    path: Path, model: nn.Module, opt: torch.optim.Optimizer
+) -> tuple[LoopState, list, list[str] | None]:
+    """The loop state, the kept epochs and the names of the metrics they are ranked by (None: a
+    resume point of an earlier version, which ranked them by ``train.monitor``, and whose kept
+    epochs carry that metric's value alone, the best one its whole validation metrics)."""
     tensors, meta = load_tensors(path)
     model.load_state_dict(unprefixed("model.", tensors))
     state: dict[int, dict[str, Any]] = {}
@@ -425,11 +452,28 @@ def _load_resume_point(path: Path, model: nn.Module, opt: torch.optim.Optimizer)
     known = {f.name for f in fields(LoopState)}  # resume points of older versions may hold more
     state = LoopState(**{k: v for k, v in meta["loop"].items() if k in known})
     kept = [
-        (value, epoch, unprefixed(f"kept{i}.", tensors))
-        for i, (value, epoch) in enumerate(meta.get("kept", []))
+        (val, epoch, unprefixed(f"kept{i}.", tensors)) for i, (val, epoch) in enumerate(meta.get("kept", []))
     ]
-    if not kept and unprefixed(
-        "best.", tensors
-    ):  # resume points of earlier versions hold the best epoch as "best."
-        kept = [(state.best, state.best_epoch, unprefixed("best.", tensors))]
-    return state, kept
+    if not kept and unprefixed("best.", tensors):  # still earlier versions hold the best epoch as "best."
+        kept = [(state.best_val, state.best_epoch, unprefixed("best.", tensors))]
+    return state, kept, meta.get("ranked_by")
+
+
+def _resumed_ranking(
+    kept: list, ranked_by: list[str] | None, state: LoopState, task: Task, monitor: Metric
+) -> tuple[Ranking, list]:
+    """The ranking a resume point recorded, and its kept epochs. A resume point of an earlier
+    version ranked them by ``train.monitor`` alone and holds that metric's value of each (the best
+    epoch's metrics are the loop state's): its stage finishes so."""
+    if ranked_by is None:
+        ranked_by = [monitor.name]
+        kept = [
+            (
+                v if isinstance(v, dict) else state.best_val if e == state.best_epoch else {monitor.name: v},
+                e,
+                w,
+            )
+            for v, e, w in kept
+        ]
+    known = {m.name: m for m in (monitor, task.primary)}
+    return Ranking(*[known.get(name) or Metric.named(name) for name in ranked_by]), kept

@@ -44,7 +44,8 @@ class Metric:
                 lower_is_better = False
             else:
                 raise ConfigError(
-                    f"metric {name!r}: its direction is unknown; say whether lower is better (lower_is_better=...)"
+                    f"metric {name!r}: its direction is unknown; say whether lower is better "
+                    "(lower_is_better=...)"
                 )
         return cls(name, bool(lower_is_better))
 

@@ -1,22 +1,46 @@
-"""NT-ASGD (Merity et al.'s non-monotonically triggered averaged SGD) as an optimizer, so that
+"""How an optimizer takes part in validation (``ValidationHooks``, the loop's one hook into it),
+and NT-ASGD (Merity et al.'s non-monotonically triggered averaged SGD) as an optimizer, so that
 any loop can use it: plain SGD until validation stops improving, then SGD that also keeps the
 running average of its iterates; the average is what is validated and kept."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 
 from topdown.metrics import Metric
 
 
-class NTASGD(torch.optim.SGD):
-    """SGD plus the trigger and the average. After each epoch's validation call ``observe``;
-    validate (and save) inside ``averaged()``; at the end ``keep_average()`` if the model is to
-    be the average. The trigger's history and the average live in the optimizer's state dict,
-    so a resume point carries them."""
+class ValidationHooks:
+    """What the loop asks of an optimizer around each epoch's validation. These defaults are a
+    plain optimizer's (the weights as trained, nothing learnt from validation); an optimizer that
+    inherits this class as well overrides what it needs (``validation_hooks`` finds it)."""
+
+    def validated(self) -> AbstractContextManager[None]:
+        """The weights validation sees (and the loop keeps) are in the model for the duration."""
+        return nullcontext()
+
+    def on_validation(self, value: float, metric: Metric) -> str | None:
+        """An epoch's validation ``value`` of ``metric`` (``train.monitor``); returns a line for
+        the progress log when the optimizer changes course."""
+        return None
+
+    def keep_validated(self) -> None:
+        """At the end of a stage that keeps its last epoch: leave the validated weights in the model."""
+
+
+def validation_hooks(opt: torch.optim.Optimizer) -> ValidationHooks:
+    """``opt``'s hooks, or a plain optimizer's."""
+    return opt if isinstance(opt, ValidationHooks) else ValidationHooks()
+
+
+class NTASGD(torch.optim.SGD, ValidationHooks):
+    """SGD plus the trigger and the average, through the validation hooks: after each epoch's
+    validation call ``on_validation``; validate (and save) inside ``validated()``; at the end
+    ``keep_validated()`` if the model is to be the average. The trigger's history and the average
+    live in the optimizer's state dict, so a resume point carries them."""
 
     def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, nonmono: int = 5):
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -44,12 +68,12 @@ class NTASGD(torch.optim.SGD):
             )
         return loss
 
-    def observe(self, value: float, metric: Metric) -> bool:
-        """An epoch's validation value; starts averaging (returns True) once it is worse than the
+    def on_validation(self, value: float, metric: Metric) -> str | None:
+        """The trigger: averaging starts once an epoch's validation ``value`` is worse than the
         best of all epochs but the last ``nonmono``."""
         group = self.param_groups[0]
         if self.averaging:
-            return False
+            return None
         history = group["nt_history"]
         older = history[: -self.nonmono] if self.nonmono > 0 else history
         started = bool(older) and metric.better(metric.best(older), value)
@@ -58,11 +82,11 @@ class NTASGD(torch.optim.SGD):
                 self.state[p]["ax"] = p.detach().clone()
             group["nt_averaged_steps"] = 1
         history.append(value)
-        return started
+        return "validation stopped improving, averaging from here (NT-ASGD)" if started else None
 
     @contextmanager
-    def averaged(self) -> Iterator[None]:
-        """The averaged weights in the model for the duration (the raw iterates otherwise)."""
+    def validated(self) -> Iterator[None]:
+        """The averaged weights in the model for the duration (the raw iterates before averaging)."""
         if not self.averaging:
             yield
             return
@@ -76,7 +100,8 @@ class NTASGD(torch.optim.SGD):
             with torch.no_grad():
                 torch._foreach_copy_(params, raw)
 
-    def keep_average(self) -> None:
+    def keep_validated(self) -> None:
+        """The averaged weights, once averaging has started, stay in the model."""
         if self.averaging:
             params = self._params()
             with torch.no_grad():

@@ -26,6 +26,7 @@ from topdown.loop import evaluate, fit, monitored_metric
 from topdown.plan import Plan
 from topdown.report import format_metric
 from topdown.runs import RunDir
+from topdown.schedule import LrSchedule
 from topdown.seeds import check_seed, derive_seed
 from topdown.stage import Accept, StageSpec
 from topdown.task import Task
@@ -88,7 +89,7 @@ class Cascade(Plan):
             self.check_split(k, "cascade.splits")
 
     def stages(self) -> Iterator[StageSpec]:
-        cc, train = self.config.cascade, self.config.stage_train()
+        cc, train = self.config.cascade, LrSchedule.stage_recipe(self.config)
         yield self.stage_zero()
         rejected_in_a_row = 0
         for k in self.splits():
@@ -105,13 +106,12 @@ class Cascade(Plan):
             if cc.patience is not None and rejected_in_a_row >= cc.patience:
                 break
         if cc.finetune_epochs > 0:
-            lr = cc.finetune_lr if cc.finetune_lr is not None else 0.1 * train.lr
             yield StageSpec(
                 "finetune",
                 self.all_blocks(),
                 start=self.best_index,
                 reinit=False,
-                train=train.replace(epochs=cc.finetune_epochs, lr=lr),
+                train=LrSchedule.finetune_recipe(self.config),
             )
 
 
@@ -128,7 +128,11 @@ class RetrainClassifier(Plan):
         k = self.config.procedure.split
         yield self.stage_zero()
         yield StageSpec(
-            self.procedure, tuple(self.blocks.split(k)[1]), start=0, split=k, train=self.config.stage_train()
+            self.procedure,
+            tuple(self.blocks.split(k)[1]),
+            start=0,
+            split=k,
+            train=LrSchedule.stage_recipe(self.config),
         )
 
 
@@ -159,7 +163,7 @@ class TransferClassifier(Plan):
             start=0,
             split=k,
             subset=subset,
-            train=self.config.stage_train(),
+            train=LrSchedule.stage_recipe(self.config),
         )
 
 
@@ -195,7 +199,7 @@ class LaterLayerForgetting(Plan):
                 start=r,
                 reinit_blocks=tuple(self.blocks.split(k)[1]),
                 split=k,
-                train=self.config.stage_train(),
+                train=LrSchedule.stage_recipe(self.config),
             )
 
 
@@ -208,7 +212,7 @@ PROCEDURES = tuple(PLANS)
 def train_plan(plan: Plan, task: Task, device: torch.device) -> dict[str, Any]:
     """Our executor: every stage of ``plan`` trained by ``fit`` with the stage's recipe."""
     for stage in plan:
-        epochs, seconds = 0, 0.0
+        epochs, seconds, kept_epoch = 0, 0.0, None
         if stage.trained_blocks:
             result = fit(
                 stage.model,
@@ -221,7 +225,7 @@ def train_plan(plan: Plan, task: Task, device: torch.device) -> dict[str, Any]:
                 desc=stage.describe(),
                 device=device,
             )
-            val, epochs, seconds = result.val, result.epochs, result.seconds
+            val, epochs, seconds, kept_epoch = result.val, result.epochs, result.seconds, result.kept_epoch
         else:
             val = evaluate(stage.model, task, "val")
         started = time.perf_counter()
@@ -230,6 +234,7 @@ def train_plan(plan: Plan, task: Task, device: torch.device) -> dict[str, Any]:
             test=evaluate(stage.model, task, "test"),
             epochs=epochs,
             seconds=seconds + time.perf_counter() - started,
+            kept_epoch=kept_epoch,
         )
     return plan.summary
 

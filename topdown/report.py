@@ -163,14 +163,17 @@ def _stage_progress(stage: int, lines: list[dict[str, Any]]) -> str:
 
 
 def plot_curves(summary: dict[str, Any], metrics: list[dict[str, Any]], path: Path) -> None:
-    """Validation metric and training loss per epoch, stages laid end to end."""
+    """Validation metric and training loss per epoch, stages laid end to end; a star marks the
+    epoch each stage kept (``kept_epoch``, on its chosen candidate's curve)."""
     from matplotlib.figure import Figure  # not pyplot: a library call leaves the user's backend alone
 
     metric = summary["metric"]
     fig = Figure(figsize=(11, 4))
     ax_val, ax_loss = fig.subplots(1, 2)
-    offset, losses = 0, []
+    offset, losses, kept_label = 0, [], "kept epoch"
     for stage in summary["stages"]:
+        kept = stage.get("kept_epoch")  # None: an average of epochs, or a run recorded without it
+        chosen = next((c for c, t in enumerate(stage["candidates"]) if t["val"] == stage["val"]), 0)
         for c in range(max(1, len(stage["candidates"]))):
             rows = [r for r in metrics if r["stage"] == stage["index"] and r["candidate"] == c]
             if not rows:
@@ -179,6 +182,18 @@ def plot_curves(summary: dict[str, Any], metrics: list[dict[str, Any]], path: Pa
             label = f"stage {stage['index']} ({stage['role']})" if c == 0 else None
             color = f"C{stage['index'] % 10}"
             ax_val.plot(x, [r["val"].get(metric) for r in rows], marker=".", color=color, label=label)
+            if c == chosen and (row := next((r for r in rows if r["epoch"] == kept), None)) is not None:
+                ax_val.plot(
+                    offset + kept,
+                    row["val"].get(metric),
+                    marker="*",
+                    markersize=13,
+                    markerfacecolor="white",  # on its stage's curve; one look in the legend
+                    markeredgecolor="black",
+                    linestyle="none",
+                    label=kept_label,
+                )
+                kept_label = None  # one legend entry for every stage's star
             loss = [r.get("train_loss") for r in rows]
             losses += [v for v in loss if v is not None]
             ax_loss.plot(x, loss, marker=".", color=color, label=label)

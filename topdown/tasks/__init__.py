@@ -1,8 +1,9 @@
-"""Built-in tasks. Each module defines ``DEFAULTS`` (its config sections), ``PRESETS``
-(overrides of those defaults), ``SECTIONS`` (its sections' declared options, with their
-constraints; the defaults are derived from them), ``block_names(model_cfg)``, ``build_model(sections)`` and
-``make(sections, data_dir) -> Task``, where ``sections`` are the task's own config sections
-(``RunConfig.task``). Modules are imported only when their task is used."""
+"""Built-in tasks. Each module defines ``SECTIONS`` (its own config sections as typed ``Section``
+classes, each option with its constraint), ``DEFAULTS`` (the task's changes to the declared
+defaults, of its sections and of the method's), ``PRESETS`` (changes on top of those),
+``block_names(model)``, ``build_model(sections)`` and ``make(sections, data_dir) -> Task``, where
+``sections`` are the task's typed sections (``RunConfig.task``: ``sections.model.hidden``) and
+``model`` is its ``model`` section. Modules are imported only when their task is used."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import importlib
 from types import ModuleType
 from typing import Any
 
-from topdown.config import METHOD_SECTIONS, RunConfig, merge, method_defaults
+from topdown.config import RunConfig, TaskSections
 from topdown.errors import ConfigError
 from topdown.task import Task
 
@@ -30,20 +31,19 @@ def task_module(name: str) -> ModuleType:
     return importlib.import_module(TASKS[name])
 
 
-def make_task(name: str, sections: dict[str, Any], data_dir: str | None) -> Task:
+def make_task(name: str, sections: TaskSections, data_dir: str | None) -> Task:
     """Task ``name`` over its resolved config ``sections`` (a top-level function, so that
     ``functools.partial`` of it can build the task again in a worker process)."""
     return task_module(name).make(sections, data_dir)
 
 
 def resolve_config(name: str, preset: str, overrides: dict[str, Any]) -> RunConfig:
-    """Method defaults, then the task's defaults, then the preset, then ``--set`` overrides, typed once."""
+    """Every declared default, then the task's defaults, then the preset, then ``--set`` overrides,
+    each layer applied to the typed configuration (``RunConfig.updated``)."""
     module = task_module(name)
     if preset not in module.PRESETS:
         raise ConfigError(f"task {name!r} has no preset {preset!r}; presets: {', '.join(module.PRESETS)}")
-    # a task's defaults for a method section are checked against it key by key; its own sections it declares whole
-    base = {**method_defaults(), **{k: v for k, v in module.DEFAULTS.items() if k not in METHOD_SECTIONS}}
-    base = merge(base, {k: v for k, v in module.DEFAULTS.items() if k in METHOD_SECTIONS})
-    return RunConfig.from_dict(
-        merge(merge(base, module.PRESETS[preset]), overrides), getattr(module, "SECTIONS", None)
-    )
+    config = RunConfig.from_dict({}, module.SECTIONS)
+    for layer in (module.DEFAULTS, module.PRESETS[preset], overrides):
+        config = config.updated(layer)
+    return config

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from topdown.config import Section, option
+from topdown.config import Section, TaskSections, option
 from topdown.errors import ConfigError, DataError
 from topdown.task import Task, cross_entropy_loss, index_batches
 
@@ -33,7 +33,8 @@ class Data(Section):
     def check_relations(self) -> None:
         if self.val_fraction + self.test_fraction >= 1:
             raise ConfigError(
-                f"data.val_fraction + data.test_fraction must be below 1 (got {self.val_fraction} + {self.test_fraction})"
+                f"data.val_fraction + data.test_fraction must be below 1 (got {self.val_fraction} + "
+                f"{self.test_fraction})"
             )
 
 
@@ -47,7 +48,6 @@ class Model(Section):
 
 SECTIONS = {"data": Data, "model": Model}
 DEFAULTS: dict[str, Any] = {
-    **{name: section.defaults() for name, section in SECTIONS.items()},
     "train": {"epochs": 30, "lr": 0.003, "lr_patience": 2, "early_stop": 6},
 }
 PRESETS: dict[str, dict[str, Any]] = {
@@ -73,37 +73,37 @@ class MLP(nn.Module):
         return self.output(x)
 
 
-def block_names(model_cfg: dict[str, Any]) -> list[tuple[str, list[str]]]:
-    return [(f"layer{i + 1}", [f"hidden.{i}"]) for i in range(model_cfg["layers"])] + [("output", ["output"])]
+def block_names(model_cfg: Model) -> list[tuple[str, list[str]]]:
+    return [(f"layer{i + 1}", [f"hidden.{i}"]) for i in range(model_cfg.layers)] + [("output", ["output"])]
 
 
-def build_model(cfg: dict[str, Any]) -> nn.Module:
-    m = cfg["model"]
-    return MLP(m["hidden"], m["layers"], m["dropout"])
+def build_model(cfg: TaskSections) -> nn.Module:
+    m = cfg.model
+    return MLP(m.hidden, m.layers, m.dropout)
 
 
-def load_splits(data_cfg: dict[str, Any], path: Path = DATA) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def load_splits(data_cfg: Data, path: Path = DATA) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Fixed train/val/test split (independent of the run's seed), pixels scaled to [0, 1]."""
     if not path.is_file():
         raise DataError(f"digits data file {path} is missing")
     with np.load(path, allow_pickle=False) as z:
         x, y = z["images"].astype(np.float32) / 16.0, z["labels"].astype(np.int64)
     order = np.random.default_rng(12345).permutation(len(y))
-    n_test, n_val = int(len(y) * data_cfg["test_fraction"]), int(len(y) * data_cfg["val_fraction"])
+    n_test, n_val = int(len(y) * data_cfg.test_fraction), int(len(y) * data_cfg.val_fraction)
     parts = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
     if any(len(idx) == 0 for idx in parts.values()):
         raise DataError(
-            f"digits: fractions {data_cfg['val_fraction']}/{data_cfg['test_fraction']} leave an empty split"
+            f"digits: fractions {data_cfg.val_fraction}/{data_cfg.test_fraction} leave an empty split"
         )
     return {k: (torch.from_numpy(x[idx]), torch.from_numpy(y[idx])) for k, idx in parts.items()}
 
 
-def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
+def make(cfg: TaskSections, data_dir: str | None = None) -> Task:
     if data_dir is not None:
         raise DataError("digits uses its bundled data; --data-dir is not supported")
-    splits = load_splits(cfg["data"])
+    splits = load_splits(cfg.data)
     x_train, y_train = splits["train"]
-    batch_size = cfg["data"]["batch_size"]
+    batch_size = cfg.data.batch_size
 
     def train_batches(generator: torch.Generator, subset: float):
         for idx in index_batches(len(y_train), subset, batch_size, generator):
@@ -121,7 +121,7 @@ def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
     return Task(
         name="digits",
         build_model=lambda: build_model(cfg),
-        blocks=block_names(cfg["model"]),
+        blocks=block_names(cfg.model),
         train_batches=train_batches,
         loss=cross_entropy_loss,
         evaluate=evaluate,

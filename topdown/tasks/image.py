@@ -1,4 +1,5 @@
-"""``image``: image classification with a small residual CNN (the paper's later revision), digits or image folders.
+"""``image``: image classification with a small residual CNN (the paper's later revision), digits
+or image folders.
 
 Blocks, input to output: ``stem`` (3x3 convolution, BatchNorm, ReLU), ``stage1`` ..
 ``stageN`` (``model.depth`` residual basic blocks each; every stage after the first halves
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from topdown.config import Section, option
+from topdown.config import Section, TaskSections, option
 from topdown.errors import ConfigError, DataError
 from topdown.task import Task, cross_entropy_loss, data_location, index_batches
 from topdown.tasks import digits
@@ -66,11 +67,11 @@ class Model(Section):
 
 SECTIONS = {"data": Data, "model": Model}
 DEFAULTS: dict[str, Any] = {
-    **{name: section.defaults() for name, section in SECTIONS.items()},
     # SGD with momentum, weight decay; the lr decays on validation-loss plateaus and early
     # stopping ends each stage at a low lr (chosen on digits validation, see docs/image.md).
-    # The validation loss picks the epoch: 359 digits move the error in steps of 0.28 points,
-    # so it ties often. Stage acceptance still compares the error (the task's metric).
+    # The stage keeps the epoch with the lowest validation error (the task's metric, which
+    # decides acceptance); 359 digits move the error in steps of 0.28 points, so it ties
+    # often, and the loss (train.monitor) breaks the ties.
     "train": {
         "optimizer": "sgd",
         "lr": 0.05,
@@ -161,17 +162,15 @@ class ResNet(nn.Module):
         return self.head(x)
 
 
-def block_names(model_cfg: dict[str, Any]) -> list[tuple[str, list[str]]]:
-    stages = [(f"stage{i + 1}", [f"stages.{i}"]) for i in range(model_cfg["stages"])]
+def block_names(model_cfg: Model) -> list[tuple[str, list[str]]]:
+    stages = [(f"stage{i + 1}", [f"stages.{i}"]) for i in range(model_cfg.stages)]
     return [("stem", ["stem"]), *stages, ("head", ["head"])]
 
 
-def build_model(cfg: dict[str, Any], in_channels: int = 1, classes: int = 10) -> ResNet:
+def build_model(cfg: TaskSections, in_channels: int = 1, classes: int = 10) -> ResNet:
     """Without data (``topdown list``): the digits' shape, one channel and ten classes."""
-    m = cfg["model"]
-    return ResNet(
-        in_channels, classes, [m["width"] * 2**i for i in range(m["stages"])], m["depth"], m["dropout"]
-    )
+    m = cfg.model
+    return ResNet(in_channels, classes, [m.width * 2**i for i in range(m.stages)], m.depth, m.dropout)
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -179,7 +178,8 @@ def build_model(cfg: dict[str, Any], in_channels: int = 1, classes: int = 10) ->
 
 def _unreadable(path: Path, root: Path, e: Exception) -> DataError:
     return DataError(
-        f"cannot read image {path.relative_to(root)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        f"cannot read image {path.relative_to(root)}: "
+        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
     )
 
 
@@ -201,8 +201,8 @@ def _to_8bit(im, path: Path, root: Path):
     if im.mode == "I":
         if a.size and (a.min() < 0 or a.max() > 255):
             raise DataError(
-                f"{where}: mode I (32-bit integer) pixels range {a.min()}..{a.max()}, whose full scale is unknown; "
-                f"save it as 8- or 16-bit grayscale"
+                f"{where}: mode I (32-bit integer) pixels range {a.min()}..{a.max()}, whose full scale is "
+                "unknown; save it as 8- or 16-bit grayscale"
             )
         return Image.fromarray(a.astype(np.uint8))
     return Image.fromarray(
@@ -226,7 +226,8 @@ def _read(path: Path, root: Path, color: str, resize: int) -> np.ndarray:
 
 
 def _list_split(root: Path, split: str) -> dict[str, list[Path]]:
-    """``root/split/<class>/*.png|jpg`` as {class: sorted image paths}; empty classes and splits are errors."""
+    """``root/split/<class>/*.png|jpg`` as {class: sorted image paths}; empty classes and splits
+    are errors."""
     folder = root / split
     classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
@@ -257,7 +258,7 @@ def _color_of(files: list[Path], root: Path) -> str:
     return "gray"
 
 
-def _check_layout(root: Path, data_cfg: dict[str, Any]) -> None:
+def _check_layout(root: Path, data_cfg: Data) -> None:
     """Refuse what would be silently ignored: a directory beside train/, val/, test/ (a valid/
     would leave its images unused and hold out part of train/ instead), and the fraction
     options that these folders make meaningless."""
@@ -272,7 +273,8 @@ def _check_layout(root: Path, data_cfg: dict[str, Any]) -> None:
     if unknown:
         hint = "; validation images go in val/" if any(n.lower() in VAL_ALIASES for n in unknown) else ""
         raise DataError(
-            f"{root}: unknown director{'y' if len(unknown) == 1 else 'ies'} {', '.join(n + '/' for n in unknown)}"
+            f"{root}: unknown director{'y' if len(unknown) == 1 else 'ies'} "
+            f"{', '.join(n + '/' for n in unknown)}"
             f" (expected only train/, test/ and an optional val/){hint}"
         )
     ignored = {"test_fraction": "test/ holds the test images (the fraction splits the bundled digits only)"}
@@ -280,16 +282,17 @@ def _check_layout(root: Path, data_cfg: dict[str, Any]) -> None:
         ignored["val_fraction"] = (
             "val/ holds the validation images (the fraction holds out part of train/ only without val/)"
         )
-    defaults = Data.defaults()
     for key, why in ignored.items():
-        if data_cfg[key] != defaults[key]:
+        value, default = getattr(data_cfg, key), getattr(Data(), key)
+        if value != default:
             raise ConfigError(
-                f"data.{key}={data_cfg[key]} has no effect with --data-dir {root}: {why}; leave it at its default {defaults[key]}"
+                f"data.{key}={value} has no effect with --data-dir {root}: {why}; "
+                f"leave it at its default {default}"
             )
 
 
 def load_folders(
-    data_cfg: dict[str, Any], data_dir: str
+    data_cfg: Data, data_dir: str
 ) -> tuple[list[str], dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
     """Classes (train's class directories, sorted: label = index), uint8 (N, C, H, W) images and
     labels per split, and facts for ``task_info``. The training images are in a fixed shuffled
@@ -315,22 +318,25 @@ def load_folders(
     for split in ("val", "test"):
         if unknown := sorted(set(listed.get(split, {})) - set(index)):
             raise DataError(
-                f"the {split} split has class {unknown[0]!r}, which is not in train (classes: {', '.join(classes)})"
+                f"the {split} split has class {unknown[0]!r}, which is not in train (classes: "
+                f"{', '.join(classes)})"
             )
     every = [p for split in listed.values() for files in split.values() for p in files]
-    color = data_cfg["color"] if data_cfg["color"] != "auto" else _color_of(every, root)
+    color = data_cfg.color if data_cfg.color != "auto" else _color_of(every, root)
     splits, first = {}, None
     for split, by_class in listed.items():
         images, labels = [], []
         for c, files in by_class.items():
             for path in files:
-                a = _read(path, root, color, data_cfg["resize"])
+                a = _read(path, root, color, data_cfg.resize)
                 if first is None:
                     first = (path, a.shape)
                 elif a.shape != first[1]:
                     raise DataError(
-                        f"images differ in size ({first[0].relative_to(root)} is {first[1][1]}x{first[1][0]}, "
-                        f"{path.relative_to(root)} is {a.shape[1]}x{a.shape[0]}); set data.resize=N to resize every image to NxN"
+                        f"images differ in size ({first[0].relative_to(root)} is "
+                        f"{first[1][1]}x{first[1][0]}, "
+                        f"{path.relative_to(root)} is {a.shape[1]}x{a.shape[0]}); set data.resize=N to "
+                        "resize every image to NxN"
                     )
                 images.append(a)
                 labels.append(index[c])
@@ -341,12 +347,13 @@ def load_folders(
     x, y = x[order], y[order]
     source = "val/"
     if "val" not in splits:
-        n_val = int(len(y) * data_cfg["val_fraction"])
+        n_val = int(len(y) * data_cfg.val_fraction)
         if n_val == 0 or n_val == len(y):
             raise DataError(
-                f"the val split is empty: no val/ directory, and data.val_fraction {data_cfg['val_fraction']} of {len(y)} training images holds out none"
+                f"the val split is empty: no val/ directory, and data.val_fraction {data_cfg.val_fraction} "
+                f"of {len(y)} training images holds out none"
             )
-        splits["val"], source = (x[:n_val], y[:n_val]), f"a fixed {data_cfg['val_fraction']:g} of train/"
+        splits["val"], source = (x[:n_val], y[:n_val]), f"a fixed {data_cfg.val_fraction:g} of train/"
         x, y = x[n_val:], y[n_val:]
     splits["train"] = (x, y)
     return (
@@ -357,7 +364,7 @@ def load_folders(
 
 
 def load_digits(
-    data_cfg: dict[str, Any],
+    data_cfg: Data,
 ) -> tuple[list[str], dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
     """The digits task's fixed split, as (N, 1, 8, 8) images in [0, 1]."""
     splits = {k: (x.reshape(-1, 1, 8, 8), y) for k, (x, y) in digits.load_splits(data_cfg).items()}
@@ -398,8 +405,8 @@ def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
-def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
-    d = cfg["data"]
+def make(cfg: TaskSections, data_dir: str | None = None) -> Task:
+    d = cfg.data
     classes, splits, facts = load_digits(d) if data_dir is None else load_folders(d, data_dir)
     x_train, y_train = splits["train"]
     channels, height, width = x_train.shape[1:]
@@ -413,11 +420,11 @@ def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
         return (to_float(x) - mean[:, None, None]) / std[:, None, None]
 
     def train_batches(generator: torch.Generator, subset: float):
-        for idx in index_batches(len(y_train), subset, d["batch_size"], generator):
+        for idx in index_batches(len(y_train), subset, d.batch_size, generator):
             x = to_float(x_train[idx])
-            if d["crop_padding"] > 0:
-                x = random_crop(x, d["crop_padding"], generator)  # pads with black (the digits' background)
-            if d["flip"]:
+            if d.crop_padding > 0:
+                x = random_crop(x, d.crop_padding, generator)  # pads with black (the digits' background)
+            if d.flip:
                 x = random_flip(x, generator)
             yield normalise(x), y_train[idx]
 
@@ -425,9 +432,9 @@ def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
         x, y = splits[split]
         device = next(model.parameters()).device
         errors, total = 0, 0.0
-        for i in range(0, len(y), d["eval_batch_size"]):
-            logits = model(normalise(x[i : i + d["eval_batch_size"]]).to(device)).float().cpu()
-            target = y[i : i + d["eval_batch_size"]]
+        for i in range(0, len(y), d.eval_batch_size):
+            logits = model(normalise(x[i : i + d.eval_batch_size]).to(device)).float().cpu()
+            target = y[i : i + d.eval_batch_size]
             errors += int((logits.argmax(1) != target).sum())
             total += F.cross_entropy(logits, target, reduction="sum").item()
         return {"error": errors / len(y), "loss": total / len(y)}
@@ -446,7 +453,7 @@ def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
     return Task(
         name="image",
         build_model=lambda: build_model(cfg, int(channels), len(classes)),
-        blocks=block_names(cfg["model"]),
+        blocks=block_names(cfg.model),
         train_batches=train_batches,
         loss=cross_entropy_loss,
         evaluate=evaluate,

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from topdown.config import Section, option
+from topdown.config import Section, TaskSections, option
 from topdown.console import warn
 from topdown.errors import ConfigError, DataError
 from topdown.task import Task, data_location, subset_size
@@ -61,7 +61,8 @@ class Data(Section):
         8, ge=1
     )  # small batches: more updates per epoch get CTC past its all-blank phase sooner
     limit: int = option(0, ge=0)  # use only the first N utterances of each split (0 = all); for tiny presets
-    unk: str = ""  # Kaldi data: "" = a character unseen in training is an error; else unseen characters map to this symbol
+    # Kaldi data: "" = a character unseen in training is an error; else unseen characters map to this symbol
+    unk: str = ""
     # words removed from every transcript before training and scoring: non-linguistic symbols such as
     # WSJ's <NOISE> (ESPnet's --nlsyms); an utterance left with no words is left out, with a warning
     remove_tokens: list[str] = field(default_factory=list)
@@ -71,7 +72,8 @@ class Data(Section):
     def check_relations(self) -> None:
         if not all(isinstance(t, str) and t and not any(c.isspace() for c in t) for t in self.remove_tokens):
             raise ConfigError(
-                f"data.remove_tokens must be a list of words (no spaces), e.g. [<NOISE>], got {self.remove_tokens!r}"
+                "data.remove_tokens must be a list of words (no spaces), e.g. [<NOISE>], got "
+                f"{self.remove_tokens!r}"
             )
 
 
@@ -122,7 +124,8 @@ UNKNOWN_CHAR = "\ufffd"  # how a hypothesis spells the unknown symbol (Vocab.dec
 
 
 class Vocab:
-    """Output symbols: index 0 is the CTC blank, then one symbol per character (and the unknown symbol, if any)."""
+    """Output symbols: index 0 is the CTC blank, then one symbol per character (and the unknown
+    symbol, if any)."""
 
     def __init__(self, chars: list[str], unk: str = ""):
         self.symbols = [BLANK_SYMBOL, *chars, *([unk] if unk else [])]
@@ -148,7 +151,8 @@ class Vocab:
             if i is None or i == BLANK:
                 if not self.unk:
                     raise DataError(
-                        f"{where}: character {c!r} does not occur in the training transcripts (set data.unk=SYMBOL to map unseen characters to SYMBOL)"
+                        f"{where}: character {c!r} does not occur in the training transcripts (set "
+                        "data.unk=SYMBOL to map unseen characters to SYMBOL)"
                     )
                 i = self.index[self.unk]
             ids.append(i)
@@ -167,8 +171,8 @@ class Vocab:
 AN4_VOCAB = Vocab(list(an4.ALPHABET))
 
 
-def feature_dim(data_cfg: dict[str, Any], raw: int = an4.N_CEPS) -> int:
-    return raw * (3 if data_cfg["deltas"] else 1) * data_cfg["stack"]
+def feature_dim(data_cfg: Data, raw: int = an4.N_CEPS) -> int:
+    return raw * (3 if data_cfg.deltas else 1) * data_cfg.stack
 
 
 @dataclass
@@ -181,7 +185,7 @@ class Corpus:
     ]  # split -> where its utterances are, for messages: a Kaldi root's validation set is its dev/ directory
 
 
-def load_corpus(data_cfg: dict[str, Any], data_dir: str | None) -> Corpus:
+def load_corpus(data_cfg: Data, data_dir: str | None) -> Corpus:
     """The bundled AN4, an AN4-style Sphinx layout (``etc/`` and ``feat/``), or Kaldi data
     directories (``ROOT/train``, ``ROOT/test``, optional ``ROOT/dev``) at ``data_dir``."""
     if data_dir is None:
@@ -191,26 +195,27 @@ def load_corpus(data_cfg: dict[str, Any], data_dir: str | None) -> Corpus:
         if (root / "etc").is_dir():
             raw, facts = an4.load_sphinx(root), {"corpus": "an4 sphinx layout", **data_location(root)}
         elif (root / "train").is_dir():
-            raw, facts = kaldi.load_root(root, data_cfg["fbank"])
+            raw, facts = kaldi.load_root(root, data_cfg.fbank)
             facts = {"corpus": "kaldi data directories", **data_location(root), **facts}
         elif not root.is_dir():
             raise DataError(f"{root}: data directory not found")
         else:
             raise DataError(
-                f"{root}: expected Kaldi data directories ({root}/train, {root}/test, optional {root}/dev) or an AN4-style Sphinx layout with etc/ and feat/"
+                f"{root}: expected Kaldi data directories ({root}/train, {root}/test, optional {root}/dev) "
+                "or an AN4-style Sphinx layout with etc/ and feat/"
             )
-    if data_cfg["remove_tokens"]:
-        raw = {name: _without_tokens(utts, data_cfg["remove_tokens"], name) for name, utts in raw.items()}
-        facts = {**facts, "removed_tokens": list(data_cfg["remove_tokens"])}
+    if data_cfg.remove_tokens:
+        raw = {name: _without_tokens(utts, data_cfg.remove_tokens, name) for name, utts in raw.items()}
+        facts = {**facts, "removed_tokens": list(data_cfg.remove_tokens)}
     origins = {"train": "train", "val": "train, held out for validation", "test": "test"}
     if "dev" in raw:
         splits = {"train": raw["train"], "val": raw["dev"], "test": raw["test"]}
         origins["val"] = "dev"
     else:
-        train, val = split_speakers(raw["train"], data_cfg["val_speakers"])
+        train, val = split_speakers(raw["train"], data_cfg.val_speakers)
         splits = {"train": train, "val": val, "test": raw["test"]}
-    if data_cfg["limit"]:
-        splits = {k: v[: data_cfg["limit"]] for k, v in splits.items()}
+    if data_cfg.limit:
+        splits = {k: v[: data_cfg.limit] for k, v in splits.items()}
     for name, utts in splits.items():
         if not utts:
             raise DataError(f"the {name} set is empty")
@@ -220,7 +225,7 @@ def load_corpus(data_cfg: dict[str, Any], data_dir: str | None) -> Corpus:
                 an4.check_text(u.uid, u.text)
         vocab = AN4_VOCAB
     else:
-        vocab = Vocab.from_texts([u.text for u in splits["train"]], data_cfg["unk"])
+        vocab = Vocab.from_texts([u.text for u in splits["train"]], data_cfg.unk)
     return Corpus(splits, vocab, facts, origins)
 
 
@@ -234,8 +239,8 @@ def _without_tokens(utts: list[an4.Utterance], tokens: list[str], split: str) ->
         (kept if text else emptied).append(dataclasses.replace(u, text=text))
     if emptied:
         warn(
-            f"data.remove_tokens left {len(emptied)} of {len(utts)} utterance(s) of {split} with no words (first: "
-            f"{emptied[0].uid!r}); they are left out"
+            f"data.remove_tokens left {len(emptied)} of {len(utts)} utterance(s) of {split} with no words "
+            f"(first: {emptied[0].uid!r}); they are left out"
         )
     return kept
 
@@ -245,15 +250,15 @@ def split_speakers(train: list[an4.Utterance], n_val: int) -> tuple[list[an4.Utt
     speakers = sorted({u.speaker for u in train})
     if not 0 < n_val < len(speakers):
         raise DataError(
-            f"data.val_speakers={n_val}, but the training set has {len(speakers)} speakers (and there is no dev set); "
-            f"allowed: 1 to {len(speakers) - 1}, or a dev/ directory"
+            f"data.val_speakers={n_val}, but the training set has {len(speakers)} speakers (and there is no "
+            f"dev set); allowed: 1 to {len(speakers) - 1}, or a dev/ directory"
         )
     held = set(np.random.default_rng(0).choice(speakers, n_val, replace=False).tolist())
     return [u for u in train if u.speaker not in held], [u for u in train if u.speaker in held]
 
 
 def prepare(
-    data_cfg: dict[str, Any], data_dir: str | None, out_length: Callable[[int], int] | None = None
+    data_cfg: Data, data_dir: str | None, out_length: Callable[[int], int] | None = None
 ) -> tuple[dict[str, list[Example]], dict[str, Any], Vocab]:
     """Features (deltas, training-set normalisation, frame stacking) and targets for
     train/val/test, the facts the model depends on (vocabulary, feature statistics) and the vocabulary."""
@@ -261,24 +266,24 @@ def prepare(
     out_length = out_length or (lambda n: n)
 
     def raw(u: an4.Utterance) -> np.ndarray:
-        return an4.add_deltas(u.feats) if data_cfg["deltas"] else u.feats
+        return an4.add_deltas(u.feats) if data_cfg.deltas else u.feats
 
     feats_of = {name: [raw(u) for u in utts] for name, utts in corpus.splits.items()}
     norm = an4.Normalizer.fit(feats_of["train"])
     out = {}
     for name, utts in corpus.splits.items():
-        normalised = normalise(utts, feats_of[name], data_cfg["cmvn"], norm)
+        normalised = normalise(utts, feats_of[name], data_cfg.cmvn, norm)
         examples = []
         for u, x in zip(utts, normalised):
-            feats = torch.from_numpy(an4.stack_frames(x, data_cfg["stack"]).astype(np.float32))
+            feats = torch.from_numpy(an4.stack_frames(x, data_cfg.stack).astype(np.float32))
             where = f"utterance {u.uid} ({corpus.origins[name]})"
             target = corpus.vocab.encode(u.text, where)
             repeats = int((target[1:] == target[:-1]).sum())
             if out_length(len(feats)) < len(target) + repeats:
                 raise DataError(
                     f"{where}: {len(u.feats)} frames give the model {out_length(len(feats))} output frames, "
-                    f"too few for its {len(target)} characters (CTC needs {len(target) + repeats}: one per character, "
-                    f"one more per repeated character)"
+                    f"too few for its {len(target)} characters (CTC needs {len(target) + repeats}: one per "
+                    "character, one more per repeated character)"
                 )
             examples.append(Example(u.uid, feats, target, u.text))
         out[name] = examples
@@ -289,15 +294,19 @@ def prepare(
         "features": {
             **corpus.facts,
             "raw_dim": int(raw_dim),
-            "deltas": data_cfg["deltas"],
-            "stack": data_cfg["stack"],
+            "deltas": data_cfg.deltas,
+            "stack": data_cfg.stack,
             "dim": feature_dim(data_cfg, raw_dim),
-            **({"fbank": data_cfg["fbank"]} if corpus.facts.get("source") == "wav.scp" else {}),
+            **(
+                {"fbank": dataclasses.asdict(data_cfg.fbank)}
+                if corpus.facts.get("source") == "wav.scp"
+                else {}
+            ),
         },
         # mean/variance normalisation: the mode, and the statistics of the training set (after
         # deltas, before stacking), which are what is applied when the mode is "global"
         "cmvn": {
-            "mode": data_cfg["cmvn"],
+            "mode": data_cfg.cmvn,
             "mean": [float(x) for x in norm.mean],
             "std": [float(x) for x in norm.std],
         },
@@ -356,7 +365,7 @@ def batches(examples: list[Example], batch_size: int, generator: torch.Generator
 
 
 def spec_augment(
-    feats: torch.Tensor, lengths: torch.Tensor, cfg: dict[str, int], stack: int = 1
+    feats: torch.Tensor, lengths: torch.Tensor, cfg: SpecAugment, stack: int = 1
 ) -> torch.Tensor:
     """SpecAugment-style masking (no time warping): per utterance, ``freq_masks`` bands of up to
     ``freq_width`` feature dimensions and ``time_masks`` spans of up to ``time_width`` frames are
@@ -364,19 +373,19 @@ def spec_augment(
     band covers the same dimensions of each stacked frame (and time spans count stacked frames).
     Draws from torch's global RNG, which the loop seeds per epoch, so runs stay reproducible and
     resumable."""
-    if not (cfg["freq_masks"] and cfg["freq_width"]) and not (cfg["time_masks"] and cfg["time_width"]):
+    if not (cfg.freq_masks and cfg.freq_width) and not (cfg.time_masks and cfg.time_width):
         return feats
     shape = feats.shape
     feats = feats.clone().view(shape[0], shape[1], stack, shape[2] // stack)  # (B, T, stacked frames, dims)
     dims = feats.shape[3]
     for b, n in enumerate(lengths.tolist()):
-        for _ in range(cfg["freq_masks"] if cfg["freq_width"] else 0):
-            w = int(torch.randint(0, cfg["freq_width"] + 1, ()).item())
+        for _ in range(cfg.freq_masks if cfg.freq_width else 0):
+            w = int(torch.randint(0, cfg.freq_width + 1, ()).item())
             f0 = int(torch.randint(0, max(1, dims - w), ()).item())
             feats[b, :, :, f0 : f0 + w] = 0
-        for _ in range(cfg["time_masks"] if cfg["time_width"] else 0):
+        for _ in range(cfg.time_masks if cfg.time_width else 0):
             w = min(
-                int(torch.randint(0, cfg["time_width"] + 1, ()).item()), n // 5
+                int(torch.randint(0, cfg.time_width + 1, ()).item()), n // 5
             )  # never more than a fifth of the utterance per mask
             t0 = int(torch.randint(0, max(1, n - w), ()).item())
             feats[b, t0 : t0 + w] = 0
@@ -568,7 +577,8 @@ def error_rates(hyps: list[str], refs: list[str], suffix: str = "") -> dict[str,
 def word_scorer(
     train: list[Example], vocab: Vocab, order: int, weight: float, bonus: float, oov_penalty: float = 0.0
 ) -> WordScorer:
-    """Shallow fusion of a word ``order``-gram trained on the training transcripts (its lexicon: their words)."""
+    """Shallow fusion of a word ``order``-gram trained on the training transcripts (its lexicon:
+    their words)."""
     if " " not in vocab.index:
         raise DataError("decode.lm_order: the training transcripts hold no spaces, so no words for a word LM")
     return WordScorer(
@@ -583,18 +593,18 @@ def word_scorer(
 
 def make_task(
     name: str,
-    cfg: dict[str, Any],
+    cfg: TaskSections,
     data_dir: str | None,
     build_model,
     block_names,
     out_length: Callable[[int], int] | None = None,
 ) -> Task:
     """A ``Task`` for a CTC model over the prepared data. ``build_model(cfg, inputs=, vocab=)``."""
-    data, info, vocab = prepare(cfg["data"], data_dir, out_length)
-    batch_size = cfg["data"]["batch_size"]
-    augment = cfg["data"]["spec_augment"]
-    stack = cfg["data"]["stack"]  # SpecAugment bands cover the same dimensions of each stacked frame
-    decode = cfg["decode"]
+    data, info, vocab = prepare(cfg.data, data_dir, out_length)
+    batch_size = cfg.data.batch_size
+    augment = cfg.data.spec_augment
+    stack = cfg.data.stack  # SpecAugment bands cover the same dimensions of each stacked frame
+    decode = cfg.decode
 
     def train_batches(generator: torch.Generator, subset: float):
         return batches(data["train"][: subset_size(len(data["train"]), subset)], batch_size, generator)
@@ -607,32 +617,30 @@ def make_task(
         word_scorer(
             data["train"],
             vocab,
-            decode["lm_order"],
-            decode["lm_weight"],
-            decode["word_bonus"],
-            decode["oov_penalty"],
+            decode.lm_order,
+            decode.lm_weight,
+            decode.word_bonus,
+            decode.oov_penalty,
         )
-        if decode["lm_order"]
+        if decode.lm_order
         else None
     )
 
     def evaluate(model: nn.Module, split: str) -> dict[str, float]:
-        beam = decode["beam"] if split == "test" or decode["on_val"] else 0
+        beam = decode.beam if split == "test" or decode.on_val else 0
         examples, outputs, loss = forward_split(model, data[split], batch_size)
         refs = [e.text for e in examples]
         metrics = {**error_rates(transcribe(outputs, vocab), refs), "loss": loss}
         if beam:
-            metrics.update(error_rates(transcribe(outputs, vocab, beam, decode["prune"]), refs, "_beam"))
+            metrics.update(error_rates(transcribe(outputs, vocab, beam, decode.prune), refs, "_beam"))
         if beam and scorer:
-            metrics.update(
-                error_rates(transcribe(outputs, vocab, beam, decode["prune"], scorer), refs, "_lm")
-            )
+            metrics.update(error_rates(transcribe(outputs, vocab, beam, decode.prune, scorer), refs, "_lm"))
         return metrics
 
     return Task(
         name=name,
         build_model=lambda: build_model(cfg, inputs=info["features"]["dim"], vocab=len(vocab)),
-        blocks=block_names(cfg["model"]),
+        blocks=block_names(cfg.model),
         train_batches=train_batches,
         loss=loss,
         evaluate=evaluate,

@@ -18,6 +18,7 @@ The audio libraries are imported only when a directory needs them (the ``asr`` e
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -80,21 +81,21 @@ def read_text(path: Path) -> dict[str, str]:
     return table
 
 
-def _knf_options(cfg: dict[str, Any], rate: int, num_bins: int | None = None):
+def _knf_options(cfg: Fbank, rate: int, num_bins: int | None = None):
     """kaldi-native-fbank's options for ``cfg`` at ``rate`` (``num_bins`` in place of num_mel_bins)."""
     import kaldi_native_fbank as knf
 
     opts = knf.FbankOptions()
     opts.frame_opts.samp_freq = float(rate)
-    opts.frame_opts.frame_length_ms = float(cfg["frame_length_ms"])
-    opts.frame_opts.frame_shift_ms = float(cfg["frame_shift_ms"])
-    opts.frame_opts.dither = float(cfg["dither"])
-    opts.frame_opts.preemph_coeff = float(cfg["preemph_coeff"])
-    opts.frame_opts.window_type = str(cfg["window_type"])
-    opts.frame_opts.snip_edges = bool(cfg["snip_edges"])
-    opts.mel_opts.num_bins = int(cfg["num_mel_bins"] if num_bins is None else num_bins)
-    opts.mel_opts.low_freq = float(cfg["low_freq"])
-    opts.mel_opts.high_freq = float(cfg["high_freq"])
+    opts.frame_opts.frame_length_ms = float(cfg.frame_length_ms)
+    opts.frame_opts.frame_shift_ms = float(cfg.frame_shift_ms)
+    opts.frame_opts.dither = float(cfg.dither)
+    opts.frame_opts.preemph_coeff = float(cfg.preemph_coeff)
+    opts.frame_opts.window_type = str(cfg.window_type)
+    opts.frame_opts.snip_edges = bool(cfg.snip_edges)
+    opts.mel_opts.num_bins = int(cfg.num_mel_bins if num_bins is None else num_bins)
+    opts.mel_opts.low_freq = float(cfg.low_freq)
+    opts.mel_opts.high_freq = float(cfg.high_freq)
     return opts
 
 
@@ -104,14 +105,14 @@ def _samples(rate: int, ms: float) -> int:
     return int(np.float32(rate) * np.float32(0.001) * np.float32(ms))
 
 
-def fbank_options(cfg: dict[str, Any], rate: int, where: str):
+def fbank_options(cfg: Fbank, rate: int, where: str):
     """kaldi-native-fbank's options for audio at ``rate``, checked once before any features are
     computed: any one sample rate is accepted, but some ``data.fbank`` settings do not fit a rate
     (a band above its Nyquist frequency, more mel filters than FFT bins), and the library would
     stop with a bare ValueError, or a division by zero for a zero-sample shift. ``where`` names
     the audio the rate came from."""
     at = f"at {rate} Hz ({where})"
-    length, shift = cfg["frame_length_ms"], cfg["frame_shift_ms"]
+    length, shift = cfg.frame_length_ms, cfg.frame_shift_ms
     if _samples(rate, length) < 2:
         raise ConfigError(
             f"data.fbank.frame_length_ms={length:g} is a window of {_samples(rate, length)} sample(s) {at}; "
@@ -122,7 +123,7 @@ def fbank_options(cfg: dict[str, Any], rate: int, where: str):
             f"data.fbank.frame_shift_ms={shift:g} is a shift of 0 samples {at}; "
             f"allowed: at least 1 sample ({1000 / rate:.4g} ms; 10 is usual)"
         )
-    nyquist, low, high = rate / 2, cfg["low_freq"], cfg["high_freq"]
+    nyquist, low, high = rate / 2, cfg.low_freq, cfg.high_freq
     band = (
         high if high > 0 else nyquist + high
     )  # Kaldi: 0 = the Nyquist frequency, negative = below it by that much
@@ -134,36 +135,41 @@ def fbank_options(cfg: dict[str, Any], rate: int, where: str):
     if high > nyquist:
         raise ConfigError(
             f"data.fbank.high_freq={high:g} is above the Nyquist frequency {nyquist:g} Hz {at}; "
-            f"allowed: low_freq < high_freq <= {nyquist:g}, or 0 for the Nyquist frequency, or a negative offset from it"
+            f"allowed: low_freq < high_freq <= {nyquist:g}, or 0 for the Nyquist frequency, or a negative "
+            "offset from it"
         )
     if band <= low:
         meaning = f" (the Nyquist frequency {nyquist:g} Hz - {-high:g} = {band:g} Hz)" if high <= 0 else ""
         raise ConfigError(
             f"data.fbank.high_freq={high:g}{meaning} is not above data.fbank.low_freq={low:g} {at}; "
-            f"allowed: high_freq in ({low:g}, {nyquist:g}], or 0, or a negative offset above {low - nyquist:g}"
+            f"allowed: high_freq in ({low:g}, {nyquist:g}], or 0, or a negative offset above "
+            f"{low - nyquist:g}"
         )
-    bins = int(cfg["num_mel_bins"])
+    bins = int(cfg.num_mel_bins)
     refusal = _refusal(cfg, rate, bins)  # building the mel filters is where the rest is checked
     if refusal and "mel" not in refusal:
         raise ConfigError(
-            f"kaldi-native-fbank refuses the data.fbank options {at}: {refusal} (options: {cfg})"
+            f"kaldi-native-fbank refuses the data.fbank options {at}: {refusal} (options: "
+            f"{dataclasses.asdict(cfg)})"
         )
     if refusal:
         fits = next((n for n in range(bins - 1, 2, -1) if _refusal(cfg, rate, n) is None), None)
         if fits is None:
             raise ConfigError(
-                f"data.fbank.frame_length_ms={length:g} is too short for any mel filterbank {at}: no filter gets an FFT bin; "
-                f"allowed: longer frames (25 is usual)"
+                f"data.fbank.frame_length_ms={length:g} is too short for any mel filterbank {at}: "
+                "no filter gets an FFT bin; allowed: longer frames (25 is usual)"
             )
         raise ConfigError(
-            f"data.fbank.num_mel_bins={bins} is too many {at} with {length:g} ms frames and a {low:g}-{band:g} Hz band "
-            f"(some filters would get no FFT bin); allowed: at most {fits}, or longer frames (data.fbank.frame_length_ms)"
+            f"data.fbank.num_mel_bins={bins} is too many {at} with {length:g} ms frames and a "
+            f"{low:g}-{band:g} Hz band (some filters would get no FFT bin); allowed: at most {fits}, "
+            "or longer frames (data.fbank.frame_length_ms)"
         )
     return _knf_options(cfg, rate)
 
 
-def _refusal(cfg: dict[str, Any], rate: int, num_bins: int) -> str | None:
-    """kaldi-native-fbank's reason to refuse ``num_bins`` mel filters with ``cfg`` at ``rate`` (None: it accepts them).
+def _refusal(cfg: Fbank, rate: int, num_bins: int) -> str | None:
+    """kaldi-native-fbank's reason to refuse ``num_bins`` mel filters with ``cfg`` at ``rate``
+    (None: it accepts them).
     Its constructor is the only source of the rule that every filter must get an FFT bin."""
     import kaldi_native_fbank as knf
 
@@ -207,8 +213,8 @@ def read_audio(path: Path, where: str) -> tuple[np.ndarray, int]:
     bad = np.flatnonzero(~np.isfinite(wave[:, 0]))
     if len(bad):  # a float WAV can hold NaN or inf, which would make every feature of the file NaN
         raise DataError(
-            f"{where}: audio file {path} holds {len(bad)} non-finite sample(s) (NaN or inf; first at sample {bad[0]}); "
-            f"samples must be finite"
+            f"{where}: audio file {path} holds {len(bad)} non-finite sample(s) (NaN or inf; first at sample "
+            f"{bad[0]}); samples must be finite"
         )
     return wave[:, 0], int(rate)
 
@@ -232,16 +238,18 @@ def _check_same_keys(text: dict[str, str], other: dict[str, str], text_path: Pat
     missing = [u for u in text if u not in other]
     if missing:
         raise DataError(
-            f"{other_path}: no entry for {len(missing)} utterance(s) of {text_path.name} (first: {missing[0]!r})"
+            f"{other_path}: no entry for {len(missing)} utterance(s) of {text_path.name} (first: "
+            f"{missing[0]!r})"
         )
     extra = [u for u in other if u not in text]
     if extra:
         raise DataError(
-            f"{text_path}: no transcript for {len(extra)} utterance(s) of {other_path.name} (first: {extra[0]!r})"
+            f"{text_path}: no transcript for {len(extra)} utterance(s) of {other_path.name} (first: "
+            f"{extra[0]!r})"
         )
 
 
-def load_dir(path: Path, fbank_cfg: dict[str, Any]) -> tuple[list[Utterance], dict[str, Any]]:
+def load_dir(path: Path, fbank_cfg: Fbank) -> tuple[list[Utterance], dict[str, Any]]:
     """One Kaldi data directory -> utterances (features (frames, dims) float32) and facts about it
     (``source``: feats or wav; ``sample_rate`` for audio; ``silent``: the ids of utterances with
     constant audio or identical feature frames)."""
@@ -294,16 +302,17 @@ def _read_feats_scp(
 
 
 def _read_wav_scp(
-    wav_path: Path, text_path: Path, text: dict[str, str], speakers: dict[str, str], fbank_cfg: dict[str, Any]
+    wav_path: Path, text_path: Path, text: dict[str, str], speakers: dict[str, str], fbank_cfg: Fbank
 ) -> tuple[list[Utterance], dict[str, Any]]:
-    """The utterances of a directory of audio files (``wav.scp``), as filterbank features; all at one sample rate."""
+    """The utterances of a directory of audio files (``wav.scp``), as filterbank features; all at
+    one sample rate."""
     path = wav_path.parent
     if (
         path / "segments"
     ).is_file():  # Kaldi's segments cut utterances out of longer recordings; we read whole files
         raise DataError(
-            f"{path / 'segments'}: segment files are not supported; cut the recordings into one file per utterance "
-            f"(e.g. with Kaldi's extract-segments) and list those in wav.scp"
+            f"{path / 'segments'}: segment files are not supported; cut the recordings into one file per "
+            "utterance (e.g. with Kaldi's extract-segments) and list those in wav.scp"
         )
     scp = read_table(wav_path)
     _check_same_keys(text, scp, text_path, wav_path)
@@ -314,12 +323,13 @@ def _read_wav_scp(
         where = f"{wav_path}: utterance {uid!r}"
         if spec.endswith("|") or (" " in spec and not _path_like(spec, path)):
             raise DataError(
-                f"{where}: only plain audio file paths are supported, got {spec!r} (convert piped commands to files first)"
+                f"{where}: only plain audio file paths are supported, got {spec!r} (convert piped commands "
+                "to files first)"
             )
         if " " in spec:
             raise DataError(
-                f"{where}: the path {spec!r} has a space, which wav.scp cannot hold (Kaldi splits its lines at spaces); "
-                f"rename or link the file to a path without spaces"
+                f"{where}: the path {spec!r} has a space, which wav.scp cannot hold (Kaldi splits its lines "
+                "at spaces); rename or link the file to a path without spaces"
             )
         audio = Path(spec)
         if not audio.is_absolute() and not audio.exists() and (path / spec).exists():
@@ -333,13 +343,14 @@ def _read_wav_scp(
             rate0, first = rate, uid
         elif rate != rate0:
             raise DataError(
-                f"{where}: sample rate {rate} Hz differs from {rate0} Hz of {first!r}; resample the directory to one rate"
+                f"{where}: sample rate {rate} Hz differs from {rate0} Hz of {first!r}; resample the "
+                "directory to one rate"
             )
         if opts is None:
             opts = fbank_options(fbank_cfg, rate, f"{audio}, the first file of {wav_path}")
         feats = fbank(wave, opts)
         if len(feats) == 0:
-            raise DataError(f"{where}: audio is shorter than one {fbank_cfg['frame_length_ms']} ms frame")
+            raise DataError(f"{where}: audio is shorter than one {fbank_cfg.frame_length_ms} ms frame")
         utts.append(Utterance(uid, speakers[uid], _finite(feats, where), text[uid]))
     return utts, {"silent": silent, "source": "wav.scp", "sample_rate": rate0}
 
@@ -365,7 +376,7 @@ def _report_silence(path: Path, silent: list[str], total: int, source: str, *, t
     )
 
 
-def load_root(root: Path, fbank_cfg: dict[str, Any]) -> tuple[dict[str, list[Utterance]], dict[str, Any]]:
+def load_root(root: Path, fbank_cfg: Fbank) -> tuple[dict[str, list[Utterance]], dict[str, Any]]:
     """``ROOT/{train,dev,test}`` -> {"train", "dev" (if present), "test"} and facts (source, sample rate)."""
     corpus: dict[str, list[Utterance]] = {}
     facts: dict[str, Any] = {}
@@ -374,7 +385,8 @@ def load_root(root: Path, fbank_cfg: dict[str, Any]) -> tuple[dict[str, list[Utt
             continue
         if not (root / split).is_dir():
             raise DataError(
-                f"{root}: no {split}/ data directory (expected {root}/train, {root}/test and optionally {root}/dev)"
+                f"{root}: no {split}/ data directory (expected {root}/train, {root}/test and optionally "
+                f"{root}/dev)"
             )
         corpus[split], facts[split] = load_dir(root / split, fbank_cfg)
     sources = {f["source"] for f in facts.values()}
@@ -383,7 +395,8 @@ def load_root(root: Path, fbank_cfg: dict[str, Any]) -> tuple[dict[str, list[Utt
     rates = {s: f["sample_rate"] for s, f in facts.items() if "sample_rate" in f}
     if len(set(rates.values())) > 1:
         raise DataError(
-            f"{root}: sample rates differ between data directories ({', '.join(f'{s} {r} Hz' for s, r in rates.items())})"
+            f"{root}: sample rates differ between data directories "
+            f"({', '.join(f'{s} {r} Hz' for s, r in rates.items())})"
         )
     dims = {s: u[0].feats.shape[1] for s, u in corpus.items()}
     if len(set(dims.values())) > 1:

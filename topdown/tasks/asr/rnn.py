@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from topdown.config import ConfigError, Section, option
+from topdown.config import ConfigError, Section, TaskSections, option
 from topdown.task import Task
 from topdown.tasks.asr import common
 
@@ -38,11 +38,9 @@ class Model(Section):
 
 SECTIONS = common.sections(Model)
 DEFAULTS: dict[str, Any] = {
-    "data": common.Data.defaults(),
-    "decode": common.Decode.defaults(),
-    "model": Model.defaults(),
     # CTC spends its first epochs emitting only blanks (WER stuck at 100 %), so the lr
-    # schedule and early stopping watch the validation CTC loss, which moves from the start.
+    # schedule and early stopping watch the validation CTC loss, which moves from the start;
+    # the stage keeps the epoch with the lowest validation WER (which decides acceptance).
     # An epoch is at least 100 optimizer steps (AN4 has 106 batches of 8), so that a corpus of a
     # few dozen utterances is trained as long as AN4 rather than stopped in CTC's blank phase.
     "train": {
@@ -68,7 +66,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Chosen on validation (bench/RESULTS.md): per-speaker CMVN, SpecAugment for cepstra, dropout
     # 0.3, 256 cells, 3 stacked frames, and a one-cycle schedule over a fixed 80 epochs (no early
     # stopping; the best epoch on validation WER is kept, CTC's all-blank first epochs cannot be it).
-    # 80 epochs, not 40 (the recipe until 2026-12-01): lower validation WER on both seeds tried (bench/RESULTS.md).
+    # 80 epochs, not 40 (the recipe until 2026-12-01): lower validation WER on both seeds tried
+    # (bench/RESULTS.md).
     # An epoch is at least 25 steps (AN4: 53 batches of 16), so a small corpus gets the 2,000 steps
     # that the 40-epoch recipe's 50-step epochs gave it (measured there: 20.1 % test WER).
     "bench": {
@@ -194,27 +193,27 @@ class BLSTMCTC(nn.Module):
         return self.output(x), lengths
 
 
-def block_names(model_cfg: dict[str, Any]) -> list[tuple[str, list[str]]]:
-    return [(f"lstm{i + 1}", [f"encoder.{i}"]) for i in range(model_cfg["layers"])] + [("output", ["output"])]
+def block_names(model_cfg: Model) -> list[tuple[str, list[str]]]:
+    return [(f"lstm{i + 1}", [f"encoder.{i}"]) for i in range(model_cfg.layers)] + [("output", ["output"])]
 
 
 def build_model(
-    cfg: dict[str, Any], inputs: int | None = None, vocab: int = len(common.AN4_VOCAB)
+    cfg: TaskSections, inputs: int | None = None, vocab: int = len(common.AN4_VOCAB)
 ) -> nn.Module:
     """The model for ``cfg``; ``inputs``/``vocab`` default to the bundled AN4's (13 cepstra, 28 symbols)."""
-    m = cfg["model"]
+    m = cfg.model
     return BLSTMCTC(
-        inputs or common.feature_dim(cfg["data"]),
-        m["hidden"],
-        m["layers"],
-        m["dropout"],
+        inputs or common.feature_dim(cfg.data),
+        m.hidden,
+        m.layers,
+        m.dropout,
         vocab,
-        m["subsample"],
+        m.subsample,
     )
 
 
-def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
+def make(cfg: TaskSections, data_dir: str | None = None) -> Task:
     def out_length(frames: int) -> int:
-        return functools.reduce(reduced, cfg["model"]["subsample"], frames)
+        return functools.reduce(reduced, cfg.model.subsample, frames)
 
     return common.make_task("asr-rnn", cfg, data_dir, build_model, block_names, out_length)

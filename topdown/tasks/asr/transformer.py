@@ -1,4 +1,5 @@
-"""``asr-transformer``: character CTC ASR on AN4 with a Transformer encoder (the paper's Switchboard self-attention model, at CPU scale).
+"""``asr-transformer``: character CTC ASR on AN4 with a Transformer encoder (the paper's
+Switchboard self-attention model, at CPU scale).
 
 Blocks, input to output: ``frontend`` (two stride-2 3x3 convolutions that subsample time
 by 4, a linear projection to the model width, sinusoidal positions), ``layer1`` ..
@@ -23,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from topdown.config import Section, option
+from topdown.config import Section, TaskSections, option
 from topdown.errors import ConfigError
 from topdown.task import Task
 from topdown.tasks.asr import common
@@ -58,13 +59,10 @@ DEFAULTS: dict[str, Any] = {
     # AN4: 13 cepstra + deltas + delta-deltas at 100 frames/s; the convolutional front end
     # does the subsampling (to 25 frames/s), so no frame stacking.
     "data": {
-        **common.Data.defaults(),
         "stack": 1,
         "batch_size": 8,
         "spec_augment": {"freq_masks": 2, "freq_width": 5, "time_masks": 2, "time_width": 20},
     },
-    "decode": common.Decode.defaults(),
-    "model": Model.defaults(),
     # As for asr-rnn: CTC emits only blanks for a while, so the schedule watches the
     # validation CTC loss. Warm-up over ~1.4 epochs (106 batches of 8 per epoch on AN4).
     "train": {
@@ -279,31 +277,31 @@ class TransformerCTC(nn.Module):
         return self.output(self.norm(x)), out_lengths
 
 
-def block_names(model_cfg: dict[str, Any]) -> list[tuple[str, list[str]]]:
+def block_names(model_cfg: Model) -> list[tuple[str, list[str]]]:
     return (
         [("frontend", ["frontend"])]
-        + [(f"layer{i + 1}", [f"encoder.{i}"]) for i in range(model_cfg["layers"])]
+        + [(f"layer{i + 1}", [f"encoder.{i}"]) for i in range(model_cfg.layers)]
         + [("output", ["norm", "output"])]
     )
 
 
 def build_model(
-    cfg: dict[str, Any], inputs: int | None = None, vocab: int = len(common.AN4_VOCAB)
+    cfg: TaskSections, inputs: int | None = None, vocab: int = len(common.AN4_VOCAB)
 ) -> nn.Module:
     """The model for ``cfg``; ``inputs``/``vocab`` default to the bundled AN4's (13 cepstra, 28 symbols)."""
-    m = cfg["model"]
+    m = cfg.model
     return TransformerCTC(
-        inputs or common.feature_dim(cfg["data"]),
-        m["d_model"],
-        m["heads"],
-        m["ff"],
-        m["layers"],
-        m["channels"],
-        m["dropout"],
+        inputs or common.feature_dim(cfg.data),
+        m.d_model,
+        m.heads,
+        m.ff,
+        m.layers,
+        m.channels,
+        m.dropout,
         vocab,
-        m["conv_kernel"],
+        m.conv_kernel,
     )
 
 
-def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
+def make(cfg: TaskSections, data_dir: str | None = None) -> Task:
     return common.make_task("asr-transformer", cfg, data_dir, build_model, block_names, out_length)

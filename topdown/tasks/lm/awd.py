@@ -1,4 +1,5 @@
-"""``lm-awd``: word-level language modelling with an AWD-LSTM on WT2-small (the paper's WikiText-2 result, at CPU scale).
+"""``lm-awd``: word-level language modelling with an AWD-LSTM on WT2-small (the paper's WikiText-2
+result, at CPU scale).
 
 Blocks, input to output: ``embedding``, ``lstm1`` .. ``lstmN`` (one LSTM layer each, with
 its weight-drop and output dropout), ``decoder`` (the softmax layer). The embedding and
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from topdown.config import Section, option
+from topdown.config import Section, TaskSections, option
 from topdown.task import Task, data_location, subset_size
 from topdown.tasks.lm import corpus
 from topdown.tasks.lm.model import AWDLSTM, TIE_MODES, detach
@@ -71,7 +72,6 @@ class Loss(Section):
 
 SECTIONS = {"data": Data, "model": Model, "loss": Loss}
 DEFAULTS: dict[str, Any] = {
-    **{name: section.defaults() for name, section in SECTIONS.items()},
     # NT-ASGD (the loop's `ntasgd`): SGD at lr 30 without momentum, clip 0.25, weight decay
     # 1.2e-6, nonmono 5, no plateau decay; early stopping on validation perplexity ends each
     # stage (AWD-LSTM trains one run for 750 epochs instead)
@@ -95,11 +95,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # AWD-LSTM's dropout is sized for a 400/1150 model trained 750 epochs; a 64/128 model
     # trained a few epochs per stage does better with lighter dropout
     "demo": {"data": {"bptt": 35}, "model": LIGHT_DROPOUT},
-    # bench: NT-ASGD's optimizer for 40 epochs under a cosine schedule to lr 0, the best validation epoch kept: a schedule that
-    # ends, so the baseline has converged within its budget and the equal-epochs control is the same recipe
-    # over a longer schedule (160 epochs of it reached 142-146 against 159-164: not converged beyond 40).
-    # NT-ASGD at a constant lr 30 (early stop 5) was 2.4 validation ppl better at epoch 40 but still improving
-    # (seed 0: 158.5 against 160.9; bench/RESULTS.md, 2026-11-30 sixth session)
+    # bench: NT-ASGD's optimizer for 40 epochs under a cosine schedule to lr 0, the best validation
+    # epoch kept: a schedule that ends, so the baseline has converged within its budget and the
+    # equal-epochs control is the same recipe over a longer schedule (160 epochs of it reached
+    # 142-146 against 159-164: not converged beyond 40). NT-ASGD at a constant lr 30 (early stop 5)
+    # was 2.4 validation ppl better at epoch 40 but still improving (seed 0: 158.5 against 160.9;
+    # bench/RESULTS.md, 2026-11-30)
     "bench": {
         "data": {"bptt": 35},
         "model": LIGHT_DROPOUT,
@@ -115,30 +116,30 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def block_names(model_cfg: dict[str, Any]) -> list[tuple[str, list[str]]]:
-    layers = [(f"lstm{i + 1}", [f"rnns.{i}"]) for i in range(model_cfg["layers"])]
+def block_names(model_cfg: Model) -> list[tuple[str, list[str]]]:
+    layers = [(f"lstm{i + 1}", [f"rnns.{i}"]) for i in range(model_cfg.layers)]
     return [("embedding", ["encoder"]), *layers, ("decoder", ["decoder"])]
 
 
-def build_model(cfg: dict[str, Any], vocab_size: int | None = None) -> AWDLSTM:
-    m = cfg["model"]
+def build_model(cfg: TaskSections, vocab_size: int | None = None) -> AWDLSTM:
+    m = cfg.model
     vocab_size = vocab_size or 13777  # without a corpus (`topdown list`): the WT2-small vocabulary's size
     return AWDLSTM(
         vocab_size,
-        m["emsize"],
-        m["hidden"],
-        m["layers"],
-        tie=m["tie"],
-        dropoute=m["dropoute"],
-        dropouti=m["dropouti"],
-        dropouth=m["dropouth"],
-        dropout=m["dropout"],
-        wdrop=m["wdrop"],
+        m.emsize,
+        m.hidden,
+        m.layers,
+        tie=m.tie,
+        dropoute=m.dropoute,
+        dropouti=m.dropouti,
+        dropouth=m.dropouth,
+        dropout=m.dropout,
+        wdrop=m.wdrop,
     )
 
 
 def load_corpus(
-    data_cfg: dict[str, Any], data_dir: str | None
+    data_cfg: Data, data_dir: str | None
 ) -> tuple[list[str], dict[str, torch.Tensor], dict[str, Path]]:
     """Vocabulary (from training), the token streams of the three splits, and each split's file
     for error messages (none for the bundled corpus, whose splits are cut from two files)."""
@@ -146,24 +147,27 @@ def load_corpus(
     lines = corpus.load_wt2_small() if data_dir is None else corpus.load_standard(paths)
     vocab = corpus.build_vocab(lines["train"])
     ids = {split: corpus.encode(lines[split], vocab, split, paths.get(split)) for split in corpus.SPLITS}
-    if data_cfg["limit_tokens"] > 0:  # the tiny preset: a prefix of each split
-        ids = {split: t[: data_cfg["limit_tokens"]] for split, t in ids.items()}
+    if data_cfg.limit_tokens > 0:  # the tiny preset: a prefix of each split
+        ids = {split: t[: data_cfg.limit_tokens] for split, t in ids.items()}
     return vocab, ids, paths
 
 
-def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
-    d, lcfg = cfg["data"], cfg["loss"]
+def make(cfg: TaskSections, data_dir: str | None = None) -> Task:
+    d, lcfg = cfg.data, cfg.loss
     vocab, ids, paths = load_corpus(d, data_dir)
-    blocks = block_names(cfg["model"])
-    bptt = d["bptt"]
+    blocks = block_names(cfg.model)
+    bptt = d.bptt
     hidden: dict[str, Any] = {"state": None}  # carried from batch to batch within an epoch
 
     def batchify(split: str, stream: torch.Tensor) -> torch.Tensor:
-        """At the split's batch size; too short a split is an error naming its file and the options that fix it."""
+        """At the split's batch size; too short a split is an error naming its file and the options
+        that fix it."""
         key = "batch_size" if split == "train" else "eval_batch_size"
-        limited = 0 < d["limit_tokens"] <= len(stream)  # the prefix may be what is too short
-        fix = f", or raise data.limit_tokens ({d['limit_tokens']})" if limited else ""
-        return corpus.batchify(stream, d[key], corpus.describe(split, paths.get(split)), f"data.{key}", fix)
+        limited = 0 < d.limit_tokens <= len(stream)  # the prefix may be what is too short
+        fix = f", or raise data.limit_tokens ({d.limit_tokens})" if limited else ""
+        return corpus.batchify(
+            stream, getattr(d, key), corpus.describe(split, paths.get(split)), f"data.{key}", fix
+        )
 
     train_streams: dict[float, torch.Tensor] = {}
 
@@ -171,7 +175,7 @@ def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
         """A fixed prefix of the token stream: the same subset for every seed."""
         if subset not in train_streams:
             n = subset_size(
-                len(ids["train"]), subset, least=2 * d["batch_size"] + 1
+                len(ids["train"]), subset, least=2 * d.batch_size + 1
             )  # each batch column an input and its target
             train_streams[subset] = batchify("train", ids["train"][:n])
         return train_streams[subset]
@@ -188,9 +192,9 @@ def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
         i, first = 0, True
         while i < len(data) - 1:
             seq_len = bptt
-            if d[
-                "variable_bptt"
-            ]:  # AWD-LSTM: bptt, or bptt/2 with probability 0.05, plus N(0, 5) jitter, at least 5
+            if (
+                d.variable_bptt
+            ):  # AWD-LSTM: bptt, or bptt/2 with probability 0.05, plus N(0, 5) jitter, at least 5
                 base = bptt if torch.rand((), generator=generator).item() < 0.95 else bptt / 2
                 seq_len = max(5, int(base + 5 * torch.randn((), generator=generator).item()))
             seq_len = min(seq_len, len(data) - 1 - i)
@@ -205,10 +209,10 @@ def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
         logits, state, raw, dropped = model(x, hidden["state"])
         hidden["state"] = detach(state)
         total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        if lcfg["alpha"]:
-            total = total + lcfg["alpha"] * dropped.pow(2).mean()
-        if lcfg["beta"] and raw.shape[0] > 1:
-            total = total + lcfg["beta"] * (raw[1:] - raw[:-1]).pow(2).mean()
+        if lcfg.alpha:
+            total = total + lcfg.alpha * dropped.pow(2).mean()
+        if lcfg.beta and raw.shape[0] > 1:
+            total = total + lcfg.beta * (raw[1:] - raw[:-1]).pow(2).mean()
         return total * scale
 
     def evaluate(model: nn.Module, split: str) -> dict[str, float]:
@@ -236,7 +240,7 @@ def make(cfg: dict[str, Any], data_dir: str | None = None) -> Task:
     }
     if data_dir is None:
         info["note"] = corpus.NOT_COMPARABLE
-    shared = {"decoder.weight": "decoder"} if cfg["model"]["tie"] == "classifier" else {}
+    shared = {"decoder.weight": "decoder"} if cfg.model.tie == "classifier" else {}
     return Task(
         name="lm-awd",
         build_model=lambda: build_model(cfg, len(vocab)),

@@ -23,8 +23,8 @@ EOS, UNK = "<eos>", "<unk>"
 SPLITS = ("train", "val", "test")
 _HEADING = re.compile(r"^ = [^=].* = $")  # a top-level article title; sections are " = = ... = = "
 NOT_COMPARABLE = (
-    "WT2-small (train on WikiText-2's validation split, validate and test on the two halves of its test split): "
-    "these perplexities are NOT comparable with published WikiText-2 perplexities."
+    "WT2-small (train on WikiText-2's validation split, validate and test on the two halves of its test "
+    "split): these perplexities are NOT comparable with published WikiText-2 perplexities."
 )
 
 
@@ -37,7 +37,8 @@ def split_at_middle_article(lines: list[str]) -> tuple[list[str], list[str]]:
     heads = [i for i, line in enumerate(lines) if _HEADING.match(line) and i > 0]
     if not heads:
         raise DataError(
-            "cannot split the test file: it has no article heading (a line ' = Title = ') after its first line"
+            "cannot split the test file: it has no article heading (a line ' = Title = ') after its first "
+            "line"
         )
     cut = min(heads, key=lambda i: abs(counts[i] - tokens / 2))
     return lines[:cut], lines[cut:]
@@ -52,7 +53,8 @@ def load_wt2_small(root: Path = BUNDLED) -> dict[str, list[str]]:
 
 
 def standard_paths(data_dir: str | Path) -> dict[str, Path]:
-    """The split files of a full corpus: ``wiki.{train,valid,test}.tokens`` or ``{train,valid,test}.txt`` in ``data_dir``."""
+    """The split files of a full corpus: ``wiki.{train,valid,test}.tokens`` or
+    ``{train,valid,test}.txt`` in ``data_dir``."""
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError(f"--data-dir {root}: not a directory")
@@ -103,7 +105,8 @@ def encode(lines: list[str], vocab: list[str], split: str, path: Path | None = N
             i = index.get(word, unk)
             if i is None:
                 raise DataError(
-                    f"{describe(split, path)}, line {number}: word {word!r} is not in the training vocabulary and the corpus has no {UNK}"
+                    f"{describe(split, path)}, line {number}: word {word!r} is not in the training "
+                    f"vocabulary and the corpus has no {UNK}"
                 )
             ids.append(i)
         ids.append(index[EOS])

@@ -70,7 +70,8 @@ class Embedding(nn.Module):
 
 
 class LSTMLayer(nn.Module):
-    """One unidirectional LSTM layer with weight-drop on ``weight_hh_raw`` and locked dropout on its output."""
+    """One unidirectional LSTM layer with weight-drop on ``weight_hh_raw`` and locked dropout on its
+    output."""
 
     def __init__(self, inputs: int, hidden: int, wdrop: float, dropout: float):
         super().__init__()
