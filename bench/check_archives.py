@@ -20,7 +20,8 @@ from typing import Any
 
 import topdown.procedures as procedures
 from topdown.archive import restore_runs
-from topdown.compare import FORGETTING, run_compare
+from topdown.arms import FORGETTING
+from topdown.compare import run_compare
 from topdown.errors import TopdownError
 from topdown.tasks import make_task, resolve_config
 

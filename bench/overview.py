@@ -18,7 +18,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from topdown.compare import ARMS, FORGETTING
+from topdown.arms import ARMS, FORGETTING
 from topdown.metrics import display_scale, is_rate
 
 RESULTS = Path(__file__).resolve().parent / "results"

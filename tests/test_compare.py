@@ -9,18 +9,11 @@ from conftest import cli, toy_task, without_seconds
 import topdown.compare as compare
 import topdown.procedures as procedures
 from topdown.archive import pack_runs, read_archive, restore_runs, run_record, write_archive
-from topdown.compare import (
-    cascade_run,
-    equal_run,
-    extra_run,
-    paired_stats,
-    run_compare,
-    run_only,
-    sign_flip_p,
-    t975,
-)
+from topdown.arms import ARMS, cascade_run, equal_epochs_config, equal_run, extra_run, extra_seed, run_only
+from topdown.compare import run_compare
 from topdown.config import RunConfig
 from topdown.errors import ConfigError, DataError
+from topdown.stats import paired_stats, sign_flip_p, t975
 
 CONFIG = RunConfig.from_dict({"train": {"epochs": 2, "lr": 0.01}})
 
@@ -84,7 +77,7 @@ def test_arms_budgets_reuse_and_selection(tmp_path, monkeypatch):
         equal = json.loads((tmp_path / "runs" / f"equal-epochs-seed{s}" / "summary.json").read_text())
         budget = sum(st["epochs"] for st in cascade["stages"])
         assert budget == 6 and equal["config"]["train"]["epochs"] == 6 and equal["stages"][0]["epochs"] <= 6
-        arms = {arm: record["arms"][arm]["per_seed"][s] for arm in compare.ARMS}
+        arms = {arm: record["arms"][arm]["per_seed"][s] for arm in ARMS}
         assert arms["baseline"]["test"] == cascade["stages"][0]["test"]["error"]  # reused, not retrained
         assert arms["cascade"]["test"] == cascade["test"]["error"] and arms["cascade"]["epochs"] == 6
         assert arms["baseline-equal-epochs"]["epochs"] == equal["stages"][0]["epochs"]
@@ -121,7 +114,7 @@ def test_the_equal_epochs_arm_trains_the_whole_budget_even_where_the_recipe_stop
     assert (
         equal["config"]["train"]["min_lr"] == 0.0
     )  # under the plateau schedule the lr floor also ends a run
-    onecycle = compare.equal_epochs_config(config.updated({"train": {"schedule": "onecycle"}}), 9)
+    onecycle = equal_epochs_config(config.updated({"train": {"schedule": "onecycle"}}), 9)
     assert (onecycle.train.epochs, onecycle.train.early_stop, onecycle.train.min_lr) == (
         9,
         0,
@@ -373,7 +366,7 @@ def test_report_of_a_comparison_in_progress_shows_the_arms_of_the_seeds_so_far(t
     out = cli("report", str(tmp_path), check=True).stdout
     rows = [line for line in out.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
     per_seed = [
-        [compare.format_metric(record["arms"][arm]["per_seed"][s]["test"], "error") for arm in compare.ARMS]
+        [compare.format_metric(record["arms"][arm]["per_seed"][s]["test"], "error") for arm in ARMS]
         for s in (0, 1)
     ]
     assert rows[0] == "| 0 | " + " | ".join(per_seed[0]) + " |"
@@ -527,8 +520,7 @@ def test_only_trains_the_named_runs_as_the_comparison_would(tmp_path, monkeypatc
     done = run_only(toy_task(), tmp_path / "cmp", [extra_run(0, 2), cascade_run(0)], seeds=1, config=CONFIG)
     assert calls == [("baseline", "baseline-seed0-extra2"), ("cascade", "cascade-seed0")]
     assert (
-        done[extra_run(0, 2)]["seed"] == compare.extra_seed(0, 2)
-        and not (tmp_path / "cmp" / "compare.json").exists()
+        done[extra_run(0, 2)]["seed"] == extra_seed(0, 2) and not (tmp_path / "cmp" / "compare.json").exists()
     )
     run_only(toy_task(), tmp_path / "cmp", [equal_run(0)], seeds=1, config=CONFIG)
     assert calls[-1] == ("baseline", "equal-epochs-seed0")

@@ -6,20 +6,18 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import subprocess
 import sys
 import traceback
 from pathlib import Path
 
-import torch
-
 from topdown import distributed, report
 from topdown.analyse import run_analyse
 from topdown.archive import restore_runs
-from topdown.compare import finished_seeds, run_compare, run_only
+from topdown.arms import run_only
+from topdown.compare import finished_seeds, run_compare
 from topdown.config import parse_overrides
-from topdown.devices import default_device, resolve_device
-from topdown.errors import ConfigError, TopdownError
+from topdown.devices import default_device, huge_pages_for_large_tensors, resolve_device
+from topdown.errors import TopdownError
 from topdown.procedures import run_procedure
 from topdown.tasks import PRESET_NAMES, TASKS, make_task, resolve_config, task_module
 
@@ -306,29 +304,6 @@ def _run(args: argparse.Namespace) -> None:
     print(f"report: {out / 'report.md'}")
 
 
-def _launch(argv: list[str], nproc: int, device: torch.device) -> int:
-    """``topdown ... --nproc N``: the same command in N processes under torch.distributed.run (torchrun)."""
-    if device.type == "cuda" and nproc > torch.cuda.device_count():
-        raise ConfigError(
-            f"--nproc {nproc} on CUDA needs a GPU per process; {torch.cuda.device_count()} visible (use "
-            "--device cpu for gloo processes)"
-        )
-    rest = [
-        a for i, a in enumerate(argv) if not (a.startswith("--nproc") or (i and argv[i - 1] == "--nproc"))
-    ]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "topdown.cli",
-        *rest,
-    ]
-    return subprocess.run(cmd).returncode
-
-
 def _default_preset(args: argparse.Namespace) -> str:
     """``demo`` is a short demonstration sized for the bundled corpus; on a corpus of the user's own it
     over-fits (60 % against bench's 20 % test WER on a 20-speaker corpus, bench/RESULTS.md), so
@@ -349,18 +324,8 @@ def _default_preset(args: argparse.Namespace) -> str:
     return own
 
 
-def _huge_pages_for_large_tensors() -> None:
-    """Back CPU tensors of 2 MB and more with transparent huge pages (PyTorch's ``THP_MEM_ALLOC_ENABLE``).
-    A language model's logits over its vocabulary are allocated afresh at every step; with 4 kB pages
-    each allocation costs thousands of page faults, which took 30 % of an lm-awd training process's CPU
-    time here (bench/RESULTS.md). PyTorch reads the variable at its first allocation, which no import
-    makes, so setting it here reaches this process and the workers it starts. The numbers trained do not
-    change. A user's own setting (``THP_MEM_ALLOC_ENABLE=0``) wins."""
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-
 def main(argv: list[str] | None = None) -> int:
-    _huge_pages_for_large_tensors()
+    huge_pages_for_large_tensors()
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     if getattr(args, "nproc", 1) < 1:
@@ -370,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         args.device = default_device()
     try:
         if getattr(args, "nproc", 1) > 1 and not distributed.launched():
-            return _launch(argv, args.nproc, resolve_device(args.device))
+            return distributed.launch(argv, args.nproc, resolve_device(args.device))
         if hasattr(args, "task") and args.preset is None:
             args.preset = _default_preset(args)
         if args.command == "report" and (runs := report.runs_of(args.dir)) is not None:

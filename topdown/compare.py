@@ -7,7 +7,7 @@ model validation chose:
   bit-identical, so it is reused, not trained twice);
 - ``cascade``: the cascade run with seed s;
 - ``baseline-equal-epochs``: one baseline run with seed s given the cascade's total number of
-  epochs (``equal_epochs_config``: the same recipe, its early stopping off, so that it trains them
+  epochs (``arms.equal_epochs_config``: the same recipe, its early stopping off, so that it trains them
   all; the epoch validation finds best is kept, as in every run);
 - ``best-of-k``: k = the number of models the cascade trained; the seed-s baseline plus
   k-1 baselines with fresh seeds, the one with the best validation metric;
@@ -18,120 +18,39 @@ Every run is an ordinary run directory under ``DIR/runs/``; finished runs are re
 unfinished ones resumed, so an interrupted comparison continues where it stopped. Only their
 summaries are read, so a finished run whose checkpoints were deleted still counts: a comparison
 longer than a machine's life continues elsewhere from its finished runs' records (``topdown compare
---runs-from``, ``topdown.archive``), and is rebuilt from them without training. ``run_only`` trains
-some of its runs alone, for a machine or process that takes on part of it.
+--runs-from``, ``topdown.archive``), and is rebuilt from them without training.
+
+Here: the comparison (``run_compare``), each arm's result read back from its runs' summaries, and
+its report. The runs themselves (their names, recipes and scheduling, and ``run_only``, which trains
+some of them alone for a machine or process that takes on part of it) are ``topdown.arms``; the
+paired statistics, ``topdown.stats``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from concurrent.futures import Future, as_completed
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from topdown.arms import (
+    ARMS,
+    FORGETTING,
+    cascade_run,
+    equal_run,
+    extra_run,
+    finished_summary,
+    forget_run,
+    models_trained,
+    run_all,
+)
 from topdown.config import RunConfig
 from topdown.errors import ConfigError, TopdownError
-from topdown.jobs import Workers
 from topdown.metrics import Metric, display_scale
-from topdown.procedures import planned_models, run_or_resume
 from topdown.report import format_metric, save_figure, stage_result, table_head, write_record
-from topdown.runs import RunDir
-from topdown.schedule import LrSchedule
-from topdown.seeds import derive_seed
+from topdown.stats import paired_stats, summarise
 from topdown.task import Task
-
-ARMS = ("baseline", "cascade", "baseline-equal-epochs", "best-of-k")
-FORGETTING = "forgetting"  # the optional arm
-
-# Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom.
-_T975 = [
-    12.706,
-    4.303,
-    3.182,
-    2.776,
-    2.571,
-    2.447,
-    2.365,
-    2.306,
-    2.262,
-    2.228,
-    2.201,
-    2.179,
-    2.160,
-    2.145,
-    2.131,
-    2.120,
-    2.110,
-    2.101,
-    2.093,
-    2.086,
-    2.080,
-    2.074,
-    2.069,
-    2.064,
-    2.060,
-    2.056,
-    2.052,
-    2.048,
-    2.045,
-    2.042,
-]
-
-
-def t975(df: int) -> float:
-    """Student's t 97.5 % quantile (table up to 30 df, Cornish-Fisher expansion beyond)."""
-    if df <= 30:
-        return _T975[df - 1]
-    z = 1.959964
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-
-
-def sign_flip_p(diffs: list[float]) -> float:
-    """Two-sided p-value of the paired sign-flip (permutation) test of mean difference 0.
-
-    Exact for up to 20 pairs (all 2^n sign patterns), else estimated from 200,000 random
-    patterns (fixed seed); it assumes only that, under the null
-    hypothesis, each difference is as likely positive as negative, which suits small N.
-    """
-    d = np.asarray(diffs, dtype=float)
-    n = len(d)
-    if n == 0:
-        return float("nan")
-    if n <= 20:
-        signs = 1 - 2 * ((np.arange(2**n)[:, None] >> np.arange(n)) & 1)
-    else:
-        signs = np.random.default_rng(0).choice([-1, 1], size=(200_000, n))
-    observed = abs(d.mean())
-    return float(np.mean(np.abs((signs * d).mean(1)) >= observed - 1e-12))
-
-
-def paired_stats(values: list[float], reference: list[float]) -> dict[str, Any]:
-    """Mean, std and 95 % t-interval of ``values - reference`` (paired by seed), plus the sign-flip p."""
-    diffs = [v - r for v, r in zip(values, reference)]
-    n = len(diffs)
-    mean = float(np.mean(diffs))
-    if n < 2:  # one seed has no spread: null, not NaN (which strict JSON readers refuse)
-        sd, ci = None, None
-    else:
-        sd = float(np.std(diffs, ddof=1))
-        half = t975(n - 1) * sd / math.sqrt(n)
-        ci = [mean - half, mean + half]
-    return {
-        "n": n,
-        "mean": mean,
-        "std": sd,
-        "ci95": ci,
-        "p_sign_flip": sign_flip_p(diffs),
-        "lower": sum(d < 0 for d in diffs),
-        "higher": sum(d > 0 for d in diffs),
-    }
-
-
-def summarise(values: list[float]) -> dict[str, float | None]:
-    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else None}
 
 
 def _entry(chosen: dict[str, Any], trained: list[dict[str, Any]], metric: str, run: str) -> dict[str, Any]:
@@ -142,191 +61,6 @@ def _entry(chosen: dict[str, Any], trained: list[dict[str, Any]], metric: str, r
         "epochs": sum(st["epochs"] for st in trained),
         "seconds": sum(st["seconds"] for st in trained),
     }
-
-
-def _run(
-    task: Task, out: Path, procedure: str, name: str, seed: int, config: RunConfig, preset: str | None, device
-) -> dict[str, Any]:
-    """One run of the comparison, ``out/runs/name`` (a worker's unit of work); only its summary is read."""
-    return run_or_resume(
-        procedure,
-        task,
-        out / "runs" / name,
-        config=config,
-        seed=seed,
-        preset=preset,
-        device=device,
-        weights_needed=False,
-    )
-
-
-def models_trained(cascade: dict[str, Any]) -> int:
-    """How many models a finished cascade trained (every candidate of every stage, its baseline
-    included): the k of its best-of-k control."""
-    return sum(max(1, len(st["candidates"])) for st in cascade["stages"])
-
-
-def cascade_run(seed: int | str) -> str:
-    """The name of seed ``seed``'s cascade under ``runs/`` (its stage 0 is the baseline arm);
-    with ``"*"``, like ``forget_run``, a glob of every seed's."""
-    return f"cascade-seed{seed}"
-
-
-def equal_run(seed: int) -> str:
-    """The name of seed ``seed``'s equal-epochs baseline under ``runs/``."""
-    return f"equal-epochs-seed{seed}"
-
-
-def extra_run(seed: int, j: int) -> str:
-    """The name of best-of-k's j-th fresh baseline (j >= 1) for seed ``seed`` under ``runs/``."""
-    return f"baseline-seed{seed}-extra{j}"
-
-
-def forget_run(seed: int | str) -> str:
-    """The name of seed ``seed``'s forgetting run under ``runs/``."""
-    return f"forget-seed{seed}"
-
-
-def extra_seed(seed: int, j: int) -> int:
-    """The seed of best-of-k's j-th fresh baseline for comparison seed ``seed``."""
-    return derive_seed(seed, 10_000 + j) % 2**31
-
-
-def equal_epochs_config(config: RunConfig, budget: int) -> RunConfig:
-    """The baseline recipe given the cascade's ``budget`` of epochs. Its stopping rules are off
-    (early stopping; under the plateau schedule, the lr floor ``min_lr``): with them, a baseline
-    that stopped early would stop at the same epoch again, and the arm would only repeat the
-    baseline instead of asking whether the cascade's extra epochs, spent on the baseline, do as well."""
-    return config.updated({"train": LrSchedule.to_the_last_epoch(config.train, budget)})
-
-
-def _arm_configs(config: RunConfig, forgetting: bool) -> tuple[RunConfig, RunConfig | None]:
-    """The configuration of the cascade and baseline runs, and that of the forgetting run (None
-    without that arm): ``procedure.split``/``rounds`` are the forgetting arm's alone."""
-    procedure = config.as_dict()["procedure"]
-    if not forgetting and (given := [f"procedure.{k}" for k, v in procedure.items() if v is not None]):
-        raise ConfigError(f"compare reads {', '.join(given)} only for its forgetting arm (--forgetting)")
-    return config.updated({"procedure": dict.fromkeys(procedure)}), config if forgetting else None
-
-
-def seed_runs(
-    seed: int,
-    config: RunConfig,
-    forget_config: RunConfig | None,
-    k: int,
-    cascade: dict[str, Any] | None = None,
-) -> dict[str, tuple[str, int, RunConfig]]:
-    """The runs seed ``seed`` of a comparison needs, name -> (procedure, seed, config): its cascade;
-    once ``cascade`` (that run's summary) has finished, the baseline given its epochs; best-of-k's
-    k-1 fresh baselines; with ``forget_config``, the forgetting run. The one definition of each run,
-    for ``run_all`` and ``run_only`` alike."""
-    runs = {cascade_run(seed): ("cascade", seed, config)}
-    if cascade is not None:
-        budget = sum(st["epochs"] for st in cascade["stages"])
-        runs[equal_run(seed)] = ("baseline", seed, equal_epochs_config(config, budget))
-    runs.update({extra_run(seed, j): ("baseline", extra_seed(seed, j), config) for j in range(1, k)})
-    if forget_config is not None:
-        runs[forget_run(seed)] = ("forget", seed, forget_config)
-    return runs
-
-
-def run_all(
-    task: Task,
-    out: Path,
-    seeds: int,
-    config: RunConfig,
-    preset: str | None,
-    device,
-    jobs: int,
-    task_factory: Callable[[], Task] | None,
-    forgetting: bool = False,
-) -> list[dict[str, Any]]:
-    """Per seed, the summaries of its runs: ``cascade``, ``equal`` (the equal-epochs baseline),
-    ``extras`` (best-of-k's fresh baselines) and, with ``forgetting``, ``forget``.
-
-    Every cascade is queued first, then the extra baselines its plan implies (they need nothing
-    from it), then the forget runs, then, as each cascade finishes, the baseline given its epochs
-    (and any extra baseline the plan could not foresee), so ``jobs`` workers stay busy even with
-    fewer seeds than jobs. Every run depends only on its own seed and configuration, so the order
-    changes nothing."""
-    config, forget_config = _arm_configs(config, forgetting)
-    planned = planned_models(task, config) or 1
-    runs = {s: seed_runs(s, config, forget_config, planned) for s in range(seeds)}
-    futures: dict[str, Future] = {}
-
-    def queue(s: int, names) -> None:
-        for name in names:
-            if name not in futures:
-                procedure, seed, cfg = runs[s][name]
-                futures[name] = workers.submit(_run, out, procedure, name, seed, cfg, preset, device)
-
-    with Workers(task, jobs, task_factory) as workers:
-        for s in range(seeds):
-            queue(s, [cascade_run(s)])
-        for s in range(seeds):  # the extra baselines (the forget runs after them)
-            queue(s, [name for name in runs[s] if name != forget_run(s)])
-        for s in range(seeds):
-            queue(s, runs[s])
-        cascades = {futures[cascade_run(s)]: s for s in range(seeds)}
-        trained, k = {}, {}
-        for done in as_completed(cascades):
-            s = cascades[done]
-            trained[s] = cascade = done.result()
-            k[s] = models_trained(cascade)
-            runs[s] = seed_runs(s, config, forget_config, k[s], cascade)
-            queue(s, runs[s])
-        return [
-            {
-                "cascade": trained[s],
-                "equal": futures[equal_run(s)].result(),
-                "extras": [futures[extra_run(s, j)].result() for j in range(1, k[s])],
-                **({"forget": futures[forget_run(s)].result()} if forgetting else {}),
-            }
-            for s in range(seeds)
-        ]
-
-
-def run_only(
-    task: Task,
-    out: str | Path,
-    names: list[str],
-    *,
-    seeds: int,
-    config: RunConfig,
-    preset: str | None = None,
-    device=None,
-    jobs: int = 1,
-    task_factory: Callable[[], Task] | None = None,
-    forgetting: bool = False,
-) -> dict[str, dict[str, Any]]:
-    """Train (or resume, or read back) only the runs ``names`` of the comparison ``run_compare`` would
-    make with these arguments, each as it would (name, seed, recipe, budget), and write no
-    ``compare.*``: a machine that lives shorter than the whole comparison, or a second process,
-    takes on a part of it, and ``run_compare`` reuses what they finished. An equal-epochs baseline
-    needs its seed's finished cascade (its epochs are the budget). Returns each run's summary."""
-    out = Path(out)
-    config, forget_config = _arm_configs(config, forgetting)
-    planned = planned_models(task, config) or 1
-    runs: dict[str, tuple[str, int, RunConfig]] = {}
-    for s in range(seeds):
-        cascade = _complete(out / "runs", cascade_run(s))
-        k = models_trained(cascade) if cascade else planned
-        runs |= seed_runs(s, config, forget_config, k, cascade)
-    waiting = {equal_run(s): cascade_run(s) for s in range(seeds) if equal_run(s) not in runs}
-    for name in names:
-        if name in waiting:
-            raise ConfigError(
-                f"{name} needs {waiting[name]} finished first in {out / 'runs'} (its epochs are the budget)"
-            )
-        if name not in runs:
-            valid = ", ".join([*runs, *waiting])
-            raise ConfigError(f"--only {name}: not a run of this comparison ({valid})")
-    with Workers(task, jobs, task_factory) as workers:
-        futures = {}
-        for name in dict.fromkeys(names):
-            procedure, seed, cfg = runs[name]
-            futures[name] = workers.submit(_run, out, procedure, name, seed, cfg, preset, device)
-        return {name: future.result() for name, future in futures.items()}
 
 
 def seed_arms(
@@ -375,12 +109,6 @@ def seed_arms(
     return arms
 
 
-def _complete(runs: Path, name: str) -> dict[str, Any] | None:
-    """The summary of ``runs/name`` if that run has finished, else None."""
-    summary = RunDir(runs / name).read_summary() if (runs / name).is_dir() else None
-    return summary if summary and summary.get("status") == "complete" else None
-
-
 def finished_seeds(runs: Path) -> str | None:
     """For a comparison in progress (``runs``: its ``runs/``), per seed whose cascade has finished,
     the test metric of every arm whose runs have all finished ("-" for the others), with the values
@@ -392,10 +120,10 @@ def finished_seeds(runs: Path) -> str | None:
     rows, metric = [], None
     seeds = [p.name.removeprefix(cascade_run("")) for p in runs.glob(cascade_run("*"))]
     for s in sorted(int(n) for n in seeds if n.isdigit()):
-        if (cascade := _complete(runs, cascade_run(s))) is None:
+        if (cascade := finished_summary(runs, cascade_run(s))) is None:
             continue
         k = models_trained(cascade)
-        extras = [_complete(runs, extra_run(s, j)) for j in range(1, k)]
+        extras = [finished_summary(runs, extra_run(s, j)) for j in range(1, k)]
         metric = Metric.named(cascade["metric"], cascade["lower_is_better"])
         try:
             rows.append(
@@ -405,9 +133,9 @@ def finished_seeds(runs: Path) -> str | None:
                         metric,
                         s,
                         cascade,
-                        _complete(runs, equal_run(s)),
+                        finished_summary(runs, equal_run(s)),
                         None if None in extras else extras,
-                        _complete(runs, forget_run(s)) if FORGETTING in names else None,
+                        finished_summary(runs, forget_run(s)) if FORGETTING in names else None,
                     ),
                 )
             )

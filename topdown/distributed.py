@@ -1,6 +1,8 @@
 """Data-parallel stages under ``torchrun`` (or ``topdown ... --nproc N``): one process per rank.
 
 What the rest of the code needs from ``torch.distributed``, in one place:
+- ``launch(argv, nproc, device)``: ``topdown ... --nproc N`` started again as N processes under
+  torchrun;
 - ``setup(device)``: join the process group that ``torchrun`` describes in the environment
   (gloo on CPU, NCCL on CUDA; each rank its own GPU) — a no-op in a single process;
 - ``shard(batches)``: this rank's share of an epoch's batches. Every rank draws the same
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import subprocess
+import sys
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -58,6 +62,30 @@ def speaks() -> bool:
 def launched() -> bool:
     """Started by torchrun (or ``--nproc``) with more than one process?"""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def launch(argv: list[str], nproc: int, device: torch.device) -> int:
+    """``topdown ... --nproc N``: the same command line (``argv``, less ``--nproc``) in N processes under
+    torch.distributed.run (torchrun); returns its exit status."""
+    if device.type == "cuda" and nproc > torch.cuda.device_count():
+        raise ConfigError(
+            f"--nproc {nproc} on CUDA needs a GPU per process; {torch.cuda.device_count()} visible (use "
+            "--device cpu for gloo processes)"
+        )
+    rest = [
+        a for i, a in enumerate(argv) if not (a.startswith("--nproc") or (i and argv[i - 1] == "--nproc"))
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "topdown.cli",
+        *rest,
+    ]
+    return subprocess.run(cmd).returncode
 
 
 def setup(device: torch.device | None) -> torch.device | None:
