@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from topdown import loop  # noqa: E402
+from topdown.optim import make_optimizer  # noqa: E402
+from topdown.resume_point import LoopState  # noqa: E402
 from topdown.tasks import make_task, resolve_config  # noqa: E402
 
 TASKS = ("asr-rnn", "asr-transformer", "lm-awd", "image")
@@ -73,8 +75,8 @@ def measure(name: str, device: torch.device, sync_steps: int, warmup_steps: int 
     model = task.build_model().to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     cfg = config.train
-    opt = loop.make_optimizer(params, cfg)
-    state = loop.LoopState(lr=cfg.lr, total_steps=10**9)
+    opt = make_optimizer(params, cfg)
+    state = LoopState(lr=cfg.lr, total_steps=10**9)
     counted = {"steps": 0, "examples": 0}
     original = task.train_batches
 

@@ -18,7 +18,8 @@ from test_cli import assert_one_line_error
 
 import topdown
 import topdown.files
-from topdown.config import METHOD_SECTIONS, Section, parse_overrides
+from topdown.config import METHOD_SECTIONS, parse_overrides
+from topdown.sections import Section
 from topdown.tasks import TASKS, resolve_config, task_module
 
 TINY_DIGITS = ["digits", "--preset", "tiny"]

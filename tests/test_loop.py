@@ -6,6 +6,7 @@ from conftest import toy_task
 
 import topdown.loop as loop
 from topdown import ConfigError, TrainConfig
+from topdown.best_epochs import average_weights
 from topdown.files import load_tensors, save_tensors
 from topdown.loop import fit
 from topdown.schedule import LrSchedule
@@ -198,14 +199,14 @@ def test_average_best_keeps_the_average_of_the_best_epochs_unless_worse():
     cfg = TrainConfig(epochs=4, lr=0.01, average_best=2)
     model, result, seen = _fit_recording_weights(cfg, [0.5, 0.4, 0.45, 0.3, 0.3])
     assert len(seen) == 5 and result.val["error"] == 0.3  # 4 epochs, then the average
-    expected = loop.average_weights([seen[3], seen[1]])
+    expected = average_weights([seen[3], seen[1]])
     for name, value in model.state_dict().items():
         assert torch.allclose(value, expected[name]) and torch.equal(seen[4][name], value)
     model, result, seen = _fit_recording_weights(cfg, [0.5, 0.4, 0.45, 0.3, 0.35])  # the average is worse
     assert result.val["error"] == 0.3
     for name, value in model.state_dict().items():
         assert torch.equal(value, seen[3][name])  # epoch 4, the best
-    assert loop.average_weights(
+    assert average_weights(
         [
             {"n": torch.tensor(3), "w": torch.tensor([1.0, 2.0])},
             {"n": torch.tensor(5), "w": torch.tensor([3.0, 6.0])},
@@ -214,7 +215,7 @@ def test_average_best_keeps_the_average_of_the_best_epochs_unless_worse():
     frozen = torch.rand(
         1000
     )  # the same in every kept epoch: kept bit for bit, where (x + x + x) / 3 may not be x
-    assert torch.equal(loop.average_weights([{"w": frozen.clone()} for _ in range(3)])["w"], frozen)
+    assert torch.equal(average_weights([{"w": frozen.clone()} for _ in range(3)])["w"], frozen)
     with pytest.raises(ConfigError, match="average_best"):
         TrainConfig(average_best=0)
 

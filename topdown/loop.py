@@ -1,17 +1,15 @@
 """Our training loop, one executor of a plan's stages: epochs (sized in steps for small data),
-validation, the lr schedule (``schedule.LrSchedule``), early stopping, the kept epoch (or the
-average of the best epochs), clipping, bf16 autocast, resume.
+validation, the lr schedule (``schedule.LrSchedule``), early stopping, clipping, bf16 autocast.
 
 Two metrics steer a stage. ``train.monitor`` (default the task's metric) drives plateau lr decay
-and early stopping; the epoch the stage keeps is ranked by the task's metric, the one that decides
-acceptance, with ``train.monitor`` breaking its ties (``Ranking``): a stage is judged by the
-weights it keeps, so they are chosen by what it is judged on.
+and early stopping; the weights the stage ends with, its best epoch's or the average of its best
+epochs, are chosen by the task's metric, the one that decides acceptance (``best_epochs``).
 
-The loop trains exactly the parameters that require gradients (the plan froze the rest).
-Randomness is a pure function of ``(seed, epoch)``: each epoch reseeds the global RNG
-(dropout) and the shuffling generator, so resuming from the last completed epoch needs no
-RNG state and reproduces an uninterrupted run bit for bit (on CPU). After every epoch the
-loop writes a resume point (weights, optimizer, best weights and loop state) atomically.
+The loop trains exactly the parameters that require gradients (the plan froze the rest), with
+the optimizer ``train.optimizer`` names (``optim.make_optimizer``). Randomness is a pure function
+of ``(seed, epoch)``: each epoch reseeds the global RNG (dropout) and the shuffling generator, so
+resuming from the last completed epoch needs no RNG state and reproduces an uninterrupted run bit
+for bit (on CPU). After every epoch the loop writes a resume point (``resume_point``).
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +26,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from topdown import distributed
+from topdown.best_epochs import Ranking, average_if_no_worse, keep_epoch, ranks_among
 from topdown.config import TrainConfig
 from topdown.console import label, say
 from topdown.errors import ConfigError, TrainingError
-from topdown.files import load_tensors, prefixed, save_tensors, unprefixed
 from topdown.metrics import HIGHER_IS_BETTER, LOWER_IS_BETTER, Metric
-from topdown.optim import NTASGD, validation_hooks
+from topdown.optim import make_optimizer, validation_hooks
+from topdown.resume_point import LoopState, load_resume_point, resumed_ranking, save_resume_point
 from topdown.schedule import LrSchedule
 from topdown.seeds import derive_seed
 from topdown.task import Task
@@ -55,21 +54,6 @@ def move_to(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """A fresh optimizer over exactly the trainable parameters (frozen ones are never in it)."""
-    if not params:
-        raise ConfigError("nothing to train: every parameter is frozen")
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "ntasgd":
-        return NTASGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nonmono=cfg.nonmono
-        )
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
 def monitored_metric(cfg: TrainConfig, task: Task) -> Metric:
     """The metric that drives plateau lr decay and early stopping (and breaks ties between epochs
     equal on the task's metric)."""
@@ -84,55 +68,6 @@ def monitored_metric(cfg: TrainConfig, task: Task) -> Metric:
             f"({', '.join(LOWER_IS_BETTER + HIGHER_IS_BETTER)}, a variant of one such as wer_beam, "
             f"or a name ending in _loss); leave it empty for the task's metric ({task.metric!r})"
         ) from None
-
-
-@dataclass(frozen=True)
-class Ranking:
-    """How a stage ranks its epochs for the weights it keeps: by ``first`` (the task's metric,
-    which decides acceptance), equal values by ``then`` (``train.monitor``, where it differs)."""
-
-    first: Metric
-    then: Metric | None = None
-
-    @property
-    def names(self) -> list[str]:
-        return [m.name for m in (self.first, self.then) if m is not None]
-
-    def better(self, a: Mapping[str, float], b: Mapping[str, float]) -> bool:
-        """Is the epoch with validation metrics ``a`` strictly better than the one with ``b``?"""
-        for metric in (self.first, self.then):
-            if metric is None or a[metric.name] == b[metric.name]:
-                continue
-            return metric.better(a[metric.name], b[metric.name])
-        return False
-
-    def describe(self, val: Mapping[str, float]) -> str:
-        return ", ".join(f"{name} {val[name]:.4g}" for name in self.names)
-
-    @classmethod
-    def of(cls, task: Task, monitor: Metric) -> Ranking:
-        """A stage's ranking: the task's metric, ties broken by ``monitor`` (``train.monitor``)."""
-        return cls(task.primary, monitor if monitor.name != task.primary.name else None)
-
-
-@dataclass
-class LoopState:
-    """Everything the loop needs to continue after its last completed epoch."""
-
-    epoch: int = 0
-    lr: float = 0.0
-    best: float | None = None
-    best_epoch: int = 0
-    best_val: dict[str, float] = field(default_factory=dict)
-    last_val: dict[str, float] = field(default_factory=dict)
-    bad_epochs: int = 0  # since the last improvement (early stopping)
-    plateau: int = 0  # since the last improvement or lr decay
-    done: bool = False
-    seconds: float = 0.0
-    step: int = 0  # optimizer steps taken (drives the lr warm-up and train.schedule)
-    # train.schedule other than plateau: the stage's planned steps (recomputed when a stage
-    # starts or resumes)
-    total_steps: int = 0
 
 
 @dataclass
@@ -172,8 +107,8 @@ def fit(
     keep = cfg.average_best if cfg.restore_best else 0
     state, kept = LoopState(lr=cfg.lr), []
     if resume_path is not None and resume_path.is_file():
-        state, kept, ranked_by = _load_resume_point(resume_path, model, opt)
-        ranking, kept = _resumed_ranking(kept, ranked_by, state, task, monitor)
+        state, kept, ranked_by = load_resume_point(resume_path, model, opt)
+        ranking, kept = resumed_ranking(kept, ranked_by, state, task, monitor)
     # the stage's planned steps: epochs x the batches of one epoch as drawn with a fixed generator; a
     # task whose batch count varies with the draw (lm-awd's random BPTT lengths) gets an estimate, so its
     # schedule reaches its end a little before or after the last step
@@ -197,9 +132,9 @@ def fit(
                 "val": val,
             }
             improved = _advance(state, schedule, val, monitor)
-            if keep and _ranks_among(kept, val, ranking, keep):
+            if keep and ranks_among(kept, val, ranking, keep):
                 weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                _keep(kept, (val, state.epoch, weights), ranking, keep)
+                keep_epoch(kept, (val, state.epoch, weights), ranking, keep)
         if note := hooks.on_validation(val[monitor.name], monitor):
             say(f"{desc}, epoch {state.epoch}: {note}")
         state.seconds += time.perf_counter() - started
@@ -210,14 +145,16 @@ def fit(
             f"lr {record['lr']:.3g}, {state.seconds:.1f}s"
         )
         if resume_path is not None and distributed.is_writer():
-            _save_resume_point(resume_path, model, opt, state, kept, ranking)
+            save_resume_point(resume_path, model, opt, state, kept, ranking)
 
     if cfg.restore_best:
         val, kept_epoch, weights = kept[0]
         model.load_state_dict(weights)
         if len(kept) > 1:
             started = time.perf_counter()
-            val, kept_epoch = _average_if_no_worse(model, task, ranking, kept, desc)
+            val, kept_epoch = average_if_no_worse(
+                model, ranking, kept, lambda: _validate(model, task, ranking.names, f"{desc}: average"), desc
+            )
             state.seconds += time.perf_counter() - started
         return FitResult(epochs=state.epoch, val=val, seconds=state.seconds, kept_epoch=kept_epoch)
     hooks.keep_validated()  # the stage's model is the one validated (NT-ASGD: the average)
@@ -227,57 +164,6 @@ def fit(
 def _also(val: Mapping[str, float], metric: Metric, monitor: Metric) -> str:
     """The task's metric for the progress line, where the monitored one is another."""
     return "" if metric.name == monitor.name else f", {metric.name} {val[metric.name]:.4g}"
-
-
-def _ranks_among(kept: list, val: Mapping[str, float], ranking: Ranking, n: int) -> bool:
-    """Would an epoch with validation metrics ``val`` be among the ``n`` best kept so far?"""
-    return len(kept) < n or ranking.better(val, kept[-1][0])
-
-
-def _keep(kept: list, entry: tuple[dict[str, float], int, dict[str, torch.Tensor]], ranking: Ranking, n: int):
-    """Insert ``(validation metrics, epoch, weights)`` into ``kept``, ordered best first, at most
-    ``n`` long (an equal epoch ranks after the earlier one)."""
-    at = next((i for i, (v, _, _) in enumerate(kept) if ranking.better(entry[0], v)), len(kept))
-    kept.insert(at, entry)
-    del kept[n:]
-
-
-def average_weights(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The element-wise mean of state dicts (accumulated in float32). A tensor that is the same in
-    every state (a frozen block's) is kept exactly: a float mean of equal values can move it by a
-    rounding step, and a frozen block must not change. Integer buffers, such as BatchNorm's batch
-    counter, are the first state's."""
-    out = {}
-    for name, first in states[0].items():
-        if first.is_floating_point() and not all(torch.equal(s[name], first) for s in states[1:]):
-            out[name] = (sum(s[name].float() for s in states) / len(states)).to(first.dtype)
-        else:
-            out[name] = first.clone()
-    return out
-
-
-def _average_if_no_worse(
-    model: nn.Module, task: Task, ranking: Ranking, kept: list, desc: str
-) -> tuple[dict[str, float], int | None]:
-    """Load the average of the kept epochs' weights if validation finds it no worse than the best
-    epoch, ``kept[0]`` (then return its metrics, and no epoch); otherwise leave the best epoch's
-    weights (and return its metrics and epoch)."""
-    best_val, best_epoch, best_weights = kept[0]
-    model.load_state_dict(average_weights([w for _, _, w in kept]))
-    val = _validate(model, task, ranking.names, f"{desc}: average")
-    epochs = ", ".join(str(e) for _, e, _ in sorted(kept, key=lambda k: k[1]))
-    if ranking.better(best_val, val):
-        model.load_state_dict(best_weights)
-        say(
-            f"{desc}: the average of epochs {epochs} (val {ranking.describe(val)}) is worse than the "
-            f"best epoch's ({ranking.describe(best_val)}); kept the best epoch"
-        )
-        return best_val, best_epoch
-    say(
-        f"{desc}: averaged the weights of epochs {epochs}: val {ranking.describe(val)} "
-        f"(best epoch {ranking.describe(best_val)})"
-    )
-    return val, None
 
 
 def _train_epoch(
@@ -410,70 +296,3 @@ def _advance(state: LoopState, schedule: LrSchedule, val: dict[str, float], moni
         or schedule.exhausted(state.lr)
     )
     return improved
-
-
-def _save_resume_point(
-    path: Path, model: nn.Module, opt: torch.optim.Optimizer, state: LoopState, kept: list, ranking: Ranking
-) -> None:
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}  # optimizer state: tensors to safetensors, the rest to JSON metadata
-    for pid, st in sd["state"].items():
-        for key, value in st.items():
-            (tensors if isinstance(value, torch.Tensor) else scalars)[f"{pid}.{key}"] = value
-    save_tensors(
-        path,
-        {
-            **prefixed("model.", model.state_dict()),
-            **prefixed("optim.", tensors),
-            **{k: v for i, (_, _, w) in enumerate(kept) for k, v in prefixed(f"kept{i}.", w).items()},
-        },
-        {
-            "loop": asdict(state),
-            "optimizer": {"param_groups": sd["param_groups"], "scalars": scalars},
-            "kept": [[val, epoch] for val, epoch, _ in kept],
-            "ranked_by": ranking.names,
-        },
-    )
-
-
-def _load_resume_point(
-    path: Path, model: nn.Module, opt: torch.optim.Optimizer
-) -> tuple[LoopState, list, list[str] | None]:
-    """The loop state, the kept epochs and the names of the metrics they are ranked by (None: a
-    resume point of an earlier version, which ranked them by ``train.monitor``, and whose kept
-    epochs carry that metric's value alone, the best one its whole validation metrics)."""
-    tensors, meta = load_tensors(path)
-    model.load_state_dict(unprefixed("model.", tensors))
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in [*unprefixed("optim.", tensors).items(), *meta["optimizer"]["scalars"].items()]:
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = value
-    opt.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
-    known = {f.name for f in fields(LoopState)}  # resume points of older versions may hold more
-    state = LoopState(**{k: v for k, v in meta["loop"].items() if k in known})
-    kept = [
-        (val, epoch, unprefixed(f"kept{i}.", tensors)) for i, (val, epoch) in enumerate(meta.get("kept", []))
-    ]
-    if not kept and unprefixed("best.", tensors):  # still earlier versions hold the best epoch as "best."
-        kept = [(state.best_val, state.best_epoch, unprefixed("best.", tensors))]
-    return state, kept, meta.get("ranked_by")
-
-
-def _resumed_ranking(
-    kept: list, ranked_by: list[str] | None, state: LoopState, task: Task, monitor: Metric
-) -> tuple[Ranking, list]:
-    """The ranking a resume point recorded, and its kept epochs. A resume point of an earlier
-    version ranked them by ``train.monitor`` alone and holds that metric's value of each (the best
-    epoch's metrics are the loop state's): its stage finishes so."""
-    if ranked_by is None:
-        ranked_by = [monitor.name]
-        kept = [
-            (
-                v if isinstance(v, dict) else state.best_val if e == state.best_epoch else {monitor.name: v},
-                e,
-                w,
-            )
-            for v, e, w in kept
-        ]
-    known = {m.name: m for m in (monitor, task.primary)}
-    return Ranking(*[known.get(name) or Metric.named(name) for name in ranked_by]), kept

@@ -1,7 +1,8 @@
-"""How an optimizer takes part in validation (``ValidationHooks``, the loop's one hook into it),
-and NT-ASGD (Merity et al.'s non-monotonically triggered averaged SGD) as an optimizer, so that
-any loop can use it: plain SGD until validation stops improving, then SGD that also keeps the
-running average of its iterates; the average is what is validated and kept."""
+"""The optimizers our loop trains with (``make_optimizer``, as ``train.optimizer`` names them), how
+an optimizer takes part in validation (``ValidationHooks``, the loop's one hook into it), and
+NT-ASGD (Merity et al.'s non-monotonically triggered averaged SGD) as an optimizer, so that any
+loop can use it: plain SGD until validation stops improving, then SGD that also keeps the running
+average of its iterates; the average is what is validated and kept."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
+from torch import nn
 
+from topdown.config import TrainConfig
+from topdown.errors import ConfigError
 from topdown.metrics import Metric
 
 
@@ -106,3 +110,18 @@ class NTASGD(torch.optim.SGD, ValidationHooks):
             params = self._params()
             with torch.no_grad():
                 torch._foreach_copy_(params, [self.state[p]["ax"] for p in params])
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """A fresh optimizer over exactly the trainable parameters (frozen ones are never in it)."""
+    if not params:
+        raise ConfigError("nothing to train: every parameter is frozen")
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "ntasgd":
+        return NTASGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nonmono=cfg.nonmono
+        )
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

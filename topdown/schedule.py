@@ -3,7 +3,7 @@
 (``LrSchedule``: warm-up, one-cycle, cosine, plateau decay).
 
 Within a stage the lr is a pure function of the step and of the plateau-decayed base lr (the
-loop's ``LoopState.lr``), so resuming a stage needs no scheduler state of its own.
+loop's ``resume_point.LoopState.lr``), so resuming a stage needs no scheduler state of its own.
 """
 
 from __future__ import annotations

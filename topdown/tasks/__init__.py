@@ -1,9 +1,9 @@
 """Built-in tasks. Each module defines ``SECTIONS`` (its own config sections as typed ``Section``
-classes, each option with its constraint), ``DEFAULTS`` (the task's changes to the declared
-defaults, of its sections and of the method's), ``PRESETS`` (changes on top of those),
-``block_names(model)``, ``build_model(sections)`` and ``make(sections, data_dir) -> Task``, where
-``sections`` are the task's typed sections (``RunConfig.task``: ``sections.model.hidden``) and
-``model`` is its ``model`` section. Modules are imported only when their task is used."""
+classes, ``topdown.sections``, each option with its constraint), ``DEFAULTS`` (the task's changes
+to the declared defaults, of its sections and of the method's), ``PRESETS`` (changes on top of
+those), ``block_names(model)``, ``build_model(sections)`` and ``make(sections, data_dir) -> Task``,
+where ``sections`` are the task's typed sections (``RunConfig.task``: ``sections.model.hidden``)
+and ``model`` is its ``model`` section. Modules are imported only when their task is used."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import importlib
 from types import ModuleType
 from typing import Any
 
-from topdown.config import RunConfig, TaskSections
+from topdown.config import RunConfig
 from topdown.errors import ConfigError
+from topdown.sections import TaskSections
 from topdown.task import Task
 
 TASKS = {

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from topdown.config import Section, TaskSections, option
 from topdown.errors import ConfigError, DataError
+from topdown.sections import Section, TaskSections, option
 from topdown.task import Task, cross_entropy_loss, data_location, index_batches
 from topdown.tasks import digits
 

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from topdown.config import Section, TaskSections, option
 from topdown.console import warn
 from topdown.errors import ConfigError, DataError
+from topdown.sections import Section, TaskSections, option
 from topdown.task import Task, data_location, subset_size
 from topdown.tasks.asr import an4, kaldi
 from topdown.tasks.asr.ngram import END, WordNgram

@@ -25,9 +25,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from topdown.config import Section, option
 from topdown.console import warn
 from topdown.errors import ConfigError, DataError
+from topdown.sections import Section, option
 from topdown.task import text_lines
 from topdown.tasks.asr.an4 import Utterance
 

@@ -16,7 +16,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from topdown.config import ConfigError, Section, TaskSections, option
+from topdown.errors import ConfigError
+from topdown.sections import Section, TaskSections, option
 from topdown.task import Task
 from topdown.tasks.asr import common
 

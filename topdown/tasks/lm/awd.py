@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from topdown.config import Section, TaskSections, option
+from topdown.sections import Section, TaskSections, option
 from topdown.task import Task, data_location, subset_size
 from topdown.tasks.lm import corpus
 from topdown.tasks.lm.model import AWDLSTM, TIE_MODES, detach
