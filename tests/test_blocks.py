@@ -1,12 +1,16 @@
-"""Blocks: partition checks, freezing (no gradients, eval-mode normalisation), re-initialisation."""
+"""Blocks: partition checks, freezing (no gradients, eval-mode normalisation), re-initialisation;
+blocks that name a parameter directly."""
 
 import pytest
 import torch
-from conftest import ToyNet, toy_task
+from conftest import ToyNet, read_summary, toy_data, toy_task
 from torch import nn
+from torch.nn import functional as F
 
+import topdown
 import topdown.loop as loop
 from topdown import BlockError, Blocks, TrainConfig
+from topdown.blocks import entry_parameters
 from topdown.loop import fit
 
 
@@ -184,3 +188,184 @@ def test_another_order_than_declared_is_a_warning_not_an_error(capsys):
     )
     model(torch.randn(2, 4))
     assert capsys.readouterr().err == ""  # said once
+
+
+# -- a parameter as a block entry ------------------------------------------------------------
+
+
+class OnContainer(ToyNet):
+    """ToyNet with two parameters of the top-level model itself, which no submodule holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.input_gain = nn.Parameter(1 + 0.1 * torch.randn(8))
+        self.logit_bias = nn.Parameter(0.1 * torch.randn(3))
+
+    def forward(self, x):
+        return super().forward(x * self.input_gain) + self.logit_bias
+
+
+ON_CONTAINER = [("inp", ["input_gain", "inp"]), ("mid", ["mid"]), ("out", ["out", "logit_bias"])]
+# The parameter alone as a block, to see that freezing and copying it touch nothing else.
+OWN_BLOCK = [("gain", ["input_gain"]), ("inp", ["inp"]), ("mid", ["mid"]), ("out", ["out", "logit_bias"])]
+
+
+def test_a_parameter_on_a_container_is_named_as_a_block_entry():
+    model = OnContainer()
+    with pytest.raises(BlockError, match="parameter 'input_gain' is covered by no block"):
+        Blocks(model, ["inp", "mid", ("out", ["out", "logit_bias"])])
+    owned = Blocks(model, ON_CONTAINER).parameter_names()
+    assert sorted(n for names in owned.values() for n in names) == sorted(
+        n for n, _ in model.named_parameters()
+    )
+    assert "input_gain" in owned["inp"] and "logit_bias" in owned["out"]
+    assert Blocks(model, OWN_BLOCK).parameter_names()["gain"] == ["input_gain"]
+    assert entry_parameters(model, "input_gain") == [model.input_gain]
+    assert entry_parameters(model, "out") == [model.out.weight, model.out.bias]
+
+
+def test_a_module_name_keeps_meaning_the_module_and_a_parameter_name_the_parameter():
+    """ "out" is the module (and begins "out.weight"); "out.weight" alone leaves "out.bias" uncovered."""
+    model = ToyNet()
+    assert Blocks(model, ["inp", "mid", "out"]).parameter_names()["out"] == ["out.weight", "out.bias"]
+    with pytest.raises(BlockError, match="parameter 'out.bias' is covered by no block"):
+        Blocks(model, ["inp", "mid", ("out", ["out.weight"])])
+    by_parameter = Blocks(model, ["inp", "mid", ("out", ["out.weight", "out.bias"])])
+    assert by_parameter.parameter_names()["out"] == ["out.weight", "out.bias"]
+    by_parameter.freeze(["out"])  # no module named, none pinned to eval mode
+    model.train()
+    assert model.out.training and not model.out.weight.requires_grad
+
+
+def test_a_name_that_is_neither_a_module_nor_a_parameter_is_one_clear_error():
+    for entry, close in (("input_gian", "input_gain"), ("mid.0.weigth", "mid.0.weight, ")):
+        with pytest.raises(BlockError) as e:
+            Blocks(OnContainer(), [("inp", [entry, "inp"]), "mid", ("out", ["out", "logit_bias"])])
+        assert str(e.value).startswith(
+            f"block 'inp': no module named {entry!r} in the model, and no parameter either; "
+            f"close names: {close}"
+        )
+    with pytest.raises(BlockError, match="'mid.1.running_mean' in the model, and no parameter either"):
+        Blocks(OnContainer(), [*ON_CONTAINER, ("stats", ["mid.1.running_mean"])])  # a buffer is no entry
+
+
+def test_a_parameter_named_by_two_blocks_needs_an_owner():
+    with pytest.raises(BlockError, match="'input_gain' is covered by two blocks: \\['gain', 'inp'\\]"):
+        Blocks(OnContainer(), [("gain", ["input_gain"]), ("inp", ["inp", "input_gain"]), *ON_CONTAINER[1:]])
+    with pytest.raises(BlockError, match="'out.weight' is covered by two blocks"):
+        Blocks(ToyNet(), ["inp", ("mid", ["mid", "out.weight"]), "out"])  # by its module and by its name
+    # A tied parameter named by one of its names is reached by two blocks like a tied module's.
+    spec = ["embed", "body", ("decoder", ["decoder.weight"])]
+    with pytest.raises(BlockError, match="shared by blocks .*say which block owns it"):
+        Blocks(Tied(), spec)
+    assert Blocks(Tied(), spec, shared={"embed.weight": "decoder"}).parameter_names()["decoder"] == [
+        "embed.weight"
+    ]
+
+
+def test_freezing_and_copying_a_parameter_entry_touch_that_parameter_only():
+    torch.manual_seed(0)
+    model = OnContainer()
+    blocks = Blocks(model, OWN_BLOCK)
+    blocks.freeze(["gain"])
+    model.train()
+    assert [n for n, p in model.named_parameters() if not p.requires_grad] == ["input_gain"]
+    assert all(m.training for m in model.modules())  # no module to pin; the container follows train()
+    blocks.unfreeze()
+    assert all(p.requires_grad for p in model.parameters())
+    assert blocks.state_keys(["gain"]) == ["input_gain"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh = OnContainer()
+    blocks.copy_blocks(fresh, ["gain"])
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, fresh.input_gain if key == "input_gain" else before[key]), key
+    assert not torch.equal(model.input_gain, before["input_gain"])
+
+
+def test_a_block_of_parameter_entries_takes_no_part_in_the_order_check(capsys):
+    model = OnContainer()
+    blocks = Blocks(model, OWN_BLOCK)
+    before = _forward_hooks(model)
+    blocks.watch_call_order()
+    model(torch.randn(4, 8))
+    assert _forward_hooks(model) == before and capsys.readouterr().err == ""
+    reversed_blocks = Blocks(model, OWN_BLOCK[:1] + OWN_BLOCK[:0:-1])  # gain first, the modules reversed
+    reversed_blocks.watch_call_order()
+    with pytest.raises(BlockError, match="declared output to input"):
+        model(torch.randn(4, 8))
+
+
+def test_a_cascade_keeps_a_frozen_parameter_entry_bit_identical(tmp_path):
+    torch.manual_seed(0)
+    plan = topdown.Cascade(OnContainer(), ON_CONTAINER, build_model=OnContainer, metric="error", out=tmp_path)
+    x, y = toy_data()
+    frozen_in = []
+    for stage in plan:
+        model = stage.model
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = torch.optim.SGD(stage.trainable_parameters(), lr=0.05)
+        model.train()
+        for i in range(0, 128, 32):
+            loss = F.cross_entropy(model(x[i : i + 32]), y[i : i + 32])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        frozen = "out" in stage.frozen_blocks
+        assert torch.equal(model.logit_bias, before["logit_bias"]) == frozen
+        assert model.logit_bias.requires_grad != frozen and (model.logit_bias.grad is None) == frozen
+        assert not torch.equal(model.input_gain, before["input_gain"])  # in "inp", always trained
+        frozen_in.append(frozen)
+        model.eval()
+        with torch.no_grad():
+            stage.finish(val={"error": (model(x[128:160]).argmax(1) != y[128:160]).float().mean().item()})
+    assert frozen_in == [False, True, True]
+    assert "logit_bias" in read_summary(tmp_path)["blocks"]["out"]
+
+
+def test_a_stock_wav2vec2_for_ctc_names_its_masked_spec_embed_as_a_block_entry(capsys):
+    """The parameter sits on the ``Wav2Vec2Model`` container, not in any of its submodules."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Wav2Vec2Config(
+        vocab_size=8,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        conv_dim=(8, 8),
+        conv_stride=(5, 2),
+        conv_kernel=(10, 3),
+        num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2,
+        mask_time_prob=0.5,
+        mask_time_length=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2ForCTC(config)
+    modules_only = [
+        ("features", ["wav2vec2.feature_extractor"]),
+        ("encoder", ["wav2vec2.feature_projection", "wav2vec2.encoder"]),
+        ("head", ["lm_head"]),
+    ]
+    with pytest.raises(BlockError, match="'wav2vec2.masked_spec_embed' is covered by no block"):
+        Blocks(model, modules_only)
+    spec = [("features", ["wav2vec2.feature_extractor", "wav2vec2.masked_spec_embed"]), *modules_only[1:]]
+    blocks = Blocks(model, spec)
+    assert "wav2vec2.masked_spec_embed" in blocks.parameter_names()["features"]
+    blocks.watch_call_order()
+    blocks.freeze(["features"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert all(p is not model.wav2vec2.masked_spec_embed for p in trainable)
+    opt = torch.optim.SGD(trainable, lr=0.1)
+    model.train()  # time masking on: masked_spec_embed is used
+    audio, labels = torch.randn(2, 400), torch.randint(1, 8, (2, 5))
+    model(audio, labels=labels).loss.backward()
+    opt.step()
+    assert capsys.readouterr().err == ""  # the order check passed
+    after = model.state_dict()
+    for key in blocks.state_keys(["features"]):
+        assert torch.equal(after[key], before[key]), key
+    assert not torch.equal(after["lm_head.weight"], before["lm_head.weight"])
+    fresh = transformers.Wav2Vec2ForCTC(config)
+    blocks.copy_blocks(fresh, ["features"])
+    assert torch.equal(model.wav2vec2.masked_spec_embed, fresh.wav2vec2.masked_spec_embed)

@@ -1,8 +1,11 @@
 """Ordered blocks over a plain ``nn.Module``: the unit the method freezes and re-initialises.
 
-A block is a named group of submodules (by their names in ``model.named_modules()``).
-Blocks are listed from input to output; split ``k`` puts blocks ``1..k`` in the feature
-extractor and ``k+1..L`` in the classifier. Every parameter must belong to exactly one
+A block is a named group of entries, each a submodule (by its name in ``model.named_modules()``)
+or a single parameter (by its name in ``model.named_parameters()``): the latter for a parameter that
+sits directly on a container module (a learnt embedding on the top-level model, say), which no
+submodule of its own holds. A module's name keeps meaning the module, though it begins its
+parameters' names. Blocks are listed from input to output; split ``k`` puts blocks ``1..k`` in the
+feature extractor and ``k+1..L`` in the classifier. Every parameter must belong to exactly one
 block, and a parameter reachable from two blocks (tied weights) needs an explicit owner:
 all of this is checked when the blocks are declared, before any training starts. The order
 itself is checked on the first forward pass (``watch_call_order``).
@@ -10,6 +13,7 @@ itself is checked on the first forward pass (``watch_call_order``).
 
 from __future__ import annotations
 
+import difflib
 import types
 from collections.abc import Mapping, Sequence
 
@@ -40,6 +44,26 @@ def usable_splits(owned: Mapping[str, Sequence[str]]) -> list[int]:
     return [k for k in range(len(owned) - 1, 0, -1) if empty_side(owned, k) is None]
 
 
+def _resolve(model: nn.Module, entry: str) -> nn.Module | nn.Parameter:
+    """What a block entry names in ``model``: a submodule, else a parameter (PyTorch lets no name be
+    both), else a BlockError that lists close names. The model itself ("") is no entry."""
+    modules = dict(model.named_modules())
+    if entry and entry in modules:
+        return modules[entry]
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    if entry in parameters:
+        return parameters[entry]
+    close = difflib.get_close_matches(entry, [*filter(None, modules), *parameters], n=3)
+    hint = f"; close names: {', '.join(close)}" if close else ""
+    raise BlockError(f"no module named {entry!r} in the model, and no parameter either{hint}")
+
+
+def entry_parameters(model: nn.Module, entry: str) -> list[nn.Parameter]:
+    """Every parameter a block entry reaches: a module's (tied ones too) or the one it names."""
+    target = _resolve(model, entry)
+    return [target] if isinstance(target, nn.Parameter) else list(target.parameters())
+
+
 def _eval_only_train(self: nn.Module, mode: bool = True) -> nn.Module:
     """Replacement ``train`` for a frozen module: whatever the caller asks, stay in eval mode.
 
@@ -57,40 +81,48 @@ def _is_normalisation(module: nn.Module) -> bool:
 class Blocks:
     """A partition of ``model``'s parameters into ordered, named blocks.
 
-    ``spec`` is a list of module names (each its own block), a list of
-    ``(block_name, [module names])`` pairs, or a mapping from block name to module names.
-    ``shared`` maps a tied parameter (by any of its names) to the block that owns it.
+    ``spec`` is a list of entries (each its own block, named after it), a list of
+    ``(block_name, [entries])`` pairs, or a mapping from block name to entries; an entry is a module
+    name or a parameter name (see the module's docstring). ``shared`` maps a tied parameter (by any
+    of its names) to the block that owns it.
     """
 
     def __init__(self, model: nn.Module, spec: BlockSpec, shared: Mapping[str, str] | None = None):
         self.model = model
         items = spec.items() if isinstance(spec, Mapping) else spec
-        self.modules: dict[str, tuple[str, ...]] = {}
+        self.entries: dict[str, tuple[str, ...]] = {}
         for item in items:
-            name, module_names = (item, (item,)) if isinstance(item, str) else (item[0], tuple(item[1]))
-            if name in self.modules:
+            name, entries = (item, (item,)) if isinstance(item, str) else (item[0], tuple(item[1]))
+            if name in self.entries:
                 raise BlockError(f"block {name!r} is declared twice")
-            if not module_names:
-                raise BlockError(f"block {name!r} names no module")
-            self.modules[name] = module_names
-        if len(self.modules) < 2:
+            if not entries:
+                raise BlockError(f"block {name!r} names no module or parameter")
+            self.entries[name] = entries
+        if len(self.entries) < 2:
             raise BlockError("a model needs at least two blocks to be split")
-        known = dict(model.named_modules())
-        for name, module_names in self.modules.items():
-            for m in module_names:
-                if m == "" or m not in known:
-                    raise BlockError(f"block {name!r}: no module named {m!r} in the model")
+        for name, entries in self.entries.items():
+            for entry in entries:
+                try:
+                    _resolve(model, entry)
+                except BlockError as e:
+                    raise BlockError(f"block {name!r}: {e}") from None
         self.owner = self._assign_parameters(dict(shared or {}))
 
     # -- construction -------------------------------------------------------------------
 
     def _blocks_of(self, qualified_name: str) -> set[str]:
+        """The blocks with an entry that is this parameter or buffer, or a module above it."""
         return {
             block
-            for block, module_names in self.modules.items()
-            for m in module_names
-            if qualified_name == m or qualified_name.startswith(m + ".")
+            for block, entries in self.entries.items()
+            for e in entries
+            if qualified_name == e or qualified_name.startswith(e + ".")
         }
+
+    def _modules_of(self, block: str) -> list[nn.Module]:
+        """The submodules ``block``'s entries name; a parameter entry names none."""
+        targets = (_resolve(self.model, e) for e in self.entries[block])
+        return [t for t in targets if isinstance(t, nn.Module)]
 
     def _assign_parameters(self, shared: dict[str, str]) -> dict[str, str]:
         """Map each parameter's canonical name to its owning block, or raise BlockError."""
@@ -100,7 +132,7 @@ class Blocks:
             names_of.setdefault(id(p), []).append(qname)
             tensor_of[id(p)] = p
         for key, block in shared.items():
-            if block not in self.modules:
+            if block not in self.entries:
                 raise BlockError(f"shared parameter {key!r} is given to unknown block {block!r}")
             if not any(key in names for names in names_of.values()):
                 raise BlockError(f"shared parameter {key!r} is not a parameter of the model")
@@ -129,12 +161,15 @@ class Blocks:
         so the declaration cannot tell; but the cascade would then train the input block first,
         as if it were the classifier. The forward pass can tell: each block's first call is
         recorded, and once every block has run (or the model's forward has returned) the hooks
-        are removed and the order judged. Exactly reversed: an error. Otherwise out of order: a
-        warning, since a model may call a later block early on purpose (an output layer shared
+        are removed and the order judged. A parameter entry has no forward hook and takes no part:
+        a block of parameter entries alone is left out. Exactly reversed: an error. Otherwise out
+        of order: a warning, since a model may call a later block early on purpose (an output layer shared
         with an intermediate layer, as in intermediate CTC).
         """
         seen: list[str] = []
         handles = []
+        watched = {block: self._modules_of(block) for block in self.entries}
+        watched = {block: modules for block, modules in watched.items() if modules}
 
         def judge(*_: object) -> None:
             if not handles:  # judged already (a copy of the model still carries the hooks)
@@ -142,28 +177,28 @@ class Blocks:
             for handle in handles:
                 handle.remove()
             handles.clear()
-            self._judge_call_order(seen)
+            self._judge_call_order(seen, len(watched))
 
         def called(block: str):
             def hook(*_: object) -> None:
                 if handles and block not in seen:
                     seen.append(block)
-                    if len(seen) == len(self.modules):
+                    if len(seen) == len(watched):
                         judge()
 
             return hook
 
-        for block, module_names in self.modules.items():
-            for m in module_names:
-                for sub in self.model.get_submodule(m).modules():  # a ModuleList's members run, not the list
+        for block, modules in watched.items():
+            for module in modules:
+                for sub in module.modules():  # a ModuleList's members run, not the list
                     handles.append(sub.register_forward_pre_hook(called(block)))
         handles.append(self.model.register_forward_hook(judge))
 
-    def _judge_call_order(self, seen: list[str]) -> None:
+    def _judge_call_order(self, seen: list[str], watched: int) -> None:
         declared = [b for b in self.names if b in seen]
         if seen == declared:
             return
-        if len(seen) == len(self) and seen == declared[::-1]:
+        if len(seen) == watched and seen == declared[::-1]:
             raise BlockError(
                 f"the blocks are declared output to input: the model's forward pass runs them in the order "
                 f"{', '.join(seen)}; declare them input to output"
@@ -177,10 +212,10 @@ class Blocks:
 
     @property
     def names(self) -> list[str]:
-        return list(self.modules)
+        return list(self.entries)
 
     def __len__(self) -> int:
-        return len(self.modules)
+        return len(self.entries)
 
     def out_of_range(self, k: int) -> str | None:
         """Why ``k`` is no split of these blocks (a feature extractor and a classifier of one block
@@ -199,14 +234,14 @@ class Blocks:
 
     def parameter_names(self) -> dict[str, list[str]]:
         """Block name -> canonical names of the parameters it owns (for run records)."""
-        out: dict[str, list[str]] = {b: [] for b in self.modules}
+        out: dict[str, list[str]] = {b: [] for b in self.entries}
         for qname, block in self.owner.items():
             out[block].append(qname)
         return out
 
     def check_known(self, blocks: Sequence[str]) -> None:
         """A misspelt block name is an error, never a silent no-op."""
-        if unknown := set(blocks) - set(self.modules):
+        if unknown := set(blocks) - set(self.entries):
             raise BlockError(f"unknown block(s) {sorted(unknown)}; blocks are {self.names}")
 
     def state_keys(self, blocks: Sequence[str]) -> list[str]:
@@ -233,7 +268,10 @@ class Blocks:
         """Train only the blocks not in ``frozen``; frozen blocks get no gradients and stay in eval mode.
 
         With ``frozen_dropout`` the frozen blocks keep their dropout active in training;
-        their normalisation layers are pinned to eval mode either way.
+        their normalisation layers are pinned to eval mode either way. A parameter entry has no
+        module to pin: its parameter gets no gradients and nothing else changes (the container
+        holding it follows ``model.train()``, and the normalisation inside that container belongs
+        to the blocks of its submodules).
         """
         self.check_known(frozen)
         self.unfreeze()
@@ -243,8 +281,7 @@ class Blocks:
             if not trainable:
                 p.grad = None
         for block in frozen:
-            for m in self.modules[block]:
-                module = self.model.get_submodule(m)
+            for module in self._modules_of(block):
                 pinned = [x for x in module.modules() if _is_normalisation(x)] if frozen_dropout else [module]
                 for x in pinned:
                     x.train = types.MethodType(_eval_only_train, x)

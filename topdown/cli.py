@@ -212,9 +212,9 @@ def _list(args: argparse.Namespace) -> None:
         model = module.build_model(cfg)
         print(f"  blocks ({args.preset} preset, input to output):")
         blocks = module.block_names(cfg.model)
-        params = {
-            b: {id(p): p for m in mods for p in model.get_submodule(m).parameters()} for b, mods in blocks
-        }
+        from topdown.blocks import entry_parameters
+
+        params = {b: {id(p): p for e in entries for p in entry_parameters(model, e)} for b, entries in blocks}
         for block, modules in blocks:
             shared = sum(
                 p.numel()
