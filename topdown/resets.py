@@ -226,11 +226,11 @@ def in_words(entry: dict[str, Any]) -> str:
     """A recorded reset (``Reset.describe()``) in words, for the report's stage table."""
     blocks, kind = ", ".join(entry["blocks"]), entry["kind"]
     if kind == "reinit":
-        return f"re-initialised {blocks}"
+        return f"re-initialised: {blocks}"
     if kind == "shrink-perturb":
         return f"shrunk ×{entry['shrink']:g} + fresh ×{entry['perturb']:g}: {blocks}"
     if kind == "rescale":
-        return f"rescaled to initial norms {blocks}"
+        return f"rescaled to initial norms: {blocks}"
     if kind == "kels":
-        return f"KELS reset part (split rate {entry['split_rate']:g}) re-drawn in {blocks}"
-    return f"{kind} {blocks}"
+        return f"KELS reset part re-drawn (split rate {entry['split_rate']:g}): {blocks}"
+    return f"{kind}: {blocks}"
