@@ -1,4 +1,5 @@
-"""The four procedures (docs/method.md) as plans of stages, and our loop as their executor.
+"""The four procedures (docs/method.md) as plans of stages, the registry of built-in plans (these,
+later-layer forgetting and the schedules of ``schedules.py``), and our loop as their executor.
 
 Each procedure is a ``Plan`` whose ``stages()`` yields what each stage does; the plan does
 the method (re-initialise, freeze, accept, record). ``train_plan`` drives any plan with our
@@ -43,7 +44,7 @@ class Baseline(Plan):
         if self.from_checkpoint is not None:
             raise ConfigError(
                 "baseline trains from scratch; a starting checkpoint (--from; from_checkpoint) is for "
-                "cascade, retrain-classifier, transfer-classifier and forget"
+                "the procedures that build on a trained model (cascade, forget, ...)"
             )
 
     def stages(self) -> Iterator[StageSpec]:
@@ -163,7 +164,7 @@ class LaterLayerForgetting(Plan):
     cascade's first classifier, once per cascade split (the cascade's stages after its baseline),
     with the cascade's stage recipe: the same budget, where the cascade trains one candidate a
     stage with neither patience nor a fine-tune stage (docs/method.md). Validation chooses among
-    the rounds, as it does among stages."""
+    the rounds, as it does among stages. docs/schedules.md lists where this differs from the source."""
 
     procedure = "forget"
     procedure_options = ("split", "rounds")
