@@ -111,7 +111,9 @@ class ShrinkPerturb:
         fresh = context.fresh.state_dict()
         with torch.no_grad():
             for name, p in context.parameters_of(self.blocks):
-                p.copy_(self.shrink * p + self.perturb * fresh[name])
+                p.copy_(
+                    self.shrink * p + self.perturb * fresh[name].to(p)
+                )  # the fresh model may be on the CPU
             for key, buffer in context.buffers_of(self.blocks):
                 buffer.copy_(fresh[key])
 
@@ -142,7 +144,7 @@ class RescaleToInit:
         with torch.no_grad():
             for name, p in context.parameters_of(self.blocks):
                 if p.is_floating_point() and (norm := p.norm()) > 0:
-                    p.mul_(initial[name].norm() / norm)
+                    p.mul_(initial[name].to(p).norm() / norm)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "blocks": list(self.blocks), "norm": "initial"}
