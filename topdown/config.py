@@ -112,9 +112,14 @@ class ProcedureConfig(Section):
         None, ge=1
     )  # retrain-classifier, transfer-classifier, forget (default: the cascade's first split)
     subset: float | None = option(None, gt=0, lt=1)  # transfer-classifier: fraction of the training data
-    rounds: int | None = option(
-        None, ge=1
-    )  # forget: rounds of forgetting (default: as many as the cascade has splits)
+    # forget, knowledge-evolution, shrink-perturb: rounds (generations) after the baseline
+    # (default: as many as the cascade has splits)
+    rounds: int | None = option(None, ge=1)
+    # knowledge-evolution: the KELS split rate s, the fraction of each layer's outputs and inputs kept
+    # (default 0.5)
+    split_rate: float | None = option(None, gt=0, lt=1)
+    shrink: float | None = option(None, ge=0)  # shrink-perturb: λ in θ ← λ·θ + p·θ_fresh (default 0.4)
+    perturb: float | None = option(None, ge=0)  # shrink-perturb: p (default 0.1)
 
 
 METHOD_SECTIONS = {cls.SECTION: cls for cls in (TrainConfig, CascadeConfig, ProcedureConfig)}

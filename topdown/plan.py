@@ -8,7 +8,8 @@
 
 The plan is the method; the loop is not. Before it hands a stage out, the plan loads the
 weights the stage starts from, re-initialises the blocks it trains (by copying them from a
-model freshly built with the stage's seed, so the model's own init scheme is kept) and
+model freshly built with the stage's seed, so the model's own init scheme is kept), or applies
+the stage's own resets (``resets.py``: shrink and perturb, rescale, a KELS split), and
 freezes the others (no gradients, eval-mode normalisation). ``finish`` decides acceptance on
 validation (``Accept``) and hands the stage to the plan's record (``record.py``): a run
 directory given as ``out`` (checkpoints, summary, report; ``resume=True`` skips the stages it
@@ -26,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from topdown.blocks import Blocks, BlockSpec, empty_side
+from topdown.blocks import Blocks, BlockSpec, empty_side, usable_splits
 from topdown.config import RunConfig
 from topdown.console import warn
 from topdown.errors import ConfigError, TopdownError
@@ -35,9 +36,22 @@ from topdown.identity import first_difference, run_identity
 from topdown.metrics import Metric
 from topdown.provenance import provenance
 from topdown.record import Record, RunRecord
+from topdown.resets import Reinit, ResetContext
 from topdown.runs import RunDir
-from topdown.seeds import check_seed
+from topdown.seeds import check_seed, derive_seed
 from topdown.stage import Accept, Stage, StageSpec
+
+
+def cascade_splits(config: RunConfig, blocks: Blocks) -> list[int]:
+    """``cascade.splits``, or every split L-1..1 with a parameter on each side (extractor, classifier)."""
+    if config.cascade.splits is not None:
+        return config.cascade.splits
+    if not (splits := usable_splits(blocks.parameter_names())):
+        raise ConfigError(
+            f"no split of the blocks {blocks.names} has a parameter on both sides (feature extractor and "
+            "classifier): declare more blocks"
+        )
+    return splits
 
 
 class Plan:
@@ -153,6 +167,11 @@ class Plan:
     def all_blocks(self) -> tuple[str, ...]:
         return tuple(self.blocks.names)
 
+    def rounds(self) -> int:
+        """For a plan of rounds (generations): ``procedure.rounds``, or as many as the cascade has
+        stages after its baseline, so that the plan spends the cascade's budget."""
+        return self.config.procedure.rounds or len(cascade_splits(self.config, self.blocks))
+
     def check_split(self, k: int | None, what: str) -> None:
         """A split whose feature extractor and classifier each own a parameter (``blocks.empty_side``)."""
         if k is None:
@@ -213,7 +232,7 @@ class Plan:
 
     def _prepare(self, index: int, candidate: int, spec: StageSpec) -> Stage:
         stage = Stage(self, index, candidate, spec)
-        self.blocks.check_known([*spec.trained, *(spec.reinit_blocks or ())])
+        self.blocks.check_known([*spec.trained, *(spec.reinit_blocks or ()), *spec.reset_blocks()])
         self.blocks.unfreeze()
         if spec.source is not None:
             self._load(spec.source)
@@ -221,14 +240,19 @@ class Plan:
             self.model.load_state_dict(self._fresh_model(stage.seed).state_dict())
         else:
             self.model.load_state_dict(self.record.stage_weights(spec.start))
-            if spec.reinit:
-                self.blocks.copy_blocks(
-                    self._fresh_model(stage.seed),
-                    spec.trained if spec.reinit_blocks is None else spec.reinit_blocks,
-                )
+            if resets := spec.resets():
+                # the initial model first: the fresh one, built last, leaves torch's RNG where it always has
+                initial = self.initial_model() if any(r.needs_initial for r in resets) else None
+                context = ResetContext(self.model, self.blocks, self._fresh_model(stage.seed), initial)
+                for reset in resets:
+                    reset.apply(context)
         self.blocks.freeze(stage.frozen_blocks, frozen_dropout=self.config.cascade.frozen_dropout)
         stage._started = time.perf_counter()
         return stage
+
+    def initial_model(self) -> nn.Module:
+        """The model as first initialised: built again with the seed of stage 0's first candidate."""
+        return self._fresh_model(derive_seed(self.seed, 0, 0))
 
     def _fresh_model(self, seed: int) -> nn.Module:
         torch.manual_seed(seed)
@@ -327,7 +351,9 @@ class Plan:
             "split": spec.split,
             "trained_blocks": list(spec.trained),
             "frozen_blocks": stage.frozen_blocks,
-            "reinit": spec.source is None and (spec.start is None or spec.reinit),
+            "reinit": spec.source is None
+            and (spec.start is None or any(isinstance(r, Reinit) for r in spec.resets())),
+            "reset": [r.describe() for r in spec.resets()],
             "subset": spec.subset,
             "epochs": sum(t["epochs"] for t in self._tried),
             "candidates": []

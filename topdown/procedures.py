@@ -1,4 +1,5 @@
-"""The four procedures (docs/method.md) as plans of stages, and our loop as their executor.
+"""The four procedures (docs/method.md) as plans of stages, the registry of built-in plans (these,
+later-layer forgetting and the schedules of ``schedules.py``), and our loop as their executor.
 
 Each procedure is a ``Plan`` whose ``stages()`` yields what each stage does; the plan does
 the method (re-initialise, freeze, accept, record). ``train_plan`` drives any plan with our
@@ -16,17 +17,18 @@ from typing import Any
 import torch
 
 from topdown import distributed
-from topdown.blocks import Blocks, usable_splits
+from topdown.blocks import Blocks
 from topdown.config import CascadeConfig, ProcedureConfig, RunConfig, TrainConfig
 from topdown.console import progress_label, say
 from topdown.devices import resolve_device
 from topdown.errors import ConfigError, TopdownError, TrainingError
 from topdown.identity import recorded_mismatch, run_identity
 from topdown.loop import evaluate, fit, monitored_metric
-from topdown.plan import Plan
+from topdown.plan import Plan, cascade_splits
 from topdown.report import format_metric
 from topdown.runs import RunDir
 from topdown.schedule import LrSchedule
+from topdown.schedules import SCHEDULES
 from topdown.seeds import check_seed, derive_seed
 from topdown.stage import Accept, StageSpec
 from topdown.task import Task
@@ -42,23 +44,11 @@ class Baseline(Plan):
         if self.from_checkpoint is not None:
             raise ConfigError(
                 "baseline trains from scratch; a starting checkpoint (--from; from_checkpoint) is for "
-                "cascade, retrain-classifier, transfer-classifier and forget"
+                "the procedures that build on a trained model (cascade, forget, ...)"
             )
 
     def stages(self) -> Iterator[StageSpec]:
         yield self.stage_zero()
-
-
-def cascade_splits(config: RunConfig, blocks: Blocks) -> list[int]:
-    """``cascade.splits``, or every split L-1..1 with a parameter on each side (extractor, classifier)."""
-    if config.cascade.splits is not None:
-        return config.cascade.splits
-    if not (splits := usable_splits(blocks.parameter_names())):
-        raise ConfigError(
-            f"no split of the blocks {blocks.names} has a parameter on both sides (feature extractor and "
-            "classifier): declare more blocks"
-        )
-    return splits
 
 
 def planned_models(task: Task, config: RunConfig) -> int | None:
@@ -174,7 +164,7 @@ class LaterLayerForgetting(Plan):
     cascade's first classifier, once per cascade split (the cascade's stages after its baseline),
     with the cascade's stage recipe: the same budget, where the cascade trains one candidate a
     stage with neither patience nor a fine-tune stage (docs/method.md). Validation chooses among
-    the rounds, as it does among stages."""
+    the rounds, as it does among stages. docs/schedules.md lists where this differs from the source."""
 
     procedure = "forget"
     procedure_options = ("split", "rounds")
@@ -182,9 +172,6 @@ class LaterLayerForgetting(Plan):
     def split(self) -> int:
         k = self.config.procedure.split
         return k if k is not None else cascade_splits(self.config, self.blocks)[0]
-
-    def rounds(self) -> int:
-        return self.config.procedure.rounds or len(cascade_splits(self.config, self.blocks))
 
     def check(self) -> None:
         self.check_split(self.split(), self.procedure)
@@ -204,7 +191,8 @@ class LaterLayerForgetting(Plan):
 
 
 PLANS: dict[str, type[Plan]] = {
-    p.procedure: p for p in (Baseline, Cascade, RetrainClassifier, TransferClassifier, LaterLayerForgetting)
+    p.procedure: p
+    for p in (Baseline, Cascade, RetrainClassifier, TransferClassifier, LaterLayerForgetting, *SCHEDULES)
 }
 PROCEDURES = tuple(PLANS)
 

@@ -10,6 +10,7 @@ from typing import Any
 from topdown.errors import TopdownError
 from topdown.files import atomic_write, os_reason, write_json
 from topdown.metrics import display_scale
+from topdown.resets import in_words
 from topdown.runs import RunDir
 
 
@@ -60,6 +61,19 @@ def write_record(
     plot(record, out / f"{stem}.png")
 
 
+def stage_reset(stage: dict[str, Any]) -> str:
+    """What a recorded stage did to its start weights, in words: "new model" (built afresh), the
+    resets it applied (``resets.in_words``), or "-" (kept as they were: a fine-tune, a warm start, a
+    loaded model). A stage recorded before resets were recorded says it by ``reinit``."""
+    if "reset" not in stage:
+        if not stage["reinit"]:
+            return "-"
+        return "re-initialised: " + ", ".join(stage.get("reinit_blocks") or stage["trained_blocks"])
+    if stage["reset"]:
+        return "; ".join(in_words(entry) for entry in stage["reset"])
+    return "new model" if stage["reinit"] else "-"
+
+
 def stage_table(summary: dict[str, Any]) -> str:
     """The stage table as markdown: one row per stage, the chosen one marked."""
     metric = summary["metric"]
@@ -71,7 +85,9 @@ def stage_table(summary: dict[str, Any]) -> str:
         "stage",
         "role",
         "split",
+        "reset",
         "trained blocks",
+        "frozen blocks",
         "epochs",
         *[f"val {m}" for m in cols],
         *[f"test {m}" for m in cols],
@@ -86,7 +102,9 @@ def stage_table(summary: dict[str, Any]) -> str:
             f"{s['index']}{mark}",
             s["role"],
             "-" if s["split"] is None else str(s["split"]),
+            stage_reset(s),
             ", ".join(s["trained_blocks"]) or "-",
+            ", ".join(s["frozen_blocks"]) or "-",
             str(s["epochs"]),
             *[format_metric(s["val"].get(m), m) for m in cols],
             *[format_metric(s["test"].get(m), m) for m in cols],

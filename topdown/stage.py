@@ -7,7 +7,7 @@ from __future__ import annotations
 import enum
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +19,7 @@ from topdown import distributed
 from topdown.config import TrainConfig
 from topdown.errors import ConfigError, TopdownError
 from topdown.metrics import Metric
+from topdown.resets import Reinit, Reset, resets_of
 from topdown.seeds import derive_seed
 
 if TYPE_CHECKING:
@@ -65,9 +66,37 @@ class StageSpec:
     accept: Accept = Accept.BETTER  # a name ("always") is converted
     train: TrainConfig | None = None  # the recipe, for executors that take one (ours)
     source: str | None = None  # a checkpoint the stage loads (``--from``); it then trains nothing
+    # what is done to the start weights before training (``topdown.resets``: re-initialise, shrink and
+    # perturb, rescale, KELS split), in order; it replaces reinit/reinit_blocks, which are
+    # ``Reinit(reinit_blocks or trained)``
+    reset: Reset | Sequence[Reset] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "accept", Accept.of(self.accept))
+        object.__setattr__(self, "reset", resets_of(self.reset))
+        if self.reset is None:
+            return
+        if self.start is None or self.source is not None:
+            raise ConfigError(
+                f"stage {self.role!r}: a reset changes the weights of an earlier stage; give start=INDEX"
+            )
+        if self.reinit_blocks is not None or not self.reinit:
+            raise ConfigError(
+                f"stage {self.role!r}: reset= replaces reinit and reinit_blocks; give either, not both"
+            )
+
+    def resets(self) -> tuple[Reset, ...]:
+        """What the stage does to its start weights, in order (nothing to a new or a loaded model)."""
+        if self.start is None or self.source is not None:
+            return ()
+        if self.reset is not None:
+            return self.reset
+        blocks = self.trained if self.reinit_blocks is None else self.reinit_blocks
+        return (Reinit(blocks),) if self.reinit and blocks else ()
+
+    def reset_blocks(self) -> list[str]:
+        """Every block a reset of the stage names (to check they exist before it is handed out)."""
+        return [b for r in self.resets() for b in r.blocks]
 
 
 def _numbers(values: Mapping[str, Any]) -> dict[str, Any]:
