@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from topdown.tasks import resolve_config  # noqa: E402
 from topdown.tasks.asr import an4, data, kaldi  # noqa: E402
+from topdown.tasks.asr.filterbank import Fbank  # noqa: E402
 
 
 def timed(fn, repeat: int = 1):
@@ -95,7 +96,7 @@ def main() -> None:
             sf.write(str(path), wave.astype(np.float32), rate, subtype="PCM_16")
             scp.write(f"{uid} {path}\n")
             text.write(f"{uid} HELLO\n")
-    fbank_cfg = kaldi.Fbank()
+    fbank_cfg = Fbank()
     (utts, facts), t = timed(lambda: kaldi.load_dir(d, fbank_cfg))
     wav_audio_s = sum(durations)
     rows.append(

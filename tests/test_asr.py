@@ -22,6 +22,7 @@ from topdown.tasks import resolve_config, task_module
 from topdown.tasks.asr import an4, kaldi, ngram, rnn, transformer
 from topdown.tasks.asr.data import BLANK, SpecAugment, Vocab, load_corpus, normalise, spec_augment
 from topdown.tasks.asr.decoding import WordScorer, beam_decode, error_rates, greedy_decode, prefix_beam_search
+from topdown.tasks.asr.filterbank import Fbank
 
 sf = pytest.importorskip("soundfile")
 kaldiio = pytest.importorskip("kaldiio")
@@ -385,18 +386,18 @@ def test_fbank_options_that_do_not_fit_the_sample_rate_are_one_line_errors(
     assert not run.exists()
     most = re.search(pattern, err.strip().splitlines()[-1]).groups()
     if most:  # the largest filterbank the message allows is accepted
-        corpus, _ = kaldi.load_root(data, kaldi.Fbank.from_dict({**fbank, "num_mel_bins": int(most[0])}))
+        corpus, _ = kaldi.load_root(data, Fbank.from_dict({**fbank, "num_mel_bins": int(most[0])}))
         assert corpus["train"][0].feats.shape[1] == int(most[0])
 
 
 def test_kaldi_files_with_a_byte_order_mark_load_as_without(tmp_path):
     """A UTF-8 byte order mark at the start of a Kaldi file is not part of the first utterance id."""
     data = kaldi_root(tmp_path / "data", dev=False, seconds=0.3)
-    plain, facts = kaldi.load_root(data, kaldi.Fbank())
+    plain, facts = kaldi.load_root(data, Fbank())
     for name in ("text", "utt2spk", "wav.scp"):
         path = data / "train" / name
         path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
-    marked, marked_facts = kaldi.load_root(data, kaldi.Fbank())
+    marked, marked_facts = kaldi.load_root(data, Fbank())
     assert marked_facts == facts
     for a, b in zip(plain["train"], marked["train"], strict=True):
         assert (a.uid, a.speaker, a.text) == (b.uid, b.speaker, b.text) and np.array_equal(a.feats, b.feats)
@@ -408,7 +409,7 @@ def test_silent_utterances_are_a_one_line_warning(tmp_path, capsys):
     data = kaldi_root(tmp_path / "data", dev=False, seconds=0.3)
     for uid in ("s1-u001", "s3-u003"):
         sf.write(str(data / "train" / "audio" / f"{uid}.wav"), np.zeros(2400, np.float32), 8000)
-    kaldi.load_root(data, kaldi.Fbank())
+    kaldi.load_root(data, Fbank())
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         f"topdown: warning: 2 of 8 utterance(s) in {data / 'train'} are silent (constant audio, e.g. "

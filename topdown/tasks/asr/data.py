@@ -20,6 +20,7 @@ from topdown.errors import ConfigError, DataError
 from topdown.sections import Section, option
 from topdown.task import data_location
 from topdown.tasks.asr import an4, kaldi
+from topdown.tasks.asr.filterbank import Fbank
 
 BLANK = 0
 BLANK_SYMBOL = "<blank>"
@@ -57,7 +58,7 @@ class Data(Section):
     # words removed from every transcript before training and scoring: non-linguistic symbols such as
     # WSJ's <NOISE> (ESPnet's --nlsyms); an utterance left with no words is left out, with a warning
     remove_tokens: list[str] = field(default_factory=list)
-    fbank: kaldi.Fbank = field(default_factory=kaldi.Fbank)  # Kaldi wav.scp: the log-mel filterbank front end
+    fbank: Fbank = field(default_factory=Fbank)  # Kaldi wav.scp: the log-mel filterbank front end
     spec_augment: SpecAugment = field(default_factory=SpecAugment)
 
     def check_relations(self) -> None:

@@ -199,9 +199,7 @@ def block_names(model_cfg: Model) -> list[tuple[str, list[str]]]:
     return [(f"lstm{i + 1}", [f"encoder.{i}"]) for i in range(model_cfg.layers)] + [("output", ["output"])]
 
 
-def build_model(
-    cfg: TaskSections, inputs: int | None = None, vocab: int = len(AN4_VOCAB)
-) -> nn.Module:
+def build_model(cfg: TaskSections, inputs: int | None = None, vocab: int = len(AN4_VOCAB)) -> nn.Module:
     """The model for ``cfg``; ``inputs``/``vocab`` default to the bundled AN4's (13 cepstra, 28 symbols)."""
     m = cfg.model
     return BLSTMCTC(

@@ -286,9 +286,7 @@ def block_names(model_cfg: Model) -> list[tuple[str, list[str]]]:
     )
 
 
-def build_model(
-    cfg: TaskSections, inputs: int | None = None, vocab: int = len(AN4_VOCAB)
-) -> nn.Module:
+def build_model(cfg: TaskSections, inputs: int | None = None, vocab: int = len(AN4_VOCAB)) -> nn.Module:
     """The model for ``cfg``; ``inputs``/``vocab`` default to the bundled AN4's (13 cepstra, 28 symbols)."""
     m = cfg.model
     return TransformerCTC(
