@@ -31,7 +31,9 @@ sys.path.insert(0, str(ROOT))
 
 from topdown.runs import RunDir  # noqa: E402
 from topdown.tasks import task_module  # noqa: E402
-from topdown.tasks.asr import common  # noqa: E402
+from topdown.tasks.asr.common import forward_split  # noqa: E402
+from topdown.tasks.asr.data import prepare  # noqa: E402
+from topdown.tasks.asr.decoding import error_rates, transcribe, word_scorer  # noqa: E402
 
 
 def main() -> None:
@@ -59,34 +61,32 @@ def main() -> None:
     stage = summary["chosen_stage"] if args.stage is None else args.stage
     config = {k: v for k, v in summary["config"].items() if k not in ("train", "cascade", "procedure")}
     module = task_module(summary["task"])
-    data, info, vocab = common.prepare(config["data"], args.data_dir)
+    data, info, vocab = prepare(config["data"], args.data_dir)
     model = module.build_model(config, inputs=info["features"]["dim"], vocab=len(vocab))
     model.load_state_dict(run.load_model(f"stage-{stage}"))
     model.eval()
-    lm = common.word_scorer(data["train"], vocab, args.order, 0.0, 0.0)
+    lm = word_scorer(data["train"], vocab, args.order, 0.0, 0.0)
     prune, batch_size = config["decode"]["prune"], config["data"]["batch_size"]
 
     # one forward pass, greedy and plain beam per split; only the LM-fused search depends on the grid
     outputs, fixed = {}, {}
     with torch.no_grad():
         for split in ("val", "test"):
-            examples, outputs[split], _ = common.forward_split(model, data[split], batch_size)
+            examples, outputs[split], _ = forward_split(model, data[split], batch_size)
             refs = [e.text for e in examples]
             fixed[split] = (
                 refs,
                 {
-                    **common.error_rates(common.transcribe(outputs[split], vocab), refs),
-                    **common.error_rates(
-                        common.transcribe(outputs[split], vocab, args.beam, prune), refs, "_beam"
-                    ),
+                    **error_rates(transcribe(outputs[split], vocab), refs),
+                    **error_rates(transcribe(outputs[split], vocab, args.beam, prune), refs, "_beam"),
                 },
             )
 
     def evaluate(split: str, weight: float, bonus: float, oov_penalty: float) -> dict[str, float]:
         refs, metrics = fixed[split]
         scorer = dataclasses.replace(lm, weight=weight, bonus=bonus, oov_penalty=oov_penalty)
-        hyps = common.transcribe(outputs[split], vocab, args.beam, prune, scorer)
-        return {**metrics, **common.error_rates(hyps, refs, "_lm")}
+        hyps = transcribe(outputs[split], vocab, args.beam, prune, scorer)
+        return {**metrics, **error_rates(hyps, refs, "_lm")}
 
     grid = []
     for weight, bonus, penalty in itertools.product(args.weights, args.bonuses, args.oov_penalties):

@@ -10,7 +10,7 @@ Measured, on the same machine and run:
    extraction a user's own corpus goes through;
 4. the same features stored as a Kaldi archive (``feats.scp``/``.ark``) read with kaldiio;
 5. the task-level preparation that follows any of them (deltas, training-set normalisation):
-   ``common.prepare`` on the bundled AN4.
+   ``data.prepare`` on the bundled AN4.
 
 The audio is synthetic (AN4 ships no audio): noise-excited tones whose durations follow the
 AN4 training set's (its frame counts / 100 s), so that per-utterance cost matches AN4's.
@@ -33,7 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from topdown.tasks import resolve_config  # noqa: E402
-from topdown.tasks.asr import an4, common, kaldi  # noqa: E402
+from topdown.tasks.asr import an4, data, kaldi  # noqa: E402
+from topdown.tasks.asr.filterbank import Fbank  # noqa: E402
 
 
 def timed(fn, repeat: int = 1):
@@ -67,10 +68,10 @@ def main() -> None:
         rows.append(("AN4 Sphinx layout (.mfc files)", sum(len(v) for v in corpus2.values()), t, audio_s))
 
     cfg = resolve_config("asr-rnn", "demo", {})
-    (_, info, _), t = timed(lambda: common.prepare(cfg.task.data, None))
+    (_, info, _), t = timed(lambda: data.prepare(cfg.task.data, None))
     rows.append(
         (
-            "AN4 bundle + deltas + CMVN + stacking (common.prepare)",
+            "AN4 bundle + deltas + CMVN + stacking (data.prepare)",
             sum(info["utterances"].values()),
             t,
             audio_s,
@@ -95,7 +96,7 @@ def main() -> None:
             sf.write(str(path), wave.astype(np.float32), rate, subtype="PCM_16")
             scp.write(f"{uid} {path}\n")
             text.write(f"{uid} HELLO\n")
-    fbank_cfg = kaldi.Fbank()
+    fbank_cfg = Fbank()
     (utts, facts), t = timed(lambda: kaldi.load_dir(d, fbank_cfg))
     wav_audio_s = sum(durations)
     rows.append(

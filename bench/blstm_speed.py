@@ -26,7 +26,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from topdown.tasks import resolve_config  # noqa: E402
-from topdown.tasks.asr import common, rnn  # noqa: E402
+from topdown.tasks.asr import data, rnn  # noqa: E402
 
 
 def packed_forward(model: rnn.BLSTMCTC, feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -45,13 +45,13 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10, help="steps timed per side (default 10)")
     args = parser.parse_args()
     cfg = resolve_config("asr-rnn", "bench", {"model": {"dropout": 0.0}}).task
-    examples = common.prepare(cfg.data, None)[0]["train"]
+    examples = data.prepare(cfg.data, None)[0]["train"]
     torch.manual_seed(0)
     model = rnn.build_model(cfg).train()
     # the training loop's own batches: length-sorted within shuffled pools, so little padding
     batches = list(
         itertools.islice(
-            common.batches(examples, cfg.data.batch_size, torch.Generator().manual_seed(0)),
+            data.batches(examples, cfg.data.batch_size, torch.Generator().manual_seed(0)),
             args.reps + 1,
         )
     )

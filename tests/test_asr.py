@@ -19,7 +19,10 @@ import topdown
 from topdown import Blocks, CascadeConfig, TrainConfig
 from topdown.cli import main
 from topdown.tasks import resolve_config, task_module
-from topdown.tasks.asr import an4, common, kaldi, ngram, rnn, transformer
+from topdown.tasks.asr import an4, kaldi, ngram, rnn, transformer
+from topdown.tasks.asr.data import BLANK, SpecAugment, Vocab, load_corpus, normalise, spec_augment
+from topdown.tasks.asr.decoding import WordScorer, beam_decode, error_rates, greedy_decode, prefix_beam_search
+from topdown.tasks.asr.filterbank import Fbank
 
 sf = pytest.importorskip("soundfile")
 kaldiio = pytest.importorskip("kaldiio")
@@ -383,18 +386,18 @@ def test_fbank_options_that_do_not_fit_the_sample_rate_are_one_line_errors(
     assert not run.exists()
     most = re.search(pattern, err.strip().splitlines()[-1]).groups()
     if most:  # the largest filterbank the message allows is accepted
-        corpus, _ = kaldi.load_root(data, kaldi.Fbank.from_dict({**fbank, "num_mel_bins": int(most[0])}))
+        corpus, _ = kaldi.load_root(data, Fbank.from_dict({**fbank, "num_mel_bins": int(most[0])}))
         assert corpus["train"][0].feats.shape[1] == int(most[0])
 
 
 def test_kaldi_files_with_a_byte_order_mark_load_as_without(tmp_path):
     """A UTF-8 byte order mark at the start of a Kaldi file is not part of the first utterance id."""
     data = kaldi_root(tmp_path / "data", dev=False, seconds=0.3)
-    plain, facts = kaldi.load_root(data, kaldi.Fbank())
+    plain, facts = kaldi.load_root(data, Fbank())
     for name in ("text", "utt2spk", "wav.scp"):
         path = data / "train" / name
         path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
-    marked, marked_facts = kaldi.load_root(data, kaldi.Fbank())
+    marked, marked_facts = kaldi.load_root(data, Fbank())
     assert marked_facts == facts
     for a, b in zip(plain["train"], marked["train"], strict=True):
         assert (a.uid, a.speaker, a.text) == (b.uid, b.speaker, b.text) and np.array_equal(a.feats, b.feats)
@@ -406,7 +409,7 @@ def test_silent_utterances_are_a_one_line_warning(tmp_path, capsys):
     data = kaldi_root(tmp_path / "data", dev=False, seconds=0.3)
     for uid in ("s1-u001", "s3-u003"):
         sf.write(str(data / "train" / "audio" / f"{uid}.wav"), np.zeros(2400, np.float32), 8000)
-    kaldi.load_root(data, kaldi.Fbank())
+    kaldi.load_root(data, Fbank())
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         f"topdown: warning: 2 of 8 utterance(s) in {data / 'train'} are silent (constant audio, e.g. "
@@ -480,7 +483,7 @@ def test_remove_tokens_strips_non_linguistic_symbols_and_leaves_out_utterances_w
     cfg = resolve_config(
         "asr-rnn", "tiny", {"data": {"remove_tokens": ["<NOISE>"], "fbank": {"num_mel_bins": 23}}}
     ).task.data
-    corpus = common.load_corpus(cfg, str(data))
+    corpus = load_corpus(cfg, str(data))
     assert [u.text for u in corpus.splits["train"]][:3] == ["YES NO", "NO", "GO"] and len(
         corpus.splits["train"]
     ) == 8
@@ -495,23 +498,23 @@ def test_remove_tokens_strips_non_linguistic_symbols_and_leaves_out_utterances_w
 
 
 def test_vocab_encode_decode():
-    vocab = common.Vocab.from_texts(["AB", "B C"], unk="?")
+    vocab = Vocab.from_texts(["AB", "B C"], unk="?")
     assert vocab.symbols == ["<blank>", " ", "A", "B", "C", "?"]
     assert vocab.encode("CAB", "x").tolist() == [4, 2, 3]
     assert vocab.encode("AZ", "x").tolist() == [2, 5]
     assert vocab.decode([0, 2, 0, 3, 1, 4]) == "AB C"
-    spelled = common.Vocab.from_texts(
+    spelled = Vocab.from_texts(
         ["AB"], unk="<unk>"
     )  # one edit for one unseen character, however unk is spelled
-    assert spelled.decode([1, 3, 2]) == "A\ufffdB" and common.error_rates(["A\ufffdB"], ["AZB"])[
+    assert spelled.decode([1, 3, 2]) == "A\ufffdB" and error_rates(["A\ufffdB"], ["AZB"])[
         "cer"
     ] == pytest.approx(1 / 3)
     # spaces at an utterance's edge or doubled between words are no character errors (WER does not
     # see them either)
-    assert common.error_rates([" AB  C "], ["AB C"]) == {"wer": 0.0, "cer": 0.0}
-    assert common.error_rates(["AB D"], ["AB C"]) == {"wer": 0.5, "cer": 0.25}
+    assert error_rates([" AB  C "], ["AB C"]) == {"wer": 0.0, "cer": 0.0}
+    assert error_rates(["AB D"], ["AB C"]) == {"wer": 0.5, "cer": 0.25}
     with pytest.raises(topdown.DataError, match="character 'Z'"):
-        common.Vocab.from_texts(["AB"]).encode("AZ", "utt")
+        Vocab.from_texts(["AB"]).encode("AZ", "utt")
 
 
 # -- the Transformer's blocks ------------------------------------------------------------------
@@ -669,17 +672,17 @@ def test_beam_one_equals_greedy_on_peaked_posteriors():
     """Prefix beam search with one hypothesis keeps the best prefix, not the best path, so
     it can differ from greedy decoding when a frame's probability mass is spread (see the
     next test); on confident posteriors, like a trained model's, the two agree."""
-    vocab = common.Vocab(list(" ABCDEFG"))
+    vocab = Vocab(list(" ABCDEFG"))
     for seed in range(50):
         lp = torch.from_numpy(peaked(30, len(vocab), seed))
-        greedy = common.greedy_decode(lp[None], torch.tensor([30]), vocab)
-        assert common.beam_decode(lp[None], torch.tensor([30]), vocab, beam=1) == greedy, seed
+        greedy = greedy_decode(lp[None], torch.tensor([30]), vocab)
+        assert beam_decode(lp[None], torch.tensor([30]), vocab, beam=1) == greedy, seed
 
 
 def test_beam_search_merges_paths_that_greedy_cannot():
     lp = np.log(np.array([[0.6, 0.4], [0.6, 0.4]]))  # paths "a a", "a _", "_ a" all give "a": 0.64 > 0.36
-    assert common.prefix_beam_search(lp, beam=1) == []
-    assert common.prefix_beam_search(lp, beam=2) == [1]
+    assert prefix_beam_search(lp, beam=1) == []
+    assert prefix_beam_search(lp, beam=2) == [1]
 
 
 def test_wide_beam_finds_the_most_probable_labelling():
@@ -691,7 +694,7 @@ def test_wide_beam_finds_the_most_probable_labelling():
             label = tuple(s for s, _ in itertools.groupby(path) if s != 0)
             scores[label] = scores.get(label, 0.0) + math.exp(sum(lp[t, s] for t, s in enumerate(path)))
         best = max(scores, key=scores.get)
-        assert tuple(common.prefix_beam_search(lp, beam=100, prune=math.inf)) == best
+        assert tuple(prefix_beam_search(lp, beam=100, prune=math.inf)) == best
 
 
 def test_word_ngram_is_a_distribution_for_seen_and_unseen_histories():
@@ -704,7 +707,7 @@ def test_word_ngram_is_a_distribution_for_seen_and_unseen_histories():
     assert lm.logprob((), "GO") > lm.logprob((), "TO")  # sentences start with GO or ENTER
 
 
-def spelled(text: str, vocab: common.Vocab, wrong: dict[int, str]) -> np.ndarray:
+def spelled(text: str, vocab: Vocab, wrong: dict[int, str]) -> np.ndarray:
     """Posteriors that spell ``text`` one symbol per frame, separated by blanks; at the character
     positions in ``wrong`` the acoustics slightly prefer another character."""
     rows = []
@@ -714,26 +717,26 @@ def spelled(text: str, vocab: common.Vocab, wrong: dict[int, str]) -> np.ndarray
             row[vocab.index[wrong[i]]], row[vocab.index[c]] = 0.55, 0.45
         else:
             row[vocab.index[c]] = 1.0
-        rows += [row, np.eye(len(vocab))[common.BLANK] * 0.999 + 1e-4]
+        rows += [row, np.eye(len(vocab))[BLANK] * 0.999 + 1e-4]
     return np.log(np.array(rows) / np.array(rows).sum(1, keepdims=True))
 
 
 def test_word_lm_fusion_corrects_a_spelling_the_acoustics_get_wrong():
-    vocab = common.Vocab(list(" ABCDEGNORT"))
+    vocab = Vocab(list(" ABCDEGNORT"))
     lm = ngram.WordNgram(["GO TO A", "GO TO B", "ENTER A", "GO BACK"] * 3, order=2)
     lp = spelled("GO TO A", vocab, wrong={3: "O"})  # "TO" heard slightly more as "OO"
-    decode = lambda scorer: vocab.decode(common.prefix_beam_search(lp, beam=8, scorer=scorer))  # noqa: E731
+    decode = lambda scorer: vocab.decode(prefix_beam_search(lp, beam=8, scorer=scorer))  # noqa: E731
     assert decode(None) == "GO OO A"
-    assert decode(common.WordScorer(lm, vocab.symbols, vocab.index[" "], weight=1.0, bonus=0.0)) == "GO TO A"
+    assert decode(WordScorer(lm, vocab.symbols, vocab.index[" "], weight=1.0, bonus=0.0)) == "GO TO A"
     # weight 0 and no bonus rank exactly as the plain search does
-    assert decode(common.WordScorer(lm, vocab.symbols, vocab.index[" "], weight=0.0, bonus=0.0)) == "GO OO A"
+    assert decode(WordScorer(lm, vocab.symbols, vocab.index[" "], weight=0.0, bonus=0.0)) == "GO OO A"
 
 
 def test_oov_penalty_is_charged_once_per_word_outside_the_lexicon_and_keeps_the_beam_in_it():
-    vocab = common.Vocab(list(" ABCDEGNORT"))
+    vocab = Vocab(list(" ABCDEGNORT"))
     lm = ngram.WordNgram(["GO TO A", "GO TO B", "ENTER A", "GO BACK"] * 3, order=2)
     assert lm.words == {"GO", "TO", "A", "B", "ENTER", "BACK"}
-    scorer = common.WordScorer(lm, vocab.symbols, vocab.index[" "], weight=0.0, bonus=0.0, oov_penalty=5.0)
+    scorer = WordScorer(lm, vocab.symbols, vocab.index[" "], weight=0.0, bonus=0.0, oov_penalty=5.0)
 
     def penalty(text: str) -> float:
         state = ((), "", 0.0)
@@ -747,7 +750,7 @@ def test_oov_penalty_is_charged_once_per_word_outside_the_lexicon_and_keeps_the_
         penalty("BAC TOO") == 10.0
     )  # "BAC" only begins a word (charged at its end); "TOO" leaves at its last letter
     lp = spelled("GO TO A", vocab, wrong={3: "O"})
-    decode = lambda scorer: vocab.decode(common.prefix_beam_search(lp, beam=8, scorer=scorer))  # noqa: E731
+    decode = lambda scorer: vocab.decode(prefix_beam_search(lp, beam=8, scorer=scorer))  # noqa: E731
     assert decode(dataclasses.replace(scorer, oov_penalty=0.0)) == "GO OO A"  # weight 0: the acoustics alone
     assert decode(scorer) == "GO TO A"
 
@@ -777,20 +780,20 @@ def test_tiny_run_reports_beam_and_lm_error_rates_next_to_greedy(tmp_path):
 
 def test_spec_augment_masks_within_lengths_and_is_seeded():
     feats, lengths = torch.ones(2, 50, 10), torch.tensor([50, 20])
-    cfg = common.SpecAugment(freq_masks=2, freq_width=3, time_masks=2, time_width=10)
+    cfg = SpecAugment(freq_masks=2, freq_width=3, time_masks=2, time_width=10)
     torch.manual_seed(0)
-    a = common.spec_augment(feats, lengths, cfg)
+    a = spec_augment(feats, lengths, cfg)
     torch.manual_seed(0)
-    assert torch.equal(a, common.spec_augment(feats, lengths, cfg))
+    assert torch.equal(a, spec_augment(feats, lengths, cfg))
     assert (a == 0).any() and torch.equal(feats, torch.ones(2, 50, 10))
-    assert common.spec_augment(feats, lengths, cfg.replace(freq_masks=0, time_masks=0)) is feats
+    assert spec_augment(feats, lengths, cfg.replace(freq_masks=0, time_masks=0)) is feats
     # time masks alone: whole frames inside each utterance's length, never its padding, each span at
     # most time_width
     for masks in (1, 3):
         zeroed = [False, False]
         for seed in range(8):
             torch.manual_seed(seed)
-            t = common.spec_augment(feats, lengths, cfg.replace(freq_masks=0, time_masks=masks))
+            t = spec_augment(feats, lengths, cfg.replace(freq_masks=0, time_masks=masks))
             frames = (t == 0).all(-1)  # (B, T): a masked frame is zero in every dimension
             assert torch.equal(t == 0, frames[..., None].expand_as(t)) and ((t == 0) | (t == 1)).all()
             for b, n in enumerate(lengths.tolist()):
@@ -829,19 +832,19 @@ def test_cmvn_per_speaker_and_per_utterance_use_their_own_statistics():
     utts = [an4.Utterance(f"u{i}", f"s{i % 2}", np.zeros((1, 1), np.float32), "A") for i in range(4)]
     feats = [(rng.standard_normal((30, 3)) * (1 + i) + 10 * (i % 2)).astype(np.float32) for i in range(4)]
     train = an4.Normalizer.fit(feats)
-    assert np.allclose(common.normalise(utts, feats, "global", train)[1], train(feats[1]))
-    by_speaker = common.normalise(utts, feats, "speaker", train)
+    assert np.allclose(normalise(utts, feats, "global", train)[1], train(feats[1]))
+    by_speaker = normalise(utts, feats, "speaker", train)
     for s in (0, 1):
         x = np.concatenate(by_speaker[s::2])
         assert np.allclose(x.mean(0), 0, atol=1e-5) and np.allclose(x.std(0), 1, atol=1e-4)
-    for x in common.normalise(utts, feats, "utterance", train):
+    for x in normalise(utts, feats, "utterance", train):
         assert np.allclose(x.mean(0), 0, atol=1e-5) and np.allclose(x.std(0), 1, atol=1e-4)
 
 
 def test_spec_augment_bands_cover_the_same_dimensions_of_each_stacked_frame():
     feats, lengths = torch.ones(3, 40, 4 * 6), torch.tensor([40, 30, 20])
     torch.manual_seed(0)
-    a = common.spec_augment(feats, lengths, common.SpecAugment(freq_masks=2, freq_width=3), stack=4)
+    a = spec_augment(feats, lengths, SpecAugment(freq_masks=2, freq_width=3), stack=4)
     masked = (a == 0).view(3, 40, 4, 6)
     assert (
         masked.any() and (masked == masked[:, :, :1]).all()

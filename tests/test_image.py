@@ -12,7 +12,7 @@ from test_cli import assert_one_line_error
 from topdown.blocks import Blocks
 from topdown.errors import ConfigError, DataError
 from topdown.procedures import run_procedure
-from topdown.tasks import image, resolve_config
+from topdown.tasks import image, image_folders, resolve_config
 
 
 def tiny_cfg(overrides=None):
@@ -117,12 +117,12 @@ def test_augmentation_is_a_function_of_the_generator_and_keeps_shapes():
 def test_image_folders_load_with_a_fixed_held_out_validation_set(tmp_path):
     root = write_images(tmp_path / "d", LAYOUT)
     cfg = tiny_cfg({"data": {"val_fraction": 0.25}}).task
-    classes, splits, facts = image.load_folders(cfg.data, str(root))
+    classes, splits, facts = image_folders.load_folders(cfg.data, str(root))
     assert classes == ["cat", "dog", "owl"]
     assert {k: len(v[1]) for k, v in splits.items()} == {"train": 12, "val": 4, "test": 4}
     assert splits["train"][0].shape == (12, 1, 8, 8) and splits["train"][0].dtype == torch.uint8
     assert sorted(splits["test"][1].tolist()) == [0, 0, 1, 1]
-    again = image.load_folders(cfg.data, str(root))[1]
+    again = image_folders.load_folders(cfg.data, str(root))[1]
     assert torch.equal(again["val"][0], splits["val"][0])  # the held-out images never depend on the run
     task = image.make(cfg, str(root))
     assert (
@@ -135,7 +135,7 @@ def test_image_folders_load_with_a_fixed_held_out_validation_set(tmp_path):
     write_images(
         root, {"val": {"dog": 3}}, mode="RGB"
     )  # a val/ directory is used as given; one RGB image makes all RGB
-    classes, splits, facts = image.load_folders(tiny_cfg().task.data, str(root))
+    classes, splits, facts = image_folders.load_folders(tiny_cfg().task.data, str(root))
     assert {k: len(v[1]) for k, v in splits.items()} == {"train": 16, "val": 3, "test": 4}
     assert (
         facts["color"] == "rgb" and splits["test"][0].shape[1] == 3 and splits["val"][1].tolist() == [1, 1, 1]
@@ -224,14 +224,15 @@ def test_16_bit_grayscale_is_scaled_to_8_bits_not_clipped(tmp_path):
     assert Image.open(root / "train" / "a" / "wide.png").mode == "I;16"
     expected = np.array([0, 1, 156, 255] * 2, dtype=np.uint8)  # round(v * 255 / 65535)
     for color in ("gray", "rgb"):
-        a = image._read(root / "train" / "a" / "wide.png", root, color, 0)
+        a = image_folders._read(root / "train" / "a" / "wide.png", root, color, 0)
         assert (a == expected[None, :, None]).all(), color
     # a 32-bit integer ("I") image within 0..255 reads as it is, as Pillow's convert("L") read it
     small = Image.fromarray(np.array([[0, 63, 255, 7] * 2] * 8, dtype=np.int32))
     assert (
-        small.mode == "I" and np.asarray(image._to_8bit(small, root, root))[0].tolist() == [0, 63, 255, 7] * 2
+        small.mode == "I"
+        and np.asarray(image_folders._to_8bit(small, root, root))[0].tolist() == [0, 63, 255, 7] * 2
     )
-    _, splits, facts = image.load_folders(tiny_cfg().task.data, str(root))
+    _, splits, facts = image_folders.load_folders(tiny_cfg().task.data, str(root))
     assert facts["color"] == "gray" and splits["train"][0].max() == 255
 
 

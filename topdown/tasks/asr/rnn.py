@@ -20,6 +20,7 @@ from topdown.errors import ConfigError
 from topdown.sections import Section, TaskSections, option
 from topdown.task import Task
 from topdown.tasks.asr import common
+from topdown.tasks.asr.data import AN4_VOCAB, feature_dim
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ class BLSTMCTC(nn.Module):
         hidden: int,
         layers: int,
         dropout: float,
-        vocab: int = len(common.AN4_VOCAB),
+        vocab: int = len(AN4_VOCAB),
         subsample: list[int] | None = None,
     ):
         super().__init__()
@@ -198,13 +199,11 @@ def block_names(model_cfg: Model) -> list[tuple[str, list[str]]]:
     return [(f"lstm{i + 1}", [f"encoder.{i}"]) for i in range(model_cfg.layers)] + [("output", ["output"])]
 
 
-def build_model(
-    cfg: TaskSections, inputs: int | None = None, vocab: int = len(common.AN4_VOCAB)
-) -> nn.Module:
+def build_model(cfg: TaskSections, inputs: int | None = None, vocab: int = len(AN4_VOCAB)) -> nn.Module:
     """The model for ``cfg``; ``inputs``/``vocab`` default to the bundled AN4's (13 cepstra, 28 symbols)."""
     m = cfg.model
     return BLSTMCTC(
-        inputs or common.feature_dim(cfg.data),
+        inputs or feature_dim(cfg.data),
         m.hidden,
         m.layers,
         m.dropout,

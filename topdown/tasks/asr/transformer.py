@@ -28,6 +28,7 @@ from topdown.errors import ConfigError
 from topdown.sections import Section, TaskSections, option
 from topdown.task import Task
 from topdown.tasks.asr import common
+from topdown.tasks.asr.data import AN4_VOCAB, feature_dim
 
 
 @dataclass(frozen=True)
@@ -255,7 +256,7 @@ class TransformerCTC(nn.Module):
         layers: int,
         channels: int,
         dropout: float,
-        vocab: int = len(common.AN4_VOCAB),
+        vocab: int = len(AN4_VOCAB),
         conv_kernel: int = 0,
     ):
         super().__init__()
@@ -285,13 +286,11 @@ def block_names(model_cfg: Model) -> list[tuple[str, list[str]]]:
     )
 
 
-def build_model(
-    cfg: TaskSections, inputs: int | None = None, vocab: int = len(common.AN4_VOCAB)
-) -> nn.Module:
+def build_model(cfg: TaskSections, inputs: int | None = None, vocab: int = len(AN4_VOCAB)) -> nn.Module:
     """The model for ``cfg``; ``inputs``/``vocab`` default to the bundled AN4's (13 cepstra, 28 symbols)."""
     m = cfg.model
     return TransformerCTC(
-        inputs or common.feature_dim(cfg.data),
+        inputs or feature_dim(cfg.data),
         m.d_model,
         m.heads,
         m.ff,
