@@ -15,7 +15,7 @@ EPILOG = """examples:
   topdown retrain-classifier asr-rnn --split 2 --preset tiny
   topdown transfer-classifier digits --split 2 --subset 0.25
   topdown run forgetting digits                  # any plan by name: every procedure above, and the others
-  topdown run myplans:ForgetTwice digits         # a topdown.Plan subclass of your own, in ./myplans.py
+  topdown run myplans:MyPlan digits              # a topdown.Plan subclass of your own, in ./myplans.py
   topdown cascade asr-rnn --out runs/x --resume  # continue an interrupted run
   topdown report runs/x                          # re-render runs/x/report.md
   topdown compare digits --seeds 20              # cascade vs fair baselines over 20 seeds
