@@ -252,12 +252,14 @@ def render(record: dict[str, Any]) -> str:
     lines = [
         f"# Fair comparison on {record['task']} (preset {record['preset']}, {record['seeds']} seeds)",
         "",
-        f"Test {m}{unit} of the model each arm's validation chose; differences are arm minus baseline, "
-        "paired by seed",
-        f"({'lower' if record['lower_is_better'] else 'higher'} is better). CI: 95 % Student-t interval of "
-        "the mean paired",
-        "difference; p: two-sided sign-flip test (exact up to 20 seeds, else 200,000 random sign patterns).",
-        *textwrap.wrap(_arms_described(record), 100),
+        *textwrap.wrap(
+            f"Test {m}{unit} of the model each arm's validation chose; differences are arm minus baseline, "
+            f"paired by seed ({'lower' if record['lower_is_better'] else 'higher'} is better). CI: 95 % "
+            "Student-t interval of the mean paired difference; p: two-sided sign-flip test (exact up to 20 "
+            "seeds, else 200,000 random sign patterns). " + _arms_described(record),
+            100,
+            break_on_hyphens=False,
+        ),
         "",
         *([f"Note: {record['note']}", ""] if record.get("note") else []),
         f"| arm | test {m} mean ± std | diff vs baseline [95 % CI] | p | better/worse seeds | epochs | "
