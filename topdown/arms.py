@@ -88,11 +88,11 @@ def equal_epochs_config(config: RunConfig, budget: int) -> RunConfig:
     return config.updated({"train": LrSchedule.to_the_last_epoch(config.train, budget)})
 
 
-def resolve_arms(plans: Sequence[str]) -> tuple[str, ...]:
+def resolve_arms(plans: Sequence[str] | str) -> tuple[str, ...]:
     """The arms ``plans`` names (a plan's name each, as ``topdown run`` takes it), under their
     current names, each checked to name a plan (``plan_class``) before anything trains; refused:
-    none, one twice, the baseline (a control of every comparison)."""
-    arms = tuple(current_name(p.strip()) for p in plans)
+    none, one twice, the baseline (a control of every comparison). A string is a comma-separated list."""
+    arms = tuple(current_name(p.strip()) for p in (plans.split(",") if isinstance(plans, str) else plans))
     if not arms:
         raise ConfigError("a comparison needs an arm (--arms PLAN[,PLAN...])")
     for arm in arms:
@@ -181,21 +181,21 @@ def seed_runs(
     summary: Summaries,
 ) -> dict[str, tuple[str, int, RunConfig]]:
     """The runs seed ``seed`` of a comparison needs, name -> (procedure, seed, config): its first
-    arm's run; the baseline arm's own run, where it has one; best-of-k's k-1 fresh baselines
-    (``planned_k`` until the runs that decide k have finished); the other arms' runs; and, once the
-    arms' runs have finished (``summary``), the baseline given their budget. The one definition of
-    each run, for ``run_all`` and ``run_only`` alike."""
+    arm's run; the baseline arm's own run, where it has one; once the arms' runs have finished
+    (``summary``), the baseline given their budget; best-of-k's k-1 fresh baselines (``planned_k``
+    until the runs that decide k have finished); the other arms' runs. The one definition of each
+    run, for ``run_all`` and ``run_only`` alike."""
     base, arm_config = configs
     arms = {comparison.arm_run(a, seed): (a, seed, arm_config[a]) for a in comparison.arms}
     first = next(iter(arms))
     runs = {first: arms.pop(first)}
     if not comparison.has_cascade:
         runs[comparison.baseline_run(seed)] = ("baseline", seed, base)
+    if (budget := comparison.budget(seed, summary)) is not None:
+        runs[equal_run(seed)] = ("baseline", seed, equal_epochs_config(base, budget))
     k = comparison.k(seed, summary) or planned_k
     runs.update({extra_run(seed, j): ("baseline", extra_seed(seed, j), base) for j in range(1, k)})
     runs.update(arms)
-    if (budget := comparison.budget(seed, summary)) is not None:
-        runs[equal_run(seed)] = ("baseline", seed, equal_epochs_config(base, budget))
     return runs
 
 
