@@ -20,7 +20,7 @@ from typing import Any
 
 import topdown.procedures as procedures
 from topdown.archive import restore_runs
-from topdown.arms import FORGETTING
+from topdown.arms import CONTROLS
 from topdown.compare import run_compare
 from topdown.errors import TopdownError
 from topdown.tasks import make_task, resolve_config
@@ -51,18 +51,21 @@ def rebuild(results: Path, into: Path) -> dict[str, Any]:
             seeds=record["seeds"],
             config=config,
             preset=record["preset"],
-            forgetting=FORGETTING in record["arms"],
+            arms=[arm for arm in record["arms"] if arm not in CONTROLS],
+            # recorded since the budget became the largest among the arms; before, the cascade's
+            budget_arms=record.get("budget_arms", ["cascade"]),
         )
     finally:
         procedures.run_procedure = train
 
 
 def differences(committed: dict[str, Any], rebuilt: dict[str, Any]) -> list[str]:
-    """The keys whose values differ, as dotted paths (lists by index)."""
+    """The keys of the committed record whose values the rebuilt one does not share, as dotted paths
+    (lists by index); a key the committed record lacks (a field recorded since) is not compared."""
     if isinstance(committed, dict) and isinstance(rebuilt, dict):
         return [
             f"{key}{'.' + sub if sub else ''}"
-            for key in sorted(set(committed) | set(rebuilt), key=str)
+            for key in sorted(committed, key=str)
             for sub in differences(committed.get(key), rebuilt.get(key))
         ]
     if isinstance(committed, list) and isinstance(rebuilt, list) and len(committed) == len(rebuilt):

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from topdown.arms import ARMS, FORGETTING
 from topdown.metrics import display_scale, is_rate
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -32,19 +31,17 @@ CURRENT = (
     "asr-transformer-compare-bench",
     "lm-awd-compare-bench",
 )
-CONTROLS = [arm for arm in ARMS if arm != "cascade"] + [FORGETTING]
 
 
 def differences(record: dict) -> dict[str, tuple[list[float], list[float]]]:
-    """Per control: the per-seed differences (cascade - control, in the plotted unit, sign flipped
-    for a higher-is-better metric) and the 95 % interval of their mean."""
+    """Per control (every arm of the record but the cascade): the per-seed differences (cascade -
+    control, in the plotted unit, sign flipped for a higher-is-better metric) and the 95 % interval
+    of their mean."""
     scale, _ = display_scale(record["metric"])
     sign = scale if record["lower_is_better"] else -scale
     cascade = [e["test"] for e in record["arms"]["cascade"]["per_seed"]]
     out = {}
-    for arm in CONTROLS:
-        if arm not in record["arms"]:
-            continue
+    for arm in [a for a in record["arms"] if a != "cascade"]:
         per_seed = [sign * (c - e["test"]) for c, e in zip(cascade, record["arms"][arm]["per_seed"])]
         ci = record["arms"][arm]["cascade_minus_arm"].get("ci95")
         out[arm] = (per_seed, sorted(sign * x for x in ci) if ci else [])

@@ -36,6 +36,7 @@ def test_help_and_list():
         "retrain-classifier",
         "transfer-classifier",
         "forget",
+        "run",
         "compare",
         "analyse",
         "report",
@@ -43,6 +44,7 @@ def test_help_and_list():
     }
     assert "--split" in cli("transfer-classifier", "--help", check=True).stdout
     assert "--forgetting" in cli("compare", "--help", check=True).stdout
+    assert "alias of `topdown run forgetting`" in " ".join(out.split())
     listing = cli("list", check=True).stdout
     assert "asr-rnn" in listing and "lstm1" in listing and "digits" in listing and "layer3" in listing
     assert "lr_patience" in cli("list", "--config", "asr-rnn", check=True).stdout
@@ -101,6 +103,34 @@ def test_forget_runs_from_the_command_line_and_refuses_a_split_out_of_range(tmp_
     assert_one_line_error(
         cli("forget", *TINY_DIGITS, "--split", "9", "--out", str(tmp_path / "g")), "split 9 is out of range"
     )
+
+
+def test_run_names_any_plan_and_a_procedures_own_command_is_the_same_run(tmp_path):
+    """``topdown run cascade`` is ``topdown cascade``; ``topdown run module:Class`` runs a plan of the
+    user's own from the working directory; a name that does not import, or a class that is not a plan,
+    is one line."""
+    cli("cascade", *TINY_DIGITS, "--out", str(tmp_path / "own"), check=True)
+    cli("run", "cascade", *TINY_DIGITS, "--out", str(tmp_path / "run"), check=True)
+    own, run = read_summary(tmp_path / "own"), read_summary(tmp_path / "run")
+    assert run["procedure"] == own["procedure"] == "cascade"
+    assert without_seconds(run["stages"]) == without_seconds(own["stages"])
+    (tmp_path / "myplans.py").write_text(
+        "import topdown\n\n\nclass Twice(topdown.Plan):\n    procedure = 'twice'\n\n"
+        "    def stages(self):\n        yield self.stage_zero()\n"
+        "        yield topdown.StageSpec('again', self.all_blocks(), start=0)\n\n\nNotAPlan = dict\n"
+    )
+    done = cli("run", "myplans:Twice", *TINY_DIGITS, "--out", "mine", cwd=tmp_path, check=True)
+    mine = read_summary(tmp_path / "mine")
+    assert mine["procedure"] == "twice" and [st["role"] for st in mine["stages"]] == ["baseline", "again"]
+    assert "report: mine/report.md" in done.stdout
+    for plan, pattern in [
+        ("nomodule:Plan", r"plan nomodule:Plan: cannot import nomodule \(ModuleNotFoundError"),
+        ("myplans:NotAPlan", "plan myplans:NotAPlan: NotAPlan is not a subclass of topdown.Plan"),
+        ("myplans:Thrice", "module myplans has no Thrice"),
+        ("cascades", r"unknown plan 'cascades': a built-in plan \(baseline, cascade, .*forgetting"),
+    ]:
+        assert_one_line_error(cli("run", plan, *TINY_DIGITS, "--out", "bad", cwd=tmp_path), pattern)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_unknown_set_key_is_an_error(tmp_path):

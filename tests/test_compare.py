@@ -9,13 +9,14 @@ from conftest import cli, toy_task, without_seconds
 import topdown.compare as compare
 import topdown.procedures as procedures
 from topdown.archive import pack_runs, read_archive, restore_runs, run_record, write_archive
-from topdown.arms import ARMS, cascade_run, equal_epochs_config, equal_run, extra_run, extra_seed, run_only
+from topdown.arms import cascade_run, equal_epochs_config, equal_run, extra_run, extra_seed, run_only
 from topdown.compare import run_compare
 from topdown.config import RunConfig
 from topdown.errors import ConfigError, DataError
 from topdown.stats import paired_stats, sign_flip_p, t975
 
 CONFIG = RunConfig.from_dict({"train": {"epochs": 2, "lr": 0.01}})
+ARMS = ("baseline", "cascade", "baseline-equal-epochs", "best-of-k")  # a comparison's, by default
 
 
 def test_statistics_match_a_hand_computation():
@@ -146,11 +147,15 @@ def test_finished_runs_made_on_other_data_are_not_reused(tmp_path):
 
 def test_the_forgetting_arm_has_the_cascades_budget_and_baseline(tmp_path):
     plain = run_compare(toy_task(), tmp_path / "plain", seeds=1, config=CONFIG)
-    assert "forgetting" not in plain["arms"] and not (tmp_path / "plain" / "runs" / "forget-seed0").exists()
-    record = run_compare(toy_task(), tmp_path / "with", seeds=2, config=CONFIG, forgetting=True)
-    forget = json.loads((tmp_path / "with" / "runs" / "forget-seed1" / "summary.json").read_text())
+    assert (
+        "forgetting" not in plain["arms"] and not (tmp_path / "plain" / "runs" / "forgetting-seed0").exists()
+    )
+    record = run_compare(
+        toy_task(), tmp_path / "with", seeds=2, config=CONFIG, arms=["cascade", "forgetting"]
+    )
+    forget = json.loads((tmp_path / "with" / "runs" / "forgetting-seed1" / "summary.json").read_text())
     cascade = json.loads((tmp_path / "with" / "runs" / "cascade-seed1" / "summary.json").read_text())
-    assert forget["procedure"] == "forget" and forget["stages"][0]["val"] == cascade["stages"][0]["val"]
+    assert forget["procedure"] == "forgetting" and forget["stages"][0]["val"] == cascade["stages"][0]["val"]
     arm = record["arms"]["forgetting"]
     assert (
         arm["per_seed"][1]["test"] == forget["test"]["error"]
@@ -165,26 +170,111 @@ def test_the_forgetting_arm_has_the_cascades_budget_and_baseline(tmp_path):
     assert record["arms"]["cascade"]["per_seed"][0]["test"] == plain["arms"]["cascade"]["per_seed"][0]["test"]
 
 
-def test_procedure_options_go_to_the_forgetting_arm_alone(tmp_path):
-    config = CONFIG.updated({"procedure": {"split": 1}})
-    with pytest.raises(
-        ConfigError, match=r"compare reads procedure.split only for its forgetting arm \(--forgetting\)"
-    ):
-        run_compare(toy_task(), tmp_path / "plain", seeds=1, config=config)
-    run_compare(toy_task(), tmp_path / "with", seeds=1, config=config, forgetting=True)
-    summaries = {
-        p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "with" / "runs").glob("*/summary.json")
-    }
-    assert {
-        name: s["stages"][1]["split"]
-        for name, s in summaries.items()
-        if name.startswith(("forget", "cascade"))
-    } == {"forget-seed0": 1, "cascade-seed0": 2}
-    assert all(
-        s["config"]["procedure"]["split"] is None
-        for name, s in summaries.items()
-        if not name.startswith("forget")
+def test_the_equal_epochs_baseline_gets_the_largest_budget_among_the_arms(tmp_path):
+    """Forgetting for 3 rounds (4 stages) against a cascade of one split (2 stages), on tiny digits from
+    the command line: the equal-epochs baseline is given the forgetting run's epochs, the larger."""
+    out = tmp_path / "cmp"
+    cli(
+        "compare",
+        "digits",
+        "--preset",
+        "tiny",
+        "--seeds",
+        "2",
+        "--arms",
+        "cascade,forgetting",
+        "--set",
+        "cascade.splits=[2]",
+        "--set",
+        "procedure.rounds=3",
+        "--out",
+        str(out),
+        check=True,
     )
+    record = json.loads((out / "compare.json").read_text())
+    assert list(record["arms"]) == [*ARMS, "forgetting"] and record["budget_arms"] == [
+        "cascade",
+        "forgetting",
+    ]
+    for s in (0, 1):
+        epochs = {arm: record["arms"][arm]["per_seed"][s]["epochs"] for arm in ("cascade", "forgetting")}
+        equal = json.loads((out / "runs" / equal_run(s) / "summary.json").read_text())
+        assert (
+            epochs["forgetting"] > epochs["cascade"]
+            and equal["config"]["train"]["epochs"] == epochs["forgetting"]
+        )
+        assert (
+            record["arms"]["best-of-k"]["per_seed"][s]["k"] == 2
+        )  # the cascade's models, as without forgetting
+    assert "the most epochs of cascade, forgetting" in " ".join((out / "compare.md").read_text().split())
+
+
+def test_arms_without_the_cascade_have_a_baseline_run_and_k_from_the_arm_that_trained_most(tmp_path):
+    record = run_compare(toy_task(), tmp_path, seeds=1, config=CONFIG, arms=["forgetting"])
+    assert list(record["arms"]) == ["baseline", "baseline-equal-epochs", "best-of-k", "forgetting"]
+    assert not (tmp_path / "runs" / "cascade-seed0").exists()
+    base = json.loads((tmp_path / "runs" / "baseline-seed0" / "summary.json").read_text())
+    forget = json.loads((tmp_path / "runs" / "forgetting-seed0" / "summary.json").read_text())
+    assert record["arms"]["baseline"]["per_seed"][0]["runs"] == ["baseline-seed0"]
+    assert forget["stages"][0]["val"] == base["stages"][0]["val"]  # the same baseline, trained in each
+    assert record["arms"]["best-of-k"]["per_seed"][0]["k"] == len(forget["stages"]) == 3
+    assert record["arms"]["baseline-equal-epochs"]["per_seed"][0]["runs"] == [equal_run(0)]
+    equal = json.loads((tmp_path / "runs" / equal_run(0) / "summary.json").read_text())
+    assert equal["config"]["train"]["epochs"] == sum(st["epochs"] for st in forget["stages"])
+    assert all(a["cascade_minus_arm"] is None for a in record["arms"].values())
+    assert "Cascade against" not in (tmp_path / "compare.md").read_text()
+
+
+def test_a_plan_of_ones_own_is_an_arm(tmp_path, monkeypatch):
+    (tmp_path / "myplans.py").write_text(
+        "import topdown\n\n\nclass Twice(topdown.Plan):\n    procedure = 'twice'\n\n"
+        "    def stages(self):\n        yield self.stage_zero()\n"
+        "        yield topdown.StageSpec('again', self.all_blocks(), start=0)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    record = run_compare(
+        toy_task(), tmp_path / "cmp", seeds=1, config=CONFIG, arms=["cascade", "myplans:Twice"]
+    )
+    run = json.loads((tmp_path / "cmp" / "runs" / "myplans:Twice-seed0" / "summary.json").read_text())
+    assert run["procedure"] == "twice" and record["arms"]["myplans:Twice"]["per_seed"][0]["epochs"] == 4
+    assert record["arms"]["myplans:Twice"]["cascade_minus_arm"]["n"] == 1
+    # read back, not trained again: the run's recorded procedure is the class's
+    monkeypatch.setattr(procedures, "run_procedure", lambda *a, **kw: pytest.fail("trained a run"))
+    assert run_compare(
+        toy_task(), tmp_path / "cmp", seeds=1, config=CONFIG, arms=["cascade", "myplans:Twice"]
+    )
+    for arms, pattern in [
+        (["cascade", "cascade"], "--arms names cascade twice"),
+        (["baseline"], "the baseline is a control of every comparison"),
+        (["nomodule:Plan"], "cannot import nomodule"),
+        ([], "a comparison needs an arm"),
+    ]:
+        with pytest.raises(ConfigError, match=pattern):
+            run_compare(toy_task(), tmp_path / "bad", seeds=1, config=CONFIG, arms=arms)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_runs_recorded_under_the_former_name_forget_are_reused_and_resumed(tmp_path, monkeypatch):
+    """A comparison made when later-layer forgetting was called ``forget`` (its runs ``forget-seedN``,
+    recorded with procedure ``forget``) is read back as it is, its forgetting arm trained again nowhere."""
+    made = run_compare(toy_task(), tmp_path, seeds=1, config=CONFIG, arms=["cascade", "forgetting"])
+    runs = tmp_path / "runs"
+    (runs / "forgetting-seed0").rename(runs / "forget-seed0")
+    summary = json.loads((runs / "forget-seed0" / "summary.json").read_text())
+    (runs / "forget-seed0" / "summary.json").write_text(json.dumps({**summary, "procedure": "forget"}))
+    monkeypatch.setattr(procedures, "run_procedure", lambda *a, **kw: pytest.fail("trained a run"))
+    again = run_compare(toy_task(), tmp_path, seeds=1, config=CONFIG, arms=["cascade", "forgetting"])
+    assert again["arms"]["forgetting"]["per_seed"][0]["runs"] == ["forget-seed0"]
+    assert without_seconds(again["arms"]["forgetting"]["test"]) == without_seconds(
+        made["arms"]["forgetting"]["test"]
+    )
+    assert "| 0 |" in compare.finished_seeds(runs) and "forgetting" in compare.finished_seeds(runs)
+    monkeypatch.undo()
+    # resumed too: the plan under its name now continues the run recorded under the former one
+    resumed = procedures.run_procedure(
+        "forgetting", toy_task(), runs / "forget-seed0", config=CONFIG, resume=True
+    )
+    assert resumed["procedure"] == "forget" and resumed["status"] == "complete"
 
 
 def test_best_of_k_never_looks_at_test(tmp_path, monkeypatch):

@@ -13,19 +13,18 @@ from topdown.metrics import Metric
 from topdown.optim import NTASGD
 from topdown.plan import Plan
 from topdown.procedures import (
+    PLANS,
     Baseline,
     Cascade,
+    Forgetting,
     LaterLayerForgetting,
     RetrainClassifier,
     TransferClassifier,
-    baseline,
-    cascade,
-    forget,
-    retrain_classifier,
+    plan_class,
     run_procedure,
     train_plan,
-    transfer_classifier,
 )
+from topdown.shortcuts import baseline, cascade, forget, forgetting, retrain_classifier, transfer_classifier
 from topdown.stage import Accept, Stage, StageSpec
 from topdown.task import Task
 from topdown.version import __version__
@@ -48,11 +47,15 @@ __all__ = [
     "Cascade",
     "RetrainClassifier",
     "TransferClassifier",
+    "Forgetting",
     "LaterLayerForgetting",
+    "PLANS",
+    "plan_class",
     "baseline",
     "cascade",
     "retrain_classifier",
     "transfer_classifier",
+    "forgetting",
     "forget",
     "run_procedure",
     "train_plan",

@@ -9,22 +9,28 @@ read (``finished_summary``), so a finished run whose checkpoints were deleted st
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, as_completed
 from pathlib import Path
 from typing import Any
 
 from topdown.config import RunConfig
 from topdown.errors import ConfigError
+from topdown.identity import current_name, former_names
 from topdown.jobs import Workers
-from topdown.procedures import planned_models, run_or_resume
+from topdown.procedures import PLANS, plan_class, planned_models, run_or_resume
 from topdown.runs import RunDir
 from topdown.schedule import LrSchedule
 from topdown.seeds import derive_seed
 from topdown.task import Task
 
-ARMS = ("baseline", "cascade", "baseline-equal-epochs", "best-of-k")
-FORGETTING = "forgetting"  # the optional arm
+# the controls of every comparison, beside its arms (plans: ``--arms``)
+CONTROLS = ("baseline", "baseline-equal-epochs", "best-of-k")
+DEFAULT_ARMS = ("cascade",)
+CONTROL_RUNS = ("baseline", "equal-epochs")  # run names ``NAME-seedN`` that are no arm's
+
+Summaries = Callable[[str], dict[str, Any] | None]  # a run's name -> its summary, None if not finished
 
 
 def _run(
@@ -43,15 +49,19 @@ def _run(
     )
 
 
-def models_trained(cascade: dict[str, Any]) -> int:
-    """How many models a finished cascade trained (every candidate of every stage, its baseline
-    included): the k of its best-of-k control."""
-    return sum(max(1, len(st["candidates"])) for st in cascade["stages"])
+def models_trained(summary: dict[str, Any]) -> int:
+    """How many models a finished run trained (every candidate of every stage, its baseline
+    included): a cascade's is the k of its best-of-k control."""
+    return sum(max(1, len(st["candidates"])) for st in summary["stages"])
+
+
+def total_epochs(summary: dict[str, Any]) -> int:
+    """The epochs a finished run trained, all its stages together: its budget."""
+    return sum(st["epochs"] for st in summary["stages"])
 
 
 def cascade_run(seed: int | str) -> str:
-    """The name of seed ``seed``'s cascade under ``runs/`` (its stage 0 is the baseline arm);
-    with ``"*"``, like ``forget_run``, a glob of every seed's."""
+    """The name of seed ``seed``'s cascade under ``runs/``."""
     return f"cascade-seed{seed}"
 
 
@@ -65,76 +75,158 @@ def extra_run(seed: int, j: int) -> str:
     return f"baseline-seed{seed}-extra{j}"
 
 
-def forget_run(seed: int | str) -> str:
-    """The name of seed ``seed``'s forgetting run under ``runs/``."""
-    return f"forget-seed{seed}"
-
-
 def extra_seed(seed: int, j: int) -> int:
     """The seed of best-of-k's j-th fresh baseline for comparison seed ``seed``."""
     return derive_seed(seed, 10_000 + j) % 2**31
 
 
 def equal_epochs_config(config: RunConfig, budget: int) -> RunConfig:
-    """The baseline recipe given the cascade's ``budget`` of epochs. Its stopping rules are off
+    """The baseline recipe given a ``budget`` of epochs. Its stopping rules are off
     (early stopping; under the plateau schedule, the lr floor ``min_lr``): with them, a baseline
     that stopped early would stop at the same epoch again, and the arm would only repeat the
-    baseline instead of asking whether the cascade's extra epochs, spent on the baseline, do as well."""
+    baseline instead of asking whether the arms' extra epochs, spent on the baseline, do as well."""
     return config.updated({"train": LrSchedule.to_the_last_epoch(config.train, budget)})
 
 
-def _arm_configs(config: RunConfig, forgetting: bool) -> tuple[RunConfig, RunConfig | None]:
-    """The configuration of the cascade and baseline runs, and that of the forgetting run (None
-    without that arm): ``procedure.split``/``rounds`` are the forgetting arm's alone."""
+def resolve_arms(plans: Sequence[str] | str) -> tuple[str, ...]:
+    """The arms ``plans`` names (a plan's name each, as ``topdown run`` takes it), under their
+    current names, each checked to name a plan (``plan_class``) before anything trains; refused:
+    none, one twice, the baseline (a control of every comparison). A string is a comma-separated list."""
+    arms = tuple(current_name(p.strip()) for p in (plans.split(",") if isinstance(plans, str) else plans))
+    if not arms:
+        raise ConfigError("a comparison needs an arm (--arms PLAN[,PLAN...])")
+    for arm in arms:
+        if arm in CONTROLS:
+            raise ConfigError(f"--arms {arm}: the {arm} is a control of every comparison, not an arm to add")
+        plan_class(arm)
+    if twice := sorted({a for a in arms if arms.count(a) > 1}):
+        raise ConfigError(f"--arms names {', '.join(twice)} twice")
+    return arms
+
+
+class ComparisonRuns:
+    """The runs under ``runs`` of a comparison of ``arms`` (current names), per seed: one run of
+    each arm (``ARM-seedN``); the baseline arm's run (the cascade's, whose stage 0 it is, when the
+    cascade is an arm, else ``baseline-seedN``); best-of-k's fresh baselines; and the
+    equal-epochs baseline, given the largest total epochs among ``budget_arms`` (default: every
+    arm), so that no arm had more training than the baseline given its epochs."""
+
+    def __init__(self, runs: Path, arms: Sequence[str], budget_arms: Sequence[str] | None = None):
+        self.runs, self.arms = runs, tuple(arms)
+        self.budget_arms = self.arms if budget_arms is None else tuple(current_name(a) for a in budget_arms)
+        if unknown := [a for a in self.budget_arms if a not in self.arms]:
+            raise ConfigError(f"budget_arms {', '.join(unknown)}: not an arm of this comparison")
+        self.has_cascade = "cascade" in self.arms
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The arms and controls of the comparison's record, in its order."""
+        others = tuple(a for a in self.arms if a != "cascade")
+        return ("baseline", *(("cascade",) if self.has_cascade else ()), *CONTROLS[1:], *others)
+
+    def arm_run(self, arm: str, seed: int) -> str:
+        """The name of seed ``seed``'s run of ``arm``: ``ARM-seedN``, or the name a comparison gave
+        it under the plan's former name (``identity.FORMER_NAMES``), where a run of that name is."""
+        for old in former_names(arm):
+            if (self.runs / f"{old}-seed{seed}").is_dir():
+                return f"{old}-seed{seed}"
+        return f"{arm}-seed{seed}"
+
+    def baseline_run(self, seed: int) -> str:
+        """The run whose stage 0 is seed ``seed``'s baseline arm: the cascade's when it is an arm (a
+        baseline run with that seed would be bit-identical), else a baseline run of its own."""
+        return cascade_run(seed) if self.has_cascade else f"baseline-seed{seed}"
+
+    def budget(self, seed: int, summary: Summaries) -> int | None:
+        """The equal-epochs baseline's epochs: the largest total among the budget arms' runs; None
+        until they have all finished."""
+        runs = [summary(self.arm_run(a, seed)) for a in self.budget_arms]
+        return None if None in runs else max(total_epochs(r) for r in runs)
+
+    def k(self, seed: int, summary: Summaries) -> int | None:
+        """Best-of-k's k: as many models as the cascade trained, or, without a cascade arm, as the
+        arm that trained the most; None until those runs have finished."""
+        runs = [summary(self.arm_run(a, seed)) for a in (("cascade",) if self.has_cascade else self.arms)]
+        return None if None in runs else max(models_trained(r) for r in runs)
+
+
+def arm_configs(config: RunConfig, arms: Sequence[str]) -> tuple[RunConfig, dict[str, RunConfig]]:
+    """The configuration of the baselines, and of each arm's runs: an arm gets the ``procedure.*``
+    options its plan reads (every one, for a plan that does not declare them), the others none; an
+    option no arm reads is refused rather than ignored."""
     procedure = config.as_dict()["procedure"]
-    if not forgetting and (given := [f"procedure.{k}" for k, v in procedure.items() if v is not None]):
-        raise ConfigError(f"compare reads {', '.join(given)} only for its forgetting arm (--forgetting)")
-    return config.updated({"procedure": dict.fromkeys(procedure)}), config if forgetting else None
+    options = {arm: plan_class(arm).procedure_options for arm in arms}
+
+    def reads(arm: str, key: str) -> bool:
+        return options[arm] is None or key in options[arm]
+
+    given = [k for k, v in procedure.items() if v is not None]
+    if unread := [k for k in given if not any(reads(a, k) for a in arms)]:
+        users = [name for name, plan in PLANS.items() if set(unread) & set(plan.procedure_options or ())]
+        raise ConfigError(
+            f"compare reads {', '.join(f'procedure.{k}' for k in unread)} only for an arm whose plan uses "
+            f"it ({', '.join(users)}; --arms), and its arms ({', '.join(arms)}) do not"
+        )
+    return config.updated({"procedure": dict.fromkeys(procedure)}), {
+        arm: config.updated({"procedure": {k: v if reads(arm, k) else None for k, v in procedure.items()}})
+        for arm in arms
+    }
 
 
 def seed_runs(
+    comparison: ComparisonRuns,
     seed: int,
-    config: RunConfig,
-    forget_config: RunConfig | None,
-    k: int,
-    cascade: dict[str, Any] | None = None,
+    configs: tuple[RunConfig, dict[str, RunConfig]],
+    planned_k: int,
+    summary: Summaries,
 ) -> dict[str, tuple[str, int, RunConfig]]:
-    """The runs seed ``seed`` of a comparison needs, name -> (procedure, seed, config): its cascade;
-    once ``cascade`` (that run's summary) has finished, the baseline given its epochs; best-of-k's
-    k-1 fresh baselines; with ``forget_config``, the forgetting run. The one definition of each run,
-    for ``run_all`` and ``run_only`` alike."""
-    runs = {cascade_run(seed): ("cascade", seed, config)}
-    if cascade is not None:
-        budget = sum(st["epochs"] for st in cascade["stages"])
-        runs[equal_run(seed)] = ("baseline", seed, equal_epochs_config(config, budget))
-    runs.update({extra_run(seed, j): ("baseline", extra_seed(seed, j), config) for j in range(1, k)})
-    if forget_config is not None:
-        runs[forget_run(seed)] = ("forget", seed, forget_config)
+    """The runs seed ``seed`` of a comparison needs, name -> (procedure, seed, config): its first
+    arm's run; the baseline arm's own run, where it has one; once the arms' runs have finished
+    (``summary``), the baseline given their budget; best-of-k's k-1 fresh baselines (``planned_k``
+    until the runs that decide k have finished); the other arms' runs. The one definition of each
+    run, for ``run_all`` and ``run_only`` alike."""
+    base, arm_config = configs
+    arms = {comparison.arm_run(a, seed): (a, seed, arm_config[a]) for a in comparison.arms}
+    first = next(iter(arms))
+    runs = {first: arms.pop(first)}
+    if not comparison.has_cascade:
+        runs[comparison.baseline_run(seed)] = ("baseline", seed, base)
+    if (budget := comparison.budget(seed, summary)) is not None:
+        runs[equal_run(seed)] = ("baseline", seed, equal_epochs_config(base, budget))
+    k = comparison.k(seed, summary) or planned_k
+    runs.update({extra_run(seed, j): ("baseline", extra_seed(seed, j), base) for j in range(1, k)})
+    runs.update(arms)
     return runs
+
+
+def _planned_k(task: Task, comparison: ComparisonRuns, base: RunConfig) -> int:
+    """Best-of-k's k as far as it is known before any run: a cascade's plan says how many models it
+    trains (unless its patience may end it early); any other arm's, once it has run."""
+    return (planned_models(task, base) if comparison.has_cascade else None) or 1
 
 
 def run_all(
     task: Task,
-    out: Path,
+    comparison: ComparisonRuns,
     seeds: int,
     config: RunConfig,
     preset: str | None,
     device,
     jobs: int,
     task_factory: Callable[[], Task] | None,
-    forgetting: bool = False,
-) -> list[dict[str, Any]]:
-    """Per seed, the summaries of its runs: ``cascade``, ``equal`` (the equal-epochs baseline),
-    ``extras`` (best-of-k's fresh baselines) and, with ``forgetting``, ``forget``.
+) -> list[dict[str, dict[str, Any]]]:
+    """Per seed, the summaries of its runs, by name (``seed_runs``).
 
-    Every cascade is queued first, then the extra baselines its plan implies (they need nothing
-    from it), then the forget runs, then, as each cascade finishes, the baseline given its epochs
-    (and any extra baseline the plan could not foresee), so ``jobs`` workers stay busy even with
-    fewer seeds than jobs. Every run depends only on its own seed and configuration, so the order
-    changes nothing."""
-    config, forget_config = _arm_configs(config, forgetting)
-    planned = planned_models(task, config) or 1
-    runs = {s: seed_runs(s, config, forget_config, planned) for s in range(seeds)}
+    Every seed's first arm run is queued first, then the baselines known before any run (the
+    baseline arm's own, best-of-k's that a cascade's plan implies), then the other arms' runs, then,
+    as the arms' runs finish, the baseline given their budget (and any extra baseline not foreseen),
+    so ``jobs`` workers stay busy even with fewer seeds than jobs. Every run depends only on its own
+    seed and configuration, so the order changes nothing."""
+    out = comparison.runs.parent
+    configs = arm_configs(config, comparison.arms)
+    planned = _planned_k(task, comparison, configs[0])
+    summaries: dict[str, dict[str, Any]] = {}
+    runs = {s: seed_runs(comparison, s, configs, planned, summaries.get) for s in range(seeds)}
     futures: dict[str, Future] = {}
 
     def queue(s: int, names) -> None:
@@ -143,30 +235,21 @@ def run_all(
                 procedure, seed, cfg = runs[s][name]
                 futures[name] = workers.submit(_run, out, procedure, name, seed, cfg, preset, device)
 
+    arm_runs = {s: [comparison.arm_run(a, s) for a in comparison.arms] for s in range(seeds)}
     with Workers(task, jobs, task_factory) as workers:
         for s in range(seeds):
-            queue(s, [cascade_run(s)])
-        for s in range(seeds):  # the extra baselines (the forget runs after them)
-            queue(s, [name for name in runs[s] if name != forget_run(s)])
+            queue(s, arm_runs[s][:1])
+        for s in range(seeds):
+            queue(s, [name for name in runs[s] if name not in arm_runs[s]])
         for s in range(seeds):
             queue(s, runs[s])
-        cascades = {futures[cascade_run(s)]: s for s in range(seeds)}
-        trained, k = {}, {}
-        for done in as_completed(cascades):
-            s = cascades[done]
-            trained[s] = cascade = done.result()
-            k[s] = models_trained(cascade)
-            runs[s] = seed_runs(s, config, forget_config, k[s], cascade)
+        pending = {futures[name]: (s, name) for s in range(seeds) for name in arm_runs[s]}
+        for done in as_completed(pending):
+            s, name = pending[done]
+            summaries[name] = done.result()
+            runs[s] = seed_runs(comparison, s, configs, planned, summaries.get)
             queue(s, runs[s])
-        return [
-            {
-                "cascade": trained[s],
-                "equal": futures[equal_run(s)].result(),
-                "extras": [futures[extra_run(s, j)].result() for j in range(1, k[s])],
-                **({"forget": futures[forget_run(s)].result()} if forgetting else {}),
-            }
-            for s in range(seeds)
-        ]
+        return [{name: futures[name].result() for name in runs[s]} for s in range(seeds)]
 
 
 def run_only(
@@ -176,30 +259,34 @@ def run_only(
     *,
     seeds: int,
     config: RunConfig,
+    arms: Sequence[str] = DEFAULT_ARMS,
+    budget_arms: Sequence[str] | None = None,
     preset: str | None = None,
     device=None,
     jobs: int = 1,
     task_factory: Callable[[], Task] | None = None,
-    forgetting: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Train (or resume, or read back) only the runs ``names`` of the comparison ``run_compare`` would
     make with these arguments, each as it would (name, seed, recipe, budget), and write no
     ``compare.*``: a machine that lives shorter than the whole comparison, or a second process,
     takes on a part of it, and ``run_compare`` reuses what they finished. An equal-epochs baseline
-    needs its seed's finished cascade (its epochs are the budget). Returns each run's summary."""
+    needs its seed's arms finished (their epochs are the budget). Returns each run's summary."""
     out = Path(out)
-    config, forget_config = _arm_configs(config, forgetting)
-    planned = planned_models(task, config) or 1
+    comparison = ComparisonRuns(out / "runs", resolve_arms(arms), budget_arms)
+    configs = arm_configs(config, comparison.arms)
+    planned = _planned_k(task, comparison, configs[0])
     runs: dict[str, tuple[str, int, RunConfig]] = {}
+    waiting = {}
     for s in range(seeds):
-        cascade = finished_summary(out / "runs", cascade_run(s))
-        k = models_trained(cascade) if cascade else planned
-        runs |= seed_runs(s, config, forget_config, k, cascade)
-    waiting = {equal_run(s): cascade_run(s) for s in range(seeds) if equal_run(s) not in runs}
+        runs |= seed_runs(comparison, s, configs, planned, functools.partial(finished_summary, out / "runs"))
+        if equal_run(s) not in runs:
+            unfinished = [comparison.arm_run(a, s) for a in comparison.budget_arms]
+            waiting[equal_run(s)] = [n for n in unfinished if finished_summary(out / "runs", n) is None]
     for name in names:
         if name in waiting:
             raise ConfigError(
-                f"{name} needs {waiting[name]} finished first in {out / 'runs'} (its epochs are the budget)"
+                f"{name} needs {', '.join(waiting[name])} finished first in {out / 'runs'} (their epochs "
+                "are the budget)"
             )
         if name not in runs:
             valid = ", ".join([*runs, *waiting])

@@ -1,18 +1,19 @@
-"""Fair comparison of the cascade against baselines, over seeds (docs/usage.md, "Fair comparisons").
+"""Fair comparison of plans (its arms: the cascade by default) against baselines, over seeds
+(docs/usage.md, "Fair comparisons").
 
-Per seed s, four arms (five with the forgetting control), each measured on the test set of the
-model validation chose:
+Per seed s, each arm and three controls, each measured on the test set of the model validation
+chose:
 
-- ``baseline``: stage 0 of the cascade run with seed s (a baseline run with seed s would be
-  bit-identical, so it is reused, not trained twice);
-- ``cascade``: the cascade run with seed s;
-- ``baseline-equal-epochs``: one baseline run with seed s given the cascade's total number of
-  epochs (``arms.equal_epochs_config``: the same recipe, its early stopping off, so that it trains them
-  all; the epoch validation finds best is kept, as in every run);
-- ``best-of-k``: k = the number of models the cascade trained; the seed-s baseline plus
-  k-1 baselines with fresh seeds, the one with the best validation metric;
-- ``forgetting`` (optional): the ``forget`` run with seed s, a neighbour of the cascade with
-  its budget (its stage 0 is the same baseline, trained again in that run).
+- each arm (``arms``: ``cascade``, ``forgetting``, any plan's name as ``topdown run`` takes it):
+  its run with seed s;
+- ``baseline``: stage 0 of the cascade run with seed s when the cascade is an arm (a baseline run
+  with seed s would be bit-identical, so it is reused, not trained twice), else a baseline run;
+- ``baseline-equal-epochs``: one baseline run with seed s given the largest total number of epochs
+  among the arms' runs of seed s (``arms.equal_epochs_config``: the same recipe, its early stopping
+  off, so that it trains them all; the epoch validation finds best is kept, as in every run);
+- ``best-of-k``: k = the number of models the cascade trained (without a cascade arm: the most
+  models any arm trained); the seed-s baseline plus k-1 baselines with fresh seeds, the one with
+  the best validation metric.
 
 Every run is an ordinary run directory under ``DIR/runs/``; finished runs are read back and
 unfinished ones resumed, so an interrupted comparison continues where it stopped. Only their
@@ -28,25 +29,30 @@ paired statistics, ``topdown.stats``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import re
+import textwrap
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from topdown.arms import (
-    ARMS,
-    FORGETTING,
-    cascade_run,
+    CONTROL_RUNS,
+    CONTROLS,
+    DEFAULT_ARMS,
+    ComparisonRuns,
+    Summaries,
     equal_run,
     extra_run,
     finished_summary,
-    forget_run,
-    models_trained,
+    resolve_arms,
     run_all,
 )
 from topdown.config import RunConfig
 from topdown.errors import ConfigError, TopdownError
+from topdown.identity import current_name
 from topdown.metrics import Metric, display_scale
 from topdown.report import format_metric, save_figure, stage_result, table_head, write_record
 from topdown.stats import paired_stats, summarise
@@ -64,32 +70,36 @@ def _entry(chosen: dict[str, Any], trained: list[dict[str, Any]], metric: str, r
 
 
 def seed_arms(
-    primary: Metric,
-    seed: int,
-    cascade: dict[str, Any],
-    equal: dict[str, Any] | None,
-    extras: list[dict[str, Any]] | None,
-    forget: dict[str, Any] | None = None,
+    primary: Metric, seed: int, comparison: ComparisonRuns, summary: Summaries
 ) -> dict[str, dict[str, Any]]:
-    """Every arm's result for one seed, from the summaries of its runs. An arm whose runs are not
-    all given (None: a comparison still in progress) is left out."""
+    """Every arm's result for one seed, from the summaries of its runs (``summary``: a run's name ->
+    its summary, None if it has not finished). An arm whose runs have not all finished (a
+    comparison still in progress) is left out."""
     metric = primary.name
-    stage0 = cascade["stages"][0]
-    chosen = cascade["stages"][cascade["chosen_stage"]]
-    baseline = f"{cascade_run(seed)}#stage0"  # the baseline arm is the cascade's stage 0
-    arms = {
-        "baseline": {**_entry(stage0, [stage0], metric, baseline), "runs": [baseline]},
-        "cascade": {
-            **_entry(chosen, cascade["stages"], metric, cascade_run(seed)),
-            "runs": [cascade_run(seed)],
-        },
-    }
-    if equal is not None:
+    arms = {}
+    if (base := summary(comparison.baseline_run(seed))) is not None:
+        stage0 = base["stages"][0]
+        # the baseline arm is the cascade's stage 0, or a baseline run of its own
+        baseline = (
+            f"{comparison.baseline_run(seed)}#stage0"
+            if comparison.has_cascade
+            else comparison.baseline_run(seed)
+        )
+        arms["baseline"] = {**_entry(stage0, [stage0], metric, baseline), "runs": [baseline]}
+    for arm in comparison.arms:
+        if (run := summary(name := comparison.arm_run(arm, seed))) is not None:
+            arms[arm] = {
+                **_entry(run["stages"][run["chosen_stage"]], run["stages"], metric, name),
+                "runs": [name],
+            }
+    if (equal := summary(equal_run(seed))) is not None:
         arms["baseline-equal-epochs"] = {
             **_entry(equal["stages"][0], equal["stages"], metric, equal_run(seed)),
             "runs": [equal_run(seed)],
         }
-    if extras is not None:
+    k = comparison.k(seed, summary)
+    extras = [summary(extra_run(seed, j)) for j in range(1, k or 0)]
+    if base is not None and k is not None and None not in extras:
         pool = [(stage0, baseline)] + [(x["stages"][0], extra_run(seed, j)) for j, x in enumerate(extras, 1)]
         best = pool[0]
         for candidate in pool[1:]:  # chosen on validation only
@@ -101,51 +111,43 @@ def seed_arms(
             "chosen_run": best[1],
             "runs": [p[1] for p in pool],
         }
-    if forget is not None:
-        arms[FORGETTING] = {
-            **_entry(forget["stages"][forget["chosen_stage"]], forget["stages"], metric, forget_run(seed)),
-            "runs": [forget_run(seed)],
-        }
-    return arms
+    return {arm: arms[arm] for arm in comparison.columns if arm in arms}
+
+
+def comparison_in(runs: Path) -> ComparisonRuns | None:
+    """The comparison whose runs are in ``runs`` (its arms read from their run names, ``ARM-seedN``,
+    cascade first), or None where no arm has a run there."""
+    names = [m[1] for p in runs.glob("*-seed*") if (m := re.fullmatch(r"(.+)-seed\d+", p.name))]
+    arms = sorted(
+        {current_name(n) for n in names if n not in CONTROL_RUNS}, key=lambda a: (a != "cascade", a)
+    )
+    return ComparisonRuns(runs, arms) if arms else None
 
 
 def finished_seeds(runs: Path) -> str | None:
-    """For a comparison in progress (``runs``: its ``runs/``), per seed whose cascade has finished,
-    the test metric of every arm whose runs have all finished ("-" for the others), with the values
-    compare.md's per-seed table will show (a rate with its % sign); None when no cascade has
-    finished. A seed one of whose runs has no test value to show gets that run's error instead of
-    its row. The means, intervals and p-values wait for the comparison itself."""
-
-    names = (*ARMS, FORGETTING) if any(runs.glob(forget_run("*"))) else ARMS
+    """For a comparison in progress (``runs``: its ``runs/``), per seed whose baseline arm has
+    finished, the test metric of every arm whose runs have all finished ("-" for the others), with
+    the values compare.md's per-seed table will show (a rate with its % sign); None when no seed's
+    baseline has finished. A seed one of whose runs has no test value to show gets that run's error
+    instead of its row. The means, intervals and p-values wait for the comparison itself."""
+    if (comparison := comparison_in(runs)) is None:
+        return None
+    summary = functools.partial(finished_summary, runs)
+    seeds = {int(m[1]) for p in runs.glob("*-seed*") if (m := re.fullmatch(r".+-seed(\d+)", p.name))}
     rows, metric = [], None
-    seeds = [p.name.removeprefix(cascade_run("")) for p in runs.glob(cascade_run("*"))]
-    for s in sorted(int(n) for n in seeds if n.isdigit()):
-        if (cascade := finished_summary(runs, cascade_run(s))) is None:
+    for s in sorted(seeds):
+        if (base := summary(comparison.baseline_run(s))) is None:
             continue
-        k = models_trained(cascade)
-        extras = [finished_summary(runs, extra_run(s, j)) for j in range(1, k)]
-        metric = Metric.named(cascade["metric"], cascade["lower_is_better"])
+        metric = Metric.named(base["metric"], base["lower_is_better"])
         try:
-            rows.append(
-                (
-                    s,
-                    seed_arms(
-                        metric,
-                        s,
-                        cascade,
-                        finished_summary(runs, equal_run(s)),
-                        None if None in extras else extras,
-                        finished_summary(runs, forget_run(s)) if FORGETTING in names else None,
-                    ),
-                )
-            )
+            rows.append((s, seed_arms(metric, s, comparison, summary)))
         except TopdownError as e:  # a null test value: said in place of the seed's row
             rows.append((s, str(e)))
     if not rows:
         return None
-    m = metric.name
+    m, names = metric.name, comparison.columns
     lines = [
-        f"Seeds whose cascade has finished: test {m} of each arm whose runs have all finished (the "
+        f"Seeds whose baseline has finished: test {m} of each arm whose runs have all finished (the "
         "comparison itself",
         "adds the means, intervals and p-values once every seed has).",
         "",
@@ -168,36 +170,42 @@ def run_compare(
     *,
     seeds: int,
     config: RunConfig,
+    arms: Sequence[str] = DEFAULT_ARMS,
+    budget_arms: Sequence[str] | None = None,
     preset: str | None = None,
     device=None,
     jobs: int = 1,
     task_factory: Callable[[], Task] | None = None,
-    forgetting: bool = False,
 ) -> dict[str, Any]:
-    """Run (or resume) every arm for seeds 0..seeds-1; write ``compare.json``, ``compare.md``,
-    ``compare.png``.
-    ``jobs`` > 1 runs the runs in that many processes, each building its task with ``task_factory``;
-    ``forgetting`` adds the later-layer-forgetting arm."""
+    """Run (or resume) every arm and control for seeds 0..seeds-1; write ``compare.json``,
+    ``compare.md``, ``compare.png``. ``arms``: plans' names (``procedures.plan_class``: a built-in
+    plan or ``module:Class``); ``budget_arms``: the arms whose largest total epochs the
+    equal-epochs baseline is given (default: all of them). ``jobs`` > 1 runs the runs in that many
+    processes, each building its task with ``task_factory``."""
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     out = Path(out)
+    comparison = ComparisonRuns(out / "runs", resolve_arms(arms), budget_arms)
     primary = task.primary
     metric, lower = primary.name, primary.lower_is_better
-    runs = run_all(task, out, seeds, config, preset, device, jobs, task_factory, forgetting)
-    per_seed = [seed_arms(primary, seed, **runs[seed]) for seed in range(seeds)]
-    names = (*ARMS, FORGETTING) if forgetting else ARMS
+    runs = run_all(task, comparison, seeds, config, preset, device, jobs, task_factory)
+    per_seed = [seed_arms(primary, seed, comparison, runs[seed].get) for seed in range(seeds)]
+    names = comparison.columns
     results = {arm: {seed: per_seed[seed][arm] for seed in range(seeds)} for arm in names}
 
     tests = {arm: [results[arm][s]["test"] for s in range(seeds)] for arm in names}
-    arms = {}
+    cascade = comparison.has_cascade
+    record_arms = {}
     for arm in names:
-        arms[arm] = {
+        record_arms[arm] = {
             "test": summarise(tests[arm]),
             "epochs": summarise([results[arm][s]["epochs"] for s in range(seeds)]),
             "seconds": summarise([results[arm][s]["seconds"] for s in range(seeds)]),
             "vs_baseline": paired_stats(tests[arm], tests["baseline"]) if arm != "baseline" else None,
             # the question a reviewer asks: does the cascade beat each control, seed by seed?
-            "cascade_minus_arm": paired_stats(tests["cascade"], tests[arm]) if arm != "cascade" else None,
+            "cascade_minus_arm": paired_stats(tests["cascade"], tests[arm])
+            if cascade and arm != "cascade"
+            else None,
             "per_seed": [results[arm][s] for s in range(seeds)],
         }
     record = {
@@ -207,11 +215,31 @@ def run_compare(
         "metric": metric,
         "lower_is_better": lower,
         "config": config.as_dict(),
-        "arms": arms,
+        "arms": record_arms,
+        "budget_arms": list(comparison.budget_arms),
         "note": task.info.get("note"),
     }
     write_record(out, "compare", record, render, plot)
     return record
+
+
+def _arms_described(record: dict[str, Any]) -> str:
+    """What each arm and control of ``record`` is, for compare.md (a record made before
+    ``budget_arms`` was recorded gave the equal-epochs baseline the cascade's epochs)."""
+    arms = [a for a in record["arms"] if a not in CONTROLS]
+    cascade = "cascade" in arms
+    budget = record.get("budget_arms", ["cascade"])
+    return (
+        "Epochs and seconds: the cost of all the arm's training runs. Arms: "
+        + ", ".join(arms)
+        + ". Controls: "
+        + ("the cascade's own stage 0" if cascade else "a baseline run")
+        + " (baseline); one baseline trained for "
+        + ("all the cascade's epochs" if budget == ["cascade"] else f"the most epochs of {', '.join(budget)}")
+        + ", early stopping off (baseline-equal-epochs); the best on validation of as many baselines as "
+        + ("the cascade" if cascade else "the arm that trained the most")
+        + " trained models (best-of-k)."
+    )
 
 
 def render(record: dict[str, Any]) -> str:
@@ -224,21 +252,13 @@ def render(record: dict[str, Any]) -> str:
     lines = [
         f"# Fair comparison on {record['task']} (preset {record['preset']}, {record['seeds']} seeds)",
         "",
-        f"Test {m}{unit} of the model each arm's validation chose; differences are arm minus baseline, "
-        "paired by seed",
-        f"({'lower' if record['lower_is_better'] else 'higher'} is better). CI: 95 % Student-t interval of "
-        "the mean paired",
-        "difference; p: two-sided sign-flip test (exact up to 20 seeds, else 200,000 random sign patterns). "
-        "Epochs and",
-        "seconds: the cost of all the arm's training runs. Arms: the cascade's own stage 0 (baseline); the "
-        "cascade;",
-        "one baseline trained for all the cascade's epochs, early stopping off (baseline-equal-epochs); the "
-        "best on",
-        "validation of as many baselines as the cascade trained models (best-of-k)"
-        + (
-            "; later-layer forgetting with the cascade's budget (forgetting)."
-            if "forgetting" in record["arms"]
-            else "."
+        *textwrap.wrap(
+            f"Test {m}{unit} of the model each arm's validation chose; differences are arm minus baseline, "
+            f"paired by seed ({'lower' if record['lower_is_better'] else 'higher'} is better). CI: 95 % "
+            "Student-t interval of the mean paired difference; p: two-sided sign-flip test (exact up to 20 "
+            "seeds, else 200,000 random sign patterns). " + _arms_described(record),
+            100,
+            break_on_hyphens=False,
         ),
         "",
         *([f"Note: {record['note']}", ""] if record.get("note") else []),
@@ -263,19 +283,20 @@ def render(record: dict[str, Any]) -> str:
             f"| {arm} | {f(t['mean'])}{spread} | {paired_cells(a['vs_baseline'])} | "
             f"{a['epochs']['mean']:.1f} | {a['seconds']['mean']:.1f} |"
         )
-    lines += [
-        "",
-        "Cascade against each control, paired by seed (cascade minus control; "
-        f"{'negative' if lower else 'positive'} favours the cascade):",
-        "",
-        "| control | cascade − control [95 % CI] | p | seeds where the cascade is better/worse |",
-        "|---|---|---|---|",
-    ]
-    lines += [
-        f"| {arm} | {paired_cells(a['cascade_minus_arm'])} |"
-        for arm, a in record["arms"].items()
-        if arm != "cascade"
-    ]
+    if "cascade" in record["arms"]:
+        lines += [
+            "",
+            "Cascade against each control and arm, paired by seed (cascade minus control; "
+            f"{'negative' if lower else 'positive'} favours the cascade):",
+            "",
+            "| control | cascade − control [95 % CI] | p | seeds where the cascade is better/worse |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {arm} | {paired_cells(a['cascade_minus_arm'])} |"
+            for arm, a in record["arms"].items()
+            if arm != "cascade"
+        ]
     lines += ["", "Per seed (test):", "", *table_head(["seed", *record["arms"]])]
     for s in range(record["seeds"]):
         lines.append(

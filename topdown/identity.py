@@ -55,6 +55,22 @@ def _close(a: Any, b: Any) -> bool:
     return a == b
 
 
+# A procedure's former name -> its name now: a run recorded under the former name is the same
+# procedure, so it is still resumed and reused (and a comparison finds its runs under their
+# former names, ``arms.Arms.run``).
+FORMER_NAMES = {"forget": "forgetting"}
+
+
+def current_name(procedure: str) -> str:
+    """The name ``procedure`` has now (itself unless it is a former name)."""
+    return FORMER_NAMES.get(procedure, procedure)
+
+
+def former_names(procedure: str) -> list[str]:
+    """The names ``procedure`` had before."""
+    return [old for old, new in FORMER_NAMES.items() if new == procedure]
+
+
 LOCATION_KEYS = (DATA_DIR,)  # task_info keys that say where the data is, not what it is
 
 
@@ -120,7 +136,10 @@ def recorded_mismatch(
     from_checkpoint: str | None,
 ) -> str | None:
     """Why the run recorded in ``summary`` is not the one ``identity`` and ``from_checkpoint``
-    describe (so it may be neither continued nor reused), or None."""
+    describe (so it may be neither continued nor reused), or None. A procedure recorded under a
+    former name (``FORMER_NAMES``) is the same procedure."""
+    if (recorded := summary.get("procedure")) in FORMER_NAMES:
+        summary = {**summary, "procedure": current_name(recorded)}
     if difference := first_difference(summary, identity, {"config": option_defaults}):
         return f"its {difference} differs from this command's"
     return other_start(summary, from_checkpoint)

@@ -4,11 +4,14 @@ later-layer forgetting and the schedules of ``schedules.py``), and our loop as t
 Each procedure is a ``Plan`` whose ``stages()`` yields what each stage does; the plan does
 the method (re-initialise, freeze, accept, record). ``train_plan`` drives any plan with our
 ``fit``; a user's own loop drives the same plans (see ``plan.py``). ``run_procedure`` is the
-entry point of the command line and of the ``baseline``/``cascade``/... functions.
+entry point of the command line and of the ``baseline``/``cascade``/... functions (``shortcuts``).
 """
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,11 +21,11 @@ import torch
 
 from topdown import distributed
 from topdown.blocks import Blocks
-from topdown.config import CascadeConfig, ProcedureConfig, RunConfig, TrainConfig
+from topdown.config import RunConfig
 from topdown.console import progress_label, say
 from topdown.devices import resolve_device
 from topdown.errors import ConfigError, TopdownError, TrainingError
-from topdown.identity import recorded_mismatch, run_identity
+from topdown.identity import current_name, recorded_mismatch, run_identity
 from topdown.loop import evaluate, fit, monitored_metric
 from topdown.plan import Plan, cascade_splits
 from topdown.report import format_metric
@@ -44,7 +47,7 @@ class Baseline(Plan):
         if self.from_checkpoint is not None:
             raise ConfigError(
                 "baseline trains from scratch; a starting checkpoint (--from; from_checkpoint) is for "
-                "the procedures that build on a trained model (cascade, forget, ...)"
+                "the procedures that build on a trained model (cascade, forgetting, ...)"
             )
 
     def stages(self) -> Iterator[StageSpec]:
@@ -157,7 +160,7 @@ class TransferClassifier(Plan):
         )
 
 
-class LaterLayerForgetting(Plan):
+class Forgetting(Plan):
     """A neighbour of the cascade, as its control: after the baseline, each round re-initialises
     the blocks above the split and trains every block, the lower ones on from where the last
     round left them (later-layer forgetting, Zhou et al., ICLR 2022). By default it forgets the
@@ -166,7 +169,7 @@ class LaterLayerForgetting(Plan):
     stage with neither patience nor a fine-tune stage (docs/method.md). Validation chooses among
     the rounds, as it does among stages. docs/schedules.md lists where this differs from the source."""
 
-    procedure = "forget"
+    procedure = "forgetting"
     procedure_options = ("split", "rounds")
 
     def split(self) -> int:
@@ -190,11 +193,39 @@ class LaterLayerForgetting(Plan):
             )
 
 
+LaterLayerForgetting = Forgetting  # its former name
+
 PLANS: dict[str, type[Plan]] = {
     p.procedure: p
-    for p in (Baseline, Cascade, RetrainClassifier, TransferClassifier, LaterLayerForgetting, *SCHEDULES)
+    for p in (Baseline, Cascade, RetrainClassifier, TransferClassifier, Forgetting, *SCHEDULES)
 }
-PROCEDURES = tuple(PLANS)
+
+
+def plan_class(name: str) -> type[Plan]:
+    """The plan ``name`` names: a built-in one (a key of ``PLANS``, or its former name) or
+    ``module:Class``, a ``Plan`` subclass importable from the user's path (the working directory
+    first, as ``python -m`` has it). The one reading of a plan's name, for ``run_procedure``, the
+    command line and ``compare``'s arms."""
+    if current_name(name) in PLANS:
+        return PLANS[current_name(name)]
+    module_name, _, attribute = name.partition(":")
+    if not module_name or not attribute.isidentifier():
+        raise ConfigError(
+            f"unknown plan {name!r}: a built-in plan ({', '.join(PLANS)}) or module:Class, a topdown.Plan "
+            "subclass of your own"
+        )
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # the user's module: not found, or failing as it is imported
+        raise ConfigError(f"plan {name}: cannot import {module_name} ({type(e).__name__}: {e})") from None
+    cls = getattr(module, attribute, None)
+    if cls is None:
+        raise ConfigError(f"plan {name}: module {module_name} has no {attribute}")
+    if not (isinstance(cls, type) and issubclass(cls, Plan)) or cls is Plan:
+        raise ConfigError(f"plan {name}: {attribute} is not a subclass of topdown.Plan")
+    return cls
 
 
 def train_plan(plan: Plan, task: Task, device: torch.device) -> dict[str, Any]:
@@ -239,9 +270,9 @@ def run_procedure(
     from_checkpoint: str | None = None,
     device: str | torch.device | None = None,
 ) -> dict[str, Any]:
-    """Run ``procedure`` on ``task`` into run directory ``out`` with our loop; returns the summary."""
-    if procedure not in PLANS:
-        raise ConfigError(f"unknown procedure {procedure!r} ({', '.join(PROCEDURES)})")
+    """Run ``procedure`` (a plan's name, ``plan_class``) on ``task`` into run directory ``out`` with
+    our loop; returns the summary."""
+    plan_type = plan_class(procedure)
     config = config if isinstance(config, RunConfig) else RunConfig.from_dict(config or {})
     # a monitor the loop cannot rank is refused before the run directory is written
     monitored_metric(config.train, task)
@@ -252,7 +283,7 @@ def run_procedure(
         resolve_device(device) if device is not None else next(model.parameters()).device
     )
     model = model.to(device)
-    plan = PLANS[procedure](
+    plan = plan_type(
         model,
         task.blocks,
         build_model=task.build_model,
@@ -303,7 +334,9 @@ def run_or_resume(
     so a finished run whose checkpoints were all deleted is reused (``RunDir.verify``)."""
     existing = RunDir(out).read_summary()
     if existing is not None and existing.get("status") == "complete":
-        wanted = run_identity(procedure, task.name, preset, seed, config, task.primary, task.info)
+        wanted = run_identity(
+            plan_class(procedure).procedure, task.name, preset, seed, config, task.primary, task.info
+        )
         if reason := recorded_mismatch(existing, wanted, config.option_defaults, kw.get("from_checkpoint")):
             raise TopdownError(
                 f"cannot reuse {out}: {reason}; delete that run's directory to train it again, or choose "
@@ -325,64 +358,3 @@ def run_or_resume(
             f"test {m} {format_metric(chosen['test'].get(m), m)}"
         )
         return summary
-
-
-def _config(
-    train: TrainConfig | None, cascade: CascadeConfig | None = None, procedure: ProcedureConfig | None = None
-) -> RunConfig:
-    return RunConfig(
-        train=train or TrainConfig(),
-        cascade=cascade or CascadeConfig(),
-        procedure=procedure or ProcedureConfig(),
-    )
-
-
-def baseline(task: Task, out: str | Path, *, train: TrainConfig | None = None, **kw) -> dict[str, Any]:
-    """Train all blocks jointly (stage 0 only)."""
-    return run_procedure("baseline", task, out, config=_config(train), **kw)
-
-
-def cascade(
-    task: Task,
-    out: str | Path,
-    *,
-    train: TrainConfig | None = None,
-    cascade: CascadeConfig | None = None,
-    **kw,
-) -> dict[str, Any]:
-    """Top-down cascade: stage 0 (or ``from_checkpoint``), then a stage per split, accepted on validation."""
-    return run_procedure("cascade", task, out, config=_config(train, cascade), **kw)
-
-
-def retrain_classifier(
-    task: Task, out: str | Path, split: int, *, train: TrainConfig | None = None, **kw
-) -> dict[str, Any]:
-    """From the baseline, freeze blocks 1..split and train fresh blocks above them."""
-    return run_procedure(
-        "retrain-classifier", task, out, config=_config(train, procedure=ProcedureConfig(split=split)), **kw
-    )
-
-
-def forget(
-    task: Task,
-    out: str | Path,
-    split: int | None = None,
-    rounds: int | None = None,
-    *,
-    train: TrainConfig | None = None,
-    cascade: CascadeConfig | None = None,
-    **kw,
-) -> dict[str, Any]:
-    """Later-layer forgetting, the cascade's neighbour: rounds of re-initialising the blocks above
-    ``split`` and training every block (defaults: the cascade's first split, its number of stages)."""
-    return run_procedure(
-        "forget", task, out, config=_config(train, cascade, ProcedureConfig(split=split, rounds=rounds)), **kw
-    )
-
-
-def transfer_classifier(
-    task: Task, out: str | Path, split: int, subset: float, *, train: TrainConfig | None = None, **kw
-) -> dict[str, Any]:
-    """A full-data model's classifier over a feature extractor trained on a subset, vs a subset baseline."""
-    config = _config(train, procedure=ProcedureConfig(split=split, subset=subset))
-    return run_procedure("transfer-classifier", task, out, config=config, **kw)
