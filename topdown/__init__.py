@@ -24,6 +24,8 @@ from topdown.procedures import (
     run_procedure,
     train_plan,
 )
+from topdown.resets import KelsSplit, Reinit, RescaleToInit, Reset, ShrinkPerturb
+from topdown.schedules import KnowledgeEvolution, Layerwise, ShrinkAndPerturb
 from topdown.shortcuts import baseline, cascade, forget, forgetting, retrain_classifier, transfer_classifier
 from topdown.stage import Accept, Stage, StageSpec
 from topdown.task import Task
@@ -49,6 +51,14 @@ __all__ = [
     "TransferClassifier",
     "Forgetting",
     "LaterLayerForgetting",
+    "Layerwise",
+    "KnowledgeEvolution",
+    "ShrinkAndPerturb",
+    "Reset",
+    "Reinit",
+    "ShrinkPerturb",
+    "RescaleToInit",
+    "KelsSplit",
     "PLANS",
     "plan_class",
     "baseline",
