@@ -138,7 +138,7 @@ LONG = "a b c\n" * 5  # 20 tokens with <eos>: enough for the tiny preset's batch
 @pytest.mark.parametrize(
     "texts, limit, message",
     [
-        # the reviewer's case: "4 tokens are too few for batch size 4" named no split, file or option
+        # a user's case: "4 tokens are too few for batch size 4" named no split, file or option
         (
             (LONG, "a b c\n", LONG),
             0,
