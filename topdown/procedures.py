@@ -196,8 +196,7 @@ class Forgetting(Plan):
 LaterLayerForgetting = Forgetting  # its former name
 
 PLANS: dict[str, type[Plan]] = {
-    p.procedure: p
-    for p in (Baseline, Cascade, RetrainClassifier, TransferClassifier, Forgetting, *SCHEDULES)
+    p.procedure: p for p in (Baseline, Cascade, RetrainClassifier, TransferClassifier, Forgetting, *SCHEDULES)
 }
 
 
