@@ -310,9 +310,9 @@ def plot(record: dict[str, Any], path: Path) -> None:
 
     m = record["metric"]
     scale, unit = display_scale(m)
-    fig = Figure(figsize=(7, 4))
-    ax = fig.subplots()
     arms = list(record["arms"])
+    fig = Figure(figsize=(max(7.0, 1.2 * len(arms)), 4))  # room for every arm's name
+    ax = fig.subplots()
     n = record["seeds"]
     offsets = (
         np.linspace(-0.15, 0.15, n) if n > 1 else np.zeros(1)
@@ -327,7 +327,9 @@ def plot(record: dict[str, Any], path: Path) -> None:
         ax.errorbar(
             i + 0.3, ys[i].mean(), yerr=ys[i].std(ddof=1) if n > 1 else 0, fmt="o", color="black", capsize=4
         )
-    ax.set_xticks(range(len(arms)), arms)
+    ax.set_xticks(
+        range(len(arms)), arms, rotation=20 if len(arms) > 5 else 0, ha="right" if len(arms) > 5 else "center"
+    )
     ax.set_ylabel(f"test {m}{unit}")
     ax.set_title(f"{record['task']} ({record['preset']}): {record['seeds']} seeds; black = mean ± std")
     save_figure(fig, path)
