@@ -66,7 +66,13 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config key, e.g. train.lr=0.01 (repeatable)",
+        help="override a config key, e.g. train.lr=0.01 (repeatable; over --config)",
+    )
+    common.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        help="config keys from a YAML file, as --set names them (train: {lr: 0.01}; some sections or all): "
+        "over the preset, under --set; a run's DIR/config.yaml runs it again",
     )
     common.add_argument("--data-dir", help="read the corpus from this directory instead of the bundled copy")
     common.add_argument("--device", help="torch device (default: cuda if available, else cpu)")

@@ -54,7 +54,7 @@ def _list(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    cfg = resolve_config(args.task, args.preset, parse_overrides(args.set))
+    cfg = resolve_config(args.task, args.preset, parse_overrides(args.set), args.config)
     out = Path(args.out or f"runs/{args.task}-compare-{args.preset}")
     if args.runs_from:
         restored = restore_runs(args.runs_from, out / "runs")
@@ -81,7 +81,7 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _analyse(args: argparse.Namespace) -> None:
-    cfg = resolve_config(args.task, args.preset, parse_overrides(args.set))
+    cfg = resolve_config(args.task, args.preset, parse_overrides(args.set), args.config)
     out = Path(args.out or f"runs/{args.task}-analyse-{args.preset}-seed{args.seed}")
     factory = functools.partial(make_task, args.task, cfg.task, args.data_dir)
     run_analyse(
@@ -105,7 +105,7 @@ def _run(args: argparse.Namespace) -> None:
         for k, v in (("split", getattr(args, "split", None)), ("subset", getattr(args, "subset", None)))
         if v is not None
     }
-    cfg = resolve_config(args.task, args.preset, parse_overrides(args.set))
+    cfg = resolve_config(args.task, args.preset, parse_overrides(args.set), args.config)
     if flags:  # --split/--subset are procedure.split/subset, set last
         cfg = cfg.updated({"procedure": flags})
     plan = args.plan if args.command == "run" else args.command  # `topdown cascade` is `topdown run cascade`

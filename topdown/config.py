@@ -9,17 +9,22 @@ and what is allowed.
 
 A configuration is changed only through its typed sections (``RunConfig.updated``: each section
 rebuilt by ``dataclasses.replace`` and checked again); on the command line the layers (the task's
-defaults, its preset, ``--set`` overrides: ``parse_overrides``) are applied so, one after the
-other. Only keys that exist can be set, so a typo is an error rather than a silently ignored option.
+defaults, its preset, a ``--config`` file: ``load_config_file``, ``--set`` overrides:
+``parse_overrides``) are applied so, one after the other. Only keys that exist can be set, so a
+typo is an error rather than a silently ignored option.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from topdown.errors import ConfigError
 from topdown.sections import CommandLineValue, Section, TaskSections, option
@@ -207,3 +212,40 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--set {key}: keys under {key} were set, so it cannot also be given a value")
         node[leaf] = CommandLineValue(raw)
     return out
+
+
+class _FileLoader(yaml.SafeLoader):
+    """YAML as ``yaml.safe_load`` reads it, except that ``1e-3`` (no dot) is a number, not a string."""
+
+
+_FileLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789.")
+)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """A ``--config`` file: a YAML mapping of config sections to the keys to change (``train: {lr:
+    0.01}``; some sections or all, as a run directory's ``config.yaml`` has them), the layer
+    ``RunConfig.updated`` applies and checks. An unreadable file, or one that is not such a mapping,
+    is an error naming it."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(
+            f"{path}: cannot read the config file: {getattr(e, 'strerror', None) or e}"
+        ) from None
+    try:
+        layer = yaml.load(text, Loader=_FileLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not YAML{where}: {problem}") from None
+    if layer is None:  # an empty file changes nothing
+        return {}
+    if not isinstance(layer, dict):
+        raise ConfigError(
+            f"{path}: expected a mapping of config sections to keys (e.g. train: {{lr: 0.01}}), "
+            f"got a {type(layer).__name__}"
+        )
+    return layer

@@ -15,14 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from topdown import distributed, lock, report
 from topdown.console import warn
 from topdown.errors import ConfigError, TopdownError
-from topdown.files import load_tensors, os_reason
+from topdown.files import atomic_write, load_tensors, os_reason
 from topdown.identity import recorded_mismatch
 from topdown.runs import RunDir, stage_checkpoint
 
+# the resolved config, as `--config` reads it: `--config DIR/config.yaml` runs the run again
+CONFIG_FILE = "config.yaml"
 REPORT_FILES = ("report.md", "curves.png")  # what ``report.write`` renders; a complete run has both
 
 # A finished candidate of a stage with several: its results (seed, epochs, val), test metrics,
@@ -156,13 +159,21 @@ class RunRecord(Record):
                 "any training"
             )
         if existing is None or failed_untrained:
-            return self._start(header, resume, replaces_a_run=failed_untrained)
-        if not resume:
+            summary = self._start(header, resume, replaces_a_run=failed_untrained)
+        elif not resume:
             raise TopdownError(
                 f"{self.path} already holds a run; resume it (--resume; resume=True) or choose another "
                 "output directory"
             )
-        return self._continue(existing, header, option_defaults, from_checkpoint)
+        else:
+            summary = self._continue(existing, header, option_defaults, from_checkpoint)
+        self._write_config(header["config"])  # a run resumed from before config.yaml existed gains it
+        return summary
+
+    def _write_config(self, config: Mapping[str, Any]) -> None:
+        """``config.yaml``: the run's resolved config, which ``--config`` reads back."""
+        text = yaml.safe_dump(dict(config), sort_keys=False)
+        atomic_write(self.path / CONFIG_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     def _start(self, header: dict[str, Any], resume: bool, replaces_a_run: bool) -> dict[str, Any]:
         """A new run's first record, in a directory that is new, empty, holds only the debris of a

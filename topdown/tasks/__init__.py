@@ -11,7 +11,7 @@ import importlib
 from types import ModuleType
 from typing import Any
 
-from topdown.config import RunConfig
+from topdown.config import RunConfig, load_config_file
 from topdown.errors import ConfigError
 from topdown.sections import TaskSections
 from topdown.task import Task
@@ -38,13 +38,22 @@ def make_task(name: str, sections: TaskSections, data_dir: str | None) -> Task:
     return task_module(name).make(sections, data_dir)
 
 
-def resolve_config(name: str, preset: str, overrides: dict[str, Any]) -> RunConfig:
-    """Every declared default, then the task's defaults, then the preset, then ``--set`` overrides,
-    each layer applied to the typed configuration (``RunConfig.updated``)."""
+def resolve_config(
+    name: str, preset: str, overrides: dict[str, Any], config_file: str | None = None
+) -> RunConfig:
+    """Every declared default, then the task's defaults, then the preset, then the ``--config`` file
+    (``config_file``), then ``--set`` overrides, each layer applied to the typed configuration
+    (``RunConfig.updated``); an error in the file names the file."""
     module = task_module(name)
     if preset not in module.PRESETS:
         raise ConfigError(f"task {name!r} has no preset {preset!r}; presets: {', '.join(module.PRESETS)}")
     config = RunConfig.from_dict({}, module.SECTIONS)
-    for layer in (module.DEFAULTS, module.PRESETS[preset], overrides):
+    for layer in (module.DEFAULTS, module.PRESETS[preset]):
         config = config.updated(layer)
-    return config
+    if config_file is not None:
+        layer = load_config_file(config_file)
+        try:
+            config = config.updated(layer)
+        except ConfigError as e:
+            raise ConfigError(f"{config_file}: {e}") from None
+    return config.updated(overrides)
