@@ -17,6 +17,7 @@ EPILOG = """examples:
   topdown run forgetting digits                  # any plan by name: every procedure above, and the others
   topdown run myplans:MyPlan digits              # a topdown.Plan subclass of your own, in ./myplans.py
   topdown cascade asr-rnn --out runs/x --resume  # continue an interrupted run
+  topdown cascade digits --config runs/x/config.yaml --out runs/y  # run x's configuration again
   topdown report runs/x                          # re-render runs/x/report.md
   topdown compare digits --seeds 20              # cascade vs fair baselines over 20 seeds
   topdown compare digits --seeds 20 --arms cascade,forgetting

@@ -171,9 +171,12 @@ class RunRecord(Record):
         return summary
 
     def _write_config(self, config: Mapping[str, Any]) -> None:
-        """``config.yaml``: the run's resolved config, which ``--config`` reads back."""
-        text = yaml.safe_dump(dict(config), sort_keys=False)
-        atomic_write(self.path / CONFIG_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        """``config.yaml``: the run's resolved config, which ``--config`` reads back (rewritten only
+        where it differs: resuming a run whose file is current writes nothing)."""
+        text, path = yaml.safe_dump(dict(config), sort_keys=False), self.path / CONFIG_FILE
+        if path.is_file() and path.read_text(encoding="utf-8") == text:
+            return
+        atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     def _start(self, header: dict[str, Any], resume: bool, replaces_a_run: bool) -> dict[str, Any]:
         """A new run's first record, in a directory that is new, empty, holds only the debris of a
