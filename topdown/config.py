@@ -17,7 +17,6 @@ typo is an error rather than a silently ignored option.
 from __future__ import annotations
 
 import dataclasses
-import re
 import typing
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -27,7 +26,7 @@ from typing import Any
 import yaml
 
 from topdown.errors import ConfigError
-from topdown.sections import CommandLineValue, Section, TaskSections, option
+from topdown.sections import CommandLineValue, Section, TaskSections, YamlLoader, option
 
 
 @dataclass(frozen=True)
@@ -214,15 +213,6 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-class _FileLoader(yaml.SafeLoader):
-    """YAML as ``yaml.safe_load`` reads it, except that ``1e-3`` (no dot) is a number, not a string."""
-
-
-_FileLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789.")
-)
-
-
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """A ``--config`` file: a YAML mapping of config sections to the keys to change (``train: {lr:
     0.01}``; some sections or all, as a run directory's ``config.yaml`` has them), the layer
@@ -235,7 +225,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             f"{path}: cannot read the config file: {getattr(e, 'strerror', None) or e}"
         ) from None
     try:
-        layer = yaml.load(text, Loader=_FileLoader)
+        layer = yaml.load(text, Loader=YamlLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -208,7 +208,17 @@ class TaskSections(Mapping[str, Section]):
         return f"TaskSections({self._sections!r})"
 
 
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 1e-3: YAML 1.1 reads it as a string
+
+
+class YamlLoader(yaml.SafeLoader):
+    """YAML as ``yaml.safe_load`` reads it, except that ``1e-3`` (no dot) is a number, not a string:
+    how ``--set`` values and ``--config`` files are read."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(f"^{_NUMBER.pattern}$"), list("-+0123456789.")
+)
 
 
 @dataclass(frozen=True)
@@ -232,9 +242,9 @@ class CommandLineValue:
 
     def parsed(self, key: str) -> Any:
         try:
-            value = yaml.safe_load(self.text) if self.text.strip() else None
+            value = yaml.load(self.text, Loader=YamlLoader) if self.text.strip() else None
         except yaml.YAMLError:
             raise ConfigError(f"--set {key}: cannot parse value {self.text!r}") from None
         if isinstance(value, str) and _NUMBER.fullmatch(value):
-            value = float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
+            value = float(value)  # a quoted number ("1e-3") is a number too
         return value
