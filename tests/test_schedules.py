@@ -158,6 +158,53 @@ def test_the_schedules_run_as_procedures_with_the_cascades_budget_and_say_what_t
         assert stage_reset(stages[1]) in report
     report = (tmp_path / "layerwise" / "report.md").read_text()
     assert "| rescaled to initial norms: inp; re-initialised: mid, out | inp, mid, out | - |" in report
+    ke = read_summary(tmp_path / "knowledge-evolution")  # the slim model, beside every generation
+    assert all(set(s["reported"]) == {"slim"} for s in ke["stages"])
+    assert all(set(s["reported"]["slim"]) == {"val", "test"} for s in ke["stages"])
+    assert all("reported" not in s for s in read_summary(tmp_path / "shrink-perturb")["stages"])
+    report = (tmp_path / "knowledge-evolution" / "report.md").read_text()
+    assert "Reported beside the stages (never used to choose):" in report
+    assert "- stage 1, slim: val " in report
+
+
+def test_the_slim_model_computes_what_the_fit_part_alone_computes_in_a_narrow_network():
+    """KELS at s = 0.5 over linear layers joined by BatchNorm and ReLU: the masked copy and a network
+    of half the width holding the fit parts give the same outputs; the model itself is untouched."""
+
+    def net(width: int) -> torch.nn.Sequential:
+        return torch.nn.Sequential(
+            torch.nn.Linear(8, width),
+            torch.nn.BatchNorm1d(width),
+            torch.nn.ReLU(),
+            torch.nn.Linear(width, width),
+            torch.nn.BatchNorm1d(width),
+            torch.nn.ReLU(),
+            torch.nn.Linear(width, 3),
+        )
+
+    torch.manual_seed(0)
+    wide, narrow = net(6), net(3)
+    with torch.no_grad():
+        for module in wide:
+            if isinstance(module, torch.nn.BatchNorm1d):  # statistics and affine weights of a trained model
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2)
+                module.weight.normal_()
+                module.bias.normal_()
+    before = {k: v.clone() for k, v in wide.state_dict().items()}
+    blocks = topdown.Blocks(wide, {"a": ["0", "1"], "b": ["3", "4"], "c": ["6"]})
+    split = KelsSplit(blocks.names, 0.5)
+    slim = split.slim(wide, blocks).eval()
+    fit = split.fit_parts(wide, blocks)
+    with torch.no_grad():
+        for name, tensor in narrow.state_dict().items():
+            source = wide.state_dict()[name]
+            index = fit.get(name, tuple(slice(0, n) for n in tensor.shape))
+            tensor.copy_(source[index] if source.dim() else source)
+    x = torch.randn(16, 8)
+    assert torch.allclose(slim(x), narrow.eval()(x), atol=1e-6)
+    assert not torch.allclose(slim(x), wide.eval()(x), atol=1e-3)  # the reset part did matter
+    assert all(torch.equal(v, before[k]) for k, v in wide.state_dict().items())
 
 
 def test_a_schedules_options_are_checked_before_it_trains(tmp_path, task):

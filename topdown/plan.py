@@ -305,6 +305,12 @@ class Plan:
                 "differ): this run's test numbers are held out only if that data left its test set out"
             )
 
+    def reported_models(self) -> dict[str, nn.Module]:
+        """Models derived from the weights a stage ends with that the plan reports beside the stage,
+        by name (Knowledge Evolution's slim model): a loop evaluates each and hands the metrics to
+        ``stage.finish(reported=...)``. They are recorded, never used to choose. None by default."""
+        return {}
+
     # -- candidates and stages ------------------------------------------------------------
 
     def _candidate_finished(
@@ -315,11 +321,14 @@ class Plan:
         epochs: int,
         seconds: float,
         kept_epoch: int | None,
+        reported: dict[str, dict[str, dict[str, float]]],
     ) -> dict[str, Any] | None:
         weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         tried = {"seed": stage.seed, "epochs": epochs, "val": val}
         if kept_epoch is not None:
             tried["kept_epoch"] = kept_epoch
+        if reported:
+            tried["reported"] = reported
         last = stage.candidate == stage.spec.candidates - 1
         if not last:  # a resumed run picks finished candidates up from here
             self.record.save_candidate(
@@ -364,6 +373,7 @@ class Plan:
             "accepted": spec.accept.accepts(val[self.metric.name], best_val, self.metric),
             "seconds": sum(t["seconds"] for t in self._tried),
             **({"kept_epoch": best["kept_epoch"]} if "kept_epoch" in best else {}),
+            **({"reported": best["reported"]} if "reported" in best else {}),
             **({"source": spec.source, "source_weights": self._source_weights} if spec.source else {}),
             **(
                 {"reinit_blocks": list(spec.reinit_blocks)}

@@ -247,12 +247,17 @@ def train_plan(plan: Plan, task: Task, device: torch.device) -> dict[str, Any]:
         else:
             val = evaluate(stage.model, task, "val")
         started = time.perf_counter()
+        reported = {
+            name: {"val": evaluate(model, task, "val"), "test": evaluate(model, task, "test")}
+            for name, model in plan.reported_models().items()
+        }
         stage.finish(
             val=val,
             test=evaluate(stage.model, task, "test"),
             epochs=epochs,
             seconds=seconds + time.perf_counter() - started,
             kept_epoch=kept_epoch,
+            reported=reported,
         )
     return plan.summary
 

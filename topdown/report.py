@@ -233,6 +233,19 @@ def plot_curves(summary: dict[str, Any], metrics: list[dict[str, Any]], path: Pa
     save_figure(fig, path)
 
 
+def reported_lines(summary: dict[str, Any]) -> list[str]:
+    """The models a plan reports beside its stages (Knowledge Evolution's slim model), a line per
+    stage: recorded, never used to choose."""
+    metric = summary["metric"]
+    lines = [
+        f"- stage {s['index']}, {name}: val {format_metric(m['val'].get(metric), metric)}, "
+        f"test {format_metric(m['test'].get(metric), metric)}"
+        for s in summary["stages"]
+        for name, m in s.get("reported", {}).items()
+    ]
+    return ["Reported beside the stages (never used to choose):", "", *lines, ""] if lines else []
+
+
 def render(summary: dict[str, Any]) -> str:
     metric = summary["metric"]
     chosen = summary["chosen_stage"]
@@ -253,6 +266,7 @@ def render(summary: dict[str, Any]) -> str:
     if chosen is not None and summary["test"]:
         tests = ", ".join(f"{k} {format_metric(v, k)}" for k, v in summary["test"].items())
         lines += [f"Chosen model: stage {chosen}. Test: {tests}.", ""]
+    lines += reported_lines(summary)
     lines += ["![learning curves](curves.png)", ""]
     return "\n".join(lines)
 

@@ -13,6 +13,7 @@ sources each one follows.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -201,6 +202,22 @@ class KelsSplit:
                 kept = p[fit].clone()
                 p.copy_(fresh[name])
                 p[fit] = kept
+
+    def slim(self, model: nn.Module, blocks: Blocks) -> nn.Module:
+        """Knowledge Evolution's slim model: a copy of ``model`` with every split tensor's reset part
+        zeroed. Where layers are joined only by per-channel operations (normalisation per channel,
+        activations, residual additions, pooling), no reset weight then reaches a fit output, so the
+        copy computes exactly what the fit part alone computes in a network of width ⌈s·C⌉ (the
+        narrow network the source builds); where a layer mixes channels otherwise (LayerNorm,
+        attention, recurrent gates, a flatten before a linear layer) it is that masked network."""
+        slim = copy.deepcopy(model)
+        params = dict(slim.named_parameters())
+        with torch.no_grad():
+            for name, fit in self.fit_parts(slim, blocks).items():
+                kept = params[name][fit].clone()
+                params[name].zero_()
+                params[name][fit] = kept
+        return slim
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "blocks": list(self.blocks), "split_rate": self.split_rate}

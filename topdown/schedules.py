@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from torch import nn
+
 from topdown.plan import Plan, cascade_splits
 from topdown.resets import KelsSplit, Reinit, RescaleToInit, Reset, ShrinkPerturb
 from topdown.schedule import LrSchedule
@@ -83,8 +85,16 @@ class KnowledgeEvolution(Rounds):
     role = "generation"
 
     def reset(self, round_index: int) -> tuple[Reset, ...]:
+        return (self._split(),)
+
+    def _split(self) -> KelsSplit:
         rate = self.config.procedure.split_rate
-        return (KelsSplit(self.all_blocks(), SPLIT_RATE if rate is None else rate),)
+        return KelsSplit(self.all_blocks(), SPLIT_RATE if rate is None else rate)
+
+    def reported_models(self) -> dict[str, nn.Module]:
+        """The slim model (the fit part alone, ``KelsSplit.slim``), which the source evaluates after
+        every generation."""
+        return {"slim": self._split().slim(self.model, self.blocks)}
 
 
 class ShrinkAndPerturb(Rounds):

@@ -186,11 +186,13 @@ class Stage:
         epochs: int = 0,
         seconds: float | None = None,
         kept_epoch: int | None = None,
+        reported: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
     ) -> dict[str, Any] | None:
         """Hand back the model's validation metrics (and, to report, test metrics). After the
         stage's last candidate this decides acceptance and records the stage; returns its record.
         ``kept_epoch``: the epoch whose weights the model ends with (a loop that keeps its best
-        epoch's), recorded where given."""
+        epoch's), recorded where given. ``reported``: the metrics of the plan's
+        ``reported_models()``, ``{name: {"val": {...}, "test": {...}}}``, recorded beside the stage."""
         if self.finished:
             raise TopdownError(f"{self.describe()} is already finished")
         if kept_epoch is not None and (isinstance(kept_epoch, bool) or not isinstance(kept_epoch, int)):
@@ -212,7 +214,13 @@ class Stage:
             )
         if not isinstance(val[metric], float):  # _metrics made every other number a float
             raise ConfigError(f"{self.describe()}: validation {metric} must be a number, got {val[metric]!r}")
+        reported = distributed.same_on_every_rank(
+            {
+                name: {split: _metrics(m.get(split) or {}) for split in ("val", "test")}
+                for name, m in (reported or {}).items()
+            }
+        )
         seconds = time.perf_counter() - self._started if seconds is None else seconds
         self.finished = True
-        self.record = self.plan._candidate_finished(self, val, test, epochs, seconds, kept_epoch)
+        self.record = self.plan._candidate_finished(self, val, test, epochs, seconds, kept_epoch, reported)
         return self.record
