@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import cli
+from conftest import cli, read_summary
 from safetensors.torch import load_file, save_file
 
 import topdown
@@ -129,7 +129,7 @@ def test_propose_blocks_refuses_what_it_cannot_propose():
 @pytest.mark.parametrize(
     ("name", "shard"), [("wav2vec2-ctc", None), ("bert-classifier", "20KB"), ("gpt2-lm", None)]
 )
-def test_a_cascade_starts_from_a_save_pretrained_directory(tmp_path, name, shard):
+def test_a_cascade_starts_from_a_save_pretrained_directory(tmp_path, capsys, name, shard):
     """Stage 0 is the saved model; stage 1 re-initialises the blocks below the split as a fresh build
     does, trains them, and leaves the blocks above it bit-identical."""
     arch = ARCHS[name]
@@ -182,6 +182,7 @@ def test_a_cascade_starts_from_a_save_pretrained_directory(tmp_path, name, shard
         with torch.no_grad():
             stage.finish(val={"loss": model(**arch.batch(torch.Generator().manual_seed(1))).loss.item()})
     assert roles == ["loaded", "cascade"]
+    assert "runs the blocks in the order" not in capsys.readouterr().err  # the order check passed
     assert plan.summary["stages"][0]["source"] == str(directory)
 
 
@@ -266,3 +267,23 @@ def test_a_missing_shard_is_one_line_and_nothing_is_written(tmp_path):
         f"topdown: error: checkpoint {directory} lacks {lost.name}, named by its model.safetensors.index.json"
     ]
     assert not (tmp_path / "cli").exists()
+
+
+def test_a_run_built_on_a_directory_is_not_resumed_from_other_weights(tmp_path):
+    directory, run = tmp_path / "pretrained", tmp_path / "run"
+    saved(ARCHS["gpt2-lm"], directory)
+    proposal = topdown.propose_blocks(_gpt2())
+
+    def cascade(**kw) -> topdown.Cascade:
+        return topdown.Cascade(
+            _gpt2(), proposal.spec, shared=proposal.shared, build_model=_gpt2, metric="loss", out=run, **kw
+        )
+
+    for stage in cascade(from_checkpoint=str(directory)):  # stage 0 recorded, then stopped
+        stage.finish(val={"loss": 1.0})
+        break
+    assert read_summary(run)["stages"][0]["source"] == str(directory)
+    cascade(from_checkpoint=str(directory), resume=True)  # the same weights: it continues
+    _gpt2().save_pretrained(directory)  # other weights in the same place
+    with pytest.raises(TopdownError, match=r"cannot resume .*: it started from other weights than"):
+        cascade(from_checkpoint=str(directory), resume=True)
