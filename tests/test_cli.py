@@ -239,7 +239,7 @@ def test_bad_from_checkpoint(tmp_path):
         "--from",
         str(run / "checkpoints" / "best.safetensors"),
     )
-    assert_one_line_error(proc, "does not fit this task's model")
+    assert_one_line_error(proc, "does not fit the model")
 
 
 def test_cascade_from_checkpoint(tmp_path):

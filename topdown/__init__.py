@@ -6,7 +6,7 @@ The method is model-agnostic. Drive a plan of stages from any training loop
 every stage (``topdown.cascade(task, out)``).
 """
 
-from topdown.blocks import Blocks
+from topdown.blocks import Blocks, ProposedBlocks, propose_blocks
 from topdown.config import CascadeConfig, ProcedureConfig, RunConfig, TrainConfig
 from topdown.errors import BlockError, ConfigError, DataError, TopdownError, TrainingError
 from topdown.metrics import Metric
@@ -34,6 +34,8 @@ from topdown.version import __version__
 __all__ = [
     "__version__",
     "Blocks",
+    "propose_blocks",
+    "ProposedBlocks",
     "Task",
     "TrainConfig",
     "CascadeConfig",

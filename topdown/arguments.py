@@ -218,7 +218,7 @@ def _plan_options(p: argparse.ArgumentParser, name: str) -> None:
             dest="from_checkpoint",
             metavar="CKPT",
             help="start from this checkpoint instead of training a baseline (transfer-classifier: the "
-            "full-data model)",
+            "full-data model): a safetensors file or a save_pretrained directory",
         )
     if name in ("retrain-classifier", "transfer-classifier"):
         p.add_argument("--split", type=int, required=True, help="K: blocks 1..K are the feature extractor")

@@ -8,7 +8,8 @@ parameters' names. Blocks are listed from input to output; split ``k`` puts bloc
 feature extractor and ``k+1..L`` in the classifier. Every parameter must belong to exactly one
 block, and a parameter reachable from two blocks (tied weights) needs an explicit owner:
 all of this is checked when the blocks are declared, before any training starts. The order
-itself is checked on the first forward pass (``watch_call_order``).
+itself is checked on the first forward pass (``watch_call_order``). ``propose_blocks`` proposes a
+spec for a model built around a stack of repeated layers (a hub transformer, say).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import difflib
 import types
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -42,6 +44,17 @@ def empty_side(owned: Mapping[str, Sequence[str]], k: int) -> tuple[str, list[st
 def usable_splits(owned: Mapping[str, Sequence[str]]) -> list[int]:
     """The splits, highest first, whose two sides each own a parameter (see ``empty_side``)."""
     return [k for k in range(len(owned) - 1, 0, -1) if empty_side(owned, k) is None]
+
+
+def covering(entries: Mapping[str, Sequence[str]], qualified_name: str) -> set[str]:
+    """The blocks (block name -> entries) with an entry that is this parameter or buffer, or a module
+    above it."""
+    return {
+        block
+        for block, names in entries.items()
+        for e in names
+        if qualified_name == e or qualified_name.startswith(e + ".")
+    }
 
 
 def _resolve(model: nn.Module, entry: str) -> nn.Module | nn.Parameter:
@@ -110,15 +123,6 @@ class Blocks:
 
     # -- construction -------------------------------------------------------------------
 
-    def _blocks_of(self, qualified_name: str) -> set[str]:
-        """The blocks with an entry that is this parameter or buffer, or a module above it."""
-        return {
-            block
-            for block, entries in self.entries.items()
-            for e in entries
-            if qualified_name == e or qualified_name.startswith(e + ".")
-        }
-
     def _modules_of(self, block: str) -> list[nn.Module]:
         """The submodules ``block``'s entries name; a parameter entry names none."""
         targets = (_resolve(self.model, e) for e in self.entries[block])
@@ -138,7 +142,7 @@ class Blocks:
                 raise BlockError(f"shared parameter {key!r} is not a parameter of the model")
         owner: dict[str, str] = {}
         for pid, names in names_of.items():
-            per_name = {n: self._blocks_of(n) for n in names}
+            per_name = {n: covering(self.entries, n) for n in names}
             for n, blocks in per_name.items():
                 if not blocks:
                     raise BlockError(f"parameter {n!r} is covered by no block")
@@ -258,7 +262,7 @@ class Blocks:
                 canonical = params[id(value)]
                 if canonical == key and self.owner[canonical] in wanted:
                     keys.append(key)
-            elif self._blocks_of(key) & wanted:
+            elif covering(self.entries, key) & wanted:
                 keys.append(key)
         return keys
 
@@ -305,3 +309,100 @@ class Blocks:
         with torch.no_grad():
             for key in self.state_keys(blocks):
                 target[key].copy_(source_state[key])
+
+
+class ProposedBlocks(NamedTuple):
+    """A block spec, input to output, and the owners of its tied parameters (``propose_blocks``):
+    ``Blocks(model, *proposal)``, ``Cascade(model, proposal.spec, shared=proposal.shared, ...)`` or
+    ``Task(blocks=proposal.spec, shared=proposal.shared, ...)``."""
+
+    spec: list[tuple[str, list[str]]]
+    shared: dict[str, str]
+
+
+def _is_stack(module: nn.Module) -> bool:
+    """A ``ModuleList`` or ``Sequential`` of two or more modules of one type: repeated layers."""
+    layers = list(module.children())
+    return (
+        isinstance(module, (nn.ModuleList, nn.Sequential))
+        and len(layers) >= 2
+        and len({type(layer) for layer in layers}) == 1
+    )
+
+
+def _size(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _qualified(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def propose_blocks(model: nn.Module, layers_per_block: int = 1, stack: str | None = None) -> ProposedBlocks:
+    """Blocks for a model built around a stack of repeated layers (a transformer's encoder layers, a
+    network's residual blocks), from its module tree alone: no forward pass, no knowledge of the
+    architecture. Check the proposal (``proposal.spec``) before a long run; edit it as any spec.
+
+    The stack is the module named ``stack`` or, by default, the ``nn.ModuleList`` or
+    ``nn.Sequential`` of two or more modules of one type that holds the most parameters
+    (``bert.encoder.layer``, ``transformer.h``, ``wav2vec2.encoder.layers``). The blocks are:
+
+    - ``input``: every module registered before the stack in a container of it (embeddings, a
+      convolutional feature extractor, the stack's positional convolution), and the parameters that
+      sit directly on those containers (``wav2vec2.masked_spec_embed``);
+    - one block per ``layers_per_block`` consecutive layers of the stack, named after the stack and
+      its first and last layer (``h.0``, or ``h.0-1`` with two a block); the last may have fewer;
+    - ``output``: every module registered after the stack (final norm, pooler, dropout, head).
+
+    "Before" and "after" are the order in which the containers register their modules, which in
+    the usual model follows the forward pass; a module registered before the stack but run after it
+    (a final norm declared first) lands in ``input``, so read the proposal. An ``input`` or
+    ``output`` with nothing in it is left out. A parameter reached from two blocks (an output
+    layer tied to the input embedding, as in GPT-2) is owned by the higher one: it is then frozen
+    with the classifier in every cascade stage and re-initialised only where the top block is, as
+    ``lm-awd``'s default tie does (``shared``; give your own to choose otherwise). The proposal is
+    checked as ``Blocks`` checks any spec: every parameter in exactly one block.
+    """
+    if isinstance(layers_per_block, bool) or not isinstance(layers_per_block, int) or layers_per_block < 1:
+        raise BlockError(f"layers_per_block must be a positive int, got {layers_per_block!r}")
+    modules = dict(model.named_modules())
+    if stack is None:
+        stacks = [name for name, module in modules.items() if _is_stack(module)]
+        if not stacks:
+            raise BlockError(
+                "the model has no stack of repeated layers (a ModuleList or Sequential of two or more "
+                "modules of one type): declare its blocks yourself"
+            )
+        stack = max(stacks, key=lambda name: _size(modules[name]))  # the first of the largest
+    elif stack not in modules or not list(modules[stack].children()):
+        raise BlockError(f"stack {stack!r} is no module with layers in the model")
+    below: list[str] = []
+    above: list[str] = []
+    path = stack.split(".") if stack else []
+    for depth, step in enumerate(path):  # each container of the stack, outermost first
+        prefix = ".".join(path[:depth])
+        container = modules[prefix]
+        children = [name for name, _ in container.named_children()]
+        at = children.index(step)
+        below += [_qualified(prefix, name) for name, _ in container.named_parameters(recurse=False)]
+        below += [_qualified(prefix, name) for name in children[:at]]
+        above[:0] = [_qualified(prefix, name) for name in children[at + 1 :]]  # innermost first
+    layers = [name for name, _ in modules[stack].named_children()]
+    base = path[-1] if path else "layers"
+    spec = [("input", below)] if below else []
+    for i in range(0, len(layers), layers_per_block):
+        group = layers[i : i + layers_per_block]
+        name = f"{base}.{group[0]}" + (f"-{group[-1]}" if len(group) > 1 else "")
+        spec.append((name, [_qualified(stack, layer) for layer in group]))
+    if above:
+        spec.append(("output", above))
+    entries, order = dict(spec), [name for name, _ in spec]
+    names_of: dict[int, list[str]] = {}
+    for qname, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(qname)
+    shared = {}
+    for names in names_of.values():
+        if len(reached := set().union(*(covering(entries, n) for n in names))) > 1:
+            shared[names[0]] = max(reached, key=order.index)
+    Blocks(model, spec, shared)  # every parameter in exactly one block
+    return ProposedBlocks(spec, shared)

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from topdown.config import RunConfig
-from topdown.files import load_tensors, weights_digest
+from topdown.files import weights_digest
 from topdown.metrics import Metric
+from topdown.pretrained import read_start
 from topdown.task import DATA_DIR
 
 
@@ -122,9 +123,9 @@ def other_start(summary: Mapping[str, Any], from_checkpoint: str | None) -> str 
         return f"it trained its own baseline, not the model in {from_checkpoint}"
     recorded = stages[0].get("source_weights")
     # nothing to compare (a resume no longer needs the checkpoint once stage 0 is recorded)
-    if recorded is None or not Path(from_checkpoint).is_file():
+    if recorded is None or not Path(from_checkpoint).exists():
         return None
-    if recorded == weights_digest(load_tensors(Path(from_checkpoint))[0]):
+    if recorded == weights_digest(read_start(from_checkpoint)[0]):
         return None
     return f"it started from other weights than {from_checkpoint} (was that checkpoint trained again since?)"
 

@@ -34,10 +34,10 @@ from topdown.errors import ConfigError, TopdownError
 from topdown.files import weights_digest
 from topdown.identity import first_difference, run_identity
 from topdown.metrics import Metric
+from topdown.pretrained import check_start, load_start
 from topdown.provenance import provenance
 from topdown.record import Record, RunRecord
 from topdown.resets import Reinit, ResetContext
-from topdown.runs import RunDir
 from topdown.seeds import check_seed, derive_seed
 from topdown.stage import Accept, Stage, StageSpec
 
@@ -118,6 +118,8 @@ class Plan:
         self.task_info = dict(task_info or {})
         self._refuse_unused_procedure_options()
         self.check()
+        if from_checkpoint is not None and (not resume or Path(from_checkpoint).exists()):
+            check_start(from_checkpoint)  # before anything is written (a resume may not need it)
         self.record = RunRecord(out) if out is not None else Record()
         header = {
             **run_identity(self.procedure, name, preset, seed, self.config, self.metric, self.task_info),
@@ -272,16 +274,8 @@ class Plan:
         return fresh
 
     def _load(self, path: str) -> None:
-        path = Path(path)
-        tensors, meta = RunDir.load_checkpoint(path)
-        try:
-            self.model.load_state_dict(tensors)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()
-            raise ConfigError(
-                f"checkpoint {path} does not fit this task's model: {' '.join(first[:3])[:300]}"
-            ) from None
-        self._warn_if_other_data(path, meta)
+        tensors, meta = load_start(self.model, path)
+        self._warn_if_other_data(Path(path), meta)
         self._source_weights = weights_digest(tensors)
 
     def _warn_if_other_data(self, path: Path, meta: Mapping[str, Any]) -> None:
