@@ -3,7 +3,9 @@ classes, ``topdown.sections``, each option with its constraint), ``DEFAULTS`` (t
 to the declared defaults, of its sections and of the method's), ``PRESETS`` (changes on top of
 those), ``block_names(model)``, ``build_model(sections)`` and ``make(sections, data_dir) -> Task``,
 where ``sections`` are the task's typed sections (``RunConfig.task``: ``sections.model.hidden``)
-and ``model`` is its ``model`` section. Modules are imported only when their task is used."""
+and ``model`` is its ``model`` section. Each task's ``data`` section derives ``regime.Regime``: the
+training-regime keys every task shares (``data.fraction``, ``data.label_noise``, ``data.augment``).
+Modules are imported only when their task is used."""
 
 from __future__ import annotations
 

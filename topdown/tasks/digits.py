@@ -19,18 +19,21 @@ from torch.nn import functional as F
 from topdown.errors import ConfigError, DataError
 from topdown.sections import Section, TaskSections, option
 from topdown.task import Task, cross_entropy_loss, index_batches
+from topdown.tasks.regime import Regime, classification_set
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "digits" / "digits.npz"
 
 
 @dataclass(frozen=True)
-class Data(Section):
-    SECTION: ClassVar[str] = "data"
+class Data(Regime):
+    """The regime options (``topdown.tasks.regime``; no augmentation), then the split and batches."""
+
     val_fraction: float = option(0.2, gt=0, lt=1)  # of the 1797 images, a fixed split whatever the seed
     test_fraction: float = option(0.2, gt=0, lt=1)
     batch_size: int = option(64, ge=2)  # BatchNorm needs two examples
 
     def check_relations(self) -> None:
+        super().check_relations()
         if self.val_fraction + self.test_fraction >= 1:
             raise ConfigError(
                 f"data.val_fraction + data.test_fraction must be below 1 (got {self.val_fraction} + "
@@ -102,7 +105,7 @@ def make(cfg: TaskSections, data_dir: str | None = None) -> Task:
     if data_dir is not None:
         raise DataError("digits uses its bundled data; --data-dir is not supported")
     splits = load_splits(cfg.data)
-    x_train, y_train = splits["train"]
+    x_train, y_train, regime = classification_set(*splits["train"], 10, cfg.data)
     batch_size = cfg.data.batch_size
 
     def train_batches(generator: torch.Generator, subset: float):
@@ -127,4 +130,5 @@ def make(cfg: TaskSections, data_dir: str | None = None) -> Task:
         evaluate=evaluate,
         metric="error",
         lower_is_better=True,
+        info={"regime": regime} if regime else {},
     )

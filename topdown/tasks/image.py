@@ -24,14 +24,18 @@ from topdown.sections import Section, TaskSections, option
 from topdown.task import Task, cross_entropy_loss, index_batches
 from topdown.tasks import digits
 from topdown.tasks.image_folders import load_folders
+from topdown.tasks.regime import classification_set
 
 
 @dataclass(frozen=True)
 class Data(digits.Data):
     """The digits task's data options (its held-out fractions: for digits, and for image folders
     without val/ the share of train held out; test_fraction is digits only, and other values are
-    refused with image folders), and these."""
+    refused with image folders), and these. ``augment`` (true here) switches the random crop and
+    flip off whatever their options say."""
 
+    AUGMENTS: ClassVar[bool] = True
+    augment: bool = True
     eval_batch_size: int = option(1000, ge=1)
     crop_padding: int = option(1, ge=0)  # random crop after zero padding by this many pixels; 0 = no crop
     flip: bool = False  # random horizontal flip (off for digits: a mirrored digit is another symbol)
@@ -203,13 +207,14 @@ def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def make(cfg: TaskSections, data_dir: str | None = None) -> Task:
     d = cfg.data
     classes, splits, facts = load_digits(d) if data_dir is None else load_folders(d, data_dir)
-    x_train, y_train = splits["train"]
-    channels, height, width = x_train.shape[1:]
-    pixels = to_float(x_train)
+    channels, height, width = splits["train"][0].shape[1:]
+    pixels = to_float(splits["train"][0])
     mean, std = (
         pixels.mean(dim=(0, 2, 3)),
         pixels.std(dim=(0, 2, 3)).clamp_min(1e-3),
-    )  # per channel, training images
+    )  # per channel, of all training images (so evaluation inputs do not depend on data.fraction)
+    x_train, y_train, regime = classification_set(*splits["train"], len(classes), d)
+    splits["train"] = (x_train, y_train)
 
     def normalise(x: torch.Tensor) -> torch.Tensor:
         return (to_float(x) - mean[:, None, None]) / std[:, None, None]
@@ -217,9 +222,9 @@ def make(cfg: TaskSections, data_dir: str | None = None) -> Task:
     def train_batches(generator: torch.Generator, subset: float):
         for idx in index_batches(len(y_train), subset, d.batch_size, generator):
             x = to_float(x_train[idx])
-            if d.crop_padding > 0:
+            if d.augment and d.crop_padding > 0:
                 x = random_crop(x, d.crop_padding, generator)  # pads with black (the digits' background)
-            if d.flip:
+            if d.augment and d.flip:
                 x = random_flip(x, generator)
             yield normalise(x), y_train[idx]
 
@@ -244,6 +249,7 @@ def make(cfg: TaskSections, data_dir: str | None = None) -> Task:
         ],  # per channel, of the training images in [0, 1]: the input normalisation
         "std": [float(v) for v in std],
         "images": {split: len(y) for split, (_, y) in splits.items()},
+        **({"regime": regime} if regime else {}),
     }
     return Task(
         name="image",

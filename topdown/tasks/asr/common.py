@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from topdown.sections import Section, TaskSections
 from topdown.task import Task, subset_size
-from topdown.tasks.asr.data import BLANK, Data, Example, batches, prepare, spec_augment
+from topdown.tasks.asr.data import BLANK, Data, Example, SpecAugment, batches, prepare, spec_augment
 from topdown.tasks.asr.decoding import Decode, error_rates, transcribe, word_scorer
 
 
@@ -66,7 +66,7 @@ def make_task(
     """A ``Task`` for a CTC model over the prepared data. ``build_model(cfg, inputs=, vocab=)``."""
     data, info, vocab = prepare(cfg.data, data_dir, out_length)
     batch_size = cfg.data.batch_size
-    augment = cfg.data.spec_augment
+    augment = cfg.data.spec_augment if cfg.data.augment else SpecAugment()  # no masks: none
     stack = cfg.data.stack  # SpecAugment bands cover the same dimensions of each stacked frame
     decode = cfg.decode
 

@@ -21,6 +21,7 @@ from topdown.sections import Section, option
 from topdown.task import data_location
 from topdown.tasks.asr import an4, kaldi
 from topdown.tasks.asr.filterbank import Fbank
+from topdown.tasks.regime import Regime, group_subset
 
 BLANK = 0
 BLANK_SYMBOL = "<blank>"
@@ -38,8 +39,13 @@ class SpecAugment(Section):
 
 
 @dataclass(frozen=True)
-class Data(Section):
-    SECTION: ClassVar[str] = "data"
+class Data(Regime):
+    """The regime options (``topdown.tasks.regime``: the subset is whole speakers; ``augment``, true
+    here, switches ``spec_augment`` off whatever its masks), then the corpus's."""
+
+    TARGETS: ClassVar[str] = "transcripts"
+    AUGMENTS: ClassVar[bool] = True
+    augment: bool = True
     val_speakers: int = option(
         8, ge=1
     )  # training speakers held out for validation when there is no dev set (never test speakers)
@@ -62,6 +68,7 @@ class Data(Section):
     spec_augment: SpecAugment = field(default_factory=SpecAugment)
 
     def check_relations(self) -> None:
+        super().check_relations()
         if not all(isinstance(t, str) and t and not any(c.isspace() for c in t) for t in self.remove_tokens):
             raise ConfigError(
                 "data.remove_tokens must be a list of words (no spaces), e.g. [<NOISE>], got "
@@ -218,7 +225,9 @@ def prepare(
     data_cfg: Data, data_dir: str | None, out_length: Callable[[int], int] | None = None
 ) -> tuple[dict[str, list[Example]], dict[str, Any], Vocab]:
     """Features (deltas, training-set normalisation, frame stacking) and targets for
-    train/val/test, the facts the model depends on (vocabulary, feature statistics) and the vocabulary."""
+    train/val/test, the facts the model depends on (vocabulary, feature statistics) and the vocabulary.
+    With ``data.fraction`` the training examples are those of a subset of the speakers; the
+    statistics are still the whole training split's, so validation and test do not change."""
     corpus = load_corpus(data_cfg, data_dir)
     out_length = out_length or (lambda n: n)
 
@@ -244,6 +253,17 @@ def prepare(
                 )
             examples.append(Example(u.uid, feats, target, u.text))
         out[name] = examples
+    regime = {}
+    if data_cfg.fraction < 1:  # whole speakers; the statistics above are still the whole training split's
+        speakers = [u.speaker for u in corpus.splits["train"]]
+        keep = group_subset(speakers, data_cfg.fraction, data_cfg.seed)
+        out["train"] = [out["train"][i] for i in keep]
+        regime = {
+            "utterances": len(keep),
+            "of": len(speakers),
+            "speakers": len({speakers[i] for i in keep}),
+            "of_speakers": len(set(speakers)),
+        }
     raw_dim = corpus.splits["train"][0].feats.shape[1]
     info = {
         "vocab": corpus.vocab.symbols,
@@ -268,6 +288,7 @@ def prepare(
             "std": [float(x) for x in norm.std],
         },
         "utterances": {k: len(v) for k, v in out.items()},
+        **({"regime": regime} if regime else {}),
     }
     return out, info, corpus.vocab
 

@@ -24,15 +24,18 @@ from topdown.sections import Section, TaskSections, option
 from topdown.task import Task, data_location, subset_size
 from topdown.tasks.lm import corpus
 from topdown.tasks.lm.model import AWDLSTM, TIE_MODES, detach
+from topdown.tasks.regime import Regime, span
 
 LIGHT_DROPOUT = {"dropouti": 0.4, "dropouth": 0.2, "dropout": 0.3, "wdrop": 0.3}
 
 
 @dataclass(frozen=True)
-class Data(Section):
-    """bptt 70, eval batch 10 and variable-length BPTT as AWD-LSTM; batch 20 (AWD-LSTM: 80) for a CPU."""
+class Data(Regime):
+    """The regime options (``topdown.tasks.regime``: the subset is a contiguous span of the training
+    text; no label noise, no augmentation), then bptt 70, eval batch 10 and variable-length BPTT as
+    AWD-LSTM; batch 20 (AWD-LSTM: 80) for a CPU."""
 
-    SECTION: ClassVar[str] = "data"
+    TARGETS: ClassVar[str] = "running text (each next word)"
     batch_size: int = option(20, ge=1)
     eval_batch_size: int = option(10, ge=1)
     bptt: int = option(70, ge=2)
@@ -155,6 +158,11 @@ def load_corpus(
 def make(cfg: TaskSections, data_dir: str | None = None) -> Task:
     d, lcfg = cfg.data, cfg.loss
     vocab, ids, paths = load_corpus(d, data_dir)
+    regime = {}
+    if d.fraction < 1:  # a span of the training text; the vocabulary is still the whole split's
+        whole, part = len(ids["train"]), span(len(ids["train"]), d.fraction, d.seed)
+        ids["train"] = ids["train"][part]
+        regime = {"tokens": len(ids["train"]), "of": whole, "start": part.start}
     blocks = block_names(cfg.model)
     bptt = d.bptt
     hidden: dict[str, Any] = {"state": None}  # carried from batch to batch within an epoch
@@ -165,6 +173,8 @@ def make(cfg: TaskSections, data_dir: str | None = None) -> Task:
         key = "batch_size" if split == "train" else "eval_batch_size"
         limited = 0 < d.limit_tokens <= len(stream)  # the prefix may be what is too short
         fix = f", or raise data.limit_tokens ({d.limit_tokens})" if limited else ""
+        if split == "train" and d.fraction < 1:
+            fix += f", or raise data.fraction ({d.fraction:g})"
         return corpus.batchify(
             stream, getattr(d, key), corpus.describe(split, paths.get(split)), f"data.{key}", fix
         )
@@ -237,6 +247,7 @@ def make(cfg: TaskSections, data_dir: str | None = None) -> Task:
         "vocab_sha256": hashlib.sha256("\n".join(vocab).encode()).hexdigest(),
         "vocab": vocab,
         "tokens": {split: len(t) for split, t in ids.items()},
+        **({"regime": regime} if regime else {}),
     }
     if data_dir is None:
         info["note"] = corpus.NOT_COMPARABLE
