@@ -188,6 +188,8 @@ def test_a_sequential_comparison_adds_seeds_until_the_named_differences_are_beyo
     assert asked == [2, 5, 8, 9] and record["seeds"] == 9  # --jobs seeds at a time, up to the budget
     assert record["stopping"]["stopped"] == "seed budget spent"
     assert record["stopping"]["undecided"] == ["baseline-equal-epochs", "best-of-k"]
+    # no difference there: after 9 seeds their intervals lie within the margin (a 1-point one)
+    assert record["stopping"]["within_margin"] == ["baseline-equal-epochs", "best-of-k"]
     assert "the seed budget was spent (baseline-equal-epochs, best-of-k undecided)" in " ".join(
         (tmp_path / "all" / "compare.md").read_text().split()
     )

@@ -236,6 +236,12 @@ def run_compare(
             "looks": looks,
             "stopped": "margin excluded" if not undecided else "seed budget spent",
             "undecided": undecided,
+            # as valid as the stop itself: a difference, if any, smaller than the margin
+            "within_margin": [
+                c
+                for c in undecided
+                if (cs := record_arms[c][difference]["cs95"]) and max(map(abs, cs)) < rule["margin"]
+            ],
         }
     write_record(out, "compare", record, render, plot)
     return record
@@ -450,12 +456,17 @@ def _stopping_described(stopping: dict[str, Any], f: Callable[[float], str]) -> 
         if stopping["stopped"] == "margin excluded"
         else f"the seed budget was spent ({', '.join(stopping['undecided'])} undecided)"
     )
+    if within := stopping.get("within_margin"):
+        why += (
+            f"; the intervals of {', '.join(within)} lie within ±{f(stopping['margin'])}, so any "
+            "difference there is smaller"
+        )
     text = (
         f"Sequential: seeds added from {stopping['start']}, {stopping['batch']} at a time, at most "
         f"{stopping['max_seeds']}, until the anytime-valid 95 % interval (a confidence sequence, valid "
         f"however the seeds were stopped; docs/usage.md) of {names} lay beyond ±{f(stopping['margin'])}; "
-        f"stopped after {stopping['looks'][-1]} seeds: {why}. The t-intervals (CI) assume a number of "
-        "seeds fixed in advance and are shown for reference."
+        f"stopped after {stopping['looks'][-1]} seeds: {why}. The t-intervals (CI) and p-values assume "
+        "a number of seeds fixed in advance and are shown for reference."
     )
     return [*textwrap.wrap(text, 100, break_on_hyphens=False), ""]
 

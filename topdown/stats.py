@@ -73,7 +73,7 @@ def t975(df: int) -> float:
     return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
-ALPHA, POWER = 0.05, 0.8  # of the paired t-test behind ``detectable`` and ``seeds_needed``
+ALPHA, POWER = 0.05, 0.8  # the level (``t975``'s) and power behind ``detectable``, ``seeds_needed``
 _Z975, _Z80 = 1.959964, 0.841621
 # The prior variance of the standardised effect in ``anytime_interval``: fixed before any data (as
 # its validity requires); 1, the unit-information choice, makes the interval finite from 5 pairs on
@@ -144,7 +144,7 @@ def anytime_half_width_t(n: int, alpha: float = ALPHA, g: float = _MIXTURE_G) ->
     """The anytime-valid interval's half-width after ``n`` pairs, in units of sd / sqrt(n) (as
     ``t975`` is the t-interval's); inf where it is not yet finite.
 
-    The Bayes factor against mean mu0 is c^-1/2 ((1 + y) / (1 + y / c))^((n) / 2) with c = 1 + n g,
+    The Bayes factor against mean mu0 is c^-1/2 ((1 + y) / (1 + y / c))^(n / 2) with c = 1 + n g,
     y = T^2 / (n - 1) and T the t statistic against mu0 (module docstring); it stays below 1/alpha
     exactly where (1 + y) / (1 + y / c) < K = (sqrt(c) / alpha)^(2 / n), i.e. where
     y < (K - 1) / (1 - K / c) when K < c (when K >= c, the left side, below c, always is)."""
