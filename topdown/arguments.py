@@ -26,6 +26,8 @@ EPILOG = """examples:
       --runs-from bench/results/digits-compare-demo-full-budget/runs.tar.xz
                                                  # rebuild a committed comparison from its runs, no training
   topdown compare digits --seeds 20 --only equal-epochs-seed3  # only that run of the comparison
+  topdown compare digits --seeds 5 --until-margin 0.5 --max-seeds 50
+                                                 # add seeds until every difference is beyond 0.5 points
   topdown analyse digits                         # the paper's two observations, every split
   topdown report runs/digits-compare-demo        # where each run of a comparison stands, and its arms so far
 Config keys: see `topdown list --config TASK`. Run directory contract: docs/run-directory.md."""
@@ -116,7 +118,9 @@ def parser() -> argparse.ArgumentParser:
         "data (its task_info) or under another metric is refused, never mixed in; a chosen model whose test "
         "metric is NaN or missing stops the comparison, naming its run.",
     )
-    p.add_argument("--seeds", type=int, required=True, help="number of seeds (0..N-1)")
+    p.add_argument(
+        "--seeds", type=int, required=True, help="number of seeds (0..N-1; with --until-margin, the first N)"
+    )
     p.add_argument(
         "--jobs",
         type=int,
@@ -147,6 +151,28 @@ def parser() -> argparse.ArgumentParser:
         metavar="ARM[,ARM...]",
         help="the arms whose largest total epochs, per seed, the equal-epochs baseline is given (default: "
         "every arm); a compare.json without budget_arms gave it the cascade's (--budget-arms cascade)",
+    )
+    p.add_argument(
+        "--effect",
+        type=float,
+        metavar="X",
+        help="also report, per paired difference, the seeds a difference of X would need (80 %% power, "
+        "two-sided 5 %%, at the observed spread); X in the units compare.md shows (points for a rate)",
+    )
+    p.add_argument(
+        "--until-margin",
+        type=float,
+        metavar="M",
+        help="add seeds (--jobs at a time) beyond --seeds until each difference's anytime-valid 95 %% "
+        "interval lies beyond +-M (units as --effect; 0: excludes zero), or --max-seeds is reached",
+    )
+    p.add_argument("--max-seeds", type=int, metavar="N", help="the seed budget of --until-margin")
+    p.add_argument(
+        "--until-controls",
+        type=_names,
+        metavar="NAME[,NAME...]",
+        help="the differences --until-margin waits for (default: all): cascade minus each named control "
+        "or arm; without a cascade arm, each named arm minus the baseline",
     )
     p.add_argument(
         "--runs-from",

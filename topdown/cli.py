@@ -76,7 +76,15 @@ def _compare(args: argparse.Namespace) -> None:
             test = report.format_metric(summary["stages"][summary["chosen_stage"]]["test"].get(m), m)
             print(f"{name}: finished in {out / 'runs' / name}, test {m} {test}")
         return
-    run_compare(factory(), out, **kw)
+    run_compare(
+        factory(),
+        out,
+        **kw,
+        effect=args.effect,
+        until_margin=args.until_margin,
+        max_seeds=args.max_seeds,
+        until_controls=args.until_controls,
+    )
     print((out / "compare.md").read_text())
 
 

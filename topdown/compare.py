@@ -21,10 +21,11 @@ summaries are read, so a finished run whose checkpoints were deleted still count
 longer than a machine's life continues elsewhere from its finished runs' records (``topdown compare
 --runs-from``, ``topdown.archive``), and is rebuilt from them without training.
 
-Here: the comparison (``run_compare``), each arm's result read back from its runs' summaries, and
-its report. The runs themselves (their names, recipes and scheduling, and ``run_only``, which trains
-some of them alone for a machine or process that takes on part of it) are ``topdown.arms``; the
-paired statistics, ``topdown.stats``.
+Here: the comparison (``run_compare``; with a margin, sequential: seeds added until each difference's
+anytime-valid interval lies beyond it, ``stopping_rule``), each arm's result read back from its runs'
+summaries, and its report. The runs themselves (their names, recipes and scheduling, and
+``run_only``, which trains some of them alone for a machine or process that takes on part of it) are
+``topdown.arms``; the paired statistics, ``topdown.stats``.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from topdown.errors import ConfigError, TopdownError
 from topdown.identity import current_name
 from topdown.metrics import Metric, display_scale
 from topdown.report import format_metric, save_figure, stage_result, table_head, write_record
-from topdown.stats import paired_stats, summarise
+from topdown.stats import excludes, paired_stats, summarise
 from topdown.task import Task
 
 
@@ -176,51 +177,152 @@ def run_compare(
     device=None,
     jobs: int = 1,
     task_factory: Callable[[], Task] | None = None,
+    effect: float | None = None,
+    until_margin: float | None = None,
+    max_seeds: int | None = None,
+    until_controls: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) every arm and control for seeds 0..seeds-1; write ``compare.json``,
     ``compare.md``, ``compare.png``. ``arms``: plans' names (``procedures.plan_class``: a built-in
     plan or ``module:Class``); ``budget_arms``: the arms whose largest total epochs the
     equal-epochs baseline is given (default: all of them). ``jobs`` > 1 runs the runs in that many
-    processes, each building its task with ``task_factory``."""
+    processes, each building its task with ``task_factory``.
+
+    ``effect``: per paired difference, the seeds one of that size would need (``seeds_needed``).
+    ``until_margin``: then add seeds, ``jobs`` at a time (at least one), until every one of the
+    ``until_controls`` (default: all; ``stopping_rule``) has an anytime-valid interval that
+    excludes the margin, or ``max_seeds`` seeds have run (``stopping`` in the record).
+    ``effect`` and ``until_margin`` are in the metric's display units (``display_scale``: points of
+    a rate); compare.json holds them, like every number, in the metric's own."""
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+    if effect is not None and not effect > 0:
+        raise ConfigError(f"--effect must be positive, got {effect}")
     out = Path(out)
     comparison = ComparisonRuns(out / "runs", resolve_arms(arms), budget_arms)
     primary = task.primary
-    metric, lower = primary.name, primary.lower_is_better
-    runs = run_all(task, comparison, seeds, config, preset, device, jobs, task_factory)
-    per_seed = [seed_arms(primary, seed, comparison, runs[seed].get) for seed in range(seeds)]
-    names = comparison.columns
-    results = {arm: {seed: per_seed[seed][arm] for seed in range(seeds)} for arm in names}
-
-    tests = {arm: [results[arm][s]["test"] for s in range(seeds)] for arm in names}
-    cascade = comparison.has_cascade
-    record_arms = {}
-    for arm in names:
-        record_arms[arm] = {
-            "test": summarise(tests[arm]),
-            "epochs": summarise([results[arm][s]["epochs"] for s in range(seeds)]),
-            "seconds": summarise([results[arm][s]["seconds"] for s in range(seeds)]),
-            "vs_baseline": paired_stats(tests[arm], tests["baseline"]) if arm != "baseline" else None,
-            # the question a reviewer asks: does the cascade beat each control, seed by seed?
-            "cascade_minus_arm": paired_stats(tests["cascade"], tests[arm])
-            if cascade and arm != "cascade"
-            else None,
-            "per_seed": [results[arm][s] for s in range(seeds)],
-        }
+    scale, _ = display_scale(primary.name)
+    effect = None if effect is None else effect / scale
+    rule = stopping_rule(comparison, seeds, until_margin, max_seeds, until_controls, scale, jobs)
+    n, looks = seeds, []
+    while True:
+        runs = run_all(task, comparison, n, config, preset, device, jobs, task_factory)
+        record_arms = _arms_record(primary, comparison, runs, effect, anytime=rule is not None)
+        looks.append(n)
+        if rule is None:
+            break
+        difference = rule["difference"]
+        undecided = [
+            c for c in rule["controls"] if not excludes(record_arms[c][difference]["cs95"], rule["margin"])
+        ]
+        if not undecided or n >= rule["max_seeds"]:
+            break
+        n = min(rule["max_seeds"], n + rule["batch"])
     record = {
         "task": task.name,
         "preset": preset,
-        "seeds": seeds,
-        "metric": metric,
-        "lower_is_better": lower,
+        "seeds": n,
+        "metric": primary.name,
+        "lower_is_better": primary.lower_is_better,
         "config": config.as_dict(),
         "arms": record_arms,
         "budget_arms": list(comparison.budget_arms),
         "note": task.info.get("note"),
+        **({"effect": effect} if effect is not None else {}),
     }
+    if rule is not None:
+        record["stopping"] = {
+            **rule,
+            "looks": looks,
+            "stopped": "margin excluded" if not undecided else "seed budget spent",
+            "undecided": undecided,
+            # as valid as the stop itself: a difference, if any, smaller than the margin
+            "within_margin": [
+                c
+                for c in undecided
+                if (cs := record_arms[c][difference]["cs95"]) and max(map(abs, cs)) < rule["margin"]
+            ],
+        }
     write_record(out, "compare", record, render, plot)
     return record
+
+
+def stopping_rule(
+    comparison: ComparisonRuns,
+    seeds: int,
+    margin: float | None,
+    max_seeds: int | None,
+    controls: Sequence[str] | None,
+    scale: float,
+    jobs: int,
+) -> dict[str, Any] | None:
+    """The sequential comparison's rule as compare.json records it (``margin`` in the metric's
+    display units, divided by ``scale``), checked before anything trains; None without a margin.
+    The differences it may wait for: with a cascade arm, the cascade against each control and other
+    arm (``cascade_minus_arm``); without, each arm against the baseline (``vs_baseline``)."""
+    if margin is None:
+        if max_seeds is not None or controls:
+            raise ConfigError("--max-seeds and --until-controls go with --until-margin")
+        return None
+    if not margin >= 0:
+        raise ConfigError(f"--until-margin must be 0 or more, got {margin}")
+    if max_seeds is None or max_seeds < seeds:
+        raise ConfigError(
+            f"--until-margin needs --max-seeds, the seed budget, at least --seeds ({seeds}); got {max_seeds}"
+        )
+    if comparison.has_cascade:
+        difference, names = "cascade_minus_arm", [a for a in comparison.columns if a != "cascade"]
+    else:
+        difference, names = "vs_baseline", list(comparison.arms)
+    if unknown := [c for c in controls or () if c not in names]:
+        raise ConfigError(
+            f"--until-controls {', '.join(unknown)}: not a difference this comparison reports "
+            f"({', '.join(names)})"
+        )
+    return {
+        "rule": "add seeds until the anytime-valid 95 % interval (topdown.stats.anytime_interval) of every "
+        "named difference lies beyond the margin, or the budget is spent",
+        "margin": margin / scale,
+        "difference": difference,
+        "controls": list(dict.fromkeys(controls)) if controls else names,
+        "start": seeds,
+        "max_seeds": max_seeds,
+        "batch": max(1, jobs),
+    }
+
+
+def _arms_record(
+    primary: Metric,
+    comparison: ComparisonRuns,
+    runs: list[dict[str, dict[str, Any]]],
+    effect: float | None,
+    anytime: bool,
+) -> dict[str, dict[str, Any]]:
+    """compare.json's ``arms``: each arm's and control's results over the seeds of ``runs`` (per
+    seed, its runs' summaries by name) and its paired differences (``paired_stats``)."""
+    seeds = len(runs)
+    per_seed = [seed_arms(primary, seed, comparison, runs[seed].get) for seed in range(seeds)]
+    names = comparison.columns
+    results = {arm: [per_seed[seed][arm] for seed in range(seeds)] for arm in names}
+    tests = {arm: [r["test"] for r in results[arm]] for arm in names}
+
+    def paired(values: list[float], reference: list[float]) -> dict[str, Any]:
+        return paired_stats(values, reference, effect=effect, anytime=anytime)
+
+    return {
+        arm: {
+            "test": summarise(tests[arm]),
+            "epochs": summarise([r["epochs"] for r in results[arm]]),
+            "seconds": summarise([r["seconds"] for r in results[arm]]),
+            "vs_baseline": paired(tests[arm], tests["baseline"]) if arm != "baseline" else None,
+            # the question a reviewer asks: does the cascade beat each control, seed by seed?
+            "cascade_minus_arm": paired(tests["cascade"], tests[arm])
+            if comparison.has_cascade and arm != "cascade"
+            else None,
+            "per_seed": results[arm],
+        }
+        for arm in names
+    }
 
 
 def _arms_described(record: dict[str, Any]) -> str:
@@ -243,11 +345,17 @@ def _arms_described(record: dict[str, Any]) -> str:
 
 
 def render(record: dict[str, Any]) -> str:
+    """compare.md; a record written before ``detectable`` (or without ``stopping``, ``effect``)
+    shows "-" or leaves out what it lacks."""
     m = record["metric"]
     _, unit = display_scale(m)
+    stopping = record.get("stopping")
 
     def f(x: float) -> str:
         return format_metric(x, m, sign=False)
+
+    def interval(ci: list[float] | None) -> str:
+        return f"[{f(ci[0])}, {f(ci[1])}]" if ci else "[−∞, ∞]"
 
     lines = [
         f"# Fair comparison on {record['task']} (preset {record['preset']}, {record['seeds']} seeds)",
@@ -255,33 +363,55 @@ def render(record: dict[str, Any]) -> str:
         *textwrap.wrap(
             f"Test {m}{unit} of the model each arm's validation chose; differences are arm minus baseline, "
             f"paired by seed ({'lower' if record['lower_is_better'] else 'higher'} is better). CI: 95 % "
-            "Student-t interval of the mean paired difference; p: two-sided sign-flip test (exact up to 20 "
-            "seeds, else 200,000 random sign patterns). " + _arms_described(record),
+            "Student-t interval of the mean paired difference; detectable: the smallest true difference a "
+            "two-sided 5 % paired t-test over these seeds detects with 80 % power, were its spread the one "
+            "observed (a CI that holds zero says little about differences smaller than that); p: two-sided "
+            "sign-flip test (exact up to 20 seeds, else 200,000 random sign patterns). "
+            + _arms_described(record),
             100,
             break_on_hyphens=False,
         ),
         "",
         *([f"Note: {record['note']}", ""] if record.get("note") else []),
-        f"| arm | test {m} mean ± std | diff vs baseline [95 % CI] | p | better/worse seeds | epochs | "
-        "seconds |",
-        "|---|---|---|---|---|---|---|",
+        *(_stopping_described(stopping, f) if stopping else []),
     ]
+    anytime = ["anytime-valid 95 %"] if stopping else []
     lower = record["lower_is_better"]
 
-    def paired_cells(v: dict[str, Any] | None) -> str:
-        """Mean difference [95 % CI] | sign-flip p | seeds better/worse for the first of the pair."""
+    def paired_cells(v: dict[str, Any] | None) -> list[str]:
+        """Mean difference [95 % CI] | anytime-valid interval | detectable | sign-flip p | seeds
+        better/worse for the first of the pair."""
         if v is None:
-            return "- | - | -"
-        diff = f"{f(v['mean'])} [{f(v['ci95'][0])}, {f(v['ci95'][1])}]" if v["ci95"] else f(v["mean"])
+            return ["-"] * (4 + len(anytime))
+        diff = f"{f(v['mean'])} {interval(v['ci95'])}" if v["ci95"] else f(v["mean"])
         better, worse = (v["lower"], v["higher"]) if lower else (v["higher"], v["lower"])
-        return f"{diff} | {v['p_sign_flip']:.3f} | {better}/{worse}"
+        return [
+            diff,
+            *([interval(v.get("cs95"))] if stopping else []),
+            f(v["detectable"]) if v.get("detectable") is not None else "-",
+            f"{v['p_sign_flip']:.3f}",
+            f"{better}/{worse}",
+        ]
 
+    lines += table_head(
+        [
+            "arm",
+            f"test {m} mean ± std",
+            "diff vs baseline [95 % CI]",
+            *anytime,
+            "detectable",
+            "p",
+            "better/worse seeds",
+            "epochs",
+            "seconds",
+        ]
+    )
     for arm, a in record["arms"].items():
         t = a["test"]
         spread = f" ± {f(t['std'])}" if t["std"] is not None else ""
+        cells = [arm, f"{f(t['mean'])}{spread}", *paired_cells(a["vs_baseline"])]
         lines.append(
-            f"| {arm} | {f(t['mean'])}{spread} | {paired_cells(a['vs_baseline'])} | "
-            f"{a['epochs']['mean']:.1f} | {a['seconds']['mean']:.1f} |"
+            "| " + " | ".join([*cells, f"{a['epochs']['mean']:.1f}", f"{a['seconds']['mean']:.1f}"]) + " |"
         )
     if "cascade" in record["arms"]:
         lines += [
@@ -289,20 +419,81 @@ def render(record: dict[str, Any]) -> str:
             "Cascade against each control and arm, paired by seed (cascade minus control; "
             f"{'negative' if lower else 'positive'} favours the cascade):",
             "",
-            "| control | cascade − control [95 % CI] | p | seeds where the cascade is better/worse |",
-            "|---|---|---|---|",
+            *table_head(
+                [
+                    "control",
+                    "cascade − control [95 % CI]",
+                    *anytime,
+                    "detectable",
+                    "p",
+                    "seeds where the cascade is better/worse",
+                ]
+            ),
         ]
         lines += [
-            f"| {arm} | {paired_cells(a['cascade_minus_arm'])} |"
+            "| " + " | ".join([arm, *paired_cells(a["cascade_minus_arm"])]) + " |"
             for arm, a in record["arms"].items()
             if arm != "cascade"
         ]
+    if record.get("effect") is not None:
+        lines += ["", *_seeds_needed_described(record, f)]
     lines += ["", "Per seed (test):", "", *table_head(["seed", *record["arms"]])]
     for s in range(record["seeds"]):
         lines.append(
             f"| {s} | " + " | ".join(f(a["per_seed"][s]["test"]) for a in record["arms"].values()) + " |"
         )
     return "\n".join(lines) + "\n\n![test metric per arm](compare.png)\n"
+
+
+def _stopping_described(stopping: dict[str, Any], f: Callable[[float], str]) -> list[str]:
+    """The sequential comparison's rule and why it stopped, for compare.md."""
+    names = ", ".join(
+        f"cascade − {c}" if stopping["difference"] == "cascade_minus_arm" else f"{c} − baseline"
+        for c in stopping["controls"]
+    )
+    why = (
+        "every one's interval lay beyond the margin"
+        if stopping["stopped"] == "margin excluded"
+        else f"the seed budget was spent ({', '.join(stopping['undecided'])} undecided)"
+    )
+    if within := stopping.get("within_margin"):
+        why += (
+            f"; the intervals of {', '.join(within)} lie within ±{f(stopping['margin'])}, so any "
+            "difference there is smaller"
+        )
+    text = (
+        f"Sequential: seeds added from {stopping['start']}, {stopping['batch']} at a time, at most "
+        f"{stopping['max_seeds']}, until the anytime-valid 95 % interval (a confidence sequence, valid "
+        f"however the seeds were stopped; docs/usage.md) of {names} lay beyond ±{f(stopping['margin'])}; "
+        f"stopped after {stopping['looks'][-1]} seeds: {why}. The t-intervals (CI) and p-values assume "
+        "a number of seeds fixed in advance and are shown for reference."
+    )
+    return [*textwrap.wrap(text, 100, break_on_hyphens=False), ""]
+
+
+def _seeds_needed_described(record: dict[str, Any], f: Callable[[float], str]) -> list[str]:
+    """The seeds each paired difference would need to detect ``effect``, for compare.md."""
+
+    def needed(v: dict[str, Any]) -> str:
+        return "? (one seed: no spread)" if v["seeds_needed"] is None else str(v["seeds_needed"])
+
+    arms = record["arms"]
+    parts = [
+        "vs baseline: "
+        + ", ".join(f"{a} {needed(v['vs_baseline'])}" for a, v in arms.items() if v["vs_baseline"])
+    ]
+    if "cascade" in arms:
+        parts.append(
+            "cascade − control: "
+            + ", ".join(
+                f"{a} {needed(v['cascade_minus_arm'])}" for a, v in arms.items() if v["cascade_minus_arm"]
+            )
+        )
+    text = (
+        f"Seeds needed to detect a paired difference of {f(record['effect'])} (two-sided 5 % paired "
+        "t-test, 80 % power, at each difference's observed spread): " + "; ".join(parts) + "."
+    )
+    return textwrap.wrap(text, 100, break_on_hyphens=False)
 
 
 def plot(record: dict[str, Any], path: Path) -> None:
