@@ -182,13 +182,33 @@ def run_compare(
     plan or ``module:Class``); ``budget_arms``: the arms whose largest total epochs the
     equal-epochs baseline is given (default: all of them). ``jobs`` > 1 runs the runs in that many
     processes, each building its task with ``task_factory``."""
-    if seeds < 1:
-        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+    check_seeds(seeds)
     out = Path(out)
     comparison = ComparisonRuns(out / "runs", resolve_arms(arms), budget_arms)
+    runs = run_all(task, comparison, seeds, config, preset, device, jobs, task_factory)
+    record = comparison_record(task, comparison, config, preset, runs)
+    write_record(out, "compare", record, render, plot)
+    return record
+
+
+def check_seeds(seeds: int) -> None:
+    """Refuse a number of seeds no comparison can be made of."""
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+
+
+def comparison_record(
+    task: Task,
+    comparison: ComparisonRuns,
+    config: RunConfig,
+    preset: str | None,
+    runs: list[dict[str, dict[str, Any]]],
+) -> dict[str, Any]:
+    """``compare.json``'s record of ``comparison`` from its runs' summaries (``runs``: per seed, by
+    name, as ``arms.run_all`` returns them): every arm's results per seed and the paired statistics."""
+    seeds = len(runs)
     primary = task.primary
     metric, lower = primary.name, primary.lower_is_better
-    runs = run_all(task, comparison, seeds, config, preset, device, jobs, task_factory)
     per_seed = [seed_arms(primary, seed, comparison, runs[seed].get) for seed in range(seeds)]
     names = comparison.columns
     results = {arm: {seed: per_seed[seed][arm] for seed in range(seeds)} for arm in names}
@@ -208,7 +228,7 @@ def run_compare(
             else None,
             "per_seed": [results[arm][s] for s in range(seeds)],
         }
-    record = {
+    return {
         "task": task.name,
         "preset": preset,
         "seeds": seeds,
@@ -219,8 +239,6 @@ def run_compare(
         "budget_arms": list(comparison.budget_arms),
         "note": task.info.get("note"),
     }
-    write_record(out, "compare", record, render, plot)
-    return record
 
 
 def _arms_described(record: dict[str, Any]) -> str:
