@@ -28,7 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from topdown import compare
-from topdown.arms import DEFAULT_ARMS, ComparisonRuns, Scheduled, resolve_arms, run_one, run_scheduled
+from topdown.arms import (
+    DEFAULT_ARMS,
+    ComparisonRuns,
+    Scheduled,
+    Submit,
+    resolve_arms,
+    run_one,
+    run_scheduled,
+)
 from topdown.config import METHOD_SECTIONS, RunConfig
 from topdown.errors import ConfigError
 from topdown.jobs import Workers
@@ -93,7 +101,20 @@ def _in_a_name(text: str) -> str:
     return re.sub(r"[^\w.+-]", "_", text)
 
 
+def _nested(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted keys and their values as the nested changes ``RunConfig.updated`` takes."""
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        *sections, leaf = key.split(".")
+        node = changes
+        for part in sections:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return changes
+
+
 def _value_at(config: RunConfig, key: str) -> Any:
+    """The value of the dotted ``key`` in ``config``, as it holds it (typed)."""
     value: Any = config.as_dict()
     for part in key.split("."):
         value = value[part]
@@ -125,9 +146,7 @@ def sweep_cells(config: RunConfig, axes: Mapping[str, Sequence[Any]]) -> list[Ce
         for value in values:
             shown = value.text if isinstance(value, CommandLineValue) else value
             try:
-                changed = config.updated(
-                    functools.reduce(lambda v, part: {part: v}, reversed(key.split(".")), value)
-                )
+                changed = config.updated(_nested({key: value}))
             except ConfigError as e:
                 raise ConfigError(f"--axis {key}={shown}: {e}") from None
             if (read := _value_at(changed, key)) in typed[key]:
@@ -136,19 +155,11 @@ def sweep_cells(config: RunConfig, axes: Mapping[str, Sequence[Any]]) -> list[Ce
     cells = []
     for values in itertools.product(*typed.values()):
         cell_values = dict(zip(typed, values))
-        changes: dict[str, Any] = {}
-        for key, value in cell_values.items():
-            *sections, leaf = key.split(".")
-            node = changes
-            for part in sections:
-                node = node.setdefault(part, {})
-            node[leaf] = value
         name = ",".join(f"{k}={_in_a_name(value_text(v))}" for k, v in cell_values.items())
-        try:
-            cell_config = config.updated(changes)
-        except ConfigError as e:  # values each fine alone, not together (e.g. two fractions above 1)
+        try:  # all at once: values each fine alone may not be together (two fractions above 1)
+            cells.append(Cell(name, cell_values, config.updated(_nested(cell_values))))
+        except ConfigError as e:
             raise ConfigError(f"cell {name}: {e}") from None
-        cells.append(Cell(name, cell_values, cell_config))
     if len({c.name for c in cells}) < len(cells):
         raise ConfigError(
             "two cells would share a directory name: axis values that differ only in characters "
@@ -210,34 +221,34 @@ def run_sweep(
         raise ConfigError(f"--axis {', '.join(task_keys)} changes the task: the sweep needs a task_factory")
     out = Path(out)
 
-    def tasks():  # each cell's task, one at a time
-        for cell, same in zip(cells, own):
-            yield task if same else cell_task(task_factory, cell.config.task)
+    def task_of(cell: Cell, same: bool) -> Task:
+        return task if same else cell_task(task_factory, cell.config.task)
 
+    comparisons = [ComparisonRuns(out / "cells" / cell.name / "runs", arms, budget_arms) for cell in cells]
     base_factory = functools.partial(task_factory, config.task) if task_factory is not None else None
     with Workers(task, jobs, base_factory) as workers:
 
-        def submitter(cell: Cell, same: bool) -> Callable[..., Future]:
-            sections = None if same else cell.config.task
-            cell_out = out / "cells" / cell.name
+        def submitter(cell: Cell, same: bool) -> Submit:
+            sections = None if same else cell.config.task  # None: the worker's own task
 
             def submit(name: str, procedure: str, seed: int, cfg: RunConfig) -> Future:
-                args = (cell_out, procedure, name, seed, cfg, preset, device)
+                args = (out / "cells" / cell.name, procedure, name, seed, cfg, preset, device)
                 return workers.submit(_cell_run, task_factory, sections, *args)
 
             return submit
 
-        comparisons = [ComparisonRuns(out / "cells" / c.name / "runs", arms, budget_arms) for c in cells]
-        scheduled = [
-            Scheduled.of(cell_task_, comparison, seeds, cell.config, submitter(cell, same))
-            for cell, same, comparison, cell_task_ in zip(cells, own, comparisons, tasks())
-        ]
-        runs = run_scheduled(scheduled)
+        runs = run_scheduled(
+            [
+                Scheduled.of(task_of(cell, same), comparison, seeds, cell.config, submitter(cell, same))
+                for cell, same, comparison in zip(cells, own, comparisons)
+            ]
+        )
     results = []
-    for cell, comparison, cell_runs, cell_task_ in zip(cells, comparisons, runs, tasks()):
-        record = compare.comparison_record(cell_task_, comparison, cell.config, preset, cell_runs)
+    for cell, same, comparison, cell_runs in zip(cells, own, comparisons, runs):
+        record = compare.comparison_record(task_of(cell, same), comparison, cell.config, preset, cell_runs)
         write_record(out / "cells" / cell.name, "compare", record, compare.render, compare.plot)
         results.append((cell, record))
+    _built.clear()  # the last cell's task: not kept past the sweep
     record = sweep_record(task, config, preset, seeds, results)
     write_record(out, "sweep", record, render, plot)
     return record
