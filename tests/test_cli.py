@@ -38,6 +38,7 @@ def test_help_and_list():
         "forget",
         "run",
         "compare",
+        "sweep",
         "analyse",
         "report",
         "list",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 from topdown.arms import DEFAULT_ARMS
 from topdown.procedures import PLANS
@@ -28,6 +29,8 @@ EPILOG = """examples:
   topdown compare digits --seeds 20 --only equal-epochs-seed3  # only that run of the comparison
   topdown compare digits --seeds 5 --until-margin 0.5 --max-seeds 50
                                                  # add seeds until every difference is beyond 0.5 points
+  topdown sweep digits --seeds 5 --axis train.lr=0.001,0.01 --axis model.hidden=32,64
+                                                 # a comparison per cell of a grid of config values
   topdown analyse digits                         # the paper's two observations, every split
   topdown report runs/digits-compare-demo        # where each run of a comparison stands, and its arms so far
 Config keys: see `topdown list --config TASK`. Run directory contract: docs/run-directory.md."""
@@ -107,29 +110,22 @@ def parser() -> argparse.ArgumentParser:
     _plan_options(
         sub.add_parser("run", parents=[plan, task, common, single], help=text, description=text), "run"
     )
-    p = sub.add_parser(
-        "compare",
-        parents=[task, common],
-        help="fair comparison over seeds: the cascade (or other plans: --arms), baseline, baseline with "
-        "equal epochs, best-of-k baselines",
-        description="Runs (or resumes) the arms and controls of a fair comparison (docs/usage.md, 'Fair "
-        "comparisons') for seeds 0..N-1 and writes DIR/compare.json, DIR/compare.md and DIR/compare.png. "
-        "Finished runs are never trained again; a finished run made with another preset or --set, on other "
-        "data (its task_info) or under another metric is refused, never mixed in; a chosen model whose test "
-        "metric is NaN or missing stops the comparison, naming its run.",
+    comparison = argparse.ArgumentParser(add_help=False)  # compare's and sweep's
+    comparison.add_argument(
+        "--seeds",
+        type=int,
+        required=True,
+        help="number of seeds (0..N-1; compare with --until-margin: the first N)",
     )
-    p.add_argument(
-        "--seeds", type=int, required=True, help="number of seeds (0..N-1; with --until-margin, the first N)"
-    )
-    p.add_argument(
+    comparison.add_argument(
         "--jobs",
         type=int,
         default=1,
         metavar="N",
-        help="run the comparison's runs in N processes, threads divided among them unless OMP_NUM_THREADS "
+        help="run the runs in N processes, threads divided among them unless OMP_NUM_THREADS "
         "is set (default: 1)",
     )
-    arms = p.add_mutually_exclusive_group()
+    arms = comparison.add_mutually_exclusive_group()
     arms.add_argument(
         "--arms",
         type=_names,
@@ -145,12 +141,23 @@ def parser() -> argparse.ArgumentParser:
         const=["cascade", "forgetting"],
         help="shorthand for --arms cascade,forgetting (later-layer forgetting beside the cascade)",
     )
-    p.add_argument(
+    comparison.add_argument(
         "--budget-arms",
         type=_names,
         metavar="ARM[,ARM...]",
         help="the arms whose largest total epochs, per seed, the equal-epochs baseline is given (default: "
         "every arm); a compare.json without budget_arms gave it the cascade's (--budget-arms cascade)",
+    )
+    p = sub.add_parser(
+        "compare",
+        parents=[task, common, comparison],
+        help="fair comparison over seeds: the cascade (or other plans: --arms), baseline, baseline with "
+        "equal epochs, best-of-k baselines",
+        description="Runs (or resumes) the arms and controls of a fair comparison (docs/usage.md, 'Fair "
+        "comparisons') for seeds 0..N-1 and writes DIR/compare.json, DIR/compare.md and DIR/compare.png. "
+        "Finished runs are never trained again; a finished run made with another preset or --set, on other "
+        "data (its task_info) or under another metric is refused, never mixed in; a chosen model whose test "
+        "metric is NaN or missing stops the comparison, naming its run.",
     )
     p.add_argument(
         "--effect",
@@ -185,6 +192,31 @@ def parser() -> argparse.ArgumentParser:
         metavar="RUN[,RUN...]",
         help="train (or resume) only these runs of the comparison, as it would (e.g. equal-epochs-seed2, "
         "baseline-seed0-extra1), and write no compare.*",
+    )
+    p = sub.add_parser(
+        "sweep",
+        parents=[task, common, comparison],
+        help="a fair comparison per cell of a grid of config values (--axis KEY=V1,V2,...), same seeds",
+        description=textwrap.fill(  # wrapped here: the raw formatter keeps the example's lines as they are
+            "Runs (or resumes) one fair comparison, as `topdown compare` makes it, per cell of the product "
+            "of the axes (docs/usage.md, 'Sweeps'), each in DIR/cells/KEY=VALUE,KEY=VALUE, and writes "
+            "DIR/sweep.json, DIR/sweep.md and DIR/sweep.png: per cell, each arm's and control's mean test "
+            "metric and paired difference to the baseline, as the cell's compare.json has them. Every "
+            "cell's configuration is checked before anything runs; finished runs are never trained again, "
+            "so the same command continues a sweep, and more values add cells beside those there.",
+            79,
+        ),
+        epilog="example:\n  topdown sweep digits --preset tiny --seeds 5 --axis train.lr=0.001,0.003,0.01 "
+        "--axis model.hidden=32,64 --jobs 2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--axis",
+        action="append",
+        required=True,
+        metavar="KEY=VALUE[,VALUE...]",
+        help="a config key, as --set names it, and the values it takes, each read as --set reads it (commas "
+        "inside [ ] or { } belong to a value: cascade.splits=[3,1],[2,1]); repeat for more axes",
     )
     p = sub.add_parser(
         "analyse",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ CONTROL_RUNS = ("baseline", "equal-epochs")  # run names ``NAME-seedN`` that are
 Summaries = Callable[[str], dict[str, Any] | None]  # a run's name -> its summary, None if not finished
 
 
-def _run(
+def run_one(
     task: Task, out: Path, procedure: str, name: str, seed: int, config: RunConfig, preset: str | None, device
 ) -> dict[str, Any]:
     """One run of the comparison, ``out/runs/name`` (a worker's unit of work); only its summary is read."""
@@ -215,41 +216,88 @@ def run_all(
     jobs: int,
     task_factory: Callable[[], Task] | None,
 ) -> list[dict[str, dict[str, Any]]]:
-    """Per seed, the summaries of its runs, by name (``seed_runs``).
-
-    Every seed's first arm run is queued first, then the baselines known before any run (the
-    baseline arm's own, best-of-k's that a cascade's plan implies), then the other arms' runs, then,
-    as the arms' runs finish, the baseline given their budget (and any extra baseline not foreseen),
-    so ``jobs`` workers stay busy even with fewer seeds than jobs. Every run depends only on its own
-    seed and configuration, so the order changes nothing."""
+    """Per seed, the summaries of its runs, by name (``seed_runs``), trained by ``jobs`` workers
+    (``run_scheduled``)."""
     out = comparison.runs.parent
-    configs = arm_configs(config, comparison.arms)
-    planned = _planned_k(task, comparison, configs[0])
-    summaries: dict[str, dict[str, Any]] = {}
-    runs = {s: seed_runs(comparison, s, configs, planned, summaries.get) for s in range(seeds)}
-    futures: dict[str, Future] = {}
-
-    def queue(s: int, names) -> None:
-        for name in names:
-            if name not in futures:
-                procedure, seed, cfg = runs[s][name]
-                futures[name] = workers.submit(_run, out, procedure, name, seed, cfg, preset, device)
-
-    arm_runs = {s: [comparison.arm_run(a, s) for a in comparison.arms] for s in range(seeds)}
     with Workers(task, jobs, task_factory) as workers:
-        for s in range(seeds):
-            queue(s, arm_runs[s][:1])
-        for s in range(seeds):
-            queue(s, [name for name in runs[s] if name not in arm_runs[s]])
-        for s in range(seeds):
-            queue(s, runs[s])
-        pending = {futures[name]: (s, name) for s in range(seeds) for name in arm_runs[s]}
-        for done in as_completed(pending):
-            s, name = pending[done]
-            summaries[name] = done.result()
-            runs[s] = seed_runs(comparison, s, configs, planned, summaries.get)
-            queue(s, runs[s])
-        return [{name: futures[name].result() for name in runs[s]} for s in range(seeds)]
+
+        def submit(name: str, procedure: str, seed: int, cfg: RunConfig) -> Future:
+            return workers.submit(run_one, out, procedure, name, seed, cfg, preset, device)
+
+        return run_scheduled([Scheduled.of(task, comparison, seeds, config, submit)])[0]
+
+
+# how a comparison's run is handed to a worker: (name, procedure, seed, config) -> its summary, to come
+Submit = Callable[[str, str, int, RunConfig], Future]
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    """One comparison among those ``run_scheduled`` trains together: its runs and seeds, the
+    baselines' and each arm's recipe (``arm_configs``), best-of-k's k as far as it is known before
+    any run, and how one of its runs is handed to a worker. ``of`` makes one."""
+
+    comparison: ComparisonRuns
+    seeds: int
+    configs: tuple[RunConfig, dict[str, RunConfig]]
+    planned_k: int
+    submit: Submit
+
+    @classmethod
+    def of(
+        cls, task: Task, comparison: ComparisonRuns, seeds: int, config: RunConfig, submit: Submit
+    ) -> Scheduled:
+        """The comparison of ``task`` (only its model is read, and it is not kept) under ``config``."""
+        configs = arm_configs(config, comparison.arms)
+        return cls(comparison, seeds, configs, _planned_k(task, comparison, configs[0]), submit)
+
+
+def run_scheduled(scheduled: Sequence[Scheduled]) -> list[list[dict[str, dict[str, Any]]]]:
+    """Per comparison, per seed, the summaries of its runs, by name (``seed_runs``), all the
+    comparisons' runs handed to the same workers.
+
+    Every seed's first arm run (of every comparison) is queued first, then the baselines known
+    before any run (the baseline arm's own, best-of-k's that a cascade's plan implies), then the
+    other arms' runs, then, as the arms' runs finish, the baseline given their budget (and any extra
+    baseline not foreseen), so the workers stay busy even with fewer seeds than workers, and no
+    comparison waits for another's last runs. Every run depends only on its own seed and
+    configuration, so the order changes nothing."""
+    summaries: list[dict[str, dict[str, Any]]] = [{} for _ in scheduled]
+
+    def runs_of(i: int, s: int) -> dict[str, tuple[str, int, RunConfig]]:
+        c = scheduled[i]
+        return seed_runs(c.comparison, s, c.configs, c.planned_k, summaries[i].get)
+
+    units = [(i, s) for i, c in enumerate(scheduled) for s in range(c.seeds)]  # (comparison, seed)
+    runs = {unit: runs_of(*unit) for unit in units}
+    futures: dict[tuple[int, str], Future] = {}
+
+    def queue(unit: tuple[int, int], names) -> None:
+        i = unit[0]
+        for name in names:
+            if (i, name) not in futures:
+                futures[i, name] = scheduled[i].submit(name, *runs[unit][name])
+
+    arm_runs = {
+        (i, s): [scheduled[i].comparison.arm_run(a, s) for a in scheduled[i].comparison.arms]
+        for i, s in units
+    }
+    for unit in units:
+        queue(unit, arm_runs[unit][:1])
+    for unit in units:
+        queue(unit, [name for name in runs[unit] if name not in arm_runs[unit]])
+    for unit in units:
+        queue(unit, runs[unit])
+    pending = {futures[unit[0], name]: (unit, name) for unit in units for name in arm_runs[unit]}
+    for done in as_completed(pending):
+        unit, name = pending[done]
+        summaries[unit[0]][name] = done.result()
+        runs[unit] = runs_of(*unit)
+        queue(unit, runs[unit])
+    return [
+        [{name: futures[i, name].result() for name in runs[i, s]} for s in range(c.seeds)]
+        for i, c in enumerate(scheduled)
+    ]
 
 
 def run_only(
@@ -295,7 +343,7 @@ def run_only(
         futures = {}
         for name in dict.fromkeys(names):
             procedure, seed, cfg = runs[name]
-            futures[name] = workers.submit(_run, out, procedure, name, seed, cfg, preset, device)
+            futures[name] = workers.submit(run_one, out, procedure, name, seed, cfg, preset, device)
         return {name: future.result() for name, future in futures.items()}
 
 

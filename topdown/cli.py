@@ -23,6 +23,7 @@ from topdown.config import parse_overrides
 from topdown.devices import default_device, huge_pages_for_large_tensors, resolve_device
 from topdown.errors import TopdownError
 from topdown.procedures import run_procedure
+from topdown.sweep import parse_axes, run_sweep
 from topdown.tasks import TASKS, make_task, resolve_config, task_module
 
 
@@ -86,6 +87,27 @@ def _compare(args: argparse.Namespace) -> None:
         until_controls=args.until_controls,
     )
     print((out / "compare.md").read_text())
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    axes = parse_axes(args.axis)
+    cfg = resolve_config(args.task, args.preset, parse_overrides(args.set), args.config)
+    out = Path(args.out or f"runs/{args.task}-sweep-{args.preset}")
+    factory = functools.partial(make_task, args.task, data_dir=args.data_dir)
+    run_sweep(
+        factory(cfg.task),
+        out,
+        seeds=args.seeds,
+        axes=axes,
+        config=cfg,
+        arms=args.arms,
+        budget_arms=args.budget_arms,
+        preset=args.preset,
+        device=args.device,
+        jobs=args.jobs,
+        task_factory=factory,
+    )
+    print((out / "sweep.md").read_text())
 
 
 def _analyse(args: argparse.Namespace) -> None:
@@ -191,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             _list(args)
         elif args.command == "compare":
             _compare(args)
+        elif args.command == "sweep":
+            _sweep(args)
         elif args.command == "analyse":
             _analyse(args)
         else:
@@ -202,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         again = (
             "run the same command again"
-            if args.command in ("compare", "analyse")
+            if args.command in ("compare", "sweep", "analyse")
             else "continue with --resume"
         )
         print(f"topdown: interrupted; finished epochs are saved, {again}", file=sys.stderr)

@@ -194,42 +194,28 @@ def run_compare(
     excludes the margin, or ``max_seeds`` seeds have run (``stopping`` in the record).
     ``effect`` and ``until_margin`` are in the metric's display units (``display_scale``: points of
     a rate); compare.json holds them, like every number, in the metric's own."""
-    if seeds < 1:
-        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+    check_seeds(seeds)
     if effect is not None and not effect > 0:
         raise ConfigError(f"--effect must be positive, got {effect}")
     out = Path(out)
     comparison = ComparisonRuns(out / "runs", resolve_arms(arms), budget_arms)
-    primary = task.primary
-    scale, _ = display_scale(primary.name)
+    scale, _ = display_scale(task.primary.name)
     effect = None if effect is None else effect / scale
     rule = stopping_rule(comparison, seeds, until_margin, max_seeds, until_controls, scale, jobs)
     n, looks = seeds, []
     while True:
         runs = run_all(task, comparison, n, config, preset, device, jobs, task_factory)
-        record_arms = _arms_record(primary, comparison, runs, effect, anytime=rule is not None)
+        record = comparison_record(task, comparison, config, preset, runs, effect, anytime=rule is not None)
         looks.append(n)
         if rule is None:
             break
         difference = rule["difference"]
         undecided = [
-            c for c in rule["controls"] if not excludes(record_arms[c][difference]["cs95"], rule["margin"])
+            c for c in rule["controls"] if not excludes(record["arms"][c][difference]["cs95"], rule["margin"])
         ]
         if not undecided or n >= rule["max_seeds"]:
             break
         n = min(rule["max_seeds"], n + rule["batch"])
-    record = {
-        "task": task.name,
-        "preset": preset,
-        "seeds": n,
-        "metric": primary.name,
-        "lower_is_better": primary.lower_is_better,
-        "config": config.as_dict(),
-        "arms": record_arms,
-        "budget_arms": list(comparison.budget_arms),
-        "note": task.info.get("note"),
-        **({"effect": effect} if effect is not None else {}),
-    }
     if rule is not None:
         record["stopping"] = {
             **rule,
@@ -240,11 +226,44 @@ def run_compare(
             "within_margin": [
                 c
                 for c in undecided
-                if (cs := record_arms[c][difference]["cs95"]) and max(map(abs, cs)) < rule["margin"]
+                if (cs := record["arms"][c][difference]["cs95"]) and max(map(abs, cs)) < rule["margin"]
             ],
         }
     write_record(out, "compare", record, render, plot)
     return record
+
+
+def check_seeds(seeds: int) -> None:
+    """Refuse a number of seeds no comparison can be made of."""
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+
+
+def comparison_record(
+    task: Task,
+    comparison: ComparisonRuns,
+    config: RunConfig,
+    preset: str | None,
+    runs: list[dict[str, dict[str, Any]]],
+    effect: float | None = None,
+    anytime: bool = False,
+) -> dict[str, Any]:
+    """``compare.json``'s record of ``comparison`` from its runs' summaries (``runs``: per seed, by
+    name, as ``arms.run_all`` returns them): every arm's results per seed and the paired statistics
+    (``effect`` in the metric's own units; ``anytime``: with the anytime-valid intervals)."""
+    primary = task.primary
+    return {
+        "task": task.name,
+        "preset": preset,
+        "seeds": len(runs),
+        "metric": primary.name,
+        "lower_is_better": primary.lower_is_better,
+        "config": config.as_dict(),
+        "arms": _arms_record(primary, comparison, runs, effect, anytime),
+        "budget_arms": list(comparison.budget_arms),
+        "note": task.info.get("note"),
+        **({"effect": effect} if effect is not None else {}),
+    }
 
 
 def stopping_rule(

@@ -1,0 +1,151 @@
+"""`sweep`: a fair comparison per cell of a grid of config values, resumed, gathered, refused when bad."""
+
+import json
+
+import pytest
+from conftest import read_summary, toy_task
+from safetensors.torch import load_file
+
+import topdown.procedures as procedures
+from topdown.arms import CONTROLS
+from topdown.cli import main
+from topdown.compare import run_compare
+from topdown.config import RunConfig
+from topdown.errors import ConfigError
+from topdown.sections import CommandLineValue
+from topdown.sweep import parse_axis, run_sweep, sweep_cells
+from topdown.tasks import resolve_config
+
+# a cascade of two stages, so best-of-k has k = 2: three runs per seed and cell
+CONFIG = RunConfig.from_dict({"train": {"epochs": 1, "lr": 0.01}, "cascade": {"splits": [2]}})
+AXES = {"train.lr": [0.01, 0.03], "train.epochs": [1, 2]}
+CELLS = [f"train.lr={lr},train.epochs={e}" for lr in ("0.01", "0.03") for e in (1, 2)]
+
+
+def counted_runs(monkeypatch) -> list[str]:
+    """The runs trained from now on (run directory names under their cell), in order."""
+    calls, real = [], procedures.run_procedure
+    monkeypatch.setattr(
+        procedures,
+        "run_procedure",
+        lambda proc, task, out, **kw: (
+            calls.append(f"{out.parents[1].name}/{out.name}") or real(proc, task, out, **kw)
+        ),
+    )
+    return calls
+
+
+def test_a_sweep_runs_one_comparison_per_cell_gathers_them_and_resumes(tmp_path, monkeypatch):
+    calls = counted_runs(monkeypatch)
+    record = run_sweep(toy_task(), tmp_path, seeds=2, axes=AXES, config=CONFIG)
+    runs = ("cascade-seed{}", "equal-epochs-seed{}", "baseline-seed{}-extra1")
+    assert sorted(calls) == sorted(f"{c}/{r.format(s)}" for c in CELLS for r in runs for s in (0, 1))
+    # the runs of every cell share the workers: every cell's first arm runs before any cell's baselines
+    assert calls[:8] == [f"{c}/cascade-seed{s}" for c in CELLS for s in (0, 1)]
+    assert [c["name"] for c in record["cells"]] == CELLS
+    assert record["axes"] == {"train.lr": [0.01, 0.03], "train.epochs": [1, 2]}
+    for cell in record["cells"]:
+        summary = read_summary(tmp_path / "cells" / cell["name"] / "runs" / "cascade-seed1")
+        assert summary["config"]["train"]["lr"] == cell["values"]["train.lr"]
+        assert summary["config"]["train"]["epochs"] == cell["values"]["train.epochs"]
+        assert summary["config"]["cascade"]["splits"] == [2]  # the base configuration under the axes
+        compared = json.loads((tmp_path / "cells" / cell["name"] / "compare.json").read_text())
+        assert compared["config"]["train"]["lr"] == cell["values"]["train.lr"]
+        assert set(cell["arms"]) == set(compared["arms"]) == {"baseline", "cascade", *CONTROLS}
+        for arm, entry in cell["arms"].items():  # compare's own numbers, not computed again
+            assert entry == {k: compared["arms"][arm][k] for k in ("test", "vs_baseline")}
+    assert json.loads((tmp_path / "sweep.json").read_text()) == record
+    assert record["cells"][0]["arms"]["cascade"]["vs_baseline"]["ci95"] is not None  # 2 seeds: an interval
+    md = (tmp_path / "sweep.md").read_text()
+    assert md.count("](cells/") == 4 and "| 0.03 | 2 |" in md and "cascade − baseline" in md
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all((tmp_path / "cells" / c / "compare.png").is_file() for c in CELLS)
+
+    calls.clear()
+    # again, with the axes' values changed: the cells it had are read back, not trained, and kept
+    fewer = run_sweep(
+        toy_task(), tmp_path, seeds=2, axes={"train.lr": [0.03], "train.epochs": [2, 1]}, config=CONFIG
+    )
+    assert calls == [] and fewer["cells"] == [record["cells"][3], record["cells"][2]]
+    assert all((tmp_path / "cells" / c).is_dir() for c in CELLS)
+    # a cell is an ordinary comparison: `compare` with its values continues it, training nothing
+    cell = CONFIG.updated({"train": {"lr": 0.03, "epochs": 2}})
+    assert (
+        run_compare(toy_task(), tmp_path / "cells" / CELLS[3], seeds=2, config=cell)["arms"]
+        == json.loads((tmp_path / "cells" / CELLS[3] / "compare.json").read_text())["arms"]
+    )
+    assert calls == []
+
+
+def test_axis_values_are_read_as_set_reads_them():
+    assert parse_axis("cascade.splits=[3,1],[2, 1]") == (
+        "cascade.splits",
+        [CommandLineValue("[3,1]"), CommandLineValue("[2, 1]")],
+    )
+    axes = dict([parse_axis("train.lr=1e-3,0.01"), parse_axis("train.optimizer=sgd,adam")])
+    cells = sweep_cells(CONFIG, axes)
+    assert [c.name for c in cells] == [
+        "train.lr=0.001,train.optimizer=sgd",
+        "train.lr=0.001,train.optimizer=adam",
+        "train.lr=0.01,train.optimizer=sgd",
+        "train.lr=0.01,train.optimizer=adam",
+    ]
+    assert cells[1].config.train.lr == 0.001 and cells[1].config.train.optimizer == "adam"
+    assert cells[1].config.train.epochs == 1  # the rest is the base configuration
+    splits = sweep_cells(CONFIG, dict([parse_axis("cascade.splits=[2,1],[1]")]))
+    assert [c.name for c in splits] == ["cascade.splits=2-1", "cascade.splits=1"]
+    assert splits[0].config.cascade.splits == [2, 1]
+    with pytest.raises(ConfigError, match="gives 0.01 twice"):
+        sweep_cells(CONFIG, {"train.lr": [0.01, 1e-2]})
+    with pytest.raises(ConfigError, match="no values"):
+        sweep_cells(CONFIG, {"train.lr": []})
+
+
+@pytest.mark.parametrize(
+    "axes, message",
+    [
+        (["train.lrr=0.1,0.2"], "--axis train.lrr=0.1: unknown config key 'train.lrr'"),
+        (["train.lr=0.1,-1"], "--axis train.lr=-1: train.lr is -1"),
+        (["train.epochs=2,x"], "--axis train.epochs=x: config key 'train.epochs' expects a int"),
+        (["train.lr="], "--axis train.lr=: an empty value"),
+        (["train.lr=0.1,,0.2"], "an empty value"),
+        (["train.lr=0.1", "train.lr=0.2"], "--axis train.lr is given twice"),
+        (["train.lr"], "--axis expects KEY=VALUE"),
+    ],
+)
+def test_a_bad_axis_is_one_line_and_writes_nothing(tmp_path, capsys, axes, message):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "digits", "--preset", "tiny", "--seeds", "2", "--out", str(out)]
+    assert main([*argv, *[f"--axis={a}" for a in axes]]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not out.exists()
+
+
+def test_the_command_sweeps_a_task_key_in_worker_processes(tmp_path, capsys):
+    """model.hidden changes the task itself: each cell's runs train its own model, in two workers."""
+    out = tmp_path / "sweep"
+    base = ["--preset", "tiny", "--seeds", "1", "--set", "train.epochs=1", "--set", "cascade.splits=[2]"]
+    args = ["sweep", "digits", *base, "--axis", "model.hidden=8,16", "--out", str(out)]
+    assert main([*args, "--jobs", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "| 8 | " in printed and "| 16 | " in printed  # sweep.md
+    for hidden in (8, 16):
+        runs = out / "cells" / f"model.hidden={hidden}" / "runs"
+        for run in ("cascade-seed0", "equal-epochs-seed0", "baseline-seed0-extra1"):
+            weights = load_file(runs / run / "checkpoints" / "best.safetensors")
+            assert weights["hidden.0.0.weight"].shape == (hidden, 64)
+    record = json.loads((out / "sweep.json").read_text())
+    assert [c["values"] for c in record["cells"]] == [{"model.hidden": 8}, {"model.hidden": 16}]
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")}
+    assert len(mtimes) == 6
+    assert main(args) == 0  # again, in one process: every run read back, none trained
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")} == mtimes
+    assert json.loads((out / "sweep.json").read_text()) == record
+
+
+def test_a_task_axis_needs_a_task_factory(tmp_path):
+    digits = resolve_config("digits", "tiny", {})
+    with pytest.raises(ConfigError, match="--axis model.hidden changes the task"):
+        run_sweep(toy_task(), tmp_path, seeds=1, axes={"model.hidden": [8]}, config=digits)
+    assert not any(tmp_path.iterdir())

@@ -1,0 +1,397 @@
+"""A sweep: one fair comparison (``topdown.compare``) per cell of a grid of configuration values
+(docs/usage.md, "Sweeps").
+
+Each axis is a config key, as ``--set`` names it, with the values it takes (``--axis
+train.lr=0.001,0.003``); the cells are the axes' product, in the order the axes and their values
+were given. A cell's configuration is the sweep's own with the cell's values set, checked as a
+``--set`` is, every cell before anything runs. Each cell is an ordinary comparison directory,
+``DIR/cells/KEY=VALUE,KEY=VALUE`` (``compare.json``, ``.md``, ``.png`` and its ``runs/``), that
+``topdown compare`` with those ``--set`` values would continue; all the cells' runs go to one pool of
+workers (``arms.run_scheduled``), so ``--jobs`` workers stay busy across cells. Finished runs are
+never trained again: the same command continues a sweep, and one with more values keeps the cells
+it had. ``DIR/sweep.json``, ``.md`` and ``.png`` gather each cell's arms as its ``compare.json`` has
+them: their mean test metric and their paired difference to the baseline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import re
+import textwrap
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from topdown import compare
+from topdown.arms import (
+    DEFAULT_ARMS,
+    ComparisonRuns,
+    Scheduled,
+    Submit,
+    resolve_arms,
+    run_one,
+    run_scheduled,
+)
+from topdown.config import METHOD_SECTIONS, RunConfig
+from topdown.errors import ConfigError
+from topdown.jobs import Workers
+from topdown.metrics import display_scale
+from topdown.report import format_metric, save_figure, table_head, write_record
+from topdown.sections import CommandLineValue, TaskSections
+from topdown.task import Task
+
+TaskFactory = Callable[[TaskSections], Task]  # a cell's task, from its configuration's task sections
+
+
+def parse_axis(text: str) -> tuple[str, list[CommandLineValue]]:
+    """``--axis KEY=V1,V2,...``: the key and its values as typed, each read later as ``--set`` reads
+    it (``CommandLineValue``). Commas inside brackets, braces or quotes belong to the value
+    (``cascade.splits=[3,1],[2,1]``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--axis expects KEY=VALUE[,VALUE...], got {text!r}")
+    values, depth, quote, start = [], 0, None, 0
+    for i, ch in enumerate(raw + ","):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            values.append(raw[start:i])
+            start = i + 1
+    if any(not v.strip() for v in values):
+        raise ConfigError(f"--axis {text}: an empty value (KEY=VALUE[,VALUE...])")
+    return key.strip(), [CommandLineValue(v) for v in values]
+
+
+def parse_axes(texts: Sequence[str]) -> dict[str, list[CommandLineValue]]:
+    """Every ``--axis``, by key; a key given twice is refused."""
+    axes: dict[str, list[CommandLineValue]] = {}
+    for text in texts:
+        key, values = parse_axis(text)
+        if key in axes:
+            raise ConfigError(f"--axis {key} is given twice; give all its values in one --axis")
+        axes[key] = values
+    return axes
+
+
+def value_text(value: Any) -> str:
+    """A config value as a cell's name and sweep.md show it: text as it is, a whole float without
+    its ``.0``, a list's items joined by ``-``."""
+    if isinstance(value, list):
+        return "-".join(value_text(v) for v in value)
+    if isinstance(value, str):
+        return value
+    text = json.dumps(value)
+    return text[:-2] if isinstance(value, float) and text.endswith(".0") else text
+
+
+def _in_a_name(text: str) -> str:
+    """``text`` where a directory's name holds it: a character other than a letter, digit, ``.``,
+    ``+`` or ``-`` becomes ``_``."""
+    return re.sub(r"[^\w.+-]", "_", text)
+
+
+def _nested(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted keys and their values as the nested changes ``RunConfig.updated`` takes."""
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        *sections, leaf = key.split(".")
+        node = changes
+        for part in sections:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return changes
+
+
+def _value_at(config: RunConfig, key: str) -> Any:
+    """The value of the dotted ``key`` in ``config``, as it holds it (typed)."""
+    value: Any = config.as_dict()
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of a sweep: its name (its directory under ``cells/``), its values by axis key (as
+    its configuration holds them, typed) and its configuration."""
+
+    name: str
+    values: dict[str, Any]
+    config: RunConfig
+
+
+def sweep_cells(config: RunConfig, axes: Mapping[str, Sequence[Any]]) -> list[Cell]:
+    """The cells of ``axes`` (key -> values, each a Python value or a ``--set`` text as
+    ``CommandLineValue``) over ``config``, each value checked as ``--set`` checks it and every cell's
+    configuration built, so that a bad key or value is refused before anything runs. Refused too: no
+    axis, an axis without values, a value given twice."""
+    if not axes:
+        raise ConfigError("a sweep needs an axis (--axis KEY=VALUE[,VALUE...])")
+    typed: dict[str, list[Any]] = {}
+    for key, values in axes.items():
+        if not values:
+            raise ConfigError(f"--axis {key}: no values")
+        typed[key] = []
+        for value in values:
+            shown = value.text if isinstance(value, CommandLineValue) else value
+            try:
+                changed = config.updated(_nested({key: value}))
+            except ConfigError as e:
+                raise ConfigError(f"--axis {key}={shown}: {e}") from None
+            if (read := _value_at(changed, key)) in typed[key]:
+                raise ConfigError(f"--axis {key} gives {value_text(read)} twice")
+            typed[key].append(read)
+    cells = []
+    for values in itertools.product(*typed.values()):
+        cell_values = dict(zip(typed, values))
+        name = ",".join(f"{k}={_in_a_name(value_text(v))}" for k, v in cell_values.items())
+        try:  # all at once: values each fine alone may not be together (two fractions above 1)
+            cells.append(Cell(name, cell_values, config.updated(_nested(cell_values))))
+        except ConfigError as e:
+            raise ConfigError(f"cell {name}: {e}") from None
+    if len({c.name for c in cells}) < len(cells):
+        raise ConfigError(
+            "two cells would share a directory name: axis values that differ only in characters "
+            "a directory name cannot hold"
+        )
+    return cells
+
+
+_built: dict[str, Task] = {}  # this process's task for the cell whose run it ran last
+
+
+def cell_task(task_factory: TaskFactory, sections: TaskSections) -> Task:
+    """The task of a cell's ``sections``, built once in a row: a process keeps only the last one it
+    built (cells may each hold a different data set, and a worker's runs come cell after cell)."""
+    key = json.dumps(
+        {name: dataclasses.asdict(s) for name, s in sections.items()}, sort_keys=True, default=str
+    )
+    if key not in _built:
+        _built.clear()
+        _built[key] = task_factory(sections)
+    return _built[key]
+
+
+def _cell_run(
+    worker_task: Task, task_factory: TaskFactory | None, sections: TaskSections | None, *args: Any
+) -> dict[str, Any]:
+    """One run of a cell (a worker's unit of work): on the worker's own task where the cell's task
+    sections are the sweep's (``sections`` None), else on the cell's task (``cell_task``)."""
+    task = worker_task if sections is None else cell_task(task_factory, sections)
+    return run_one(task, *args)
+
+
+def run_sweep(
+    task: Task,
+    out: str | Path,
+    *,
+    seeds: int,
+    axes: Mapping[str, Sequence[Any]],
+    config: RunConfig,
+    arms: Sequence[str] = DEFAULT_ARMS,
+    budget_arms: Sequence[str] | None = None,
+    preset: str | None = None,
+    device=None,
+    jobs: int = 1,
+    task_factory: TaskFactory | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) a fair comparison (``compare.run_compare``, same arguments) per cell of
+    ``axes`` (config key -> its values: Python values, or ``--set`` texts as ``CommandLineValue``s) in
+    ``out/cells/NAME``, all the cells' runs in one pool of ``jobs`` workers; write each cell's
+    ``compare.*`` and ``sweep.json``, ``sweep.md``, ``sweep.png``. ``task`` is built on ``config``;
+    ``task_factory(sections)`` builds the task of a cell whose task sections differ (an axis such as
+    ``model.hidden`` or ``data.*``), and the workers' tasks when ``jobs`` > 1."""
+    compare.check_seeds(seeds)
+    cells = sweep_cells(config, axes)
+    arms = resolve_arms(arms)
+    own = [cell.config.task == config.task for cell in cells]  # the cells that run on ``task`` itself
+    if task_factory is None and not all(own):
+        task_keys = [k for k in axes if k.split(".")[0] not in METHOD_SECTIONS]
+        raise ConfigError(f"--axis {', '.join(task_keys)} changes the task: the sweep needs a task_factory")
+    out = Path(out)
+
+    def task_of(cell: Cell, same: bool) -> Task:
+        return task if same else cell_task(task_factory, cell.config.task)
+
+    comparisons = [ComparisonRuns(out / "cells" / cell.name / "runs", arms, budget_arms) for cell in cells]
+    base_factory = functools.partial(task_factory, config.task) if task_factory is not None else None
+    with Workers(task, jobs, base_factory) as workers:
+
+        def submitter(cell: Cell, same: bool) -> Submit:
+            sections = None if same else cell.config.task  # None: the worker's own task
+
+            def submit(name: str, procedure: str, seed: int, cfg: RunConfig) -> Future:
+                args = (out / "cells" / cell.name, procedure, name, seed, cfg, preset, device)
+                return workers.submit(_cell_run, task_factory, sections, *args)
+
+            return submit
+
+        runs = run_scheduled(
+            [
+                Scheduled.of(task_of(cell, same), comparison, seeds, cell.config, submitter(cell, same))
+                for cell, same, comparison in zip(cells, own, comparisons)
+            ]
+        )
+    results = []
+    for cell, same, comparison, cell_runs in zip(cells, own, comparisons, runs):
+        record = compare.comparison_record(task_of(cell, same), comparison, cell.config, preset, cell_runs)
+        write_record(out / "cells" / cell.name, "compare", record, compare.render, compare.plot)
+        results.append((cell, record))
+    _built.clear()  # the last cell's task: not kept past the sweep
+    record = sweep_record(task, config, preset, seeds, results)
+    write_record(out, "sweep", record, render, plot)
+    return record
+
+
+def sweep_record(
+    task: Task,
+    config: RunConfig,
+    preset: str | None,
+    seeds: int,
+    results: list[tuple[Cell, dict[str, Any]]],
+) -> dict[str, Any]:
+    """``sweep.json``: per cell, its values and, per arm and control, its test metric (mean, std) and
+    paired difference to the baseline (``vs_baseline``) as the cell's ``compare.json`` has them."""
+    return {
+        "task": task.name,
+        "preset": preset,
+        "seeds": seeds,
+        "metric": task.primary.name,
+        "lower_is_better": task.primary.lower_is_better,
+        "config": config.as_dict(),
+        "axes": _axes([cell.values for cell, _ in results]),
+        "cells": [
+            {
+                "name": cell.name,
+                "dir": f"cells/{cell.name}",
+                "values": cell.values,
+                "arms": {
+                    arm: {"test": a["test"], "vs_baseline": a["vs_baseline"]}
+                    for arm, a in record["arms"].items()
+                },
+            }
+            for cell, record in results
+        ],
+    }
+
+
+def _axes(cells: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Each axis's values, in the order the cells (their ``values``) take them."""
+    axes: dict[str, list[Any]] = {key: [] for key in cells[0]}
+    for values in cells:
+        for key, value in values.items():
+            if value not in axes[key]:
+                axes[key].append(value)
+    return axes
+
+
+def _difference(v: dict[str, Any] | None, metric: str) -> str:
+    """A paired difference to the baseline as sweep.md shows it: mean [95 % CI], sign-flip p."""
+    if v is None:
+        return "-"
+
+    def f(x: float) -> str:
+        return format_metric(x, metric, sign=False)
+
+    ci = f" [{f(v['ci95'][0])}, {f(v['ci95'][1])}]" if v["ci95"] else ""
+    return f"{f(v['mean'])}{ci}, p {v['p_sign_flip']:.3f}"
+
+
+def render(record: dict[str, Any]) -> str:
+    m, cells, keys = record["metric"], record["cells"], list(record["axes"])
+    _, unit = display_scale(m)
+    arms = [arm for arm in cells[0]["arms"] if arm != "baseline"]
+    lines = [
+        f"# Sweep on {record['task']} (preset {record['preset']}, {record['seeds']} seeds): "
+        + " × ".join(keys)
+        + f", {len(cells)} cells",
+        "",
+        *textwrap.wrap(
+            "Per cell, a fair comparison (its compare.md, linked, has the rest): the baseline's test "
+            f"{m}{unit}, mean ± std over seeds, and each arm's and control's difference to it, paired by "
+            "seed: mean [95 % Student-t interval], sign-flip p "
+            f"({'lower' if record['lower_is_better'] else 'higher'} is better). sweep.png plots the "
+            "differences against each axis.",
+            100,
+            break_on_hyphens=False,
+        ),
+        "",
+        *table_head([*keys, f"baseline {m}", *[f"{arm} − baseline" for arm in arms], "cell"]),
+    ]
+    for cell in cells:
+        base = cell["arms"]["baseline"]["test"]
+        spread = f" ± {format_metric(base['std'], m, sign=False)}" if base["std"] is not None else ""
+        row = [
+            *[value_text(cell["values"][k]) for k in keys],
+            format_metric(base["mean"], m, sign=False) + spread,
+            *[_difference(cell["arms"][arm]["vs_baseline"], m) for arm in arms],
+            f"[compare]({cell['dir']}/compare.md)",
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n\n![each arm's difference to the baseline against each axis](sweep.png)\n"
+
+
+def plot(record: dict[str, Any], path: Path) -> None:
+    """The regime map: each arm's difference to the baseline (mean, 95 % interval) against each axis,
+    one panel per axis, one line per arm and per combination of the other axes' values."""
+    from matplotlib.figure import Figure  # not pyplot: a library call leaves the user's backend alone
+
+    m, cells, axes = record["metric"], record["cells"], record["axes"]
+    scale, unit = display_scale(m)
+    arms = [arm for arm in cells[0]["arms"] if arm != "baseline"]
+    fig = Figure(figsize=(5.5 * len(axes) + 2.5, 4.5))
+    panels = fig.subplots(1, len(axes), squeeze=False)[0]
+    styles = ["-", "--", ":", "-."]
+    for ax, key in zip(panels, axes):
+        others = [k for k in axes if k != key]
+        groups = list(itertools.product(*(axes[k] for k in others)))  # one line per arm and group
+        lines = [(a, g) for a in range(len(arms)) for g in range(len(groups))]
+        for n, (a, g) in enumerate(lines):
+            offset = 0.25 * (n / max(len(lines) - 1, 1) - 0.5) if len(lines) > 1 else 0.0  # bars apart
+            xs, ys, below, above = [], [], [], []
+            for x, value in enumerate(axes[key]):
+                wanted = {key: value, **dict(zip(others, groups[g]))}
+                cell = next(c for c in cells if all(c["values"][k] == v for k, v in wanted.items()))
+                v = cell["arms"][arms[a]]["vs_baseline"]
+                lo, hi = v["ci95"] or (v["mean"], v["mean"])
+                xs.append(x + offset)
+                ys.append(scale * v["mean"])
+                below.append(scale * (v["mean"] - lo))
+                above.append(scale * (hi - v["mean"]))
+            label = arms[a] + (
+                " (" + ", ".join(f"{k}={value_text(v)}" for k, v in zip(others, groups[g])) + ")"
+                if others
+                else ""
+            )
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=[below, above],
+                color=f"C{a}",
+                linestyle=styles[g % len(styles)],
+                marker="o",
+                capsize=3,
+                label=label,
+            )
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xticks(range(len(axes[key])), [value_text(v) for v in axes[key]])
+        ax.set_xlabel(key)
+        ax.set_ylabel(f"arm − baseline, test {m}{unit}")
+        ax.set_title(f"against {key}")
+    panels[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle(
+        f"{record['task']} ({record['preset']}): {record['seeds']} seeds; mean paired difference and its "
+        "95 % interval"
+    )
+    save_figure(fig, path)
