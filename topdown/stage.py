@@ -196,6 +196,7 @@ class Stage:
         if kept_epoch is not None and (isinstance(kept_epoch, bool) or not isinstance(kept_epoch, int)):
             raise ConfigError(f"{self.describe()}: kept_epoch must be an int, got {kept_epoch!r}")
         metric = self.plan.metric.name
+        self.plan.record.agree()
         val, test = distributed.same_on_every_rank((_metrics(val), _metrics(test or {})))  # rank 0's decide
         for split, values in (("validation", val), ("test", test)):
             # the test metrics are optional, not partial
@@ -213,6 +214,7 @@ class Stage:
         if not isinstance(val[metric], float):  # _metrics made every other number a float
             raise ConfigError(f"{self.describe()}: validation {metric} must be a number, got {val[metric]!r}")
         seconds = time.perf_counter() - self._started if seconds is None else seconds
+        distributed.from_rank_zero(self.model)  # the model rank 0 validated, on every rank
         self.finished = True
         self.record = self.plan._candidate_finished(self, val, test, epochs, seconds, kept_epoch)
         return self.record
