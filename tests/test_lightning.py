@@ -4,7 +4,10 @@ optimizer refused if it holds a frozen parameter, acceptance on what validation 
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 pytest.importorskip("lightning")  # a guard only: CI installs the extra, so this module runs there
 import lightning as L  # noqa: E402
-from conftest import ROOT, read_summary, toy_data  # noqa: E402
+from conftest import PYTHONPATH, ROOT, assert_ranks_hold_the_run, read_summary, stage_table, toy_data  # noqa: E402
 
 import topdown  # noqa: E402
 from topdown.adapters.lightning import _renamed, default_test_monitor, fit_plan  # noqa: E402
@@ -237,6 +240,29 @@ def test_docs_lightning_example_runs(tmp_path, monkeypatch):
     summary = read_summary(tmp_path / "runs" / "lightning")
     assert summary["status"] == "complete" and [s["epochs"] for s in summary["stages"]] == [3, 3, 3]
     assert set(summary["test"]) == {"error"}
+
+
+def test_ddp_on_two_cpu_processes_has_one_writer_and_ranks_that_agree(tmp_path):
+    """devices=2, strategy="ddp": Lightning runs the script again as rank 1, which builds the plan
+    before any process group exists; rank 0 built it before it knew there would be two processes."""
+    run, dumps = tmp_path / "run", tmp_path / "dumps"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "jobs" / "lightning_ddp.py"), str(run), str(dumps), "2"],
+        env={**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = read_summary(run)
+    assert summary["status"] == "complete" and summary["provenance"]["world_size"] == 2
+    assert stage_table(summary) == [
+        (0, "baseline", ["inp", "mid", "out"], 2),
+        (1, "cascade", ["inp", "mid"], 2),
+        (2, "cascade", ["inp"], 2),
+    ]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 6  # an epoch a line, from rank 0 only
+    assert_ranks_hold_the_run(run, dumps, [0, 1, 2])
 
 
 def test_transfer_classifier_stages_get_their_subset_from_a_function_of_the_stage(tmp_path):
