@@ -72,6 +72,8 @@ class Record:
     def agree(self) -> None:
         """Called as each stage finishes (on every rank): once the processes are known, the run records
         how many there are and every rank holds rank 0's record (in memory, every rank builds the same)."""
+        if self.summary["provenance"]["world_size"] is None:
+            self.summary["provenance"]["world_size"] = distributed.world_size()
 
     def log(self, line: dict[str, Any]) -> None:
         """One epoch's metrics (``metrics.jsonl`` in a run directory)."""
