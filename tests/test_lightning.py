@@ -4,6 +4,7 @@ optimizer refused if it holds a frozen parameter, acceptance on what validation 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -20,7 +21,9 @@ import lightning as L  # noqa: E402
 from conftest import PYTHONPATH, ROOT, assert_ranks_hold_the_run, read_summary, stage_table, toy_data  # noqa: E402
 
 import topdown  # noqa: E402
+from topdown import distributed  # noqa: E402
 from topdown.adapters.lightning import _renamed, default_test_monitor, fit_plan  # noqa: E402
+from topdown.errors import TopdownError  # noqa: E402
 
 # Lightning's advice for real data loaders, and its own use of a torch API torch now deprecates
 pytestmark = [
@@ -263,6 +266,24 @@ def test_ddp_on_two_cpu_processes_has_one_writer_and_ranks_that_agree(tmp_path):
     ]
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 6  # an epoch a line, from rank 0 only
     assert_ranks_hold_the_run(run, dumps, [0, 1, 2])
+
+
+def test_a_run_of_two_processes_continued_by_one_is_refused_before_it_trains(tmp_path, monkeypatch):
+    """Lightning's main process cannot know how many processes its fit will start when the plan is
+    built: the check waits for the fit to start, and comes before any epoch is trained."""
+    run = tmp_path / "run"
+    fit_plan(new_plan(run), lambda stage: trainer(), monitor="val_error", **loaders())
+    summary = read_summary(run)  # as two processes would leave it, killed in stage 2
+    summary["status"], summary["provenance"]["world_size"] = "running", 2
+    summary["stages"].pop()
+    (run / "summary.json").write_text(json.dumps(summary))
+    monkeypatch.setattr(distributed, "_fixed", False)  # as in a new process: nothing fixed the count yet
+    with pytest.raises(TopdownError, match=r"trained by 2 process\(es\) and this command has 1; resume with"):
+        fit_plan(new_plan(run, resume=True), lambda stage: trainer(), monitor="val_error", **loaders())
+    after = read_summary(run)
+    assert after["stages"] == summary["stages"] and after["status"] == "failed"
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(epochs) == 4 and {e["stage"] for e in epochs} == {0, 1}  # stage 2 trained no epoch
 
 
 def test_transfer_classifier_stages_get_their_subset_from_a_function_of_the_stage(tmp_path):
