@@ -236,35 +236,48 @@ def test_a_missing_monitor_names_what_validation_logged_after_the_first_epoch(tm
 
 
 def test_docs_lightning_example_runs(tmp_path, monkeypatch):
-    section = (ROOT / "docs" / "trainers.md").read_text().split("## PyTorch Lightning", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "docs/trainers.md", "exec"), {})
+    exec(compile(docs_example(), "docs/trainers.md", "exec"), {})
     summary = read_summary(tmp_path / "runs" / "lightning")
     assert summary["status"] == "complete" and [s["epochs"] for s in summary["stages"]] == [3, 3, 3]
     assert set(summary["test"]) == {"error"}
 
 
-def test_ddp_on_two_cpu_processes_has_one_writer_and_ranks_that_agree(tmp_path):
-    """devices=2, strategy="ddp": Lightning runs the script again as rank 1, which builds the plan
-    before any process group exists; rank 0 built it before it knew there would be two processes."""
-    run, dumps = tmp_path / "run", tmp_path / "dumps"
+def docs_example() -> str:
+    section = (ROOT / "docs" / "trainers.md").read_text().split("## PyTorch Lightning", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_docs_example_with_ddp_on_two_cpu_processes_has_one_writer_and_ranks_that_agree(tmp_path):
+    """The example with devices=2, strategy="ddp": Lightning runs the script again as rank 1, which
+    builds the plan before any process group exists; rank 0 built it before it knew there would be
+    two processes. Each rank saves its model after every stage (tests/jobs/ranks.py)."""
+    dumps = tmp_path / "dumps"
+    code = docs_example().replace('accelerator="cpu",', 'accelerator="cpu", devices=2, strategy="ddp",')
+    assert 'strategy="ddp"' in code
+    script = tmp_path / "example.py"
+    script.write_text(
+        f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nfrom pathlib import Path\n"
+        f"from jobs.ranks import dump_stages\ndump_stages(Path({str(dumps)!r}))\n{code}"
+    )
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "jobs" / "lightning_ddp.py"), str(run), str(dumps), "2"],
+        [sys.executable, str(script)],
+        cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "lightning"
     summary = read_summary(run)
     assert summary["status"] == "complete" and summary["provenance"]["world_size"] == 2
     assert stage_table(summary) == [
-        (0, "baseline", ["inp", "mid", "out"], 2),
-        (1, "cascade", ["inp", "mid"], 2),
-        (2, "cascade", ["inp"], 2),
+        (0, "baseline", ["hidden1", "hidden2", "output"], 3),
+        (1, "cascade", ["hidden1", "hidden2"], 3),
+        (2, "cascade", ["hidden1"], 3),
     ]
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == 6  # an epoch a line, from rank 0 only
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 9  # an epoch a line, from rank 0 only
     assert_ranks_hold_the_run(run, dumps, [0, 1, 2])
 
 
