@@ -114,7 +114,7 @@ def setup(device: torch.device | None) -> torch.device | None:
     """Join torchrun's process group if there is one; returns this rank's device."""
     global _fixed
     _fixed = True
-    if not launched() or (dist.is_available() and dist.is_initialized()):
+    if not launched() or _joined():
         return device
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device is not None and device.type == "cuda":
