@@ -112,3 +112,48 @@ def cli(*args: str, cwd: Path | None = None, check: bool = False) -> subprocess.
     if check and proc.returncode != 0:
         raise AssertionError(proc.stderr)
     return proc
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+# `accelerate launch` for two processes on one machine: --multi_gpu starts them through torchrun, and
+# a script that asks for the CPU gets gloo (--cpu would start one process, or several through mpirun)
+ACCELERATE = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes=2",
+    "--num_machines=1",
+    "--mixed_precision=no",
+    "--dynamo_backend=no",
+]
+
+
+def launch(launcher: list[str], *args: str) -> subprocess.CompletedProcess:
+    """Two CPU processes (gloo) started by ``launcher`` (``TORCHRUN``, ``ACCELERATE``), as a user would."""
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1", "TOPDOWN_DIST_TIMEOUT": "60"}
+    return subprocess.run([*launcher, *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def assert_ranks_hold_the_run(run: Path, dumps: Path, stages: list[int]) -> None:
+    """Every rank of a two-process job ended each of ``stages`` with the weights rank 0 saved for it,
+    and holds the chosen model at the end (``tests/jobs/ranks.py`` saved them)."""
+    from topdown.files import load_tensors
+
+    def same(dumped: Path, saved: Path) -> bool:
+        a, b = torch.load(dumped), load_tensors(saved)[0]
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
+
+    for rank in (0, 1):
+        for i in stages:
+            assert same(
+                dumps / f"stage-{i}-rank-{rank}.pt", run / "checkpoints" / f"stage-{i}.safetensors"
+            ), f"rank {rank}, stage {i}"
+        assert same(dumps / f"chosen-rank-{rank}.pt", run / "checkpoints" / "best.safetensors"), (
+            f"rank {rank}"
+        )
+
+
+def stage_table(summary: dict) -> list[tuple]:
+    """What a run's stages were (not what they scored): index, role, trained blocks, epochs."""
+    return [(s["index"], s["role"], s["trained_blocks"], s["epochs"]) for s in summary["stages"]]

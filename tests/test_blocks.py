@@ -324,7 +324,8 @@ def test_a_cascade_keeps_a_frozen_parameter_entry_bit_identical(tmp_path):
 
 def test_a_stock_wav2vec2_for_ctc_names_its_masked_spec_embed_as_a_block_entry(capsys):
     """The parameter sits on the ``Wav2Vec2Model`` container, not in any of its submodules."""
-    transformers = pytest.importorskip("transformers")
+    import transformers  # the hf extra, installed in CI
+
     config = transformers.Wav2Vec2Config(
         vocab_size=8,
         hidden_size=16,

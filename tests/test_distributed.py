@@ -12,7 +12,17 @@ import textwrap
 import time
 
 import pytest
-from conftest import PYTHONPATH, ROOT, cli, read_summary, toy_task
+from conftest import (
+    PYTHONPATH,
+    ROOT,
+    TORCHRUN,
+    assert_ranks_hold_the_run,
+    cli,
+    launch,
+    read_summary,
+    stage_table,
+    toy_task,
+)
 from test_cli import assert_one_line_error
 
 from topdown.errors import TrainingError
@@ -87,29 +97,41 @@ FAILING_RANK = textwrap.dedent("""
 def test_a_rank_that_fails_brings_the_others_down_and_finished_stages_stay(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(FAILING_RANK.format(tests=str(ROOT / "tests")))
-    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1", "TOPDOWN_DIST_TIMEOUT": "60"}
     started = time.perf_counter()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(script),
-            str(tmp_path / "run"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = launch(TORCHRUN, str(script), str(tmp_path / "run"))
     assert proc.returncode != 0 and time.perf_counter() - started < 120
     summary = read_summary(tmp_path / "run")
     assert (
         summary["stages"][0]["index"] == 0
         and (tmp_path / "run" / "checkpoints" / "stage-0.safetensors").is_file()
     )
+
+
+def test_a_ddp_loop_of_ones_own_runs_a_plan_with_one_writer_and_ranks_that_agree(tmp_path):
+    """examples/ddp_loop.py, the recipe of docs/trainers.md: torchrun, init_process_group, a
+    DistributedDataParallel per stage, stage.finish. A second writer would be refused (the run's lock)."""
+    run, dumps = tmp_path / "run", tmp_path / "dumps"
+    proc = launch(
+        TORCHRUN,
+        str(ROOT / "tests" / "jobs" / "ranks.py"),
+        str(dumps),
+        str(ROOT / "examples" / "ddp_loop.py"),
+        "--out",
+        str(run),
+        "--epochs",
+        "2",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("chosen stage") == 1  # rank 0 speaks
+    summary = read_summary(run)
+    assert summary["status"] == "complete" and summary["provenance"]["world_size"] == 2
+    assert stage_table(summary) == [
+        (0, "baseline", ["hidden1", "hidden2", "output"], 2),
+        (1, "cascade", ["hidden1", "hidden2"], 2),
+        (2, "cascade", ["hidden1"], 2),
+    ]
+    # BatchNorm statistics of each rank's last batch differ: every rank goes on from rank 0's
+    assert_ranks_hold_the_run(run, dumps, [0, 1, 2])
 
 
 def test_compare_and_analyse_with_jobs_equal_one_process(tmp_path):

@@ -1,21 +1,41 @@
 """The transformers.Trainer recipe of docs/trainers.md: each stage one Trainer(...).train() with an
-optimizer over exactly the stage's trainable parameters; frozen blocks untouched."""
+optimizer over exactly the stage's trainable parameters; frozen blocks untouched. Its runnable
+example (examples/hf_trainer.py) in one process and under torchrun with two (CPU, gloo)."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
+import transformers  # the hf extra, installed in CI
+from conftest import (
+    ACCELERATE,
+    ROOT,
+    TORCHRUN,
+    assert_ranks_hold_the_run,
+    launch,
+    read_summary,
+    stage_table,
+    toy_data,
+)
 from torch import nn
 from torch.nn import functional as F
 
-transformers = pytest.importorskip(
-    "transformers"
-)  # not in CI (docs/trainers.md says why); pip install "topdown[hf]"
-pytest.importorskip("accelerate")  # the Trainer needs it
+import topdown
+from topdown import distributed
+from topdown.errors import TopdownError
 
-from conftest import read_summary, toy_data  # noqa: E402
-
-import topdown  # noqa: E402
+EXAMPLE = ROOT / "examples" / "hf_trainer.py"
+_spec = importlib.util.spec_from_file_location("hf_trainer_example", EXAMPLE)
+example = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(example)
+EXAMPLE_STAGES = [
+    (0, "baseline", ["embeddings", "layer0", "layer1", "head"], 1),
+    (1, "cascade", ["embeddings", "layer0", "layer1"], 1),
+    (2, "cascade", ["embeddings", "layer0"], 1),
+    (3, "cascade", ["embeddings"], 1),
+]
 
 BLOCKS = [("inp", ["inp"]), ("mid", ["mid"]), ("out", ["out"])]
 
@@ -101,3 +121,41 @@ def test_a_transformers_trainer_drives_a_cascade(tmp_path):
         ["inp", "mid"],
         ["inp"],
     ]
+
+
+def test_the_example_runs_in_one_process(tmp_path):
+    summary = example.main(["--out", str(tmp_path / "run"), "--epochs", "1"])
+    assert summary["status"] == "complete" and stage_table(summary) == EXAMPLE_STAGES
+    assert read_summary(tmp_path / "run")["provenance"]["world_size"] == 1
+
+
+def test_the_example_in_two_processes_survives_a_dying_rank_and_resumes_with_as_many(tmp_path, monkeypatch):
+    """Two processes, whose plan is built before the Trainer creates the process group: one writer,
+    ranks that agree. Rank 1 dies after stage 0; torchrun brings rank 0 down, stage 0 stays. One
+    process may not continue the run (refused once it knows it is alone: at its first stage's end);
+    two do, from what rank 0 saved, here started by `accelerate launch`."""
+    run, dumps = tmp_path / "run", tmp_path / "dumps"
+    ranks = [str(ROOT / "tests" / "jobs" / "ranks.py"), str(dumps)]
+    args = [str(EXAMPLE), "--out", str(run), "--epochs", "1"]
+    killed = launch(TORCHRUN, *ranks, "--kill", "1:0", *args)
+    assert killed.returncode != 0
+    before = read_summary(run)
+    # "failed" where rank 0 saw its peer gone before torchrun stopped it
+    assert before["status"] in ("running", "failed") and before["provenance"]["world_size"] == 2
+    assert stage_table(before) == EXAMPLE_STAGES[:1]
+
+    monkeypatch.setattr(distributed, "_fixed", False)  # as in a new process: nothing fixed the count yet
+    with pytest.raises(TopdownError, match=r"trained by 2 process\(es\) and this command has 1; resume with"):
+        example.main([*args[1:], "--resume"])
+    assert read_summary(run)["stages"] == before["stages"]
+
+    resumed = launch(ACCELERATE, *ranks, *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (
+        resumed.stdout.count("chosen stage") == 1
+    )  # rank 0 speaks (and alone writes: else the lock refuses)
+    summary = read_summary(run)
+    assert summary["status"] == "complete" and stage_table(summary) == EXAMPLE_STAGES
+    assert summary["stages"][0] == before["stages"][0]
+    assert [r["world_size"] for r in summary["resumed_on"]] == [None, 2]  # the refused one recorded none
+    assert_ranks_hold_the_run(run, dumps, [1, 2, 3])

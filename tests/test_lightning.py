@@ -4,7 +4,11 @@ optimizer refused if it holds a frozen parameter, acceptance on what validation 
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,10 +18,12 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 pytest.importorskip("lightning")  # a guard only: CI installs the extra, so this module runs there
 import lightning as L  # noqa: E402
-from conftest import ROOT, read_summary, toy_data  # noqa: E402
+from conftest import PYTHONPATH, ROOT, assert_ranks_hold_the_run, read_summary, stage_table, toy_data  # noqa: E402
 
 import topdown  # noqa: E402
+from topdown import distributed  # noqa: E402
 from topdown.adapters.lightning import _renamed, default_test_monitor, fit_plan  # noqa: E402
+from topdown.errors import TopdownError  # noqa: E402
 
 # Lightning's advice for real data loaders, and its own use of a torch API torch now deprecates
 pytestmark = [
@@ -230,13 +236,67 @@ def test_a_missing_monitor_names_what_validation_logged_after_the_first_epoch(tm
 
 
 def test_docs_lightning_example_runs(tmp_path, monkeypatch):
-    section = (ROOT / "docs" / "trainers.md").read_text().split("## PyTorch Lightning", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "docs/trainers.md", "exec"), {})
+    exec(compile(docs_example(), "docs/trainers.md", "exec"), {})
     summary = read_summary(tmp_path / "runs" / "lightning")
     assert summary["status"] == "complete" and [s["epochs"] for s in summary["stages"]] == [3, 3, 3]
     assert set(summary["test"]) == {"error"}
+
+
+def docs_example() -> str:
+    section = (ROOT / "docs" / "trainers.md").read_text().split("## PyTorch Lightning", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_docs_example_with_ddp_on_two_cpu_processes_has_one_writer_and_ranks_that_agree(tmp_path):
+    """The example with devices=2, strategy="ddp": Lightning runs the script again as rank 1, which
+    builds the plan before any process group exists; rank 0 built it before it knew there would be
+    two processes. Each rank saves its model after every stage (tests/jobs/ranks.py)."""
+    dumps = tmp_path / "dumps"
+    code = docs_example().replace('accelerator="cpu",', 'accelerator="cpu", devices=2, strategy="ddp",')
+    assert 'strategy="ddp"' in code
+    script = tmp_path / "example.py"
+    script.write_text(
+        f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nfrom pathlib import Path\n"
+        f"from jobs.ranks import dump_stages\ndump_stages(Path({str(dumps)!r}))\n{code}"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "lightning"
+    summary = read_summary(run)
+    assert summary["status"] == "complete" and summary["provenance"]["world_size"] == 2
+    assert stage_table(summary) == [
+        (0, "baseline", ["hidden1", "hidden2", "output"], 3),
+        (1, "cascade", ["hidden1", "hidden2"], 3),
+        (2, "cascade", ["hidden1"], 3),
+    ]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 9  # an epoch a line, from rank 0 only
+    assert_ranks_hold_the_run(run, dumps, [0, 1, 2])
+
+
+def test_a_run_of_two_processes_continued_by_one_is_refused_before_it_trains(tmp_path, monkeypatch):
+    """Lightning's main process cannot know how many processes its fit will start when the plan is
+    built: the check waits for the fit to start, and comes before any epoch is trained."""
+    run = tmp_path / "run"
+    fit_plan(new_plan(run), lambda stage: trainer(), monitor="val_error", **loaders())
+    summary = read_summary(run)  # as two processes would leave it, killed in stage 2
+    summary["status"], summary["provenance"]["world_size"] = "running", 2
+    summary["stages"].pop()
+    (run / "summary.json").write_text(json.dumps(summary))
+    monkeypatch.setattr(distributed, "_fixed", False)  # as in a new process: nothing fixed the count yet
+    with pytest.raises(TopdownError, match=r"trained by 2 process\(es\) and this command has 1; resume with"):
+        fit_plan(new_plan(run, resume=True), lambda stage: trainer(), monitor="val_error", **loaders())
+    after = read_summary(run)
+    assert after["stages"] == summary["stages"] and after["status"] == "failed"
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(epochs) == 4 and {e["stage"] for e in epochs} == {0, 1}  # stage 2 trained no epoch
 
 
 def test_transfer_classifier_stages_get_their_subset_from_a_function_of_the_stage(tmp_path):

@@ -175,7 +175,7 @@ def _default_preset(args: argparse.Namespace) -> str:
     )
     if own is None:
         return "demo"
-    if distributed.speaks():
+    if distributed.is_writer():
         print(
             f"note: --data-dir without --preset: using --preset {own}, the recipe for a corpus of your own "
             f"(the task's page under docs/; --preset demo for the short demonstration)",

@@ -21,7 +21,7 @@ _label: ContextVar[str] = ContextVar("progress_label", default="")
 
 def warn(message: str) -> None:
     """``topdown: message`` on stderr, once per run (rank 0 of a data-parallel run)."""
-    if distributed.speaks() and not _muted:
+    if distributed.is_writer() and not _muted:
         print(f"topdown: {message}", file=sys.stderr)
 
 

@@ -9,11 +9,16 @@ What the rest of the code needs from ``torch.distributed``, in one place:
   shuffled sequence (same seed) and takes every world-th batch; a last incomplete round is
   dropped, so every rank takes the same number of optimizer steps;
 - ``same_on_every_rank(obj)``: rank 0's value of ``obj`` on every rank (validation metrics, a
-  run record), so every decision is taken once and identically;
+  run record), so every decision is taken once and identically; ``from_rank_zero(model)``: rank 0's
+  weights on every rank (what a stage records);
 - ``wrap(model)``: a ``DistributedDataParallel`` over exactly the trainable parameters,
   built after the plan froze a stage's other blocks (frozen parameters sit in no gradient
   bucket, so no ``find_unused_parameters`` cost).
-Only rank 0 writes files (``is_writer``).
+Only rank 0 writes files (``is_writer``). A trainer's launcher may start the processes before
+their process group exists (torchrun for ``transformers.Trainer``, whose arguments create the group;
+Lightning, which creates it inside ``fit``), and a plan is built before that: ``rank`` and
+``world_size`` then come from the launcher's environment, and ``settled`` says whether the number
+of processes is known yet (Lightning's main process cannot know it before it starts the others).
 """
 
 from __future__ import annotations
@@ -37,26 +42,43 @@ TIMEOUT = datetime.timedelta(
 )  # a dead peer ends a collective by then
 
 
+_fixed = False  # ``setup`` ran: our command line has fixed the number of processes
+
+
+def _joined() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return _joined() and dist.get_world_size() > 1
 
 
 def rank() -> int:
-    return dist.get_rank() if active() else 0
+    """This process's rank: the process group's, or before there is one the launcher's environment's
+    (torchrun sets ``RANK``; Lightning sets ``LOCAL_RANK`` and ``NODE_RANK`` for the processes it
+    starts, its main process being rank 0). Before the group exists only whether it is 0 is exact."""
+    if _joined():
+        return dist.get_rank()
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")))
+    return node + int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def world_size() -> int:
-    return dist.get_world_size() if active() else 1
+    """The number of processes: the process group's, or the launcher's ``WORLD_SIZE``; 1 without either."""
+    return dist.get_world_size() if _joined() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def settled() -> bool:
+    """Is ``world_size`` final? Not in a plain process that no launcher started and that has no process
+    group: Lightning's main process is such a process until its ``fit`` starts the others."""
+    return _fixed or _joined() or "WORLD_SIZE" in os.environ
 
 
 def is_writer() -> bool:
+    """Rank 0: the one process that writes files and tells the user things (notes, warnings)."""
     return rank() == 0
-
-
-def speaks() -> bool:
-    """Whether this process tells the user things (notes, warnings): rank 0 only, known from
-    torchrun's environment even before the process group is joined."""
-    return is_writer() and os.environ.get("RANK", "0") == "0"
 
 
 def launched() -> bool:
@@ -90,7 +112,9 @@ def launch(argv: list[str], nproc: int, device: torch.device) -> int:
 
 def setup(device: torch.device | None) -> torch.device | None:
     """Join torchrun's process group if there is one; returns this rank's device."""
-    if not launched() or (dist.is_available() and dist.is_initialized()):
+    global _fixed
+    _fixed = True
+    if not launched() or _joined():
         return device
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device is not None and device.type == "cuda":
@@ -126,6 +150,17 @@ def same_on_every_rank(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def from_rank_zero(model: nn.Module) -> None:
+    """Give every rank rank 0's parameters and buffers, in place. After training the ranks may differ
+    where DDP does not keep them equal (BatchNorm statistics of each rank's last batch); a stage
+    records rank 0's model, and every rank goes on from it."""
+    if not active():
+        return
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.data, src=0)
 
 
 def barrier() -> None:

@@ -51,6 +51,7 @@ def provenance(device: torch.device | None = None) -> dict[str, Any]:
         "device": str(device),
         "cpu": cpu,
         "threads": torch.get_num_threads(),
-        "world_size": distributed.world_size(),
+        # None until known: a process no launcher started yet may still become several (``record.agree``)
+        "world_size": distributed.world_size() if distributed.settled() else None,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }

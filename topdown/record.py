@@ -5,7 +5,9 @@ it has decided goes to its record: ``Record`` keeps it in memory (a plan given n
 is written, the weights later stages start from are kept as CPU state dicts), ``RunRecord``
 writes it to a run directory (``runs.RunDir``, docs/run-directory.md) and can continue it there
 (``resume``): identity, checkpoints and their checksums, finished candidates, resume points, the
-report. Under DDP only rank 0 writes; every rank reads what rank 0 decided.
+report. Under DDP only rank 0 writes; every rank reads what rank 0 decided. A plan built before
+the ranks' process group exists (a trainer's launcher creates it later) starts its other ranks from
+what rank 0 has on disk, and the ranks agree on rank 0's record once the group exists (``agree``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,15 @@ REPORT_FILES = ("report.md", "curves.png")  # what ``report.write`` renders; a c
 Candidate = tuple[dict[str, Any], dict[str, float], float, dict[str, torch.Tensor]]
 
 
+def _trained_by(summary: dict[str, Any]) -> int | None:
+    """How many processes trained the run last (None: no continuation recorded it); a record older
+    than ``world_size`` was one process."""
+    for entry in reversed([summary.get("provenance", {}), *summary.get("resumed_on", [])]):
+        if (n := entry.get("world_size", 1)) is not None:
+            return n
+    return None
+
+
 def new_summary(header: dict[str, Any]) -> dict[str, Any]:
     """A new run's record: its ``header`` (identity, blocks, provenance), no stage yet."""
     return {**header, "status": "running", "stages": [], "chosen_stage": None, "test": None}
@@ -57,6 +68,12 @@ class Record:
         if resume:
             raise ConfigError("resume=True continues a run directory: give the plan one (out=...)")
         self.summary = new_summary(header)
+
+    def agree(self) -> None:
+        """Called as each stage finishes (on every rank): once the processes are known, the run records
+        how many there are and every rank holds rank 0's record (in memory, every rank builds the same)."""
+        if self.summary["provenance"]["world_size"] is None:
+            self.summary["provenance"]["world_size"] = distributed.world_size()
 
     def log(self, line: dict[str, Any]) -> None:
         """One epoch's metrics (``metrics.jsonl`` in a run directory)."""
@@ -112,6 +129,10 @@ class RunRecord(Record):
         super().__init__()
         self.run = RunDir(path, writer=distributed.is_writer())
         self.path = self.run.path
+        self._agreed = True  # False while the ranks may hold different records (no process group yet)
+        # this continuation's provenance while its number of processes is unknown, and the number that
+        # trained the run before it (None: not recorded)
+        self._unsettled: tuple[dict[str, Any], int | None] | None = None
 
     # -- opening --------------------------------------------------------------------------
 
@@ -124,6 +145,14 @@ class RunRecord(Record):
     ) -> None:
         """Start a new run record, or continue the one in the directory (``resume``), refused if
         it is another run. Rank 0 decides, and every rank gets its record (or its error)."""
+        if not distributed.active():
+            self._agreed = distributed.world_size() == 1 and distributed.settled()
+            if not self.run.writer:
+                # another rank of a launcher, before the process group exists: rank 0 opens the record
+                # (Lightning starts this process once it has; torchrun starts all at once, and a rank 0
+                # that refuses the run brings this one down), which holds the stages it finished
+                self.summary = (self.run.read_summary() if resume else None) or new_summary(header)
+                return
         outcome = None
         if self.run.writer:
             try:
@@ -194,9 +223,20 @@ class RunRecord(Record):
                 "directory (--out)"
             )
         summary = new_summary(header)
+        if header["provenance"]["world_size"] is None:
+            self._unsettled = (summary["provenance"], None)
         self.run.write_summary(summary)
         lock.claim(self.path)  # the directory exists now
         return summary
+
+    def _refuse_other_processes(self, before: int | None, now: int) -> None:
+        """A stage interrupted under N processes continues under N: each takes every N-th batch."""
+        if before is not None and before != now:
+            raise TopdownError(
+                f"cannot resume {self.path}: it was trained by {before} process(es) and this command has "
+                f"{now}; resume with the same number (--nproc, torchrun's --nproc_per_node, a trainer's "
+                "devices)"
+            )
 
     def _continue(
         self,
@@ -218,13 +258,11 @@ class RunRecord(Record):
         self._remove_debris()
         finished = len(existing["stages"])
         if existing["status"] != "complete":
-            last = (existing.get("resumed_on") or [existing.get("provenance", {})])[-1]
-            if last.get("world_size", 1) != header["provenance"]["world_size"]:
-                raise TopdownError(
-                    f"cannot resume {self.path}: it was trained by {last.get('world_size', 1)} process(es) "
-                    f"and this command has {header['provenance']['world_size']}; resume with the same "
-                    "number (--nproc)"
-                )
+            before, now = _trained_by(existing), header["provenance"]["world_size"]
+            if now is None:  # known once the stages run (``agree``)
+                self._unsettled = (header["provenance"], before)
+            else:
+                self._refuse_other_processes(before, now)
             existing.setdefault("resumed_on", []).append(header["provenance"])
         for index in range(finished):
             self.run.clear_state(index)  # left behind if a kill came right after the stage was recorded
@@ -263,6 +301,36 @@ class RunRecord(Record):
         )
 
     # -- while the stages run ---------------------------------------------------------------
+
+    def agree(self) -> None:
+        """Once the stages run, the number of processes is known (a launcher has created the process
+        group, or there is none: one process). Rank 0 records it (refusing to continue a run trained
+        by another number), and every rank takes rank 0's record. Called on every rank, at the same
+        points (``Stage.finish``, and the Lightning adapter before training)."""
+        if self._agreed:
+            return
+        self._agreed = True
+        outcome = None
+        if self.run.writer:
+            try:
+                if self._unsettled is not None:
+                    (entry, before), now = self._unsettled, distributed.world_size()
+                    self._refuse_other_processes(before, now)
+                    entry["world_size"], self._unsettled = now, None
+                    self.run.write_summary(self.summary)
+                outcome = ("record", self.summary)
+            except TopdownError as e:
+                outcome = ("error", str(e))
+        elif not distributed.active():
+            raise TopdownError(
+                f"process {distributed.rank()} of {distributed.world_size()} reached the end of a stage "
+                "without a process group: join one (torch.distributed.init_process_group, or a trainer "
+                "that does) before training"
+            )
+        kind, value = distributed.same_on_every_rank(outcome)
+        if kind == "error":
+            raise TopdownError(value)
+        self.summary = value
 
     def log(self, line: dict[str, Any]) -> None:
         self.run.log_metrics(line)

@@ -198,6 +198,7 @@ class Stage:
         if kept_epoch is not None and (isinstance(kept_epoch, bool) or not isinstance(kept_epoch, int)):
             raise ConfigError(f"{self.describe()}: kept_epoch must be an int, got {kept_epoch!r}")
         metric = self.plan.metric.name
+        self.plan.record.agree()
         val, test = distributed.same_on_every_rank((_metrics(val), _metrics(test or {})))  # rank 0's decide
         for split, values in (("validation", val), ("test", test)):
             # the test metrics are optional, not partial
@@ -221,6 +222,7 @@ class Stage:
             }
         )
         seconds = time.perf_counter() - self._started if seconds is None else seconds
+        distributed.from_rank_zero(self.model)  # the model rank 0 validated, on every rank
         self.finished = True
         self.record = self.plan._candidate_finished(self, val, test, epochs, seconds, kept_epoch, reported)
         return self.record

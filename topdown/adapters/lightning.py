@@ -53,6 +53,9 @@ class PlanCallback(pl.Callback):
         self.started, self.validated, self.losses = time.perf_counter(), False, []
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the processes exist now (the ddp strategy starts them in fit): a run resumed with another
+        # number is refused before it trains
+        self.stage.plan.record.agree()
         frozen = {id(p) for p in pl_module.parameters() if not p.requires_grad}
         for opt in trainer.optimizers:
             if any(id(p) in frozen for group in opt.param_groups for p in group["params"]):
