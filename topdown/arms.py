@@ -17,8 +17,8 @@ from typing import Any
 
 from topdown.config import RunConfig
 from topdown.errors import ConfigError
+from topdown.executors import Executor, chosen
 from topdown.identity import current_name, former_names
-from topdown.jobs import Workers
 from topdown.procedures import PLANS, plan_class, planned_models, run_or_resume
 from topdown.runs import RunDir
 from topdown.schedule import LrSchedule
@@ -212,7 +212,7 @@ def run_all(
     config: RunConfig,
     preset: str | None,
     device,
-    jobs: int,
+    executor: Executor,
     task_factory: Callable[[], Task] | None,
 ) -> list[dict[str, dict[str, Any]]]:
     """Per seed, the summaries of its runs, by name (``seed_runs``).
@@ -220,8 +220,8 @@ def run_all(
     Every seed's first arm run is queued first, then the baselines known before any run (the
     baseline arm's own, best-of-k's that a cascade's plan implies), then the other arms' runs, then,
     as the arms' runs finish, the baseline given their budget (and any extra baseline not foreseen),
-    so ``jobs`` workers stay busy even with fewer seeds than jobs. Every run depends only on its own
-    seed and configuration, so the order changes nothing."""
+    so the ``executor``'s workers stay busy even with fewer seeds than workers. Every run depends
+    only on its own seed and configuration, so the order changes nothing."""
     out = comparison.runs.parent
     configs = arm_configs(config, comparison.arms)
     planned = _planned_k(task, comparison, configs[0])
@@ -236,7 +236,7 @@ def run_all(
                 futures[name] = workers.submit(_run, out, procedure, name, seed, cfg, preset, device)
 
     arm_runs = {s: [comparison.arm_run(a, s) for a in comparison.arms] for s in range(seeds)}
-    with Workers(task, jobs, task_factory) as workers:
+    with executor.open(task, task_factory) as workers:
         for s in range(seeds):
             queue(s, arm_runs[s][:1])
         for s in range(seeds):
@@ -265,12 +265,14 @@ def run_only(
     device=None,
     jobs: int = 1,
     task_factory: Callable[[], Task] | None = None,
+    executor: Executor | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Train (or resume, or read back) only the runs ``names`` of the comparison ``run_compare`` would
     make with these arguments, each as it would (name, seed, recipe, budget), and write no
     ``compare.*``: a machine that lives shorter than the whole comparison, or a second process,
     takes on a part of it, and ``run_compare`` reuses what they finished. An equal-epochs baseline
     needs its seed's arms finished (their epochs are the budget). Returns each run's summary."""
+    executor = chosen(executor, jobs, task_factory)
     out = Path(out)
     comparison = ComparisonRuns(out / "runs", resolve_arms(arms), budget_arms)
     configs = arm_configs(config, comparison.arms)
@@ -291,7 +293,7 @@ def run_only(
         if name not in runs:
             valid = ", ".join([*runs, *waiting])
             raise ConfigError(f"--only {name}: not a run of this comparison ({valid})")
-    with Workers(task, jobs, task_factory) as workers:
+    with executor.open(task, task_factory, calls=len(set(names))) as workers:
         futures = {}
         for name in dict.fromkeys(names):
             procedure, seed, cfg = runs[name]
