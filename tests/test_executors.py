@@ -18,7 +18,7 @@ from conftest import without_seconds
 from topdown import cli, executors
 from topdown.arguments import parser
 from topdown.compare import run_compare
-from topdown.errors import ConfigError
+from topdown.errors import ConfigError, TrainingError
 from topdown.executors import Ray, Slurm
 from topdown.procedures import run_or_resume
 from topdown.tasks import make_task, resolve_config
@@ -85,6 +85,10 @@ def _refuses(task) -> None:
     raise ConfigError("a refusal, said in the worker")
 
 
+def _dies(task) -> None:
+    os._exit(1)
+
+
 def test_a_ray_task_whose_worker_died_is_retried_and_resumes_its_run(ray_instance, tmp_path):
     whole = run_or_resume("baseline", FACTORY(), tmp_path / "whole", config=CONFIG, preset="tiny")
     run = tmp_path / "cut"
@@ -100,6 +104,9 @@ def test_a_ray_task_whose_worker_died_is_retried_and_resumes_its_run(ray_instanc
     assert without_seconds(again) == without_seconds({**whole, "resumed_on": again["resumed_on"]})
     # an error the run reports as one line comes back as itself, not wrapped in Ray's
     assert type(refused) is ConfigError and str(refused) == "a refusal, said in the worker"
+    with pytest.raises(TrainingError, match=r"a Ray worker ended abruptly.* run the same command again"):
+        with Ray(max_retries=0).open(FACTORY(), FACTORY) as workers:
+            workers.submit(_dies).result()
 
 
 def test_a_comparison_through_submitit_equals_one_process(one_process, tmp_path):
@@ -114,6 +121,17 @@ def test_a_comparison_through_submitit_equals_one_process(one_process, tmp_path)
         arm: _without_seconds(r["per_seed"][:1]) for arm, r in one_process["arms"].items()
     }
     assert len(list((out / "slurm").glob("*_log.err"))) == 3, "submitit's logs of the 3 runs are in DIR/slurm"
+
+
+def test_a_slurm_job_that_ended_without_a_result_is_one_line(tmp_path, monkeypatch):
+    submitit = pytest.importorskip("submitit")
+    tests = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+    monkeypatch.setenv("PYTHONPATH", tests)  # the job imports _dies from this module
+    # submitit's own tests do so: it waits 15 s for a result file a shared file system may show late
+    monkeypatch.setattr(submitit.core.core.Job, "_results_timeout_s", 0)
+    with pytest.raises(TrainingError, match=r"SLURM job \d+ ended without a result .*_log\.err\); finished"):
+        with Slurm(tmp_path / "slurm", local=True).open(FACTORY(), FACTORY) as workers:
+            workers.submit(_dies).result()
 
 
 def _fake_sbatch(tmp_path: Path, monkeypatch) -> None:

@@ -42,11 +42,12 @@ import torch
 
 from topdown import lock
 from topdown.console import muted
-from topdown.errors import ConfigError, TopdownError
+from topdown.errors import ConfigError, TopdownError, TrainingError
 from topdown.jobs import Workers, check_jobs
 from topdown.task import Task
 
 EXTRA = 'pip install "topdown[cluster]"'
+AGAIN = "finished runs are kept and unfinished ones resume from their last epoch: run the same command again"
 LOCAL_TIME_MIN = 7 * 24 * 60  # submitit's local jobs end after 2 minutes unless told otherwise
 
 
@@ -318,7 +319,16 @@ class _RayWorkers(_Remote):
 
     def _launch(self, call: _Call):
         ref = self.remote.remote(call)
-        return functools.partial(self.ray.get, ref), functools.partial(self.ray.cancel, ref, force=True)
+        return functools.partial(self._result, ref), functools.partial(self.ray.cancel, ref, force=True)
+
+    def _result(self, ref) -> Any:
+        lost = self.ray.exceptions
+        try:
+            return self.ray.get(ref)
+        except (lost.WorkerCrashedError, lost.NodeDiedError, lost.OutOfMemoryError) as e:
+            raise TrainingError(
+                f"a Ray worker ended abruptly, as often as Ray retries a task ({type(e).__name__}); {AGAIN}"
+            ) from None
 
     def _close(self) -> None:
         if self.ours:
@@ -328,7 +338,7 @@ class _RayWorkers(_Remote):
 class _SlurmWorkers(_Remote):
     def __init__(self, spec: Slurm, task_factory: Callable[[], Task]):
         super().__init__(spec.cpus_per_run, task_factory)
-        submitit = _extra("submitit")
+        self.submitit = submitit = _extra("submitit")
         if spec.local:
             self.executor = submitit.LocalExecutor(spec.folder)
             self.executor.update_parameters(timeout_min=spec.time_min or LOCAL_TIME_MIN)
@@ -338,7 +348,18 @@ class _SlurmWorkers(_Remote):
 
     def _launch(self, call: _Call):
         job = self.executor.submit(call)
-        return job.result, job.cancel
+        return functools.partial(self._result, job), job.cancel
+
+    def _result(self, job) -> Any:
+        try:
+            return job.result()
+        except self.submitit.core.utils.FailedJobError:
+            raise  # a Python error in the run: its traceback is in the message
+        except self.submitit.core.utils.UncompletedJobError:
+            raise TrainingError(
+                f"SLURM job {job.job_id} ended without a result (killed, cancelled or out of time; its "
+                f"log: {job.paths.stderr}); {AGAIN}"
+            ) from None
 
 
 def from_args(args, out: Path, task_factory: Callable[[], Task]) -> Executor:
