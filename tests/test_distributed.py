@@ -26,7 +26,7 @@ from conftest import (
 from test_cli import assert_one_line_error
 
 from topdown.errors import TrainingError
-from topdown.jobs import in_parallel
+from topdown.executors import Local, in_parallel
 
 DIGITS = [
     "digits",
@@ -166,7 +166,7 @@ def _killed(task, _):
 
 def test_a_worker_killed_from_outside_is_a_one_line_error_not_a_crash():
     with pytest.raises(TrainingError, match="worker process ended abruptly .* run the same command again"):
-        in_parallel(_killed, [(0,), (1,)], toy_task(), 2, toy_task)
+        in_parallel(_killed, [(0,), (1,)], toy_task(), Local(2), toy_task)
 
 
 def _task_with_a_warning():
@@ -189,10 +189,10 @@ def _warning_one(task, _):
 
 def test_workers_do_not_repeat_what_building_the_task_said(capfd):
     """The main process builds the task (and says what there is to say) before the workers build theirs."""
-    assert in_parallel(_one, [(0,), (1,)], toy_task(), 2, _task_with_a_warning) == [1, 1]
+    assert in_parallel(_one, [(0,), (1,)], toy_task(), Local(2), _task_with_a_warning) == [1, 1]
     assert "a fact about the data" not in capfd.readouterr().err
     # what a worker says while it runs does reach stderr: the silence above is not a lost stream
-    assert in_parallel(_warning_one, [(0,), (1,)], toy_task(), 2, _task_with_a_warning) == [1, 1]
+    assert in_parallel(_warning_one, [(0,), (1,)], toy_task(), Local(2), _task_with_a_warning) == [1, 1]
     assert capfd.readouterr().err.count("said by a worker while it ran") == 2
 
 
@@ -206,7 +206,7 @@ def test_ctrl_c_in_one_process_stops_the_runs_still_to_come():
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        in_parallel(interrupted, [(0,), (1,), (2,)], toy_task(), 1, None)
+        in_parallel(interrupted, [(0,), (1,), (2,)], toy_task(), Local(1), None)
     assert called == [0]
 
 
@@ -215,10 +215,10 @@ def test_more_jobs_than_cpus_is_warned_about(capfd, monkeypatch):
     import topdown.jobs
 
     monkeypatch.setattr(topdown.jobs, "usable_cpus", lambda: 2)
-    in_parallel(_one, [(0,), (1,)], toy_task(), 2, toy_task)
+    in_parallel(_one, [(0,), (1,)], toy_task(), Local(2), toy_task)
     assert "take turns" not in capfd.readouterr().err
     monkeypatch.setattr(topdown.jobs, "usable_cpus", lambda: 1)
-    in_parallel(_one, [(0,), (1,)], toy_task(), 2, toy_task)
+    in_parallel(_one, [(0,), (1,)], toy_task(), Local(2), toy_task)
     assert "--jobs 2 is more than the 1 usable CPUs: the workers take turns" in capfd.readouterr().err
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from topdown.blocks import usable_splits
 from topdown.config import CascadeConfig, RunConfig
 from topdown.errors import ConfigError
-from topdown.jobs import check_jobs, in_parallel
+from topdown.executors import Executor, chosen, in_parallel
 from topdown.metrics import display_scale
 from topdown.procedures import run_or_resume
 from topdown.report import format_metric, save_figure, stage_result, table_head, write_record
@@ -114,10 +114,12 @@ def run_analyse(
     device=None,
     jobs: int = 1,
     task_factory: Callable[[], Task] | None = None,
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
-    """Train one baseline, then every split's runs (in ``jobs`` processes when > 1, see ``run_compare``)."""
+    """Train one baseline, then every split's runs (in ``jobs`` processes when > 1, or where
+    ``executor`` runs them: see ``run_compare``)."""
     check_one_recipe(config)
-    check_jobs(jobs, task_factory)
+    executor = chosen(executor, jobs, task_factory)
     for (
         fraction
     ) in subsets:  # a fraction outside (0, 1) is refused now, not after the splits before it have trained
@@ -131,7 +133,11 @@ def run_analyse(
     # nothing to train
     splits = sorted(usable_splits(base["blocks"]))
     rows = in_parallel(
-        split_row, [(out, k, config, subsets, seed, preset, device) for k in splits], task, jobs, task_factory
+        split_row,
+        [(out, k, config, subsets, seed, preset, device) for k in splits],
+        task,
+        executor,
+        task_factory,
     )
     record = {
         "task": task.name,

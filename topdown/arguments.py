@@ -117,14 +117,6 @@ def parser() -> argparse.ArgumentParser:
         required=True,
         help="number of seeds (0..N-1; compare with --until-margin: the first N)",
     )
-    comparison.add_argument(
-        "--jobs",
-        type=int,
-        default=1,
-        metavar="N",
-        help="run the runs in N processes, threads divided among them unless OMP_NUM_THREADS "
-        "is set (default: 1)",
-    )
     arms = comparison.add_mutually_exclusive_group()
     arms.add_argument(
         "--arms",
@@ -150,7 +142,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p = sub.add_parser(
         "compare",
-        parents=[task, common, comparison],
+        parents=[task, common, comparison, executor_options()],
         help="fair comparison over seeds: the cascade (or other plans: --arms), baseline, baseline with "
         "equal epochs, best-of-k baselines",
         description="Runs (or resumes) the arms and controls of a fair comparison (docs/usage.md, 'Fair "
@@ -195,7 +187,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p = sub.add_parser(
         "sweep",
-        parents=[task, common, comparison],
+        parents=[task, common, comparison, executor_options()],
         help="a fair comparison per cell of a grid of config values (--axis KEY=V1,V2,...), same seeds",
         description=textwrap.fill(  # wrapped here: the raw formatter keeps the example's lines as they are
             "Runs (or resumes) one fair comparison, as `topdown compare` makes it, per cell of the product "
@@ -220,7 +212,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p = sub.add_parser(
         "analyse",
-        parents=[task, common],
+        parents=[task, common, executor_options()],
         help="the paper's two observations for every split: retrain classifier vs feature extractor; "
         "classifier transfer from more data",
         description="From one trained baseline, for every split k: retrain-classifier, "
@@ -238,14 +230,6 @@ def parser() -> argparse.ArgumentParser:
         default=[0.25, 0.5],
         help="training-data fractions (default: 0.25 0.5)",
     )
-    p.add_argument(
-        "--jobs",
-        type=int,
-        default=1,
-        metavar="N",
-        help="run the splits in N processes, threads divided among them unless OMP_NUM_THREADS is set "
-        "(default: 1)",
-    )
     p = sub.add_parser(
         "report",
         help="re-render report.md and curves.png of a run directory; of a compare or analyse "
@@ -261,6 +245,65 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--preset", default="demo", choices=PRESET_NAMES)
     return parser
+
+
+def executor_options() -> argparse.ArgumentParser:
+    """Where a command made of many runs runs them (``executors.from_args`` reads these)."""
+    options = argparse.ArgumentParser(add_help=False)
+    group = options.add_argument_group("where the runs run (docs/usage.md, 'Runs on a cluster')")
+    group.add_argument(
+        "--executor",
+        choices=["local", "ray", "slurm"],
+        default="local",
+        help="local: processes on this machine (--jobs); ray: each run a Ray task, on a local Ray instance "
+        "or the cluster at --address; slurm: each run a SLURM job (submitit), its logs in DIR/slurm "
+        '(default: local; ray and slurm need pip install "topdown[cluster]")',
+    )
+    group.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="local: run the runs in N processes, threads divided among them unless OMP_NUM_THREADS is set "
+        "(default: 1)",
+    )
+    group.add_argument(
+        "--address",
+        metavar="HOST:PORT",
+        help="ray: the running cluster's address (or auto) instead of a local instance",
+    )
+    group.add_argument(
+        "--cpus-per-run",
+        type=int,
+        metavar="N",
+        help="ray, slurm: CPUs each run asks for and torch threads it trains with (default: OMP_NUM_THREADS, "
+        "else 1)",
+    )
+    group.add_argument(
+        "--slurm-partition", metavar="NAME", help="slurm: the partition (default: the cluster's)"
+    )
+    group.add_argument(
+        "--slurm-time",
+        type=int,
+        metavar="MINUTES",
+        help="slurm: each job's time limit (default: the partition's); a job that reaches it is requeued and "
+        "its run resumes",
+    )
+    group.add_argument(
+        "--slurm-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="slurm: a further sbatch option for every job, e.g. account=proj, gres=gpu:1, mem=8G "
+        "(repeatable)",
+    )
+    group.add_argument(
+        "--slurm-local",
+        action="store_true",
+        help="slurm: run each job as a process on this machine (submitit's local executor), without a "
+        "cluster",
+    )
+    return options
 
 
 def _names(text: str) -> list[str]:

@@ -18,8 +18,8 @@ from typing import Any
 
 from topdown.config import RunConfig
 from topdown.errors import ConfigError
+from topdown.executors import Executor, chosen
 from topdown.identity import current_name, former_names
-from topdown.jobs import Workers
 from topdown.procedures import PLANS, plan_class, planned_models, run_or_resume
 from topdown.runs import RunDir
 from topdown.schedule import LrSchedule
@@ -213,13 +213,13 @@ def run_all(
     config: RunConfig,
     preset: str | None,
     device,
-    jobs: int,
+    executor: Executor,
     task_factory: Callable[[], Task] | None,
 ) -> list[dict[str, dict[str, Any]]]:
-    """Per seed, the summaries of its runs, by name (``seed_runs``), trained by ``jobs`` workers
-    (``run_scheduled``)."""
+    """Per seed, the summaries of its runs, by name (``seed_runs``), trained by the ``executor``'s
+    workers (``run_scheduled``)."""
     out = comparison.runs.parent
-    with Workers(task, jobs, task_factory) as workers:
+    with executor.open(task, task_factory) as workers:
 
         def submit(name: str, procedure: str, seed: int, cfg: RunConfig) -> Future:
             return workers.submit(run_one, out, procedure, name, seed, cfg, preset, device)
@@ -313,12 +313,14 @@ def run_only(
     device=None,
     jobs: int = 1,
     task_factory: Callable[[], Task] | None = None,
+    executor: Executor | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Train (or resume, or read back) only the runs ``names`` of the comparison ``run_compare`` would
     make with these arguments, each as it would (name, seed, recipe, budget), and write no
     ``compare.*``: a machine that lives shorter than the whole comparison, or a second process,
     takes on a part of it, and ``run_compare`` reuses what they finished. An equal-epochs baseline
     needs its seed's arms finished (their epochs are the budget). Returns each run's summary."""
+    executor = chosen(executor, jobs, task_factory)
     out = Path(out)
     comparison = ComparisonRuns(out / "runs", resolve_arms(arms), budget_arms)
     configs = arm_configs(config, comparison.arms)
@@ -339,7 +341,7 @@ def run_only(
         if name not in runs:
             valid = ", ".join([*runs, *waiting])
             raise ConfigError(f"--only {name}: not a run of this comparison ({valid})")
-    with Workers(task, jobs, task_factory) as workers:
+    with executor.open(task, task_factory, calls=len(set(names))) as workers:
         futures = {}
         for name in dict.fromkeys(names):
             procedure, seed, cfg = runs[name]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from topdown import distributed, report
+from topdown import distributed, executors, report
 from topdown.analyse import run_analyse
 from topdown.archive import restore_runs
 from topdown.arguments import parser
@@ -57,16 +57,17 @@ def _list(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     cfg = resolve_config(args.task, args.preset, parse_overrides(args.set), args.config)
     out = Path(args.out or f"runs/{args.task}-compare-{args.preset}")
+    factory = functools.partial(make_task, args.task, cfg.task, args.data_dir)
+    executor = executors.from_args(args, out, factory)
     if args.runs_from:
         restored = restore_runs(args.runs_from, out / "runs")
         print(f"restored {len(restored)} finished runs from {args.runs_from} into {out / 'runs'}")
-    factory = functools.partial(make_task, args.task, cfg.task, args.data_dir)
     kw = dict(
         seeds=args.seeds,
         config=cfg,
         preset=args.preset,
         device=args.device,
-        jobs=args.jobs,
+        executor=executor,
         task_factory=factory,
         arms=args.arms,
         budget_arms=args.budget_arms,
@@ -94,6 +95,7 @@ def _sweep(args: argparse.Namespace) -> None:
     cfg = resolve_config(args.task, args.preset, parse_overrides(args.set), args.config)
     out = Path(args.out or f"runs/{args.task}-sweep-{args.preset}")
     factory = functools.partial(make_task, args.task, data_dir=args.data_dir)
+    executor = executors.from_args(args, out, functools.partial(factory, cfg.task))
     run_sweep(
         factory(cfg.task),
         out,
@@ -104,7 +106,7 @@ def _sweep(args: argparse.Namespace) -> None:
         budget_arms=args.budget_arms,
         preset=args.preset,
         device=args.device,
-        jobs=args.jobs,
+        executor=executor,
         task_factory=factory,
     )
     print((out / "sweep.md").read_text())
@@ -114,6 +116,7 @@ def _analyse(args: argparse.Namespace) -> None:
     cfg = resolve_config(args.task, args.preset, parse_overrides(args.set), args.config)
     out = Path(args.out or f"runs/{args.task}-analyse-{args.preset}-seed{args.seed}")
     factory = functools.partial(make_task, args.task, cfg.task, args.data_dir)
+    executor = executors.from_args(args, out, factory)
     run_analyse(
         factory(),
         out,
@@ -122,7 +125,7 @@ def _analyse(args: argparse.Namespace) -> None:
         subsets=tuple(args.subsets),
         preset=args.preset,
         device=args.device,
-        jobs=args.jobs,
+        executor=executor,
         task_factory=factory,
     )
     print((out / "analyse.md").read_text())

@@ -53,6 +53,7 @@ from topdown.arms import (
 )
 from topdown.config import RunConfig
 from topdown.errors import ConfigError, TopdownError
+from topdown.executors import Executor, chosen
 from topdown.identity import current_name
 from topdown.metrics import Metric, display_scale
 from topdown.report import format_metric, save_figure, stage_result, table_head, write_record
@@ -181,12 +182,14 @@ def run_compare(
     until_margin: float | None = None,
     max_seeds: int | None = None,
     until_controls: Sequence[str] | None = None,
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) every arm and control for seeds 0..seeds-1; write ``compare.json``,
     ``compare.md``, ``compare.png``. ``arms``: plans' names (``procedures.plan_class``: a built-in
     plan or ``module:Class``); ``budget_arms``: the arms whose largest total epochs the
     equal-epochs baseline is given (default: all of them). ``jobs`` > 1 runs the runs in that many
-    processes, each building its task with ``task_factory``.
+    processes, each building its task with ``task_factory``; ``executor`` (``topdown.executors``:
+    ``Local``, ``Ray``, ``Slurm``) runs them elsewhere instead.
 
     ``effect``: per paired difference, the seeds one of that size would need (``seeds_needed``).
     ``until_margin``: then add seeds, ``jobs`` at a time (at least one), until every one of the
@@ -202,9 +205,10 @@ def run_compare(
     scale, _ = display_scale(task.primary.name)
     effect = None if effect is None else effect / scale
     rule = stopping_rule(comparison, seeds, until_margin, max_seeds, until_controls, scale, jobs)
+    executor = chosen(executor, jobs, task_factory)
     n, looks = seeds, []
     while True:
-        runs = run_all(task, comparison, n, config, preset, device, jobs, task_factory)
+        runs = run_all(task, comparison, n, config, preset, device, executor, task_factory)
         record = comparison_record(task, comparison, config, preset, runs, effect, anytime=rule is not None)
         looks.append(n)
         if rule is None:

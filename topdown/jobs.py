@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -115,16 +115,3 @@ class Workers:
         except Exception as e:  # noqa: BLE001 - handed to the future's reader, as a pool would; Ctrl-C is not
             done.set_exception(e)
         return done
-
-
-def in_parallel(
-    fn: Callable[..., Any],
-    calls: Sequence[tuple],
-    task: Task,
-    jobs: int,
-    task_factory: Callable[[], Task] | None,
-) -> list[Any]:
-    """``[fn(task, *args) for args in calls]``, in ``jobs`` worker processes when ``jobs`` > 1."""
-    with Workers(task, min(jobs, max(len(calls), 1)), task_factory) as workers:  # no more workers than calls
-        futures = [workers.submit(fn, *args) for args in calls]
-        return [f.result() for f in futures]

@@ -51,3 +51,11 @@ def release(path: Path) -> None:
     """Let other processes write the run in ``path`` (it is complete, or stopped on an error)."""
     if (fd := _claimed.pop(str(path.resolve()), None)) is not None:
         os.close(fd)
+
+
+def release_all() -> None:
+    """Let go of every run directory this process holds: a worker process that goes on to other
+    work after a run stopped on an error the run could not record (Ctrl-C, a bug) must not keep
+    that run from being resumed elsewhere."""
+    for key in list(_claimed):
+        os.close(_claimed.pop(key))

@@ -39,7 +39,7 @@ from topdown.arms import (
 )
 from topdown.config import METHOD_SECTIONS, RunConfig
 from topdown.errors import ConfigError
-from topdown.jobs import Workers
+from topdown.executors import Executor, chosen
 from topdown.metrics import display_scale
 from topdown.report import format_metric, save_figure, table_head, write_record
 from topdown.sections import CommandLineValue, TaskSections
@@ -205,13 +205,15 @@ def run_sweep(
     device=None,
     jobs: int = 1,
     task_factory: TaskFactory | None = None,
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a fair comparison (``compare.run_compare``, same arguments) per cell of
     ``axes`` (config key -> its values: Python values, or ``--set`` texts as ``CommandLineValue``s) in
     ``out/cells/NAME``, all the cells' runs in one pool of ``jobs`` workers; write each cell's
     ``compare.*`` and ``sweep.json``, ``sweep.md``, ``sweep.png``. ``task`` is built on ``config``;
     ``task_factory(sections)`` builds the task of a cell whose task sections differ (an axis such as
-    ``model.hidden`` or ``data.*``), and the workers' tasks when ``jobs`` > 1."""
+    ``model.hidden`` or ``data.*``), and the workers' tasks when ``jobs`` > 1 or an ``executor``
+    (``topdown.executors``) runs the runs elsewhere."""
     compare.check_seeds(seeds)
     cells = sweep_cells(config, axes)
     arms = resolve_arms(arms)
@@ -226,7 +228,8 @@ def run_sweep(
 
     comparisons = [ComparisonRuns(out / "cells" / cell.name / "runs", arms, budget_arms) for cell in cells]
     base_factory = functools.partial(task_factory, config.task) if task_factory is not None else None
-    with Workers(task, jobs, base_factory) as workers:
+    executor = chosen(executor, jobs, base_factory)
+    with executor.open(task, base_factory) as workers:
 
         def submitter(cell: Cell, same: bool) -> Submit:
             sections = None if same else cell.config.task  # None: the worker's own task
