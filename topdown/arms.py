@@ -24,6 +24,7 @@ from topdown.runs import RunDir
 from topdown.schedule import LrSchedule
 from topdown.seeds import derive_seed
 from topdown.task import Task
+from topdown.tracking import Tracking
 
 # the controls of every comparison, beside its arms (plans: ``--arms``)
 CONTROLS = ("baseline", "baseline-equal-epochs", "best-of-k")
@@ -34,7 +35,15 @@ Summaries = Callable[[str], dict[str, Any] | None]  # a run's name -> its summar
 
 
 def _run(
-    task: Task, out: Path, procedure: str, name: str, seed: int, config: RunConfig, preset: str | None, device
+    task: Task,
+    out: Path,
+    procedure: str,
+    name: str,
+    seed: int,
+    config: RunConfig,
+    preset: str | None,
+    device,
+    log: Tracking | None = None,
 ) -> dict[str, Any]:
     """One run of the comparison, ``out/runs/name`` (a worker's unit of work); only its summary is read."""
     return run_or_resume(
@@ -46,6 +55,7 @@ def _run(
         preset=preset,
         device=device,
         weights_needed=False,
+        log=log,
     )
 
 
@@ -214,6 +224,7 @@ def run_all(
     device,
     jobs: int,
     task_factory: Callable[[], Task] | None,
+    log: Tracking | None = None,
 ) -> list[dict[str, dict[str, Any]]]:
     """Per seed, the summaries of its runs, by name (``seed_runs``).
 
@@ -221,7 +232,8 @@ def run_all(
     baseline arm's own, best-of-k's that a cascade's plan implies), then the other arms' runs, then,
     as the arms' runs finish, the baseline given their budget (and any extra baseline not foreseen),
     so ``jobs`` workers stay busy even with fewer seeds than jobs. Every run depends only on its own
-    seed and configuration, so the order changes nothing."""
+    seed and configuration, so the order changes nothing. ``log``: trackers of every run
+    (``Tracking.of_runs_in``)."""
     out = comparison.runs.parent
     configs = arm_configs(config, comparison.arms)
     planned = _planned_k(task, comparison, configs[0])
@@ -233,7 +245,7 @@ def run_all(
         for name in names:
             if name not in futures:
                 procedure, seed, cfg = runs[s][name]
-                futures[name] = workers.submit(_run, out, procedure, name, seed, cfg, preset, device)
+                futures[name] = workers.submit(_run, out, procedure, name, seed, cfg, preset, device, log)
 
     arm_runs = {s: [comparison.arm_run(a, s) for a in comparison.arms] for s in range(seeds)}
     with Workers(task, jobs, task_factory) as workers:
@@ -265,6 +277,7 @@ def run_only(
     device=None,
     jobs: int = 1,
     task_factory: Callable[[], Task] | None = None,
+    log: Tracking | str | Sequence[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Train (or resume, or read back) only the runs ``names`` of the comparison ``run_compare`` would
     make with these arguments, each as it would (name, seed, recipe, budget), and write no
@@ -272,6 +285,7 @@ def run_only(
     takes on a part of it, and ``run_compare`` reuses what they finished. An equal-epochs baseline
     needs its seed's arms finished (their epochs are the budget). Returns each run's summary."""
     out = Path(out)
+    log = Tracking.of(log).of_runs_in(out)
     comparison = ComparisonRuns(out / "runs", resolve_arms(arms), budget_arms)
     configs = arm_configs(config, comparison.arms)
     planned = _planned_k(task, comparison, configs[0])
@@ -295,7 +309,7 @@ def run_only(
         futures = {}
         for name in dict.fromkeys(names):
             procedure, seed, cfg = runs[name]
-            futures[name] = workers.submit(_run, out, procedure, name, seed, cfg, preset, device)
+            futures[name] = workers.submit(_run, out, procedure, name, seed, cfg, preset, device, log)
         return {name: future.result() for name, future in futures.items()}
 
 

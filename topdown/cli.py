@@ -24,6 +24,7 @@ from topdown.devices import default_device, huge_pages_for_large_tensors, resolv
 from topdown.errors import TopdownError
 from topdown.procedures import run_procedure
 from topdown.tasks import TASKS, make_task, resolve_config, task_module
+from topdown.tracking import Tracking
 
 
 def _list(args: argparse.Namespace) -> None:
@@ -69,6 +70,7 @@ def _compare(args: argparse.Namespace) -> None:
         task_factory=factory,
         arms=args.arms,
         budget_arms=args.budget_arms,
+        log=args.log,
     )
     if args.only:
         for name, summary in run_only(factory(), out, [n for n in args.only.split(",") if n], **kw).items():
@@ -94,6 +96,7 @@ def _analyse(args: argparse.Namespace) -> None:
         device=args.device,
         jobs=args.jobs,
         task_factory=factory,
+        log=args.log,
     )
     print((out / "analyse.md").read_text())
 
@@ -121,6 +124,7 @@ def _run(args: argparse.Namespace) -> None:
         resume=args.resume,
         from_checkpoint=getattr(args, "from_checkpoint", None),
         device=args.device,
+        log=args.log,
     )
     if not distributed.is_writer():
         return
@@ -164,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "device", "") is None:
         args.device = default_device()
     try:
+        if hasattr(args, "log"):  # a missing extra is refused before anything starts
+            args.log = Tracking(tuple(args.log), args.mlflow_uri)
         if getattr(args, "nproc", 1) > 1 and not distributed.launched():
             return distributed.launch(argv, args.nproc, resolve_device(args.device))
         if hasattr(args, "task") and args.preset is None:

@@ -5,7 +5,8 @@ it has decided goes to its record: ``Record`` keeps it in memory (a plan given n
 is written, the weights later stages start from are kept as CPU state dicts), ``RunRecord``
 writes it to a run directory (``runs.RunDir``, docs/run-directory.md) and can continue it there
 (``resume``): identity, checkpoints and their checksums, finished candidates, resume points, the
-report. Under DDP only rank 0 writes; every rank reads what rank 0 decided.
+report. Under DDP only rank 0 writes; every rank reads what rank 0 decided. A run directory's
+epochs and stages also go to the trackers the plan was given (``tracking``: TensorBoard, MLflow).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from topdown.errors import ConfigError, TopdownError
 from topdown.files import atomic_write, load_tensors, os_reason
 from topdown.identity import recorded_mismatch
 from topdown.runs import RunDir, stage_checkpoint
+from topdown.tracking import Trackers, Tracking
 
 # the resolved config, as `--config` reads it: `--config DIR/config.yaml` runs the run again
 CONFIG_FILE = "config.yaml"
@@ -106,12 +108,14 @@ class Record:
 
 class RunRecord(Record):
     """A plan's record in the run directory ``path``, written atomically after every stage (rank 0
-    writes, under DDP). ``open`` starts it, or continues the one there (``resume``)."""
+    writes, under DDP). ``open`` starts it, or continues the one there (``resume``). ``log``: the
+    trackers that also get its epochs and stages (rank 0's)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, log: Tracking | None = None):
         super().__init__()
         self.run = RunDir(path, writer=distributed.is_writer())
         self.path = self.run.path
+        self.tracked = (log or Tracking()).trackers(self.path) if self.run.writer else Trackers()
 
     # -- opening --------------------------------------------------------------------------
 
@@ -168,7 +172,19 @@ class RunRecord(Record):
         else:
             summary = self._continue(existing, header, option_defaults, from_checkpoint)
         self._write_config(header["config"])  # a run resumed from before config.yaml existed gains it
+        self._open_trackers(summary, new=existing is None or failed_untrained)
         return summary
+
+    def _open_trackers(self, summary: dict[str, Any], new: bool) -> None:
+        """Catch the trackers up on the record; one that cannot open stops the run before it trains
+        (marked failed: a run that had saved no training may then be started afresh)."""
+        try:
+            self.tracked.open(summary, self.run.read_metrics(), new)
+        except TopdownError:
+            if summary["status"] == "running":
+                summary["status"] = "failed"
+                self.run.write_summary(summary)
+            raise
 
     def _write_config(self, config: Mapping[str, Any]) -> None:
         """``config.yaml``: the run's resolved config, which ``--config`` reads back (rewritten only
@@ -266,6 +282,7 @@ class RunRecord(Record):
 
     def log(self, line: dict[str, Any]) -> None:
         self.run.log_metrics(line)
+        self.tracked.epoch(line)
 
     def resume_point(self, stage: int, candidate: int) -> Path:
         return self.run.state_file(stage, candidate)
@@ -294,6 +311,7 @@ class RunRecord(Record):
             checksums["best"] = self.run.save_model("best", weights, meta)
         self._append(record)
         self.run.write_summary(self.summary)
+        self.tracked.stage(record)
         self.run.clear_state(index)
         distributed.barrier()  # the next stage may start from this stage's checkpoint, on every rank
 
@@ -313,6 +331,7 @@ class RunRecord(Record):
             self.run.write_summary(self.summary)
         except TopdownError:
             pass  # the error being raised says why; the last good record stays on disk
+        self.tracked.close(self.summary)
         self._release()
 
     def complete(self) -> None:
@@ -325,6 +344,7 @@ class RunRecord(Record):
             self.run.write_summary(self.summary)
         if self.run.writer and not (was_complete and all((self.path / f).is_file() for f in REPORT_FILES)):
             report.write(self.path)
+        self.tracked.close(self.summary)
         self._release()
 
     def _release(self) -> None:
