@@ -234,3 +234,14 @@ def test_only_the_process_that_writes_the_run_logs(tmp_path, monkeypatch):
     assert len(RunRecord(tmp_path / "a", tracking).tracked.active) == 2
     monkeypatch.setattr(distributed, "is_writer", lambda: False)  # rank 1 of a data-parallel run
     assert RunRecord(tmp_path / "b", tracking).tracked.active == []
+
+
+def test_a_tracker_that_cannot_start_stops_the_run_before_it_trains(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["baseline", "digits", "--preset", "tiny", "--out", str(run)]
+    assert main([*args, "--log", "mlflow", "--mlflow-uri", "nosuchscheme://x"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("topdown: error: --log mlflow: ") and "Traceback" not in "\n".join(err)
+    assert json.loads((run / "summary.json").read_text())["status"] == "failed"
+    assert not (run / "metrics.jsonl").exists()
+    assert main(args) == 0  # a run that saved nothing starts afresh, no --resume needed
