@@ -1,4 +1,4 @@
-"""Experiment tracking (--log tensorboard, --log mlflow): what the trackers hold, read back with
+"""Experiment tracking (--track tensorboard, --track mlflow): what the trackers hold, read back with
 their own readers, equals the run's records (metrics.jsonl, summary.json), through our loop, a
 user's loop, a resume and a comparison; a missing extra is one line before anything starts."""
 
@@ -95,7 +95,8 @@ def assert_holds(logged: dict[str, dict[int, list[float]]], want: dict[str, dict
 def test_a_command_line_run_logs_its_epochs_and_stages_to_both_trackers(tmp_path, capsys):
     run = tmp_path / "run"
     assert (
-        main(["cascade", "digits", "--preset", "tiny", "--out", str(run), "--log", "tensorboard,mlflow"]) == 0
+        main(["cascade", "digits", "--preset", "tiny", "--out", str(run), "--track", "tensorboard,mlflow"])
+        == 0
     )
     want = expected(run)
     assert_holds(tensorboard(run), want, f32=True)
@@ -112,7 +113,7 @@ def test_a_command_line_run_logs_its_epochs_and_stages_to_both_trackers(tmp_path
 
 
 def crashing_loop(
-    out: Path, log, resume: bool = False, crash_at: tuple[int, int] | None = None
+    out: Path, track, resume: bool = False, crash_at: tuple[int, int] | None = None
 ) -> topdown.Plan:
     """A user's own loop through a cascade: two epochs a stage, each logged with ``stage.log``; it
     fails at ``crash_at`` (stage, epoch), before that epoch is logged."""
@@ -124,7 +125,7 @@ def crashing_loop(
         build_model=ToyNet,
         metric="error",
         out=out,
-        log=log,
+        track=track,
         resume=resume,
         config={"cascade": {"splits": [1]}},
     )
@@ -179,16 +180,16 @@ def test_logging_added_on_resume_catches_up_on_the_whole_record(tmp_path):
     train = topdown.TrainConfig(epochs=2)
     topdown.cascade(toy_task(), run, train=train)
     assert not (run / "tensorboard").exists() and not (run / "mlflow.json").exists()
-    topdown.cascade(toy_task(), run, train=train, resume=True, log="mlflow")
+    topdown.cascade(toy_task(), run, train=train, resume=True, track="mlflow")
     assert_holds(mlflow(run)[1], expected(run))
-    topdown.cascade(toy_task(), run, train=train, resume=True, log="mlflow")  # nothing new: nothing logged
+    topdown.cascade(toy_task(), run, train=train, resume=True, track="mlflow")  # nothing new: nothing logged
     assert_holds(mlflow(run)[1], expected(run))
 
 
 def test_a_comparison_logs_each_run_under_its_name_in_one_experiment(tmp_path):
     out = tmp_path / "cmp"
     config = topdown.RunConfig.from_dict({"train": {"epochs": 1}, "cascade": {"splits": [1]}})
-    run_compare(toy_task(), out, seeds=1, config=config, log=("tensorboard", "mlflow"))
+    run_compare(toy_task(), out, seeds=1, config=config, track=("tensorboard", "mlflow"))
     uri = (out / "mlruns").resolve().as_uri()
     client = mlflow_client(uri)
     experiment = client.get_experiment_by_name("cmp")
@@ -206,26 +207,26 @@ def test_a_comparison_logs_each_run_under_its_name_in_one_experiment(tmp_path):
 def test_a_missing_extra_is_one_line_before_anything_starts(tmp_path, capsys, monkeypatch, tracker, module):
     monkeypatch.setitem(sys.modules, module, None)  # as if the extra were not installed
     run = tmp_path / "run"
-    assert main(["cascade", "digits", "--preset", "tiny", "--out", str(run), "--log", tracker]) == 1
+    assert main(["cascade", "digits", "--preset", "tiny", "--out", str(run), "--track", tracker]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        f"topdown: error: --log {tracker} needs the tracking extra (tensorboard, mlflow-skinny): "
+        f"topdown: error: --track {tracker} needs the tracking extra (tensorboard, mlflow-skinny): "
         'pip install "topdown[tracking]"'
     ]
     assert not run.exists()
     with pytest.raises(topdown.ConfigError, match=r"topdown\[tracking\]"):
-        topdown.Cascade(ToyNet(), BLOCKS, build_model=ToyNet, metric="error", out=run, log=[tracker])
+        topdown.Cascade(ToyNet(), BLOCKS, build_model=ToyNet, metric="error", out=run, track=[tracker])
     assert not run.exists()
 
 
 def test_bad_logging_options_are_refused_in_one_line(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["baseline", "digits", "--preset", "tiny", "--out", str(run), "--log", "wandb"]) == 1
-    assert "unknown tracker 'wandb' (--log); trackers: tensorboard, mlflow" in capsys.readouterr().err
+    assert main(["baseline", "digits", "--preset", "tiny", "--out", str(run), "--track", "wandb"]) == 1
+    assert "unknown tracker 'wandb' (--track); trackers: tensorboard, mlflow" in capsys.readouterr().err
     assert main(["baseline", "digits", "--preset", "tiny", "--out", str(run), "--mlflow-uri", "x"]) == 1
-    assert "is for --log mlflow" in capsys.readouterr().err
+    assert "is for --track mlflow" in capsys.readouterr().err
     with pytest.raises(topdown.ConfigError, match="give the plan one"):
-        topdown.Cascade(ToyNet(), BLOCKS, build_model=ToyNet, metric="error", log="tensorboard")
+        topdown.Cascade(ToyNet(), BLOCKS, build_model=ToyNet, metric="error", track="tensorboard")
     assert not run.exists()
 
 
@@ -239,9 +240,19 @@ def test_only_the_process_that_writes_the_run_logs(tmp_path, monkeypatch):
 def test_a_tracker_that_cannot_start_stops_the_run_before_it_trains(tmp_path, capsys):
     run = tmp_path / "run"
     args = ["baseline", "digits", "--preset", "tiny", "--out", str(run)]
-    assert main([*args, "--log", "mlflow", "--mlflow-uri", "nosuchscheme://x"]) == 1
+    assert main([*args, "--track", "mlflow", "--mlflow-uri", "nosuchscheme://x"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("topdown: error: --log mlflow: ") and "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("topdown: error: --track mlflow: ") and "Traceback" not in "\n".join(err)
     assert json.loads((run / "summary.json").read_text())["status"] == "failed"
     assert not (run / "metrics.jsonl").exists()
     assert main(args) == 0  # a run that saved nothing starts afresh, no --resume needed
+
+
+def test_the_options_pass_through_torchrun_to_every_process():
+    """``--nproc`` hands the command line to torchrun, whose parser would refuse an option that is a
+    prefix of its own (``--log`` of ``--log-dir``) even after the module's name."""
+    from torch.distributed.run import get_args_parser
+
+    ours = ["cascade", "digits", "--track", "tensorboard,mlflow", "--mlflow-uri", "http://host:5000"]
+    parsed = get_args_parser().parse_args(["--standalone", "--nproc_per_node=2", "-m", "topdown.cli", *ours])
+    assert parsed.training_script_args == ours

@@ -55,11 +55,11 @@ def split_row(
     seed: int,
     preset: str | None,
     device,
-    log: Tracking | None = None,
+    track: Tracking | None = None,
 ) -> dict[str, Any]:
     """Every run of split ``k``, from the baseline's checkpoint (independent of other splits)."""
     metric = task.primary.name
-    common = dict(seed=seed, preset=preset, device=device, log=log)
+    common = dict(seed=seed, preset=preset, device=device, track=track)
     base = run_or_resume("baseline", task, out / "runs" / "baseline", config=config, **common)
     baseline = stage_result(base["stages"][0], metric, "baseline")  # refused before this split's runs train
     ckpt = str(RunDir(out / "runs" / "baseline").checkpoint("best"))
@@ -116,10 +116,10 @@ def run_analyse(
     device=None,
     jobs: int = 1,
     task_factory: Callable[[], Task] | None = None,
-    log: Tracking | str | Sequence[str] | None = None,
+    track: Tracking | str | Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Train one baseline, then every split's runs (in ``jobs`` processes when > 1, see ``run_compare``;
-    ``log`` as there)."""
+    ``track`` as there)."""
     check_one_recipe(config)
     check_jobs(jobs, task_factory)
     for (
@@ -127,7 +127,7 @@ def run_analyse(
     ) in subsets:  # a fraction outside (0, 1) is refused now, not after the splits before it have trained
         config.updated({"procedure": {"subset": fraction}})
     out = Path(out)
-    log = Tracking.of(log).of_runs_in(out)
+    track = Tracking.of(track).of_runs_in(out)
     metric = task.primary.name
     base = run_or_resume(
         "baseline",
@@ -137,14 +137,14 @@ def run_analyse(
         seed=seed,
         preset=preset,
         device=device,
-        log=log,
+        track=track,
     )
     # splits with a side that owns no parameter (e.g. lm-awd's embedding with tie=classifier) have
     # nothing to train
     splits = sorted(usable_splits(base["blocks"]))
     rows = in_parallel(
         split_row,
-        [(out, k, config, subsets, seed, preset, device, log) for k in splits],
+        [(out, k, config, subsets, seed, preset, device, track) for k in splits],
         task,
         jobs,
         task_factory,

@@ -43,7 +43,7 @@ def _run(
     config: RunConfig,
     preset: str | None,
     device,
-    log: Tracking | None = None,
+    track: Tracking | None = None,
 ) -> dict[str, Any]:
     """One run of the comparison, ``out/runs/name`` (a worker's unit of work); only its summary is read."""
     return run_or_resume(
@@ -55,7 +55,7 @@ def _run(
         preset=preset,
         device=device,
         weights_needed=False,
-        log=log,
+        track=track,
     )
 
 
@@ -224,7 +224,7 @@ def run_all(
     device,
     jobs: int,
     task_factory: Callable[[], Task] | None,
-    log: Tracking | None = None,
+    track: Tracking | None = None,
 ) -> list[dict[str, dict[str, Any]]]:
     """Per seed, the summaries of its runs, by name (``seed_runs``).
 
@@ -232,7 +232,7 @@ def run_all(
     baseline arm's own, best-of-k's that a cascade's plan implies), then the other arms' runs, then,
     as the arms' runs finish, the baseline given their budget (and any extra baseline not foreseen),
     so ``jobs`` workers stay busy even with fewer seeds than jobs. Every run depends only on its own
-    seed and configuration, so the order changes nothing. ``log``: trackers of every run
+    seed and configuration, so the order changes nothing. ``track``: trackers of every run
     (``Tracking.of_runs_in``)."""
     out = comparison.runs.parent
     configs = arm_configs(config, comparison.arms)
@@ -245,7 +245,7 @@ def run_all(
         for name in names:
             if name not in futures:
                 procedure, seed, cfg = runs[s][name]
-                futures[name] = workers.submit(_run, out, procedure, name, seed, cfg, preset, device, log)
+                futures[name] = workers.submit(_run, out, procedure, name, seed, cfg, preset, device, track)
 
     arm_runs = {s: [comparison.arm_run(a, s) for a in comparison.arms] for s in range(seeds)}
     with Workers(task, jobs, task_factory) as workers:
@@ -277,7 +277,7 @@ def run_only(
     device=None,
     jobs: int = 1,
     task_factory: Callable[[], Task] | None = None,
-    log: Tracking | str | Sequence[str] | None = None,
+    track: Tracking | str | Sequence[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Train (or resume, or read back) only the runs ``names`` of the comparison ``run_compare`` would
     make with these arguments, each as it would (name, seed, recipe, budget), and write no
@@ -285,7 +285,7 @@ def run_only(
     takes on a part of it, and ``run_compare`` reuses what they finished. An equal-epochs baseline
     needs its seed's arms finished (their epochs are the budget). Returns each run's summary."""
     out = Path(out)
-    log = Tracking.of(log).of_runs_in(out)
+    track = Tracking.of(track).of_runs_in(out)
     comparison = ComparisonRuns(out / "runs", resolve_arms(arms), budget_arms)
     configs = arm_configs(config, comparison.arms)
     planned = _planned_k(task, comparison, configs[0])
@@ -309,7 +309,7 @@ def run_only(
         futures = {}
         for name in dict.fromkeys(names):
             procedure, seed, cfg = runs[name]
-            futures[name] = workers.submit(_run, out, procedure, name, seed, cfg, preset, device, log)
+            futures[name] = workers.submit(_run, out, procedure, name, seed, cfg, preset, device, track)
         return {name: future.result() for name, future in futures.items()}
 
 

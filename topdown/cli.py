@@ -70,7 +70,7 @@ def _compare(args: argparse.Namespace) -> None:
         task_factory=factory,
         arms=args.arms,
         budget_arms=args.budget_arms,
-        log=args.log,
+        track=args.track,
     )
     if args.only:
         for name, summary in run_only(factory(), out, [n for n in args.only.split(",") if n], **kw).items():
@@ -96,7 +96,7 @@ def _analyse(args: argparse.Namespace) -> None:
         device=args.device,
         jobs=args.jobs,
         task_factory=factory,
-        log=args.log,
+        track=args.track,
     )
     print((out / "analyse.md").read_text())
 
@@ -124,7 +124,7 @@ def _run(args: argparse.Namespace) -> None:
         resume=args.resume,
         from_checkpoint=getattr(args, "from_checkpoint", None),
         device=args.device,
-        log=args.log,
+        track=args.track,
     )
     if not distributed.is_writer():
         return
@@ -168,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "device", "") is None:
         args.device = default_device()
     try:
-        if hasattr(args, "log"):  # a missing extra is refused before anything starts
-            args.log = Tracking(tuple(args.log), args.mlflow_uri)
+        if hasattr(args, "track"):  # a missing extra is refused before anything starts
+            args.track = Tracking(tuple(args.track), args.mlflow_uri)
         if getattr(args, "nproc", 1) > 1 and not distributed.launched():
             return distributed.launch(argv, args.nproc, resolve_device(args.device))
         if hasattr(args, "task") and args.preset is None:

@@ -177,13 +177,13 @@ def run_compare(
     device=None,
     jobs: int = 1,
     task_factory: Callable[[], Task] | None = None,
-    log: Tracking | str | Sequence[str] | None = None,
+    track: Tracking | str | Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) every arm and control for seeds 0..seeds-1; write ``compare.json``,
     ``compare.md``, ``compare.png``. ``arms``: plans' names (``procedures.plan_class``: a built-in
     plan or ``module:Class``); ``budget_arms``: the arms whose largest total epochs the
     equal-epochs baseline is given (default: all of them). ``jobs`` > 1 runs the runs in that many
-    processes, each building its task with ``task_factory``. ``log``: trackers every run also logs
+    processes, each building its task with ``task_factory``. ``track``: trackers every run also logs
     to (``Tracking.of_runs_in``: one MLflow experiment and store for the comparison)."""
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
@@ -191,8 +191,8 @@ def run_compare(
     comparison = ComparisonRuns(out / "runs", resolve_arms(arms), budget_arms)
     primary = task.primary
     metric, lower = primary.name, primary.lower_is_better
-    log = Tracking.of(log).of_runs_in(out)
-    runs = run_all(task, comparison, seeds, config, preset, device, jobs, task_factory, log)
+    track = Tracking.of(track).of_runs_in(out)
+    runs = run_all(task, comparison, seeds, config, preset, device, jobs, task_factory, track)
     per_seed = [seed_arms(primary, seed, comparison, runs[seed].get) for seed in range(seeds)]
     names = comparison.columns
     results = {arm: {seed: per_seed[seed][arm] for seed in range(seeds)} for arm in names}

@@ -63,7 +63,7 @@ class Plan:
     validation metric that decides; its direction comes from ``lower_is_better`` or its name.
     ``out``: the run directory the plan records into (None: in memory, nothing written);
     ``resume``: continue the run there. ``from_checkpoint``: stage 0 loads this model instead of
-    training a baseline. ``log``: trackers that also get the run directory's epochs and stages
+    training a baseline. ``track``: trackers that also get the run directory's epochs and stages
     (``"tensorboard"``, ``"mlflow"``, both, or a ``topdown.Tracking`` with an MLflow URI; see
     ``tracking``). ``summary`` is the run record (``summary.json``'s content).
     """
@@ -90,7 +90,7 @@ class Plan:
         preset: str | None = None,
         task_info: Mapping[str, Any] | None = None,
         from_checkpoint: str | None = None,
-        log: Tracking | str | Sequence[str] | None = None,
+        track: Tracking | str | Sequence[str] | None = None,
     ):
         if isinstance(build_model, nn.Module) or not callable(build_model):
             raise ConfigError(
@@ -122,9 +122,9 @@ class Plan:
         self.task_info = dict(task_info or {})
         self._refuse_unused_procedure_options()
         self.check()
-        if (tracking := Tracking.of(log)).to and out is None:
+        if (tracking := Tracking.of(track)).to and out is None:
             raise ConfigError(
-                f"log={list(tracking.to)} logs a run directory's records: give the plan one (out=...)"
+                f"track={list(tracking.to)} logs a run directory's records: give the plan one (out=...)"
             )
         self.record = RunRecord(out, tracking) if out is not None else Record()
         header = {

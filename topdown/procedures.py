@@ -269,10 +269,10 @@ def run_procedure(
     resume: bool = False,
     from_checkpoint: str | None = None,
     device: str | torch.device | None = None,
-    log: Tracking | str | Sequence[str] | None = None,
+    track: Tracking | str | Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run ``procedure`` (a plan's name, ``plan_class``) on ``task`` into run directory ``out`` with
-    our loop; returns the summary. ``log``: trackers that also get its epochs and stages (``Plan``)."""
+    our loop; returns the summary. ``track``: trackers that also get its epochs and stages (``Plan``)."""
     plan_type = plan_class(procedure)
     config = config if isinstance(config, RunConfig) else RunConfig.from_dict(config or {})
     # a monitor the loop cannot rank is refused before the run directory is written
@@ -299,7 +299,7 @@ def run_procedure(
         preset=preset,
         task_info=task.info,
         from_checkpoint=from_checkpoint,
-        log=log,
+        track=track,
     )
     try:
         return train_plan(plan, task, device)

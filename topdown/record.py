@@ -108,14 +108,14 @@ class Record:
 
 class RunRecord(Record):
     """A plan's record in the run directory ``path``, written atomically after every stage (rank 0
-    writes, under DDP). ``open`` starts it, or continues the one there (``resume``). ``log``: the
+    writes, under DDP). ``open`` starts it, or continues the one there (``resume``). ``track``: the
     trackers that also get its epochs and stages (rank 0's)."""
 
-    def __init__(self, path: str | Path, log: Tracking | None = None):
+    def __init__(self, path: str | Path, track: Tracking | None = None):
         super().__init__()
         self.run = RunDir(path, writer=distributed.is_writer())
         self.path = self.run.path
-        self.tracked = (log or Tracking()).trackers(self.path) if self.run.writer else Trackers()
+        self.tracked = (track or Tracking()).trackers(self.path) if self.run.writer else Trackers()
 
     # -- opening --------------------------------------------------------------------------
 

@@ -1,10 +1,10 @@
 """Experiment tracking: a run's per-epoch metrics and stage decisions, also sent to TensorBoard
-(``--log tensorboard``) and MLflow (``--log mlflow``), the optional ``tracking`` extra.
+(``--track tensorboard``) and MLflow (``--track mlflow``), the optional ``tracking`` extra.
 
 The run directory stays the record (docs/run-directory.md); a tracker is a view of it, fed by the
 one place a run's epochs and stages are recorded (``record.RunRecord``), so our loop, a user's loop
 through a plan and the Lightning adapter all log. When the run is opened, each tracker first
-catches up on what the record holds and it lacks (a resumed run, or ``--log`` added on resume),
+catches up on what the record holds and it lacks (a resumed run, or ``--track`` added on resume),
 then receives every epoch and stage as it is recorded. Only the process that writes the run
 (rank 0 under data parallelism) logs.
 
@@ -44,7 +44,7 @@ def _require(tracker: str) -> Any:
         return importlib.import_module(TRACKERS[tracker])
     except ImportError:
         raise ConfigError(
-            f"--log {tracker} needs the tracking extra (tensorboard, mlflow-skinny): "
+            f"--track {tracker} needs the tracking extra (tensorboard, mlflow-skinny): "
             'pip install "topdown[tracking]"'
         ) from None
 
@@ -65,17 +65,21 @@ class Tracking:
         names = self.to.split(",") if isinstance(self.to, str) else self.to
         names = tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
         if unknown := [n for n in names if n not in TRACKERS]:
-            raise ConfigError(f"unknown tracker {unknown[0]!r} (--log); trackers: {', '.join(TRACKERS)}")
+            raise ConfigError(f"unknown tracker {unknown[0]!r} (--track); trackers: {', '.join(TRACKERS)}")
         if self.mlflow_uri is not None and "mlflow" not in names:
-            raise ConfigError("an MLflow tracking URI (--mlflow-uri) is for --log mlflow; add it")
+            raise ConfigError("an MLflow tracking URI (--mlflow-uri) is for --track mlflow; add it")
         for name in names:
             _require(name)
         object.__setattr__(self, "to", names)
 
     @classmethod
-    def of(cls, log: Tracking | str | Sequence[str] | None) -> Tracking:
-        """``log`` as a ``Tracking``: tracker names (a string or a list) or a ``Tracking``; None: none."""
-        return log if isinstance(log, Tracking) else cls(tuple(log) if isinstance(log, list) else log or ())
+    def of(cls, track: Tracking | str | Sequence[str] | None) -> Tracking:
+        """``track`` as a ``Tracking``: tracker names (a string or a list) or a ``Tracking``; None: none."""
+        return (
+            track
+            if isinstance(track, Tracking)
+            else cls(tuple(track) if isinstance(track, list) else track or ())
+        )
 
     def of_runs_in(self, out: Path) -> Tracking:
         """The tracking of the runs of a comparison or analysis in ``out``: every run its own
@@ -126,7 +130,7 @@ class Tracker:
 class Trackers:
     """The trackers of one run, as its record calls them. Opening is checked (a bad URI is an error
     before training); after that, a tracker that fails is said once and dropped: the run goes on,
-    its record intact (``--resume`` with the same ``--log`` catches the tracker up)."""
+    its record intact (``--resume`` with the same ``--track`` catches the tracker up)."""
 
     active: list[Tracker] = field(default_factory=list)
     step: int = 0  # epochs logged: the next epoch's step is one more
@@ -139,7 +143,7 @@ class Trackers:
             except TopdownError:
                 raise
             except Exception as e:  # the tracker's own error: a bad URI, a server that does not answer
-                raise TopdownError(f"--log {tracker.name}: {_reason(e)}") from None
+                raise TopdownError(f"--track {tracker.name}: {_reason(e)}") from None
 
     def epoch(self, line: Mapping[str, Any]) -> None:
         self.step += 1
@@ -158,8 +162,8 @@ class Trackers:
             except Exception as e:
                 self.active.remove(tracker)
                 warn(
-                    f"--log {tracker.name} stopped: {_reason(e)}; the run goes on and its record is intact "
-                    f"(--resume with --log {tracker.name} catches the tracker up)"
+                    f"--track {tracker.name} stopped: {_reason(e)}; the run goes on and its record is intact "
+                    f"(--resume with --track {tracker.name} catches the tracker up)"
                 )
 
 
