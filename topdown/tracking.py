@@ -168,9 +168,9 @@ class Trackers:
 
 
 def _reason(e: BaseException) -> str:
-    return (os_reason(e) if isinstance(e, OSError) else str(e).strip().splitlines()[0] or type(e).__name__)[
-        :300
-    ]
+    """A tracker's error, in a line."""
+    text = os_reason(e) if isinstance(e, OSError) else (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text[:300]
 
 
 class TensorBoard(Tracker):
@@ -183,7 +183,6 @@ class TensorBoard(Tracker):
     def __init__(self, run: Path):
         self.path = run / TENSORBOARD_DIR
         self.writer = None
-        self.step = 0
 
     def open(self, summary: dict[str, Any], lines: list[dict[str, Any]], new: bool) -> None:
         for old in self.path.glob("events.out.tfevents.*"):
@@ -258,6 +257,9 @@ class MLflow(Tracker):
             return False
 
     def _create(self, summary: Mapping[str, Any]) -> str:
+        """A new MLflow run, its parameters logged; returns its id."""
+        from mlflow.entities import Param
+
         name = self.experiment or summary["task"]
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
@@ -268,8 +270,6 @@ class MLflow(Tracker):
         else:
             experiment_id = experiment.experiment_id
         run_id = self.client.create_run(experiment_id, run_name=self.run.name).info.run_id
-        from mlflow.entities import Param
-
         identity = {k: summary[k] for k in ("procedure", "task", "preset", "seed", "metric")}
         params = [
             Param(k, v if isinstance(v, str) else json.dumps(v))
