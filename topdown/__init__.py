@@ -29,6 +29,7 @@ from topdown.schedules import KnowledgeEvolution, Layerwise, ShrinkAndPerturb
 from topdown.shortcuts import baseline, cascade, forget, forgetting, retrain_classifier, transfer_classifier
 from topdown.stage import Accept, Stage, StageSpec
 from topdown.task import Task
+from topdown.tracking import Tracking
 from topdown.version import __version__
 
 __all__ = [
@@ -71,6 +72,7 @@ __all__ = [
     "forget",
     "run_procedure",
     "train_plan",
+    "Tracking",
     "TopdownError",
     "BlockError",
     "ConfigError",

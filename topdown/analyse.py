@@ -13,7 +13,7 @@ runs are read back, so an interrupted analysis continues where it stopped.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from topdown.procedures import run_or_resume
 from topdown.report import format_metric, save_figure, stage_result, table_head, write_record
 from topdown.runs import RunDir
 from topdown.task import Task
+from topdown.tracking import Tracking
 
 # cascade options that only the retrain-feature-extractor runs (cascade stages) would apply, away from
 # their defaults (cascade.splits is set per split by analyse itself)
@@ -54,10 +55,11 @@ def split_row(
     seed: int,
     preset: str | None,
     device,
+    track: Tracking | None = None,
 ) -> dict[str, Any]:
     """Every run of split ``k``, from the baseline's checkpoint (independent of other splits)."""
     metric = task.primary.name
-    common = dict(seed=seed, preset=preset, device=device)
+    common = dict(seed=seed, preset=preset, device=device, track=track)
     base = run_or_resume("baseline", task, out / "runs" / "baseline", config=config, **common)
     baseline = stage_result(base["stages"][0], metric, "baseline")  # refused before this split's runs train
     ckpt = str(RunDir(out / "runs" / "baseline").checkpoint("best"))
@@ -115,9 +117,10 @@ def run_analyse(
     jobs: int = 1,
     task_factory: Callable[[], Task] | None = None,
     executor: Executor | None = None,
+    track: Tracking | str | Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Train one baseline, then every split's runs (in ``jobs`` processes when > 1, or where
-    ``executor`` runs them: see ``run_compare``)."""
+    ``executor`` runs them: see ``run_compare``; ``track`` as there)."""
     check_one_recipe(config)
     executor = chosen(executor, jobs, task_factory)
     for (
@@ -125,16 +128,24 @@ def run_analyse(
     ) in subsets:  # a fraction outside (0, 1) is refused now, not after the splits before it have trained
         config.updated({"procedure": {"subset": fraction}})
     out = Path(out)
+    track = Tracking.of(track).of_runs_in(out)
     metric = task.primary.name
     base = run_or_resume(
-        "baseline", task, out / "runs" / "baseline", config=config, seed=seed, preset=preset, device=device
+        "baseline",
+        task,
+        out / "runs" / "baseline",
+        config=config,
+        seed=seed,
+        preset=preset,
+        device=device,
+        track=track,
     )
     # splits with a side that owns no parameter (e.g. lm-awd's embedding with tie=classifier) have
     # nothing to train
     splits = sorted(usable_splits(base["blocks"]))
     rows = in_parallel(
         split_row,
-        [(out, k, config, subsets, seed, preset, device) for k in splits],
+        [(out, k, config, subsets, seed, preset, device, track) for k in splits],
         task,
         executor,
         task_factory,

@@ -19,6 +19,7 @@ EPILOG = """examples:
   topdown run myplans:MyPlan digits              # a topdown.Plan subclass of your own, in ./myplans.py
   topdown cascade asr-rnn --out runs/x --resume  # continue an interrupted run
   topdown cascade digits --config runs/x/config.yaml --out runs/y  # run x's configuration again
+  topdown cascade digits --track tensorboard,mlflow  # also log to TensorBoard and MLflow (in the run dir)
   topdown report runs/x                          # re-render runs/x/report.md
   topdown compare digits --seeds 20              # cascade vs fair baselines over 20 seeds
   topdown compare digits --seeds 20 --arms cascade,forgetting
@@ -89,6 +90,17 @@ def parser() -> argparse.ArgumentParser:
         metavar="N",
         help="train every stage data-parallel in N processes on this machine (torchrun; gloo on CPU, NCCL "
         "on CUDA)",
+    )
+    common.add_argument(
+        "--track",
+        type=_names,
+        default=[],
+        metavar="TRACKER[,TRACKER...]",
+        help="also log every epoch and stage to tensorboard (DIR/tensorboard), mlflow (DIR/mlruns, or "
+        "--mlflow-uri), or both (the tracking extra); not part of the run's identity",
+    )
+    common.add_argument(
+        "--mlflow-uri", metavar="URI", help="the MLflow tracking URI for --track mlflow (default: DIR/mlruns)"
     )
     single = argparse.ArgumentParser(add_help=False)
     single.add_argument(

@@ -25,6 +25,7 @@ from topdown.runs import RunDir
 from topdown.schedule import LrSchedule
 from topdown.seeds import derive_seed
 from topdown.task import Task
+from topdown.tracking import Tracking
 
 # the controls of every comparison, beside its arms (plans: ``--arms``)
 CONTROLS = ("baseline", "baseline-equal-epochs", "best-of-k")
@@ -35,7 +36,15 @@ Summaries = Callable[[str], dict[str, Any] | None]  # a run's name -> its summar
 
 
 def run_one(
-    task: Task, out: Path, procedure: str, name: str, seed: int, config: RunConfig, preset: str | None, device
+    task: Task,
+    out: Path,
+    procedure: str,
+    name: str,
+    seed: int,
+    config: RunConfig,
+    preset: str | None,
+    device,
+    track: Tracking | None = None,
 ) -> dict[str, Any]:
     """One run of the comparison, ``out/runs/name`` (a worker's unit of work); only its summary is read."""
     return run_or_resume(
@@ -47,6 +56,7 @@ def run_one(
         preset=preset,
         device=device,
         weights_needed=False,
+        track=track,
     )
 
 
@@ -215,9 +225,10 @@ def run_all(
     device,
     executor: Executor,
     task_factory: Callable[[], Task] | None,
+    track: Tracking | None = None,
 ) -> list[dict[str, dict[str, Any]]]:
     """Per seed, the summaries of its runs, by name (``seed_runs``), trained by the ``executor``'s
-    workers (``run_scheduled``)."""
+    workers (``run_scheduled``). ``track``: trackers of every run (``Tracking.of_runs_in``)."""
     out = comparison.runs.parent
     with executor.open(task, task_factory) as workers:
 
@@ -314,6 +325,7 @@ def run_only(
     jobs: int = 1,
     task_factory: Callable[[], Task] | None = None,
     executor: Executor | None = None,
+    track: Tracking | str | Sequence[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Train (or resume, or read back) only the runs ``names`` of the comparison ``run_compare`` would
     make with these arguments, each as it would (name, seed, recipe, budget), and write no
@@ -322,6 +334,7 @@ def run_only(
     needs its seed's arms finished (their epochs are the budget). Returns each run's summary."""
     executor = chosen(executor, jobs, task_factory)
     out = Path(out)
+    track = Tracking.of(track).of_runs_in(out)
     comparison = ComparisonRuns(out / "runs", resolve_arms(arms), budget_arms)
     configs = arm_configs(config, comparison.arms)
     planned = _planned_k(task, comparison, configs[0])
@@ -345,7 +358,7 @@ def run_only(
         futures = {}
         for name in dict.fromkeys(names):
             procedure, seed, cfg = runs[name]
-            futures[name] = workers.submit(run_one, out, procedure, name, seed, cfg, preset, device)
+            futures[name] = workers.submit(run_one, out, procedure, name, seed, cfg, preset, device, track)
         return {name: future.result() for name, future in futures.items()}
 
 

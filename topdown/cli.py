@@ -25,6 +25,7 @@ from topdown.errors import TopdownError
 from topdown.procedures import run_procedure
 from topdown.sweep import parse_axes, run_sweep
 from topdown.tasks import TASKS, make_task, resolve_config, task_module
+from topdown.tracking import Tracking
 
 
 def _list(args: argparse.Namespace) -> None:
@@ -71,6 +72,7 @@ def _compare(args: argparse.Namespace) -> None:
         task_factory=factory,
         arms=args.arms,
         budget_arms=args.budget_arms,
+        track=args.track,
     )
     if args.only:
         for name, summary in run_only(factory(), out, [n for n in args.only.split(",") if n], **kw).items():
@@ -108,6 +110,7 @@ def _sweep(args: argparse.Namespace) -> None:
         device=args.device,
         executor=executor,
         task_factory=factory,
+        track=args.track,
     )
     print((out / "sweep.md").read_text())
 
@@ -127,6 +130,7 @@ def _analyse(args: argparse.Namespace) -> None:
         device=args.device,
         executor=executor,
         task_factory=factory,
+        track=args.track,
     )
     print((out / "analyse.md").read_text())
 
@@ -154,6 +158,7 @@ def _run(args: argparse.Namespace) -> None:
         resume=args.resume,
         from_checkpoint=getattr(args, "from_checkpoint", None),
         device=args.device,
+        track=args.track,
     )
     if not distributed.is_writer():
         return
@@ -197,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "device", "") is None:
         args.device = default_device()
     try:
+        if hasattr(args, "track"):  # a missing extra is refused before anything starts
+            args.track = Tracking(tuple(args.track), args.mlflow_uri)
         if getattr(args, "nproc", 1) > 1 and not distributed.launched():
             return distributed.launch(argv, args.nproc, resolve_device(args.device))
         if hasattr(args, "task") and args.preset is None:

@@ -59,6 +59,7 @@ from topdown.metrics import Metric, display_scale
 from topdown.report import format_metric, save_figure, stage_result, table_head, write_record
 from topdown.stats import excludes, paired_stats, summarise
 from topdown.task import Task
+from topdown.tracking import Tracking
 
 
 def _entry(chosen: dict[str, Any], trained: list[dict[str, Any]], metric: str, run: str) -> dict[str, Any]:
@@ -183,13 +184,15 @@ def run_compare(
     max_seeds: int | None = None,
     until_controls: Sequence[str] | None = None,
     executor: Executor | None = None,
+    track: Tracking | str | Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) every arm and control for seeds 0..seeds-1; write ``compare.json``,
     ``compare.md``, ``compare.png``. ``arms``: plans' names (``procedures.plan_class``: a built-in
     plan or ``module:Class``); ``budget_arms``: the arms whose largest total epochs the
     equal-epochs baseline is given (default: all of them). ``jobs`` > 1 runs the runs in that many
     processes, each building its task with ``task_factory``; ``executor`` (``topdown.executors``:
-    ``Local``, ``Ray``, ``Slurm``) runs them elsewhere instead.
+    ``Local``, ``Ray``, ``Slurm``) runs them elsewhere instead. ``track``: trackers every run also
+    logs to (``Tracking.of_runs_in``: one MLflow experiment and store for the comparison).
 
     ``effect``: per paired difference, the seeds one of that size would need (``seeds_needed``).
     ``until_margin``: then add seeds, ``jobs`` at a time (at least one), until every one of the
@@ -206,9 +209,10 @@ def run_compare(
     effect = None if effect is None else effect / scale
     rule = stopping_rule(comparison, seeds, until_margin, max_seeds, until_controls, scale, jobs)
     executor = chosen(executor, jobs, task_factory)
+    track = Tracking.of(track).of_runs_in(out)
     n, looks = seeds, []
     while True:
-        runs = run_all(task, comparison, n, config, preset, device, executor, task_factory)
+        runs = run_all(task, comparison, n, config, preset, device, executor, task_factory, track)
         record = comparison_record(task, comparison, config, preset, runs, effect, anytime=rule is not None)
         looks.append(n)
         if rule is None:

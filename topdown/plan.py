@@ -20,7 +20,7 @@ Our own loop (``procedures.train_plan``) is one executor of the same plans.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -40,6 +40,7 @@ from topdown.record import Record, RunRecord
 from topdown.resets import Reinit, ResetContext
 from topdown.seeds import check_seed, derive_seed
 from topdown.stage import Accept, Stage, StageSpec
+from topdown.tracking import Tracking
 
 
 def cascade_splits(config: RunConfig, blocks: Blocks) -> list[int]:
@@ -62,7 +63,9 @@ class Plan:
     validation metric that decides; its direction comes from ``lower_is_better`` or its name.
     ``out``: the run directory the plan records into (None: in memory, nothing written);
     ``resume``: continue the run there. ``from_checkpoint``: stage 0 loads this model instead of
-    training a baseline. ``summary`` is the run record (``summary.json``'s content).
+    training a baseline. ``track``: trackers that also get the run directory's epochs and stages
+    (``"tensorboard"``, ``"mlflow"``, both, or a ``topdown.Tracking`` with an MLflow URI; see
+    ``tracking``). ``summary`` is the run record (``summary.json``'s content).
     """
 
     procedure: ClassVar[str] = "custom"
@@ -87,6 +90,7 @@ class Plan:
         preset: str | None = None,
         task_info: Mapping[str, Any] | None = None,
         from_checkpoint: str | None = None,
+        track: Tracking | str | Sequence[str] | None = None,
     ):
         if isinstance(build_model, nn.Module) or not callable(build_model):
             raise ConfigError(
@@ -118,9 +122,13 @@ class Plan:
         self.task_info = dict(task_info or {})
         self._refuse_unused_procedure_options()
         self.check()
+        if (tracking := Tracking.of(track)).to and out is None:
+            raise ConfigError(
+                f"track={list(tracking.to)} logs a run directory's records: give the plan one (out=...)"
+            )
         if from_checkpoint is not None and (not resume or Path(from_checkpoint).exists()):
             check_start(from_checkpoint)  # before anything is written (a resume may not need it)
-        self.record = RunRecord(out) if out is not None else Record()
+        self.record = RunRecord(out, tracking) if out is not None else Record()
         header = {
             **run_identity(self.procedure, name, preset, seed, self.config, self.metric, self.task_info),
             "blocks": self.blocks.parameter_names(),

@@ -13,7 +13,7 @@ import importlib
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from topdown.schedules import SCHEDULES
 from topdown.seeds import check_seed, derive_seed
 from topdown.stage import Accept, StageSpec
 from topdown.task import Task
+from topdown.tracking import Tracking
 
 
 class Baseline(Plan):
@@ -273,9 +274,10 @@ def run_procedure(
     resume: bool = False,
     from_checkpoint: str | None = None,
     device: str | torch.device | None = None,
+    track: Tracking | str | Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run ``procedure`` (a plan's name, ``plan_class``) on ``task`` into run directory ``out`` with
-    our loop; returns the summary."""
+    our loop; returns the summary. ``track``: trackers that also get its epochs and stages (``Plan``)."""
     plan_type = plan_class(procedure)
     config = config if isinstance(config, RunConfig) else RunConfig.from_dict(config or {})
     # a monitor the loop cannot rank is refused before the run directory is written
@@ -302,6 +304,7 @@ def run_procedure(
         preset=preset,
         task_info=task.info,
         from_checkpoint=from_checkpoint,
+        track=track,
     )
     try:
         return train_plan(plan, task, device)

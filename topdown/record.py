@@ -8,6 +8,8 @@ writes it to a run directory (``runs.RunDir``, docs/run-directory.md) and can co
 report. Under DDP only rank 0 writes; every rank reads what rank 0 decided. A plan built before
 the ranks' process group exists (a trainer's launcher creates it later) starts its other ranks from
 what rank 0 has on disk, and the ranks agree on rank 0's record once the group exists (``agree``).
+A run directory's epochs and stages also go to the trackers the plan was given (``tracking``:
+TensorBoard, MLflow).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from topdown.errors import ConfigError, TopdownError
 from topdown.files import atomic_write, load_tensors, os_reason
 from topdown.identity import recorded_mismatch
 from topdown.runs import RunDir, stage_checkpoint
+from topdown.tracking import Trackers, Tracking
 
 # the resolved config, as `--config` reads it: `--config DIR/config.yaml` runs the run again
 CONFIG_FILE = "config.yaml"
@@ -123,9 +126,10 @@ class Record:
 
 class RunRecord(Record):
     """A plan's record in the run directory ``path``, written atomically after every stage (rank 0
-    writes, under DDP). ``open`` starts it, or continues the one there (``resume``)."""
+    writes, under DDP). ``open`` starts it, or continues the one there (``resume``). ``track``: the
+    trackers that also get its epochs and stages (rank 0's)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, track: Tracking | None = None):
         super().__init__()
         self.run = RunDir(path, writer=distributed.is_writer())
         self.path = self.run.path
@@ -133,6 +137,7 @@ class RunRecord(Record):
         # this continuation's provenance while its number of processes is unknown, and the number that
         # trained the run before it (None: not recorded)
         self._unsettled: tuple[dict[str, Any], int | None] | None = None
+        self.tracked = (track or Tracking()).trackers(self.path) if self.run.writer else Trackers()
 
     # -- opening --------------------------------------------------------------------------
 
@@ -197,7 +202,19 @@ class RunRecord(Record):
         else:
             summary = self._continue(existing, header, option_defaults, from_checkpoint)
         self._write_config(header["config"])  # a run resumed from before config.yaml existed gains it
+        self._open_trackers(summary, new=existing is None or failed_untrained)
         return summary
+
+    def _open_trackers(self, summary: dict[str, Any], new: bool) -> None:
+        """Catch the trackers up on the record; one that cannot open stops the run before it trains
+        (marked failed: a run that had saved no training may then be started afresh)."""
+        try:
+            self.tracked.open(summary, self.run.read_metrics(), new)
+        except TopdownError:
+            if summary["status"] == "running":
+                summary["status"] = "failed"
+                self.run.write_summary(summary)
+            raise
 
     def _write_config(self, config: Mapping[str, Any]) -> None:
         """``config.yaml``: the run's resolved config, which ``--config`` reads back (rewritten only
@@ -334,6 +351,7 @@ class RunRecord(Record):
 
     def log(self, line: dict[str, Any]) -> None:
         self.run.log_metrics(line)
+        self.tracked.epoch(line)
 
     def resume_point(self, stage: int, candidate: int) -> Path:
         return self.run.state_file(stage, candidate)
@@ -362,6 +380,7 @@ class RunRecord(Record):
             checksums["best"] = self.run.save_model("best", weights, meta)
         self._append(record)
         self.run.write_summary(self.summary)
+        self.tracked.stage(record)
         self.run.clear_state(index)
         distributed.barrier()  # the next stage may start from this stage's checkpoint, on every rank
 
@@ -381,6 +400,7 @@ class RunRecord(Record):
             self.run.write_summary(self.summary)
         except TopdownError:
             pass  # the error being raised says why; the last good record stays on disk
+        self.tracked.close(self.summary)
         self._release()
 
     def complete(self) -> None:
@@ -393,6 +413,7 @@ class RunRecord(Record):
             self.run.write_summary(self.summary)
         if self.run.writer and not (was_complete and all((self.path / f).is_file() for f in REPORT_FILES)):
             report.write(self.path)
+        self.tracked.close(self.summary)
         self._release()
 
     def _release(self) -> None:

@@ -44,6 +44,7 @@ from topdown.metrics import display_scale
 from topdown.report import format_metric, save_figure, table_head, write_record
 from topdown.sections import CommandLineValue, TaskSections
 from topdown.task import Task
+from topdown.tracking import Tracking
 
 TaskFactory = Callable[[TaskSections], Task]  # a cell's task, from its configuration's task sections
 
@@ -206,6 +207,7 @@ def run_sweep(
     jobs: int = 1,
     task_factory: TaskFactory | None = None,
     executor: Executor | None = None,
+    track: Tracking | str | Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a fair comparison (``compare.run_compare``, same arguments) per cell of
     ``axes`` (config key -> its values: Python values, or ``--set`` texts as ``CommandLineValue``s) in
@@ -213,7 +215,8 @@ def run_sweep(
     ``compare.*`` and ``sweep.json``, ``sweep.md``, ``sweep.png``. ``task`` is built on ``config``;
     ``task_factory(sections)`` builds the task of a cell whose task sections differ (an axis such as
     ``model.hidden`` or ``data.*``), and the workers' tasks when ``jobs`` > 1 or an ``executor``
-    (``topdown.executors``) runs the runs elsewhere."""
+    (``topdown.executors``) runs the runs elsewhere. ``track``: trackers every run also logs to, as
+    ``run_compare``'s, with one MLflow store for the sweep and an experiment per cell."""
     compare.check_seeds(seeds)
     cells = sweep_cells(config, axes)
     arms = resolve_arms(arms)
@@ -229,13 +232,16 @@ def run_sweep(
     comparisons = [ComparisonRuns(out / "cells" / cell.name / "runs", arms, budget_arms) for cell in cells]
     base_factory = functools.partial(task_factory, config.task) if task_factory is not None else None
     executor = chosen(executor, jobs, base_factory)
+    tracking = Tracking.of(track).of_runs_in(out)
     with executor.open(task, base_factory) as workers:
 
         def submitter(cell: Cell, same: bool) -> Submit:
             sections = None if same else cell.config.task  # None: the worker's own task
+            experiment = f"{tracking.experiment}/{cell.name}" if tracking.experiment else None
+            cell_tracking = dataclasses.replace(tracking, experiment=experiment)
 
             def submit(name: str, procedure: str, seed: int, cfg: RunConfig) -> Future:
-                args = (out / "cells" / cell.name, procedure, name, seed, cfg, preset, device)
+                args = (out / "cells" / cell.name, procedure, name, seed, cfg, preset, device, cell_tracking)
                 return workers.submit(_cell_run, task_factory, sections, *args)
 
             return submit
