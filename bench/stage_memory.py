@@ -15,6 +15,8 @@ model's device during its window (the model itself included):
   folder) whose stage 0 is finished untrained; the window is stage 1: prepared (blocks 1..K
   re-initialised from a model ``build_model()`` builds with the stage's seed, the classifier
   above them frozen), one step of Adam over its trainable parameters, ``finish``;
+- ``prepared only``: the window closes once the stage is handed out (start weights loaded, blocks
+  re-initialised from the fresh model, which is gone by then);
 - ``2 candidates``: the same with ``cascade.candidates=2`` (the first candidate's weights are kept
   while the second trains);
 - ``forgetting round, split K``: later-layer forgetting's first round: the blocks above K
@@ -131,6 +133,7 @@ def stage(
     config: dict,
     our_loop: bool = False,
     fresh_on_device: bool = False,
+    prepare_only: bool = False,
 ) -> None:
     """A plan (``topdown.PLANS``' name) over the model, its run directory in a temporary folder:
     stage 0 finished untrained, then stage 1 (every candidate) in the window."""
@@ -157,6 +160,8 @@ def stage(
         with window():  # the run is left unfinished: its end is no stage's
             for c in range(config.get("cascade", {}).get("candidates", 1)):
                 s = next(stages)
+                if prepare_only:
+                    return
                 if our_loop:
                     result = fit(
                         s.model,
@@ -213,6 +218,10 @@ def rows(args: argparse.Namespace) -> dict[str, tuple[Callable[[Window], None], 
     out = {
         "plain step": (lambda w: plain(args, w), slice(0)),
         f"cascade stage, split {top}": (lambda w: stage(args, w, "cascade", cascade), slice(top)),
+        f"cascade stage, split {top}, prepared only": (
+            lambda w: stage(args, w, "cascade", cascade, prepare_only=True),
+            slice(top),
+        ),
         f"cascade stage, split {half}": (
             lambda w: stage(args, w, "cascade", {"cascade": {"splits": [half]}}),
             slice(half),

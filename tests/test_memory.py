@@ -17,6 +17,7 @@ import topdown
 from topdown.best_epochs import Ranking, keep_epoch
 from topdown.blocks import Blocks
 from topdown.devices import host_copy
+from topdown.files import load_tensors, save_tensors
 from topdown.metrics import Metric
 from topdown.resets import ResetContext
 from topdown.schedules import KnowledgeEvolution, Layerwise, ShrinkAndPerturb
@@ -124,3 +125,19 @@ def test_the_loop_holds_at_most_average_best_copies_of_the_weights_even_while_re
     span = stage_memory.measure(work, "cpu")
     assert [(v["error"], e) for v, e, _ in kept] == [(0.3, 3), (0.4, 2)]
     assert span.peak == span.start and span.end == span.start  # one copy out, one in
+
+
+def test_a_checkpoint_is_saved_without_a_copy_of_the_model_and_tied_weights_still_save(tmp_path):
+    """Only a tensor whose memory another one holds (a tied weight) is copied to be saved."""
+    state = stage_memory.build(WIDTH, DEPTH).state_dict()
+    state["tied.weight"] = state["0.0.weight"]
+    path = tmp_path / "model.safetensors"
+
+    def work(window):
+        with window():
+            save_tensors(path, state)
+
+    span = stage_memory.measure(work, "cpu")
+    assert span.peak - span.start == state["tied.weight"].numel() * state["tied.weight"].element_size()
+    loaded = load_tensors(path)[0]
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], v) for k, v in state.items())
