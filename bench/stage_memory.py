@@ -44,7 +44,6 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -284,9 +283,14 @@ def main() -> None:
     codes = {"now": ROOT} | ({"before": args.before.resolve()} if args.before else {})
     mib = 2**20
     print(f"$ python bench/stage_memory.py {' '.join(sys.argv[1:])}")
+    sys.path.insert(0, str(ROOT))  # here only: a row's process imports the topdown it is given
+    from topdown.provenance import provenance
+
+    made = provenance(torch.device(args.device))
     print(
-        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device {args.device}"
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {made['cpu']}, "
+        f"{made.get('gpu') or 'no GPU'}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+        f"device {args.device}"
     )
     print(f"model: {size / mib:.1f} MiB (width {args.width}, {args.depth} hidden blocks and the output)\n")
     print("| row | re-initialised | " + " | ".join(f"peak {c} | x model {c}" for c in codes) + " |")
