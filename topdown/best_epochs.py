@@ -4,7 +4,7 @@ few epochs (``train.average_best``) where validation finds the average no worse.
 Epochs are ranked by the task's metric, the one that decides acceptance, with ``train.monitor``
 breaking its ties (``Ranking``): a stage is judged by the weights it keeps, so they are chosen by
 what it is judged on. The loop keeps the best epochs as a list of ``(validation metrics, epoch,
-weights)``, best first (``ranks_among``, ``keep_epoch``).
+weights)``, best first (``ranks_among``, ``keep_epoch``), the weights on the host.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from topdown.console import say
+from topdown.devices import host_copy
 from topdown.metrics import Metric
 from topdown.task import Task
 
@@ -55,24 +56,32 @@ def ranks_among(kept: list, val: Mapping[str, float], ranking: Ranking, n: int) 
 
 
 def keep_epoch(
-    kept: list, entry: tuple[dict[str, float], int, dict[str, torch.Tensor]], ranking: Ranking, n: int
+    kept: list, val: dict[str, float], epoch: int, model: nn.Module, ranking: Ranking, n: int
 ) -> None:
-    """Insert ``(validation metrics, epoch, weights)`` into ``kept``, ordered best first, at most
-    ``n`` long (an equal epoch ranks after the earlier one)."""
-    at = next((i for i, (v, _, _) in enumerate(kept) if ranking.better(entry[0], v)), len(kept))
-    kept.insert(at, entry)
-    del kept[n:]
+    """Insert ``(val, epoch, a host copy of model's weights)`` into ``kept``, ordered best first, at
+    most ``n`` long (an equal epoch ranks after the earlier one), for an epoch that ``ranks_among``
+    them. The epoch it displaces is dropped before the copy is made: ``n`` copies at most, ever."""
+    del kept[n - 1 :]
+    at = next((i for i, (v, _, _) in enumerate(kept) if ranking.better(val, v)), len(kept))
+    kept.insert(at, (val, epoch, host_copy(model)))
 
 
-def average_weights(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The element-wise mean of state dicts (accumulated in float32). A tensor that is the same in
-    every state (a frozen block's) is kept exactly: a float mean of equal values can move it by a
-    rounding step, and a frozen block must not change. Integer buffers, such as BatchNorm's batch
-    counter, are the first state's."""
+def average_weights(
+    states: list[dict[str, torch.Tensor]], device: torch.device | str | None = None
+) -> dict[str, torch.Tensor]:
+    """The element-wise mean of state dicts (accumulated in float32), each tensor computed on
+    ``device`` (default: where the states are) and returned where the states are. The loop keeps
+    its epochs' weights on the host and averages them on the model's device: the device's
+    arithmetic, as before they were kept on the host (a GPU divides by a count as a multiplication
+    by its reciprocal, the CPU divides). A tensor that is the same in every state (a frozen
+    block's) is kept exactly: a float mean of equal values can move it by a rounding step, and a
+    frozen block must not change. Integer buffers, such as BatchNorm's batch counter, are the
+    first state's."""
     out = {}
     for name, first in states[0].items():
         if first.is_floating_point() and not all(torch.equal(s[name], first) for s in states[1:]):
-            out[name] = (sum(s[name].float() for s in states) / len(states)).to(first.dtype)
+            mean = sum(s[name].to(device).float() for s in states) / len(states)
+            out[name] = mean.to(first.dtype).to(first.device)
         else:
             out[name] = first.clone()
     return out
@@ -85,7 +94,7 @@ def average_if_no_worse(
     loaded) finds it no worse than the best epoch, ``kept[0]`` (then return its metrics, and no
     epoch); otherwise leave the best epoch's weights (and return its metrics and epoch)."""
     best_val, best_epoch, best_weights = kept[0]
-    model.load_state_dict(average_weights([w for _, _, w in kept]))
+    model.load_state_dict(average_weights([w for _, _, w in kept], next(model.parameters()).device))
     val = validate()
     epochs = ", ".join(str(e) for _, e, _ in sorted(kept, key=lambda k: k[1]))
     if ranking.better(best_val, val):

@@ -1,11 +1,12 @@
-"""The device a run trains on: the default, and a clear refusal of one this PyTorch cannot use; and
-how the command line has PyTorch allocate large CPU tensors."""
+"""The device a run trains on: the default, and a clear refusal of one this PyTorch cannot use; copies
+of a model's weights kept on the host; and how the command line has PyTorch allocate large CPU tensors."""
 
 from __future__ import annotations
 
 import os
 
 import torch
+from torch import nn
 
 from topdown.errors import ConfigError
 
@@ -47,6 +48,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
                 f"{available}"
             ) from None
     return d
+
+
+def host_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of ``model``'s state (parameters and buffers) in host memory. Weights kept while the
+    model trains on (a stage's best epochs, an earlier candidate) live there, so that an accelerator
+    holds one model, as a plain training step does."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def huge_pages_for_large_tensors() -> None:

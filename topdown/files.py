@@ -60,9 +60,16 @@ def write_json(path: Path, obj: Any) -> None:
 def save_tensors(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None
 ) -> None:
-    """Save tensors (copied to contiguous CPU memory, so tied weights save fine) as safetensors;
-    ``metadata`` is stored as JSON strings in the file header."""
-    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    """Save tensors as safetensors, from contiguous CPU memory; ``metadata`` is stored as JSON
+    strings in the file header. A tensor whose memory an earlier one holds (a tied weight) is
+    saved from a copy of its own, since safetensors refuses shared memory; the others are not
+    copied, so saving a model on the CPU does not hold a second one."""
+    flat, held = {}, set()
+    for key, value in tensors.items():
+        t = value.detach().to("cpu").contiguous()
+        memory = t.untyped_storage().data_ptr()
+        flat[key] = t.clone() if memory in held else t
+        held.add(memory)
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
     atomic_write(path, lambda p: save_file(flat, str(p), metadata=meta))
 

@@ -133,8 +133,7 @@ def fit(
             }
             improved = _advance(state, schedule, val, monitor)
             if keep and ranks_among(kept, val, ranking, keep):
-                weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                keep_epoch(kept, (val, state.epoch, weights), ranking, keep)
+                keep_epoch(kept, val, state.epoch, model, ranking, keep)
         if note := hooks.on_validation(val[monitor.name], monitor):
             say(f"{desc}, epoch {state.epoch}: {note}")
         state.seconds += time.perf_counter() - started

@@ -30,6 +30,7 @@ from torch import nn
 from topdown.blocks import Blocks, BlockSpec, empty_side, usable_splits
 from topdown.config import RunConfig
 from topdown.console import warn
+from topdown.devices import host_copy
 from topdown.errors import ConfigError, TopdownError
 from topdown.files import weights_digest
 from topdown.identity import first_difference, run_identity
@@ -59,7 +60,8 @@ class Plan:
     """A procedure's stages over one model (see the module docstring).
 
     ``blocks``: a ``Blocks`` or a block spec. ``build_model()`` returns a freshly initialised
-    model of the same shape (re-initialising a block copies it from one). ``metric``: the
+    model of the same shape (re-initialising a block copies it from one, tensor by tensor, so one
+    built on the CPU costs an accelerator nothing beyond the plan's model). ``metric``: the
     validation metric that decides; its direction comes from ``lower_is_better`` or its name.
     ``out``: the run directory the plan records into (None: in memory, nothing written);
     ``resume``: continue the run there. ``from_checkpoint``: stage 0 loads this model instead of
@@ -325,19 +327,23 @@ class Plan:
         kept_epoch: int | None,
         reported: dict[str, dict[str, dict[str, float]]],
     ) -> dict[str, Any] | None:
-        weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         tried = {"seed": stage.seed, "epochs": epochs, "val": val}
         if kept_epoch is not None:
             tried["kept_epoch"] = kept_epoch
         if reported:
             tried["reported"] = reported
-        last = stage.candidate == stage.spec.candidates - 1
-        if not last:  # a resumed run picks finished candidates up from here
+        if stage.candidate < stage.spec.candidates - 1:
+            # the next candidate trains over the model: this one's weights are kept on the host
+            weights = host_copy(self.model)
+            # a resumed run picks finished candidates up from here
             self.record.save_candidate(
                 stage.index, stage.candidate, weights, {**tried, "test": test, "seconds": seconds}
             )
-        self._keep_candidate(tried, test, seconds, weights)
-        return self._record_stage(stage) if last else None
+            self._keep_candidate(tried, test, seconds, weights)
+            return None
+        # the last candidate's weights are the model's own, recorded from there: no copy on its device
+        self._keep_candidate(tried, test, seconds, self.model.state_dict())
+        return self._record_stage(stage)
 
     def _keep_candidate(
         self, tried: dict[str, Any], test: dict[str, float], seconds: float, weights: dict[str, torch.Tensor]
@@ -390,6 +396,7 @@ class Plan:
             "task_info": self.task_info,
         }
         self.record.add_stage(record, weights, meta)
+        self._best = None  # the record has the stage's weights
         return record
 
     # -- the end --------------------------------------------------------------------------
