@@ -11,7 +11,8 @@ from conftest import ROOT, cli, toy_task
 import topdown.compare as compare
 import topdown.procedures as procedures
 from topdown.arms import cascade_run, equal_run, extra_run
-from topdown.compare import render, run_compare
+from topdown.compare import run_compare
+from topdown.compare_report import render
 from topdown.config import RunConfig
 from topdown.errors import ConfigError
 from topdown.stats import (

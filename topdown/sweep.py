@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from topdown import compare
+from topdown import compare, compare_report
 from topdown.arms import (
     DEFAULT_ARMS,
     ComparisonRuns,
@@ -255,7 +255,7 @@ def run_sweep(
     results = []
     for cell, same, comparison, cell_runs in zip(cells, own, comparisons, runs):
         record = compare.comparison_record(task_of(cell, same), comparison, cell.config, preset, cell_runs)
-        write_record(out / "cells" / cell.name, "compare", record, compare.render, compare.plot)
+        write_record(out / "cells" / cell.name, "compare", record, compare_report.render, compare_report.plot)
         results.append((cell, record))
     _built.clear()  # the last cell's task: not kept past the sweep
     record = sweep_record(task, config, preset, seeds, results)
