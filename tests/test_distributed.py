@@ -12,6 +12,7 @@ import textwrap
 import time
 
 import pytest
+import torch
 from conftest import (
     PYTHONPATH,
     ROOT,
@@ -22,11 +23,13 @@ from conftest import (
     read_summary,
     stage_table,
     toy_task,
+    without_seconds,
 )
 from test_cli import assert_one_line_error
 
 from topdown.errors import TrainingError
 from topdown.executors import Local, in_parallel
+from topdown.files import load_tensors
 
 DIGITS = [
     "digits",
@@ -107,23 +110,19 @@ def test_a_rank_that_fails_brings_the_others_down_and_finished_stages_stay(tmp_p
     )
 
 
-def test_a_ddp_loop_of_ones_own_runs_a_plan_with_one_writer_and_ranks_that_agree(tmp_path):
+def test_a_ddp_loop_of_ones_own_runs_a_plan_with_one_writer_and_resumes_after_a_rank_dies(tmp_path):
     """examples/ddp_loop.py, the recipe of docs/trainers.md: torchrun, init_process_group, a
-    DistributedDataParallel per stage, stage.finish. A second writer would be refused (the run's lock)."""
-    run, dumps = tmp_path / "run", tmp_path / "dumps"
-    proc = launch(
-        TORCHRUN,
-        str(ROOT / "tests" / "jobs" / "ranks.py"),
-        str(dumps),
-        str(ROOT / "examples" / "ddp_loop.py"),
-        "--out",
-        str(run),
-        "--epochs",
-        "2",
-    )
+    DistributedDataParallel per stage, stage.finish. A second writer would be refused (the run's lock).
+    Then the same run with rank 1 dying after stage 1: torchrun brings rank 0 down, stages 0 and 1
+    stay, and torchrun with two processes resumes it to the record and the chosen model of the run
+    that was not interrupted."""
+    whole, run, dumps = tmp_path / "whole", tmp_path / "run", tmp_path / "dumps"
+    ranks = [str(ROOT / "tests" / "jobs" / "ranks.py")]
+    example = [str(ROOT / "examples" / "ddp_loop.py"), "--epochs", "2"]
+    proc = launch(TORCHRUN, *ranks, str(dumps / "whole"), *example, "--out", str(whole))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("chosen stage") == 1  # rank 0 speaks
-    summary = read_summary(run)
+    summary = read_summary(whole)
     assert summary["status"] == "complete" and summary["provenance"]["world_size"] == 2
     assert stage_table(summary) == [
         (0, "baseline", ["hidden1", "hidden2", "output"], 2),
@@ -131,7 +130,25 @@ def test_a_ddp_loop_of_ones_own_runs_a_plan_with_one_writer_and_ranks_that_agree
         (2, "cascade", ["hidden1"], 2),
     ]
     # BatchNorm statistics of each rank's last batch differ: every rank goes on from rank 0's
-    assert_ranks_hold_the_run(run, dumps, [0, 1, 2])
+    assert_ranks_hold_the_run(whole, dumps / "whole", [0, 1, 2])
+
+    killed = launch(TORCHRUN, *ranks, str(dumps / "run"), "--kill", "1:1", *example, "--out", str(run))
+    assert killed.returncode != 0
+    before = read_summary(run)
+    # "failed" where rank 0 saw its peer gone before torchrun stopped it
+    assert before["status"] in ("running", "failed") and stage_table(before) == stage_table(summary)[:2]
+    kept = {i: (run / "checkpoints" / f"stage-{i}.safetensors").read_bytes() for i in (0, 1)}
+    resumed = launch(TORCHRUN, *ranks, str(dumps / "run"), *example, "--out", str(run), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["world_size"] for r in read_summary(run)["resumed_on"]] == [2]
+    assert read_summary(run)["stages"][:2] == before["stages"]
+    assert all((run / "checkpoints" / f"stage-{i}.safetensors").read_bytes() == kept[i] for i in kept)
+    assert without_seconds(read_summary(run)) == without_seconds(summary)  # the same stages, the same choice
+    for name in ("stage-2", "best"):  # the same weights (the files' headers name their run)
+        a, b = (load_tensors(r / "checkpoints" / f"{name}.safetensors")[0] for r in (run, whole))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    # stage 1 is left out: torchrun may stop rank 0 before it saved its copy
+    assert_ranks_hold_the_run(run, dumps / "run", [0, 2])
 
 
 def test_compare_and_analyse_with_jobs_equal_one_process(tmp_path):

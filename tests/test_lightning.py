@@ -248,36 +248,53 @@ def docs_example() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_the_docs_example_with_ddp_on_two_cpu_processes_has_one_writer_and_ranks_that_agree(tmp_path):
+def test_the_docs_example_with_ddp_on_two_cpu_processes_has_one_writer_and_resumes_after_a_rank_dies(
+    tmp_path,
+):
     """The example with devices=2, strategy="ddp": Lightning runs the script again as rank 1, which
     builds the plan before any process group exists; rank 0 built it before it knew there would be
-    two processes. Each rank saves its model after every stage (tests/jobs/ranks.py)."""
-    dumps = tmp_path / "dumps"
+    two processes. Each rank saves its model after every stage (tests/jobs/ranks.py). Rank 1 dies
+    after stage 1: Lightning's main process (rank 0) sees it and is killed too, a non-zero exit; the
+    finished stages stay, and the example with resume=True continues the run to its end."""
+    dumps, run = tmp_path / "dumps", tmp_path / "runs" / "lightning"
     code = docs_example().replace('accelerator="cpu",', 'accelerator="cpu", devices=2, strategy="ddp",')
     assert 'strategy="ddp"' in code
-    script = tmp_path / "example.py"
-    script.write_text(
-        f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nfrom pathlib import Path\n"
-        f"from jobs.ranks import dump_stages\ndump_stages(Path({str(dumps)!r}))\n{code}"
-    )
-    proc = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = tmp_path / "runs" / "lightning"
+
+    def example(kill: tuple[int, int] | None, resume: bool) -> subprocess.CompletedProcess:
+        script = tmp_path / "example.py"
+        script.write_text(
+            f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nfrom pathlib import Path\n"
+            f"from jobs.ranks import dump_stages\ndump_stages(Path({str(dumps)!r}), {kill!r})\n"
+            + code.replace('out="runs/lightning",', f'out="runs/lightning", resume={resume},')
+        )
+        return subprocess.run(
+            [sys.executable, str(script)],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    killed = example((1, 1), resume=False)
+    assert killed.returncode != 0
+    before = read_summary(run)
+    assert before["status"] in ("running", "failed") and before["provenance"]["world_size"] == 2
+    kept = {i: (run / "checkpoints" / f"stage-{i}.safetensors").read_bytes() for i in (0, 1)}
+
+    resumed = example(None, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = read_summary(run)
-    assert summary["status"] == "complete" and summary["provenance"]["world_size"] == 2
+    assert summary["status"] == "complete" and [r["world_size"] for r in summary["resumed_on"]] == [2]
     assert stage_table(summary) == [
         (0, "baseline", ["hidden1", "hidden2", "output"], 3),
         (1, "cascade", ["hidden1", "hidden2"], 3),
         (2, "cascade", ["hidden1"], 3),
     ]
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == 9  # an epoch a line, from rank 0 only
+    assert summary["stages"][:2] == before["stages"][:2] == before["stages"]
+    assert all((run / "checkpoints" / f"stage-{i}.safetensors").read_bytes() == kept[i] for i in kept)
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["stage"] for e in epochs] == [0] * 3 + [1] * 3 + [2] * 3  # an epoch a line, from rank 0 only
     assert_ranks_hold_the_run(run, dumps, [0, 1, 2])
 
 
