@@ -185,7 +185,7 @@ def test_a_sequential_comparison_adds_seeds_until_the_named_differences_are_beyo
     assert "stopped after 5 seeds: every one's interval lay beyond the margin" in " ".join(text.split())
     assert "| anytime-valid 95 % | detectable |" in text
     asked.clear()
-    record = run_compare(toy_task(), tmp_path / "all", **kw, jobs=3)
+    record = run_compare(toy_task(), tmp_path / "all", **kw, jobs=3, task_factory=toy_task)
     assert asked == [2, 5, 8, 9] and record["seeds"] == 9  # --jobs seeds at a time, up to the budget
     assert record["stopping"]["stopped"] == "seed budget spent"
     assert record["stopping"]["undecided"] == ["baseline-equal-epochs", "best-of-k"]

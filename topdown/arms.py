@@ -233,7 +233,7 @@ def run_all(
     with executor.open(task, task_factory) as workers:
 
         def submit(name: str, procedure: str, seed: int, cfg: RunConfig) -> Future:
-            return workers.submit(run_one, out, procedure, name, seed, cfg, preset, device)
+            return workers.submit(run_one, out, procedure, name, seed, cfg, preset, device, track)
 
         return run_scheduled([Scheduled.of(task, comparison, seeds, config, submit)])[0]
 
