@@ -324,24 +324,10 @@ def test_a_cascade_keeps_a_frozen_parameter_entry_bit_identical(tmp_path):
 
 def test_a_stock_wav2vec2_for_ctc_names_its_masked_spec_embed_as_a_block_entry(capsys):
     """The parameter sits on the ``Wav2Vec2Model`` container, not in any of its submodules."""
-    import transformers  # the hf extra, installed in CI
+    from test_hub_models import tiny_wav2vec2  # the hf extra, installed in CI
 
-    config = transformers.Wav2Vec2Config(
-        vocab_size=8,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        conv_dim=(8, 8),
-        conv_stride=(5, 2),
-        conv_kernel=(10, 3),
-        num_conv_pos_embeddings=4,
-        num_conv_pos_embedding_groups=2,
-        mask_time_prob=0.5,
-        mask_time_length=2,
-    )
     torch.manual_seed(0)
-    model = transformers.Wav2Vec2ForCTC(config)
+    model = tiny_wav2vec2()
     modules_only = [
         ("features", ["wav2vec2.feature_extractor"]),
         ("encoder", ["wav2vec2.feature_projection", "wav2vec2.encoder"]),
@@ -367,6 +353,6 @@ def test_a_stock_wav2vec2_for_ctc_names_its_masked_spec_embed_as_a_block_entry(c
     for key in blocks.state_keys(["features"]):
         assert torch.equal(after[key], before[key]), key
     assert not torch.equal(after["lm_head.weight"], before["lm_head.weight"])
-    fresh = transformers.Wav2Vec2ForCTC(config)
+    fresh = tiny_wav2vec2()
     blocks.copy_blocks(fresh, ["features"])
     assert torch.equal(model.wav2vec2.masked_spec_embed, fresh.wav2vec2.masked_spec_embed)

@@ -27,7 +27,8 @@ class Arch:
     stack: str  # its three layers
 
 
-def _wav2vec2() -> torch.nn.Module:
+def tiny_wav2vec2() -> torch.nn.Module:
+    """A random-weight Wav2Vec2ForCTC of three layers, small enough for a test (test_blocks uses it too)."""
     config = transformers.Wav2Vec2Config(
         vocab_size=8,
         hidden_size=16,
@@ -72,7 +73,7 @@ def _tokens(g: torch.Generator) -> dict[str, torch.Tensor]:
 
 ARCHS = {
     "wav2vec2-ctc": Arch(
-        _wav2vec2,
+        tiny_wav2vec2,
         lambda g: {"input_values": torch.randn(2, 400, generator=g), "labels": torch.randint(1, 8, (2, 5))},
         "wav2vec2.encoder.layers",
     ),
