@@ -199,7 +199,13 @@ class Stage:
             raise ConfigError(f"{self.describe()}: kept_epoch must be an int, got {kept_epoch!r}")
         metric = self.plan.metric.name
         self.plan.record.agree()
-        val, test = distributed.same_on_every_rank((_metrics(val), _metrics(test or {})))  # rank 0's decide
+        reported = {
+            name: {split: _metrics(m.get(split) or {}) for split in ("val", "test")}
+            for name, m in (reported or {}).items()
+        }
+        val, test, reported = distributed.same_on_every_rank(  # rank 0's decide
+            (_metrics(val), _metrics(test or {}), reported)
+        )
         for split, values in (("validation", val), ("test", test)):
             # the test metrics are optional, not partial
             if (values or split == "validation") and metric not in values:
@@ -215,12 +221,6 @@ class Stage:
             )
         if not isinstance(val[metric], float):  # _metrics made every other number a float
             raise ConfigError(f"{self.describe()}: validation {metric} must be a number, got {val[metric]!r}")
-        reported = distributed.same_on_every_rank(
-            {
-                name: {split: _metrics(m.get(split) or {}) for split in ("val", "test")}
-                for name, m in (reported or {}).items()
-            }
-        )
         seconds = time.perf_counter() - self._started if seconds is None else seconds
         distributed.from_rank_zero(self.model)  # the model rank 0 validated, on every rank
         self.finished = True
