@@ -3,9 +3,9 @@ blocks that name a parameter directly."""
 
 import pytest
 import torch
-from conftest import ToyNet, read_summary, toy_data, toy_task
+from conftest import ToyNet, read_summary, toy_task
+from test_plan import my_training, val_error
 from torch import nn
-from torch.nn import functional as F
 
 import topdown
 import topdown.loop as loop
@@ -298,26 +298,17 @@ def test_a_block_of_parameter_entries_takes_no_part_in_the_order_check(capsys):
 def test_a_cascade_keeps_a_frozen_parameter_entry_bit_identical(tmp_path):
     torch.manual_seed(0)
     plan = topdown.Cascade(OnContainer(), ON_CONTAINER, build_model=OnContainer, metric="error", out=tmp_path)
-    x, y = toy_data()
     frozen_in = []
     for stage in plan:
         model = stage.model
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        opt = torch.optim.SGD(stage.trainable_parameters(), lr=0.05)
-        model.train()
-        for i in range(0, 128, 32):
-            loss = F.cross_entropy(model(x[i : i + 32]), y[i : i + 32])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        my_training(model, stage.trainable_parameters(), epochs=1)
         frozen = "out" in stage.frozen_blocks
         assert torch.equal(model.logit_bias, before["logit_bias"]) == frozen
         assert model.logit_bias.requires_grad != frozen and (model.logit_bias.grad is None) == frozen
         assert not torch.equal(model.input_gain, before["input_gain"])  # in "inp", always trained
         frozen_in.append(frozen)
-        model.eval()
-        with torch.no_grad():
-            stage.finish(val={"error": (model(x[128:160]).argmax(1) != y[128:160]).float().mean().item()})
+        stage.finish(val={"error": val_error(model)})
     assert frozen_in == [False, True, True]
     assert "logit_bias" in read_summary(tmp_path)["blocks"]["out"]
 

@@ -61,17 +61,8 @@ def test_a_runs_config_yaml_runs_it_again_and_an_old_run_resumes(tmp_path):
     options = tmp_path / "options.yaml"
     options.write_text("train: {lr: 0.002}\ncascade: {splits: [2]}\n")
     run = tmp_path / "run"
-    cli(
-        "cascade",
-        *TINY_DIGITS,
-        "--config",
-        str(options),
-        "--set",
-        "train.epochs=2",
-        "--out",
-        str(run),
-        check=True,
-    )
+    made = ["cascade", *TINY_DIGITS, "--config", str(options), "--set", "train.epochs=2", "--out", str(run)]
+    cli(*made, check=True)
     summary = read_summary(run)
     assert (summary["config"]["train"]["lr"], summary["config"]["train"]["epochs"]) == (0.002, 2)
     assert summary["config"]["cascade"]["splits"] == [2]
@@ -83,17 +74,6 @@ def test_a_runs_config_yaml_runs_it_again_and_an_old_run_resumes(tmp_path):
     assert (again / "config.yaml").read_text() == (run / "config.yaml").read_text()
     # a run made before config.yaml existed resumes, and gains the file
     (run / "config.yaml").unlink()
-    cli(
-        "cascade",
-        *TINY_DIGITS,
-        "--config",
-        str(options),
-        "--set",
-        "train.epochs=2",
-        "--out",
-        str(run),
-        "--resume",
-        check=True,
-    )
+    cli(*made, "--resume", check=True)
     assert yaml.safe_load((run / "config.yaml").read_text()) == summary["config"]
     assert read_summary(run)["stages"] == summary["stages"]
