@@ -133,9 +133,10 @@ def corruption_cases(out: Path, reference: Path, duration: float) -> dict[str, b
     rng = random.Random(1)
     results = {}
 
-    def unfinished(name: str) -> Path:
-        run, length = out / name, duration
-        for _ in range(50):  # kill during stage 1 or later, so that a finished stage and a resume point exist
+    def interrupted() -> Path:
+        """One run killed during stage 1 or later, so that a finished stage and a resume point exist."""
+        run, length = out / "interrupted", duration
+        for _ in range(50):
             if run.exists():
                 subprocess.run(["rm", "-rf", str(run)])
             kill_after([*JOB, "--out", str(run)], rng.uniform(0.5, 0.95) * length)
@@ -152,6 +153,14 @@ def corruption_cases(out: Path, reference: Path, duration: float) -> dict[str, b
                 0.8 if summary.get("status") == "complete" else 1.2
             )  # the machine's speed changes under other load
         raise RuntimeError("could not interrupt a run between its first stage and its end")
+
+    killed = interrupted()
+
+    def unfinished(name: str) -> Path:
+        """A copy of the interrupted run for one case to damage (one kill serves every case)."""
+        run = out / name
+        subprocess.run(["cp", "-r", str(killed), str(run)], check=True)
+        return run
 
     run = unfinished("killed-mid-stage")  # the plain case: a SIGKILL during a stage, nothing damaged
     proc = topdown(*JOB, "--out", str(run), "--resume")
