@@ -1,6 +1,7 @@
 """`sweep`: a fair comparison per cell of a grid of config values, resumed, gathered, refused when bad."""
 
 import json
+import shutil
 
 import pytest
 from conftest import read_summary, toy_task
@@ -142,6 +143,14 @@ def test_the_command_sweeps_a_task_key_in_worker_processes(tmp_path, capsys):
     assert main(args) == 0  # again, in one process: every run read back, none trained
     assert {p: p.stat().st_mtime_ns for p in out.rglob("summary.json")} == mtimes
     assert json.loads((out / "sweep.json").read_text()) == record
+    capsys.readouterr()
+    shutil.rmtree(out / "cells" / "model.hidden=16" / "runs" / "cascade-seed0")  # as if not yet run
+    (out / "cells" / "model.hidden=16" / "compare.md").unlink()
+    assert main(["report", str(out)]) == 0  # where each cell stands
+    assert capsys.readouterr().out.splitlines()[2:] == [
+        "| model.hidden=16 | 2 | 0 | 0 | not yet |",
+        "| model.hidden=8 | 3 | 0 | 0 | yes |",
+    ]
 
 
 def test_a_task_axis_needs_a_task_factory(tmp_path):

@@ -246,10 +246,10 @@ def parser() -> argparse.ArgumentParser:
         "report",
         help="re-render report.md and curves.png of a run directory; of a compare or analyse "
         "directory (or any directory of runs), show where each of its runs stands (and, for a "
-        "comparison, the arms of each seed so far)",
+        "comparison, the arms of each seed so far); of a sweep's directory, where each cell stands",
     )
     p.add_argument(
-        "dir", help="run directory, the --out of compare/analyse, or a directory of run directories"
+        "dir", help="run directory, the --out of compare/analyse/sweep, or a directory of run directories"
     )
     p = sub.add_parser("list", help="tasks, presets and the blocks of each task's model")
     p.add_argument(

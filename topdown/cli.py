@@ -208,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
             return distributed.launch(argv, args.nproc, resolve_device(args.device))
         if hasattr(args, "task") and args.preset is None:
             args.preset = _default_preset(args)
-        if args.command == "report" and (runs := report.runs_of(args.dir)) is not None:
+        if args.command == "report" and (cells := report.sweep_cells_of(args.dir)) is not None:
+            print(report.sweep_table(cells))  # a sweep: where each cell stands
+        elif args.command == "report" and (runs := report.runs_of(args.dir)) is not None:
             print(
                 report.runs_table(runs)
             )  # a comparison, analysis or any directory of runs: where each stands

@@ -129,6 +129,33 @@ def runs_of(path: str | Path) -> Path | None:
         raise TopdownError(f"cannot read {path}: {os_reason(e)}") from None
 
 
+def sweep_cells_of(path: str | Path) -> Path | None:
+    """A sweep's ``cells/`` when ``path`` is a sweep's directory (``topdown sweep --out``), else None."""
+    cells = Path(path) / "cells"
+    try:
+        return cells if cells.is_dir() and not (Path(path) / "summary.json").exists() else None
+    except OSError as e:
+        raise TopdownError(f"cannot read {path}: {os_reason(e)}") from None
+
+
+def sweep_table(cells: Path) -> str:
+    """Where each cell of a sweep in progress stands: how many of its runs have finished, have
+    started and not finished (under way or stopped) or have failed, and whether its compare.md is
+    written (the sweep writes every cell's when all its runs have finished)."""
+    rows = table_head(["cell", "runs finished", "unfinished", "failed", "compare.md"])
+    for cell in sorted(p for p in cells.iterdir() if p.is_dir()):
+        runs = [p for p in (cell / "runs").glob("*") if p.is_dir()] if (cell / "runs").is_dir() else []
+        status = [(RunDir(run).read_summary() or {}).get("status") for run in runs]
+        written = "yes" if (cell / "compare.md").is_file() else "not yet"
+        counts = [
+            status.count("complete"),
+            status.count("running") + status.count(None),
+            status.count("failed"),
+        ]
+        rows.append(f"| {cell.name} | " + " | ".join(map(str, counts)) + f" | {written} |")
+    return "\n".join(rows)
+
+
 def runs_table(runs: Path) -> str:
     """Where each run under ``runs`` stands, for a long comparison in progress: finished, or the
     stage and epoch it has reached, and the chosen model's metrics."""
