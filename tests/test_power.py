@@ -11,6 +11,7 @@ from conftest import ROOT, cli, toy_task
 import topdown.compare as compare
 import topdown.procedures as procedures
 from topdown.arms import cascade_run, equal_run, extra_run
+from topdown.cli import main
 from topdown.compare import run_compare
 from topdown.compare_report import render
 from topdown.config import RunConfig
@@ -222,7 +223,7 @@ def test_a_sequential_comparison_trains_each_run_once(tmp_path, monkeypatch):
     assert record["arms"]["cascade"]["vs_baseline"]["cs95"] is None  # two seeds: not yet finite
 
 
-def test_bad_stopping_options_are_one_line_before_anything_trains(tmp_path):
+def test_bad_stopping_options_are_one_line_before_anything_trains(tmp_path, capsys):
     config = RunConfig.from_dict({"train": {"epochs": 1}})
     for kw, pattern in [
         ({"until_margin": 0.5}, "--until-margin needs --max-seeds"),
@@ -241,6 +242,24 @@ def test_bad_stopping_options_are_one_line_before_anything_trains(tmp_path):
     done = cli("compare", "digits", "--seeds", "2", "--until-margin", "0.5", "--out", str(tmp_path / "cli"))
     assert done.returncode != 0 and "--until-margin needs --max-seeds" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "cli").exists()
+    only = [
+        "compare",
+        "digits",
+        "--seeds",
+        "1",
+        "--only",
+        "cascade-seed0",
+        "--effect",
+        "0.5",
+        "--out",
+        str(tmp_path / "cli"),
+    ]
+    assert main(only) == 1
+    assert (
+        capsys.readouterr().err
+        == "topdown: error: --only writes no compare.*, so --effect cannot apply; drop it\n"
+    )
+    assert not (tmp_path / "cli").exists()
 
 
 def test_a_compare_json_written_before_detectable_still_renders():

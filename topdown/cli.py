@@ -75,6 +75,9 @@ def _compare(args: argparse.Namespace) -> None:
         track=args.track,
     )
     if args.only:
+        stopping = ("effect", "until_margin", "max_seeds", "until_controls")  # they act on compare.*
+        if given := ["--" + k.replace("_", "-") for k in stopping if getattr(args, k) is not None]:
+            raise TopdownError(f"--only writes no compare.*, so {', '.join(given)} cannot apply; drop it")
         for name, summary in run_only(factory(), out, [n for n in args.only.split(",") if n], **kw).items():
             m = summary["metric"]
             test = report.format_metric(summary["stages"][summary["chosen_stage"]]["test"].get(m), m)
