@@ -216,6 +216,26 @@ def test_existing_run_is_not_overwritten(tmp_path, task):
     assert json.loads(before)["stages"][0]["epochs"] == 2
 
 
+def test_an_error_in_the_task_s_own_code_is_on_record_and_the_run_resumes(tmp_path):
+    """A bug in a task's loss (not an error of ours) ends the run as failed, its lock released: the
+    same process resumes it once the bug is gone."""
+    task, calls = toy_task(), {"n": 0}
+    loss = task.loss
+
+    def buggy(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 10:  # in stage 1: stage 0 is on disk
+            raise KeyError("a bug in the task's code")
+        return loss(model, batch)
+
+    run = tmp_path / "run"
+    with pytest.raises(KeyError, match="a bug"):
+        topdown.cascade(dataclasses.replace(task, loss=buggy), run, train=FAST)
+    failed = read_summary(run)
+    assert failed["status"] == "failed" and len(failed["stages"]) == 1
+    assert topdown.cascade(task, run, train=FAST, resume=True)["status"] == "complete"
+
+
 def test_a_run_that_failed_before_saving_any_training_does_not_block_the_corrected_command(tmp_path, task):
     """A monitor the task does not report fails at the first validation, before anything is saved:
     the same directory then takes the corrected command (a failed run that saved epochs still does not)."""

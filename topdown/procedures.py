@@ -308,15 +308,15 @@ def run_procedure(
     )
     try:
         return train_plan(plan, task, device)
-    except TopdownError:
-        plan.fail()
-        raise
     except torch.OutOfMemoryError as e:  # the user's to fix (a batch too large for the device), not our bug
         plan.fail()
         raise TrainingError(
             f"out of memory on {device} ({str(e).splitlines()[0][:160]}); a smaller data.batch_size or model "
             "fits, and --resume continues from the last saved epoch"
         ) from None
+    except Exception:  # any error (a task's own code included): on record, and the run's lock released
+        plan.fail()
+        raise
 
 
 def run_or_resume(

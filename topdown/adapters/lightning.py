@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from topdown.errors import ConfigError, TopdownError, TrainingError
+from topdown.errors import ConfigError, TrainingError
 from topdown.plan import Plan
 from topdown.stage import Stage
 
@@ -205,7 +205,7 @@ def fit_plan(
                     validation=False,
                 )
             stage.finish(val=val, test=test, epochs=trainer.current_epoch if stage.trained_blocks else 0)
-    except TopdownError:
+    except Exception:  # any error, the user's code included: on record, and the run's lock released
         plan.fail()
         raise
     return plan.summary
