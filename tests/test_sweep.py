@@ -78,6 +78,24 @@ def test_a_sweep_runs_one_comparison_per_cell_gathers_them_and_resumes(tmp_path,
     assert calls == []
 
 
+def test_a_cell_s_results_are_written_as_soon_as_its_runs_finish(tmp_path, monkeypatch):
+    """A run that fails in one cell stops the sweep, but a cell whose runs had all finished has its
+    compare.* already: a long sweep shows its finished cells while the others run."""
+    real = procedures.run_procedure
+
+    def failing(proc, task, out, **kw):
+        if out.parents[1].name == "train.lr=0.03" and out.name == "equal-epochs-seed0":
+            raise RuntimeError("a lost worker")
+        return real(proc, task, out, **kw)
+
+    monkeypatch.setattr(procedures, "run_procedure", failing)
+    with pytest.raises(RuntimeError, match="a lost worker"):
+        run_sweep(toy_task(), tmp_path, seeds=1, axes={"train.lr": [0.01, 0.03]}, config=CONFIG)
+    assert (tmp_path / "cells" / "train.lr=0.01" / "compare.json").is_file()
+    assert not (tmp_path / "cells" / "train.lr=0.03" / "compare.json").exists()
+    assert not (tmp_path / "sweep.json").exists()
+
+
 def test_axis_values_are_read_as_set_reads_them():
     assert parse_axis("cascade.splits=[3,1],[2, 1]") == (
         "cascade.splits",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -263,9 +263,13 @@ class Scheduled:
         return cls(comparison, seeds, configs, _planned_k(task, comparison, configs[0]), submit)
 
 
-def run_scheduled(scheduled: Sequence[Scheduled]) -> list[list[dict[str, dict[str, Any]]]]:
+def run_scheduled(
+    scheduled: Sequence[Scheduled],
+    finished: Callable[[int, list[dict[str, dict[str, Any]]]], None] | None = None,
+) -> list[list[dict[str, dict[str, Any]]]]:
     """Per comparison, per seed, the summaries of its runs, by name (``seed_runs``), all the
-    comparisons' runs handed to the same workers.
+    comparisons' runs handed to the same workers; ``finished(i, runs)`` is called as soon as
+    comparison ``i``'s runs have all finished (a sweep writes that cell's results then).
 
     Every seed's first arm run (of every comparison) is queued first, then the baselines known
     before any run (the baseline arm's own, best-of-k's that a cascade's plan implies), then the
@@ -289,6 +293,9 @@ def run_scheduled(scheduled: Sequence[Scheduled]) -> list[list[dict[str, dict[st
             if (i, name) not in futures:
                 futures[i, name] = scheduled[i].submit(name, *runs[unit][name])
 
+    def results(i: int) -> list[dict[str, dict[str, Any]]]:
+        return [{name: futures[i, name].result() for name in runs[i, s]} for s in range(scheduled[i].seeds)]
+
     arm_runs = {
         (i, s): [scheduled[i].comparison.arm_run(a, s) for a in scheduled[i].comparison.arms]
         for i, s in units
@@ -299,16 +306,22 @@ def run_scheduled(scheduled: Sequence[Scheduled]) -> list[list[dict[str, dict[st
         queue(unit, [name for name in runs[unit] if name not in arm_runs[unit]])
     for unit in units:
         queue(unit, runs[unit])
-    pending = {futures[unit[0], name]: (unit, name) for unit in units for name in arm_runs[unit]}
-    for done in as_completed(pending):
-        unit, name = pending[done]
-        summaries[unit[0]][name] = done.result()
-        runs[unit] = runs_of(*unit)
-        queue(unit, runs[unit])
-    return [
-        [{name: futures[i, name].result() for name in runs[i, s]} for s in range(c.seeds)]
-        for i, c in enumerate(scheduled)
-    ]
+    arm_of = {futures[unit[0], name]: (unit, name) for unit in units for name in arm_runs[unit]}
+    waiting, told = set(futures.values()), set()
+    while waiting:
+        done, waiting = wait(waiting, return_when=FIRST_COMPLETED)
+        for future in done & arm_of.keys():  # an arm's run: its budget may queue more baselines
+            unit, name = arm_of[future]
+            summaries[unit[0]][name] = future.result()
+            runs[unit] = runs_of(*unit)
+            queue(unit, runs[unit])
+        waiting |= {f for f in futures.values() if not f.done()}
+        for i in range(len(scheduled)):  # every run a comparison needs is queued by now
+            seeds = range(scheduled[i].seeds)
+            if finished and i not in told and all(futures[i, n].done() for s in seeds for n in runs[i, s]):
+                told.add(i)
+                finished(i, results(i))
+    return [results(i) for i in range(len(scheduled))]
 
 
 def run_only(

@@ -141,7 +141,7 @@ def sweep_cells_of(path: str | Path) -> Path | None:
 def sweep_table(cells: Path) -> str:
     """Where each cell of a sweep in progress stands: how many of its runs have finished, have
     started and not finished (under way or stopped) or have failed, and whether its compare.md is
-    written (the sweep writes every cell's when all its runs have finished)."""
+    written (the sweep writes a cell's as soon as all its runs have finished)."""
     rows = table_head(["cell", "runs finished", "unfinished", "failed", "compare.md"])
     for cell in sorted(p for p in cells.iterdir() if p.is_dir()):
         runs = [p for p in (cell / "runs").glob("*") if p.is_dir()] if (cell / "runs").is_dir() else []

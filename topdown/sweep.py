@@ -212,10 +212,11 @@ def run_sweep(
     """Run (or resume) a fair comparison (``compare.run_compare``, same arguments) per cell of
     ``axes`` (config key -> its values: Python values, or ``--set`` texts as ``CommandLineValue``s) in
     ``out/cells/NAME``, all the cells' runs in one pool of ``jobs`` workers; write each cell's
-    ``compare.*`` and ``sweep.json``, ``sweep.md``, ``sweep.png``. ``task`` is built on ``config``;
-    ``task_factory(sections)`` builds the task of a cell whose task sections differ (an axis such as
-    ``model.hidden`` or ``data.*``), and the workers' tasks when ``jobs`` > 1 or an ``executor``
-    (``topdown.executors``) runs the runs elsewhere. ``track``: trackers every run also logs to, as
+    ``compare.*`` as soon as its runs have finished, and at the end ``sweep.json``, ``sweep.md``,
+    ``sweep.png``. ``task`` is built on ``config``; ``task_factory(sections)`` builds the task of a
+    cell whose task sections differ (an axis such as ``model.hidden`` or ``data.*``), and the
+    workers' tasks when ``jobs`` > 1 or an ``executor`` (``topdown.executors``) runs the runs
+    elsewhere. ``track``: trackers every run also logs to, as
     ``run_compare``'s, with one MLflow store for the sweep and an experiment per cell."""
     compare.check_seeds(seeds)
     cells = sweep_cells(config, axes)
@@ -246,17 +247,27 @@ def run_sweep(
 
             return submit
 
-        runs = run_scheduled(
+        records: dict[int, dict[str, Any]] = {}
+
+        def cell_finished(i: int, cell_runs: list[dict[str, dict[str, Any]]]) -> None:
+            """A cell whose runs have all finished: its compare.* written now, not at the sweep's end."""
+            cell = cells[i]
+            record = compare.comparison_record(
+                task_of(cell, own[i]), comparisons[i], cell.config, preset, cell_runs
+            )
+            write_record(
+                out / "cells" / cell.name, "compare", record, compare_report.render, compare_report.plot
+            )
+            records[i] = record
+
+        run_scheduled(
             [
                 Scheduled.of(task_of(cell, same), comparison, seeds, cell.config, submitter(cell, same))
                 for cell, same, comparison in zip(cells, own, comparisons)
-            ]
+            ],
+            cell_finished,
         )
-    results = []
-    for cell, same, comparison, cell_runs in zip(cells, own, comparisons, runs):
-        record = compare.comparison_record(task_of(cell, same), comparison, cell.config, preset, cell_runs)
-        write_record(out / "cells" / cell.name, "compare", record, compare_report.render, compare_report.plot)
-        results.append((cell, record))
+    results = [(cell, records[i]) for i, cell in enumerate(cells)]
     _built.clear()  # the last cell's task: not kept past the sweep
     record = sweep_record(task, config, preset, seeds, results)
     write_record(out, "sweep", record, render, plot)
