@@ -22,7 +22,7 @@ from topdown.errors import ConfigError
 from topdown.files import load_tensors
 from topdown.report import stage_reset, stage_table
 from topdown.resets import KelsSplit, Reinit, ShrinkPerturb
-from topdown.schedules import KnowledgeEvolution, Layerwise, ShrinkAndPerturb
+from topdown.schedules import KnowledgeEvolution, Layerwise, Restarts, ShrinkAndPerturb
 from topdown.seeds import derive_seed
 from topdown.stage import StageSpec
 
@@ -131,6 +131,17 @@ def test_shrink_and_perturb_is_exactly_lambda_theta_plus_p_fresh_with_fresh_stat
     ] * 3
 
 
+def test_restarts_hand_out_the_round_before_bit_identical():
+    """The control: nothing reset, every block trained, each round from the last round's weights."""
+
+    def check(stage, start, fresh, handed):
+        assert handed.keys() == start.keys() and all(torch.equal(handed[k], start[k]) for k in start)
+
+    plan = drive(Restarts, check)
+    assert len(plan.summary["stages"]) == 3 and all(s["reset"] == [] for s in plan.summary["stages"][1:])
+    assert [stage_reset(s) for s in plan.summary["stages"]] == ["new model", "-", "-"]
+
+
 def test_the_schedules_run_as_procedures_with_the_cascades_budget_and_say_what_they_did(tmp_path, task):
     cascade = topdown.cascade(task, tmp_path / "cascade", train=FAST, seed=0)
     budget = sum(s["epochs"] for s in cascade["stages"])
@@ -144,12 +155,13 @@ def test_the_schedules_run_as_procedures_with_the_cascades_budget_and_say_what_t
             "perturb": 0.1,
         },
     }
+    defaults["restarts"] = None  # nothing reset
     for name, first_reset in defaults.items():
         summary = topdown.run_procedure(name, task, tmp_path / name, config=RunConfig(train=FAST), seed=0)
         stages = summary["stages"]
         assert summary["procedure"] == name and len(stages) == len(cascade["stages"])
         assert sum(s["epochs"] for s in stages) == budget and stages[0]["val"] == cascade["stages"][0]["val"]
-        assert first_reset in stages[1]["reset"]
+        assert first_reset in stages[1]["reset"] if first_reset else stages[1]["reset"] == []
         chosen = summary["chosen_stage"]  # validation chooses among the rounds; the last is recorded too
         assert all(stages[chosen]["val"]["error"] <= s["val"]["error"] for s in stages)
         assert (tmp_path / name / "checkpoints" / f"stage-{len(stages) - 1}.safetensors").is_file()
@@ -306,7 +318,7 @@ KILLABLE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("plan", ["Layerwise", "KnowledgeEvolution", "ShrinkAndPerturb"])
+@pytest.mark.parametrize("plan", ["Layerwise", "KnowledgeEvolution", "ShrinkAndPerturb", "Restarts"])
 def test_a_schedule_killed_mid_plan_resumes_to_the_uninterrupted_result(tmp_path, plan):
     script = tmp_path / "loop.py"
     script.write_text(KILLABLE.format(tests=str(ROOT / "tests")))

@@ -25,7 +25,7 @@ from topdown.procedures import (
     train_plan,
 )
 from topdown.resets import KelsSplit, Reinit, RescaleToInit, Reset, ShrinkPerturb
-from topdown.schedules import KnowledgeEvolution, Layerwise, ShrinkAndPerturb
+from topdown.schedules import KnowledgeEvolution, Layerwise, Restarts, ShrinkAndPerturb
 from topdown.shortcuts import baseline, cascade, forget, forgetting, retrain_classifier, transfer_classifier
 from topdown.stage import Accept, Stage, StageSpec
 from topdown.task import Task
@@ -56,6 +56,7 @@ __all__ = [
     "LaterLayerForgetting",
     "Layerwise",
     "KnowledgeEvolution",
+    "Restarts",
     "ShrinkAndPerturb",
     "Reset",
     "Reinit",

@@ -112,4 +112,18 @@ class ShrinkAndPerturb(Rounds):
         return (ShrinkPerturb(self.all_blocks(), shrink, perturb),)
 
 
-SCHEDULES: tuple[type[Plan], ...] = (Layerwise, KnowledgeEvolution, ShrinkAndPerturb)
+class Restarts(Rounds):
+    """A control, not a published schedule: the same rounds with nothing reset. Each round starts
+    from the round before with a fresh optimizer and the stage recipe's learning-rate schedule and
+    trains all blocks, so what a schedule gains beyond it is its reset's, not its restarts' (the
+    equal-epochs baseline spends its epochs in one run, under one schedule)."""
+
+    procedure = "restarts"
+    procedure_options = ("rounds",)
+    role = "restart"
+
+    def reset(self, round_index: int) -> tuple[Reset, ...]:
+        return ()
+
+
+SCHEDULES: tuple[type[Plan], ...] = (Layerwise, KnowledgeEvolution, ShrinkAndPerturb, Restarts)
