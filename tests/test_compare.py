@@ -9,10 +9,19 @@ from conftest import cli, toy_task, without_seconds
 import topdown.compare as compare
 import topdown.procedures as procedures
 from topdown.archive import pack_runs, read_archive, restore_runs, run_record, write_archive
-from topdown.arms import cascade_run, equal_epochs_config, equal_run, extra_run, extra_seed, run_only
+from topdown.arms import (
+    CONTROLS,
+    cascade_run,
+    equal_epochs_config,
+    equal_run,
+    extra_run,
+    extra_seed,
+    run_only,
+)
 from topdown.compare import run_compare
 from topdown.config import RunConfig
 from topdown.errors import ConfigError, DataError
+from topdown.metrics import Metric
 from topdown.stats import paired_stats, sign_flip_p, t975
 
 CONFIG = RunConfig.from_dict({"train": {"epochs": 2, "lr": 0.01}})
@@ -223,6 +232,43 @@ def test_arms_without_the_cascade_have_a_baseline_run_and_k_from_the_arm_that_tr
     assert equal["config"]["train"]["epochs"] == sum(st["epochs"] for st in forget["stages"])
     assert all(a["cascade_minus_arm"] is None for a in record["arms"].values())
     assert "Cascade against" not in (tmp_path / "compare.md").read_text()
+
+
+def test_each_arm_is_measured_against_every_control_a_control_plan_included(tmp_path):
+    """Which arm beats every control is the regime question: each arm (not a control, not the
+    restarts plan, which is one) gets arm minus each control, and the verdict follows the intervals."""
+    record = run_compare(toy_task(), tmp_path, seeds=2, config=CONFIG, arms=["cascade", "restarts"])
+    arms = record["arms"]
+    assert all("vs_controls" not in arms[c] for c in (*CONTROLS, "restarts"))
+    vs = arms["cascade"]["vs_controls"]
+    assert list(vs) == [*CONTROLS, "restarts"]
+    for control, v in vs.items():
+        diffs = [
+            arms["cascade"]["per_seed"][s]["test"] - arms[control]["per_seed"][s]["test"] for s in (0, 1)
+        ]
+        assert v["mean"] == pytest.approx(sum(diffs) / 2) and v["n"] == 2
+    assert arms["cascade"]["beats_every_control"] == all(v["ci95"][1] < 0 for v in vs.values())
+    table = (tmp_path / "compare.md").read_text().split("Each arm against every control")[1]
+    assert "| arm − restarts | beats every control |" in table
+    assert f"| {'yes' if arms['cascade']['beats_every_control'] else 'no'} |" in table.split("| cascade |")[1]
+
+
+@pytest.mark.parametrize(
+    ("ci", "lower_is_better", "beats"),
+    [
+        ([-0.3, -0.1], True, True),
+        ([-0.3, 0.1], True, False),
+        ([0.1, 0.3], True, False),
+        ([0.1, 0.3], False, True),
+        ([-0.1, 0.3], False, False),
+        (None, True, False),  # one seed: no interval, nothing shown
+    ],
+)
+def test_an_arm_beats_a_control_only_where_its_whole_interval_is_on_the_better_side(
+    ci, lower_is_better, beats
+):
+    metric = Metric.named("error" if lower_is_better else "accuracy", lower_is_better)
+    assert compare._better({"ci95": ci}, metric) is beats
 
 
 def test_a_plan_of_ones_own_is_an_arm(tmp_path, monkeypatch):

@@ -55,10 +55,16 @@ def test_a_sweep_runs_one_comparison_per_cell_gathers_them_and_resumes(tmp_path,
         assert set(cell["arms"]) == set(compared["arms"]) == {"baseline", "cascade", *CONTROLS}
         for arm, entry in cell["arms"].items():  # compare's own numbers, not computed again
             assert entry == {k: compared["arms"][arm][k] for k in ("test", "vs_baseline")}
+        winners = [a for a, v in compared["arms"].items() if v.get("beats_every_control")]
+        assert cell["beats_every_control"] == winners
     assert json.loads((tmp_path / "sweep.json").read_text()) == record
     assert record["cells"][0]["arms"]["cascade"]["vs_baseline"]["ci95"] is not None  # 2 seeds: an interval
     md = (tmp_path / "sweep.md").read_text()
     assert md.count("](cells/") == 4 and "| 0.03 | 2 |" in md and "cascade − baseline" in md
+    assert "| beats every control |" in md
+    for cell in record["cells"]:
+        row = next(line for line in md.splitlines() if f"](cells/{cell['name']}/" in line)
+        assert f"| {', '.join(cell['beats_every_control']) or 'none'} |" in row
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all((tmp_path / "cells" / c / "compare.png").is_file() for c in CELLS)
 

@@ -135,6 +135,12 @@ class ComparisonRuns:
         others = tuple(a for a in self.arms if a != "cascade")
         return ("baseline", *(("cascade",) if self.has_cascade else ()), *CONTROLS[1:], *others)
 
+    @property
+    def controls(self) -> tuple[str, ...]:
+        """What every other arm must beat: the comparison's controls, then the arms whose plans are
+        controls (``Plan.control``, as ``restarts``)."""
+        return (*CONTROLS, *(a for a in self.arms if plan_class(a).control))
+
     def arm_run(self, arm: str, seed: int) -> str:
         """The name of seed ``seed``'s run of ``arm``: ``ARM-seedN``, or the name a comparison gave
         it under the plan's former name (``identity.FORMER_NAMES``), where a run of that name is."""

@@ -106,6 +106,7 @@ def render(record: dict[str, Any]) -> str:
         lines.append(
             "| " + " | ".join([*cells, f"{a['epochs']['mean']:.1f}", f"{a['seconds']['mean']:.1f}"]) + " |"
         )
+    lines += _against_controls(record, f, interval)
     if "cascade" in record["arms"]:
         lines += [
             "",
@@ -136,6 +137,47 @@ def render(record: dict[str, Any]) -> str:
             f"| {s} | " + " | ".join(f(a["per_seed"][s]["test"]) for a in record["arms"].values()) + " |"
         )
     return "\n".join(lines) + "\n\n![test metric per arm](compare.png)\n"
+
+
+def _against_controls(
+    record: dict[str, Any], f: Callable[[float], str], interval: Callable[[list[float] | None], str]
+) -> list[str]:
+    """compare.md's table of each arm against every control (none for a record made before
+    ``vs_controls`` was recorded)."""
+    arms = {arm: a for arm, a in record["arms"].items() if "vs_controls" in a}
+    if not arms:
+        return []
+    controls = list(next(iter(arms.values()))["vs_controls"])
+    lower = record["lower_is_better"]
+
+    def cell(v: dict[str, Any]) -> str:
+        better, worse = (v["lower"], v["higher"]) if lower else (v["higher"], v["lower"])
+        return f"{f(v['mean'])} {interval(v['ci95'])}, {better}/{worse}"
+
+    return [
+        "",
+        *textwrap.wrap(
+            "Each arm against every control, paired by seed (arm minus control [95 % CI], seeds where the "
+            f"arm is better/worse); an arm beats every control where each interval lies wholly "
+            f"{'below' if lower else 'above'} zero. A plan that is a control (restarts) is one here.",
+            100,
+            break_on_hyphens=False,
+        ),
+        "",
+        *table_head(["arm", *[f"arm − {c}" for c in controls], "beats every control"]),
+        *(
+            "| "
+            + " | ".join(
+                [
+                    arm,
+                    *(cell(a["vs_controls"][c]) for c in controls),
+                    "yes" if a["beats_every_control"] else "no",
+                ]
+            )
+            + " |"
+            for arm, a in arms.items()
+        ),
+    ]
 
 
 def _stopping_described(stopping: dict[str, Any], f: Callable[[float], str]) -> list[str]:

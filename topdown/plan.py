@@ -71,6 +71,8 @@ class Plan:
     """
 
     procedure: ClassVar[str] = "custom"
+    # a control plan (as ``restarts``): in a comparison, every other arm is also measured against it
+    control: ClassVar[bool] = False
     # the ``procedure.*`` options the plan reads; any other one set is refused rather than ignored
     # (None: not declared, nothing refused, as for a plan of the user's own)
     procedure_options: ClassVar[tuple[str, ...] | None] = None

@@ -121,6 +121,7 @@ class Restarts(Rounds):
     procedure = "restarts"
     procedure_options = ("rounds",)
     role = "restart"
+    control = True
 
     def reset(self, round_index: int) -> tuple[Reset, ...]:
         return ()

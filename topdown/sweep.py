@@ -282,7 +282,8 @@ def sweep_record(
     results: list[tuple[Cell, dict[str, Any]]],
 ) -> dict[str, Any]:
     """``sweep.json``: per cell, its values and, per arm and control, its test metric (mean, std) and
-    paired difference to the baseline (``vs_baseline``) as the cell's ``compare.json`` has them."""
+    paired difference to the baseline (``vs_baseline``) as the cell's ``compare.json`` has them, and
+    the arms whose intervals lie on the better side of every control's (``beats_every_control``)."""
     return {
         "task": task.name,
         "preset": preset,
@@ -300,6 +301,7 @@ def sweep_record(
                     arm: {"test": a["test"], "vs_baseline": a["vs_baseline"]}
                     for arm, a in record["arms"].items()
                 },
+                "beats_every_control": [a for a, v in record["arms"].items() if v.get("beats_every_control")],
             }
             for cell, record in results
         ],
@@ -328,6 +330,14 @@ def _difference(v: dict[str, Any] | None, metric: str) -> str:
     return f"{f(v['mean'])}{ci}, p {v['p_sign_flip']:.3f}"
 
 
+def _winners(cell: dict[str, Any]) -> str:
+    """The arms that beat every control in a cell, as sweep.md shows them ("-": a sweep.json written
+    before they were recorded)."""
+    if "beats_every_control" not in cell:
+        return "-"
+    return ", ".join(cell["beats_every_control"]) or "none"
+
+
 def render(record: dict[str, Any]) -> str:
     m, cells, keys = record["metric"], record["cells"], list(record["axes"])
     _, unit = display_scale(m)
@@ -341,13 +351,17 @@ def render(record: dict[str, Any]) -> str:
             "Per cell, a fair comparison (its compare.md, linked, has the rest): the baseline's test "
             f"{m}{unit}, mean ± std over seeds, and each arm's and control's difference to it, paired by "
             "seed: mean [95 % Student-t interval], sign-flip p "
-            f"({'lower' if record['lower_is_better'] else 'higher'} is better). sweep.png plots the "
-            "differences against each axis.",
+            f"({'lower' if record['lower_is_better'] else 'higher'} is better); then the arms that beat "
+            "every control there (each paired 95 % interval, against the baseline, the equal-epochs "
+            "baseline, best-of-k and any control plan such as restarts, wholly on the better side of zero; "
+            "the cell's compare.md has the table). sweep.png plots the differences against each axis.",
             100,
             break_on_hyphens=False,
         ),
         "",
-        *table_head([*keys, f"baseline {m}", *[f"{arm} − baseline" for arm in arms], "cell"]),
+        *table_head(
+            [*keys, f"baseline {m}", *[f"{arm} − baseline" for arm in arms], "beats every control", "cell"]
+        ),
     ]
     for cell in cells:
         base = cell["arms"]["baseline"]["test"]
@@ -356,6 +370,7 @@ def render(record: dict[str, Any]) -> str:
             *[value_text(cell["values"][k]) for k in keys],
             format_metric(base["mean"], m, sign=False) + spread,
             *[_difference(cell["arms"][arm]["vs_baseline"], m) for arm in arms],
+            _winners(cell),
             f"[compare]({cell['dir']}/compare.md)",
         ]
         lines.append("| " + " | ".join(row) + " |")
