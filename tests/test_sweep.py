@@ -12,7 +12,7 @@ from topdown.arms import CONTROLS
 from topdown.cli import main
 from topdown.compare import run_compare
 from topdown.config import RunConfig
-from topdown.errors import ConfigError
+from topdown.errors import ConfigError, DataError
 from topdown.sections import CommandLineValue
 from topdown.sweep import parse_axis, run_sweep, sweep_cells
 from topdown.tasks import resolve_config
@@ -182,3 +182,45 @@ def test_a_task_axis_needs_a_task_factory(tmp_path):
     with pytest.raises(ConfigError, match="--axis model.hidden changes the task"):
         run_sweep(toy_task(), tmp_path, seeds=1, axes={"model.hidden": [8]}, config=digits)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_committed_sweep_rebuilds_from_its_archive_without_training(tmp_path, capsys, monkeypatch):
+    """A sweep kept as its sweep.* and one runs.tar.xz (every cell's runs) is made again, to the same
+    numbers, by `sweep --runs-from` and bench/check_archives.py, training nothing."""
+    import sys
+
+    from conftest import ROOT
+
+    from topdown.archive import pack_sweep, restore_sweep, write_archive
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import check_archives
+
+    made = tmp_path / "made"
+    args = ["sweep", "digits", "--preset", "tiny", "--seeds", "2", "--set", "train.epochs=1"]
+    args += ["--set", "cascade.splits=[2]", "--axis", "model.hidden=8,16"]
+    assert main([*args, "--out", str(made)]) == 0
+    record = json.loads((made / "sweep.json").read_text())
+    results = tmp_path / "results"  # as bench/results/NAME holds it: no checkpoints, no loose runs
+    packed = pack_sweep(made, results / "runs.tar.xz")
+    assert len(packed) == 2 * 2 * 3 and "model.hidden=8/cascade-seed0" in packed
+    shutil.copy(made / "sweep.json", results / "sweep.json")
+    for cell in record["cells"]:
+        (results / cell["dir"]).mkdir(parents=True)
+        shutil.copy(made / cell["dir"] / "compare.json", results / cell["dir"] / "compare.json")
+    capsys.readouterr()
+
+    monkeypatch.setattr(procedures, "run_procedure", lambda *a, **kw: pytest.fail("trained a run"))
+    again = tmp_path / "again"
+    assert main([*args, "--out", str(again), "--runs-from", str(results / "runs.tar.xz")]) == 0
+    assert "restored 12 finished runs" in capsys.readouterr().out
+    assert json.loads((again / "sweep.json").read_text()) == record
+    assert restore_sweep(results / "runs.tar.xz", again) == []  # nothing it lacks
+    assert check_archives.check(results) == "same numbers"
+    (results / "sweep.json").write_text(json.dumps({**record, "seeds": 3}))
+    assert check_archives.check(results).startswith("not rebuilt")  # a seed the archive lacks
+    write_archive(tmp_path / "compare.tar.xz", {"runs/cascade-seed0/summary.json": b"{}"})
+    with pytest.raises(DataError, match="is not cells/CELL/runs/RUN/FILE"):
+        restore_sweep(tmp_path / "compare.tar.xz", again)  # a comparison's archive, not a sweep's
+    with pytest.raises(DataError, match="not a sweep's directory"):
+        pack_sweep(again / "cells", tmp_path / "x.tar.xz")

@@ -5,7 +5,9 @@ A run's record is the text it leaves directly in its directory (``summary.json``
 checkpoint. ``pack_runs`` writes the records of a directory's finished runs into an archive, the same
 bytes for the same files (members sorted, no dates or owners), so that packing again changes nothing
 that did not change. ``restore_runs`` puts them back under a comparison's ``runs/``, where ``compare``
-reuses a finished run from its summary alone (``topdown compare --runs-from``).
+reuses a finished run from its summary alone (``topdown compare --runs-from``). A sweep's archive
+holds every cell's runs, ``DIR/cells/CELL/runs/RUN/FILE`` as ``cells/CELL/runs/RUN/FILE``
+(``pack_sweep``, ``restore_sweep``; ``topdown sweep --runs-from``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from topdown.errors import DataError
 
 RECORD_SUFFIXES = (".json", ".jsonl", ".md")
 COMPARE_PREFIX = "runs/"  # a comparison's archive holds its DIR/runs/RUN/FILE as runs/RUN/FILE
+SWEEP_PREFIX = "cells/"  # a sweep's, its DIR/cells/CELL/runs/RUN/FILE as cells/CELL/runs/RUN/FILE
 
 
 def run_record(run: Path) -> dict[str, bytes]:
@@ -87,6 +90,19 @@ def pack_runs(source: Path, archive: Path, prefix: str = "") -> list[str]:
     return packed
 
 
+def pack_sweep(source: Path, archive: Path) -> list[str]:
+    """Add to ``archive`` the record of every finished run of every cell of the sweep in ``source``
+    (its ``cells/CELL/runs``), as ``cells/CELL/runs/RUN/FILE``. Returns ``CELL/RUN`` per run packed."""
+    cells = sorted(p for p in (Path(source) / "cells").glob("*/runs") if p.is_dir())
+    if not cells:
+        raise DataError(f"{source}: not a sweep's directory (no cells/*/runs)")
+    return [
+        f"{runs.parent.name}/{run}"
+        for runs in cells
+        for run in pack_runs(runs, archive, f"{SWEEP_PREFIX}{runs.parent.name}/{COMPARE_PREFIX}")
+    ]
+
+
 def restore_runs(source: str | Path, runs: Path) -> list[str]:
     """Into ``runs`` (a comparison's ``DIR/runs``), the record of each finished run of ``source``
     that ``runs`` does not hold yet; ``source`` is a comparison's runs archive or a directory laid out
@@ -107,6 +123,42 @@ def restore_runs(source: str | Path, runs: Path) -> list[str]:
         raise DataError(
             f"--runs-from {source}: no runs in it (a runs archive, or a directory of run directories)"
         )
+    return _restore(found, runs, str(source))
+
+
+def restore_sweep(source: str | Path, out: Path) -> list[str]:
+    """Into the sweep directory ``out``, the record of each finished run of ``source`` that its cell
+    does not hold yet; ``source`` is a sweep's runs archive (``pack_sweep``) or another sweep's
+    directory. Returns ``CELL/RUN`` per run restored."""
+    source = Path(source)
+    found: dict[str, dict[str, dict[str, bytes]]] = {}  # cell -> run -> file -> content
+    if source.is_dir():
+        for run in sorted((source / "cells").glob("*/runs/*/summary.json")):
+            found.setdefault(run.parents[2].name, {})[run.parent.name] = run_record(run.parent)
+    elif source.is_file():
+        for name, data in read_archive(source).items():
+            parts = name.split("/")
+            if len(parts) != 5 or f"{parts[0]}/" != SWEEP_PREFIX or f"{parts[2]}/" != COMPARE_PREFIX:
+                raise DataError(
+                    f"{source}: member {name!r} is not {SWEEP_PREFIX}CELL/{COMPARE_PREFIX}RUN/FILE"
+                )
+            found.setdefault(parts[1], {}).setdefault(parts[3], {})[parts[4]] = data
+    else:
+        raise DataError(f"--runs-from {source}: no such archive or directory")
+    if not found:
+        raise DataError(
+            f"--runs-from {source}: no runs in it (a sweep's runs archive, or a sweep's directory)"
+        )
+    return [
+        f"{cell}/{run}"
+        for cell, runs in found.items()
+        for run in _restore(runs, Path(out) / "cells" / cell / "runs", f"{source}: {cell}")
+    ]
+
+
+def _restore(found: dict[str, dict[str, bytes]], runs: Path, source: str) -> list[str]:
+    """Each finished run of ``found`` (run -> file -> content) that ``runs`` lacks, written there whole
+    (into a hidden directory first, renamed into place)."""
     restored = []
     for run, record in found.items():
         if "summary.json" not in record or not _finished(record["summary.json"], f"{source}: {run}"):

@@ -222,6 +222,12 @@ def parser() -> argparse.ArgumentParser:
         help="a config key, as --set names it, and the values it takes, each read as --set reads it (commas "
         "inside [ ] or { } belong to a value: cascade.splits=[3,1],[2,1]); repeat for more axes",
     )
+    p.add_argument(
+        "--runs-from",
+        metavar="ARCHIVE",
+        help="first restore into each cell's runs each finished run it lacks from ARCHIVE (a sweep's "
+        "runs.tar.xz, or another sweep's directory): the sweep reuses them, training none again",
+    )
     p = sub.add_parser(
         "analyse",
         parents=[task, common, executor_options()],

@@ -14,7 +14,7 @@ import yaml
 
 from topdown import distributed, executors, report
 from topdown.analyse import run_analyse
-from topdown.archive import restore_runs
+from topdown.archive import restore_runs, restore_sweep
 from topdown.arguments import parser
 from topdown.arms import run_only
 from topdown.blocks import entry_parameters
@@ -101,6 +101,9 @@ def _sweep(args: argparse.Namespace) -> None:
     out = Path(args.out or f"runs/{args.task}-sweep-{args.preset}")
     factory = functools.partial(make_task, args.task, data_dir=args.data_dir)
     executor = executors.from_args(args, out, functools.partial(factory, cfg.task))
+    if args.runs_from:
+        restored = restore_sweep(args.runs_from, out)
+        print(f"restored {len(restored)} finished runs from {args.runs_from} into {out / 'cells'}")
     run_sweep(
         factory(cfg.task),
         out,
