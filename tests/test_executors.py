@@ -230,3 +230,60 @@ def test_a_missing_extra_is_one_line_naming_it(executor, module, tmp_path, monke
         f'topdown: error: --executor needs {module}, which is not installed: pip install "topdown[cluster]"'
     ]
     assert not out.exists()
+
+
+PARENT = """
+import multiprocessing, sys, time
+from topdown.jobs import Workers
+
+
+def no_task():
+    return None
+
+
+def sleep(task):
+    time.sleep(600)
+
+
+if __name__ == "__main__":
+    with Workers(None, 2, no_task) as workers:
+        futures = [workers.submit(sleep) for _ in range(2)]
+        while len(multiprocessing.active_children()) < 2:
+            time.sleep(0.05)
+        print(*[p.pid for p in multiprocessing.active_children()], flush=True)
+        futures[0].result()
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_workers_end_when_the_command_is_killed(tmp_path):
+    """`--jobs N` workers outlive a command killed from outside (kill PID, the out-of-memory killer);
+    ours end within seconds, so none trains on holding its run's lock against the command run again."""
+    import signal
+    import subprocess
+    import time
+
+    (tmp_path / "parent.py").write_text(PARENT)
+    parent = subprocess.Popen([sys.executable, "parent.py"], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(pid) for pid in parent.stdout.readline().split()]
+        assert len(workers) == 2 and all(_alive(pid) for pid in workers)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 20
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in workers)
+    finally:
+        parent.kill()
+        for pid in workers if "workers" in locals() else ():
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

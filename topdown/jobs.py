@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -25,11 +27,21 @@ from topdown.task import Task
 _worker_task: Task | None = None
 
 
-def _start_worker(task_factory: Callable[[], Task], threads: int) -> None:
+def _start_worker(task_factory: Callable[[], Task], threads: int, parent: int) -> None:
     global _worker_task
+    threading.Thread(target=_end_with, args=(parent,), daemon=True, name="topdown-parent-watch").start()
     torch.set_num_threads(threads)
     with muted():  # the main process built the same task and said what there was to say
         _worker_task = task_factory()
+
+
+def _end_with(parent: int, every: float = 1.0) -> None:
+    """End this worker once process ``parent`` (the command) is gone, killed from outside: a pool's
+    workers outlive a killed parent, and one training on would hold its run's lock against the
+    command run again ("is in use"). The run it leaves resumes from its last epoch then."""
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(1)
 
 
 def _call(fn: Callable[..., Any], args: tuple) -> Any:
@@ -53,7 +65,8 @@ class Workers:
     """``submit(fn, *args)`` runs ``fn(task, *args)`` in one of ``jobs`` worker processes and
     returns a future; with ``jobs`` == 1 it runs at once, in this process, and returns a finished
     one. Leaving the block on an error cancels the calls not yet started (running ones finish,
-    so their runs are complete and kept); leaving it on Ctrl-C also ends the running ones. A
+    so their runs are complete and kept); leaving it on Ctrl-C also ends the running ones, and the
+    workers end within a second of the command itself being killed (``_end_with``). A
     worker killed from outside (e.g. by the kernel's out-of-memory killer) ends the pool: that
     is a one-line ``TrainingError``, since every unfinished run resumes from its last epoch
     when the command is run again."""
@@ -81,7 +94,7 @@ class Workers:
                 max_workers=self.jobs,
                 mp_context=context,
                 initializer=_start_worker,
-                initargs=(self.task_factory, threads),
+                initargs=(self.task_factory, threads, os.getpid()),
             )
         return self
 
