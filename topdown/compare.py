@@ -334,12 +334,14 @@ def _arms_record(
     def paired(values: list[float], reference: list[float]) -> dict[str, Any]:
         return paired_stats(values, reference, effect=effect, anytime=anytime)
 
+    controls = comparison.controls
+
     def against_controls(arm: str) -> dict[str, Any]:
         """An arm against every control (``vs_controls``: arm minus control) and whether its interval
         lies on the better side of zero against each one (``beats_every_control``)."""
-        if arm in comparison.controls:
+        if arm in controls:
             return {}
-        vs = {c: paired(tests[arm], tests[c]) for c in comparison.controls}
+        vs = {c: paired(tests[arm], tests[c]) for c in controls}
         return {"vs_controls": vs, "beats_every_control": all(_better(v, primary) for v in vs.values())}
 
     return {
@@ -363,6 +365,4 @@ def _better(difference: dict[str, Any], metric: Metric) -> bool:
     """Whether a paired difference's 95 % t-interval lies wholly on the better side of zero (one seed,
     no interval: not shown to be better)."""
     ci = difference["ci95"]
-    if ci is None:
-        return False
-    return ci[1] < 0 if metric.lower_is_better else ci[0] > 0
+    return excludes(ci, 0.0) and (ci[1] < 0) == metric.lower_is_better

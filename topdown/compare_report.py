@@ -77,13 +77,12 @@ def render(record: dict[str, Any]) -> str:
         if v is None:
             return ["-"] * (4 + len(anytime))
         diff = f"{f(v['mean'])} {interval(v['ci95'])}" if v["ci95"] else f(v["mean"])
-        better, worse = (v["lower"], v["higher"]) if lower else (v["higher"], v["lower"])
         return [
             diff,
             *([interval(v.get("cs95"))] if stopping else []),
             f(v["detectable"]) if v.get("detectable") is not None else "-",
             f"{v['p_sign_flip']:.3f}",
-            f"{better}/{worse}",
+            _better_worse(v, lower),
         ]
 
     lines += table_head(
@@ -139,6 +138,12 @@ def render(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n\n![test metric per arm](compare.png)\n"
 
 
+def _better_worse(v: dict[str, Any], lower_is_better: bool) -> str:
+    """A paired difference's seeds where the first of the pair is better / worse."""
+    better, worse = (v["lower"], v["higher"]) if lower_is_better else (v["higher"], v["lower"])
+    return f"{better}/{worse}"
+
+
 def _against_controls(
     record: dict[str, Any], f: Callable[[float], str], interval: Callable[[list[float] | None], str]
 ) -> list[str]:
@@ -151,8 +156,7 @@ def _against_controls(
     lower = record["lower_is_better"]
 
     def cell(v: dict[str, Any]) -> str:
-        better, worse = (v["lower"], v["higher"]) if lower else (v["higher"], v["lower"])
-        return f"{f(v['mean'])} {interval(v['ci95'])}, {better}/{worse}"
+        return f"{f(v['mean'])} {interval(v['ci95'])}, {_better_worse(v, lower)}"
 
     return [
         "",
