@@ -61,11 +61,9 @@ def rebuild(results: Path, into: Path) -> dict[str, Any]:
 
 
 def rebuild_sweep(results: Path, into: Path) -> dict[str, Any]:
-    """The sweep ``results/sweep.json`` rebuilt into ``into`` from its runs archive (its arms and
-    budget arms as its first cell's ``compare.json`` records them)."""
+    """The sweep ``results/sweep.json`` rebuilt into ``into`` from its runs archive."""
     record = json.loads((results / "sweep.json").read_text())
     config = resolve_config(record["task"], record["preset"], record["config"])
-    cell = json.loads((results / record["cells"][0]["dir"] / "compare.json").read_text())
     restore_sweep(results / "runs.tar.xz", into)
     with _no_training():
         return run_sweep(
@@ -75,8 +73,8 @@ def rebuild_sweep(results: Path, into: Path) -> dict[str, Any]:
             axes=record["axes"],
             config=config,
             preset=record["preset"],
-            arms=[arm for arm in cell["arms"] if arm not in CONTROLS],
-            budget_arms=cell.get("budget_arms"),
+            arms=record["arms"],
+            budget_arms=record["budget_arms"],
             task_factory=lambda sections: make_task(record["task"], sections, None),
         )
 

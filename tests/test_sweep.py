@@ -13,6 +13,7 @@ from topdown.cli import main
 from topdown.compare import run_compare
 from topdown.config import RunConfig
 from topdown.errors import ConfigError, DataError
+from topdown.report import format_metric
 from topdown.sections import CommandLineValue
 from topdown.sweep import parse_axis, run_sweep, sweep_cells
 from topdown.tasks import resolve_config
@@ -45,6 +46,7 @@ def test_a_sweep_runs_one_comparison_per_cell_gathers_them_and_resumes(tmp_path,
     assert calls[:8] == [f"{c}/cascade-seed{s}" for c in CELLS for s in (0, 1)]
     assert [c["name"] for c in record["cells"]] == CELLS
     assert record["axes"] == {"train.lr": [0.01, 0.03], "train.epochs": [1, 2]}
+    assert record["arms"] == record["budget_arms"] == ["cascade"]  # what a rebuild needs to compare
     for cell in record["cells"]:
         summary = read_summary(tmp_path / "cells" / cell["name"] / "runs" / "cascade-seed1")
         assert summary["config"]["train"]["lr"] == cell["values"]["train.lr"]
@@ -61,10 +63,14 @@ def test_a_sweep_runs_one_comparison_per_cell_gathers_them_and_resumes(tmp_path,
     assert record["cells"][0]["arms"]["cascade"]["vs_baseline"]["ci95"] is not None  # 2 seeds: an interval
     md = (tmp_path / "sweep.md").read_text()
     assert md.count("](cells/") == 4 and "| 0.03 | 2 |" in md and "cascade − baseline" in md
-    assert "| beats every control |" in md
+    assert "| detectable | beats every control |" in md
     for cell in record["cells"]:
         row = next(line for line in md.splitlines() if f"](cells/{cell['name']}/" in line)
-        assert f"| {', '.join(cell['beats_every_control']) or 'none'} |" in row
+        resolution = [v["vs_baseline"]["detectable"] for a, v in cell["arms"].items() if a != "baseline"]
+        low, high = (
+            format_metric(x, record["metric"], sign=False) for x in (min(resolution), max(resolution))
+        )
+        assert low != high and f"| {low}–{high} | {', '.join(cell['beats_every_control']) or 'none'} |" in row
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all((tmp_path / "cells" / c / "compare.png").is_file() for c in CELLS)
 

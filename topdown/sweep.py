@@ -269,7 +269,7 @@ def run_sweep(
         )
     results = [(cell, records[i]) for i, cell in enumerate(cells)]
     _built.clear()  # the last cell's task: not kept past the sweep
-    record = sweep_record(task, config, preset, seeds, results)
+    record = sweep_record(task, config, preset, seeds, comparisons[0], results)
     write_record(out, "sweep", record, render, plot)
     return record
 
@@ -279,9 +279,11 @@ def sweep_record(
     config: RunConfig,
     preset: str | None,
     seeds: int,
+    comparison: ComparisonRuns,
     results: list[tuple[Cell, dict[str, Any]]],
 ) -> dict[str, Any]:
-    """``sweep.json``: per cell, its values and, per arm and control, its test metric (mean, std) and
+    """``sweep.json``: the arms and budget arms every cell compares (``comparison``: any cell's, they
+    share them), and per cell its values and, per arm and control, its test metric (mean, std) and
     paired difference to the baseline (``vs_baseline``) as the cell's ``compare.json`` has them, and
     the arms whose intervals lie on the better side of every control's (``beats_every_control``)."""
     return {
@@ -291,6 +293,8 @@ def sweep_record(
         "metric": task.primary.name,
         "lower_is_better": task.primary.lower_is_better,
         "config": config.as_dict(),
+        "arms": list(comparison.arms),
+        "budget_arms": list(comparison.budget_arms),
         "axes": _axes([cell.values for cell, _ in results]),
         "cells": [
             {
@@ -330,6 +334,20 @@ def _difference(v: dict[str, Any] | None, metric: str) -> str:
     return f"{f(v['mean'])}{ci}, p {v['p_sign_flip']:.3f}"
 
 
+def _resolution(cell: dict[str, Any], metric: str) -> str:
+    """The smallest paired difference to the baseline the cell's seeds could detect (``detectable``,
+    α 0.05, power 0.8), from its best- to its worst-resolved arm: what "no difference" there can mean."""
+    found = [
+        v["detectable"]
+        for v in (a["vs_baseline"] for a in cell["arms"].values())
+        if v and v.get("detectable") is not None
+    ]
+    if not found:
+        return "-"
+    low, high = (format_metric(x, metric, sign=False) for x in (min(found), max(found)))
+    return low if low == high else f"{low}–{high}"
+
+
 def _winners(cell: dict[str, Any]) -> str:
     """The arms that beat every control in a cell, as sweep.md shows them ("-": a sweep.json written
     before they were recorded)."""
@@ -351,7 +369,9 @@ def render(record: dict[str, Any]) -> str:
             "Per cell, a fair comparison (its compare.md, linked, has the rest): the baseline's test "
             f"{m}{unit}, mean ± std over seeds, and each arm's and control's difference to it, paired by "
             "seed: mean [95 % Student-t interval], sign-flip p "
-            f"({'lower' if record['lower_is_better'] else 'higher'} is better); then the arms that beat "
+            f"({'lower' if record['lower_is_better'] else 'higher'} is better); the smallest difference "
+            "to the baseline the cell's seeds could detect (α 0.05, power 0.8, from the paired spread; "
+            "the range over its arms); then the arms that beat "
             "every control there (each paired 95 % interval, against the baseline, the equal-epochs "
             "baseline, best-of-k and any control plan such as restarts, wholly on the better side of zero; "
             "the cell's compare.md has the table). sweep.png plots the differences against each axis.",
@@ -360,7 +380,14 @@ def render(record: dict[str, Any]) -> str:
         ),
         "",
         *table_head(
-            [*keys, f"baseline {m}", *[f"{arm} − baseline" for arm in arms], "beats every control", "cell"]
+            [
+                *keys,
+                f"baseline {m}",
+                *[f"{arm} − baseline" for arm in arms],
+                "detectable",
+                "beats every control",
+                "cell",
+            ]
         ),
     ]
     for cell in cells:
@@ -370,6 +397,7 @@ def render(record: dict[str, Any]) -> str:
             *[value_text(cell["values"][k]) for k in keys],
             format_metric(base["mean"], m, sign=False) + spread,
             *[_difference(cell["arms"][arm]["vs_baseline"], m) for arm in arms],
+            _resolution(cell, m),
             _winners(cell),
             f"[compare]({cell['dir']}/compare.md)",
         ]
