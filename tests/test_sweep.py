@@ -230,3 +230,28 @@ def test_a_committed_sweep_rebuilds_from_its_archive_without_training(tmp_path, 
         restore_sweep(tmp_path / "compare.tar.xz", again)  # a comparison's archive, not a sweep's
     with pytest.raises(DataError, match="not a sweep's directory"):
         pack_sweep(again / "cells", tmp_path / "x.tar.xz")
+
+
+def test_the_regime_map_has_a_panel_per_combination_of_the_other_axes(monkeypatch):
+    """Three axes: the first along x, a row per value of the second, a column per value of the third."""
+    import topdown.sweep as sweep
+
+    def cell(a, b, c):
+        diff = {"mean": 0.01 * a, "ci95": [0.0, 0.02 * a]}
+        return {
+            "values": {"a": a, "b": b, "c": c},
+            "arms": {"baseline": {}, "cascade": {"vs_baseline": diff}},
+        }
+
+    axes = {"a": [1, 2, 3], "b": [0, 1], "c": ["x", "y"]}
+    cells = [cell(a, b, c) for a in axes["a"] for b in axes["b"] for c in axes["c"]]
+    record = {"task": "toy", "preset": None, "seeds": 2, "metric": "error", "axes": axes, "cells": cells}
+    figures = []
+    monkeypatch.setattr(sweep, "save_figure", lambda fig, path: figures.append(fig))
+    sweep.plot(record, None)
+    panels = figures[0].axes
+    assert [p.get_title() for p in panels] == ["b=0, c=x", "b=0, c=y", "b=1, c=x", "b=1, c=y"]
+    for panel in panels:  # each panel: the cascade's three means along a, on one shared scale
+        (line,) = panel.get_lines()[:1]
+        assert [round(y, 6) for y in line.get_ydata()] == [1.0, 2.0, 3.0]
+    assert panels[0].get_shared_y_axes().joined(panels[0], panels[3])

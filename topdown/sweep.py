@@ -374,7 +374,8 @@ def render(record: dict[str, Any]) -> str:
             "the range over its arms); then the arms that beat "
             "every control there (each paired 95 % interval, against the baseline, the equal-epochs "
             "baseline, best-of-k and any control plan such as restarts, wholly on the better side of zero; "
-            "the cell's compare.md has the table). sweep.png plots the differences against each axis.",
+            "the cell's compare.md has the table). sweep.png plots the differences against the first axis, "
+            "a panel per value of the others.",
             100,
             break_on_hyphens=False,
         ),
@@ -402,59 +403,53 @@ def render(record: dict[str, Any]) -> str:
             f"[compare]({cell['dir']}/compare.md)",
         ]
         lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n\n![each arm's difference to the baseline against each axis](sweep.png)\n"
+    return "\n".join(lines) + "\n\n![each arm's difference to the baseline, the regime map](sweep.png)\n"
 
 
 def plot(record: dict[str, Any], path: Path) -> None:
-    """The regime map: each arm's difference to the baseline (mean, 95 % interval) against each axis,
-    one panel per axis, one line per arm and per combination of the other axes' values."""
+    """The regime map: each arm's difference to the baseline (mean, 95 % interval) against the first
+    axis, one panel per combination of the other axes' values (rows: the second axis's; columns: the
+    rest's), one line per arm, on one y scale, so that a regime reads across panels as well as along
+    them (one line per arm and per other value in one panel is a tangle from three axes on)."""
     from matplotlib.figure import Figure  # not pyplot: a library call leaves the user's backend alone
 
     m, cells, axes = record["metric"], record["cells"], record["axes"]
     scale, unit = display_scale(m)
     arms = [arm for arm in cells[0]["arms"] if arm != "baseline"]
-    fig = Figure(figsize=(5.5 * len(axes) + 2.5, 4.5))
-    panels = fig.subplots(1, len(axes), squeeze=False)[0]
-    styles = ["-", "--", ":", "-."]
-    for ax, key in zip(panels, axes):
-        others = [k for k in axes if k != key]
-        groups = list(itertools.product(*(axes[k] for k in others)))  # one line per arm and group
-        lines = [(a, g) for a in range(len(arms)) for g in range(len(groups))]
-        for n, (a, g) in enumerate(lines):
-            offset = 0.25 * (n / max(len(lines) - 1, 1) - 0.5) if len(lines) > 1 else 0.0  # bars apart
-            xs, ys, below, above = [], [], [], []
-            for x, value in enumerate(axes[key]):
-                wanted = {key: value, **dict(zip(others, groups[g]))}
-                cell = next(c for c in cells if all(c["values"][k] == v for k, v in wanted.items()))
-                v = cell["arms"][arms[a]]["vs_baseline"]
-                lo, hi = v["ci95"] or (v["mean"], v["mean"])
-                xs.append(x + offset)
-                ys.append(scale * v["mean"])
-                below.append(scale * (v["mean"] - lo))
-                above.append(scale * (hi - v["mean"]))
-            label = arms[a] + (
-                " (" + ", ".join(f"{k}={value_text(v)}" for k, v in zip(others, groups[g])) + ")"
-                if others
-                else ""
-            )
-            ax.errorbar(
-                xs,
-                ys,
-                yerr=[below, above],
-                color=f"C{a}",
-                linestyle=styles[g % len(styles)],
-                marker="o",
-                capsize=3,
-                label=label,
-            )
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xticks(range(len(axes[key])), [value_text(v) for v in axes[key]])
-        ax.set_xlabel(key)
-        ax.set_ylabel(f"arm − baseline, test {m}{unit}")
-        ax.set_title(f"against {key}")
-    panels[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    first, *others = axes
+    rows = [None] if not others else axes[others[0]]
+    columns = list(itertools.product(*(axes[k] for k in others[1:])))
+    fig = Figure(figsize=(4.5 * len(columns) + 2.5, 3.2 * len(rows) + 1.0))
+    panels = fig.subplots(len(rows), len(columns), squeeze=False, sharey=True)
+    for r, row in enumerate(rows):
+        for c, column in enumerate(columns):
+            ax = panels[r][c]
+            fixed = dict(zip(others, ([row] if others else []) + list(column)))
+            for a, arm in enumerate(arms):
+                offset = 0.25 * (a / max(len(arms) - 1, 1) - 0.5)  # bars side by side
+                xs, ys, below, above = [], [], [], []
+                for x, value in enumerate(axes[first]):
+                    wanted = {first: value, **fixed}
+                    cell = next(x for x in cells if all(x["values"][k] == v for k, v in wanted.items()))
+                    v = cell["arms"][arm]["vs_baseline"]
+                    lo, hi = v["ci95"] or (v["mean"], v["mean"])
+                    xs.append(x + offset)
+                    ys.append(scale * v["mean"])
+                    below.append(scale * (v["mean"] - lo))
+                    above.append(scale * (hi - v["mean"]))
+                ax.errorbar(xs, ys, yerr=[below, above], color=f"C{a}", marker="o", capsize=3, label=arm)
+            ax.axhline(0, color="grey", lw=0.8)
+            ax.set_xticks(range(len(axes[first])), [value_text(v) for v in axes[first]])
+            if fixed:
+                ax.set_title(", ".join(f"{k}={value_text(v)}" for k, v in fixed.items()), fontsize=9)
+            if r == len(rows) - 1:
+                ax.set_xlabel(first)
+            if c == 0:
+                ax.set_ylabel(f"arm − baseline, test {m}{unit}")
+    panels[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(
-        f"{record['task']} ({record['preset']}): {record['seeds']} seeds; mean paired difference and its "
-        "95 % interval"
+        f"{record['task']} ({record['preset']}), {record['seeds']} seeds\n"
+        "each arm's mean paired difference to the baseline and its 95 % interval",
+        fontsize=10,
     )
     save_figure(fig, path)
