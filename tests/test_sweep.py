@@ -88,6 +88,20 @@ def test_a_sweep_runs_one_comparison_per_cell_gathers_them_and_resumes(tmp_path,
         == json.loads((tmp_path / "cells" / CELLS[3] / "compare.json").read_text())["arms"]
     )
     assert calls == []
+    # with an effect (points of the error rate): the seeds each cell's differences would need for it
+    record = run_sweep(toy_task(), tmp_path, seeds=2, axes=AXES, config=CONFIG, effect=5.0)
+    assert calls == [] and record["effect"] == pytest.approx(0.05)
+    md = (tmp_path / "sweep.md").read_text()
+    assert "| detectable | seeds for 5.00 | beats every control |" in md
+    for cell in record["cells"]:
+        compared = json.loads((tmp_path / "cells" / cell["name"] / "compare.json").read_text())
+        needed = [v["vs_baseline"]["seeds_needed"] for a, v in compared["arms"].items() if a != "baseline"]
+        assert [
+            v["vs_baseline"]["seeds_needed"] for a, v in cell["arms"].items() if a != "baseline"
+        ] == needed
+        row = next(line for line in md.splitlines() if f"](cells/{cell['name']}/" in line)
+        shown = str(min(needed)) if min(needed) == max(needed) else f"{min(needed)}–{max(needed)}"
+        assert f" | {shown} | " in row
 
 
 def test_a_cell_s_results_are_written_as_soon_as_its_runs_finish(tmp_path, monkeypatch):

@@ -146,6 +146,13 @@ def parser() -> argparse.ArgumentParser:
         help="shorthand for --arms cascade,forgetting (later-layer forgetting beside the cascade)",
     )
     comparison.add_argument(
+        "--effect",
+        type=float,
+        metavar="X",
+        help="also report, per paired difference, the seeds a difference of X would need (80 %% power, "
+        "two-sided 5 %%, at the observed spread); X in the units compare.md shows (points for a rate)",
+    )
+    comparison.add_argument(
         "--budget-arms",
         type=_names,
         metavar="ARM[,ARM...]",
@@ -162,13 +169,6 @@ def parser() -> argparse.ArgumentParser:
         "Finished runs are never trained again; a finished run made with another preset or --set, on other "
         "data (its task_info) or under another metric is refused, never mixed in; a chosen model whose test "
         "metric is NaN or missing stops the comparison, naming its run.",
-    )
-    p.add_argument(
-        "--effect",
-        type=float,
-        metavar="X",
-        help="also report, per paired difference, the seeds a difference of X would need (80 %% power, "
-        "two-sided 5 %%, at the observed spread); X in the units compare.md shows (points for a rate)",
     )
     p.add_argument(
         "--until-margin",

@@ -117,6 +117,7 @@ def _sweep(args: argparse.Namespace) -> None:
         executor=executor,
         task_factory=factory,
         track=args.track,
+        effect=args.effect,
     )
     print((out / "sweep.md").read_text())
 

@@ -199,8 +199,7 @@ def run_compare(
     ``effect`` and ``until_margin`` are in the metric's display units (``display_scale``: points of
     a rate); compare.json holds them, like every number, in the metric's own."""
     check_seeds(seeds)
-    if effect is not None and not effect > 0:
-        raise ConfigError(f"--effect must be positive, got {effect}")
+    check_effect(effect)
     out = Path(out)
     comparison = ComparisonRuns(out / "runs", resolve_arms(arms), budget_arms)
     scale, _ = display_scale(task.primary.name)
@@ -243,6 +242,12 @@ def check_seeds(seeds: int) -> None:
     """Refuse a number of seeds no comparison can be made of."""
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+
+
+def check_effect(effect: float | None) -> None:
+    """Refuse an effect no number of seeds could be needed for."""
+    if effect is not None and not effect > 0:
+        raise ConfigError(f"--effect must be positive, got {effect}")
 
 
 def comparison_record(

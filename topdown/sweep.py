@@ -208,6 +208,7 @@ def run_sweep(
     task_factory: TaskFactory | None = None,
     executor: Executor | None = None,
     track: Tracking | str | Sequence[str] | None = None,
+    effect: float | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a fair comparison (``compare.run_compare``, same arguments) per cell of
     ``axes`` (config key -> its values: Python values, or ``--set`` texts as ``CommandLineValue``s) in
@@ -217,8 +218,11 @@ def run_sweep(
     cell whose task sections differ (an axis such as ``model.hidden`` or ``data.*``), and the
     workers' tasks when ``jobs`` > 1 or an ``executor`` (``topdown.executors``) runs the runs
     elsewhere. ``track``: trackers every run also logs to, as
-    ``run_compare``'s, with one MLflow store for the sweep and an experiment per cell."""
+    ``run_compare``'s, with one MLflow store for the sweep and an experiment per cell. ``effect`` (as
+    ``run_compare``'s, in display units): per cell and difference, the seeds one of that size would
+    need, so that a sweep says where its seeds fall short of the resolution wanted."""
     compare.check_seeds(seeds)
+    compare.check_effect(effect)
     cells = sweep_cells(config, axes)
     arms = resolve_arms(arms)
     own = [cell.config.task == config.task for cell in cells]  # the cells that run on ``task`` itself
@@ -226,6 +230,8 @@ def run_sweep(
         task_keys = [k for k in axes if k.split(".")[0] not in METHOD_SECTIONS]
         raise ConfigError(f"--axis {', '.join(task_keys)} changes the task: the sweep needs a task_factory")
     out = Path(out)
+    scale, _ = display_scale(task.primary.name)
+    effect = None if effect is None else effect / scale
 
     def task_of(cell: Cell, same: bool) -> Task:
         return task if same else cell_task(task_factory, cell.config.task)
@@ -253,7 +259,7 @@ def run_sweep(
             """A cell whose runs have all finished: its compare.* written now, not at the sweep's end."""
             cell = cells[i]
             record = compare.comparison_record(
-                task_of(cell, own[i]), comparisons[i], cell.config, preset, cell_runs
+                task_of(cell, own[i]), comparisons[i], cell.config, preset, cell_runs, effect
             )
             write_record(
                 out / "cells" / cell.name, "compare", record, compare_report.render, compare_report.plot
@@ -269,7 +275,7 @@ def run_sweep(
         )
     results = [(cell, records[i]) for i, cell in enumerate(cells)]
     _built.clear()  # the last cell's task: not kept past the sweep
-    record = sweep_record(task, config, preset, seeds, comparisons[0], results)
+    record = sweep_record(task, config, preset, seeds, comparisons[0], results, effect)
     write_record(out, "sweep", record, render, plot)
     return record
 
@@ -281,9 +287,11 @@ def sweep_record(
     seeds: int,
     comparison: ComparisonRuns,
     results: list[tuple[Cell, dict[str, Any]]],
+    effect: float | None = None,
 ) -> dict[str, Any]:
     """``sweep.json``: the arms and budget arms every cell compares (``comparison``: any cell's, they
-    share them), and per cell its values and, per arm and control, its test metric (mean, std) and
+    share them), the ``effect`` (metric units) whose seeds needed each difference records, if any, and
+    per cell its values and, per arm and control, its test metric (mean, std) and
     paired difference to the baseline (``vs_baseline``) as the cell's ``compare.json`` has them, and
     the arms whose intervals lie on the better side of every control's (``beats_every_control``)."""
     return {
@@ -295,6 +303,7 @@ def sweep_record(
         "config": config.as_dict(),
         "arms": list(comparison.arms),
         "budget_arms": list(comparison.budget_arms),
+        **({"effect": effect} if effect is not None else {}),
         "axes": _axes([cell.values for cell, _ in results]),
         "cells": [
             {
@@ -348,6 +357,15 @@ def _resolution(cell: dict[str, Any], metric: str) -> str:
     return low if low == high else f"{low}–{high}"
 
 
+def _seeds_needed(cell: dict[str, Any]) -> str:
+    """The seeds the cell's differences to the baseline would need to detect the sweep's effect, from
+    its best- to its worst-resolved arm ("?": an arm with one seed, no spread to go by)."""
+    needed = [v["seeds_needed"] for v in (a["vs_baseline"] for a in cell["arms"].values()) if v]
+    if not needed or None in needed:
+        return "?"
+    return str(min(needed)) if min(needed) == max(needed) else f"{min(needed)}–{max(needed)}"
+
+
 def _winners(cell: dict[str, Any]) -> str:
     """The arms that beat every control in a cell, as sweep.md shows them ("-": a sweep.json written
     before they were recorded)."""
@@ -360,6 +378,8 @@ def render(record: dict[str, Any]) -> str:
     m, cells, keys = record["metric"], record["cells"], list(record["axes"])
     _, unit = display_scale(m)
     arms = [arm for arm in cells[0]["arms"] if arm != "baseline"]
+    effect = record.get("effect")
+    needed = f"seeds for {format_metric(effect, m, sign=False)}" if effect is not None else None
     lines = [
         f"# Sweep on {record['task']} (preset {record['preset']}, {record['seeds']} seeds): "
         + " × ".join(keys)
@@ -371,7 +391,14 @@ def render(record: dict[str, Any]) -> str:
             "seed: mean [95 % Student-t interval], sign-flip p "
             f"({'lower' if record['lower_is_better'] else 'higher'} is better); the smallest difference "
             "to the baseline the cell's seeds could detect (α 0.05, power 0.8, from the paired spread; "
-            "the range over its arms); then the arms that beat "
+            "the range over its arms)"
+            + (
+                f"; the seeds a difference of {format_metric(effect, m, sign=False)} would need there "
+                "(80 % power, two-sided 5 %, at each arm's paired spread; the range over its arms)"
+                if effect is not None
+                else ""
+            )
+            + "; then the arms that beat "
             "every control there (each paired 95 % interval, against the baseline, the equal-epochs "
             "baseline, best-of-k and any control plan such as restarts, wholly on the better side of zero; "
             "the cell's compare.md has the table). sweep.png plots the differences against the first axis, "
@@ -386,6 +413,7 @@ def render(record: dict[str, Any]) -> str:
                 f"baseline {m}",
                 *[f"{arm} − baseline" for arm in arms],
                 "detectable",
+                *([needed] if needed else []),
                 "beats every control",
                 "cell",
             ]
@@ -399,6 +427,7 @@ def render(record: dict[str, Any]) -> str:
             format_metric(base["mean"], m, sign=False) + spread,
             *[_difference(cell["arms"][arm]["vs_baseline"], m) for arm in arms],
             _resolution(cell, m),
+            *([_seeds_needed(cell)] if needed else []),
             _winners(cell),
             f"[compare]({cell['dir']}/compare.md)",
         ]
