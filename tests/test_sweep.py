@@ -66,11 +66,15 @@ def test_a_sweep_runs_one_comparison_per_cell_gathers_them_and_resumes(tmp_path,
     assert "| detectable | beats every control |" in md
     for cell in record["cells"]:
         row = next(line for line in md.splitlines() if f"](cells/{cell['name']}/" in line)
-        resolution = [v["vs_baseline"]["detectable"] for a, v in cell["arms"].items() if a != "baseline"]
+        varying = [
+            v["vs_baseline"] for a, v in cell["arms"].items() if a != "baseline" and v["vs_baseline"]["std"]
+        ]
+        resolution = [v["detectable"] for v in varying]
         low, high = (
             format_metric(x, record["metric"], sign=False) for x in (min(resolution), max(resolution))
         )
-        assert low != high and f"| {low}–{high} | {', '.join(cell['beats_every_control']) or 'none'} |" in row
+        shown = low if low == high else f"{low}–{high}"
+        assert f"| {shown} | {', '.join(cell['beats_every_control']) or 'none'} |" in row
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all((tmp_path / "cells" / c / "compare.png").is_file() for c in CELLS)
 
@@ -95,10 +99,9 @@ def test_a_sweep_runs_one_comparison_per_cell_gathers_them_and_resumes(tmp_path,
     assert "| detectable | seeds for 5.00 | beats every control |" in md
     for cell in record["cells"]:
         compared = json.loads((tmp_path / "cells" / cell["name"] / "compare.json").read_text())
-        needed = [v["vs_baseline"]["seeds_needed"] for a, v in compared["arms"].items() if a != "baseline"]
-        assert [
-            v["vs_baseline"]["seeds_needed"] for a, v in cell["arms"].items() if a != "baseline"
-        ] == needed
+        differences = [v["vs_baseline"] for a, v in compared["arms"].items() if a != "baseline"]
+        assert [v["vs_baseline"] for a, v in cell["arms"].items() if a != "baseline"] == differences
+        needed = [v["seeds_needed"] for v in differences if v["std"]]
         row = next(line for line in md.splitlines() if f"](cells/{cell['name']}/" in line)
         shown = str(min(needed)) if min(needed) == max(needed) else f"{min(needed)}–{max(needed)}"
         assert f" | {shown} | " in row
@@ -269,3 +272,24 @@ def test_the_regime_map_has_a_panel_per_combination_of_the_other_axes(monkeypatc
         (line,) = panel.get_lines()[:1]
         assert [round(y, 6) for y in line.get_ydata()] == [1.0, 2.0, 3.0]
     assert panels[0].get_shared_y_axes().joined(panels[0], panels[3])
+
+
+def test_an_arm_that_kept_the_baseline_on_every_seed_says_nothing_of_a_cell_s_resolution():
+    """Its difference is zero throughout (detectable 0, 2 seeds needed): sweep.md's range leaves it out."""
+    from topdown.sweep import render
+
+    def difference(mean, std, detectable, needed):
+        return {"mean": mean, "std": std, "ci95": [mean - std, mean + std], "p_sign_flip": 1.0,
+                "detectable": detectable, "seeds_needed": needed}  # fmt: skip
+
+    arms = {
+        "baseline": {"test": {"mean": 0.1, "std": 0.01}, "vs_baseline": None},
+        "kept": {"test": {"mean": 0.1, "std": 0.01}, "vs_baseline": difference(0.0, 0.0, 0.0, 2)},
+        "moved": {"test": {"mean": 0.09, "std": 0.01}, "vs_baseline": difference(-0.01, 0.02, 0.03, 40)},
+        "also": {"test": {"mean": 0.09, "std": 0.01}, "vs_baseline": difference(-0.01, 0.01, 0.015, 12)},
+    }
+    cell = {"name": "x=1", "dir": "cells/x=1", "values": {"x": 1}, "arms": arms, "beats_every_control": []}
+    record = {"task": "toy", "preset": None, "seeds": 5, "metric": "error", "lower_is_better": True,
+              "axes": {"x": [1]}, "cells": [cell], "effect": 0.005}  # fmt: skip
+    row = render(record).splitlines()[-3]
+    assert "| 1.50–3.00 | 12–40 | none |" in row

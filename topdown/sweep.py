@@ -343,14 +343,16 @@ def _difference(v: dict[str, Any] | None, metric: str) -> str:
     return f"{f(v['mean'])}{ci}, p {v['p_sign_flip']:.3f}"
 
 
+def _varying(cell: dict[str, Any]) -> list[dict[str, Any]]:
+    """The cell's paired differences to the baseline that vary over seeds: an arm that kept the
+    baseline's model on every seed (a difference of zero throughout) says nothing of the spread."""
+    return [v for v in (a["vs_baseline"] for a in cell["arms"].values()) if v and v["std"]]
+
+
 def _resolution(cell: dict[str, Any], metric: str) -> str:
     """The smallest paired difference to the baseline the cell's seeds could detect (``detectable``,
     α 0.05, power 0.8), from its best- to its worst-resolved arm: what "no difference" there can mean."""
-    found = [
-        v["detectable"]
-        for v in (a["vs_baseline"] for a in cell["arms"].values())
-        if v and v.get("detectable") is not None
-    ]
+    found = [v["detectable"] for v in _varying(cell)]
     if not found:
         return "-"
     low, high = (format_metric(x, metric, sign=False) for x in (min(found), max(found)))
@@ -359,10 +361,10 @@ def _resolution(cell: dict[str, Any], metric: str) -> str:
 
 def _seeds_needed(cell: dict[str, Any]) -> str:
     """The seeds the cell's differences to the baseline would need to detect the sweep's effect, from
-    its best- to its worst-resolved arm ("?": an arm with one seed, no spread to go by)."""
-    needed = [v["seeds_needed"] for v in (a["vs_baseline"] for a in cell["arms"].values()) if v]
-    if not needed or None in needed:
-        return "?"
+    its best- to its worst-resolved arm ("-": no difference varies over seeds yet)."""
+    needed = [v["seeds_needed"] for v in _varying(cell)]
+    if not needed:
+        return "-"
     return str(min(needed)) if min(needed) == max(needed) else f"{min(needed)}–{max(needed)}"
 
 
@@ -391,10 +393,10 @@ def render(record: dict[str, Any]) -> str:
             "seed: mean [95 % Student-t interval], sign-flip p "
             f"({'lower' if record['lower_is_better'] else 'higher'} is better); the smallest difference "
             "to the baseline the cell's seeds could detect (α 0.05, power 0.8, from the paired spread; "
-            "the range over its arms)"
+            "the range over its arms whose difference varies over seeds)"
             + (
                 f"; the seeds a difference of {format_metric(effect, m, sign=False)} would need there "
-                "(80 % power, two-sided 5 %, at each arm's paired spread; the range over its arms)"
+                "(80 % power, two-sided 5 %, at each arm's paired spread; the range over the same arms)"
                 if effect is not None
                 else ""
             )
