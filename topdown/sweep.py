@@ -352,20 +352,21 @@ def _varying(cell: dict[str, Any]) -> list[dict[str, Any]]:
 def _resolution(cell: dict[str, Any], metric: str) -> str:
     """The smallest paired difference to the baseline the cell's seeds could detect (``detectable``,
     α 0.05, power 0.8), from its best- to its worst-resolved arm: what "no difference" there can mean."""
-    found = [v["detectable"] for v in _varying(cell)]
-    if not found:
-        return "-"
-    low, high = (format_metric(x, metric, sign=False) for x in (min(found), max(found)))
-    return low if low == high else f"{low}–{high}"
+    return _span([v["detectable"] for v in _varying(cell)], lambda x: format_metric(x, metric, sign=False))
 
 
 def _seeds_needed(cell: dict[str, Any]) -> str:
     """The seeds the cell's differences to the baseline would need to detect the sweep's effect, from
     its best- to its worst-resolved arm ("-": no difference varies over seeds yet)."""
-    needed = [v["seeds_needed"] for v in _varying(cell)]
-    if not needed:
+    return _span([v["seeds_needed"] for v in _varying(cell)], str)
+
+
+def _span(values: list[Any], shown: Callable[[Any], str]) -> str:
+    """From the smallest of ``values`` to the largest, as sweep.md shows a range ("-": none)."""
+    if not values:
         return "-"
-    return str(min(needed)) if min(needed) == max(needed) else f"{min(needed)}–{max(needed)}"
+    low, high = shown(min(values)), shown(max(values))
+    return low if low == high else f"{low}–{high}"
 
 
 def _winners(cell: dict[str, Any]) -> str:
@@ -381,7 +382,8 @@ def render(record: dict[str, Any]) -> str:
     _, unit = display_scale(m)
     arms = [arm for arm in cells[0]["arms"] if arm != "baseline"]
     effect = record.get("effect")
-    needed = f"seeds for {format_metric(effect, m, sign=False)}" if effect is not None else None
+    effect_text = format_metric(effect, m, sign=False) if effect is not None else None
+    needed = f"seeds for {effect_text}" if effect_text else None
     lines = [
         f"# Sweep on {record['task']} (preset {record['preset']}, {record['seeds']} seeds): "
         + " × ".join(keys)
@@ -395,9 +397,9 @@ def render(record: dict[str, Any]) -> str:
             "to the baseline the cell's seeds could detect (α 0.05, power 0.8, from the paired spread; "
             "the range over its arms whose difference varies over seeds)"
             + (
-                f"; the seeds a difference of {format_metric(effect, m, sign=False)} would need there "
+                f"; the seeds a difference of {effect_text} would need there "
                 "(80 % power, two-sided 5 %, at each arm's paired spread; the range over the same arms)"
-                if effect is not None
+                if effect_text
                 else ""
             )
             + "; then the arms that beat "
@@ -455,13 +457,15 @@ def plot(record: dict[str, Any], path: Path) -> None:
     for r, row in enumerate(rows):
         for c, column in enumerate(columns):
             ax = panels[r][c]
-            fixed = dict(zip(others, ([row] if others else []) + list(column)))
+            fixed = dict(zip(others, (row, *column)))  # {} for one axis
             for a, arm in enumerate(arms):
                 offset = 0.25 * (a / max(len(arms) - 1, 1) - 0.5)  # bars side by side
                 xs, ys, below, above = [], [], [], []
                 for x, value in enumerate(axes[first]):
                     wanted = {first: value, **fixed}
-                    cell = next(x for x in cells if all(x["values"][k] == v for k, v in wanted.items()))
+                    cell = next(
+                        other for other in cells if all(other["values"][k] == v for k, v in wanted.items())
+                    )
                     v = cell["arms"][arm]["vs_baseline"]
                     lo, hi = v["ci95"] or (v["mean"], v["mean"])
                     xs.append(x + offset)
