@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from topdown.errors import TopdownError
+from topdown.loop import evaluate
 from topdown.tasks import make_task, resolve_config
 
 
@@ -61,9 +62,8 @@ def main() -> None:
         if not path.is_file():
             continue
         model.load_state_dict(load_file(path))
-        model.eval()
-        with torch.no_grad():
-            running = task.evaluate(model, args.split)[metric]
+        running = evaluate(model, task, args.split)[metric]  # as the training loop validates
+        with torch.no_grad():  # not the loop's evaluate: it would put BatchNorm back in eval mode
             batch = task.evaluate(with_batch_statistics(model), args.split)[metric]
         print(f"| {stage['index']} | {stage['role']} | {running:.4f} | {batch:.4f} |")
 
