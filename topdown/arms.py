@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from topdown.config import RunConfig
 from topdown.errors import ConfigError
@@ -45,8 +45,10 @@ def run_one(
     preset: str | None,
     device,
     track: Tracking | None = None,
+    baseline_from: str | None = None,
 ) -> dict[str, Any]:
-    """One run of the comparison, ``out/runs/name`` (a worker's unit of work); only its summary is read."""
+    """One run of the comparison, ``out/runs/name`` (a worker's unit of work); only its summary is
+    read. ``baseline_from``: the run under ``out/runs/`` whose finished stage 0 it takes (``adopt``)."""
     return run_or_resume(
         procedure,
         task,
@@ -57,6 +59,7 @@ def run_one(
         device=device,
         weights_needed=False,
         track=track,
+        baseline_from=None if baseline_from is None else out / "runs" / baseline_from,
     )
 
 
@@ -190,28 +193,44 @@ def arm_configs(config: RunConfig, arms: Sequence[str]) -> tuple[RunConfig, dict
     }
 
 
+class RunOrder(NamedTuple):
+    """What one run of a comparison is: its procedure, seed and recipe, and the run whose finished
+    stage 0 it takes instead of training it (``adopt``; an arm's: its seed's baseline run)."""
+
+    procedure: str
+    seed: int
+    config: RunConfig
+    baseline_from: str | None = None
+
+
 def seed_runs(
     comparison: ComparisonRuns,
     seed: int,
     configs: tuple[RunConfig, dict[str, RunConfig]],
     planned_k: int,
     summary: Summaries,
-) -> dict[str, tuple[str, int, RunConfig]]:
-    """The runs seed ``seed`` of a comparison needs, name -> (procedure, seed, config): its first
-    arm's run; the baseline arm's own run, where it has one; once the arms' runs have finished
-    (``summary``), the baseline given their budget; best-of-k's k-1 fresh baselines (``planned_k``
-    until the runs that decide k have finished); the other arms' runs. The one definition of each
-    run, for ``run_all`` and ``run_only`` alike."""
+) -> dict[str, RunOrder]:
+    """The runs seed ``seed`` of a comparison needs, by name: its first arm's run; the baseline
+    arm's own run, where it has one; once the arms' runs have finished (``summary``), the baseline
+    given their budget; best-of-k's k-1 fresh baselines (``planned_k`` until the runs that decide k
+    have finished); the other arms' runs, each starting from the baseline run's stage 0 where that
+    has finished. The one definition of each run, for ``run_all`` and ``run_only`` alike."""
     base, arm_config = configs
-    arms = {comparison.arm_run(a, seed): (a, seed, arm_config[a]) for a in comparison.arms}
+    baseline = comparison.baseline_run(seed)
+    arms = {
+        (name := comparison.arm_run(a, seed)): RunOrder(
+            a, seed, arm_config[a], None if name == baseline else baseline
+        )
+        for a in comparison.arms
+    }
     first = next(iter(arms))
     runs = {first: arms.pop(first)}
     if not comparison.has_cascade:
-        runs[comparison.baseline_run(seed)] = ("baseline", seed, base)
+        runs[baseline] = RunOrder("baseline", seed, base)
     if (budget := comparison.budget(seed, summary)) is not None:
-        runs[equal_run(seed)] = ("baseline", seed, equal_epochs_config(base, budget))
+        runs[equal_run(seed)] = RunOrder("baseline", seed, equal_epochs_config(base, budget))
     k = comparison.k(seed, summary) or planned_k
-    runs.update({extra_run(seed, j): ("baseline", extra_seed(seed, j), base) for j in range(1, k)})
+    runs.update({extra_run(seed, j): RunOrder("baseline", extra_seed(seed, j), base) for j in range(1, k)})
     runs.update(arms)
     return runs
 
@@ -238,14 +257,16 @@ def run_all(
     out = comparison.runs.parent
     with executor.open(task, task_factory) as workers:
 
-        def submit(name: str, procedure: str, seed: int, cfg: RunConfig) -> Future:
-            return workers.submit(run_one, out, procedure, name, seed, cfg, preset, device, track)
+        def submit(name: str, procedure: str, seed: int, cfg: RunConfig, baseline_from: str | None) -> Future:
+            return workers.submit(
+                run_one, out, procedure, name, seed, cfg, preset, device, track, baseline_from
+            )
 
         return run_scheduled([Scheduled.of(task, comparison, seeds, config, submit)])[0]
 
 
-# how a comparison's run is handed to a worker: (name, procedure, seed, config) -> its summary, to come
-Submit = Callable[[str, str, int, RunConfig], Future]
+# how a comparison's run is handed to a worker: (name, *RunOrder) -> its summary, to come
+Submit = Callable[[str, str, int, RunConfig, str | None], Future]
 
 
 @dataclass(frozen=True)
@@ -285,7 +306,7 @@ def run_scheduled(
     configuration, so the order changes nothing."""
     summaries: list[dict[str, dict[str, Any]]] = [{} for _ in scheduled]
 
-    def runs_of(i: int, s: int) -> dict[str, tuple[str, int, RunConfig]]:
+    def runs_of(i: int, s: int) -> dict[str, RunOrder]:
         c = scheduled[i]
         return seed_runs(c.comparison, s, c.configs, c.planned_k, summaries[i].get)
 
@@ -357,7 +378,7 @@ def run_only(
     comparison = ComparisonRuns(out / "runs", resolve_arms(arms), budget_arms)
     configs = arm_configs(config, comparison.arms)
     planned = _planned_k(task, comparison, configs[0])
-    runs: dict[str, tuple[str, int, RunConfig]] = {}
+    runs: dict[str, RunOrder] = {}
     waiting = {}
     for s in range(seeds):
         runs |= seed_runs(comparison, s, configs, planned, functools.partial(finished_summary, out / "runs"))
@@ -376,8 +397,10 @@ def run_only(
     with executor.open(task, task_factory, calls=len(set(names))) as workers:
         futures = {}
         for name in dict.fromkeys(names):
-            procedure, seed, cfg = runs[name]
-            futures[name] = workers.submit(run_one, out, procedure, name, seed, cfg, preset, device, track)
+            procedure, seed, cfg, baseline_from = runs[name]
+            futures[name] = workers.submit(
+                run_one, out, procedure, name, seed, cfg, preset, device, track, baseline_from
+            )
         return {name: future.result() for name, future in futures.items()}
 
 

@@ -27,9 +27,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from topdown.adopt import AdoptedStage, adoptable_stage_zero
 from topdown.blocks import Blocks, BlockSpec, empty_side, usable_splits
 from topdown.config import RunConfig
-from topdown.console import warn
+from topdown.console import say, warn
 from topdown.devices import host_copy
 from topdown.errors import ConfigError, TopdownError
 from topdown.files import weights_digest
@@ -65,9 +66,11 @@ class Plan:
     validation metric that decides; its direction comes from ``lower_is_better`` or its name.
     ``out``: the run directory the plan records into (None: in memory, nothing written);
     ``resume``: continue the run there. ``from_checkpoint``: stage 0 loads this model instead of
-    training a baseline. ``track``: trackers that also get the run directory's epochs and stages
-    (``"tensorboard"``, ``"mlflow"``, both, or a ``topdown.Tracking`` with an MLflow URI; see
-    ``tracking``). ``summary`` is the run record (``summary.json``'s content).
+    training a baseline. ``baseline_from``: a run directory whose finished stage 0 is this plan's
+    own (``adopt``: a comparison's arms start from its baseline's model), taken instead of training
+    it again where it is the same training. ``track``: trackers that also get the run directory's
+    epochs and stages (``"tensorboard"``, ``"mlflow"``, both, or a ``topdown.Tracking`` with an
+    MLflow URI; see ``tracking``). ``summary`` is the run record (``summary.json``'s content).
     """
 
     procedure: ClassVar[str] = "custom"
@@ -94,6 +97,7 @@ class Plan:
         preset: str | None = None,
         task_info: Mapping[str, Any] | None = None,
         from_checkpoint: str | None = None,
+        baseline_from: str | Path | None = None,
         track: Tracking | str | Sequence[str] | None = None,
     ):
         if isinstance(build_model, nn.Module) or not callable(build_model):
@@ -107,6 +111,7 @@ class Plan:
             check_seed(seed),
             from_checkpoint,
         )
+        self.baseline_from, self._out = baseline_from, None if out is None else Path(out)
         if isinstance(blocks, Blocks):
             if blocks.model is not model:
                 raise ConfigError(
@@ -133,8 +138,11 @@ class Plan:
         if from_checkpoint is not None and (not resume or Path(from_checkpoint).exists()):
             check_start(from_checkpoint)  # before anything is written (a resume may not need it)
         self.record = RunRecord(out, tracking) if out is not None else Record()
+        self._identity = run_identity(
+            self.procedure, name, preset, seed, self.config, self.metric, self.task_info
+        )
         header = {
-            **run_identity(self.procedure, name, preset, seed, self.config, self.metric, self.task_info),
+            **self._identity,
             "blocks": self.blocks.parameter_names(),
             "provenance": provenance(next(model.parameters()).device),
         }
@@ -227,6 +235,8 @@ class Plan:
                 break
             if index < len(done):  # finished before a resume
                 record = done[index]
+            elif index == 0 and (adopted := self._adoptable(spec)) is not None:
+                record = self._adopt(spec, adopted)
             else:
                 self._tried, self._best = [], None
                 for c in range(spec.candidates):
@@ -243,6 +253,30 @@ class Plan:
                 record = self.summary["stages"][index]
             index += 1
         self._complete()
+
+    def _adoptable(self, spec: StageSpec) -> AdoptedStage | None:
+        """``baseline_from``'s stage 0, where it is the one ``spec`` would train (``adopt``); a plan
+        that reports derived models (``reported_models``) trains its own, to report them."""
+        if self.baseline_from is None or type(self).reported_models is not Plan.reported_models:
+            return None
+        return adoptable_stage_zero(
+            self.baseline_from,
+            self._out,
+            self._identity,
+            self.config.option_defaults,
+            spec,
+            self.all_blocks(),
+            self.config.train,
+        )
+
+    def _adopt(self, spec: StageSpec, adopted: AdoptedStage) -> dict[str, Any]:
+        """Record stage 0 as ``adopted`` from another run: its epochs' metrics, then the stage."""
+        say(f"stage 0 ({spec.role}): the model of {adopted.adopted_from}'s stage 0, not trained again")
+        for line in adopted.metrics:
+            self.record.log(line)
+        self._tried, self._best = [], None
+        self._keep_candidate(adopted.tried, adopted.test, adopted.seconds, adopted.weights)
+        return self._record_stage(Stage(self, 0, 0, spec), adopted_from=adopted.adopted_from)
 
     def _prepare(self, index: int, candidate: int, spec: StageSpec) -> Stage:
         stage = Stage(self, index, candidate, spec)
@@ -356,7 +390,7 @@ class Plan:
         ):
             self._best = (tried, test, weights)
 
-    def _record_stage(self, stage: Stage) -> dict[str, Any]:
+    def _record_stage(self, stage: Stage, adopted_from: str | None = None) -> dict[str, Any]:
         """Decide acceptance, then save checkpoints before the summary that points at them."""
         spec, (best, test, weights) = stage.spec, self._best
         val = best["val"]
@@ -385,6 +419,7 @@ class Plan:
             **({"kept_epoch": best["kept_epoch"]} if "kept_epoch" in best else {}),
             **({"reported": best["reported"]} if "reported" in best else {}),
             **({"source": spec.source, "source_weights": self._source_weights} if spec.source else {}),
+            **({"adopted_from": adopted_from} if adopted_from else {}),
             **(
                 {"reinit_blocks": list(spec.reinit_blocks)}
                 if spec.reinit_blocks is not None and spec.reinit

@@ -273,11 +273,13 @@ def run_procedure(
     preset: str | None = None,
     resume: bool = False,
     from_checkpoint: str | None = None,
+    baseline_from: str | Path | None = None,
     device: str | torch.device | None = None,
     track: Tracking | str | Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run ``procedure`` (a plan's name, ``plan_class``) on ``task`` into run directory ``out`` with
-    our loop; returns the summary. ``track``: trackers that also get its epochs and stages (``Plan``)."""
+    our loop; returns the summary. ``baseline_from``: a run whose finished stage 0 this run's would
+    repeat, taken instead (``adopt``). ``track``: trackers that also get its epochs and stages (``Plan``)."""
     plan_type = plan_class(procedure)
     config = config if isinstance(config, RunConfig) else RunConfig.from_dict(config or {})
     # a monitor the loop cannot rank is refused before the run directory is written
@@ -304,6 +306,7 @@ def run_procedure(
         preset=preset,
         task_info=task.info,
         from_checkpoint=from_checkpoint,
+        baseline_from=baseline_from,
         track=track,
     )
     try:

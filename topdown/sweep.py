@@ -247,8 +247,20 @@ def run_sweep(
             experiment = f"{tracking.experiment}/{cell.name}" if tracking.experiment else None
             cell_tracking = dataclasses.replace(tracking, experiment=experiment)
 
-            def submit(name: str, procedure: str, seed: int, cfg: RunConfig) -> Future:
-                args = (out / "cells" / cell.name, procedure, name, seed, cfg, preset, device, cell_tracking)
+            def submit(
+                name: str, procedure: str, seed: int, cfg: RunConfig, baseline_from: str | None
+            ) -> Future:
+                args = (
+                    out / "cells" / cell.name,
+                    procedure,
+                    name,
+                    seed,
+                    cfg,
+                    preset,
+                    device,
+                    cell_tracking,
+                    baseline_from,
+                )
                 return workers.submit(_cell_run, task_factory, sections, *args)
 
             return submit
