@@ -3,6 +3,7 @@ training it again would have."""
 
 import json
 
+import pytest
 from conftest import toy_task
 
 from topdown.compare import run_compare
@@ -84,3 +85,28 @@ def test_knowledge_evolution_trains_its_own_stage_zero_to_report_its_slim_model(
         "knowledge-evolution", toy_task(), tmp_path / "ke", config=CONFIG.updated(ROUNDS), baseline_from=donor
     )
     assert "adopted_from" not in ke["stages"][0] and "slim" in ke["stages"][0]["reported"]
+
+
+def test_an_arm_interrupted_in_its_own_stage_zero_adopts_on_resume_and_keeps_only_the_adopted_lines(
+    tmp_path,
+):
+    """An arm that started before its baseline run's stage 0 had finished, then was interrupted."""
+    task, calls = toy_task(), []
+    evaluate = task.evaluate
+
+    def interrupted(model, split):
+        calls.append(split)
+        if len(calls) == 2:  # in stage 0, after its first epoch
+            raise KeyboardInterrupt
+        return evaluate(model, split)
+
+    task.evaluate = interrupted
+    donor, arm = tmp_path / "base", tmp_path / "arm"
+    with pytest.raises(KeyboardInterrupt):
+        run_procedure("layerwise", task, arm, config=CONFIG, baseline_from=donor)
+    assert [m["stage"] for m in metrics(arm)] == [0]
+    run_procedure("baseline", toy_task(), donor, config=CONFIG)
+    resumed = run_procedure("layerwise", toy_task(), arm, config=CONFIG, baseline_from=donor, resume=True)
+    assert resumed["stages"][0]["adopted_from"] == "../base"
+    assert [m for m in metrics(arm) if m["stage"] == 0] == metrics(donor)
+    assert not list((arm / "state").glob("stage-0-*"))

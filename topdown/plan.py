@@ -272,6 +272,7 @@ class Plan:
     def _adopt(self, spec: StageSpec, adopted: AdoptedStage) -> dict[str, Any]:
         """Record stage 0 as ``adopted`` from another run: its epochs' metrics, then the stage."""
         say(f"stage 0 ({spec.role}): the model of {adopted.adopted_from}'s stage 0, not trained again")
+        self.record.forget_metrics(0)  # of a stage 0 this run had begun itself before an interruption
         for line in adopted.metrics:
             self.record.log(line)
         self._tried, self._best = [], None

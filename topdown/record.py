@@ -81,6 +81,9 @@ class Record:
     def log(self, line: dict[str, Any]) -> None:
         """One epoch's metrics (``metrics.jsonl`` in a run directory)."""
 
+    def forget_metrics(self, stage: int) -> None:
+        """Drop the epoch lines logged for ``stage`` (its own training, replaced by another run's)."""
+
     def resume_point(self, stage: int, candidate: int) -> Path | None:
         """Where a loop that can resume mid-stage keeps a candidate's resume point (none in memory)."""
         return None
@@ -352,6 +355,9 @@ class RunRecord(Record):
     def log(self, line: dict[str, Any]) -> None:
         self.run.log_metrics(line)
         self.tracked.epoch(line)
+
+    def forget_metrics(self, stage: int) -> None:
+        self.run.keep_metrics(lambda r: r["stage"] != stage)
 
     def resume_point(self, stage: int, candidate: int) -> Path:
         return self.run.state_file(stage, candidate)
