@@ -44,6 +44,9 @@ def test_the_arms_of_a_comparison_take_the_cascades_stage_zero_and_end_as_if_the
         assert (first["epochs"], first["val"], first["test"]) == tuple(
             cascade["stages"][0][k] for k in ("epochs", "val", "test")
         )
+        assert (
+            "| new model, trained in ../cascade-seed0 |" in (runs / f"{arm}-seed0" / "report.md").read_text()
+        )
         assert [m for m in metrics(runs / f"{arm}-seed0") if m["stage"] == 0] == [
             m for m in metrics(runs / "cascade-seed0") if m["stage"] == 0
         ]

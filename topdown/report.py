@@ -64,7 +64,10 @@ def write_record(
 def stage_reset(stage: dict[str, Any]) -> str:
     """What a recorded stage did to its start weights, in words: "new model" (built afresh), the
     resets it applied (``resets.in_words``), or "-" (kept as they were: a fine-tune, a warm start, a
-    loaded model). A stage recorded before resets were recorded says it by ``reinit``."""
+    loaded model). A stage recorded before resets were recorded says it by ``reinit``; a stage 0
+    taken from another run (``adopt``) names that run."""
+    if "adopted_from" in stage:
+        return f"new model, trained in {stage['adopted_from']}"
     if "reset" not in stage:
         if not stage["reinit"]:
             return "-"
