@@ -11,8 +11,8 @@ each of them ran. The stage's record names the run it came from (``adopted_from`
 
 Only a stage 0 that is that same training is adopted: same task, data, seed, metric and
 configuration (apart from the sections no stage 0 reads: ``procedure``, ``cascade``), one candidate
-on all of the data, and a plan that reports no derived models. Anything else, or a run whose stage 0
-has not finished yet, and the plan trains its own stage 0, as it would without one.
+on all of the data, a plan that reports no derived models, a run of one process. Anything else, or
+a run whose stage 0 has not finished yet, and the plan trains its own stage 0, as it would without.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from topdown import distributed
 from topdown.adopt import AdoptedStage, adoptable_stage_zero
 from topdown.blocks import Blocks, BlockSpec, empty_side, usable_splits
 from topdown.config import RunConfig
@@ -256,8 +257,14 @@ class Plan:
 
     def _adoptable(self, spec: StageSpec) -> AdoptedStage | None:
         """``baseline_from``'s stage 0, where it is the one ``spec`` would train (``adopt``); a plan
-        that reports derived models (``reported_models``) trains its own, to report them."""
-        if self.baseline_from is None or type(self).reported_models is not Plan.reported_models:
+        that reports derived models (``reported_models``) trains its own, to report them, and so does
+        a run of several processes (each would decide alone, and the other run may finish between
+        their decisions)."""
+        if (
+            self.baseline_from is None
+            or type(self).reported_models is not Plan.reported_models
+            or distributed.world_size() > 1
+        ):
             return None
         return adoptable_stage_zero(
             self.baseline_from,
