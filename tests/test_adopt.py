@@ -79,6 +79,10 @@ def test_a_stage_zero_of_another_training_or_not_finished_is_trained_not_adopted
     same = layerwise("d", lr)
     assert same["stages"][0]["adopted_from"] == "../donor"
     assert same["stages"][0]["test"] == summary(donor)["stages"][0]["test"]
+    # a damaged checkpoint (its checksum no longer matches): trained, not adopted
+    checkpoint = donor / "checkpoints" / "stage-0.safetensors"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:-8] + b"\0" * 8)
+    assert "adopted_from" not in layerwise("e", lr)["stages"][0]
 
 
 def test_knowledge_evolution_trains_its_own_stage_zero_to_report_its_slim_model(tmp_path):

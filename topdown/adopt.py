@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from topdown.config import TrainConfig
 from topdown.errors import TopdownError
 from topdown.identity import first_difference
 from topdown.runs import RunDir, stage_checkpoint
@@ -60,7 +61,7 @@ def adoptable_stage_zero(
     option_defaults: Mapping[str, Any],
     spec: StageSpec,
     all_blocks: tuple[str, ...],
-    train: Any,
+    train: TrainConfig,
 ) -> AdoptedStage | None:
     """The stage 0 of the run in ``source`` if it is the one this run (``run``, its directory; None:
     in memory) would train: ``identity`` (``run_identity``) alike but for the procedure and the
@@ -69,7 +70,7 @@ def adoptable_stage_zero(
     source = Path(source)
     if run is not None and source.resolve() == run.resolve():
         return None
-    own_training = (
+    trains_from_scratch = (
         spec.start is None
         and spec.source is None
         and spec.candidates == 1
@@ -78,7 +79,7 @@ def adoptable_stage_zero(
         and (spec.train is None or spec.train == train)
     )
     donor = RunDir(source, writer=False)
-    summary = donor.read_summary() if own_training and source.is_dir() else None
+    summary = donor.read_summary() if trains_from_scratch and source.is_dir() else None
     stages = (summary or {}).get("stages") or []
     if not stages:
         return None
