@@ -25,11 +25,9 @@ from typing import Any
 
 import torch
 
-from topdown.config import TrainConfig
 from topdown.errors import TopdownError
 from topdown.identity import first_difference
 from topdown.runs import RunDir, stage_checkpoint
-from topdown.stage import StageSpec
 
 # the configuration sections no stage 0 reads: the plans' own options
 NOT_READ_BY_STAGE_ZERO = ("procedure", "cascade")
@@ -59,27 +57,18 @@ def adoptable_stage_zero(
     run: Path | None,
     identity: Mapping[str, Any],
     option_defaults: Mapping[str, Any],
-    spec: StageSpec,
     all_blocks: tuple[str, ...],
-    train: TrainConfig,
 ) -> AdoptedStage | None:
     """The stage 0 of the run in ``source`` if it is the one this run (``run``, its directory; None:
-    in memory) would train: ``identity`` (``run_identity``) alike but for the procedure and the
-    sections no stage 0 reads, ``spec`` the whole model (``all_blocks``) trained from a fresh start with
-    ``train`` as one candidate on all of the data. None where it is not, or is not finished yet."""
+    in memory), whose stage 0 trains the whole model (``all_blocks``) from a fresh start as one
+    candidate on all of the data, would train: the same, and ``identity`` (``run_identity``) alike
+    but for the procedure and the sections no stage 0 reads. None where it is not, or is not
+    finished yet."""
     source = Path(source)
     if run is not None and source.resolve() == run.resolve():
         return None
-    trains_from_scratch = (
-        spec.start is None
-        and spec.source is None
-        and spec.candidates == 1
-        and spec.subset == 1.0
-        and tuple(spec.trained) == tuple(all_blocks)
-        and (spec.train is None or spec.train == train)
-    )
     donor = RunDir(source, writer=False)
-    summary = donor.read_summary() if trains_from_scratch and source.is_dir() else None
+    summary = donor.read_summary() if source.is_dir() else None
     stages = (summary or {}).get("stages") or []
     if not stages:
         return None

@@ -260,20 +260,23 @@ class Plan:
         that reports derived models (``reported_models``) trains its own, to report them, and so does
         a run of several processes (each would decide alone, and the other run may finish between
         their decisions)."""
+        trains_from_scratch = (
+            spec.start is None
+            and spec.source is None
+            and spec.candidates == 1
+            and spec.subset == 1.0
+            and tuple(spec.trained) == self.all_blocks()
+            and (spec.train is None or spec.train == self.config.train)
+        )
         if (
             self.baseline_from is None
+            or not trains_from_scratch
             or type(self).reported_models is not Plan.reported_models
             or distributed.world_size() > 1
         ):
             return None
         return adoptable_stage_zero(
-            self.baseline_from,
-            self._out,
-            self._identity,
-            self.config.option_defaults,
-            spec,
-            self.all_blocks(),
-            self.config.train,
+            self.baseline_from, self._out, self._identity, self.config.option_defaults, self.all_blocks()
         )
 
     def _adopt(self, spec: StageSpec, adopted: AdoptedStage) -> dict[str, Any]:
