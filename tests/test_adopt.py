@@ -75,7 +75,7 @@ def test_a_stage_zero_of_another_training_or_not_finished_is_trained_not_adopted
     missing = layerwise("c", lr, baseline_from=tmp_path / "none")
     for s in (other_recipe, other_seed, missing):
         assert "adopted_from" not in s["stages"][0]
-    # the same recipe and seed, another plan's options: adopted
+    # the same recipe and seed, another procedure: adopted
     same = layerwise("d", lr)
     assert same["stages"][0]["adopted_from"] == "../donor"
     assert same["stages"][0]["test"] == summary(donor)["stages"][0]["test"]
