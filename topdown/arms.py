@@ -35,31 +35,39 @@ CONTROL_RUNS = ("baseline", "equal-epochs")  # run names ``NAME-seedN`` that are
 Summaries = Callable[[str], dict[str, Any] | None]  # a run's name -> its summary, None if not finished
 
 
+class RunOrder(NamedTuple):
+    """What one run of a comparison is: its procedure, seed and recipe, and the run whose finished
+    stage 0 it takes instead of training it (``adopt``; an arm's: its seed's baseline run)."""
+
+    procedure: str
+    seed: int
+    config: RunConfig
+    baseline_from: str | None = None
+
+
 def run_one(
     task: Task,
     out: Path,
-    procedure: str,
     name: str,
-    seed: int,
-    config: RunConfig,
+    order: RunOrder,
     preset: str | None,
     device,
     track: Tracking | None = None,
-    baseline_from: str | None = None,
 ) -> dict[str, Any]:
-    """One run of the comparison, ``out/runs/name`` (a worker's unit of work); only its summary is
-    read. ``baseline_from``: the run under ``out/runs/`` whose finished stage 0 it takes (``adopt``)."""
+    """One run of the comparison, ``out/runs/name``, as ``order`` says (a worker's unit of work);
+    only its summary is read."""
+    runs = out / "runs"
     return run_or_resume(
-        procedure,
+        order.procedure,
         task,
-        out / "runs" / name,
-        config=config,
-        seed=seed,
+        runs / name,
+        config=order.config,
+        seed=order.seed,
         preset=preset,
         device=device,
         weights_needed=False,
         track=track,
-        baseline_from=None if baseline_from is None else out / "runs" / baseline_from,
+        baseline_from=None if order.baseline_from is None else runs / order.baseline_from,
     )
 
 
@@ -193,16 +201,6 @@ def arm_configs(config: RunConfig, arms: Sequence[str]) -> tuple[RunConfig, dict
     }
 
 
-class RunOrder(NamedTuple):
-    """What one run of a comparison is: its procedure, seed and recipe, and the run whose finished
-    stage 0 it takes instead of training it (``adopt``; an arm's: its seed's baseline run)."""
-
-    procedure: str
-    seed: int
-    config: RunConfig
-    baseline_from: str | None = None
-
-
 def seed_runs(
     comparison: ComparisonRuns,
     seed: int,
@@ -257,16 +255,14 @@ def run_all(
     out = comparison.runs.parent
     with executor.open(task, task_factory) as workers:
 
-        def submit(name: str, procedure: str, seed: int, cfg: RunConfig, baseline_from: str | None) -> Future:
-            return workers.submit(
-                run_one, out, procedure, name, seed, cfg, preset, device, track, baseline_from
-            )
+        def submit(name: str, order: RunOrder) -> Future:
+            return workers.submit(run_one, out, name, order, preset, device, track)
 
         return run_scheduled([Scheduled.of(task, comparison, seeds, config, submit)])[0]
 
 
-# how a comparison's run is handed to a worker: (name, *RunOrder) -> its summary, to come
-Submit = Callable[[str, str, int, RunConfig, str | None], Future]
+# how a comparison's run is handed to a worker: (name, order) -> its summary, to come
+Submit = Callable[[str, RunOrder], Future]
 
 
 @dataclass(frozen=True)
@@ -318,7 +314,7 @@ def run_scheduled(
         i = unit[0]
         for name in names:
             if (i, name) not in futures:
-                futures[i, name] = scheduled[i].submit(name, *runs[unit][name])
+                futures[i, name] = scheduled[i].submit(name, runs[unit][name])
 
     def results(i: int) -> list[dict[str, dict[str, Any]]]:
         return [{name: futures[i, name].result() for name in runs[i, s]} for s in range(scheduled[i].seeds)]
@@ -397,10 +393,7 @@ def run_only(
     with executor.open(task, task_factory, calls=len(set(names))) as workers:
         futures = {}
         for name in dict.fromkeys(names):
-            procedure, seed, cfg, baseline_from = runs[name]
-            futures[name] = workers.submit(
-                run_one, out, procedure, name, seed, cfg, preset, device, track, baseline_from
-            )
+            futures[name] = workers.submit(run_one, out, name, runs[name], preset, device, track)
         return {name: future.result() for name, future in futures.items()}
 
 

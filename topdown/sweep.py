@@ -31,6 +31,7 @@ from topdown import compare, compare_report
 from topdown.arms import (
     DEFAULT_ARMS,
     ComparisonRuns,
+    RunOrder,
     Scheduled,
     Submit,
     resolve_arms,
@@ -247,20 +248,8 @@ def run_sweep(
             experiment = f"{tracking.experiment}/{cell.name}" if tracking.experiment else None
             cell_tracking = dataclasses.replace(tracking, experiment=experiment)
 
-            def submit(
-                name: str, procedure: str, seed: int, cfg: RunConfig, baseline_from: str | None
-            ) -> Future:
-                args = (
-                    out / "cells" / cell.name,
-                    procedure,
-                    name,
-                    seed,
-                    cfg,
-                    preset,
-                    device,
-                    cell_tracking,
-                    baseline_from,
-                )
+            def submit(name: str, order: RunOrder) -> Future:
+                args = (out / "cells" / cell.name, name, order, preset, device, cell_tracking)
                 return workers.submit(_cell_run, task_factory, sections, *args)
 
             return submit
